@@ -1,0 +1,46 @@
+"""hf_layerfold: Layer Folding for timm CNNs, native to the Hugging Face stack.
+
+Learn which activations of a pre-trained CNN can become linear, then fold the network exactly into
+fewer, larger convs::
+
+    import timm, hf_layerfold as lf
+    model = lf.prepare_model(timm.create_model("mobilenetv2_100"), lf.LayerFoldingConfig(lambda_reg=0.25))
+    ...  # fine-tune (LayerFoldingTrainer), α moves toward 1 on sites that can go
+    folded = lf.fold_model(model)  # plan = sites with α ≥ threshold
+"""
+
+from .activation import FoldableActivation
+from .config import LayerFoldingConfig
+from .fold import fold_model
+from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
+from .folded_net import LayerFoldedNet, register_op
+from .graph import UnsupportedModelError, register_block_rule, register_model_rule
+from .plan import FoldPlan, apply_plan
+from .prepare import alpha_parameters, foldable_sites, prepare_model
+from .stats import FoldStats, fold_stats, projected_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FoldPlan",
+    "FoldStats",
+    "FoldableActivation",
+    "LayerFoldedNet",
+    "LayerFoldingConfig",
+    "UnsupportedModelError",
+    "add_shortcut_tap",
+    "alpha_parameters",
+    "apply_plan",
+    "compose_convs",
+    "dilate_kernel",
+    "fold_model",
+    "fold_stats",
+    "foldable_sites",
+    "fuse_bn",
+    "grouped_to_dense",
+    "prepare_model",
+    "projected_stats",
+    "register_block_rule",
+    "register_model_rule",
+    "register_op",
+]

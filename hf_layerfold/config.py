@@ -1,0 +1,121 @@
+"""``LayerFoldingConfig``: every knob of Layer Folding in one JSON-serializable dataclass (peft style)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_NAME = "layerfold_config.json"
+REGULARIZERS = ("paper", "l1")
+
+
+@dataclass
+class LayerFoldingConfig:
+    """What to fold and how hard to push.
+
+    Args:
+        alpha_init: starting α of every site (0 = the pre-trained activation).
+        lambda_reg: weight λ of the α regularizer in the loss.
+        regularizer: ``"paper"`` = Σ|1−α²| (Ben Dror et al.), ``"l1"`` = Σ(1−α).
+        threshold: a site whose α reaches this becomes the identity when the plan is fixed.
+        target_modules: site-name patterns (fnmatch, or a regex prefixed ``re:``) to make foldable;
+            ``None`` = every foldable site.
+        exclude_modules: site-name patterns never made foldable.
+        max_kernel_size: largest merged kernel allowed; longer runs are split.
+        fold_residual: absorb a residual whose whole branch became linear as an identity tap.
+        alpha_lr: learning rate of the α parameters (``None`` = the optimizer's).
+        search_epochs / search_steps: length of the α-search phase (steps win when both are set);
+            the rest of training fine-tunes with the plan fixed.
+        distill_weight / distill_temperature: knowledge distillation from a teacher, when one is given.
+    """
+
+    alpha_init: float = 0.0
+    lambda_reg: float = 0.25
+    regularizer: str = "paper"
+    threshold: float = 0.9
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+    max_kernel_size: int = 7
+    fold_residual: bool = True
+    alpha_lr: float | None = None
+    search_epochs: float | None = None
+    search_steps: int | None = None
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"LayerFoldingConfig.{name}={getattr(self, name)!r} is invalid: {why}")
+
+        if not 0.0 <= self.alpha_init <= 1.0:
+            raise bad("alpha_init", "must lie in [0, 1]")
+        if self.lambda_reg < 0:
+            raise bad("lambda_reg", "must be >= 0")
+        if self.regularizer not in REGULARIZERS:
+            raise bad("regularizer", f"supported: {', '.join(REGULARIZERS)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise bad("threshold", "must lie in (0, 1]")
+        if int(self.max_kernel_size) != self.max_kernel_size or self.max_kernel_size < 1:
+            raise bad("max_kernel_size", "must be a positive integer")
+        if self.alpha_lr is not None and self.alpha_lr <= 0:
+            raise bad("alpha_lr", "must be > 0 (or None for the optimizer's learning rate)")
+        if self.search_epochs is not None and self.search_epochs < 0:
+            raise bad("search_epochs", "must be >= 0")
+        if self.search_steps is not None and self.search_steps < 0:
+            raise bad("search_steps", "must be >= 0")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise bad("distill_weight", "must lie in [0, 1]")
+        if self.distill_temperature <= 0:
+            raise bad("distill_temperature", "must be > 0")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif value is not None and not all(isinstance(v, str) for v in value):
+                raise bad(name, "must be a list of site-name patterns")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerFoldingConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown LayerFoldingConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``layerfold_config.json`` into ``save_directory`` (atomically)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_NAME
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json_string())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> LayerFoldingConfig:
+        """Read a directory holding ``layerfold_config.json`` (or the JSON file itself)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)

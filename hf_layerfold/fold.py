@@ -1,0 +1,147 @@
+"""``fold_model``: collapse a planned model into a ``LayerFoldedNet`` analytically (no autograd probing)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+
+from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
+from .folded_net import LayerFoldedNet, conv_spec, op_spec
+from .graph import ActNode, ConvNode, build_graph
+from .padding import static_chain_padding
+from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, run_pad_rules, segment_model
+from .prepare import is_prepared
+
+State = dict[str, torch.Tensor]
+
+
+def _fused_conv(model: nn.Module, node: ConvNode) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight (dilation written out) and bias of a conv with its BatchNorm folded in, in float64."""
+    conv = model.get_submodule(node.conv)
+    w = conv.weight.detach().double()
+    b = None if conv.bias is None else conv.bias.detach().double()
+    if node.bn is not None:
+        bn = model.get_submodule(node.bn)
+        w, b = fuse_bn(w, b, bn.running_mean.double(), bn.running_var.double(), bn.eps,
+                       None if bn.weight is None else bn.weight.detach().double(),
+                       None if bn.bias is None else bn.bias.detach().double())
+    elif b is None:
+        b = w.new_zeros(w.shape[0])
+    return dilate_kernel(w, conv.dilation), b
+
+
+def merge_run(model: nn.Module, run: Run) -> tuple[torch.Tensor, torch.Tensor, int, tuple[int, int]]:
+    """One conv (weight, bias, groups, stride) computing the whole run, given its padding moved in front."""
+    first = model.get_submodule(run.convs[0].conv)
+    w, b = _fused_conv(model, run.convs[0])
+    groups, stride = first.groups, tuple(first.stride)
+    for node in run.convs[1:]:
+        conv = model.get_submodule(node.conv)
+        w2, b2 = _fused_conv(model, node)
+        w, b, groups = compose_convs(w, b, stride, groups, w2, b2, conv.groups)
+        stride = (stride[0] * conv.stride[0], stride[1] * conv.stride[1])
+    return w, b, groups, stride
+
+
+class _Folder:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+
+    def conv(self, run: Run, shortcut: Run | None = None, identity: bool = False) -> tuple[dict, State]:
+        """One merged conv for ``run``; with ``identity`` or a ``shortcut`` run, the residual is absorbed."""
+        w, b, groups, stride = merge_run(self.model, run)
+        rules = run_pad_rules(self.model, run)
+        if shortcut is not None or identity:
+            pads = static_chain_padding(rules)
+            offset, sc_w = (pads[2], pads[0]), None  # the identity reads the tap under the output pixel
+            if shortcut is not None:
+                sc_w, sc_b, sc_groups, _ = merge_run(self.model, shortcut)
+                sc_pads = static_chain_padding(run_pad_rules(self.model, shortcut))
+                sc_w, b = grouped_to_dense(sc_w, sc_groups), b + sc_b
+                offset = (pads[2] - sc_pads[2], pads[0] - sc_pads[0])
+            w, groups = add_shortcut_tap(w, groups, sc_w, offset)
+        template = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[-2:]), stride=stride, groups=groups,
+                             bias=True, device="meta")
+        return conv_spec(template, rules), {"weight": w.to(self.dtype), "bias": b.to(self.dtype)}
+
+    def items(self, items: list) -> tuple[list[dict], State]:
+        specs: list[dict] = []
+        state: State = {}
+        for item in items:
+            if isinstance(item, Run):
+                spec, sd = self.conv(item)
+            elif isinstance(item, ResidualItem) and item.absorbed:
+                shortcut = None if item.shortcut is None else item.shortcut[0]
+                spec, sd = self.conv(item.branch[0], shortcut, identity=item.shortcut is None)
+            elif isinstance(item, ResidualItem):
+                branch, bsd = self.items(item.branch)
+                spec, sd = {"type": "residual", "branch": branch, "shortcut": None}, _prefixed("branch.", bsd)
+                if item.shortcut is not None:
+                    shortcut, ssd = self.items(item.shortcut)
+                    spec["shortcut"] = shortcut
+                    sd.update(_prefixed("shortcut.", ssd))
+            else:
+                module = self.model.get_submodule(item.path)
+                if isinstance(item, ActNode) and hasattr(module, "act") and hasattr(module, "fixed"):
+                    module = module.act  # a FoldableActivation kept non-linear is its activation
+                spec = op_spec(module)
+                sd = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            state.update(_prefixed(f"{len(specs)}.", sd))
+            specs.append(spec)
+        return specs, state
+
+
+def _prefixed(prefix: str, state: State) -> State:
+    return {prefix + k: v for k, v in state.items()}
+
+
+def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet:
+    """A new, shallower network computing what the planned ``model`` computes (the caller's model is untouched).
+
+    ``model`` may be a plain timm model (BatchNorm is fused, nothing else changes), a prepared model (the plan
+    defaults to the sites whose α reached the threshold, applied to a copy), or a planned model.
+    """
+    if is_prepared(model):
+        current = applied_plan(model)
+        if current is None:
+            plan = plan if plan is not None else FoldPlan.from_model(model)
+            model = apply_plan(copy.deepcopy(model), plan)
+        elif plan is not None and plan != current:
+            raise ValueError("fold_model got a plan that differs from the one applied to the model")
+        else:
+            plan = current
+    else:
+        if plan is not None and len(plan):
+            raise ValueError("plan names sites but the model is not prepared; call prepare_model first")
+        plan = FoldPlan()
+    was_training = model.training
+    model.eval()
+    try:
+        seg = segment_model(model, plan)
+        graph = build_graph(model)
+        folder = _Folder(model)
+        features, fstate = folder.items(seg.items)
+        pre_logits, pstate = folder.items(seg.pre_logits)
+        classifier = model.get_submodule(graph.classifier)
+    finally:
+        model.train(was_training)
+    num_features = getattr(model, "num_features", 0)
+    with torch.device("meta"):  # no weight init: every tensor is assigned below
+        net = LayerFoldedNet(
+        features, pre_logits, num_classes=getattr(model, "num_classes", classifier.out_features),
+            num_features=num_features, head_hidden_size=getattr(model, "head_hidden_size", num_features),
+            global_pool=getattr(model.get_submodule(graph.pool), "pool_type", "avg") or "avg",
+            drop_rate=graph.drop_rate, in_chans=getattr(model, "in_chans", 3),
+        )
+    state = _prefixed("features.", fstate)
+    state.update(_prefixed("pre_logits.", pstate))
+    state.update(_prefixed("classifier.", {k: v.detach().clone() for k, v in classifier.state_dict().items()}))
+    net.load_state_dict(state, strict=True, assign=True)
+    net.pretrained_cfg = copy.deepcopy(getattr(model, "pretrained_cfg", {}) or {})
+    net.pretrained_cfg["architecture"] = "layerfold_net"
+    net.layerfold_plan = plan
+    net.eval()
+    return net

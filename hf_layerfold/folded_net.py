@@ -1,0 +1,144 @@
+"""``LayerFoldedNet``: the shallow network a fold produces, rebuilt from a JSON spec alone.
+
+The spec (``features`` / ``pre_logits`` lists of layer dicts) is what ``config.json`` carries as
+``model_args``, so a folded checkpoint loads through ``timm.create_model`` with no base weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+from timm.layers import SelectAdaptivePool2d
+from timm.models import _efficientnet_blocks as eb
+
+from .layers import PaddedConv2d, Residual, activation_spec, build_activation
+from .padding import PadRule, static_chain_padding
+
+# Opaque ops a folded model can keep: class → to_spec, and spec "type" → builder.
+OP_SPECS: dict[type, Callable[[nn.Module], dict]] = {}
+OP_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
+
+
+def register_op(cls: type, kind: str, to_spec: Callable[[nn.Module], dict],
+                from_spec: Callable[[dict], nn.Module]) -> None:
+    """Teach folded models to keep (serialize and rebuild) a module type that does not fold."""
+    OP_SPECS[cls] = lambda m: {"type": kind, **to_spec(m)}
+    OP_BUILDERS[kind] = from_spec
+
+
+def _se_build(spec: dict) -> nn.Module:
+    se = eb.SqueezeExcite(spec["channels"], rd_channels=spec["rd_channels"])
+    se.act1, se.gate = build_activation(spec["act"]), build_activation(spec["gate"])
+    return se
+
+
+register_op(eb.SqueezeExcite, "se",
+            lambda m: {"channels": m.conv_reduce.in_channels, "rd_channels": m.conv_reduce.out_channels,
+                       "act": activation_spec(m.act1), "gate": activation_spec(m.gate)},
+            _se_build)
+register_op(nn.MaxPool2d, "maxpool",
+            lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                       "dilation": m.dilation, "ceil_mode": m.ceil_mode},
+            lambda s: nn.MaxPool2d(s["kernel_size"], s["stride"], s["padding"], s["dilation"],
+                                   ceil_mode=s["ceil_mode"]))
+register_op(nn.Dropout, "dropout", lambda m: {"p": m.p}, lambda s: nn.Dropout(s["p"]))
+
+
+def op_spec(module: nn.Module) -> dict:
+    """Spec of a kept module (a registered op or an activation); anything else raises, naming what is keepable."""
+    for cls in type(module).__mro__:
+        if cls in OP_SPECS:
+            return OP_SPECS[cls](module)
+    try:
+        return activation_spec(module)
+    except ValueError:
+        raise ValueError(f"a folded model cannot keep a {type(module).__name__}; keepable modules: "
+                         f"{sorted(c.__name__ for c in OP_SPECS)} and activations "
+                         "(register more with hf_layerfold.register_op)") from None
+
+
+def conv_spec(conv: nn.Conv2d, pad_rules: list[PadRule] | None = None) -> dict:
+    """Spec of a conv; ``pad_rules`` (a run's rules) override the conv's own padding."""
+    spec = {"type": "conv", "in": conv.in_channels, "out": conv.out_channels,
+            "kernel": list(conv.kernel_size), "stride": list(conv.stride), "dilation": list(conv.dilation),
+            "groups": conv.groups, "bias": conv.bias is not None}
+    if pad_rules is not None:
+        pads = static_chain_padding(pad_rules)
+        if pads is not None and pads[0] == pads[1] and pads[2] == pads[3]:
+            spec["padding"] = [pads[2], pads[0]]
+        else:
+            spec["pad_rules"] = [r.to_dict() for r in pad_rules]
+    else:
+        spec["padding"] = list(conv.padding)
+    return spec
+
+
+def build_layer(spec: dict) -> nn.Module:
+    kind = spec.get("type")
+    if kind == "conv":
+        kwargs = dict(stride=tuple(spec["stride"]), dilation=tuple(spec.get("dilation", (1, 1))),
+                      groups=spec["groups"], bias=spec["bias"])
+        if "pad_rules" in spec:
+            rules = [PadRule.from_dict(r) for r in spec["pad_rules"]]
+            return PaddedConv2d(spec["in"], spec["out"], tuple(spec["kernel"]), pad_rules=rules, **kwargs)
+        return nn.Conv2d(spec["in"], spec["out"], tuple(spec["kernel"]), padding=tuple(spec["padding"]), **kwargs)
+    if kind == "act":
+        return build_activation(spec)
+    if kind == "residual":
+        shortcut = None if spec.get("shortcut") is None else build_sequence(spec["shortcut"])
+        return Residual(build_sequence(spec["branch"]), shortcut)
+    if kind in OP_BUILDERS:
+        return OP_BUILDERS[kind](spec)
+    raise ValueError(f"unknown layer type {kind!r} in a folded-model spec")
+
+
+def build_sequence(specs: list[dict]) -> nn.Sequential:
+    return nn.Sequential(*[build_layer(s) for s in specs])
+
+
+class LayerFoldedNet(nn.Module):
+    """A folded CNN with timm's model interface (``forward_features``, ``forward_head``, ``reset_classifier``)."""
+
+    def __init__(self, features: list[dict], pre_logits: list[dict] | None = None, num_classes: int = 1000,
+                 num_features: int = 0, head_hidden_size: int | None = None, global_pool: str = "avg",
+                 drop_rate: float = 0.0, in_chans: int = 3, layerfold: dict | None = None, **kwargs) -> None:
+        super().__init__()
+        self.model_args = dict(features=features, pre_logits=list(pre_logits or []), num_classes=num_classes,
+                               num_features=num_features, head_hidden_size=head_hidden_size,
+                               global_pool=global_pool, drop_rate=drop_rate, in_chans=in_chans)
+        self.layerfold_info = layerfold or {}
+        self.num_classes = num_classes
+        self.num_features = num_features
+        self.head_hidden_size = head_hidden_size or num_features
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.features = build_sequence(features)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=not pre_logits)
+        self.pre_logits = build_sequence(pre_logits or [])
+        self.flatten = nn.Flatten(1) if pre_logits else nn.Identity()
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.flatten(self.pre_logits(self.global_pool(x)))
+        if self.drop_rate > 0.0:
+            x = nn.functional.dropout(x, p=self.drop_rate, training=self.training)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.classifier
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=not len(self.pre_logits))
+            self.model_args["global_pool"] = global_pool
+        self.num_classes = num_classes
+        self.model_args["num_classes"] = num_classes
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()

@@ -1,0 +1,106 @@
+"""Small modules used by planned and folded models, and the activation registry used to rebuild them."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import activations as timm_act
+
+from .padding import PadRule, Pads, chain_padding, static_chain_padding
+
+
+class PaddedConv2d(nn.Conv2d):
+    """A conv that pads its input with the front padding of a run of convs, then convolves unpadded.
+
+    Used for the first conv of a merged run in a planned model (the run's other convs get no padding) and
+    for merged convs whose padding is asymmetric or input-size dependent in a folded model.
+    """
+
+    def __init__(self, *args, pad_rules: list[PadRule] | None = None, **kwargs) -> None:
+        kwargs["padding"] = 0
+        super().__init__(*args, **kwargs)
+        self.pad_rules = list(pad_rules or [])
+        self.static_pads: Pads | None = static_chain_padding(self.pad_rules)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, pad_rules: list[PadRule]) -> PaddedConv2d:
+        """Wrap an existing conv, sharing its Parameter objects (optimizers keep working)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "transposed",
+                     "output_padding", "groups", "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(new, name, getattr(conv, name))
+        new.padding = (0, 0)
+        new.weight = conv.weight
+        new.bias = conv.bias
+        new.pad_rules = list(pad_rules)
+        new.static_pads = static_chain_padding(new.pad_rules)
+        new.train(conv.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = self.static_pads
+        if pads is None:
+            pads = chain_padding(self.pad_rules, x.shape[-2], x.shape[-1])
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", run_padding={self.static_pads or 'dynamic'}"
+
+
+class Residual(nn.Module):
+    """``branch(x) + shortcut(x)``; an absent shortcut is the identity."""
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module | None = None) -> None:
+        super().__init__()
+        self.branch = branch
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.branch(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+# Activations a folded model can keep, by a stable name. Each maps back to the exact class it was made of.
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid, "tanh": nn.Tanh, "mish": nn.Mish,
+    "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU,
+    "timm_swish": timm_act.Swish, "timm_hard_swish": timm_act.HardSwish,
+    "timm_hard_sigmoid": timm_act.HardSigmoid, "timm_sigmoid": timm_act.Sigmoid,
+    "timm_gelu": timm_act.GELU, "timm_mish": timm_act.Mish, "timm_hard_mish": timm_act.HardMish,
+    "timm_tanh": timm_act.Tanh,
+}
+_NAME_OF = {cls: name for name, cls in ACTIVATIONS.items()}
+
+
+def activation_spec(module: nn.Module) -> dict:
+    """A JSON spec of an activation module; unknown classes raise with the supported list."""
+    name = _NAME_OF.get(type(module))
+    if name is None:
+        raise ValueError(f"cannot serialize activation {type(module).__name__}; "
+                         f"supported: {sorted(c.__name__ for c in _NAME_OF)}")
+    spec: dict = {"type": "act", "name": name}
+    if isinstance(module, nn.GELU) and module.approximate != "none":
+        spec["approximate"] = module.approximate
+    if isinstance(module, nn.LeakyReLU):
+        spec["negative_slope"] = module.negative_slope
+    if isinstance(module, nn.ELU):
+        spec["alpha"] = module.alpha
+    if isinstance(module, nn.PReLU):
+        spec["num_parameters"] = module.num_parameters
+    return spec
+
+
+def build_activation(spec: dict) -> nn.Module:
+    kwargs = {k: v for k, v in spec.items() if k not in ("type", "name")}
+    try:
+        return ACTIVATIONS[spec["name"]](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown activation {spec['name']!r}; supported: {sorted(ACTIVATIONS)}") from None
+
+
+def is_activation(module: nn.Module) -> bool:
+    return type(module) in _NAME_OF

@@ -1,0 +1,261 @@
+"""``FoldPlan`` (which sites become linear) and ``apply_plan``: fix α and make the model exactly foldable."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from .activation import FoldableActivation
+from .config import LayerFoldingConfig
+from .graph import ActNode, ConvNode, ResidualNode, build_graph
+from .layers import PaddedConv2d
+from .padding import PadRule, effective_kernel, pad_rule_of, static_chain_padding
+
+PLAN_NAME = "layerfold_plan.json"
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """The set of activation sites to make linear (the identity); every other site keeps its activation."""
+
+    linear_sites: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "linear_sites", tuple(sorted(set(self.linear_sites))))
+
+    @classmethod
+    def from_model(cls, model: nn.Module, threshold: float | None = None) -> FoldPlan:
+        """Sites whose learned α reached ``threshold`` (default: the model's config threshold)."""
+        if threshold is None:
+            threshold = getattr(model, "layerfold_config", LayerFoldingConfig()).threshold
+        return cls(tuple(m.site for m in model.modules()
+                         if isinstance(m, FoldableActivation) and float(m.alpha) >= threshold))
+
+    @classmethod
+    def from_blocks(cls, model: nn.Module, blocks: list[str]) -> FoldPlan:
+        """Every foldable site inside the named blocks (e.g. ``["blocks.1.1", "blocks.4.0"]``)."""
+        from .prepare import foldable_sites
+
+        sites = foldable_sites(model)
+        chosen, missing = [], []
+        for block in blocks:
+            inside = [s for s in sites if s.startswith(block + ".")]
+            (chosen.extend(inside) if inside else missing.append(block))
+        if missing:
+            raise ValueError(f"no foldable site inside block(s) {missing}")
+        return cls(tuple(chosen))
+
+    def __len__(self) -> int:
+        return len(self.linear_sites)
+
+    def to_dict(self) -> dict:
+        return {"linear_sites": list(self.linear_sites)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FoldPlan:
+        unknown = set(data) - {"linear_sites"}
+        if unknown:
+            raise ValueError(f"unknown FoldPlan field(s) {sorted(unknown)}; known: ['linear_sites']")
+        return cls(tuple(data.get("linear_sites", ())))
+
+    def save(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FoldPlan:
+        path = Path(path)
+        if path.is_dir():
+            path = path / PLAN_NAME
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmentation: which convs merge into one. Shared by apply_plan (to move padding) and fold_model (to merge).
+
+
+@dataclass
+class Run:
+    """Consecutive convs joined by linear sites; they merge into one conv."""
+
+    convs: list[ConvNode]
+
+
+@dataclass
+class ResidualItem:
+    node: ResidualNode
+    branch: list
+    shortcut: list | None
+    absorbed: bool = False  # the whole block becomes one conv
+
+
+@dataclass
+class Segmentation:
+    items: list
+    pre_logits: list = field(default_factory=list)
+
+
+def _conv(model: nn.Module, node: ConvNode) -> nn.Conv2d:
+    return model.get_submodule(node.conv)
+
+
+def run_pad_rules(model: nn.Module, run: Run) -> list[PadRule]:
+    """Padding rules of the run's convs as they were before any padding was moved."""
+    first = _conv(model, run.convs[0])
+    if isinstance(first, PaddedConv2d):
+        return first.pad_rules
+    return [pad_rule_of(_conv(model, c)) for c in run.convs]
+
+
+def run_kernel_stride(model: nn.Module, run: Run) -> tuple[tuple[int, int], tuple[int, int]]:
+    kh = kw = 1
+    sh = sw = 1
+    for node in run.convs:
+        conv = _conv(model, node)
+        k = effective_kernel(conv)
+        kh, kw = kh + sh * (k[0] - 1), kw + sw * (k[1] - 1)
+        sh, sw = sh * conv.stride[0], sw * conv.stride[1]
+    return (kh, kw), (sh, sw)
+
+
+def _split_run(model: nn.Module, convs: list[ConvNode], max_kernel: int) -> list[Run]:
+    """Greedy left-to-right split so that no merged kernel exceeds ``max_kernel``."""
+    runs: list[Run] = []
+    for node in convs:
+        if runs:
+            trial = Run(runs[-1].convs + [node])
+            if max(run_kernel_stride(model, trial)[0]) <= max_kernel:
+                runs[-1] = trial
+                continue
+        runs.append(Run([node]))
+    return runs
+
+
+def _segment(model: nn.Module, nodes: list, linear: set[str], config: LayerFoldingConfig) -> list:
+    items: list = []
+    pending: list[ConvNode] = []
+    joined = False
+
+    def flush() -> None:
+        nonlocal pending
+        if pending:
+            items.extend(_split_run(model, pending, config.max_kernel_size))
+        pending = []
+
+    for node in nodes:
+        if isinstance(node, ConvNode):
+            if not joined:
+                flush()
+            pending.append(node)
+            joined = False
+            continue
+        if isinstance(node, ActNode) and node.path in linear:
+            joined = bool(pending)  # a linear site is the identity; it joins the convs around it
+            continue
+        flush()
+        joined = False
+        if isinstance(node, ResidualNode):
+            branch = _segment(model, node.branch, linear, config)
+            shortcut = None if node.shortcut is None else _segment(model, node.shortcut, linear, config)
+            item = ResidualItem(node, branch, shortcut)
+            item.absorbed = config.fold_residual and _absorbable(model, item)
+            items.append(item)
+        else:
+            items.append(node)
+    flush()
+    return items
+
+
+def _absorbable(model: nn.Module, item: ResidualItem) -> bool:
+    """A residual folds into one conv when its branch is one run and its shortcut is identity or one run."""
+    if len(item.branch) != 1 or not isinstance(item.branch[0], Run):
+        return False
+    branch = item.branch[0]
+    pads = static_chain_padding(run_pad_rules(model, branch))
+    if pads is None:
+        return False
+    kernel, stride = run_kernel_stride(model, branch)
+    first, last = _conv(model, branch.convs[0]), _conv(model, branch.convs[-1])
+    if item.shortcut is None:
+        return stride == (1, 1) and first.in_channels == last.out_channels
+    if len(item.shortcut) != 1 or not isinstance(item.shortcut[0], Run):
+        return False
+    sc = item.shortcut[0]
+    sc_pads = static_chain_padding(run_pad_rules(model, sc))
+    sc_kernel, sc_stride = run_kernel_stride(model, sc)
+    if sc_pads is None or sc_stride != stride:
+        return False
+    dy, dx = pads[2] - sc_pads[2], pads[0] - sc_pads[0]
+    return dy >= 0 and dx >= 0 and dy + sc_kernel[0] <= kernel[0] and dx + sc_kernel[1] <= kernel[1]
+
+
+def segment_model(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | None = None) -> Segmentation:
+    """Split the model's graph into runs of convs that merge, given the linear sites of ``plan``."""
+    config = config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
+    graph = build_graph(model)
+    linear = set(plan.linear_sites)
+    return Segmentation(_segment(model, graph.features, linear, config),
+                        _segment(model, graph.pre_logits, linear, config))
+
+
+def iter_runs(items: list):
+    for item in items:
+        if isinstance(item, Run):
+            yield item
+        elif isinstance(item, ResidualItem):
+            yield from iter_runs(item.branch)
+            if item.shortcut is not None:
+                yield from iter_runs(item.shortcut)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def applied_plan(model: nn.Module) -> FoldPlan | None:
+    return getattr(model, "layerfold_plan", None)
+
+
+def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | None = None) -> nn.Module:
+    """Fix the plan in a prepared model (in place): α = 1 on plan sites, 0 elsewhere, all frozen.
+
+    Each run of convs that will merge gets its zero padding moved to its first conv, so that the planned
+    model and the folded model compute the same function everywhere, image borders included. Parameters
+    keep their identity (an optimizer built earlier keeps working).
+    """
+    from .prepare import foldable_sites, is_prepared
+
+    if not is_prepared(model):
+        raise ValueError("apply_plan needs a prepared model: call hf_layerfold.prepare_model(model, config) first")
+    current = applied_plan(model)
+    if current is not None:
+        if current == plan:
+            return model
+        raise ValueError("a different plan is already applied to this model; apply plans to a fresh copy")
+    sites = set(foldable_sites(model))
+    unknown = sorted(set(plan.linear_sites) - sites)
+    if unknown:
+        raise ValueError(f"plan names site(s) that are not foldable in this model: {unknown}; "
+                         f"foldable sites: {sorted(sites)}")
+    config = config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
+    seg = segment_model(model, plan, config)
+    for run in list(iter_runs(seg.items)) + list(iter_runs(seg.pre_logits)):
+        if len(run.convs) < 2:
+            continue
+        rules = run_pad_rules(model, run)
+        for i, node in enumerate(run.convs):
+            conv = _conv(model, node)
+            model.set_submodule(node.conv, PaddedConv2d.from_conv(conv, rules if i == 0 else []))
+    linear = set(plan.linear_sites)
+    for m in model.modules():
+        if isinstance(m, FoldableActivation):
+            m.fix(m.site in linear)
+    model.layerfold_plan = plan
+    return model

@@ -1,0 +1,73 @@
+"""``prepare_model``: turn the candidate activations of a timm CNN into learnable-linear ones."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import torch.nn as nn
+
+from .activation import FoldableActivation
+from .config import LayerFoldingConfig
+from .graph import UnsupportedModelError, build_graph, model_candidate_acts, supported_block_types
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if re.fullmatch(pattern[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, pattern) or name == pattern or name.startswith(pattern + "."):
+            return True
+    return False
+
+
+def candidate_sites(model: nn.Module) -> list[str]:
+    """Names of every activation whose removal would let two convs merge (prepared or not)."""
+    return [act.path for act in model_candidate_acts(build_graph(model))]
+
+
+def foldable_sites(model: nn.Module) -> list[str]:
+    """Names of the sites a prepared model learns α for (or, unprepared, the sites it could learn)."""
+    prepared = [m.site for m in model.modules() if isinstance(m, FoldableActivation)]
+    return prepared if prepared else candidate_sites(model)
+
+
+def select_sites(model: nn.Module, config: LayerFoldingConfig) -> list[str]:
+    sites = candidate_sites(model)
+    if not sites:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no foldable activation (no activation sits between two convs); "
+            f"supported block types: {', '.join(supported_block_types())}")
+    chosen = [s for s in sites if (config.target_modules is None or _matches(s, config.target_modules))
+              and not _matches(s, config.exclude_modules)]
+    if not chosen:
+        raise ValueError(
+            f"target_modules={config.target_modules} / exclude_modules={config.exclude_modules} select no site; "
+            f"foldable sites are e.g. {sites[:6]} ({len(sites)} in all)")
+    return chosen
+
+
+def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) -> nn.Module:
+    """Wrap every selected candidate activation in a ``FoldableActivation`` (in place; returns the model).
+
+    The model keeps its class, parameters and state-dict keys; α parameters are added as
+    ``<site>.alpha``. The config is kept on ``model.layerfold_config``.
+    """
+    config = config or LayerFoldingConfig()
+    if any(isinstance(m, FoldableActivation) for m in model.modules()):
+        raise ValueError("model is already prepared for layer folding")
+    for site in select_sites(model, config):
+        act = model.get_submodule(site)
+        model.set_submodule(site, FoldableActivation(act, site, config.alpha_init))
+    model.layerfold_config = config
+    return model
+
+
+def alpha_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Site name → α parameter, in network order."""
+    return {m.site: m.alpha for m in model.modules() if isinstance(m, FoldableActivation)}
+
+
+def is_prepared(model: nn.Module) -> bool:
+    return any(isinstance(m, FoldableActivation) for m in model.modules())

@@ -1,0 +1,131 @@
+"""``fold_stats``: what folding buys, counted the same way for prepared, planned and folded models.
+
+* ``nonlinear_layers``: activations on the main path that are still non-linear (SE gates not counted).
+* ``depth``: conv layers on the longest input→output path (SE gate convs not counted).
+* ``convs``, ``params``, ``macs`` (multiply-accumulates of one image at ``input_size``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from .activation import FoldableActivation
+from .folded_net import LayerFoldedNet
+from .graph import ActNode, ConvNode, ResidualNode, build_graph
+from .plan import FoldPlan, ResidualItem, Run, segment_model
+
+
+@dataclass
+class FoldStats:
+    nonlinear_layers: int
+    depth: int
+    convs: int
+    params: int
+    macs: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _graph_counts(model: nn.Module, nodes: list) -> tuple[int, int, int]:
+    """(non-linear activations, depth, convs) of a node list of a timm model."""
+    nonlinear = depth = convs = 0
+    for node in nodes:
+        if isinstance(node, ConvNode):
+            depth, convs = depth + 1, convs + 1
+        elif isinstance(node, ActNode):
+            act = model.get_submodule(node.path)
+            nonlinear += not (isinstance(act, FoldableActivation) and (act.is_linear or float(act.alpha) == 1.0))
+        elif isinstance(node, ResidualNode):
+            bn, bd, bc = _graph_counts(model, node.branch)
+            sn, sd, sc = _graph_counts(model, node.shortcut or [])
+            nonlinear, depth, convs = nonlinear + bn + sn, depth + max(bd, sd), convs + bc + sc
+    return nonlinear, depth, convs
+
+
+def _spec_counts(specs: list[dict]) -> tuple[int, int, int]:
+    nonlinear = depth = convs = 0
+    for spec in specs:
+        if spec["type"] == "conv":
+            depth, convs = depth + 1, convs + 1
+        elif spec["type"] == "act":
+            nonlinear += 1
+        elif spec["type"] == "residual":
+            bn, bd, bc = _spec_counts(spec["branch"])
+            sn, sd, sc = _spec_counts(spec.get("shortcut") or [])
+            nonlinear, depth, convs = nonlinear + bn + sn, depth + max(bd, sd), convs + bc + sc
+    return nonlinear, depth, convs
+
+
+def _segment_counts(items: list) -> tuple[int, int, int]:
+    nonlinear = depth = convs = 0
+    for item in items:
+        if isinstance(item, Run) or (isinstance(item, ResidualItem) and item.absorbed):
+            depth, convs = depth + 1, convs + 1
+        elif isinstance(item, ActNode):
+            nonlinear += 1
+        elif isinstance(item, ResidualItem):
+            bn, bd, bc = _segment_counts(item.branch)
+            sn, sd, sc = _segment_counts(item.shortcut or [])
+            nonlinear, depth, convs = nonlinear + bn + sn, depth + max(bd, sd), convs + bc + sc
+    return nonlinear, depth, convs
+
+
+def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int:
+    """Multiply-accumulates of convs and linear layers for one image (a real forward at batch 1)."""
+    if isinstance(input_size, int):
+        input_size = (3, input_size, input_size)
+    elif len(input_size) == 2:
+        input_size = (getattr(model, "in_chans", 3), *input_size)
+    total = 0
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+        else:
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    param = next(model.parameters())
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, dtype=param.dtype, device=param.device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return total
+
+
+def fold_stats(model: nn.Module, input_size: int | tuple[int, ...] | None = 224) -> FoldStats:
+    """Stats of a timm model (prepared or not) or of a ``LayerFoldedNet``; ``input_size=None`` skips MACs."""
+    if isinstance(model, LayerFoldedNet):
+        counts = _spec_counts(model.model_args["features"] + model.model_args["pre_logits"])
+    else:
+        graph = build_graph(model)
+        counts = _graph_counts(model, graph.features + graph.pre_logits)
+    macs = None if input_size is None else count_macs(model, input_size)
+    return FoldStats(*counts, params=sum(p.numel() for p in model.parameters()
+                                         if not _is_alpha(model, p)), macs=macs)
+
+
+def _is_alpha(model: nn.Module, p: torch.Tensor) -> bool:
+    return any(p is m.alpha for m in model.modules() if isinstance(m, FoldableActivation))
+
+
+def projected_stats(model: nn.Module, plan: FoldPlan | None = None) -> FoldStats:
+    """Non-linear layers, depth and convs the model would have once folded with ``plan`` (no folding done).
+
+    ``plan`` defaults to the plan applied to the model, else the sites whose α reached the threshold.
+    """
+    plan = plan or getattr(model, "layerfold_plan", None) or FoldPlan.from_model(model)
+    seg = segment_model(model, plan)
+    counts = _segment_counts(seg.items + seg.pre_logits)
+    return FoldStats(*counts, params=0, macs=None)

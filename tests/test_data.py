@@ -1,0 +1,458 @@
+"""Tests for hf_layerfold.data: offline, CPU-only, a few seconds in total."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import io
+import pickle
+import struct
+import types
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hf_layerfold import data as hd
+
+FASHION_DIR = Path(hd.FASHION_MNIST_DEFAULT_DIR)
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_DIR / "train-images-idx3-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test may reach the network; env vars alone are read at import, so config is patched too."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.delenv(hd.FASHION_MNIST_DIR_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def fashion_small() -> datasets.DatasetDict:
+    return hd.load_fashion_mnist(train_size=100, test_size=50, seed=0)
+
+
+@pytest.fixture(scope="module")
+def small_model() -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("mobilenetv2_050", pretrained=False, num_classes=10).eval()
+
+
+def _write_idx(path: Path, array: np.ndarray, *, compress: bool = True) -> Path:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return path
+
+
+def _write_fake_fashion(folder: Path, n_train: int = 20, n_test: int = 10) -> Path:
+    """Tiny but valid Fashion-MNIST folder: image i is filled with value i, label i % 10."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None], (n, 28, 28))
+        _write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fashion-MNIST
+# ----------------------------------------------------------------------------------------------------
+
+
+@needs_fashion
+def test_fashion_mnist_full_dataset() -> None:
+    ds = hd.load_fashion_mnist()
+    assert set(ds) == {"train", "test"}
+    assert (ds["train"].num_rows, ds["test"].num_rows) == (60000, 10000)
+    assert isinstance(ds["train"].features["image"], datasets.Image)
+    assert ds["train"].features["label"].names == [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
+    # Fashion-MNIST is exactly balanced: 6000 / 1000 examples per class.
+    assert np.bincount(np.asarray(ds["train"]["label"][:])).tolist() == [6000] * 10
+    assert np.bincount(np.asarray(ds["test"]["label"][:])).tolist() == [1000] * 10
+    first = ds["train"][0]
+    assert first["label"] == 9  # the well-known first training example is an ankle boot
+    assert (first["image"].size, first["image"].mode) == ((28, 28), "L")
+    assert np.asarray(first["image"]).max() > 0
+
+
+@needs_fashion
+def test_fashion_mnist_stratified_subset(fashion_small: datasets.DatasetDict) -> None:
+    assert (fashion_small["train"].num_rows, fashion_small["test"].num_rows) == (100, 50)
+    assert np.bincount(np.asarray(fashion_small["train"]["label"][:]), minlength=10).tolist() == [10] * 10
+    assert np.bincount(np.asarray(fashion_small["test"]["label"][:]), minlength=10).tolist() == [5] * 10
+    again = hd.load_fashion_mnist(train_size=100, test_size=50, seed=0)
+    other = hd.load_fashion_mnist(train_size=100, test_size=50, seed=1)
+    same = [np.asarray(again["train"][i]["image"]) for i in range(5)]
+    assert all(np.array_equal(a, np.asarray(fashion_small["train"][i]["image"])) for i, a in enumerate(same))
+    assert not all(np.array_equal(np.asarray(other["train"][i]["image"]), a) for i, a in enumerate(same)), (
+        "a different seed should pick different images"
+    )
+
+
+def test_fashion_mnist_env_override_and_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _write_fake_fashion(tmp_path / "fm")
+    monkeypatch.setenv(hd.FASHION_MNIST_DIR_ENV, str(folder))
+    ds = hd.load_fashion_mnist()
+    assert (ds["train"].num_rows, ds["test"].num_rows) == (20, 10)
+    assert ds["train"]["label"][:] == [i % 10 for i in range(20)]
+    # Pixels survive the encode/decode round trip exactly.
+    assert all(np.all(np.asarray(ds["train"][i]["image"]) == i) for i in (0, 7, 19))
+    # train_size larger than the split is bounded, not an error.
+    assert hd.load_fashion_mnist(train_size=10_000)["train"].num_rows == 20
+
+
+def test_read_idx_uncompressed_roundtrip(tmp_path: Path) -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    out = hd.read_idx(_write_idx(tmp_path / "x-idx3-ubyte", array, compress=False), expected_magic=0x803)
+    assert out.shape == (2, 3, 4) and np.array_equal(out, array)
+
+
+@pytest.mark.parametrize(
+    ("corruption", "message"),
+    [
+        ("truncated_gzip", "corrupt or truncated"),
+        ("garbled_gzip", "corrupt or truncated"),
+        ("not_gzip_bad_magic", "invalid magic number"),
+        ("short_payload", "declares shape"),
+        ("labels_magic_for_images", "expected 0x00000803"),
+    ],
+)
+def test_corrupt_idx_file_gives_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, corruption: str, message: str
+) -> None:
+    folder = _write_fake_fashion(tmp_path / "fm")
+    target = folder / "train-images-idx3-ubyte.gz"
+    if corruption == "truncated_gzip":
+        target.write_bytes(target.read_bytes()[:-20])
+    elif corruption == "garbled_gzip":
+        garbled = bytearray(target.read_bytes())
+        garbled[20:60] = b"\xff" * 40
+        target.write_bytes(bytes(garbled))
+    elif corruption == "not_gzip_bad_magic":
+        target.write_bytes(b"this is not an IDX file at all")
+    elif corruption == "short_payload":
+        payload = gzip.decompress(target.read_bytes())
+        target.write_bytes(gzip.compress(payload[:-100]))
+    else:
+        _write_idx(target, np.zeros(20, dtype=np.uint8))
+    monkeypatch.setattr(datasets, "load_dataset", _must_not_be_called)
+    with pytest.raises(hd.IDXFormatError, match=message) as info:
+        hd.load_fashion_mnist(data_dir=str(folder))
+    assert str(target) in str(info.value)
+
+
+def _must_not_be_called(*args: object, **kwargs: object) -> None:
+    raise AssertionError(f"load_dataset must not be called here: {args} {kwargs}")
+
+
+def test_missing_folder_offline_raises_dataset_not_available(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple] = []
+
+    def offline_load_dataset(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        raise ConnectionError("Couldn't reach the Hub (offline mode is enabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_load_dataset)
+    missing = tmp_path / "does-not-exist"
+    with pytest.raises(hd.DatasetNotAvailableError) as info:
+        hd.load_fashion_mnist(data_dir=str(missing))
+    text = str(info.value)
+    assert calls == [(hd.FASHION_MNIST_HUB_ID,)], "the Hub fallback must be tried exactly once"
+    assert str(missing) in text and hd.FASHION_MNIST_HUB_ID in text and "offline mode" in text
+    assert "apt-get install dataset-fashion-mnist" in text
+    assert isinstance(info.value, RuntimeError) and isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_missing_folder_falls_back_to_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=hd.FASHION_MNIST_LABELS)}
+    )
+    image = Image.new("L", (28, 28))
+
+    def fake_hub(name: str) -> datasets.DatasetDict:
+        assert name == hd.FASHION_MNIST_HUB_ID
+        return datasets.DatasetDict(
+            {
+                split: datasets.Dataset.from_dict(
+                    {"image": [image] * n, "label": [i % 10 for i in range(n)]}, features=features
+                )
+                for split, n in (("train", 40), ("test", 20))
+            }
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    # An incomplete folder (one file missing) also falls back rather than half-loading.
+    folder = _write_fake_fashion(tmp_path / "fm")
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    ds = hd.load_fashion_mnist(data_dir=str(folder), train_size=20, seed=3)
+    assert (ds["train"].num_rows, ds["test"].num_rows) == (20, 20)
+    assert sorted(ds["train"]["label"][:]) == sorted(list(range(10)) * 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generic loading, columns and labels
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_load_imagefolder(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 12), color).save(root / cls / f"{i}.png")
+    Image.new("L", (16, 12), 128).save(root / "dog" / "gray.png")
+    ds = hd.load_image_dataset(str(root), split="train", cache_dir=str(tmp_path / "cache"))
+    assert isinstance(ds, datasets.Dataset) and ds.num_rows == 7
+    assert hd.detect_columns(ds) == ("image", "label")
+    assert hd.label_names_of(ds, "label") == ["cat", "dog"]
+    assert hd.num_labels_of(ds, "label") == 2
+    assert hd.check_labels(ds, "label", 2) == (0, 1)
+
+
+def test_load_missing_local_path_is_clear(tmp_path: Path) -> None:
+    missing = tmp_path / "nope" / "train"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hd.load_image_dataset(str(missing))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hd.load_image_dataset(missing)  # a Path object is always local, never a Hub id
+    with pytest.raises(FileNotFoundError):
+        hd.load_image_dataset("./relative/missing/dir")
+
+
+def test_hub_id_is_forwarded_to_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+
+    def fake_load_dataset(path: str, **kwargs: object) -> str:
+        seen.update(kwargs, path=path)
+        return "sentinel"
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    out = hd.load_image_dataset("timm/imagenet-1k-wds", split="validation", streaming=True)
+    assert out == "sentinel"
+    assert seen == {
+        "path": "timm/imagenet-1k-wds",
+        "split": "validation",
+        "streaming": True,
+        "data_dir": None,
+    }
+
+
+def _jpg_cls_dataset(n: int = 6, gray: bool = False) -> datasets.Dataset:
+    mode = "L" if gray else "RGB"
+    images = [Image.new(mode, (20, 20), 30 * i) for i in range(n)]
+    return datasets.Dataset.from_dict(
+        {"jpg": images, "cls": [i % 3 for i in range(n)], "__key__": list("abcdef")[:n]}
+    )
+
+
+def test_in_memory_dataset_jpg_cls() -> None:
+    ds = _jpg_cls_dataset()
+    assert hd.load_image_dataset(ds) is ds
+    dd = datasets.DatasetDict({"train": ds})
+    assert hd.load_image_dataset(dd) is dd and hd.load_image_dataset(dd, split="train") is ds
+    assert hd.detect_columns(ds) == ("jpg", "cls")
+    assert hd.num_labels_of(ds, "cls") is None and hd.label_names_of(ds, "cls") is None  # plain ints
+    iterable = ds.to_iterable_dataset()
+    assert hd.load_image_dataset(iterable) is iterable
+    assert hd.detect_columns(iterable) == ("jpg", "cls")
+
+
+def test_detect_columns_on_iterable_without_features() -> None:
+    def gen():
+        for i in range(3):
+            yield {"Image": np.zeros((4, 4), np.uint8), "target": i}
+
+    iterable = datasets.IterableDataset.from_generator(gen)
+    assert iterable.features is None
+    assert hd.detect_columns(iterable) == ("Image", "target")  # found by peeking + case-insensitive match
+
+
+def test_detect_columns_error_lists_columns() -> None:
+    ds = datasets.Dataset.from_dict({"foo": [1], "bar": [2]})
+    with pytest.raises(ValueError) as info:
+        hd.detect_columns(ds)
+    text = str(info.value)
+    assert "image and label" in text
+    assert "'foo'" in text and "'bar'" in text
+    assert all(name in text for name in hd.IMAGE_COLUMN_CANDIDATES + hd.LABEL_COLUMN_CANDIDATES)
+
+
+def test_check_labels() -> None:
+    ds = datasets.Dataset.from_dict({"label": [0, 3, 12, 5]})
+    with pytest.raises(ValueError, match=r"range over \[0, 12\].*num_classes=10"):
+        hd.check_labels(ds, "label", 10)
+    assert hd.check_labels(ds, "label", 13) == (0, 12)
+    # The scan must honour an indices mapping (select), not the underlying table.
+    assert hd.check_labels(ds.select([3, 1]), "label", 10) == (3, 5)  # non-contiguous -> indices mapping
+    with pytest.raises(ValueError, match=r"\[-1, 2\]"):
+        hd.check_labels(datasets.Dataset.from_dict({"label": [2, -1]}), "label", 10)
+    with pytest.raises(ValueError, match="expected integer class ids"):
+        hd.check_labels(datasets.Dataset.from_dict({"label": ["cat", "dog"]}), "label", 10)
+
+
+def test_check_labels_iterable_uses_classlabel() -> None:
+    features = datasets.Features({"label": datasets.ClassLabel(num_classes=20)})
+    iterable = datasets.Dataset.from_dict({"label": [0, 1]}, features=features).to_iterable_dataset()
+    with pytest.raises(ValueError, match="20 classes.*num_classes=10"):
+        hd.check_labels(iterable, "label", 10)
+    assert hd.check_labels(iterable, "label", 20) is None
+
+
+def test_split_by_node() -> None:
+    ds = datasets.Dataset.from_dict({"x": list(range(10))})
+    assert hd.split_by_node(ds, rank=1, world_size=2) is ds
+    iterable = ds.to_iterable_dataset(num_shards=2)
+    parts = [[e["x"] for e in hd.split_by_node(iterable, rank=r, world_size=2)] for r in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == list(range(10)) and not set(parts[0]) & set(parts[1])
+    with pytest.raises(ValueError):
+        hd.split_by_node(iterable, rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transforms and collation
+# ----------------------------------------------------------------------------------------------------
+
+
+@needs_fashion
+def test_collator_with_timm_model(fashion_small: datasets.DatasetDict, small_model: torch.nn.Module) -> None:
+    train_tf = hd.build_transforms(small_model, is_training=True, input_size=64)
+    eval_tf = hd.build_transforms(small_model, is_training=False, input_size=(64, 64))
+    examples = [fashion_small["train"][i] for i in range(4)]
+    assert examples[0]["image"].mode == "L"
+    for tf in (train_tf, eval_tf):
+        batch = hd.ImageClassificationCollator(tf, "image", "label")(examples)
+        assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["pixel_values"].dtype == torch.float32
+        assert batch["labels"].dtype == torch.long
+        assert batch["labels"].tolist() == [e["label"] for e in examples]
+    # Grayscale becomes 3 identical channels under the deterministic eval transform (up to normalisation).
+    pixels = batch["pixel_values"][0]
+    mean = torch.tensor(small_model.pretrained_cfg["mean"]).view(3, 1, 1)
+    std = torch.tensor(small_model.pretrained_cfg["std"]).view(3, 1, 1)
+    raw = pixels * std + mean
+    assert torch.allclose(raw[0], raw[1], atol=1e-5) and torch.allclose(raw[1], raw[2], atol=1e-5)
+    with torch.no_grad():
+        assert small_model(batch["pixel_values"]).shape == (4, 10)
+
+
+def test_collator_is_picklable_and_handles_raw_formats(small_model: torch.nn.Module) -> None:
+    collator = hd.ImageClassificationCollator(
+        hd.build_transforms(small_model, is_training=False, input_size=32),
+        image_column="jpg",
+        label_column="cls",
+    )
+    clone = pickle.loads(pickle.dumps(collator))
+    png = io.BytesIO()
+    Image.new("L", (10, 10), 200).save(png, format="PNG")
+    examples = [
+        {"jpg": Image.new("RGB", (10, 10), (200, 200, 200)), "cls": 0},
+        {"jpg": np.full((10, 10), 200, np.uint8), "cls": np.int64(1)},  # HxW grayscale array
+        {"jpg": np.full((3, 10, 10), 200, np.uint8), "cls": 2},  # CHW array
+        {"jpg": {"bytes": png.getvalue(), "path": None}, "cls": torch.tensor(1)},  # undecoded datasets value
+        {"jpg": png.getvalue(), "cls": 0},
+    ]
+    a, b = collator(examples), clone(examples)
+    assert a["pixel_values"].shape == (5, 3, 32, 32) and torch.equal(a["pixel_values"], b["pixel_values"])
+    assert a["labels"].tolist() == [0, 1, 2, 1, 0]
+    # Every representation of the same grey image gives the same tensor.
+    assert all(torch.allclose(a["pixel_values"][0], a["pixel_values"][i], atol=1e-5) for i in range(1, 5))
+
+
+def test_build_transforms_from_plain_pretrained_cfg() -> None:
+    class Bare(torch.nn.Module):
+        pretrained_cfg = {
+            "input_size": (3, 24, 24),
+            "mean": (0.5, 0.5, 0.5),
+            "std": (0.25, 0.25, 0.25),
+            "interpolation": "bilinear",
+            "crop_pct": 1.0,
+        }
+
+    tf = hd.build_transforms(Bare(), is_training=False)
+    out = tf(Image.new("RGB", (50, 40), (255, 255, 255)))
+    assert out.shape == (3, 24, 24)
+    assert torch.allclose(out, torch.full_like(out, (1.0 - 0.5) / 0.25))  # the dict's mean/std were used
+    # Not even an nn.Module: anything exposing pretrained_cfg works, as does a TimmWrapper-style .timm_model.
+    plain = hd.build_transforms(types.SimpleNamespace(pretrained_cfg=Bare.pretrained_cfg), is_training=False)
+    assert torch.equal(plain(Image.new("RGB", (50, 40), (255, 255, 255))), out)
+    wrapped = hd.build_transforms(types.SimpleNamespace(timm_model=Bare()), is_training=False)
+    assert wrapped(Image.new("RGB", (50, 40))).shape == (3, 24, 24)
+    train_tf = hd.build_transforms(Bare(), is_training=True, input_size=(3, 16, 20))
+    assert train_tf(Image.new("RGB", (50, 40))).shape == (3, 16, 20)  # (C, H, W) override of the cfg size
+
+
+@needs_fashion
+def test_prepare_datasets(fashion_small: datasets.DatasetDict, small_model: torch.nn.Module) -> None:
+    train, evalset, train_collator, eval_collator = hd.prepare_datasets(
+        small_model, fashion_small, input_size=48
+    )
+    assert train is fashion_small["train"] and evalset is fashion_small["test"]
+    assert (train_collator.image_column, train_collator.label_column) == ("image", "label")
+    assert eval_collator is not None
+    batch = eval_collator([evalset[i] for i in range(3)])
+    assert batch["pixel_values"].shape == (3, 3, 48, 48)
+
+    import timm
+
+    too_small = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=5)
+    with pytest.raises(ValueError, match="num_classes=5"):
+        hd.prepare_datasets(too_small, fashion_small["train"], fashion_small["test"])
+
+
+@needs_fashion
+def test_collator_with_trainer(
+    fashion_small: datasets.DatasetDict, small_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    from transformers import Trainer, TrainingArguments
+
+    class Classifier(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+            logits = self.net(pixel_values)
+            loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+            return {"loss": loss, "logits": logits}
+
+    train, evalset, train_collator, _ = hd.prepare_datasets(small_model, fashion_small, input_size=32)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        remove_unused_columns=False,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=Classifier(copy.deepcopy(small_model)),
+        args=args,
+        train_dataset=train,
+        data_collator=train_collator,
+    )
+    result = trainer.train()
+    assert result.global_step == 2 and np.isfinite(result.training_loss)

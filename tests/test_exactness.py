@@ -1,0 +1,158 @@
+"""Folded == planned, image borders included: every block type under every α pattern, and real timm models."""
+
+import itertools
+import random
+
+import pytest
+import timm
+import torch
+from conftest import randomize_bn, rel_err
+from timm.models import efficientnet, resnet
+from timm.models._efficientnet_builder import decode_arch_def
+
+import hf_layerfold as lf
+from hf_layerfold.graph import build_graph, iter_nodes
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+SIZES = (32, 29)  # even and odd: TF-'same' padding differs between them
+
+
+def tiny_efficientnet(arch: list[list[str]], pad_type: str = "", act: str = "relu6") -> torch.nn.Module:
+    return efficientnet.EfficientNet(decode_arch_def(arch), num_classes=7, stem_size=8, pad_type=pad_type,
+                                     act_layer=timm.layers.get_act_layer(act), num_features=32)
+
+
+def tiny_resnet(block: type, **kwargs) -> torch.nn.Module:
+    return resnet.ResNet(block, [1, 2, 1, 1], num_classes=5, channels=(8, 16, 16, 32), stem_width=8, **kwargs)
+
+
+BLOCK_MODELS = {
+    "ds_ir_er_cn": lambda: tiny_efficientnet([["ds_r1_k3_s1_c8"], ["ir_r1_k3_s2_e3_c16", "ir_r1_k5_s1_e4_c16"],
+                                             ["er_r1_k3_s1_e4_c16"], ["er_r1_k3_s2_e2_c24"],
+                                             ["cn_r1_k3_s1_c24_skip"], ["cn_r1_k1_s1_c24"]]),
+    "se_blocks": lambda: tiny_efficientnet([["ds_r1_k3_s1_c8_se0.25"], ["ir_r1_k3_s2_e3_c16_se0.25"],
+                                           ["ir_r1_k3_s1_e3_c16_se0.25"], ["er_r1_k3_s1_e4_c16_se0.25"]], act="silu"),
+    "tf_same": lambda: tiny_efficientnet([["ds_r1_k3_s2_c8"], ["ir_r1_k3_s2_e3_c16", "ir_r1_k5_s1_e4_c16"],
+                                         ["er_r1_k3_s2_e2_c24"], ["ir_r1_k5_s2_e6_c24"]], pad_type="same"),
+    "dilated": lambda: tiny_efficientnet([["ds_r1_k3_s1_c8"], ["ir_r1_k3_s1_e3_c8_d2"]], act="hard_swish"),
+    "basic": lambda: tiny_resnet(resnet.BasicBlock),
+    "bottleneck": lambda: tiny_resnet(resnet.Bottleneck, act_layer=timm.layers.get_act_layer("gelu")),
+}
+
+
+def _block_of(site: str) -> str:
+    parts = site.split(".")
+    return ".".join(parts[:3]) if parts[0] == "blocks" else ".".join(parts[:2]) if "." in site else site
+
+
+def _check(model: torch.nn.Module, plan: lf.FoldPlan, dtype: torch.dtype, sizes=SIZES) -> None:
+    planned = lf.apply_plan(model, plan)
+    folded = lf.fold_model(planned)
+    for size in sizes:
+        x = torch.randn(2, 3, size, size, dtype=dtype)
+        with torch.no_grad():
+            ref, out = planned(x), folded(x)
+        assert out.shape == ref.shape
+        assert rel_err(ref, out) <= TOL[dtype], (plan.linear_sites, size)
+
+
+def _prepared(factory, dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = randomize_bn(factory()).to(dtype).eval()
+    return lf.prepare_model(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(BLOCK_MODELS))
+def test_every_alpha_pattern_of_every_block(name, dtype):
+    base = _prepared(BLOCK_MODELS[name], dtype)
+    by_block: dict[str, list[str]] = {}
+    for site in lf.foldable_sites(base):
+        by_block.setdefault(_block_of(site), []).append(site)
+    assert by_block, "the test model must have foldable sites"
+    patterns = [()]
+    for sites in by_block.values():
+        patterns += [c for r in range(1, len(sites) + 1) for c in itertools.combinations(sites, r)]
+    patterns.append(tuple(lf.foldable_sites(base)))  # everything at once (cross-block runs)
+    for pattern in patterns:
+        model = _prepared(BLOCK_MODELS[name], dtype)
+        _check(model, lf.FoldPlan(pattern), dtype)
+
+
+def test_block_types_are_all_covered():
+    seen = set()
+    for factory in BLOCK_MODELS.values():
+        model = factory()
+        for name, module in model.named_modules():
+            seen.add(type(module).__name__)
+    for block in ("DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual", "ConvBnAct", "BasicBlock",
+                  "Bottleneck", "Conv2dSame", "SqueezeExcite"):
+        assert block in seen
+
+
+def test_whole_branch_linear_becomes_one_conv():
+    model = _prepared(BLOCK_MODELS["basic"], torch.float64)
+    plan = lf.FoldPlan(tuple(lf.foldable_sites(model)))
+    folded = lf.fold_model(lf.apply_plan(model, plan))
+    # every BasicBlock (identity or projection shortcut) is absorbed: no Residual module is left
+    assert not any(isinstance(m, lf.layers.Residual) for m in folded.modules())
+    assert lf.fold_stats(folded, None).depth == 1 + 5  # stem + one conv per block
+
+
+def test_max_kernel_size_splits_runs():
+    factory = BLOCK_MODELS["ds_ir_er_cn"]
+    model = _prepared(factory, torch.float64)
+    model.layerfold_config.max_kernel_size = 5
+    plan = lf.FoldPlan(tuple(lf.foldable_sites(model)))
+    planned = lf.apply_plan(model, plan)
+    folded = lf.fold_model(planned)
+    kernels = [m.kernel_size[0] for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert max(kernels) <= 5
+    x = torch.randn(1, 3, 31, 31, dtype=torch.float64)
+    assert rel_err(planned(x), folded(x)) < 1e-10
+
+
+def test_empty_plan_folds_to_bn_fused_original():
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("mobilenetv2_050", num_classes=10)).double().eval()
+    folded = lf.fold_model(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    fconvs = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.weight.shape, c.stride, c.groups) for c in convs] == [(c.weight.shape, c.stride, c.groups)
+                                                                     for c in fconvs]
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    assert rel_err(model(x), folded(x)) < 1e-12
+    prepared = lf.prepare_model(model)
+    assert rel_err(model(x), lf.fold_model(prepared, lf.FoldPlan())(x)) < 1e-12
+
+
+MODELS = ["mobilenetv2_100", "mobilenetv3_large_100", "efficientnet_b0", "tf_efficientnet_lite0", "resnet18",
+          "resnet50"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_models_under_random_plans(name, dtype):
+    torch.manual_seed(0)
+    model = lf.prepare_model(randomize_bn(timm.create_model(name, num_classes=10)).to(dtype).eval())
+    rng = random.Random(name)
+    sites = lf.foldable_sites(model)
+    plan = lf.FoldPlan(tuple(s for s in sites if rng.random() < 0.5))
+    assert 0 < len(plan) < len(sites)
+    _check(model, plan, dtype, sizes=(48, 37))
+
+
+def test_caller_model_untouched_and_folded_is_smaller():
+    torch.manual_seed(0)
+    model = lf.prepare_model(randomize_bn(timm.create_model("mobilenetv2_050", num_classes=10)).eval())
+    for alpha in lf.alpha_parameters(model).values():
+        alpha.data.fill_(0.95)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    folded = lf.fold_model(model)  # plan from α ≥ threshold, applied to a copy
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert lf.fold_stats(folded, None).depth < lf.fold_stats(model, None).depth
+    assert not any(isinstance(n, lf.FoldableActivation) for n in folded.modules())
+    assert all(type(n).__name__ != "Identity" for n in folded.features)  # no no-op left on the forward path
+    graph = build_graph(model)
+    assert any(True for _ in iter_nodes(graph.features))
