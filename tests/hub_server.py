@@ -8,7 +8,7 @@ request                                                     used by
 ==========================================================  =============================================
 ``POST   /api/repos/create``                                ``create_repo`` (409 + ``url`` when it exists)
 ``DELETE /api/repos/delete``                                ``delete_repo``
-``POST   /api/validate-yaml``                               ``upload_folder``/``create_commit`` adding README.md
+``POST   /api/validate-yaml``                               ``upload_folder`` / ``create_commit`` (README.md)
 ``POST   /api/{type}s/{repo}/preupload/{rev}``              ``upload_*`` / ``create_commit``
 ``POST   /api/{type}s/{repo}/commit/{rev}``                 ``upload_*`` / ``create_commit`` (NDJSON)
 ``POST   /api/{type}s/{repo}/branch/{branch}``              ``create_branch``

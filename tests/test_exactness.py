@@ -83,7 +83,7 @@ def test_block_types_are_all_covered():
     seen = set()
     for factory in BLOCK_MODELS.values():
         model = factory()
-        for name, module in model.named_modules():
+        for _, module in model.named_modules():
             seen.add(type(module).__name__)
     for block in ("DepthwiseSeparableConv", "InvertedResidual", "EdgeResidual", "ConvBnAct", "BasicBlock",
                   "Bottleneck", "Conv2dSame", "SqueezeExcite"):
