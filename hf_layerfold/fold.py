@@ -7,9 +7,10 @@ import copy
 import torch
 import torch.nn as nn
 
+from .activation import FoldableActivation
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
 from .folded_net import LayerFoldedNet, conv_spec, op_spec
-from .graph import ActNode, ConvNode, build_graph
+from .graph import ConvNode, build_graph
 from .padding import static_chain_padding
 from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, run_pad_rules, segment_model
 from .prepare import is_prepared
@@ -85,7 +86,7 @@ class _Folder:
                     sd.update(_prefixed("shortcut.", ssd))
             else:
                 module = self.model.get_submodule(item.path)
-                if isinstance(item, ActNode) and hasattr(module, "act") and hasattr(module, "fixed"):
+                if isinstance(module, FoldableActivation):
                     module = module.act  # a FoldableActivation kept non-linear is its activation
                 spec = op_spec(module)
                 sd = {k: v.detach().clone() for k, v in module.state_dict().items()}

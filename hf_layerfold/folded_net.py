@@ -43,6 +43,11 @@ register_op(nn.MaxPool2d, "maxpool",
                        "dilation": m.dilation, "ceil_mode": m.ceil_mode},
             lambda s: nn.MaxPool2d(s["kernel_size"], s["stride"], s["padding"], s["dilation"],
                                    ceil_mode=s["ceil_mode"]))
+register_op(nn.AvgPool2d, "avgpool",
+            lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                       "ceil_mode": m.ceil_mode, "count_include_pad": m.count_include_pad},
+            lambda s: nn.AvgPool2d(s["kernel_size"], s["stride"], s["padding"], ceil_mode=s["ceil_mode"],
+                                   count_include_pad=s["count_include_pad"]))
 register_op(nn.Dropout, "dropout", lambda m: {"p": m.p}, lambda s: nn.Dropout(s["p"]))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class FoldPlan:
         if threshold is None:
             threshold = getattr(model, "layerfold_config", LayerFoldingConfig()).threshold
         return cls(tuple(m.site for m in model.modules()
-                         if isinstance(m, FoldableActivation) and float(m.alpha) >= threshold))
+                         if isinstance(m, FoldableActivation) and float(m.alpha.detach()) >= threshold))
 
     @classmethod
     def from_blocks(cls, model: nn.Module, blocks: list[str]) -> FoldPlan:
@@ -199,7 +200,8 @@ def _absorbable(model: nn.Module, item: ResidualItem) -> bool:
 
 def segment_model(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | None = None) -> Segmentation:
     """Split the model's graph into runs of convs that merge, given the linear sites of ``plan``."""
-    config = config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
+    config = config or getattr(model, "layerfold_applied_config", None) or getattr(model, "layerfold_config", None) \
+        or LayerFoldingConfig()
     graph = build_graph(model)
     linear = set(plan.linear_sites)
     return Segmentation(_segment(model, graph.features, linear, config),
@@ -258,4 +260,5 @@ def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | No
         if isinstance(m, FoldableActivation):
             m.fix(m.site in linear)
     model.layerfold_plan = plan
+    model.layerfold_applied_config = copy.deepcopy(config)  # folding must segment exactly as padding was moved
     return model

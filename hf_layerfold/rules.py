@@ -35,7 +35,7 @@ def op_nodes(module: nn.Module | None, path: str) -> list:
 def conv_bn_act(parent: nn.Module, path: str, conv: str, bn: str | None = None) -> list:
     """A conv, the BatchNorm after it, and the activation timm's ``BatchNormAct2d`` carries, if any."""
     conv_mod = getattr(parent, conv)
-    if type(conv_mod) is not nn.Conv2d and not isinstance(conv_mod, nn.Conv2d):
+    if not isinstance(conv_mod, nn.Conv2d):
         raise UnsupportedModelError(f"{_join(path, conv)} is a {type(conv_mod).__name__}, not a Conv2d")
     bn_mod = getattr(parent, bn) if bn else None
     if _is_identity(bn_mod):
@@ -159,11 +159,24 @@ def mobilenetv3_model(model: mobilenetv3.MobileNetV3) -> ModelGraph:
     return ModelGraph(features, "global_pool", "classifier", pre_logits, drop_rate=model.drop_rate)
 
 
+def _deep_stem(stem: nn.Sequential) -> list:
+    """ResNet-C/D stems: ``conv1`` is (conv, bn, act, conv, bn, act, conv); the last conv's BN is ``bn1``."""
+    nodes: list = []
+    children = list(stem.named_children())
+    for i, (name, mod) in enumerate(children):
+        path = f"conv1.{name}"
+        if isinstance(mod, nn.Conv2d):
+            has_bn = i + 1 < len(children) and isinstance(children[i + 1][1], nn.BatchNorm2d)
+            nodes.append(ConvNode(path, f"conv1.{children[i + 1][0]}" if has_bn else "bn1"))
+        elif not isinstance(mod, nn.BatchNorm2d):
+            nodes.append(ActNode(path))
+    return nodes
+
+
 @register_model_rule(resnet.ResNet)
 def resnet_model(model: resnet.ResNet) -> ModelGraph:
-    if not isinstance(model.conv1, nn.Conv2d):
-        raise UnsupportedModelError("ResNet deep stems (conv1 as a Sequential) are not supported yet")
-    features = [ConvNode("conv1", "bn1"), ActNode("act1")] + op_nodes(model.maxpool, "maxpool")
+    stem = _deep_stem(model.conv1) if isinstance(model.conv1, nn.Sequential) else [ConvNode("conv1", "bn1")]
+    features = stem + [ActNode("act1")] + op_nodes(model.maxpool, "maxpool")
     for i in range(1, 5):
         features += _blocks(getattr(model, f"layer{i}"), f"layer{i}")
     return ModelGraph(features, "global_pool", "fc", drop_rate=float(model.drop_rate or 0.0))

@@ -21,7 +21,7 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
+    return float((a - b).abs().max().detach() / a.abs().max().detach())
 
 
 @pytest.fixture

@@ -1,0 +1,171 @@
+"""Config, preparation, plans, statistics and their errors."""
+
+import json
+
+import pytest
+import timm
+import torch
+from conftest import randomize_bn, rel_err
+
+import hf_layerfold as lf
+from hf_layerfold.config import CONFIG_NAME
+
+
+def small(name="mobilenetv2_050", **kw):
+    torch.manual_seed(0)
+    return randomize_bn(timm.create_model(name, num_classes=10, **kw)).eval()
+
+
+def test_config_json_round_trip(tmp_path):
+    cfg = lf.LayerFoldingConfig(lambda_reg=0.5, regularizer="l1", threshold=0.8, exclude_modules=["bn1.act"],
+                                max_kernel_size=5, fold_residual=False)
+    cfg.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["lambda_reg"] == 0.5
+    assert lf.LayerFoldingConfig.from_pretrained(tmp_path) == cfg
+    assert lf.LayerFoldingConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("field,value", [("lambda_reg", -1.0), ("threshold", 0.0), ("threshold", 1.5),
+                                         ("regularizer", "l2"), ("max_kernel_size", 0), ("alpha_init", 2.0)])
+def test_config_rejects_bad_values_naming_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        lf.LayerFoldingConfig(**{field: value})
+
+
+def test_config_rejects_unknown_json_keys(tmp_path):
+    (tmp_path / CONFIG_NAME).write_text(json.dumps({"lambda_reg": 0.1, "lamda": 3}))
+    with pytest.raises(ValueError, match="lamda"):
+        lf.LayerFoldingConfig.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        lf.LayerFoldingConfig.from_pretrained(tmp_path / "nowhere")
+
+
+def test_prepare_wraps_candidates_and_keeps_outputs():
+    model = small()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    keys = set(model.state_dict())
+    lf.prepare_model(model)
+    sites = lf.foldable_sites(model)
+    assert len(sites) == 34  # every activation of MobileNetV2 except the head's
+    assert all(isinstance(model.get_submodule(s), lf.FoldableActivation) for s in sites)
+    assert set(model.state_dict()) == keys | {f"{s}.alpha" for s in sites}
+    assert torch.allclose(model(x), ref, atol=1e-6)  # α = 0 is the original activation
+    assert all(p.dim() == 0 and float(p.detach()) == 0.0 for p in lf.alpha_parameters(model).values())
+    with pytest.raises(ValueError, match="already prepared"):
+        lf.prepare_model(model)
+
+
+def test_foldable_activation_interpolates():
+    act = lf.FoldableActivation(torch.nn.ReLU(inplace=True), "s", alpha_init=0.25)
+    x = torch.randn(100)
+    assert torch.allclose(act(x), 0.75 * torch.relu(x) + 0.25 * x)
+    assert not act.act.inplace  # x is needed after the activation
+    act.fix(linear=True)
+    assert torch.equal(act(x), x) and not act.alpha.requires_grad
+
+
+def test_target_and_exclude_patterns():
+    model = lf.prepare_model(small(), lf.LayerFoldingConfig(target_modules=["blocks.1*", "blocks.2"],
+                                                            exclude_modules=["re:.*bn2\\.act"]))
+    sites = lf.foldable_sites(model)
+    assert sites and all(s.startswith(("blocks.1", "blocks.2")) and not s.endswith("bn2.act") for s in sites)
+    with pytest.raises(ValueError, match="select no site"):
+        lf.prepare_model(small(), lf.LayerFoldingConfig(target_modules=["nothing.*"]))
+
+
+def test_unsupported_model_names_supported_blocks():
+    with pytest.raises(lf.UnsupportedModelError, match="InvertedResidual"):
+        lf.prepare_model(timm.create_model("vit_tiny_patch16_224", img_size=32))
+
+
+def test_plan_from_model_json_and_unknown_sites(tmp_path):
+    model = lf.prepare_model(small(), lf.LayerFoldingConfig(threshold=0.9))
+    alphas = lf.alpha_parameters(model)
+    names = list(alphas)
+    alphas[names[0]].data.fill_(0.95)
+    alphas[names[1]].data.fill_(0.89)
+    plan = lf.FoldPlan.from_model(model)
+    assert plan.linear_sites == (names[0],)
+    plan.save(tmp_path)
+    assert lf.FoldPlan.load(tmp_path) == plan
+    with pytest.raises(ValueError, match="not foldable"):
+        lf.apply_plan(model, lf.FoldPlan(("blocks.0.0.nope",)))
+    with pytest.raises(ValueError, match="no foldable site inside"):
+        lf.FoldPlan.from_blocks(model, ["blocks.99"])
+
+
+def test_apply_plan_fixes_alpha_and_keeps_parameters():
+    model = lf.prepare_model(small())
+    params_before = {id(p) for p in model.parameters()}
+    for a in lf.alpha_parameters(model).values():
+        a.data.fill_(0.5)
+    plan = lf.FoldPlan.from_blocks(model, ["blocks.2.1", "blocks.3.0"])
+    lf.apply_plan(model, plan)
+    assert {id(p) for p in model.parameters()} == params_before  # an optimizer built earlier keeps working
+    for site, a in lf.alpha_parameters(model).items():
+        assert float(a.detach()) == (1.0 if site in plan.linear_sites else 0.0) and not a.requires_grad
+    assert lf.apply_plan(model, plan) is model  # same plan again: no-op
+    with pytest.raises(ValueError, match="different plan"):
+        lf.apply_plan(model, lf.FoldPlan())
+    with pytest.raises(ValueError, match="prepare_model"):
+        lf.apply_plan(small(), plan)
+
+
+def test_stats_before_and_after():
+    model = lf.prepare_model(small("mobilenetv2_100"))
+    before = lf.fold_stats(model, 64)
+    assert (before.nonlinear_layers, before.depth, before.convs) == (35, 52, 52)
+    plan = lf.FoldPlan.from_blocks(model, ["blocks.1.1", "blocks.2.1", "blocks.3.1", "blocks.3.2", "blocks.4.0"])
+    projected = lf.projected_stats(model, plan)
+    lf.apply_plan(model, plan)
+    folded = lf.fold_model(model)
+    after = lf.fold_stats(folded, 64)
+    assert (after.nonlinear_layers, after.depth, after.convs) == (25, 42, 42)  # the published LF plan's shape
+    assert (projected.nonlinear_layers, projected.depth) == (after.nonlinear_layers, after.depth)
+    assert after.params == sum(p.numel() for p in folded.parameters()) and after.macs > 0
+    assert before.params == sum(p.numel() for p in model.parameters()) - len(lf.alpha_parameters(model))
+
+
+def test_folded_net_rebuilds_from_its_spec_alone():
+    model = lf.prepare_model(small("tf_efficientnet_lite0"))
+    lf.apply_plan(model, lf.FoldPlan(tuple(lf.foldable_sites(model)[::2])))
+    folded = lf.fold_model(model)
+    args = json.loads(json.dumps(folded.model_args))  # JSON-able
+    rebuilt = lf.LayerFoldedNet(**args)
+    rebuilt.load_state_dict(folded.state_dict())
+    x = torch.randn(1, 3, 33, 33)
+    assert torch.equal(rebuilt.eval()(x), folded(x))
+    assert rel_err(model(x), folded(x)) < 1e-5
+    feats = folded.forward_features(x)
+    assert folded.forward_head(feats, pre_logits=True).shape == (1, folded.num_features)
+    folded.reset_classifier(3)
+    assert folded(x).shape == (1, 3) and folded.get_classifier().out_features == 3
+
+
+def test_custom_block_rule_is_one_small_rule():
+    from hf_layerfold.graph import BLOCK_RULES, ActNode, ConvNode, register_block_rule
+
+    class TwoConv(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.bn, self.act, self.b = torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.BatchNorm2d(c), \
+                torch.nn.ReLU(), torch.nn.Conv2d(c, c, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.act(self.bn(self.a(x))))
+
+    try:
+        @register_block_rule(TwoConv)
+        def two_conv(block, path):
+            return [ConvNode(f"{path}.a", f"{path}.bn"), ActNode(f"{path}.act"), ConvNode(f"{path}.b")]
+
+        model = timm.create_model("resnet18", num_classes=4)
+        model.layer1[0] = TwoConv(64)
+        model = lf.prepare_model(randomize_bn(model).eval())
+        assert "layer1.0.act" in lf.foldable_sites(model)
+        lf.apply_plan(model, lf.FoldPlan(("layer1.0.act",)))
+        x = torch.randn(1, 3, 40, 40)
+        assert rel_err(model(x), lf.fold_model(model)(x)) < 1e-5
+    finally:
+        BLOCK_RULES.pop(TwoConv, None)
