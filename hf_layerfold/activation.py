@@ -50,4 +50,5 @@ class FoldableActivation(nn.Module):
         return self.fixed == "linear"
 
     def extra_repr(self) -> str:
-        return f"site={self.site!r}, alpha={float(self.alpha.detach()):.4f}" + (f", fixed={self.fixed}" if self.fixed else "")
+        fixed = f", fixed={self.fixed}" if self.fixed else ""
+        return f"site={self.site!r}, alpha={float(self.alpha.detach()):.4f}{fixed}"

@@ -38,7 +38,8 @@ def _graph_counts(model: nn.Module, nodes: list) -> tuple[int, int, int]:
             depth, convs = depth + 1, convs + 1
         elif isinstance(node, ActNode):
             act = model.get_submodule(node.path)
-            nonlinear += not (isinstance(act, FoldableActivation) and (act.is_linear or float(act.alpha.detach()) == 1.0))
+            linear = isinstance(act, FoldableActivation) and (act.is_linear or float(act.alpha.detach()) == 1.0)
+            nonlinear += not linear
         elif isinstance(node, ResidualNode):
             bn, bd, bc = _graph_counts(model, node.branch)
             sn, sd, sc = _graph_counts(model, node.shortcut or [])
