@@ -56,6 +56,35 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy jiffies of the whole machine, jiffies of this process) from /proc, or None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        total_busy = sum(int(v) for i, v in enumerate(fields[:8]) if i not in (3, 4))  # minus idle, iowait
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return total_busy, int(own[11]) + int(own[12])  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class LoadMeter:
+    """CPU cores busy with *other* processes while a measurement ran (a shared machine skews latency)."""
+
+    def __enter__(self) -> LoadMeter:
+        self.start, self.t0 = _cpu_jiffies(), time.perf_counter()
+        self.result: dict = {}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end, wall = _cpu_jiffies(), time.perf_counter() - self.t0
+        if self.start is None or end is None or wall <= 0:
+            return
+        hz = os.sysconf("SC_CLK_TCK")
+        busy, own = end[0] - self.start[0], end[1] - self.start[1]
+        self.result = {"other_processes_cores": round(max(busy - own, 0) / hz / wall, 2),
+                       "this_process_cores": round(own / hz / wall, 2), "loadavg": loadavg()}
+
+
 def device_info(device: str = "cpu") -> dict:
     """What a result was measured on; every JSON written by the benchmarks carries this."""
     info = {

@@ -6,6 +6,7 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def _not_inplace(act: nn.Module) -> nn.Module:
@@ -30,12 +31,15 @@ class FoldableActivation(nn.Module):
         self.site = site
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.fixed: str | None = None  # None while searching; "linear" or "nonlinear" once planned
+        self._is_relu = type(self.act) is nn.ReLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed == "linear":
             return x
         if self.fixed == "nonlinear":
             return self.act(x)
+        if self._is_relu:  # (1-α)·relu(x) + α·x is a PReLU with one shared slope: one fused kernel each way
+            return F.prelu(x, self.alpha.to(x.dtype).reshape(1))
         return torch.lerp(self.act(x), x, self.alpha.to(x.dtype))
 
     def fix(self, linear: bool) -> None:

@@ -1,0 +1,385 @@
+"""Save, push and load folded models: a timm-native checkpoint that needs neither the base model nor its weights.
+
+A save holds ``model.safetensors``, a timm ``config.json`` (architecture ``layerfold_net``, the folded
+structure in ``model_args``, a ``layerfold`` block with the plan, config and measured stats),
+``layerfold_config.json``, ``layerfold_plan.json`` and the model card ``README.md``. It loads with
+``timm.create_model("hf-hub:…" | "local-dir:…", pretrained=True)``, transformers' ``TimmWrapper``
+(``AutoModelForImageClassification``, ``pipeline``) and :meth:`LayerFoldedModel.from_pretrained`,
+after ``import hf_layerfold`` (which registers ``layerfold_net`` with timm).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch.nn as nn
+from huggingface_hub import HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from timm.data import resolve_data_config
+from timm.models import PretrainedCfg
+
+from .activation import FoldableActivation
+from .config import LayerFoldingConfig
+from .fold import fold_model
+from .folded_net import LayerFoldedNet
+from .layers import PaddedConv2d
+from .model_card import accuracy_section, eval_results_from, fold_rows, latency_section, render_card
+from .plan import FoldPlan, applied_plan, apply_plan, iter_runs, run_pad_rules, segment_model
+from .prepare import is_prepared
+from .stats import FoldStats, fold_stats
+from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
+
+CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+FORMAT_VERSION = 1
+CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
+               "template")
+_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "label_offset")
+
+
+class PushToHubError(RuntimeError):
+    """The push failed; ``save_directory`` (when set) still holds the complete local save."""
+
+    def __init__(self, message: str, repo_id: str, save_directory: Path | None) -> None:
+        super().__init__(message)
+        self.repo_id, self.save_directory = repo_id, save_directory
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def is_folded_save(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a directory written by :func:`save_folded` (a ``layerfold_net`` config.json)."""
+    try:
+        data = json.loads((Path(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and data.get("architecture") == ARCHITECTURE and "layerfold" in data
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    if overwrite or not (target.exists() or target.is_symlink()):
+        return
+    if not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory; pass overwrite=True to replace it")
+    if any(target.iterdir()) and not is_folded_save(target):
+        raise FileExistsError(f"{target} is a non-empty directory that is not a folded-model save; refusing to "
+                              "replace it (pass overwrite=True to replace the whole directory)")
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Move the finished save into place: the old one is renamed away first and deleted only once the new is in."""
+    if not (target.exists() or target.is_symlink()):
+        os.rename(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, old)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
+
+
+def _base_copy(planned: nn.Module) -> nn.Module:
+    """The network before folding (original activations and padding), rebuilt from a prepared/planned model."""
+    base = copy.deepcopy(planned)
+    plan = applied_plan(base)
+    if plan is not None:  # undo apply_plan's padding move: each conv of a merged run gets its own rule back
+        seg = segment_model(base, plan)
+        for run in [*iter_runs(seg.items), *iter_runs(seg.pre_logits)]:
+            if len(run.convs) > 1:
+                for node, rule in zip(run.convs, run_pad_rules(base, run)):
+                    base.set_submodule(node.conv, PaddedConv2d.from_conv(base.get_submodule(node.conv), [rule]))
+    for name, module in list(base.named_modules()):
+        if isinstance(module, FoldableActivation):
+            base.set_submodule(name, module.act)
+    return base
+
+
+def _fold(model: nn.Module) -> tuple[LayerFoldedNet, nn.Module | None]:
+    """(folded net, planned source model or None) for a LayerFoldedNet, a prepared/planned or a plain timm model."""
+    model = getattr(model, "timm_model", model)  # a transformers TimmWrapper
+    if isinstance(model, LayerFoldedNet):
+        return model, None
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"save_folded needs a LayerFoldedNet or a prepared/planned timm model, got {type(model)}")
+    if is_prepared(model) and applied_plan(model) is None:
+        model = apply_plan(copy.deepcopy(model), FoldPlan.from_model(model))
+    return fold_model(model), model
+
+
+def _label_list(label_names: Any, num_classes: int) -> list[str] | None:
+    if label_names is None:
+        return None
+    if isinstance(label_names, Mapping):
+        ids = sorted(int(k) for k in label_names)
+        if ids != list(range(num_classes)):
+            raise ValueError(f"label_names must name every class id 0..{num_classes - 1}, got ids {ids}")
+        return [str(label_names[k] if k in label_names else label_names[str(k)]) for k in ids]
+    names = [str(n) for n in label_names]
+    if len(names) != num_classes:
+        raise ValueError(f"label_names has {len(names)} names for a {num_classes}-class model")
+    return names
+
+
+def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] | None) -> tuple[dict, list | None]:
+    """A loadable pretrained_cfg (no weight source of the base model) and the label names to write at the root."""
+    source = dict(getattr(net, "pretrained_cfg", None) or {})
+    if labels is None and len(source.get("label_names") or ()) == net.num_classes:
+        labels = list(source["label_names"])
+    cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__ and k not in _SOURCE_KEYS}
+    cfg.update(overlay or {})
+    cfg.update(resolve_data_config({}, pretrained_cfg=cfg))  # input size, interpolation, mean, std, crop
+    if net.num_classes != source.get("num_classes"):
+        cfg.pop("label_descriptions", None)
+    first = net.model_args["features"][0] if net.model_args["features"] else {}
+    cfg.update(architecture=ARCHITECTURE, num_classes=net.num_classes, custom_load=False,
+               first_conv="features.0" if first.get("type") == "conv" else None,
+               classifier="classifier" if net.num_classes > 0 else None, label_names=None)
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if v is not None}
+    return cfg, labels
+
+
+def _stats_dict(stats: FoldStats | Mapping | None) -> dict | None:
+    if stats is None:
+        return None
+    return stats.to_dict() if isinstance(stats, FoldStats) else {k: v for k, v in dict(stats).items()
+                                                                 if v is not None}
+
+
+def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any, base_model: str | None,
+                     input_size: Sequence[int], stats_before: Any) -> dict:
+    from . import __version__
+
+    info = dict(net.layerfold_info or {})
+    plan = applied_plan(planned) if planned is not None else None
+    plan = plan or getattr(net, "layerfold_plan", None) or FoldPlan.from_dict(info.get("plan") or {})
+    if config is None and planned is not None:
+        config = getattr(planned, "layerfold_config", None)
+    if config is None:
+        config = info.get("config")
+    if isinstance(config, LayerFoldingConfig):
+        config = config.to_dict()
+    elif config is not None:
+        config = LayerFoldingConfig.from_dict(dict(config)).to_dict()  # validates
+    before = _stats_dict(stats_before)
+    if before is None and planned is not None:
+        before = fold_stats(_base_copy(planned), tuple(input_size)).to_dict()
+    if before is None and list(info.get("stats_input_size") or []) == list(input_size):
+        before = info.get("stats_before")
+    base_arch = (planned.pretrained_cfg.get("architecture") if planned is not None and
+                 getattr(planned, "pretrained_cfg", None) else info.get("base_architecture"))
+    block = {"format_version": FORMAT_VERSION, "hf_layerfold_version": __version__,
+             "base_architecture": base_arch, "base_model": base_model or info.get("base_model"),
+             "plan": plan.to_dict(), "config": config, "stats_input_size": list(input_size), "stats_before": before,
+             "stats_after": fold_stats(net, tuple(input_size)).to_dict(),
+             "folds": fold_rows(planned, net) if planned is not None and is_prepared(planned) else info.get("folds")}
+    return {k: v for k, v in block.items() if v is not None}
+
+
+def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_hub: bool = False,
+                repo_id: str | None = None, private: bool = False, token: str | None = None,
+                commit_message: str | None = None, overwrite: bool = False,
+                config: LayerFoldingConfig | Mapping | None = None, base_model: str | None = None,
+                eval_results: Any = None, label_names: Sequence[str] | Mapping | None = None,
+                pretrained_cfg_overlay: Mapping | None = None, endpoint: str | None = None,
+                **card_fields: Any) -> Path:
+    """Fold (if needed) and save ``model`` as a loadable timm checkpoint with its model card; optionally push it.
+
+    Args:
+        model: a ``LayerFoldedNet``, or a prepared (plan = sites whose α reached the threshold) or planned model.
+        save_directory: written atomically (a temporary directory next to it, then renamed). A previous save
+            there is replaced; any other non-empty directory is refused unless ``overwrite=True``.
+        push_to_hub / repo_id / private / token / commit_message / endpoint: one ``upload_folder`` commit to
+            ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
+            The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
+        config: the ``LayerFoldingConfig`` used (default: the model's).
+        base_model: Hub id of the model that was folded (card metadata).
+        eval_results: measured results for the card's ``model-index`` (``EvalResult`` objects or dicts, see
+            ``model_card.eval_results_from``).
+        label_names: class names (default: the source model's, when their count matches).
+        pretrained_cfg_overlay: preprocessing to record, e.g. ``{"input_size": (3, 64, 64), "mean": ...}``.
+        **card_fields: ``stats_before`` (FoldStats/dict, when ``model`` is already folded), ``latency``
+            (``before_ms``/``after_ms``, ``device``, ``batch_size``, ``dtype``), ``accuracy`` (``before``/``after``
+            fractions, ``split``, ``dataset``), ``datasets``, ``license``, ``tags``, ``language``,
+            ``model_name``, ``template`` (a Jinja card template path).
+
+    Returns:
+        The save directory.
+    """
+    if push_to_hub and not repo_id:
+        raise ValueError("push_to_hub=True needs repo_id (e.g. 'your-org/mobilenetv2-folded')")
+    unknown = sorted(set(card_fields) - set(CARD_FIELDS))
+    if unknown:
+        raise TypeError(f"save_folded got unknown argument(s) {unknown}; card fields: {list(CARD_FIELDS)}")
+    target = Path(save_directory).expanduser().absolute()
+    _check_target(target, overwrite)
+    latency_section(card_fields.get("latency"))  # validate card inputs before any work
+    accuracy_section(card_fields.get("accuracy"))
+    eval_results_from(eval_results)
+
+    net, planned = _fold(model)
+    labels = _label_list(label_names, net.num_classes)
+    pretrained_cfg, labels = _export_cfg(net, pretrained_cfg_overlay, labels)
+    block = _layerfold_block(net, planned, config, base_model, pretrained_cfg["input_size"],
+                             card_fields.get("stats_before"))
+    model_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}  # transformers passes num_classes
+    hf_config = {"architecture": ARCHITECTURE, "num_classes": net.num_classes, "num_features": net.num_features,
+                 "global_pool": net.model_args["global_pool"], **({"label_names": labels} if labels else {}),
+                 "model_args": {**model_args, "layerfold": block}, "pretrained_cfg": pretrained_cfg,
+                 "layerfold": block}
+    card = render_card(block, load_id=repo_id or str(target), is_hub=bool(repo_id),
+                       title=card_fields.get("model_name") or (repo_id or target.name).split("/")[-1],
+                       base_model=block.get("base_model"), datasets=card_fields.get("datasets"),
+                       license=card_fields.get("license") or pretrained_cfg.get("license"),
+                       eval_results=eval_results, latency=card_fields.get("latency"),
+                       accuracy=card_fields.get("accuracy"), tags=card_fields.get("tags") or (),
+                       language=card_fields.get("language"), template=card_fields.get("template"))
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
+        (tmp / WEIGHTS_NAME).write_bytes(safetensors.torch.save(state, metadata={"format": "pt"}))
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
+        if block.get("config"):
+            LayerFoldingConfig.from_dict(block["config"]).save_pretrained(tmp)
+        FoldPlan.from_dict(block["plan"]).save(tmp)
+        card.save(tmp / CARD_NAME)
+        _swap_in(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if push_to_hub:
+        _push(target, repo_id, private=private, token=token, endpoint=endpoint,
+              commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
+    return target
+
+
+def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, endpoint: str | None,
+          commit_message: str, keep_note: bool = True) -> str:
+    """``create_repo(exist_ok=True)`` + one ``upload_folder`` commit; returns the commit URL."""
+    from . import __version__
+
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token,
+                library_name="hf_layerfold", library_version=__version__)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message)
+    except Exception as err:
+        where = f"; the local save is intact at {directory}" if keep_note else ""
+        raise PushToHubError(f"pushing the folded model to {repo_id!r} failed ({type(err).__name__}: {err}){where}",
+                             repo_id, directory if keep_note else None) from err
+    return commit.commit_url
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("architecture") != ARCHITECTURE or \
+            "features" not in (data.get("model_args") or {}):
+        arch = data.get("architecture") if isinstance(data, dict) else None
+        raise ValueError(f"{path} describes {arch!r}, not a layer-folded model (architecture {ARCHITECTURE!r} with "
+                         "model_args.features): load it with timm.create_model, or fold it first "
+                         "(hf_layerfold.fold_model) and save it with hf_layerfold.save_folded")
+    return data
+
+
+def _load_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file {path}")
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError on bad files
+        raise ValueError(f"corrupt weights file {path}: {err}") from err
+
+
+class LayerFoldedModel:
+    """The plugin's entry point for folded checkpoints (a namespace; it returns ``LayerFoldedNet`` instances)."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False) -> LayerFoldedNet:
+        """Load a folded model from a save directory or a Hub repo (``org/name``, ``hf-hub:``/``local-dir:``
+        prefixes accepted), without the base model. The net carries ``.pretrained_cfg`` and ``.layerfold_info``."""
+        name = str(path_or_repo_id)
+        scheme, _, rest = name.partition(":")
+        if scheme in ("hf-hub", "local-dir") and rest:
+            name = rest
+        local = Path(name).expanduser()
+        if scheme == "local-dir" or local.is_dir() or local.exists() or name.startswith((".", "/", "~")) \
+                or name.count("/") > 1:
+            if not local.is_dir():
+                raise FileNotFoundError(f"{local} is not a directory holding a folded-model save")
+            data = _read_config(local / CONFIG_NAME)
+            weights = local / WEIGHTS_NAME
+            source = {"source": "local-dir", "file": str(local.absolute())}
+        else:
+            repo_id, _, tag = name.partition("@")
+            kw = dict(revision=revision or tag or None, token=token, cache_dir=cache_dir,
+                      local_files_only=local_files_only, library_name="hf_layerfold")
+            data = _read_config(Path(hf_hub_download(repo_id, CONFIG_NAME, **kw)))
+            try:
+                weights = Path(hf_hub_download(repo_id, WEIGHTS_NAME, **kw))
+            except EntryNotFoundError:
+                raise FileNotFoundError(f"missing weights file {WEIGHTS_NAME} in Hub repo {repo_id}") from None
+            source = {"source": "hf-hub", "hf_hub_id": name}
+        return cls._build(data, _load_weights(weights), weights, source)
+
+    @staticmethod
+    def _build(data: dict, state: dict, weights: Path, source: dict) -> LayerFoldedNet:
+        args = dict(data["model_args"])
+        info = args.pop("layerfold", None) or data.get("layerfold") or {}
+        args["num_classes"] = data.get("num_classes", args.get("num_classes", 1000))
+        net = LayerFoldedNet(**args, layerfold=info)
+        try:
+            result = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: {err}") from err
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        cfg = {**data.get("pretrained_cfg", {}), **source}
+        if data.get("label_names"):
+            cfg["label_names"] = data["label_names"]
+        net.pretrained_cfg = net.default_cfg = cfg
+        if "plan" in info:
+            net.layerfold_plan = FoldPlan.from_dict(info["plan"])
+        if info.get("config"):
+            net.layerfold_config = LayerFoldingConfig.from_dict(info["config"])
+        return net.eval()
+
+    @staticmethod
+    def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: str | None = None,
+                    commit_message: str | None = None, endpoint: str | None = None, **save_kwargs: Any) -> str:
+        """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_folded(model, Path(tmp) / "folded", repo_id=repo_id, **save_kwargs)
+            # the card names the repo, not the temporary path
+            return _push(path, repo_id, private=private, token=token, endpoint=endpoint, keep_note=False,
+                         commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")

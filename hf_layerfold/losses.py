@@ -1,0 +1,43 @@
+"""The loss terms of Layer Folding training: the α regularizer and knowledge distillation."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def alpha_regularizer(alphas: Sequence[torch.Tensor], kind: str = "paper") -> torch.Tensor:
+    """Penalty that is zero when every α is 1 (every site linear), summed over sites.
+
+    ``"paper"`` is Σ|1 − α²| (Ben Dror et al.); its gradient vanishes at α = 0, so sites only start moving
+    once the task loss (or a non-zero ``alpha_init``) has lifted α. ``"l1"`` is Σ(1 − α), a constant push.
+    """
+    if not alphas:
+        raise ValueError("no α parameters: the model has no foldable site")
+    a = torch.stack([alpha.float() for alpha in alphas])
+    if kind == "paper":
+        return (1.0 - a * a).abs().sum()
+    if kind == "l1":
+        return (1.0 - a).sum()
+    raise ValueError(f"unknown regularizer {kind!r}; supported: 'paper', 'l1'")
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher ‖ student) on temperature-softened distributions, times T² (Hinton et al.).
+
+    The T² factor keeps the gradient scale independent of T, so ``distill_weight`` means the same at any T.
+    """
+    t = float(temperature)
+    student = F.log_softmax(student_logits.float() / t, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * (t * t)
+
+
+@torch.no_grad()
+def clamp_alphas_(alphas: Sequence[torch.Tensor]) -> None:
+    """Keep every α in [0, 1] (outside it the blend extrapolates and the plan threshold loses meaning)."""
+    for alpha in alphas:
+        alpha.clamp_(0.0, 1.0)

@@ -1,0 +1,247 @@
+"""The model card of a folded checkpoint: a Jinja template rendered through huggingface_hub's ``ModelCard``.
+
+Every number on the card is one that was measured or counted; a quantity nobody measured is left out (no
+"None", no "N/A"). Layer-level facts (what was merged into what) come from the plan and the folded spec.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from typing import Any
+
+import torch.nn as nn
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .folded_net import LayerFoldedNet
+from .plan import ResidualItem, Run, segment_model
+
+TEMPLATE = "folded_model_card.md"
+TAGS = ("layer-folding", "image-classification", "timm")
+CITATION = """@inproceedings{bendror2022layerfolding,
+  title         = {Layer Folding: Neural Network Depth Reduction using Activation Linearization},
+  author        = {Ben Dror, Amir and Zehngut, Niv and Raviv, Avraham and Artyomov, Evgeny and Vitek, Ran and
+                   Jevnisek, Roy},
+  booktitle     = {Proceedings of the British Machine Vision Conference (BMVC)},
+  year          = {2022},
+  eprint        = {2106.09309},
+  archivePrefix = {arXiv}
+}"""
+STAT_NAMES = {
+    "nonlinear_layers": "Non-linear activations",
+    "depth": "Depth (convolutions on the longest path)",
+    "convs": "Convolutions",
+    "params": "Parameters",
+    "macs": "MACs per image",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What was folded: walk the segmentation of the planned model and the folded spec in lockstep (one spec entry
+# per segmentation item), so the merged kernel sizes are read from what was actually built.
+
+
+def _common_block(paths: Sequence[str]) -> str:
+    parents = [p.split(".")[:-1] for p in paths]
+    common: list[str] = []
+    for parts in zip(*parents):
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return ".".join(common) if common else f"{paths[0]} … {paths[-1]}" if len(paths) > 1 else paths[0]
+
+
+def _between(order: dict[str, int], sites: Sequence[str], convs: Sequence[str]) -> list[str]:
+    """Plan sites that sit between the first and last conv of a merge (module order = forward order in timm)."""
+    lo, hi = order[convs[0]], order[convs[-1]]
+    return [s for s in sites if lo < order.get(s, -1) < hi]
+
+
+def fold_rows(planned: nn.Module, net: LayerFoldedNet) -> list[dict]:
+    """One row per merged conv of ``net``: the block, activations removed, convs merged, merged kernel, stride."""
+    plan = planned.layerfold_plan
+    order = {name: i for i, (name, _) in enumerate(planned.named_modules())}
+    seg = segment_model(planned, plan)
+    rows: list[dict] = []
+
+    def walk(items: list, specs: list[dict]) -> None:
+        if len(items) != len(specs):
+            raise RuntimeError("the folded spec does not match the planned model's segmentation")
+        for item, spec in zip(items, specs):
+            if isinstance(item, ResidualItem) and not item.absorbed:
+                walk(item.branch, spec["branch"])
+                if item.shortcut is not None:
+                    walk(item.shortcut, spec["shortcut"])
+                continue
+            if isinstance(item, Run) and len(item.convs) > 1:
+                runs, absorbed = [item], False
+            elif isinstance(item, ResidualItem):
+                runs, absorbed = [item.branch[0], *(item.shortcut or [])], True
+            else:
+                continue
+            convs = [c.conv for run in runs for c in run.convs]
+            removed = [s for run in runs for s in _between(order, plan.linear_sites, [c.conv for c in run.convs])]
+            rows.append({"block": _common_block(convs), "activations_removed": removed, "convs": convs,
+                         "kernel": list(spec["kernel"]), "stride": list(spec["stride"]),
+                         "residual_absorbed": absorbed})
+
+    walk(seg.items, net.model_args["features"])
+    walk(seg.pre_logits, net.model_args["pre_logits"])
+    return rows
+
+
+def _site_block(site: str) -> str:
+    parts = site.split(".")
+    return ".".join(parts[:-2]) if len(parts) > 2 else parts[0]
+
+
+def _relative(path: str, block: str) -> str:
+    return path[len(block) + 1:] if block and path.startswith(block + ".") else path
+
+
+def _code_list(names: Sequence[str], block: str, sep: str = ", ") -> str:
+    return sep.join(f"`{_relative(n, block)}`" for n in names)
+
+
+def _size(values: Sequence[int]) -> str:
+    return str(values[0]) if len(set(values)) == 1 else "×".join(str(v) for v in values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measured quantities → table rows.
+
+
+def _fmt_stat(key: str, value: int) -> str:
+    return f"{value / 1e6:,.2f} M" if key == "macs" else f"{value:,}"
+
+
+def _fmt_change(key: str, before: int, after: int) -> str:
+    delta = after - before
+    absolute = f"{delta / 1e6:+,.2f} M" if key == "macs" else f"{delta:+,}"
+    return absolute + (f" ({delta / before:+.1%})" if before else "")
+
+
+def stats_rows(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> list[dict]:
+    rows = []
+    for key, name in STAT_NAMES.items():
+        a = after.get(key)
+        if a is None:
+            continue
+        b = None if before is None else before.get(key)
+        rows.append({"name": name, "after": _fmt_stat(key, a), "before": "" if b is None else _fmt_stat(key, b),
+                     "change": "" if b is None else _fmt_change(key, b, a)})
+    return rows
+
+
+def _require(section: str, data: Mapping[str, Any], keys: Sequence[str]) -> None:
+    missing = [k for k in keys if data.get(k) is None]
+    if missing:
+        raise ValueError(f"card field {section!r} needs {missing} (got keys {sorted(data)})")
+
+
+def latency_section(latency: Mapping[str, Any] | None) -> dict | None:
+    """``{"before_ms", "after_ms", "device", "batch_size", "dtype"}`` → rows; either time may be absent."""
+    if not latency:
+        return None
+    _require("latency", latency, ("device", "batch_size", "dtype"))
+    before, after = latency.get("before_ms"), latency.get("after_ms")
+    if before is None and after is None:
+        raise ValueError("card field 'latency' needs 'before_ms' and/or 'after_ms' (measured milliseconds)")
+    setting = f"Measured on {latency['device']}, batch size {latency['batch_size']}, {latency['dtype']}"
+    if latency.get("input_size") is not None:
+        setting += f", input {_size(list(latency['input_size']))}"
+    rows = [{"name": n, "value": f"{v:.3f} ms"} for n, v in (("Before folding", before), ("After folding", after))
+            if v is not None]
+    if before is not None and after is not None and after > 0:
+        rows.append({"name": "Speed-up", "value": f"{before / after:.2f}×"})
+    return {"setting": setting + ".", "header": "Latency per batch", "rows": rows}
+
+
+def accuracy_section(accuracy: Mapping[str, Any] | None) -> dict | None:
+    """``{"before", "after", "split", "dataset"?, "metric"?}`` with fractions in [0, 1] → rows."""
+    if not accuracy:
+        return None
+    _require("accuracy", accuracy, ("split",))
+    before, after = accuracy.get("before"), accuracy.get("after")
+    if before is None and after is None:
+        raise ValueError("card field 'accuracy' needs 'before' and/or 'after' (measured fractions in [0, 1])")
+    for v in (before, after):
+        if v is not None and not 0.0 <= v <= 1.0:
+            raise ValueError(f"card field 'accuracy' values must be fractions in [0, 1], got {v}")
+    metric = accuracy.get("metric", "top-1 accuracy")
+    where = f"the `{accuracy['split']}` split" + (f" of `{accuracy['dataset']}`" if accuracy.get("dataset") else "")
+    rows = [{"name": n, "value": f"{v:.2%}"} for n, v in (("Before folding", before), ("After folding", after))
+            if v is not None]
+    if before is not None and after is not None:
+        rows.append({"name": "Change", "value": f"{(after - before) * 100:+.2f} points"})
+    return {"setting": f"{metric.capitalize()} on {where}.", "header": metric.capitalize(), "rows": rows}
+
+
+def eval_results_from(value: Any) -> list[EvalResult] | None:
+    """``EvalResult`` objects, or dicts: ``{"dataset", "metrics": {name: value}, "split"?, "dataset_name"?}``
+    or EvalResult's own field names (``task_type`` defaults to image-classification)."""
+    if value is None:
+        return None
+    items = [value] if isinstance(value, EvalResult | Mapping) else list(value)
+    out: list[EvalResult] = []
+    for item in items:
+        if isinstance(item, EvalResult):
+            out.append(item)
+        elif "metrics" in item:
+            _require("eval_results", item, ("dataset", "metrics"))
+            for metric, score in item["metrics"].items():
+                out.append(EvalResult(task_type="image-classification", dataset_type=item["dataset"],
+                                      dataset_name=item.get("dataset_name", item["dataset"]), metric_type=metric,
+                                      metric_value=score, dataset_split=item.get("split"),
+                                      dataset_config=item.get("config")))
+        else:
+            out.append(EvalResult(**{"task_type": "image-classification", **item}))
+    return out or None
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def template_path() -> str:
+    return str(resources.files("hf_layerfold").joinpath("templates", TEMPLATE))
+
+
+def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: str,
+                base_model: str | None = None, datasets: str | list[str] | None = None,
+                license: str | None = None, eval_results: Any = None, latency: Mapping | None = None,
+                accuracy: Mapping | None = None, tags: Sequence[str] = (), language: str | list[str] | None = None,
+                template: str | os.PathLike | None = None) -> ModelCard:
+    """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``)."""
+    results = eval_results_from(eval_results)
+    card_data = ModelCardData(library_name="timm", tags=list(dict.fromkeys([*TAGS, *tags])), base_model=base_model,
+                              datasets=datasets, license=license, language=language,
+                              pipeline_tag="image-classification", eval_results=results,
+                              model_name=title if results else None)
+    folds = [{"block": r["block"], "activations": _code_list(r["activations_removed"], r["block"]) or "",
+              "convs": _code_list(r["convs"], r["block"], " + "), "kernel": "×".join(map(str, r["kernel"])),
+              "stride": _size(r["stride"]), "residual": "yes" if r["residual_absorbed"] else "no"}
+             for r in info.get("folds") or []]
+    sites = list((info.get("plan") or {}).get("linear_sites", []))
+    by_block: dict[str, list[str]] = {}
+    for site in sites:
+        by_block.setdefault(_site_block(site), []).append(site)
+    arch = info.get("base_architecture")
+    base_description = f"`{arch}`" if arch else "CNN"
+    if base_model:
+        base_description += f" derived from [`{base_model}`](https://huggingface.co/{base_model})"
+    input_size = info.get("stats_input_size")
+    eval_rows = [{"dataset": r.dataset_name, "split": r.dataset_split or "", "metric": r.metric_type,
+                  "value": r.metric_value} for r in results or []]
+    config = info.get("config")
+    card = ModelCard.from_template(
+        card_data, template_path=str(template or template_path()), title=title, base_description=base_description,
+        folds=folds, removed_count=len(sites),
+        removed_sites=[{"block": b, "activations": _code_list(s, b)} for b, s in by_block.items()],
+        has_before=bool(info.get("stats_before")), stats=stats_rows(info.get("stats_before"), info["stats_after"]),
+        stats_input="×".join(map(str, input_size[1:])) + " pixels" if input_size else "the model's input size",
+        latency=latency_section(latency), accuracy=accuracy_section(accuracy), eval_rows=eval_rows,
+        timm_id=("hf-hub:" if is_hub else "local-dir:") + load_id, load_id=load_id,
+        config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION)
+    return card

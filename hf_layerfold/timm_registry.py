@@ -1,0 +1,50 @@
+"""Registers the ``layerfold_net`` architecture with timm (runs on ``import hf_layerfold``).
+
+A folded checkpoint's ``config.json`` names ``layerfold_net`` and carries the folded structure in ``model_args``,
+so ``timm.create_model("hf-hub:org/name", pretrained=True)``, ``"local-dir:/path"`` and transformers'
+``TimmWrapper`` rebuild it from the spec alone: no base model, no base weights. timm has no plugin discovery,
+so the registration happens when ``hf_layerfold`` is imported: ``import hf_layerfold`` before loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .folded_net import LayerFoldedNet
+
+ARCHITECTURE = "layerfold_net"
+WEIGHTS_NAME = "model.safetensors"
+
+# No weights of its own: every checkpoint brings its own pretrained_cfg (input size, mean, std, labels).
+default_cfgs = generate_default_cfgs({
+    ARCHITECTURE: dict(num_classes=1000, input_size=(3, 224, 224), first_conv="features.0", classifier="classifier",
+                       description="A layer-folded CNN (hf_layerfold); load a saved one by hf-hub: or local-dir:"),
+})
+
+
+def _weights_location(pretrained_cfg: Any) -> str:
+    cfg = pretrained_cfg if isinstance(pretrained_cfg, dict) else getattr(pretrained_cfg, "__dict__", {})
+    if cfg.get("source") == "hf-hub" and cfg.get("hf_hub_id"):
+        return f"{WEIGHTS_NAME} of Hub repo {cfg['hf_hub_id']}"
+    if cfg.get("file"):
+        return f"{cfg['file']}/{WEIGHTS_NAME}"
+    return "the checkpoint named by pretrained_cfg"
+
+
+@register_model
+def layerfold_net(pretrained: bool = False, **kwargs: Any) -> LayerFoldedNet:
+    """A ``LayerFoldedNet`` rebuilt from ``model_args`` (``features``, ``pre_logits``, ...) of a saved fold."""
+    if "features" not in kwargs:
+        raise ValueError(
+            "layerfold_net is rebuilt from a saved folded checkpoint: create it with "
+            "timm.create_model('hf-hub:<org>/<name>') or timm.create_model('local-dir:<path>') "
+            "(after `import hf_layerfold`), not from the bare architecture name")
+    try:
+        return build_model_with_cfg(LayerFoldedNet, ARCHITECTURE, pretrained, **kwargs)
+    except (RuntimeError, OSError, ValueError) as err:
+        if not pretrained:
+            raise
+        where = _weights_location(kwargs.get("pretrained_cfg") or {})
+        raise RuntimeError(f"could not load the folded weights from {where}: {err}") from err

@@ -1,0 +1,516 @@
+"""``LayerFoldingTrainer``: α search, plan fixing and fine-tuning of a timm CNN in one ``trainer.train()``.
+
+Phase 1 (search) learns one α per site with the task loss + λ·regularizer(α); phase 2 (fine-tune) fixes the
+plan from the threshold (``apply_plan``: α exactly 0/1 and frozen, padding moved) and trains the weights of
+the network that will actually be folded. Both phases, α and the plan survive ``resume_from_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
+
+from .config import LayerFoldingConfig
+from .data import check_labels, detect_columns, label_names_of, prepare_datasets
+from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
+from .plan import FoldPlan, applied_plan, apply_plan
+from .prepare import alpha_parameters, is_prepared, prepare_model
+from .stats import projected_stats
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "layerfold_state.json"
+SEARCH, FINETUNE = "search", "finetune"
+PHASE_IDS = {SEARCH: 0, FINETUNE: 1}  # logged as numbers: every tracker accepts them
+ALPHA_GROUP = "layerfold_alpha"  # marks the optimizer param group that holds α
+_HF_DATASETS = (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
+
+__all__ = ["ALPHA_GROUP", "LayerFoldingTrainer", "STATE_NAME", "compute_metrics"]
+
+
+def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
+    """Top-1 / top-5 accuracy as fractions in [0, 1] (``evaluate()`` reports them as eval_top1 / eval_top5).
+
+    ``predictions`` may be logits ``(N, C)`` or already-ranked class ids ``(N, k)`` (integers, best first).
+    """
+    preds, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(preds, tuple | list):
+        preds = preds[0]
+    preds, labels = np.asarray(preds), np.asarray(labels).reshape(-1)
+    if np.issubdtype(preds.dtype, np.floating):
+        k = min(5, preds.shape[-1])
+        ranked = np.argsort(-preds, axis=-1, kind="stable")[:, :k]
+    else:
+        ranked = preds[:, :5]
+    hits = ranked == labels[:, None]
+    return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
+
+
+class _LayerFoldingCallback(TrainerCallback):
+    """Optimizer-step hooks: frozen α never moves, searched α stays in [0, 1]."""
+
+    def __init__(self, trainer: LayerFoldingTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # A frozen α must not be touched by momentum either: drop any gradient a wrapper may have written.
+        for alpha in self.trainer._alphas:
+            if not alpha.requires_grad:
+                alpha.grad = None
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        clamp_alphas_(self.trainer._alphas)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._finish_search_at_end()
+
+
+class LayerFoldingTrainer(Trainer):
+    """``transformers.Trainer`` for Layer Folding of a bare timm model (prepared here if it is not yet).
+
+    Args:
+        model: a timm CNN, plain (it is prepared with ``layerfold_config``), prepared, or already planned
+            (then training is the fine-tune phase only).
+        layerfold_config: what to fold and the knobs of both phases (λ, regularizer, threshold, ``alpha_lr``,
+            ``search_steps`` / ``search_epochs`` — default: half of training —, distillation).
+        teacher_model: a frozen teacher for distillation (used when ``distill_weight > 0``); it gets the same
+            ``pixel_values`` as the student.
+        train_dataset / eval_dataset: ``datasets`` objects with an image and a label column (collators are built
+            with :func:`hf_layerfold.data.prepare_datasets` unless ``data_collator`` is given) or any dataset
+            yielding ``{"pixel_values", "labels"}`` batches through your ``data_collator``.
+        eval_data_collator: collator for evaluation / prediction (default: the deterministic one built from the
+            model's data config, else ``data_collator``).
+        input_size: resolution of the built collators (default: the model's).
+        compute_metrics: default :func:`compute_metrics` (eval_top1 / eval_top5).
+
+    The loss is ``(1 − w)·CE + w·KD + λ·R(α)``; ``w = distill_weight`` (0 without teacher), ``R`` only in the
+    search phase; label smoothing comes from ``TrainingArguments.label_smoothing_factor``. α sits in its own
+    optimizer group (``lr = alpha_lr``, no weight decay) and is clamped to [0, 1] after every step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        *,
+        layerfold_config: LayerFoldingConfig | None = None,
+        teacher_model: nn.Module | None = None,
+        eval_data_collator: Any = None,
+        input_size: int | tuple[int, ...] | None = None,
+        compute_metrics: Any = compute_metrics,
+        **kwargs: Any,
+    ) -> None:
+        if model is None or kwargs.get("model_init") is not None:
+            raise ValueError("LayerFoldingTrainer needs a model instance (model_init is not supported)")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("LayerFoldingTrainer computes its own loss; compute_loss_func is not supported")
+        self.layerfold_config = config = self._prepared(model, layerfold_config)
+        if config.distill_weight > 0 and teacher_model is None:
+            raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
+        if teacher_model is not None and config.distill_weight == 0:
+            logger.warning("teacher_model is given but distill_weight=0: the teacher is not used")
+        args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
+        self._adjust_args(args)
+
+        num_classes = getattr(model, "num_classes", None)
+        auto_eval_collator = None
+        if data_collator is None and isinstance(train_dataset, _HF_DATASETS):
+            train_dataset, eval_dataset, data_collator, auto_eval_collator = prepare_datasets(
+                model, train_dataset, eval_dataset, input_size=input_size)
+        elif data_collator is None and isinstance(eval_dataset, _HF_DATASETS):
+            auto_eval_collator = prepare_datasets(model, eval_dataset, eval_dataset, input_size=input_size)[3]
+        elif num_classes:
+            for ds in (train_dataset, eval_dataset):
+                _check_dataset_labels(ds, int(num_classes))
+        self._eval_collator = eval_data_collator or auto_eval_collator
+        self._input_size = input_size
+        self._label_names = _dataset_label_names(train_dataset if train_dataset is not None else eval_dataset)
+
+        # Trainer reads model.config for label smoothing, which a timm model has not: smoothing is applied here.
+        self._label_smoothing = float(args.label_smoothing_factor)
+        args.label_smoothing_factor = 0.0
+        try:
+            super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, compute_metrics=compute_metrics, **kwargs)
+        finally:
+            args.label_smoothing_factor = self._label_smoothing
+        self.label_smoother = None
+        if args.label_names is None:
+            self.label_names = ["labels"]  # timm's forward(x) names no label argument
+        self.can_return_loss = False
+
+        self.teacher_model = None
+        if teacher_model is not None and config.distill_weight > 0:
+            self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
+        self._alphas = list(alpha_parameters(model).values())
+        self._phase = FINETUNE if applied_plan(model) is not None else SEARCH
+        self._search_steps: int | None = None
+        self._resumed_search_steps: int | None = None
+        self._stats = torch.zeros(4, device=self.args.device)  # Σ task, Σ λ·R, Σ distill, micro-batches
+        self.add_callback(_LayerFoldingCallback(self))
+
+    # ------------------------------------------------------------------------------------------------
+    # Setup
+
+    @staticmethod
+    def _prepared(model: nn.Module, config: LayerFoldingConfig | None) -> LayerFoldingConfig:
+        """Prepare ``model`` in place if needed; the trainer's config becomes the model's."""
+        if isinstance(config, Mapping):
+            config = LayerFoldingConfig.from_dict(dict(config))
+        if not is_prepared(model):
+            config = config or LayerFoldingConfig()
+            prepare_model(model, config)  # raises when the config selects no site
+            return config
+        own = getattr(model, "layerfold_config", None)
+        if config is None:
+            return own or LayerFoldingConfig()
+        if own is not None and (own.target_modules, own.exclude_modules) != (config.target_modules,
+                                                                             config.exclude_modules):
+            logger.warning("the model was prepared with other target/exclude modules than layerfold_config; "
+                           "its prepared sites are kept")
+        model.layerfold_config = config
+        return config
+
+    @staticmethod
+    def _adjust_args(args: TrainingArguments) -> None:
+        if args.remove_unused_columns:
+            # timm's forward(x) would make Trainer drop the image and label columns the collator needs.
+            logger.info("LayerFoldingTrainer sets remove_unused_columns=False (the collator reads raw columns)")
+            args.remove_unused_columns = False
+        # The search → fine-tune switch freezes α mid-run: DDP must expect parameters without gradient,
+        # else its reducer waits for α's gradient forever ("Expected to have finished reduction ...").
+        if args.ddp_find_unused_parameters is False:
+            logger.warning("LayerFoldingTrainer sets ddp_find_unused_parameters=True: α stops receiving "
+                           "gradients when the plan is fixed")
+        args.ddp_find_unused_parameters = True
+        if args.ddp_static_graph:
+            logger.warning("LayerFoldingTrainer sets ddp_static_graph=False: the graph changes when the plan is fixed")
+            args.ddp_static_graph = False
+
+    def _model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ------------------------------------------------------------------------------------------------
+    # Optimizer: α in its own group
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer, with every α moved to a group of its own (``alpha_lr``, no weight decay).
+
+        Frozen α (a planned model) are kept in the group too, so a resumed run has the same groups as the
+        run that wrote the checkpoint.
+        """
+        if self.optimizer is not None:
+            if not any(g.get(ALPHA_GROUP) for g in self.optimizer.param_groups):
+                logger.warning("the optimizer given to LayerFoldingTrainer has no α group; alpha_lr and the "
+                               "no-weight-decay rule for α are not applied")
+            return super().create_optimizer(model)
+        optimizer = super().create_optimizer(model)
+        alphas = list(alpha_parameters(self.model if model is None else model).values())
+        ids = {id(a) for a in alphas}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        lr = self.layerfold_config.alpha_lr or self.args.learning_rate
+        optimizer.add_param_group({"params": alphas, "lr": lr, "weight_decay": 0.0, ALPHA_GROUP: True})
+        return optimizer
+
+    # ------------------------------------------------------------------------------------------------
+    # Loss
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
+        if labels is None:
+            raise ValueError("LayerFoldingTrainer needs batches with 'labels' (image classification)")
+        logits = _logits(model(pixel_values))
+        if not model.training:  # evaluation: plain cross-entropy
+            loss = F.cross_entropy(logits.float(), labels)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        cfg = self.layerfold_config
+        task = F.cross_entropy(logits.float(), labels, label_smoothing=self._label_smoothing)
+        loss, distill = task, task.new_zeros(())
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                teacher_logits = _logits(self.teacher_model(pixel_values))
+            distill = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
+            loss = (1.0 - cfg.distill_weight) * task + cfg.distill_weight * distill
+        reg = task.new_zeros(())
+        if self._phase == SEARCH and cfg.lambda_reg > 0:
+            reg = cfg.lambda_reg * alpha_regularizer(self._alphas, cfg.regularizer)
+            loss = loss + reg
+        self._stats += torch.stack([task.detach(), reg.detach(), distill.detach(), torch.ones_like(task)])
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    # ------------------------------------------------------------------------------------------------
+    # Phases
+
+    def set_initial_training_values(self, args: TrainingArguments, dataloader: Any) -> tuple:
+        values = super().set_initial_training_values(args, dataloader)
+        steps_per_epoch, max_steps = values[1], values[6]
+        self._search_steps = self._resolve_search_steps(has_length(dataloader), steps_per_epoch, max_steps)
+        if self._phase == SEARCH and self._search_steps < max_steps and (self.is_fsdp_enabled or
+                                                                         self.is_deepspeed_enabled):
+            raise ValueError(
+                "fixing the plan mid-run swaps conv modules, which FSDP / DeepSpeed cannot follow. Run the search "
+                f"alone (search_steps >= max_steps={max_steps}), then apply_plan and fine-tune in a second run "
+                "(see examples/README.md)")
+        if self._phase == SEARCH:
+            logger.info("Layer Folding: search phase for %d steps, then fine-tune for %d",
+                        min(self._search_steps, max_steps), max(max_steps - self._search_steps, 0))
+        return values
+
+    def _resolve_search_steps(self, sized: bool, steps_per_epoch: int, max_steps: int) -> int:
+        cfg = self.layerfold_config
+        if self._phase == FINETUNE and self._resumed_search_steps is None:
+            return 0
+        if cfg.search_steps is not None:
+            steps = int(cfg.search_steps)
+        elif cfg.search_epochs is not None:
+            if not sized:
+                raise ValueError("search_epochs needs a training set with a length; set search_steps instead "
+                                 "(e.g. for a streaming dataset)")
+            steps = int(round(cfg.search_epochs * steps_per_epoch))
+        else:
+            steps = max_steps // 2
+        if self._resumed_search_steps is not None:
+            if self._resumed_search_steps != steps:
+                logger.warning("the checkpoint's search length (%d steps) differs from the current settings (%d); "
+                               "keeping the checkpoint's", self._resumed_search_steps, steps)
+            steps = self._resumed_search_steps
+        if steps >= max_steps and self._phase == SEARCH:
+            logger.warning("search phase (%d steps) covers all %d training steps: no fine-tune phase", steps,
+                           max_steps)
+        return steps
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self._phase == SEARCH and self._search_steps is not None and self.state.global_step >= self._search_steps:
+            self._end_search()
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _end_search(self) -> FoldPlan:
+        """Fix the plan from the threshold (identical on every process: rank 0's decision is broadcast)."""
+        model = self._model()
+        plan = FoldPlan.from_model(model, threshold=self.layerfold_config.threshold)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            plan = FoldPlan.from_dict(broadcast_object_list([plan.to_dict()], from_process=0)[0])
+        apply_plan(model, plan, self.layerfold_config)
+        self._phase = FINETUNE
+        logger.info("Layer Folding: plan fixed at step %d, %d of %d sites linear", self.state.global_step,
+                    len(plan), len(self._alphas))
+        return plan
+
+    def _finish_search_at_end(self) -> None:
+        if (self._phase == SEARCH and self._search_steps is not None and self.state.global_step >= self._search_steps
+                and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)):
+            self._end_search()
+
+    @property
+    def phase(self) -> str:
+        """``"search"`` while α is learned, ``"finetune"`` once the plan is fixed."""
+        return self._phase
+
+    @property
+    def search_steps(self) -> int | None:
+        """Length of the search phase in optimizer steps (known once training starts)."""
+        return self._search_steps
+
+    # ------------------------------------------------------------------------------------------------
+    # Logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log (emitted on every process): add the Layer Folding view
+            logs.update(self._layerfold_logs())
+        super().log(logs, start_time)
+
+    def _layerfold_logs(self) -> dict[str, float]:
+        stats = self._stats.clone()
+        if self.accelerator.num_processes > 1:
+            stats = self.accelerator.reduce(stats, reduction="sum")
+        self._stats.zero_()
+        n = max(float(stats[3]), 1.0)
+        model = self._model()
+        threshold = self.layerfold_config.threshold
+        alphas = torch.stack([a.detach().float() for a in self._alphas])
+        plan = applied_plan(model) or FoldPlan.from_model(model, threshold=threshold)
+        projected = projected_stats(model, plan)
+        out = {"task_loss": float(stats[0]) / n, "reg_loss": float(stats[1]) / n}
+        if self.teacher_model is not None:
+            out["distill_loss"] = float(stats[2]) / n
+        out.update(alpha_mean=float(alphas.mean()), sites_past_threshold=int((alphas >= threshold).sum()),
+                   projected_nonlinear_layers=projected.nonlinear_layers, projected_depth=projected.depth,
+                   phase=PHASE_IDS[self._phase])
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's save, plus ``layerfold_state.json`` (phase, plan, search length) and the config."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            self._write_state(Path(output_dir))
+        super().save_model(output_dir, _internal_call=_internal_call)
+
+    def _write_state(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        plan = applied_plan(self._model())
+        state = {"phase": self._phase, "search_steps": self._search_steps, "global_step": self.state.global_step,
+                 "plan": None if plan is None else plan.to_dict()}
+        tmp = directory / (STATE_NAME + ".tmp")
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        os.replace(tmp, directory / STATE_NAME)
+        self.layerfold_config.save_pretrained(directory)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None):
+        """Trainer's ``train``; on resume the checkpoint's phase and plan are restored before its weights."""
+        if isinstance(resume_from_checkpoint, bool):
+            if resume_from_checkpoint:
+                resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+                if resume_from_checkpoint is None:
+                    raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+            else:
+                resume_from_checkpoint = None
+        self._resumed_search_steps = None
+        if resume_from_checkpoint is not None:
+            self._restore_state(Path(resume_from_checkpoint))
+        else:
+            self._phase = FINETUNE if applied_plan(self._model()) is not None else SEARCH
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _restore_state(self, checkpoint: Path) -> None:
+        path = checkpoint / STATE_NAME
+        model = self._model()
+        if not path.is_file():
+            logger.warning("%s has no %s: resuming in the %s phase", checkpoint, STATE_NAME, self._phase)
+            return
+        state = json.loads(path.read_text())
+        self._resumed_search_steps = state.get("search_steps")
+        current = applied_plan(model)
+        if state.get("phase") == FINETUNE:
+            plan = FoldPlan.from_dict(state["plan"])
+            if current is not None and current != plan:
+                raise ValueError(f"the model already has a different plan than {checkpoint}; resume into a fresh "
+                                 "(prepared, unplanned) model")
+            apply_plan(model, plan, self.layerfold_config)  # before the weights load: keys are unchanged
+            self._phase = FINETUNE
+        else:
+            if current is not None:
+                raise ValueError(f"{checkpoint} is from the search phase but the model already has a plan; "
+                                 "resume into a fresh (prepared, unplanned) model")
+            self._phase = SEARCH
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation data
+
+    def get_eval_dataloader(self, eval_dataset: Any = None):
+        with self._collator(self._eval_collator):
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Any):
+        with self._collator(self._eval_collator):
+            return super().get_test_dataloader(test_dataset)
+
+    @contextlib.contextmanager
+    def _collator(self, collator: Any):
+        saved = self.data_collator
+        if collator is not None:
+            self.data_collator = collator
+        try:
+            yield
+        finally:
+            self.data_collator = saved
+
+    # ------------------------------------------------------------------------------------------------
+    # Export
+
+    def save_folded(self, output_dir: str | os.PathLike | None = None, **kwargs: Any) -> Path:
+        """Fold the trained model and save it with :func:`hf_layerfold.hub.save_folded` (main process only).
+
+        A model still in the search phase is folded with the threshold plan. Defaults passed on: the trainer's
+        config, the base architecture, the class names of the training set, the trained input size and the
+        last evaluation (as ``eval_results`` when a dataset id is known from ``datasets=`` or the eval set).
+        Any ``hub.save_folded`` argument (``push_to_hub``, ``repo_id``, ``overwrite``, card fields) may be given.
+        """
+        from .hub import save_folded
+
+        output_dir = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "folded"
+        model = self._model()
+        kwargs.setdefault("config", self.layerfold_config)
+        kwargs.setdefault("base_model", (getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
+        if self._label_names is not None and len(self._label_names) == getattr(model, "num_classes", -1):
+            kwargs.setdefault("label_names", self._label_names)
+        if self._input_size is not None:
+            size = self._input_size
+            size = (3, size, size) if isinstance(size, int) else tuple(size)
+            kwargs.setdefault("pretrained_cfg_overlay", {"input_size": size if len(size) == 3 else (3, *size)})
+        if "eval_results" not in kwargs:
+            results = self._eval_results(kwargs.get("datasets"))
+            if results is not None:
+                kwargs["eval_results"] = results
+        path = output_dir
+        if self.args.should_save:  # a model still searching is folded (on a copy) with the threshold plan
+            path = save_folded(model, output_dir, **kwargs)
+        self.accelerator.wait_for_everyone()
+        return Path(path)
+
+    def _eval_results(self, dataset_ids: Any) -> dict | None:
+        metrics = next((entry for entry in reversed(self.state.log_history) if "eval_top1" in entry), None)
+        if metrics is None:
+            return None
+        dataset = dataset_ids if isinstance(dataset_ids, str) else (dataset_ids or [None])[0]
+        if dataset is None:
+            info = getattr(self.eval_dataset, "info", None)
+            dataset = getattr(info, "dataset_name", None)
+        if dataset is None:
+            logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
+            return None
+        return {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
+
+
+def _logits(outputs: Any) -> torch.Tensor:
+    """timm returns a tensor; transformers wrappers return an output object with ``.logits``."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
+
+
+def _check_dataset_labels(dataset: Any, num_classes: int) -> None:
+    """Fail before training on labels the head cannot predict (a ``datasets`` object with detectable columns)."""
+    if not isinstance(dataset, _HF_DATASETS):
+        return
+    try:
+        _, label_column = detect_columns(dataset)
+    except ValueError:
+        return  # custom columns, read by the user's collator
+    check_labels(dataset, label_column, num_classes)
+
+
+def _dataset_label_names(dataset: Any) -> list[str] | None:
+    if not isinstance(dataset, _HF_DATASETS):
+        return None
+    try:
+        return label_names_of(dataset, detect_columns(dataset)[1])
+    except ValueError:
+        return None
