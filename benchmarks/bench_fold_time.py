@@ -46,8 +46,8 @@ def run(out: str | None = None, *, models: tuple[str, ...] = MODELS, repeats: in
                     continue
                 log(f"[fold_time] {name} {plan_name}")
                 with LoadMeter() as load:
-                    total, samples = _median_s(lambda p=plan: lf.fold_model(prepared, p), repeats)
-                    apply_s, _ = _median_s(lambda p=plan: lf.apply_plan(copy.deepcopy(prepared), p), repeats)
+                    total, samples = _median_s(lambda m=prepared, p=plan: lf.fold_model(m, p), repeats)
+                    apply_s, _ = _median_s(lambda m=prepared, p=plan: lf.apply_plan(copy.deepcopy(m), p), repeats)
                     planned = lf.apply_plan(copy.deepcopy(prepared), plan)
                     merge_s, _ = _median_s(lambda m=planned: lf.fold_model(m), repeats)
                 limit = REQUIRED_S.get(name)

@@ -327,12 +327,14 @@ def time_interleaved(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: i
                      inner: int = 1, budget_s: float | None = None, min_rounds: int = 5) -> dict[str, list[float]]:
     """Per-forward latencies (ms) of each model, one sample per round, models interleaved within a round.
 
-    Each round visits every model once (the starting model rotates), timing ``inner`` back-to-back
-    forwards under ``torch.inference_mode``; drift of a shared machine then hits all models alike.
+    Each round visits every model once, in a fresh random order (a fixed order lets a model always follow its
+    same-shape twin, whose warm caches then favour one of the two by a few percent), timing ``inner``
+    back-to-back forwards under ``torch.inference_mode``; drift of a shared machine then hits all models alike.
     ``budget_s`` caps the wall time: the round count shrinks (not below ``min_rounds``) to fit.
     """
     names = list(models)
     device = x.device
+    order = random.Random(0)
     samples: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for name in names:
@@ -342,8 +344,7 @@ def time_interleaved(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: i
         start = time.perf_counter()
         r = 0
         while r < rounds:
-            for i in range(len(names)):
-                name = names[(r + i) % len(names)]
+            for name in order.sample(names, len(names)):
                 model = models[name]
                 _sync(device)
                 t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from .fold import fold_model
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
 from .folded_net import LayerFoldedNet, register_op
 from .graph import UnsupportedModelError, register_block_rule, register_model_rule
+from .hub import LayerFoldedModel, PushToHubError, save_folded  # also registers layerfold_net with timm
 from .plan import FoldPlan, apply_plan
 from .prepare import alpha_parameters, foldable_sites, prepare_model
 from .stats import FoldStats, fold_stats, projected_stats
@@ -25,6 +26,7 @@ __all__ = [
     "FoldPlan",
     "FoldStats",
     "FoldableActivation",
+    "LayerFoldedModel",
     "LayerFoldedNet",
     "LayerFoldingConfig",
     "UnsupportedModelError",
@@ -40,6 +42,8 @@ __all__ = [
     "grouped_to_dense",
     "prepare_model",
     "projected_stats",
+    "PushToHubError",
+    "save_folded",
     "register_block_rule",
     "register_model_rule",
     "register_op",

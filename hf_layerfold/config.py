@@ -25,6 +25,9 @@ class LayerFoldingConfig:
             ``None`` = every foldable site.
         exclude_modules: site-name patterns never made foldable.
         max_kernel_size: largest merged kernel allowed; longer runs are split.
+        max_macs_increase: ``None`` merges every run as far as ``max_kernel_size`` allows. A number ``x`` splits
+            each run into the fewest convs such that no merged conv costs more than ``(1 + x)`` times the convs it
+            replaces (``0``: folding never adds compute; merging a 1×1 into a depthwise conv alone would).
         fold_residual: absorb a residual whose whole branch became linear as an identity tap.
         alpha_lr: learning rate of the α parameters (``None`` = the optimizer's).
         search_epochs / search_steps: length of the α-search phase (steps win when both are set);
@@ -39,6 +42,7 @@ class LayerFoldingConfig:
     target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
     max_kernel_size: int = 7
+    max_macs_increase: float | None = None
     fold_residual: bool = True
     alpha_lr: float | None = None
     search_epochs: float | None = None
@@ -63,6 +67,8 @@ class LayerFoldingConfig:
             raise bad("threshold", "must lie in (0, 1]")
         if int(self.max_kernel_size) != self.max_kernel_size or self.max_kernel_size < 1:
             raise bad("max_kernel_size", "must be a positive integer")
+        if self.max_macs_increase is not None and self.max_macs_increase < 0:
+            raise bad("max_macs_increase", "must be >= 0 (or None to merge every run)")
         if self.alpha_lr is not None and self.alpha_lr <= 0:
             raise bad("alpha_lr", "must be > 0 (or None for the optimizer's learning rate)")
         if self.search_epochs is not None and self.search_epochs < 0:

@@ -1,4 +1,4 @@
-"""Save, push and load folded models: a timm-native checkpoint that needs neither the base model nor its weights.
+"""Save and push folded models: a timm-native checkpoint that needs neither the base model nor its weights.
 
 A save holds ``model.safetensors``, a timm ``config.json`` (architecture ``layerfold_net``, the folded
 structure in ``model_args``, a ``layerfold`` block with the plan, config and measured stats),
@@ -13,8 +13,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
-import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,14 +22,14 @@ from typing import Any
 
 import safetensors.torch
 import torch.nn as nn
-from huggingface_hub import HfApi, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub import HfApi
 from timm.data import resolve_data_config
 from timm.models import PretrainedCfg
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
 from .fold import fold_model
+from .folded_model import CONFIG_NAME, LayerFoldedModel
 from .folded_net import LayerFoldedNet
 from .layers import PaddedConv2d
 from .model_card import accuracy_section, eval_results_from, fold_rows, latency_section, render_card
@@ -38,11 +38,13 @@ from .prepare import is_prepared
 from .stats import FoldStats, fold_stats
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
-CONFIG_NAME = "config.json"
+__all__ = ["LayerFoldedModel", "PushToHubError", "is_folded_save", "save_folded"]
+
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
                "template")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "label_offset")
 
 
@@ -184,6 +186,8 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
         before = info.get("stats_before")
     base_arch = (planned.pretrained_cfg.get("architecture") if planned is not None and
                  getattr(planned, "pretrained_cfg", None) else info.get("base_architecture"))
+    if base_model is not None and not _HUB_ID.fullmatch(base_model):  # an architecture name, not a Hub repo id
+        base_arch, base_model = base_arch or base_model, None
     block = {"format_version": FORMAT_VERSION, "hf_layerfold_version": __version__,
              "base_architecture": base_arch, "base_model": base_model or info.get("base_model"),
              "plan": plan.to_dict(), "config": config, "stats_input_size": list(input_size), "stats_before": before,
@@ -209,7 +213,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
             ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
         config: the ``LayerFoldingConfig`` used (default: the model's).
-        base_model: Hub id of the model that was folded (card metadata).
+        base_model: Hub id (``org/name``) of the model that was folded, for the card's ``base_model``
+            metadata; a bare architecture name is recorded as the base architecture only.
         eval_results: measured results for the card's ``model-index`` (``EvalResult`` objects or dicts, see
             ``model_card.eval_results_from``).
         label_names: class names (default: the source model's, when their count matches).
@@ -287,99 +292,3 @@ def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, en
         raise PushToHubError(f"pushing the folded model to {repo_id!r} failed ({type(err).__name__}: {err}){where}",
                              repo_id, directory if keep_note else None) from err
     return commit.commit_url
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loading
-
-
-def _read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict) or data.get("architecture") != ARCHITECTURE or \
-            "features" not in (data.get("model_args") or {}):
-        arch = data.get("architecture") if isinstance(data, dict) else None
-        raise ValueError(f"{path} describes {arch!r}, not a layer-folded model (architecture {ARCHITECTURE!r} with "
-                         "model_args.features): load it with timm.create_model, or fold it first "
-                         "(hf_layerfold.fold_model) and save it with hf_layerfold.save_folded")
-    return data
-
-
-def _load_weights(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"missing weights file {path}")
-    try:
-        return safetensors.torch.load_file(str(path), device="cpu")
-    except Exception as err:  # safetensors raises its own SafetensorError / OSError on bad files
-        raise ValueError(f"corrupt weights file {path}: {err}") from err
-
-
-class LayerFoldedModel:
-    """The plugin's entry point for folded checkpoints (a namespace; it returns ``LayerFoldedNet`` instances)."""
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
-                        token: str | None = None, cache_dir: str | os.PathLike | None = None,
-                        local_files_only: bool = False) -> LayerFoldedNet:
-        """Load a folded model from a save directory or a Hub repo (``org/name``, ``hf-hub:``/``local-dir:``
-        prefixes accepted), without the base model. The net carries ``.pretrained_cfg`` and ``.layerfold_info``."""
-        name = str(path_or_repo_id)
-        scheme, _, rest = name.partition(":")
-        if scheme in ("hf-hub", "local-dir") and rest:
-            name = rest
-        local = Path(name).expanduser()
-        if scheme == "local-dir" or local.is_dir() or local.exists() or name.startswith((".", "/", "~")) \
-                or name.count("/") > 1:
-            if not local.is_dir():
-                raise FileNotFoundError(f"{local} is not a directory holding a folded-model save")
-            data = _read_config(local / CONFIG_NAME)
-            weights = local / WEIGHTS_NAME
-            source = {"source": "local-dir", "file": str(local.absolute())}
-        else:
-            repo_id, _, tag = name.partition("@")
-            kw = dict(revision=revision or tag or None, token=token, cache_dir=cache_dir,
-                      local_files_only=local_files_only, library_name="hf_layerfold")
-            data = _read_config(Path(hf_hub_download(repo_id, CONFIG_NAME, **kw)))
-            try:
-                weights = Path(hf_hub_download(repo_id, WEIGHTS_NAME, **kw))
-            except EntryNotFoundError:
-                raise FileNotFoundError(f"missing weights file {WEIGHTS_NAME} in Hub repo {repo_id}") from None
-            source = {"source": "hf-hub", "hf_hub_id": name}
-        return cls._build(data, _load_weights(weights), weights, source)
-
-    @staticmethod
-    def _build(data: dict, state: dict, weights: Path, source: dict) -> LayerFoldedNet:
-        args = dict(data["model_args"])
-        info = args.pop("layerfold", None) or data.get("layerfold") or {}
-        args["num_classes"] = data.get("num_classes", args.get("num_classes", 1000))
-        net = LayerFoldedNet(**args, layerfold=info)
-        try:
-            result = net.load_state_dict(state, strict=False)
-        except RuntimeError as err:
-            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: {err}") from err
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: missing "
-                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-        cfg = {**data.get("pretrained_cfg", {}), **source}
-        if data.get("label_names"):
-            cfg["label_names"] = data["label_names"]
-        net.pretrained_cfg = net.default_cfg = cfg
-        if "plan" in info:
-            net.layerfold_plan = FoldPlan.from_dict(info["plan"])
-        if info.get("config"):
-            net.layerfold_config = LayerFoldingConfig.from_dict(info["config"])
-        return net.eval()
-
-    @staticmethod
-    def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: str | None = None,
-                    commit_message: str | None = None, endpoint: str | None = None, **save_kwargs: Any) -> str:
-        """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL."""
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save_folded(model, Path(tmp) / "folded", repo_id=repo_id, **save_kwargs)
-            # the card names the repo, not the temporary path
-            return _push(path, repo_id, private=private, token=token, endpoint=endpoint, keep_note=False,
-                         commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")

@@ -127,17 +127,72 @@ def run_kernel_stride(model: nn.Module, run: Run) -> tuple[tuple[int, int], tupl
     return (kh, kw), (sh, sw)
 
 
-def _split_run(model: nn.Module, convs: list[ConvNode], max_kernel: int) -> list[Run]:
-    """Greedy left-to-right split so that no merged kernel exceeds ``max_kernel``."""
-    runs: list[Run] = []
-    for node in convs:
-        if runs:
-            trial = Run(runs[-1].convs + [node])
-            if max(run_kernel_stride(model, trial)[0]) <= max_kernel:
-                runs[-1] = trial
+def _split_run(model: nn.Module, convs: list[ConvNode], config: LayerFoldingConfig) -> list[Run]:
+    """Split a run so no merged kernel exceeds ``max_kernel_size`` (and, if set, no merge adds too much compute).
+
+    Without a compute limit the split is greedy, left to right. With ``max_macs_increase`` it is the partition
+    into the fewest convs (then the fewest MACs) found by dynamic programming over the run.
+    """
+    if config.max_macs_increase is None:
+        runs: list[Run] = []
+        for node in convs:
+            if runs:
+                trial = Run(runs[-1].convs + [node])
+                if max(run_kernel_stride(model, trial)[0]) <= config.max_kernel_size:
+                    runs[-1] = trial
+                    continue
+            runs.append(Run([node]))
+        return runs
+    n = len(convs)
+    best: list[tuple[int, float, int] | None] = [(0, 0.0, 0)] + [None] * n  # (segments, macs, start)
+    for end in range(1, n + 1):
+        for start in range(end):
+            if best[start] is None:
                 continue
-        runs.append(Run([node]))
-    return runs
+            cost = _merge_cost(model, convs, start, end, config)
+            if cost is None:
+                continue
+            cand = (best[start][0] + 1, best[start][1] + cost, start)
+            if best[end] is None or cand[:2] < best[end][:2]:
+                best[end] = cand
+    runs, end = [], n
+    while end > 0:
+        start = best[end][2]
+        runs.append(Run(convs[start:end]))
+        end = start
+    return runs[::-1]
+
+
+def _merge_cost(model: nn.Module, convs: list[ConvNode], start: int, end: int,
+                config: LayerFoldingConfig) -> float | None:
+    """MACs (per input pixel of the whole run) of ``convs[start:end]`` merged, or None if the merge is not allowed."""
+    mods = [_conv(model, c) for c in convs]
+    scale = 1.0
+    for conv in mods[:start]:
+        scale /= conv.stride[0] * conv.stride[1]
+    parts = 0.0
+    groups = mods[start].groups
+    for i, conv in enumerate(mods[start:end]):
+        scale /= conv.stride[0] * conv.stride[1]
+        kh, kw = effective_kernel(conv)
+        parts += scale * conv.out_channels * conv.in_channels // conv.groups * kh * kw
+        if i:
+            groups = merged_groups(groups, mods[start].in_channels, conv.in_channels, conv)
+    (kh, kw), _ = run_kernel_stride(model, Run(convs[start:end]))
+    if max(kh, kw) > config.max_kernel_size:
+        return None
+    first, last = mods[start], mods[end - 1]
+    merged = scale * last.out_channels * first.in_channels // groups * kh * kw
+    return merged if end - start == 1 or merged <= (1.0 + config.max_macs_increase) * parts else None
+
+
+def merged_groups(groups: int, c_in: int, c_mid: int, conv: nn.Conv2d) -> int:
+    """Groups of a merged conv (``c_in`` → ``c_mid``, ``groups``) followed by ``conv``; mirrors ``compose_convs``."""
+    if conv.in_channels // conv.groups == 1 and conv.groups == conv.out_channels == c_mid:
+        return groups  # a depthwise conv after keeps the grouping
+    if c_in // groups == 1 and groups == c_mid:
+        return conv.groups  # a depthwise conv before takes the next conv's grouping
+    return groups if groups == conv.groups else 1
 
 
 def _segment(model: nn.Module, nodes: list, linear: set[str], config: LayerFoldingConfig) -> list:
@@ -148,7 +203,7 @@ def _segment(model: nn.Module, nodes: list, linear: set[str], config: LayerFoldi
     def flush() -> None:
         nonlocal pending
         if pending:
-            items.extend(_split_run(model, pending, config.max_kernel_size))
+            items.extend(_split_run(model, pending, config))
         pending = []
 
     for node in nodes:

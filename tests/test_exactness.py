@@ -156,3 +156,21 @@ def test_caller_model_untouched_and_folded_is_smaller():
     assert all(type(n).__name__ != "Identity" for n in folded.features)  # no no-op left on the forward path
     graph = build_graph(model)
     assert any(True for _ in iter_nodes(graph.features))
+
+
+def test_compute_limited_merging_is_exact_and_never_adds_macs():
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("mobilenetv2_100", num_classes=10)).double().eval()
+    baseline = lf.fold_stats(lf.fold_model(model), 64)
+    model = lf.prepare_model(model, lf.LayerFoldingConfig(max_macs_increase=0.0))
+    sites = lf.foldable_sites(model)
+    whole = [s for s in sites if s.startswith("blocks.3.1.")]  # a fully linear block: merging saves MACs
+    partial = ["blocks.4.1.bn1.act", "blocks.5.0.bn2.act"]  # 1x1 into depthwise alone: merging would add MACs
+    planned = lf.apply_plan(model, lf.FoldPlan(tuple(whole + partial)))
+    folded = lf.fold_model(planned)
+    after = lf.fold_stats(folded, 64)
+    assert after.macs <= baseline.macs
+    assert after.depth == baseline.depth - 2  # the whole block became one conv; the partial sites merged nothing
+    assert after.nonlinear_layers == baseline.nonlinear_layers - 4
+    x = torch.randn(1, 3, 41, 41, dtype=torch.float64)
+    assert rel_err(planned(x), folded(x)) < 1e-10

@@ -1,0 +1,373 @@
+"""Build ``RESULTS.md`` and the PNG plots from every JSON file in a results folder.
+
+Any JSON with a ``benchmark`` field is shown, whoever wrote it (a GPU run committed later, the training suites):
+known kinds get their own tables, others the generic ``rows`` / key-value rendering described in README.md.
+Needs only the standard library, plus matplotlib for the plots (skipped if it is missing).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+CEILINGS_FILE = Path(__file__).resolve().parent / "reference_ceilings.json"
+PLAN_ORDER = ("bn_fused", "lf_dm1", "s1_all", "ir_all", "all")
+
+
+def device_label(info) -> str:
+    """One line naming the device a result was measured on."""
+    if not info:
+        return "device not recorded"
+    if isinstance(info, str):
+        return info
+    if info.get("gpu"):
+        return (f"GPU {info['gpu']} (CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, torch {info.get('torch')}, "
+                f"cudnn.benchmark={info.get('cudnn_benchmark')}, TF32 conv={info.get('cudnn_allow_tf32')}); "
+                f"host CPU {info.get('cpu')}")
+    threads = info.get("torch_threads")
+    if isinstance(threads, list):
+        threads = "/".join(str(t) for t in threads)
+    return (f"CPU {info.get('cpu', '?')} ({info.get('logical_cpus', '?')} logical cores), torch threads {threads}, "
+            f"torch {info.get('torch', '?')}, timm {info.get('timm', '?')}")
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "**no**"
+    if isinstance(v, float):
+        return f"{v:.2e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) else f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _load_ceilings() -> dict:
+    try:
+        return json.loads(CEILINGS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def cell_key(cell: dict) -> str:
+    """Key of a latency cell in reference_ceilings.json, e.g. ``cpu_b1_2thr`` or ``cuda_b128_bfloat16_cl``."""
+    if cell.get("threads") is not None:
+        return f"cpu_b{cell['batch']}_{cell['threads']}thr"
+    return f"cuda_b{cell['batch']}_{cell['dtype']}" + ("_cl" if cell["memory_format"] == "channels_last" else "")
+
+
+def _cell_label(cell: dict) -> str:
+    if cell.get("threads") is not None:
+        return f"b{cell['batch']} {cell['threads']} thr {cell['dtype']}"
+    layout = " CL" if cell["memory_format"] == "channels_last" else ""
+    return f"b{cell['batch']} {cell['dtype']}{layout}"
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def _arch_exact(arch: dict, tol: dict) -> bool:
+    """fp64 errors (logits and last pre-activation) within tolerance, and fp32 folded no worse than fp32 planned."""
+    fp64 = (arch.get("max_rel_err", {}).get("float64"), arch.get("max_rel_err_last_preact", {}).get("float64"))
+    fp64_ok = all(v is not None and v <= tol.get("float64", 1e-10) for v in fp64)
+    return bool(arch.get("supported")) and fp64_ok and bool(arch.get("fp32_folded_not_worse", False))
+
+
+def exactness_section(data: dict) -> list[str]:
+    tol = data.get("tolerance") or {}
+    lines = [f"Device: {device_label(data.get('device'))}. Input sizes {data.get('sizes')} (batch "
+             f"{data.get('batch')}), random weights and random BatchNorm statistics; plans: random (p=0.5), random "
+             "(p=0.8) and all sites. Error = max|folded − planned| / max|planned|, worst over plans and sizes, on the "
+             "logits and on the input of the last non-linear activation (*pre-act*: random BN statistics saturate "
+             "many ReLU6 units, which can hide differences in the logits). *fp32 vs fp64 truth*: both fp32 models "
+             "against the fp64 planned model — the fold is exact when the folded fp32 model is no further from the "
+             f"truth than the planned fp32 model (within 2× + {tol.get('float32', 1e-5)}) and fp64 errors stay "
+             f"≤ {tol.get('float64', 1e-10)}.", ""]
+    rows = []
+    for arch in data.get("archs", []):
+        if not arch.get("supported"):
+            rows.append([arch["arch"], "no: " + arch.get("error", "")[:90]] + ["–"] * 8)
+            continue
+        alls = [r for r in arch["rows"] if r["plan"] == "all_sites"]
+        err, pre = arch.get("max_rel_err", {}), arch.get("max_rel_err_last_preact", {})
+        vs64 = arch.get("fp32_max_vs_fp64", {})
+        fp64 = (err.get("float64"), pre.get("float64"))
+        exact = _arch_exact(arch, tol)
+        rows.append([arch["arch"], "yes", arch.get("foldable_sites"),
+                     f"{arch.get('convs_before')} → {alls[0]['convs_after'] if alls else '?'}",
+                     *fp64, err.get("float32"), vs64.get("planned"), vs64.get("folded"), exact])
+    return lines + _table(["architecture", "folds", "sites", "convs (all sites)", "fp64 logits", "fp64 pre-act",
+                           "fp32 logits", "fp32 planned vs fp64 truth", "fp32 folded vs fp64 truth", "exact"], rows)
+
+
+def latency_section(data: dict, ceilings: dict, plot: str | None) -> list[str]:
+    req = data.get("required_folded_over_hand", 1.03)
+    lines = [f"Device: {device_label(data.get('device'))}.", "",
+             "Median latency per forward (224×224 unless noted) of variants timed in rounds, each round in a fresh "
+             "random order, under `torch.inference_mode`. *folded/hand*: median over rounds of the ratio of the "
+             "`LayerFoldedNet` and a hand-built `nn.Sequential` with the same convs and weights timed in the same "
+             f"round (required ≤ {req}); *of medians*: ratio of the two medians. *A/A*: a second copy of the "
+             "hand-built BN-fused net against the first — the noise floor of both ratios in that cell. *speed-up*: "
+             "BN-fused / folded latency (paired the same way); *ceiling*: ANCHORS.md's structural ceiling for the "
+             "same cell (its `all` = this suite's `ir_all`). *others*: CPU cores kept busy by other processes "
+             "during the cell; above ~0.2 the absolute latencies are inflated (a 2-thread run then competes for "
+             "the cores) and only the paired ratios are meaningful.", ""]
+    if plot:
+        lines += [f"![latency]({plot})", ""]
+    table = []
+    for cell in data.get("cells", []):
+        model, key = cell["model"], cell_key(cell)
+        ceil = ceilings.get("ceilings", {}).get(model, {})
+        v = cell["variants"]
+        label = _cell_label(cell) + (f" @{cell['input_size']}" if cell.get("input_size", 224) != 224 else "")
+        others = (cell.get("load") or {}).get("other_processes_cores")
+        timm_stats = cell.get("timm_stats") or {}
+        table.append([model, label, "timm as-is", timm_stats.get("convs"), timm_stats.get("nonlinear_layers"),
+                      _mmacs(timm_stats.get("macs")), v["timm"]["median_ms"], "–", "–", "–", "–",
+                      cell.get("timm_speedup_vs_bn_fused"), ceil.get("timm", {}).get(key), others])
+        aa = cell.get("aa_control")
+        if aa:
+            table.append([model, label, "A/A (hand copy / hand, bn_fused)", "", "", "", "", "", aa["paired"],
+                          aa["of_medians"], "", "", "", others])
+        for plan in PLAN_ORDER:
+            p = cell["plans"].get(plan)
+            if p is None:
+                continue
+            table.append([model, label, plan, p.get("convs"), p.get("nonlinear_layers"), _mmacs(p.get("macs")),
+                          p["folded_ms"], p["hand_ms"], p["folded_over_hand"], p.get("folded_over_hand_of_medians"),
+                          p["meets_1_03"], p.get("speedup_vs_bn_fused"), ceil.get(plan, {}).get(key), others])
+    lines += _table(["model", "cell", "variant", "convs", "non-lin.", "MMACs", "folded ms", "hand ms", "folded/hand",
+                     "of medians", f"≤ {req}", "speed-up vs BN-fused", "ceiling", "others"], table)
+    misses = [(c["model"], _cell_label(c), p) for c in data.get("cells", []) for p, v in c["plans"].items()
+              if not v["meets_1_03"]]
+    lines += [f"Cells over {req}: " + (", ".join(f"{m} {c} {p}" for m, c, p in misses) if misses else "none") + ".",
+              ""]
+    return lines
+
+
+def _mmacs(macs) -> float | None:
+    return None if macs is None else round(macs / 1e6, 1)
+
+
+def fold_time_section(data: dict) -> list[str]:
+    lines = [f"Device: {device_label(data.get('device'))} (`torch.set_num_threads(1)`).", "",
+             "`fold_model(prepared, plan)` end to end (copy, apply_plan, analytic merge), median of the repeats; "
+             "the two phases are timed on their own too.", ""]
+    rows = [[r["model"], r["plan"], r["linear_sites"], r["median_s"], r["min_s"], r["max_s"], r["repeats"],
+             r["copy_and_apply_plan_s"], r["fold_planned_s"],
+             "–" if r.get("required_s") is None else f"< {r['required_s']} s: {_fmt(r['meets_requirement'])}",
+             (r.get("load") or {}).get("other_processes_cores")] for r in data.get("rows", [])]
+    return lines + _table(["model", "plan", "linear sites", "median s", "min s", "max s", "repeats",
+                           "copy + apply_plan s", "fold planned s", "requirement", "others"], rows)
+
+
+def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
+    lines = [f"Training device: {device_label(data.get('device'))}. Latency device: "
+             f"{device_label(data.get('latency_device') or data.get('device'))}.", "",
+             f"Dataset {data.get('dataset', '?')}, model {data.get('model', '?')}, input {data.get('input_size', '?')}"
+             f", epochs {data.get('epochs', '?')}.", ""]
+    if plot:
+        lines += [f"![accuracy vs depth]({plot})", ""]
+    base = data.get("baseline") or {}
+    rows = []
+    if base:
+        rows.append(["baseline (not folded)", base.get("nonlinear_layers"), base.get("depth"), base.get("top1"),
+                     base.get("latency_ms"), 1.0])
+    for p in sorted(data.get("points", []), key=lambda p: -(p.get("nonlinear_layers") or 0)):
+        rows.append([p.get("label", "–"), p.get("nonlinear_layers"), p.get("depth"), p.get("top1"),
+                     p.get("latency_ms"), p.get("speedup")])
+    return lines + _table(["point", "non-linear layers", "depth", "top-1 %", "latency ms", "speed-up"], rows)
+
+
+def generic_section(data: dict) -> list[str]:
+    """Any other benchmark: its ``rows`` (list of flat dicts) as a table, else its scalar fields."""
+    lines = [f"Device: {device_label(data.get('device'))}.", ""]
+    if data.get("description"):
+        lines += [str(data["description"]), ""]
+    rows = data.get("rows")
+    if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k, v in r.items() if k not in cols and not isinstance(v, dict | list)]
+        lines += _table(cols, [[r.get(c) for c in cols] for r in rows])
+    flat = {}
+    for k, v in data.items():
+        if k in ("benchmark", "device", "rows", "description", "title"):
+            continue
+        if isinstance(v, dict):
+            flat.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, dict | list)})
+        elif not isinstance(v, list):
+            flat[k] = v
+    if flat:
+        lines += _table(["field", "value"], [[k, v] for k, v in flat.items()])
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    cells = data.get("cells", [])
+    models = list(dict.fromkeys(c["model"] for c in cells))
+    if not models:
+        return False
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mcells = [c for c in cells if c["model"] == model]
+        plans = ["timm"] + [p for p in PLAN_ORDER[1:] if any(p in c["plans"] for c in mcells)]
+        width = 0.8 / max(len(mcells), 1)
+        for j, cell in enumerate(mcells):
+            xs, ys, cs = [], [], []
+            for i, plan in enumerate(plans):
+                y = cell["timm_speedup_vs_bn_fused"] if plan == "timm" else cell["plans"].get(plan, {}).get(
+                    "speedup_vs_bn_fused")
+                c = ceilings.get("ceilings", {}).get(model, {}).get(plan, {}).get(cell_key(cell))
+                if y is not None:
+                    xs.append(i + (j - (len(mcells) - 1) / 2) * width)
+                    ys.append(y)
+                    cs.append(c)
+            ax.bar(xs, ys, width, label=_cell_label(cell))
+            for x, c in zip(xs, cs):
+                if c is not None:
+                    ax.hlines(c, x - width / 2, x + width / 2, colors="k", linewidth=2)
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xticks(range(len(plans)), plans)
+        ax.set_ylabel("speed-up vs BN-fused (black: ANCHORS ceiling)")
+        ax.set_title(model)
+        ax.legend(fontsize=8)
+    fig.suptitle(device_label(data.get("device"))[:150], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_accuracy_sweep(data: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    points = sorted((p for p in data.get("points", []) if p.get("top1") is not None
+                     and p.get("nonlinear_layers") is not None), key=lambda p: p["nonlinear_layers"])
+    if not points:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    xs, ys = [p["nonlinear_layers"] for p in points], [p["top1"] for p in points]
+    ax.plot(xs, ys, "o-", label="folded")
+    for p in points:
+        if p.get("speedup") is not None:
+            ax.annotate(f"×{p['speedup']:.2f}", (p["nonlinear_layers"], p["top1"]), textcoords="offset points",
+                        xytext=(4, 6), fontsize=8)
+    base = data.get("baseline") or {}
+    if base.get("top1") is not None and base.get("nonlinear_layers") is not None:
+        ax.plot([base["nonlinear_layers"]], [base["top1"]], "k*", markersize=12, label="not folded")
+    ax.set_xlabel("non-linear layers after folding")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{data.get('model', '')} on {data.get('dataset', '')} (labels: measured speed-up)", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------ document
+
+TITLES = {"exactness": "Exactness: folded vs planned", "latency": "Latency", "fold_time": "Fold time",
+          "accuracy_sweep": "Accuracy vs depth (Fashion-MNIST)", "train_overhead": "Training overhead",
+          "fashion_mnist_method": "Layer Folding on Fashion-MNIST"}
+ORDER = ("exactness", "latency", "fold_time", "accuracy_sweep", "train_overhead", "fashion_mnist_method")
+
+
+def load_results(results_dir: Path) -> list[tuple[Path, dict]]:
+    found = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("benchmark"):
+            found.append((path, data))
+    rank = {k: i for i, k in enumerate(ORDER)}
+    return sorted(found, key=lambda pd: (rank.get(pd[1]["benchmark"], len(ORDER)), pd[0].name))
+
+
+def summary(found: list[tuple[Path, dict]]) -> list[str]:
+    """A few bullets read from the results (no number here is typed in by hand)."""
+    bullets = []
+    for path, data in found:
+        kind, dev = data["benchmark"], device_label(data.get("device"))
+        if kind == "exactness":
+            archs = data.get("archs", [])
+            ok = [a for a in archs if a.get("supported")]
+            worst = max(((a["max_rel_err"].get("float64") or 0.0, a["arch"]) for a in ok), default=(None, None))
+            exact = sum(_arch_exact(a, data.get("tolerance") or {}) for a in ok)
+            bullets.append(f"Exactness (`{path.name}`): {len(ok)}/{len(archs)} architectures fold, {exact} of them "
+                           f"exactly; worst fp64 error {_fmt(worst[0])} ({worst[1]}).")
+        elif kind == "latency":
+            cells = [(c, p, v) for c in data.get("cells", []) for p, v in c["plans"].items()]
+            miss = [f"{c['model']} {_cell_label(c)} {p} ({_fmt(v['folded_over_hand'])})" for c, p, v in cells
+                    if not v["meets_1_03"]]
+            bullets.append(f"Latency (`{path.name}`, {dev}): folded/hand ≤ {data.get('required_folded_over_hand')} "
+                           f"in {len(cells) - len(miss)}/{len(cells)} cells" + (f"; over: {', '.join(miss)}."
+                                                                                   if miss else "."))
+        elif kind == "fold_time":
+            for model in dict.fromkeys(r["model"] for r in data.get("rows", [])):
+                rows = [r for r in data["rows"] if r["model"] == model]
+                slow = max(rows, key=lambda r: r["median_s"])
+                req = slow.get("required_s")
+                bullets.append(f"Fold time (`{path.name}`, one core): {model} ≤ {_fmt(slow['median_s'])} s median "
+                               f"(slowest plan {slow['plan']})" + (f", requirement < {req} s: "
+                                                                   f"{_fmt(slow['median_s'] < req)}." if req else "."))
+    return [f"- {b}" for b in bullets] + [""] if bullets else []
+
+
+def build_report(results_dir: str | Path = RESULTS_DIR) -> Path:
+    """Write ``RESULTS.md`` (and plots) in ``results_dir`` from the JSON files there; returns the markdown path."""
+    results_dir = Path(results_dir)
+    ceilings = _load_ceilings()
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m benchmarks.run` (or `python -m benchmarks.report`) from the JSON files in this "
+             "folder; every number below is read from them. Every table names the device it was measured on. "
+             "See `benchmarks/README.md` for what each benchmark measures.", ""]
+    found = load_results(results_dir)
+    lines += summary(found)
+    for path, data in found:
+        kind = data["benchmark"]
+        quick = " (quick mode: smoke-test numbers)" if data.get("quick") else ""
+        lines += [f"## {data.get('title') or TITLES.get(kind, kind)} — `{path.name}`{quick}", ""]
+        if kind == "exactness":
+            lines += exactness_section(data)
+        elif kind == "latency":
+            png = path.with_suffix(".png")
+            lines += latency_section(data, ceilings, png.name if plot_latency(data, ceilings, png) else None)
+        elif kind == "fold_time":
+            lines += fold_time_section(data)
+        elif kind == "accuracy_sweep":
+            png = path.with_suffix(".png")
+            lines += accuracy_sweep_section(data, png.name if plot_accuracy_sweep(data, png) else None)
+        else:
+            lines += generic_section(data)
+    out = results_dir / "RESULTS.md"
+    out.write_text("\n".join(lines).rstrip() + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    print(build_report())

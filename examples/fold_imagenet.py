@@ -1,0 +1,140 @@
+"""Layer Folding of a timm CNN on ImageNet-1k with ``LayerFoldingTrainer`` (multi-GPU, streaming data).
+
+    accelerate launch --multi_gpu --num_processes 8 examples/fold_imagenet.py \\
+        --model_name mobilenetv2_100 --output_dir outputs/mobilenetv2_100-layerfold ...   # see examples/README.md
+
+The training set streams from the Hub (``timm/imagenet-1k-wds``, webdataset shards: each rank reads its own
+shards, nothing is downloaded up front). Every ``LayerFoldingConfig`` field (``--lambda_reg``, ``--search_epochs``,
+``--distill_weight`` ...) and every ``TrainingArguments`` field is a flag. ``--init_from`` starts from a saved
+search run (α learned): the plan is fixed from the threshold and training is the fine-tune phase only, which is
+the second half of the FSDP recipe in examples/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from transformers import HfArgumentParser, TrainingArguments
+
+import hf_layerfold as lf
+from hf_layerfold.data import load_image_dataset
+from hf_layerfold.trainer import LayerFoldingTrainer
+
+logger = logging.getLogger("fold_imagenet")
+
+
+@dataclass
+class ScriptArguments:
+    model_name: str = field(default="mobilenetv2_100", metadata={"help": "timm model name"})
+    pretrained: bool = field(default=True, metadata={"help": "start from timm's ImageNet weights (Hub)"})
+    dataset_name: str = field(default="timm/imagenet-1k-wds", metadata={
+        "help": "Hub dataset id, or a local folder in imagefolder layout"})
+    streaming: bool = field(default=True, metadata={"help": "stream the dataset instead of downloading it"})
+    train_split: str = field(default="train")
+    eval_split: str = field(default="validation")
+    shuffle_buffer: int = field(default=10_000, metadata={"help": "streaming shuffle buffer (examples)"})
+    num_train_examples: int | None = field(default=None, metadata={
+        "help": "training-set size, to turn epochs into steps when streaming (default: the dataset card's)"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples"})
+    input_size: int | None = field(default=None, metadata={"help": "train/eval resolution (default: the model's)"})
+    teacher_model_name: str | None = field(default=None, metadata={
+        "help": "timm model (ImageNet weights) distilled from when --distill_weight > 0"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "folder with model.safetensors of a search run: load it, fix the plan, fine-tune only"})
+    folded_dir: str | None = field(default=None, metadata={"help": "where to save the folded model"})
+    push_folded_to: str | None = field(default=None, metadata={"help": "Hub repo id for the folded model"})
+
+
+TRAINING_DEFAULTS = dict(output_dir="outputs/fold_imagenet", per_device_train_batch_size=128,
+                         per_device_eval_batch_size=256, learning_rate=5e-4, weight_decay=1e-5,
+                         lr_scheduler_type="cosine", warmup_steps=500, label_smoothing_factor=0.1, num_train_epochs=3,
+                         logging_steps=50, eval_strategy="steps", eval_steps=5000, save_strategy="steps",
+                         save_steps=5000, save_total_limit=2, dataloader_num_workers=8, report_to="none")
+FOLDING_DEFAULTS = dict(lambda_reg=0.25, regularizer="l1", alpha_lr=0.01, threshold=0.9, search_epochs=1.0)
+
+
+def steps_per_epoch(script: ScriptArguments, args: TrainingArguments, train) -> int | None:
+    """Optimizer steps per epoch of a streaming set, from its size (Trainer cannot count an IterableDataset)."""
+    n = script.num_train_examples
+    if n is None:
+        splits = getattr(getattr(train, "info", None), "splits", None) or {}
+        n = getattr(splits.get(script.train_split), "num_examples", None) or None
+    if not n:
+        return None
+    per_step = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return math.ceil(n / per_step)
+
+
+def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig) -> torch.nn.Module:
+    model = timm.create_model(script.model_name, pretrained=script.pretrained and not script.init_from)
+    if script.init_from:  # a prepared model's state dict: keys are those of timm plus <site>.alpha
+        lf.prepare_model(model, config)
+        model.load_state_dict(load_file(str(Path(script.init_from) / "model.safetensors")))
+        plan = lf.FoldPlan.from_model(model, threshold=config.threshold)
+        lf.apply_plan(model, plan, config)
+        logger.info("init_from %s: plan fixed with %d linear sites", script.init_from, len(plan))
+    return model
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = HfArgumentParser((ScriptArguments, lf.LayerFoldingConfig, TrainingArguments))
+    parser.set_defaults(**TRAINING_DEFAULTS, **FOLDING_DEFAULTS)
+    script, config, args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+
+    train = load_image_dataset(script.dataset_name, split=script.train_split, streaming=script.streaming)
+    evaluation = load_image_dataset(script.dataset_name, split=script.eval_split, streaming=script.streaming)
+    if script.max_eval_samples:
+        evaluation = (evaluation.take(script.max_eval_samples) if script.streaming
+                      else evaluation.select(range(min(script.max_eval_samples, len(evaluation)))))
+    if script.streaming:
+        train = train.shuffle(seed=args.seed, buffer_size=script.shuffle_buffer)
+        args.accelerator_config.dispatch_batches = False  # each rank decodes its own shards
+        per_epoch = steps_per_epoch(script, args, train)
+        if args.max_steps <= 0:
+            if per_epoch is None:
+                raise ValueError("streaming needs --max_steps or --num_train_examples (dataset size unknown)")
+            args.max_steps = math.ceil(args.num_train_epochs * per_epoch)
+        if config.search_steps is None and config.search_epochs is not None:
+            if per_epoch is None:
+                raise ValueError("streaming: give --search_steps (or --num_train_examples for --search_epochs)")
+            config.search_steps = round(config.search_epochs * per_epoch)
+    if script.init_from:
+        config.search_steps = 0
+
+    model = build_model(script, config)
+    teacher = None
+    if config.distill_weight > 0:
+        if not script.teacher_model_name:
+            raise ValueError("--distill_weight > 0 needs --teacher_model_name")
+        teacher = timm.create_model(script.teacher_model_name, pretrained=True)
+
+    trainer = LayerFoldingTrainer(model, args, train_dataset=train, eval_dataset=evaluation,
+                                  layerfold_config=config, teacher_model=teacher, input_size=script.input_size)
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    trainer.save_model()  # the planned model + layerfold_state.json (an --init_from source, and resumable)
+    summary = {k: v for k, v in metrics.items() if k.startswith("eval_top")}
+    if trainer.phase == "finetune":
+        folded_dir = script.folded_dir or f"{args.output_dir}/folded"
+        summary["folded_dir"] = str(trainer.save_folded(
+            folded_dir, overwrite=True, push_to_hub=bool(script.push_folded_to), repo_id=script.push_folded_to,
+            datasets=script.dataset_name))
+    else:  # a search-only run (FSDP recipe, step 1): the next run starts from it with --init_from
+        summary["search_run"] = args.output_dir
+    if trainer.is_world_process_zero():
+        print(json.dumps(summary, indent=2))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,882 @@
+"""``hf-layerfold``: fold, evaluate, benchmark and push layer-folded timm models from the shell.
+
+Every command reports a user mistake (unknown model, unreadable dataset, invalid config value, missing
+repo id, ...) as one ``hf-layerfold: error: ...`` line on stderr with exit code 2, never a traceback;
+failures of the environment (a Hub push, a download) are one line too, with exit code 1. The helpers
+below (model and dataset resolution, evaluation, latency measurement, tables) are also what
+``examples/demo.py`` builds on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import difflib
+import inspect
+import json
+import logging
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import LayerFoldingConfig
+
+PROG = "hf-layerfold"
+LITE0_ALIAS = "lite0-imagenet"
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+DTYPES = ("fp32", "bf16", "fp16")
+EVAL_SPLITS = ("validation", "valid", "val", "test")
+
+logger = logging.getLogger(__name__)
+
+
+class CLIError(Exception):
+    """A failure reported as one ``hf-layerfold: error:`` line (exit 2: the user's input, 1: the environment)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the wrapped error looked like
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one error line (with a pointer to --help) instead of a usage dump."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout; appends a default only where it says something (not None / False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LayerFoldingConfig ↔ command-line flags (generated from the dataclass, so a new field gets a flag for free)
+
+
+def _config_field_help() -> dict[str, str]:
+    """Per-field help text, read from the ``Args:`` section of ``LayerFoldingConfig``'s docstring."""
+    doc = inspect.getdoc(LayerFoldingConfig) or ""
+    entries: dict[str, str] = {}
+    names: list[str] = []
+    for line in doc.split("Args:", 1)[-1].splitlines():
+        match = re.match(r"^ {4}(\w+(?: / \w+)*): (.*)$", line)
+        if match:
+            names = match.group(1).split(" / ")
+            for name in names:
+                entries[name] = match.group(2).strip()
+        elif line.startswith(" " * 8) and names:
+            for name in names:
+                entries[name] += " " + line.strip()
+    return {k: v.replace("``", "").replace("%", "%%") for k, v in entries.items()}
+
+
+def _optional(kind: type) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        return None if text.lower() in ("none", "null") else kind(text)
+
+    convert.__name__ = kind.__name__  # argparse names the type in "invalid float value" messages
+    return convert
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ``LayerFoldingConfig`` field; only flags given on the command line reach the config."""
+    group = parser.add_argument_group(
+        "Layer Folding config (LayerFoldingConfig fields; they override --config, which overrides the defaults)")
+    hints = typing.get_type_hints(LayerFoldingConfig)
+    helps = _config_field_help()
+    for field in dataclasses.fields(LayerFoldingConfig):
+        hint = hints[field.name]
+        optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        text = f"{helps.get(field.name, '').rstrip('.')} (default: {default})"
+        kwargs: dict[str, Any] = dict(dest=f"cfg_{field.name}", default=argparse.SUPPRESS, help=text)
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kwargs.update(nargs="+", metavar="PATTERN")
+        elif base in (int, float, str):
+            kwargs["type"] = _optional(base) if optional else base
+            kwargs["metavar"] = base.__name__.upper() + ("|none" if optional else "")
+        else:  # a field type this generator does not know: take JSON
+            kwargs.update(type=json.loads, metavar="JSON")
+        group.add_argument(_flag(field.name), **kwargs)
+
+
+def _read_mapping_file(path: str) -> dict:
+    """A YAML or JSON object from ``path`` (YAML is a superset of JSON, so one parser reads both)."""
+    import yaml
+
+    try:
+        text = Path(path).expanduser().read_text()
+    except OSError as err:
+        raise CLIError(f"cannot read config file {path}: {err.strerror or err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise CLIError(f"config file {path} is not valid YAML/JSON: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CLIError(f"config file {path} must hold a mapping of option names to values, got {type(data).__name__}")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(file_values: Mapping[str, Any], args: argparse.Namespace) -> LayerFoldingConfig:
+    """File values, overridden by the flags given, validated by ``LayerFoldingConfig`` itself."""
+    values = dict(file_values)
+    for field in dataclasses.fields(LayerFoldingConfig):
+        if hasattr(args, f"cfg_{field.name}"):
+            values[field.name] = getattr(args, f"cfg_{field.name}")
+    try:
+        return LayerFoldingConfig.from_dict(values)
+    except (TypeError, ValueError) as err:  # TypeError: e.g. a string where YAML should have given a number
+        raise CLIError(str(err) if str(err).startswith("LayerFoldingConfig") else
+                       f"invalid LayerFoldingConfig: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+def _is_folded_dir(path: Path) -> bool:
+    from .hub import is_folded_save
+
+    return path.is_dir() and is_folded_save(path)
+
+
+def _suggest(name: str) -> str:
+    import timm
+
+    close = difflib.get_close_matches(name, [LITE0_ALIAS, *timm.list_models()], n=3, cutoff=0.6)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def check_model_name(name: str) -> bool:
+    """Refuse an unknown model name before any data is loaded; returns whether it names a remote/local checkpoint."""
+    import timm
+
+    remote = name.startswith(("hf-hub:", "local-dir:"))
+    if not remote and name != LITE0_ALIAS and not timm.is_model(name):
+        raise CLIError(f"unknown model {name!r}: not a timm model name nor {LITE0_ALIAS!r}{_suggest(name)}")
+    return remote
+
+
+def create_base_model(name: str, num_classes: int | None = None, *, pretrained: bool = True):
+    """An unfolded timm model to fold: ``lite0-imagenet`` (bundled ImageNet EfficientNet-Lite0 weights) or a timm
+    name (``mobilenetv2_100``, ``resnet50.a1_in1k``, ``hf-hub:org/name``, ``local-dir:/path``)."""
+    import timm
+
+    if name == LITE0_ALIAS:
+        from .pretrained import load_efficientnet_lite0_imagenet
+
+        try:
+            return load_efficientnet_lite0_imagenet(num_classes=num_classes or 1000)
+        except (ImportError, FileNotFoundError) as err:
+            raise CLIError(str(err), code=1) from None
+    remote = check_model_name(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as err:  # a download (offline, no such repo, auth) or a checkpoint that does not load
+        hint = " (pass --no-pretrained for random weights)" if pretrained and not remote else ""
+        raise CLIError(f"cannot create model {name!r}: {type(err).__name__}: {err}{hint}",
+                       code=2 if remote else 1) from None
+
+
+def model_kind(name: str) -> str:
+    """``"folded"`` (a folded save: directory, ``local-dir:`` or Hub id) or ``"base"`` (a model to create);
+    an unknown name or a missing directory is refused here, before any data is loaded."""
+    import timm
+
+    local = Path(name.split(":", 1)[1] if name.startswith("local-dir:") else name).expanduser()
+    if local.is_dir():
+        if not _is_folded_dir(local):
+            if name.startswith("local-dir:"):
+                return "base"  # a timm checkpoint directory
+            raise CLIError(f"{name} is a directory but not a folded-model save (no layerfold_net config.json)")
+        return "folded"
+    if name == LITE0_ALIAS or name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
+        return "base"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CLIError(f"model directory {name} does not exist")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", name):  # a Hub id of a folded model
+        return "folded"
+    raise CLIError(f"unknown model {name!r}: not a folded-model directory or Hub id, a timm model name, "
+                   f"nor {LITE0_ALIAS!r}{_suggest(name)}")
+
+
+def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = True):
+    """Any model the CLI can evaluate: a folded save (directory or Hub id) or an unfolded base model."""
+    from .hub import LayerFoldedModel
+
+    if model_kind(name) == "base":
+        return create_base_model(name, num_classes, pretrained=pretrained)
+    try:
+        return LayerFoldedModel.from_pretrained(name)
+    except Exception as err:  # offline, no such repo, a corrupt save
+        raise CLIError(f"cannot load folded model {name!r}: {type(err).__name__}: {err}") from None
+
+
+def set_input_size(model, image_size: int | None) -> None:
+    """Record the resolution the model is trained / evaluated at in its ``pretrained_cfg`` (transforms read it)."""
+    if image_size is None:
+        return
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    channels = int((cfg.get("input_size") or (3,))[0])
+    cfg["input_size"] = (channels, image_size, image_size)
+    cfg.pop("test_input_size", None)
+    model.pretrained_cfg = cfg
+
+
+def model_input_size(model, image_size: int | None = None) -> tuple[int, int, int]:
+    import timm.data
+
+    size = tuple(timm.data.resolve_model_data_config(model)["input_size"])
+    return (size[0], image_size, image_size) if image_size else size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclasses.dataclass
+class DataSplits:
+    train: Any
+    eval: Any
+    eval_split: str
+    num_classes: int
+    label_names: list[str] | None
+    hub_id: str | None  # for the model card's eval results
+
+
+def _subset(ds, size: int | None, seed: int):
+    if size is None or size >= len(ds):
+        return ds
+    if size <= 0:
+        raise CLIError(f"subset size must be positive, got {size}")
+    return ds.shuffle(seed=seed).select(range(size))
+
+
+def load_data(source: str, *, train_size: int | None = None, eval_size: int | None = None, seed: int = 0,
+              need_train: bool = True, eval_split: str | None = None) -> DataSplits:
+    """``fashion-mnist`` (local Debian files, else the Hub), an imagefolder directory, or a Hub dataset id."""
+    import datasets
+
+    from .data import (
+        DatasetNotAvailableError,
+        detect_columns,
+        label_names_of,
+        load_fashion_mnist,
+        load_image_dataset,
+        num_labels_of,
+    )
+
+    try:
+        if source == FASHION_MNIST:
+            splits, hub_id = load_fashion_mnist(train_size=train_size, test_size=eval_size, seed=seed), \
+                FASHION_MNIST_HUB_ID
+            train_size = eval_size = None  # already stratified-subsampled
+        else:
+            splits = load_image_dataset(source)
+            hub_id = None if Path(source).expanduser().exists() else source
+    except DatasetNotAvailableError as err:
+        raise CLIError(str(err).split("\n", 1)[0] + " Install the 'dataset-fashion-mnist' package or go online.",
+                       code=1) from None
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"cannot read dataset {source!r}: {err}") from None
+    except Exception as err:  # datasets' own errors for unknown Hub ids, offline mode, bad layouts
+        raise CLIError(f"cannot load dataset {source!r}: {type(err).__name__}: {err}") from None
+    if not isinstance(splits, datasets.DatasetDict):
+        splits = datasets.DatasetDict({"train": splits})
+    if not len(splits):
+        raise CLIError(f"dataset {source!r} has no splits")
+
+    if eval_split is not None and eval_split not in splits:
+        raise CLIError(f"dataset {source!r} has no split {eval_split!r} (splits: {', '.join(splits)})")
+    chosen = eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
+    train = splits["train"] if "train" in splits else None
+    if chosen is None and not need_train:  # evaluation only: the whole (only) split
+        chosen = "train" if train is not None else next(iter(splits))
+    if chosen is None:  # no held-out split: carve one off the training data
+        if train is None:
+            raise CLIError(f"dataset {source!r} has neither a 'train' nor an evaluation split ({', '.join(splits)})")
+        parts = train.train_test_split(test_size=min(0.1, 1000 / max(len(train), 1)), seed=seed)
+        train, evaluation, chosen = parts["train"], parts["test"], "train[held-out]"
+    else:
+        evaluation = splits[chosen]
+    if need_train and train is None:
+        raise CLIError(f"dataset {source!r} has no 'train' split (splits: {', '.join(splits)})")
+
+    try:
+        _, label_column = detect_columns(evaluation)
+    except ValueError as err:
+        raise CLIError(f"dataset {source!r}: {err}") from None
+    reference = train if train is not None else evaluation
+    num_classes = num_labels_of(reference, label_column)
+    if num_classes is None:
+        labels = reference.select_columns([label_column]).with_format("arrow")[:][label_column]
+        num_classes = int(max(labels.to_pylist()) + 1)
+    train = _subset(train, train_size, seed) if need_train else None
+    evaluation = _subset(evaluation, eval_size, seed)
+    return DataSplits(train, evaluation, chosen, num_classes, label_names_of(reference, label_column), hub_id)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and latency
+
+
+def _torch_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} but CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise CLIError(f"invalid --device {name!r}: {err}") from None
+
+
+def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size: int = 64, device: str = "cpu",
+                   num_workers: int = 0, progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (fractions) of ``model`` on a labelled image dataset, with the model's eval transform."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from .data import ImageClassificationCollator, build_transforms, check_labels, detect_columns
+
+    image_column, label_column = detect_columns(dataset)
+    try:
+        check_labels(dataset, label_column, int(model.num_classes))
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    channels = model_input_size(model)[0]
+    collator = ImageClassificationCollator(build_transforms(model, is_training=False, input_size=image_size),
+                                           image_column, label_column, "L" if channels == 1 else "RGB")
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
+    dev = _torch_device(device)
+    model = model.to(dev).eval()
+    top1 = top5 = total = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+            logits = model(batch["pixel_values"].to(dev))
+            labels = batch["labels"].to(dev)
+            ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hits = ranked == labels[:, None]
+            top1 += int(hits[:, 0].sum())
+            top5 += int(hits.any(dim=-1).sum())
+            total += len(labels)
+    if total == 0:
+        raise CLIError("the evaluation dataset is empty")
+    return {"top1": top1 / total, "top5": top5 / total, "images": total}
+
+
+def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, batch_size: int = 1,
+                    device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, warmup: int = 3,
+                    rounds: int = 7, round_seconds: float = 0.25) -> dict[str, float]:
+    """Median milliseconds per forward of each model (on copies; the given models are not moved).
+
+    The models are timed in interleaved rounds (A, B, A, B, ...), so that load from other processes on a shared
+    machine falls on every model alike; the median over rounds drops the rounds it hit hardest.
+    """
+    import torch
+
+    dev = _torch_device(device)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, *input_size, device=dev, dtype=torch_dtype).contiguous(memory_format=fmt)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    runs: dict[str, tuple[Any, int]] = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            m = copy.deepcopy(model).eval().to(device=dev, dtype=torch_dtype, memory_format=fmt)
+            for _ in range(warmup):
+                m(x)
+            sync()
+            start = time.perf_counter()
+            m(x)
+            sync()
+            once = max(time.perf_counter() - start, 1e-6)
+            runs[name] = (m, max(1, int(round_seconds / once)))
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (m, iters) in runs.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    m(x)
+                sync()
+                times[name].append((time.perf_counter() - start) / iters)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+
+
+def fmt_count(value: int | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.2f} {suffix}{unit}"
+    return f"{value}{(' ' + unit) if unit else ''}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def training_arguments(output_dir: str, *, epochs: float = 1.0, max_steps: int = -1, batch_size: int = 32,
+                       lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: float = 0, seed: int = 0,
+                       num_workers: int = 0, logging_steps: int = 10, device: str = "auto",
+                       mixed_precision: str = "no", progress: bool = True):
+    """``TrainingArguments`` for a run that keeps nothing on disk but the folded save (no checkpoints, no trackers)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, lr_scheduler_type="cosine", seed=seed, dataloader_num_workers=num_workers,
+        logging_steps=logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
+        remove_unused_columns=False, use_cpu=device == "cpu", bf16=mixed_precision == "bf16",
+        fp16=mixed_precision == "fp16", disable_tqdm=not progress)
+
+
+def _check_output_dir(path: Path, overwrite: bool) -> None:
+    if overwrite or not path.exists():
+        return
+    if not path.is_dir():
+        raise CLIError(f"output path {path} exists and is not a directory")
+    if any(path.iterdir()):
+        what = "a folded model" if _is_folded_dir(path) else "files"
+        raise CLIError(f"output directory {path} already holds {what}; pass --overwrite to replace it "
+                       "(the whole directory is replaced)")
+
+
+def _scratch_dir(output: Path) -> Path:
+    """Trainer scratch next to the output (same filesystem, easy to spot); removed when the run ends or is stopped."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.train-", dir=output.parent))
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    root = logging.getLogger("hf_layerfold")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from .hub import PushToHubError
+    from .trainer import LayerFoldingTrainer
+
+    config = build_config(args.config_values, args)
+    output = Path(args.output_dir).expanduser().absolute()
+    _check_output_dir(output, args.overwrite)
+    if args.push_to_hub and not args.repo_id:
+        raise CLIError("--push-to-hub needs --repo-id (e.g. your-org/mobilenetv2-folded)")
+    if args.max_steps is None and args.epochs <= 0:
+        raise CLIError(f"--epochs must be > 0, got {args.epochs}")
+    device = str(_torch_device(args.device))
+    check_model_name(args.model)
+    data = load_data(args.dataset, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+                     eval_split=args.eval_split)
+    model = create_base_model(args.model, data.num_classes, pretrained=args.pretrained)
+    set_input_size(model, args.image_size)
+    teacher = None
+    if args.teacher:
+        teacher = load_model(args.teacher, data.num_classes, pretrained=True)
+        if int(getattr(teacher, "num_classes", data.num_classes)) != data.num_classes:
+            raise CLIError(f"teacher {args.teacher!r} has {teacher.num_classes} classes, the dataset "
+                           f"{data.num_classes}")
+    elif config.distill_weight > 0:
+        raise CLIError(f"--distill-weight {config.distill_weight} needs --teacher (a model fine-tuned on the dataset)")
+    base_model_id = None if args.model == LITE0_ALIAS else (model.pretrained_cfg or {}).get("hf_hub_id")
+    if not args.pretrained:
+        base_model_id = None
+
+    scratch = _scratch_dir(output)
+    try:
+        targs = training_arguments(
+            str(scratch), epochs=args.epochs, max_steps=args.max_steps or -1, batch_size=args.batch_size,
+            lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
+            num_workers=args.num_workers, logging_steps=args.logging_steps, device=device,
+            mixed_precision=args.mixed_precision, progress=not args.quiet)
+        try:
+            trainer = LayerFoldingTrainer(model=model, args=targs, train_dataset=data.train, eval_dataset=data.eval,
+                                          layerfold_config=config, teacher_model=teacher,
+                                          input_size=args.image_size)
+        except ValueError as err:  # no foldable site, unsupported model, labels that do not fit the head
+            raise CLIError(str(err)) from None
+        logger.info("training %s on %s (%d images, eval on %d of split %r); scratch %s", args.model, args.dataset,
+                    len(data.train), len(data.eval), data.eval_split, scratch)
+        trainer.train()
+        metrics = trainer.evaluate()
+        accuracy = {"after": metrics["eval_top1"], "split": data.eval_split, "metric": "top-1 accuracy"}
+        if data.hub_id:
+            accuracy["dataset"] = data.hub_id
+        try:
+            path = trainer.save_folded(output, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+                                       repo_id=args.repo_id, private=args.private, token=args.token,
+                                       base_model=base_model_id, datasets=data.hub_id, accuracy=accuracy)
+        except PushToHubError as err:
+            raise CLIError(str(err), code=1) from None
+    except KeyboardInterrupt:
+        logger.info("interrupted: removing the training scratch; %s was not written", output)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    block = json.loads((Path(path) / "config.json").read_text()).get("layerfold", {})
+    before, after = block.get("stats_before") or {}, block.get("stats_after") or {}
+    rows = [[name, fmt_count(before.get(key)), fmt_count(after.get(key))]
+            for name, key in (("non-linear layers", "nonlinear_layers"), ("depth (convs)", "depth"),
+                              ("params", "params"), ("MACs / image", "macs"))]
+    rows.append([f"eval top-1 ({data.eval_split})", "", f"{metrics['eval_top1']:.2%}"])
+    rows.append([f"eval top-5 ({data.eval_split})", "", f"{metrics['eval_top5']:.2%}"])
+    print(format_table(["", "before (base network)", "after (layer-folded)"], rows))
+    print(f"saved folded model to {path}" + (f" and pushed it to {args.repo_id}" if args.push_to_hub else ""))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model_kind(args.model)
+    data = load_data(args.dataset, eval_size=args.limit, seed=args.seed, need_train=False, eval_split=args.split)
+    model = load_model(args.model, data.num_classes, pretrained=args.pretrained)
+    result = evaluate_model(model, data.eval, image_size=args.image_size, batch_size=args.batch_size,
+                            device=args.device, num_workers=args.num_workers, progress=not args.quiet)
+    result.update(model=args.model, dataset=args.dataset, split=data.eval_split)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} on {args.dataset} [{data.eval_split}], {result['images']} images: "
+              f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}")
+    return 0
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CLIError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise CLIError(f"--batch-sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import timm
+    import torch
+
+    from .fold import fold_model
+    from .stats import fold_stats
+
+    sizes = _parse_batch_sizes(args.batch_sizes)
+    _torch_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    folded = load_model(args.model)
+    info = getattr(folded, "layerfold_info", None)
+    if info is None:
+        raise CLIError(f"{args.model} is not a folded model; benchmark compares a folded save with its base model")
+    arch = args.base_model or info.get("base_architecture")
+    if not arch:
+        raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
+    if not timm.is_model(arch):
+        raise CLIError(f"unknown base model {arch!r}{_suggest(arch)}")
+    base = timm.create_model(arch, pretrained=False, num_classes=folded.num_classes).eval()
+    input_size = model_input_size(folded, args.image_size)
+    models = {f"base ({arch})": base, "base, BN fused": fold_model(base), "layer-folded": folded}
+    stats = {name: fold_stats(m, input_size) for name, m in models.items()}
+    results: dict[int, dict[str, float]] = {}
+    for bs in sizes:
+        logger.info("timing batch size %d on %s (%s%s)", bs, args.device, args.dtype,
+                    ", channels_last" if args.channels_last else "")
+        try:
+            results[bs] = measure_latency(models, input_size, batch_size=bs, device=args.device, dtype=args.dtype,
+                                          channels_last=args.channels_last, warmup=args.warmup, rounds=args.rounds)
+        except RuntimeError as err:  # e.g. an op without fp16 kernels on CPU, or out of memory
+            raise CLIError(f"timing failed at batch size {bs} ({args.dtype} on {args.device}): {err}",
+                           code=1) from None
+    base_name = next(iter(models))
+    if args.json:
+        print(json.dumps({"device": args.device, "dtype": args.dtype, "channels_last": args.channels_last,
+                          "input_size": list(input_size), "threads": torch.get_num_threads(),
+                          "latency_ms": {str(bs): r for bs, r in results.items()},
+                          "stats": {n: s.to_dict() for n, s in stats.items()}}))
+        return 0
+    header = ["model", "non-linear", "depth", "params", "MACs"]
+    for bs in sizes:
+        header += [f"bs {bs} ms", f"bs {bs} speed-up"]
+    rows = []
+    for name in models:
+        s = stats[name]
+        row = [name, s.nonlinear_layers, s.depth, fmt_count(s.params), fmt_count(s.macs)]
+        for bs in sizes:
+            row += [f"{results[bs][name]:.3f}", f"{results[bs][base_name] / results[bs][name]:.2f}x"]
+        rows.append(row)
+    where = f"{args.device}" + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else "")
+    print(f"latency per batch, {where}, {args.dtype}{', channels_last' if args.channels_last else ''}, "
+          f"input {'x'.join(map(str, input_size))}; median of {args.rounds} rounds")
+    print(format_table(header, rows))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub import HfApi
+
+    from . import __version__
+
+    folder = Path(args.save_dir).expanduser().absolute()
+    if not _is_folded_dir(folder):
+        raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
+    with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
+        staged = Path(tmp) / folder.name
+        shutil.copytree(folder, staged)
+        card = staged / "README.md"
+        if card.is_file():  # the card's loading snippets name the local path: point them at the repo
+            text = card.read_text().replace(f"local-dir:{folder}", f"hf-hub:{args.repo_id}")
+            card.write_text(text.replace(str(folder), args.repo_id))
+        api = HfApi(token=args.token, library_name="hf_layerfold", library_version=__version__)
+        try:
+            repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo.repo_id, folder_path=staged,
+                                       commit_message=args.commit_message)
+        except Exception as err:
+            raise CLIError(f"pushing {args.save_dir} to {args.repo_id!r} failed: {type(err).__name__}: {err}",
+                           code=1) from None
+    print(f"pushed {args.save_dir} to {commit.commit_url or args.repo_id}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parser
+
+
+DESCRIPTION = f"""\
+Layer Folding for timm CNNs: learn which activations can become linear while fine-tuning, then fold
+the network exactly into fewer, larger convolutions.
+
+  {PROG} fold       fine-tune + fold a model on a dataset and save it (optionally push it)
+  {PROG} evaluate   top-1 / top-5 of a folded save or a timm model on a dataset
+  {PROG} benchmark  latency of a folded save against its base architecture
+  {PROG} push       upload an existing folded save to the Hugging Face Hub
+
+Example:
+  {PROG} fold --model {LITE0_ALIAS} --dataset {FASHION_MNIST} --image-size 64 --epochs 1 \\
+      --train-size 2000 --lambda-reg 0.5 --alpha-lr 0.05 --output-dir outputs/lite0-folded
+  {PROG} benchmark outputs/lite0-folded --device cpu --batch-sizes 1,32
+"""
+
+FOLD_EPILOG = f"""\
+Examples:
+  {PROG} fold --model {LITE0_ALIAS} --dataset {FASHION_MNIST} --image-size 64 --train-size 2000 \\
+      --epochs 1 --lambda-reg 0.5 --alpha-lr 0.05 --output-dir outputs/lite0-folded
+  {PROG} fold --model mobilenetv2_100 --dataset ./my_images --config fold.yaml --threshold 0.8 \\
+      --push-to-hub --repo-id me/mobilenetv2-folded
+
+--config takes YAML or JSON (a saved layerfold_config.json works): LayerFoldingConfig fields and, optionally,
+any training option of this command (epochs: 2, batch_size: 64, ...). Flags on the command line win.
+Training scratch lives in a hidden directory next to --output-dir and is removed when the run ends, fails or
+is interrupted; the output directory is written atomically at the end, so an interrupted run leaves nothing.
+"""
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The top-level parser, and the ``fold`` sub-parser (its defaults take values from ``--config``)."""
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--verbose", action="store_true", help="debug logging")
+
+    fold = sub.add_parser(
+        "fold", formatter_class=_Formatter, epilog=FOLD_EPILOG,
+        help="fine-tune + fold a model on a dataset and save it",
+        description="Prepare a pre-trained CNN for Layer Folding, fine-tune it on a dataset (phase 1 learns which "
+                    "activations can become linear, phase 2 fine-tunes with that plan fixed), fold it exactly into "
+                    "a shallower network and save it (model.safetensors, config.json, model card).")
+    io = fold.add_argument_group("model, data and output")
+    io.add_argument("--config", metavar="FILE", help="YAML/JSON file with LayerFoldingConfig fields (and training "
+                    "options); command-line flags override it")
+    io.add_argument("--model", default=LITE0_ALIAS,
+                    help=f"timm model name (e.g. mobilenetv2_100, resnet50.a1_in1k, hf-hub:org/name), or "
+                         f"{LITE0_ALIAS!r} for the bundled ImageNet EfficientNet-Lite0 weights")
+    io.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                    help="load the timm model's pre-trained weights (Layer Folding starts from a trained network)")
+    io.add_argument("--dataset", default=FASHION_MNIST,
+                    help=f"{FASHION_MNIST!r}, a directory in imagefolder layout, or a Hub dataset id")
+    io.add_argument("--eval-split", default=None, help="split to evaluate on; unset: validation/val/test, else "
+                    "a held-out 10%% of train")
+    io.add_argument("--train-size", type=int, default=None, help="train on a random subset of this many images")
+    io.add_argument("--eval-size", type=int, default=None, help="evaluate on a random subset of this many images")
+    io.add_argument("--image-size", type=int, default=None, help="train / evaluate at this resolution; unset: the "
+                    "model's. Recorded in the saved config")
+    io.add_argument("--teacher", default=None, help="teacher for distillation (--distill-weight > 0): a folded "
+                    "save, a timm name or hf-hub: id with a head for the dataset's classes")
+    io.add_argument("--output-dir", default="outputs/folded", help="where the folded model is saved")
+    io.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    io.add_argument("--push-to-hub", action="store_true", help="also push the save to the Hub (needs --repo-id)")
+    io.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub, e.g. your-org/model-folded")
+    io.add_argument("--private", action="store_true", help="create the Hub repo private")
+    io.add_argument("--token", default=None, help="Hub token; unset: HF_TOKEN or the logged-in one")
+    train = fold.add_argument_group("training")
+    train.add_argument("--epochs", type=float, default=1.0, help="training epochs (both phases together)")
+    train.add_argument("--max-steps", type=int, default=None, help="training steps; overrides --epochs")
+    train.add_argument("--batch-size", type=int, default=32, help="per-device batch size")
+    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the weights (α: --alpha-lr)")
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (never applied to α)")
+    train.add_argument("--warmup-steps", type=float, default=0, help="lr warm-up steps (a float < 1: a ratio)")
+    train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
+    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes")
+    train.add_argument("--logging-steps", type=int, default=10, help="log loss, α and projected depth every N steps")
+    train.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and subsets")
+    common(fold)
+    add_config_flags(fold)
+    fold.set_defaults(func=cmd_fold)
+
+    evaluate = sub.add_parser(
+        "evaluate", formatter_class=_Formatter, help="top-1 / top-5 of a model on a dataset",
+        description="Evaluate a folded save (directory or Hub id) or a timm model on a labelled image dataset "
+                    "with the model's own eval preprocessing.",
+        epilog=f"Example:\n  {PROG} evaluate outputs/lite0-folded --dataset {FASHION_MNIST} --limit 1000")
+    evaluate.add_argument("model", help=f"folded-model directory or Hub id, a timm model name, or {LITE0_ALIAS!r}")
+    evaluate.add_argument("--dataset", default=FASHION_MNIST,
+                          help=f"{FASHION_MNIST!r}, a directory in imagefolder layout, or a Hub dataset id")
+    evaluate.add_argument("--split", default=None, help="split; unset: validation/val/test")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate on a random subset of this many images")
+    evaluate.add_argument("--image-size", type=int, default=None, help="resolution; unset: the model's config")
+    evaluate.add_argument("--batch-size", type=int, default=64, help="batch size")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    evaluate.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes")
+    evaluate.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
+                          help="pre-trained weights for a timm model name")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    evaluate.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    common(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    bench = sub.add_parser(
+        "benchmark", formatter_class=_Formatter, help="latency of a folded save vs. its base architecture",
+        description="Time a folded save against its base architecture (timm, randomly initialised: latency does "
+                    "not depend on the weights), as is and with BatchNorm fused, at one or more batch sizes.",
+        epilog=f"Examples:\n  {PROG} benchmark outputs/lite0-folded --device cpu --batch-sizes 1,32\n"
+               f"  {PROG} benchmark me/lite0-folded --device cuda --batch-sizes 1,128 --dtype bf16 --channels-last")
+    bench.add_argument("model", help="folded-model directory or Hub id")
+    bench.add_argument("--base-model", default=None, help="timm name of the base; unset: the save's "
+                       "base_architecture")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,128")
+    bench.add_argument("--dtype", choices=DTYPES, default="fp32", help="model and input dtype")
+    bench.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    bench.add_argument("--image-size", type=int, default=None, help="resolution; unset: the save's input size")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first")
+    bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median is reported)")
+    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
+    bench.add_argument("--json", action="store_true", help="print the results as one JSON line")
+    common(bench)
+    bench.set_defaults(func=cmd_benchmark)
+
+    push = sub.add_parser(
+        "push", formatter_class=_Formatter, help="upload a folded save to the Hugging Face Hub",
+        description="Push an existing folded save directory to a Hub model repo (created if missing), with the "
+                    "model card's loading snippets pointed at the repo.",
+        epilog=f"Example:\n  {PROG} push outputs/lite0-folded --repo-id your-org/lite0-folded --private")
+    push.add_argument("save_dir", help="a directory written by fold / save_folded")
+    push.add_argument("--repo-id", required=True, help="Hub model repo, e.g. your-org/lite0-folded")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--token", default=None, help="Hub token; unset: HF_TOKEN or the logged-in one")
+    push.add_argument("--commit-message", default="Upload layer-folded model (hf_layerfold)", help="commit message")
+    common(push)
+    push.set_defaults(func=cmd_push)
+    return parser, fold
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser, fold = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.config_values = {}
+    if getattr(args, "command", None) == "fold" and args.config:
+        values = _read_mapping_file(args.config)
+        config_fields = {f.name for f in dataclasses.fields(LayerFoldingConfig)}
+        options = {a.dest for a in fold._actions if a.dest not in ("help", "config")
+                   and not a.dest.startswith("cfg_")}
+        unknown = sorted(set(values) - config_fields - options)
+        if unknown:
+            raise CLIError(f"config file {args.config}: unknown key(s) {unknown}; allowed: LayerFoldingConfig "
+                           f"fields {sorted(config_fields)} and fold options {sorted(options)}")
+        training = {k: v for k, v in values.items() if k in options}
+        if training:  # file values become defaults, so the flags given still win
+            fold.set_defaults(**training)
+            args = parser.parse_args(argv)
+        args.config_values = {k: v for k, v in values.items() if k in config_fields}
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``hf-layerfold`` (and ``python -m hf_layerfold.cli``); returns the exit code."""
+    try:
+        args = parse_args(argv)
+        if getattr(args, "command", None) is None:
+            build_parser()[0].print_help(sys.stderr)
+            return 2
+        _setup_logging(args.verbose)
+        return int(args.func(args) or 0)
+    except CLIError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return err.code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""``LayerFoldedModel``: load a folded checkpoint (a save directory or a Hub repo) without the base model.
+
+The checkpoint is what :func:`hf_layerfold.hub.save_folded` writes: ``config.json`` naming ``layerfold_net`` with
+the folded structure in ``model_args``, and ``model.safetensors``. Errors name the file at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch.nn as nn
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+
+from .config import LayerFoldingConfig
+from .folded_net import LayerFoldedNet
+from .plan import FoldPlan
+from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
+
+CONFIG_NAME = "config.json"
+
+
+def _read_config(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict) or data.get("architecture") != ARCHITECTURE or \
+            "features" not in (data.get("model_args") or {}):
+        arch = data.get("architecture") if isinstance(data, dict) else None
+        raise ValueError(f"{path} describes {arch!r}, not a layer-folded model (architecture {ARCHITECTURE!r} with "
+                         "model_args.features): load it with timm.create_model, or fold it first "
+                         "(hf_layerfold.fold_model) and save it with hf_layerfold.save_folded")
+    return data
+
+
+def _load_weights(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"missing weights file {path}")
+    try:
+        return safetensors.torch.load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own SafetensorError / OSError on bad files
+        raise ValueError(f"corrupt weights file {path}: {err}") from err
+
+
+class LayerFoldedModel:
+    """The plugin's entry point for folded checkpoints (a namespace; it returns ``LayerFoldedNet`` instances)."""
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, *, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, endpoint: str | None = None) -> LayerFoldedNet:
+        """Load a folded model from a save directory or a Hub repo (``org/name``, ``hf-hub:``/``local-dir:``
+        prefixes accepted), without the base model. The net carries ``.pretrained_cfg`` and ``.layerfold_info``."""
+        name = str(path_or_repo_id)
+        scheme, _, rest = name.partition(":")
+        if scheme in ("hf-hub", "local-dir") and rest:
+            name = rest
+        local = Path(name).expanduser()
+        if scheme == "local-dir" or local.exists() or local.is_absolute() or name.startswith((".", "~")) \
+                or name.count("/") > 1:
+            if not local.is_dir():
+                raise FileNotFoundError(f"{local} is not a directory holding a folded-model save")
+            data = _read_config(local / CONFIG_NAME)
+            weights = local / WEIGHTS_NAME
+            source = {"source": "local-dir", "file": str(local.absolute())}
+        else:
+            repo_id, _, tag = name.partition("@")
+            kw = dict(revision=revision or tag or None, token=token, cache_dir=cache_dir,
+                      local_files_only=local_files_only, library_name="hf_layerfold",
+                      endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
+            data = _read_config(Path(hf_hub_download(repo_id, CONFIG_NAME, **kw)))
+            try:
+                weights = Path(hf_hub_download(repo_id, WEIGHTS_NAME, **kw))
+            except EntryNotFoundError:
+                raise FileNotFoundError(f"missing weights file {WEIGHTS_NAME} in Hub repo {repo_id}") from None
+            source = {"source": "hf-hub", "hf_hub_id": name}
+        return cls._build(data, _load_weights(weights), weights, source)
+
+    @staticmethod
+    def _build(data: dict, state: dict, weights: Path, source: dict) -> LayerFoldedNet:
+        args = dict(data["model_args"])
+        info = args.pop("layerfold", None) or data.get("layerfold") or {}
+        args["num_classes"] = data.get("num_classes", args.get("num_classes", 1000))
+        net = LayerFoldedNet(**args, layerfold=info)
+        try:
+            result = net.load_state_dict(state, strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: {err}") from err
+        if result.missing_keys or result.unexpected_keys:
+            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: missing "
+                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        cfg = {**data.get("pretrained_cfg", {}), **source}  # as timm records it: where the weights came from
+        if data.get("label_names"):
+            cfg["label_names"] = data["label_names"]
+        net.pretrained_cfg = net.default_cfg = cfg
+        if "plan" in info:
+            net.layerfold_plan = FoldPlan.from_dict(info["plan"])
+        if info.get("config"):
+            net.layerfold_config = LayerFoldingConfig.from_dict(info["config"])
+        return net.eval()
+
+    @staticmethod
+    def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: str | None = None,
+                    commit_message: str | None = None, endpoint: str | None = None, **save_kwargs: Any) -> str:
+        """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL."""
+        from .hub import _push, save_folded
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_folded(model, Path(tmp) / "folded", repo_id=repo_id, **save_kwargs)
+            # the card names the repo, not the temporary path
+            return _push(path, repo_id, private=private, token=token, endpoint=endpoint, keep_note=False,
+                         commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")

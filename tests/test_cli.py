@@ -1,0 +1,275 @@
+"""The ``hf-layerfold`` command line: help, one-line errors, a real fold → evaluate → benchmark → push, Ctrl-C."""
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hub_server  # tests/ is on sys.path (rootdir-relative, no __init__.py)
+import pytest
+import timm
+import torch
+
+import hf_layerfold  # noqa: F401  (registers layerfold_net with timm)
+from hf_layerfold import LayerFoldingConfig
+from hf_layerfold.cli import CLIError, build_config, main, parse_args
+from hf_layerfold.hub import LayerFoldedModel, is_folded_save
+
+local_hub = hub_server.local_hub
+ROOT = Path(__file__).resolve().parents[1]
+# A real but tiny fold: random-init MobileNetV2-0.5 on 64 Fashion-MNIST images at 32 px, 2 steps. λ is large and α
+# fast, so the one search step pushes α past the threshold and the fold really merges convs.
+TINY_FOLD = ["fold", "--model", "mobilenetv2_050", "--no-pretrained", "--train-size", "64", "--eval-size", "32",
+             "--image-size", "32", "--max-steps", "2", "--batch-size", "16", "--regularizer", "l1",
+             "--lambda-reg", "10", "--alpha-lr", "1.0", "--search-steps", "1", "--quiet"]
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "hf_layerfold.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("hf-layerfold: error: "), stderr
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Help
+
+
+@pytest.mark.parametrize("command", [None, "fold", "evaluate", "benchmark", "push"])
+def test_help(command, capsys):
+    argv = ([command] if command else []) + ["--help"]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "Example" in text
+    if command is None:
+        for name in ("fold", "evaluate", "benchmark", "push"):
+            assert f"hf-layerfold {name}" in text
+    if command == "fold":  # one flag per LayerFoldingConfig field, with the field's own help
+        for field in dataclasses.fields(LayerFoldingConfig):
+            assert "--" + field.name.replace("_", "-") in text, field.name
+        assert "--no-fold-residual" in text and "weight λ of the α regularizer" in text
+    if command == "benchmark":
+        assert "--batch-sizes" in text and "--channels-last" in text and "fp16" in text
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "hf-layerfold fold" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config: flags generated from the dataclass, a YAML file, flags win
+
+
+def test_config_file_then_flags(tmp_path):
+    cfg = tmp_path / "fold.yaml"
+    cfg.write_text("lambda_reg: 2.0\nthreshold: 0.7\ntarget_modules: ['blocks.1.*']\nfold_residual: false\n"
+                   "epochs: 3\nbatch-size: 8\n")
+    args = parse_args(["fold", "--config", str(cfg), "--threshold", "0.8", "--alpha-lr", "0.1", "--epochs", "5"])
+    config = build_config(args.config_values, args)
+    assert (config.lambda_reg, config.threshold, config.alpha_lr) == (2.0, 0.8, 0.1)
+    assert config.target_modules == ["blocks.1.*"] and config.fold_residual is False
+    assert (args.epochs, args.batch_size) == (5, 8)  # the file sets defaults, the command line wins
+    args = parse_args(["fold", "--config", str(cfg), "--fold-residual", "--alpha-lr", "none"])
+    config = build_config(args.config_values, args)
+    assert config.fold_residual is True and config.alpha_lr is None and config.threshold == 0.7
+
+
+def test_saved_layerfold_config_json_is_a_valid_config_file(tmp_path):
+    path = LayerFoldingConfig(lambda_reg=0.75, search_steps=5).save_pretrained(tmp_path)
+    args = parse_args(["fold", "--config", str(path)])
+    assert build_config(args.config_values, args) == LayerFoldingConfig(lambda_reg=0.75, search_steps=5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# User mistakes: one line on stderr, exit code 2, no traceback
+
+
+def test_unknown_model_in_subprocess():
+    proc = run_cli("fold", "--model", "mobilenetv2_05O", "--output-dir", "/tmp/never-written-hf-layerfold")
+    assert proc.returncode == 2, proc.stderr
+    line = one_error_line(proc.stderr)
+    assert "unknown model 'mobilenetv2_05O'" in line and "mobilenetv2_050" in line  # a suggestion
+    assert "Traceback" not in proc.stderr and not Path("/tmp/never-written-hf-layerfold").exists()
+
+
+def test_invalid_config_value_in_subprocess():
+    proc = run_cli("fold", "--threshold", "1.5")
+    assert proc.returncode == 2, proc.stderr
+    assert "LayerFoldingConfig.threshold=1.5 is invalid" in one_error_line(proc.stderr)
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["evaluate", "lite0-imagenet", "--dataset", "./no/such/dir"], "cannot read dataset './no/such/dir'"),
+    (["evaluate", "no_such_model_name"], "unknown model 'no_such_model_name'"),
+    (["evaluate", "./no/such/save"], "model directory ./no/such/save does not exist"),
+    (["push", "somewhere"], "required: --repo-id"),
+    (["fold", "--push-to-hub"], "--push-to-hub needs --repo-id"),
+    (["fold", "--regularizer", "l3"], "LayerFoldingConfig.regularizer='l3' is invalid"),
+    (["fold", "--lambda-reg", "lots"], "argument --lambda-reg: invalid float value: 'lots'"),
+    (["benchmark", "x", "--batch-sizes", "1,a"], "--batch-sizes must be comma-separated integers"),
+    (["benchmark", "x", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+])
+def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # fold's default output dir stays inside tmp_path
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert expected in one_error_line(captured.err)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_bad_config_files(tmp_path, capsys):
+    bad_type, unknown, broken = tmp_path / "a.yaml", tmp_path / "b.json", tmp_path / "c.yaml"
+    bad_type.write_text("threshold: high\n")
+    unknown.write_text('{"lambda": 1}')
+    broken.write_text("threshold: [0.5\n")
+    for path, expected in ((bad_type, "invalid LayerFoldingConfig"), (unknown, "unknown key(s) ['lambda']"),
+                           (broken, "not valid YAML/JSON"), (tmp_path / "missing.yaml", "cannot read config file")):
+        assert main(["fold", "--config", str(path)]) == 2
+        assert expected in one_error_line(capsys.readouterr().err)
+    with pytest.raises(CLIError):  # the same check through the API the demo and scripts use
+        parse_args(["fold", "--config", str(unknown)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A real run: fold → save → evaluate → benchmark → push
+
+
+@pytest.fixture(scope="module")
+def folded_save(tmp_path_factory):
+    parent = tmp_path_factory.mktemp("fold")
+    out = parent / "mnv2-folded"
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([*TINY_FOLD, "--output-dir", str(out)])
+    assert code == 0
+    return out, stdout.getvalue()
+
+
+def test_fold_writes_a_loadable_folded_save(folded_save):
+    out, printed = folded_save
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # the training scratch is gone
+    assert {"model.safetensors", "config.json", "layerfold_config.json", "README.md"} <= {p.name for p in
+                                                                                        out.iterdir()}
+    assert is_folded_save(out)
+    net = LayerFoldedModel.from_pretrained(out)
+    via_timm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert net.pretrained_cfg["input_size"] == [3, 32, 32] and net.num_classes == 10
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(x), via_timm(x))
+    info = net.layerfold_info
+    assert len(info["plan"]["linear_sites"]) > 0  # the search really linearized sites...
+    assert info["stats_after"]["depth"] < info["stats_before"]["depth"]  # ... and the fold removed convs
+    assert info["config"]["lambda_reg"] == 10 and info["config"]["regularizer"] == "l1"
+    assert re.search(r"depth \(convs\)\s+\d+\s+\d+", printed) and "saved folded model to" in printed
+
+
+def test_evaluate_reproduces_the_accuracy_measured_by_fold(folded_save, capsys):
+    out, printed = folded_save
+    assert main(["evaluate", str(out), "--limit", "32", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 32 and result["split"] == "test"
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    # fold evaluated the planned model on the same stratified 32-image subset; the folded save agrees
+    assert f"{result['top1']:.2%}" in re.search(r"eval top-1 \(test\)\s+(\S+)", printed).group(1)
+
+
+def test_evaluate_on_an_imagefolder(folded_save, tmp_path, capsys):
+    from hf_layerfold.data import load_fashion_mnist
+
+    images = load_fashion_mnist(test_size=20)["test"]
+    for i, row in enumerate(images):  # class folders named by label id: imagefolder sorts them, ids stay the same
+        folder = tmp_path / "images" / str(row["label"])
+        folder.mkdir(parents=True, exist_ok=True)
+        row["image"].save(folder / f"{i}.png")
+    out, _ = folded_save
+    assert main(["evaluate", str(out), "--dataset", str(tmp_path / "images"), "--json", "--quiet"]) == 0
+    from_folder = json.loads(capsys.readouterr().out)
+    assert from_folder["images"] == 20 and from_folder["split"] == "train"  # a folder without splits: all of it
+    assert main(["evaluate", str(out), "--limit", "20", "--json", "--quiet"]) == 0
+    direct = json.loads(capsys.readouterr().out)
+    assert (from_folder["top1"], from_folder["top5"]) == (direct["top1"], direct["top5"])  # the same 20 images
+
+
+def test_benchmark_on_cpu(folded_save, capsys):
+    out, _ = folded_save
+    assert main(["benchmark", str(out), "--device", "cpu", "--batch-sizes", "1,2", "--rounds", "2", "--warmup", "1",
+                 "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input_size"] == [3, 32, 32] and set(result["latency_ms"]) == {"1", "2"}
+    names = ["base (mobilenetv2_050)", "base, BN fused", "layer-folded"]
+    for bs in ("1", "2"):
+        assert list(result["latency_ms"][bs]) == names and all(v > 0 for v in result["latency_ms"][bs].values())
+    stats = result["stats"]
+    assert stats["base, BN fused"]["depth"] == stats[names[0]]["depth"] > stats["layer-folded"]["depth"]
+    assert main(["benchmark", str(out), "--rounds", "1", "--warmup", "1", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "bs 1 speed-up" in table and "layer-folded" in table and "1.00x" in table  # base row vs itself
+
+
+def test_push_to_local_hub(folded_save, local_hub, capsys):
+    out, _ = folded_save
+    assert main(["push", str(out), "--repo-id", "test-org/mnv2-folded", "--quiet"]) == 0
+    assert "pushed" in capsys.readouterr().out
+    files = local_hub.repos["test-org/mnv2-folded"].files
+    assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
+    card = files["README.md"].decode()
+    assert "hf-hub:test-org/mnv2-folded" in card and str(out) not in card  # snippets name the repo
+    assert str(out) in (out / "README.md").read_text()  # the local save itself is untouched
+    from_hub = timm.create_model("hf-hub:test-org/mnv2-folded", pretrained=True).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(from_hub(x), LayerFoldedModel.from_pretrained(out)(x))
+
+
+def test_fold_refuses_to_overwrite(folded_save, capsys):
+    out, _ = folded_save
+    assert main([*TINY_FOLD, "--output-dir", str(out)]) == 2
+    assert "pass --overwrite" in one_error_line(capsys.readouterr().err)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_interrupted_fold_leaves_nothing(tmp_path):
+    out = tmp_path / "folded"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    argv = [a for a in TINY_FOLD if a != "--quiet"]
+    argv[argv.index("--max-steps") + 1] = "100000"
+    proc = subprocess.Popen([sys.executable, "-m", "hf_layerfold.cli", *argv, "--output-dir", str(out)],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 90
+        seen = ""
+        while " 1/100000 " not in seen:  # the first training step has completed
+            assert time.monotonic() < deadline, seen
+            char = proc.stderr.read(1)
+            assert char, f"fold exited early: {seen}"
+            seen += char
+        assert [p.name for p in tmp_path.iterdir()][0].startswith(".folded.train-")  # scratch during training
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "hf-layerfold: interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # no output dir, no scratch

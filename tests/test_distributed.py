@@ -1,0 +1,139 @@
+"""DDP through the real ``accelerate launch`` CLI: 2 CPU processes (gloo) cross the search → fine-tune switch.
+
+The file is also the worker script (``accelerate launch ... tests/test_distributed.py OUT``). One launch runs
+both the real training and, afterwards, a control run with the trainer's DDP setting undone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SIZE = 32
+MAX_STEPS, SEARCH_STEPS = 5, 3
+CONFIG = dict(alpha_init=0.5, lambda_reg=0.05, regularizer="l1", threshold=0.9, alpha_lr=0.2,
+              search_steps=SEARCH_STEPS)
+
+
+def _worker(out: Path) -> None:
+    import timm
+    import torch
+    from transformers import TrainingArguments
+
+    import hf_layerfold as lf
+    from hf_layerfold.data import load_fashion_mnist
+    from hf_layerfold.plan import applied_plan
+    from hf_layerfold.trainer import LayerFoldingTrainer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    fashion = load_fashion_mnist(train_size=64, test_size=16, seed=0)
+
+    def make_trainer() -> LayerFoldingTrainer:
+        model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=10)
+        args = TrainingArguments(output_dir=str(out), use_cpu=True, max_steps=MAX_STEPS, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+                                 disable_tqdm=True, seed=0, ddp_find_unused_parameters=False)  # trainer overrides it
+        return LayerFoldingTrainer(model, args, train_dataset=fashion["train"], eval_dataset=fashion["test"],
+                                   layerfold_config=lf.LayerFoldingConfig(**CONFIG), input_size=SIZE)
+
+    trainer = make_trainer()
+    trainer.train()
+    rank = trainer.args.process_index
+    wrapped = trainer.model_wrapped
+    plan = applied_plan(trainer.model)
+    dump = {"rank": rank, "world_size": trainer.args.world_size, "phase": trainer.phase,
+            "wrapper": type(wrapped).__name__, "find_unused": getattr(wrapped, "find_unused_parameters", None),
+            "plan": None if plan is None else plan.to_dict(),
+            "alphas": {k: v.item() for k, v in lf.alpha_parameters(trainer.model).items()},
+            "requires_grad": [a.requires_grad for a in lf.alpha_parameters(trainer.model).values()],
+            "weights_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+            "logs": [e for e in trainer.state.log_history if "loss" in e]}
+    (out / f"rank{rank}.json").write_text(json.dumps(dump))
+    trainer.save_model(str(out / "final"))
+    trainer.save_folded(out / "folded")
+
+    control = make_trainer()  # undo the trainer's DDP setting: the reducer then waits for α's gradient
+    control.accelerator.ddp_handler.find_unused_parameters = False
+    try:
+        control.train()
+        error = None
+    except RuntimeError as err:  # raised locally on every rank, before any collective, so nothing hangs
+        error = str(err)
+    (out / f"control{rank}.json").write_text(json.dumps({"error": error, "step": control.state.global_step,
+                                                          "phase": control.phase}))
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp")
+    run = _launch(out)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return out
+
+
+def _launch(out: Path) -> subprocess.CompletedProcess:
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 500),
+           __file__, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_cross_the_phase_switch_and_fold(launched):
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    import hf_layerfold as lf
+    from hf_layerfold.hub import LayerFoldedModel
+    from hf_layerfold.trainer import STATE_NAME
+
+    tmp_path = launched
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
+    assert r0["wrapper"] == "DistributedDataParallel" and r0["find_unused"] is True
+    assert r0["phase"] == r1["phase"] == "finetune"
+    assert r0["alphas"] == r1["alphas"]  # bit-identical on both ranks
+    assert r0["plan"] == r1["plan"] and r0["weights_sum"] == r1["weights_sum"]
+    plan = lf.FoldPlan.from_dict(r0["plan"])
+    assert 0 < len(plan) < len(r0["alphas"])
+    assert all(a == (1.0 if s in plan.linear_sites else 0.0) for s, a in r0["alphas"].items())
+    assert not any(r0["requires_grad"])
+    assert [e["phase"] for e in r0["logs"]] == [0] * SEARCH_STEPS + [1] * (MAX_STEPS - SEARCH_STEPS)
+
+    # The saved training state rebuilds the planned model, and the folded save computes the same function.
+    state = json.loads((tmp_path / "final" / STATE_NAME).read_text())
+    assert state["phase"] == "finetune" and lf.FoldPlan.from_dict(state["plan"]) == plan
+    planned = lf.prepare_model(timm.create_model("mobilenetv2_050", num_classes=10),
+                               lf.LayerFoldingConfig.from_pretrained(tmp_path / "final"))
+    lf.apply_plan(planned, plan)
+    planned.load_state_dict(load_file(tmp_path / "final" / "model.safetensors"))
+    planned.eval()
+    folded = LayerFoldedModel.from_pretrained(tmp_path / "folded")
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), planned(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(lf.fold_model(planned)(x), planned(x), rtol=1e-4, atol=1e-4)
+    assert lf.fold_stats(folded, None).depth < lf.fold_stats(timm.create_model("mobilenetv2_050"), None).depth
+
+
+@pytest.mark.slow
+def test_ddp_without_the_fix_fails_at_the_switch(launched):
+    """Control: with find_unused_parameters=False, DDP breaks on the first step after α is frozen."""
+    for rank in (0, 1):
+        control = json.loads((launched / f"control{rank}.json").read_text())
+        assert "Expected to have finished reduction" in control["error"]
+        assert control["phase"] == "finetune" and control["step"] == SEARCH_STEPS + 1
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

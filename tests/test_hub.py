@@ -1,0 +1,330 @@
+"""save_folded / push / load through timm, transformers and LayerFoldedModel, against a local Hub (offline-safe)."""
+
+import json
+
+import hub_server  # tests/ is on sys.path (rootdir-relative, no __init__.py)
+import numpy as np
+import pytest
+import timm
+import torch
+from conftest import randomize_bn
+from huggingface_hub import ModelCard
+from PIL import Image
+
+import hf_layerfold as lf
+from hf_layerfold.hub import LayerFoldedModel, PushToHubError, is_folded_save, save_folded
+from hf_layerfold.model_card import template_path
+
+local_hub = hub_server.local_hub  # make the fixture visible to this module
+
+REPO = "test-org/mobilenetv2-folded"
+LABELS = ["ankle boot", "bag", "coat", "dress"]
+SAVE_FILES = {"model.safetensors", "config.json", "layerfold_config.json", "layerfold_plan.json", "README.md"}
+# Trained at 64 px: recorded preprocessing, and what fold_stats counts MACs at (keeps the tests fast).
+SAVE_KW = dict(label_names=LABELS, pretrained_cfg_overlay={"input_size": (3, 64, 64)})
+MEASURED = dict(
+    base_model="timm/mobilenetv2_050.lamb_in1k", datasets=["fashion_mnist"], license="apache-2.0",
+    latency={"before_ms": 4.25, "after_ms": 3.5, "device": "Intel Xeon (2 threads)", "batch_size": 8,
+             "dtype": "float32"},
+    accuracy={"before": 0.9125, "after": 0.9075, "split": "test", "dataset": "fashion_mnist"},
+    eval_results={"dataset": "fashion_mnist", "dataset_name": "Fashion-MNIST", "split": "test",
+                  "metrics": {"accuracy": 0.9075}},
+)
+
+
+def _mobilenet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(timm.create_model("mobilenetv2_050", num_classes=4)).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These nets are tiny: one intra-op thread is faster, and immune to OpenMP stalls on a busy shared box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planned():
+    model = lf.prepare_model(_mobilenet(), lf.LayerFoldingConfig(lambda_reg=0.5, threshold=0.8))
+    return lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["blocks.1.1", "blocks.3.0"]))
+
+
+@pytest.fixture(scope="module")
+def folded(planned):
+    return lf.fold_model(planned)
+
+
+@pytest.fixture(scope="module")
+def x():
+    return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # the shape fold_stats runs
+
+
+@pytest.fixture(scope="module")
+def saved(planned, tmp_path_factory):
+    """One local save of the planned model, with every measured card field."""
+    return save_folded(planned, tmp_path_factory.mktemp("saves") / "folded", **SAVE_KW, **MEASURED)
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+def _image() -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((48, 40, 3)) * 255).astype("uint8"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end against the local Hub
+
+
+def test_push_then_load_from_hub(local_hub, tmp_path, planned, folded, x):
+    path = save_folded(folded, tmp_path / "folded", push_to_hub=True, repo_id=REPO, config=planned.layerfold_config,
+                       **SAVE_KW, **MEASURED)
+    assert path == tmp_path / "folded" and {p.name for p in path.iterdir()} == SAVE_FILES
+    repo = local_hub.repos[REPO]
+    assert SAVE_FILES <= set(repo.files) and len(repo.history) == 2  # initial commit + exactly one upload
+    assert repo.files["model.safetensors"] == (path / "model.safetensors").read_bytes()
+
+    model = timm.create_model(f"hf-hub:{REPO}", pretrained=True)
+    assert isinstance(model, lf.LayerFoldedNet)
+    assert torch.equal(_out(model, x), _out(folded, x))
+    assert model.pretrained_cfg["hf_hub_id"] == REPO and model.pretrained_cfg["input_size"] == (3, 64, 64)
+    assert model.layerfold_info["plan"] == planned.layerfold_plan.to_dict()
+
+    ours = LayerFoldedModel.from_pretrained(REPO)
+    assert torch.equal(_out(ours, x), _out(folded, x))
+    assert ours.layerfold_plan == planned.layerfold_plan and ours.layerfold_config.threshold == 0.8
+    assert ours.pretrained_cfg["label_names"] == LABELS
+
+    from transformers import AutoModelForImageClassification
+
+    hf_model = AutoModelForImageClassification.from_pretrained(REPO).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(pixel_values=x).logits, _out(folded, x))
+    # Only the folded repo was read: no base model, no base weights.
+    downloads = [r.path for r in local_hub.requests if "/resolve/" in r.path]
+    assert downloads and all(f"/{REPO}/resolve/" in p for p in downloads)
+    card = ModelCard(repo.files["README.md"].decode())
+    assert f'timm.create_model("hf-hub:{REPO}", pretrained=True)' in card.text
+    assert f'pipeline("image-classification", model="{REPO}")' in card.text
+
+
+def test_failed_push_keeps_the_local_save(local_hub, tmp_path, folded, x):
+    target = tmp_path / "folded"
+    local_hub.fail_next_commit = True
+    with pytest.raises(PushToHubError) as err:
+        save_folded(folded, target, push_to_hub=True, repo_id=REPO, **SAVE_KW)
+    assert str(target) in str(err.value) and err.value.save_directory == target
+    assert "507" in str(err.value)
+    assert "model.safetensors" not in local_hub.repos[REPO].files  # repo created, nothing committed
+    assert is_folded_save(target) and {p.name for p in target.iterdir()} == SAVE_FILES - {"layerfold_config.json"}
+    assert torch.equal(_out(LayerFoldedModel.from_pretrained(target), x), _out(folded, x))
+    # a retry replaces the previous save and goes through
+    save_folded(folded, target, push_to_hub=True, repo_id=REPO, **SAVE_KW)
+    assert local_hub.repos[REPO].files["model.safetensors"] == (target / "model.safetensors").read_bytes()
+
+
+def test_layerfold_model_push_to_hub(local_hub, folded, x, monkeypatch):
+    with pytest.raises(PushToHubError, match="401"):  # an explicit token wins over HF_TOKEN
+        LayerFoldedModel.push_to_hub(folded, REPO, token="hf_wrong_token", **SAVE_KW)
+    # HF_ENDPOINT is read at call time (huggingface_hub copies it once, at import)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    url = LayerFoldedModel.push_to_hub(folded, REPO, **SAVE_KW)
+    monkeypatch.undo()
+    files = local_hub.repos[REPO].files
+    assert url.startswith(local_hub.url) and SAVE_FILES - {"layerfold_config.json"} <= set(files)
+    assert f'model = LayerFoldedModel.from_pretrained("{REPO}")' in files["README.md"].decode()  # no temp path
+    assert torch.equal(_out(LayerFoldedModel.from_pretrained(f"hf-hub:{REPO}"), x), _out(folded, x))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Local loading
+
+
+def test_local_dir_save_loads_identically(saved, folded, x):
+    model = timm.create_model(f"local-dir:{saved}", pretrained=True)
+    assert torch.equal(_out(model, x), _out(folded, x))
+    ours = LayerFoldedModel.from_pretrained(saved)
+    assert torch.equal(_out(ours, x), _out(folded, x))
+    assert ours.pretrained_cfg["source"] == "local-dir" and ours.layerfold_info["stats_after"]["depth"] == 48
+
+
+def test_config_json_is_a_timm_config(saved, planned, folded):
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg["architecture"] == "layerfold_net" and cfg["num_classes"] == 4 and cfg["label_names"] == LABELS
+    assert "num_classes" not in cfg["model_args"]  # transformers passes num_classes itself
+    assert cfg["model_args"]["features"] == folded.model_args["features"]
+    pcfg = cfg["pretrained_cfg"]
+    assert pcfg["input_size"] == [3, 64, 64] and pcfg["interpolation"] == "bicubic"
+    assert pcfg["mean"] == list(timm.data.IMAGENET_DEFAULT_MEAN) and pcfg["crop_pct"] == 0.875
+    assert not {"url", "hf_hub_id", "file", "source", "tag"} & set(pcfg)  # nothing points at base weights
+    timm.models.PretrainedCfg(**pcfg)  # loadable by timm
+    block = cfg["layerfold"]
+    assert block == cfg["model_args"]["layerfold"]
+    assert block["plan"] == planned.layerfold_plan.to_dict() and block["config"]["lambda_reg"] == 0.5
+    assert block["base_architecture"] == "mobilenetv2_050"
+    # "before" is the base network itself (padding moved back, activations restored): count a fresh one
+    assert block["stats_before"] == lf.fold_stats(_mobilenet(), (3, 64, 64)).to_dict()
+    assert block["stats_after"] == lf.fold_stats(folded, (3, 64, 64)).to_dict()
+    assert [(r["block"], r["kernel"], r["residual_absorbed"]) for r in block["folds"]] == [
+        ("blocks.1.1", [3, 3], True), ("blocks.3.0", [3, 3], False)]
+    assert block["folds"][0]["activations_removed"] == ["blocks.1.1.bn1.act", "blocks.1.1.bn2.act"]
+    assert lf.LayerFoldingConfig.from_pretrained(saved).threshold == 0.8
+    assert lf.FoldPlan.load(saved) == planned.layerfold_plan
+
+
+def test_transformers_auto_model_and_pipeline(saved, folded, x):
+    from transformers import AutoModel, AutoModelForImageClassification, pipeline
+
+    model = AutoModelForImageClassification.from_pretrained(saved).eval()
+    assert model.config.id2label == dict(enumerate(LABELS))
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, _out(folded, x))
+        pooled = AutoModel.from_pretrained(saved).eval()(pixel_values=x).pooler_output
+        torch.testing.assert_close(pooled, folded.forward_head(folded.forward_features(x), pre_logits=True))
+
+    image = _image()
+    predictions = pipeline("image-classification", model=str(saved), top_k=4)(image)
+    # the pipeline preprocesses as timm does with the saved pretrained_cfg (64 px, bicubic, crop 0.875, mean/std)
+    timm_model = timm.create_model(f"local-dir:{saved}", pretrained=True)
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(timm_model))
+    probs = _out(folded, transform(image).unsqueeze(0)).softmax(-1)[0]
+    assert {p["label"] for p in predictions} == set(LABELS)
+    for p in predictions:
+        assert abs(p["score"] - float(probs[LABELS.index(p["label"])])) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model card
+
+
+def test_card_with_measurements(saved):
+    card = ModelCard.load(saved / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "timm" and data["pipeline_tag"] == "image-classification"
+    assert {"layer-folding", "image-classification", "timm"} <= set(data["tags"])
+    assert data["base_model"] == MEASURED["base_model"] and data["datasets"] == ["fashion_mnist"]
+    assert data["license"] == "apache-2.0"
+    result = card.data.eval_results[0]
+    assert (result.dataset_type, result.dataset_split, result.metric_type, result.metric_value) == (
+        "fashion_mnist", "test", "accuracy", 0.9075)
+    text = card.text
+    assert "| `blocks.1.1` | `bn1.act`, `bn2.act` | `conv_pw` + `conv_dw` + `conv_pwl` | 3×3 | 1 | yes |" in text
+    assert "| Non-linear activations | 35 | 31 | -4 (-11.4%) |" in text
+    assert "Measured on Intel Xeon (2 threads), batch size 8, float32." in text and "| Speed-up | 1.21× |" in text
+    assert "| Before folding | 91.25% |" in text and "the `test` split of `fashion_mnist`" in text
+    assert '"lambda_reg": 0.5' in text and "Jevnisek, Roy" in text and "BMVC" in text
+    assert f'timm.create_model("local-dir:{saved}", pretrained=True)' in text
+    for absent in ("None", "N/A", "nan", "[More Information Needed]"):
+        assert absent not in card.content
+
+
+def test_card_leaves_out_what_was_not_measured(tmp_path, folded):
+    path = save_folded(folded, tmp_path / "bare")
+    card = ModelCard.load(path / "README.md")
+    assert "model-index" not in card.data.to_dict() and "base_model" not in card.data.to_dict()
+    text = card.text
+    for absent in ("None", "N/A", "nan", "Before", "latency", "accuracy", "Layer Folding configuration"):
+        assert absent not in text, absent
+    assert "| Depth (convolutions on the longest path) | 48 |" in text  # measured on the folded net
+    assert "| `blocks.3.0` | `bn1.act`, `bn2.act` |" in text  # from the plan alone
+    assert not (path / "layerfold_config.json").exists()  # a bare LayerFoldedNet does not know its config
+    # stats_before may be passed in by a caller that measured the base model
+    before = lf.FoldStats(nonlinear_layers=35, depth=52, convs=52, params=692_804, macs=None)
+    path = save_folded(folded, tmp_path / "with_before", stats_before=before, config=lf.LayerFoldingConfig(),
+                       base_model="mobilenetv2_050")  # an architecture name, not a Hub id
+    card = ModelCard.load(path / "README.md")
+    assert "| Depth (convolutions on the longest path) | 52 | 48 | -4 (-7.7%) |" in card.text
+    assert "| MACs per image |  | 89.67 M |  |" in card.text  # the "before" nobody measured stays empty
+    assert "None" not in card.text and (path / "layerfold_config.json").exists()
+    assert "base_model" not in card.data.to_dict() and "A **layer-folded** `mobilenetv2_050`," in card.text
+
+
+def test_packaged_template_matches_model_cards_copy():
+    from pathlib import Path
+
+    repo_copy = Path(__file__).parents[1] / "model_cards" / "folded_model_card.md"
+    assert Path(template_path()).read_text() == repo_copy.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_push_without_repo_id_fails_before_any_work(tmp_path):
+    target = tmp_path / "never"
+    with pytest.raises(ValueError, match="repo_id"):
+        save_folded(object(), target, push_to_hub=True)  # the model is not even looked at
+    assert not target.exists()
+
+
+def test_refuses_a_foreign_non_empty_directory(tmp_path, folded):
+    target = tmp_path / "notes"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_folded(folded, target)
+    assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no temporary directory left behind
+    save_folded(folded, target, overwrite=True)
+    assert is_folded_save(target) and not (target / "notes.txt").exists()
+
+
+def test_replaces_a_previous_save_atomically(tmp_path, folded, monkeypatch):
+    target = tmp_path / "folded"
+    save_folded(folded, target, label_names=LABELS)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(lf.FoldPlan, "save", disk_full)  # fail after the weights and config were written
+    with pytest.raises(OSError, match="No space"):
+        save_folded(folded, target, label_names=LABELS[::-1])
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the previous save, untouched
+    monkeypatch.undo()
+    save_folded(folded, target, label_names=LABELS[::-1])
+    assert json.loads((target / "config.json").read_text())["label_names"] == LABELS[::-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]  # no .tmp / .old directories left
+
+
+def test_missing_or_corrupt_weights_name_the_file(tmp_path, folded):
+    path = save_folded(folded, tmp_path / "folded")
+    weights = path / "model.safetensors"
+    weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ValueError, match="corrupt weights file .*model.safetensors"):
+        LayerFoldedModel.from_pretrained(path)
+    with pytest.raises(RuntimeError, match=f"{path}/model.safetensors"):
+        timm.create_model(f"local-dir:{path}", pretrained=True)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing weights file {weights}"):
+        LayerFoldedModel.from_pretrained(path)
+    with pytest.raises(RuntimeError, match=str(path)):
+        timm.create_model(f"local-dir:{path}", pretrained=True)
+
+
+def test_rejects_a_model_that_was_not_folded(tmp_path):
+    plain = tmp_path / "plain"
+    timm.models.save_for_hf(timm.create_model("mobilenetv2_050", num_classes=4), str(plain),
+                            safe_serialization=True)
+    with pytest.raises(ValueError, match="'mobilenetv2_050', not a layer-folded model"):
+        LayerFoldedModel.from_pretrained(plain)
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        LayerFoldedModel.from_pretrained(f"local-dir:{tmp_path / 'absent'}")
+
+
+def test_bad_card_fields_fail_before_any_work(tmp_path, folded):
+    with pytest.raises(ValueError, match=r"'latency' needs \['device'\]"):
+        save_folded(folded, tmp_path / "a", latency={"after_ms": 1.0, "batch_size": 1, "dtype": "float32"})
+    with pytest.raises(TypeError, match="unknown argument"):
+        save_folded(folded, tmp_path / "b", acuracy={"after": 0.9})
+    with pytest.raises(ValueError, match="fractions"):
+        save_folded(folded, tmp_path / "c", accuracy={"after": 90.5, "split": "test"})
+    assert list(tmp_path.iterdir()) == []

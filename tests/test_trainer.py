@@ -1,0 +1,310 @@
+"""LayerFoldingTrainer with the real transformers.Trainer, a tiny timm EfficientNet and a Fashion-MNIST subset."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models import efficientnet
+from timm.models._efficientnet_builder import decode_arch_def
+from transformers import EvalPrediction, TrainerCallback, TrainingArguments
+
+import hf_layerfold as lf
+from hf_layerfold.data import load_fashion_mnist, prepare_datasets
+from hf_layerfold.hub import LayerFoldedModel
+from hf_layerfold.layers import PaddedConv2d
+from hf_layerfold.losses import alpha_regularizer
+from hf_layerfold.plan import applied_plan
+from hf_layerfold.prepare import is_prepared
+from hf_layerfold.trainer import ALPHA_GROUP, STATE_NAME, LayerFoldingTrainer, compute_metrics
+
+SIZE = 32
+LOG_KEYS = {"loss", "task_loss", "reg_loss", "alpha_mean", "sites_past_threshold", "projected_nonlinear_layers",
+            "projected_depth", "phase"}
+COMPARED = ("loss", "task_loss", "reg_loss", "grad_norm", "alpha_mean", "sites_past_threshold",
+            "projected_nonlinear_layers", "projected_depth", "phase")
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    """A real timm EfficientNet, small enough for a CPU step in milliseconds (9 foldable sites)."""
+    torch.manual_seed(seed)
+    arch = [["ds_r1_k3_s1_c8"], ["ir_r2_k3_s2_e3_c16"], ["ir_r1_k5_s2_e3_c24"], ["ir_r1_k3_s1_e4_c24"]]
+    model = efficientnet.EfficientNet(decode_arch_def(arch), num_classes=10, stem_size=8, num_features=64)
+    model.pretrained_cfg = {"architecture": "tiny_efficientnet", "input_size": (3, SIZE, SIZE),
+                            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "crop_pct": 1.0}
+    return model
+
+
+def args_for(tmp_path, **kw) -> TrainingArguments:
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, per_device_eval_batch_size=16,
+                learning_rate=2e-3, weight_decay=0.05, logging_steps=1, save_strategy="no", report_to=[],
+                disable_tqdm=True, use_cpu=True, seed=0)
+    base.update(kw)
+    return TrainingArguments(**base)
+
+
+CFG = dict(alpha_init=0.5, lambda_reg=0.05, regularizer="l1", threshold=0.8, alpha_lr=0.1, search_steps=6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convs gain nothing from a second thread, and on a busy 2-core box OpenMP barriers cost 10-100x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fashion() -> datasets.DatasetDict:
+    return load_fashion_mnist(train_size=64, test_size=32, seed=0)
+
+
+def make_trainer(tmp_path, fashion, model=None, config=None, train_args=None, **kw) -> LayerFoldingTrainer:
+    """Training batches use the deterministic (eval) transform, so that a resumed run can be compared number for
+    number with an uninterrupted one (random augmentation is not replayed exactly by Trainer on resume)."""
+    deterministic = prepare_datasets(tiny_model(), fashion["train"], fashion["test"], input_size=SIZE)[3]
+    return LayerFoldingTrainer(model if model is not None else tiny_model(),
+                               train_args or args_for(tmp_path, max_steps=12), data_collator=deterministic,
+                               train_dataset=fashion["train"], eval_dataset=fashion["test"],
+                               layerfold_config=config or lf.LayerFoldingConfig(**CFG), input_size=SIZE, **kw)
+
+
+def train_logs(trainer: LayerFoldingTrainer, **kw) -> dict[int, dict]:
+    trainer.train(**kw)
+    return {e["step"]: e for e in trainer.state.log_history if "loss" in e}
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory, fashion):
+    """12 steps, search ends at step 6, checkpoints every 4 steps; shared by the phase/resume/export tests."""
+    out = tmp_path_factory.mktemp("baseline")
+    trainer = make_trainer(out, fashion, train_args=args_for(out, max_steps=12, save_strategy="steps", save_steps=4))
+    alphas_at = {}
+
+    class Spy(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            alphas_at[state.global_step] = {k: v.item() for k, v in lf.alpha_parameters(trainer.model).items()}
+
+    trainer.add_callback(Spy())
+    return trainer, train_logs(trainer), alphas_at, out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loss, optimizer, clamping
+
+
+def test_loss_terms_match_their_definitions(tmp_path, fashion):
+    args = args_for(tmp_path, max_steps=1, label_smoothing_factor=0.1)
+    trainer = make_trainer(tmp_path, fashion, train_args=args)
+    model = trainer.model.train()
+    batch = trainer.data_collator([fashion["train"][i] for i in range(6)])
+    loss = trainer.compute_loss(model, batch)
+    logits = model(batch["pixel_values"])
+    alphas = list(lf.alpha_parameters(model).values())
+    expected = F.cross_entropy(logits, batch["labels"], label_smoothing=0.1) + 0.05 * sum(1 - a for a in alphas)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()  # both terms reach α
+    assert all(a.grad is not None for a in alphas)
+    paper = alpha_regularizer([torch.tensor(0.5), torch.tensor(1.0)], "paper")
+    assert float(paper) == pytest.approx(0.75)
+
+    model.eval()  # evaluation loss is the plain cross-entropy, logits returned for the metrics
+    eval_loss, out = trainer.compute_loss(model, batch, return_outputs=True)
+    torch.testing.assert_close(eval_loss, F.cross_entropy(out["logits"], batch["labels"]))
+
+
+def test_distillation_term_with_teacher(tmp_path, fashion):
+    config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.4, "distill_temperature": 3.0, "lambda_reg": 0.0})
+    teacher = tiny_model(seed=1).eval()
+    trainer = make_trainer(tmp_path, fashion, config=config, teacher_model=teacher,
+                           train_args=args_for(tmp_path, max_steps=2))
+    model = trainer.model.train()
+    batch = trainer.data_collator([fashion["train"][i] for i in range(6)])
+    loss = trainer.compute_loss(model, batch)
+    s, t = model(batch["pixel_values"]), teacher(batch["pixel_values"])
+    p_t = F.softmax(t / 3, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / 3, -1))).sum(-1).mean() * 9  # KL(teacher ‖ student)·T²
+    torch.testing.assert_close(loss, 0.6 * F.cross_entropy(s, batch["labels"]) + 0.4 * kl)
+    assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
+    logs = train_logs(trainer)
+    assert logs[2]["distill_loss"] > 0
+    with pytest.raises(ValueError, match="teacher_model"):
+        make_trainer(tmp_path, fashion, config=config)
+
+
+def test_alpha_param_group_has_own_lr_and_no_decay(tmp_path, fashion):
+    trainer = make_trainer(tmp_path, fashion)
+    optimizer = trainer.create_optimizer()
+    alpha_ids = {id(a) for a in lf.alpha_parameters(trainer.model).values()}
+    groups = [g for g in optimizer.param_groups if g.get(ALPHA_GROUP)]
+    assert len(groups) == 1 and {id(p) for p in groups[0]["params"]} == alpha_ids and len(alpha_ids) == 9
+    assert groups[0]["lr"] == 0.1 and groups[0]["weight_decay"] == 0.0
+    others = [g for g in optimizer.param_groups if not g.get(ALPHA_GROUP)]
+    assert not alpha_ids & {id(p) for g in others for p in g["params"]}
+    assert any(g["weight_decay"] == 0.05 for g in others)  # the weights still decay
+    n_params = sum(1 for p in trainer.model.parameters())
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == n_params
+
+    config = lf.LayerFoldingConfig(**{**CFG, "alpha_lr": None})
+    trainer = make_trainer(tmp_path, fashion, config=config)
+    group = next(g for g in trainer.create_optimizer().param_groups if g.get(ALPHA_GROUP))
+    assert group["lr"] == trainer.args.learning_rate
+
+
+def test_alpha_clamped_to_unit_interval_after_every_step(tmp_path, fashion):
+    config = lf.LayerFoldingConfig(**{**CFG, "alpha_lr": 3.0, "search_steps": 100, "regularizer": "paper"})
+    trainer = make_trainer(tmp_path, fashion, config=config, train_args=args_for(tmp_path, max_steps=3))
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.extend(a.item() for a in lf.alpha_parameters(trainer.model).values())
+
+    trainer.add_callback(Watch())
+    trainer.train()
+    assert trainer.phase == "search"  # search longer than training: no plan fixed
+    assert min(seen) >= 0.0 and max(seen) <= 1.0
+    assert max(seen) == 1.0  # lr 3 overshoots: clamping is what kept α at exactly 1
+
+
+# --------------------------------------------------------------------------------------------------------
+# Phases, logs, checkpoints
+
+
+def test_phase_switch_at_search_end_with_plan_applied(baseline):
+    trainer, logs, alphas_at, _ = baseline
+    assert sorted(logs) == list(range(1, 13))
+    assert all(LOG_KEYS <= set(logs[s]) for s in logs)
+    assert [logs[s]["phase"] for s in range(1, 13)] == [0] * 6 + [1] * 6
+    model = trainer.model
+    plan = applied_plan(model)
+    expected = lf.FoldPlan(tuple(site for site, a in alphas_at[6].items() if a >= 0.8))
+    assert plan == expected and 0 < len(plan) < 9  # a real mix: some sites linear, some not
+    assert logs[6]["sites_past_threshold"] == len(plan)
+    assert any(isinstance(m, PaddedConv2d) for m in model.modules())  # padding of merged runs was moved
+    for site, alpha in lf.alpha_parameters(model).items():
+        assert not alpha.requires_grad and float(alpha) == (1.0 if site in plan.linear_sites else 0.0)
+    assert all(alphas_at[s] == alphas_at[7] for s in range(7, 13))  # frozen α never moves afterwards
+    assert all(alphas_at[s] != alphas_at[s - 1] for s in range(2, 7))  # while searching, it does
+    for s in range(1, 13):  # the logged total is the sum of its logged parts
+        assert logs[s]["loss"] == pytest.approx(logs[s]["task_loss"] + logs[s]["reg_loss"], rel=1e-5)
+        assert (logs[s]["reg_loss"] > 0) == (s <= 6)
+    projected = lf.projected_stats(model)
+    assert (logs[12]["projected_nonlinear_layers"], logs[12]["projected_depth"]) == (projected.nonlinear_layers,
+                                                                                     projected.depth)
+    assert projected.depth < lf.fold_stats(tiny_model(), None).depth
+
+
+def test_checkpoints_record_phase_and_plan(baseline):
+    trainer, _, _, out = baseline
+    states = {s: json.loads((out / f"checkpoint-{s}" / STATE_NAME).read_text()) for s in (4, 8, 12)}
+    assert states[4]["phase"] == "search" and states[4]["plan"] is None and states[4]["search_steps"] == 6
+    assert states[8]["phase"] == "finetune"
+    assert lf.FoldPlan.from_dict(states[8]["plan"]) == applied_plan(trainer.model)
+    assert lf.LayerFoldingConfig.from_pretrained(out / "checkpoint-8") == trainer.layerfold_config
+
+
+@pytest.mark.parametrize("step", [4, 8])
+def test_resume_logs_the_same_losses(baseline, fashion, tmp_path, step):
+    trainer, logs, _, out = baseline
+    resumed = make_trainer(tmp_path, fashion, train_args=args_for(tmp_path, max_steps=12))
+    again = train_logs(resumed, resume_from_checkpoint=str(out / f"checkpoint-{step}"))  # with restored history
+    assert sorted(again) == list(range(1, 13))
+    for s in range(step + 1, 13):
+        for key in COMPARED:
+            assert again[s][key] == pytest.approx(logs[s][key], rel=1e-4, abs=1e-6), (s, key)
+    assert applied_plan(resumed.model) == applied_plan(trainer.model)
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+
+
+def test_resume_refuses_a_model_with_another_plan(baseline, fashion, tmp_path):
+    _, _, _, out = baseline
+    model = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig(**CFG))
+    lf.apply_plan(model, lf.FoldPlan())
+    trainer = make_trainer(tmp_path, fashion, model=model)
+    with pytest.raises(ValueError, match="search phase"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-4"))
+
+
+def test_evaluate_reports_top1_top5(baseline):
+    trainer = baseline[0]
+    metrics = trainer.evaluate()
+    model = trainer.model.eval()
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    with torch.no_grad():
+        logits = model(batch["pixel_values"])
+    top5 = logits.topk(5, dim=-1).indices
+    assert metrics["eval_top1"] == pytest.approx(float((top5[:, 0] == batch["labels"]).float().mean()))
+    assert metrics["eval_top5"] == pytest.approx(float((top5 == batch["labels"][:, None]).any(1).float().mean()))
+    assert metrics["eval_loss"] == pytest.approx(float(F.cross_entropy(logits, batch["labels"])), rel=1e-5)
+
+
+def test_compute_metrics_accepts_logits_and_ranked_ids():
+    logits = np.array([[0.1, 0.9, 0.0, 0, 0, 0, 0], [0.8, 0.1, 0.05, 0.04, 0.03, 0.02, 0.01]], dtype=np.float32)
+    labels = np.array([1, 6])
+    assert compute_metrics(EvalPrediction(logits, labels)) == {"top1": 0.5, "top5": 0.5}
+    ranked = np.array([[1, 0, 2, 3, 4], [6, 0, 1, 2, 3]])
+    assert compute_metrics(EvalPrediction(ranked, labels)) == {"top1": 1.0, "top5": 1.0}
+
+
+def test_save_folded_loads_back_and_matches(baseline, tmp_path):
+    trainer = baseline[0]
+    trainer.evaluate()
+    path = trainer.save_folded(tmp_path / "folded", datasets="zalando-datasets/fashion_mnist")
+    net = LayerFoldedModel.from_pretrained(path)
+    planned = trainer.model.eval()
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), planned(x), rtol=1e-4, atol=1e-4)
+    assert net.layerfold_plan == applied_plan(planned)
+    assert net.layerfold_config == trainer.layerfold_config
+    card = (path / "README.md").read_text()
+    assert "top1" in card
+    assert lf.fold_stats(net, None).depth < lf.fold_stats(tiny_model(), None).depth
+
+
+# --------------------------------------------------------------------------------------------------------
+# Input checks and argument handling
+
+
+def test_labels_outside_the_head_fail_before_training(tmp_path, fashion):
+    bad = fashion["train"].cast_column("label", datasets.Value("int64")).map(lambda e: {"label": e["label"] + 5})
+    with pytest.raises(ValueError, match="num_classes=10"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=bad, input_size=SIZE)
+    collator = make_trainer(tmp_path, fashion).data_collator  # the user's own collator: still checked
+    with pytest.raises(ValueError, match="num_classes=10"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), data_collator=collator, train_dataset=bad)
+
+
+def test_config_selecting_no_site_fails(tmp_path, fashion):
+    config = lf.LayerFoldingConfig(target_modules=["no_such_block.*"])
+    with pytest.raises(ValueError, match="select no site"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                            layerfold_config=config)
+
+
+def test_arguments_a_timm_model_needs_are_set(tmp_path, fashion):
+    args = args_for(tmp_path, max_steps=1, ddp_find_unused_parameters=False, label_smoothing_factor=0.2)
+    assert args.remove_unused_columns
+    model = tiny_model()
+    trainer = LayerFoldingTrainer(model, args, train_dataset=fashion["train"], input_size=SIZE)
+    assert is_prepared(model) and trainer.layerfold_config == lf.LayerFoldingConfig()
+    assert not args.remove_unused_columns and args.ddp_find_unused_parameters is True
+    assert args.label_smoothing_factor == 0.2 and trainer.label_names == ["labels"]
+
+
+def test_search_length_from_epochs_or_half_of_training(tmp_path, fashion):
+    for cfg, expected in ((dict(search_steps=None, search_epochs=0.25), 4), (dict(search_steps=None), 5)):
+        config = lf.LayerFoldingConfig(**{**CFG, **cfg, "lambda_reg": 0.0})
+        trainer = make_trainer(tmp_path, fashion, config=config, train_args=args_for(tmp_path, max_steps=10))
+        logs = train_logs(trainer)  # 64 examples / batch 4 = 16 steps per epoch
+        assert trainer.search_steps == expected
+        assert [logs[s]["phase"] for s in sorted(logs)] == [0] * expected + [1] * (10 - expected)
+        assert math.isclose(logs[10]["reg_loss"], 0.0)
