@@ -22,6 +22,16 @@ from .stats import FoldStats, fold_stats, projected_stats
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """The trainer imports transformers; load it only when asked for."""
+    if name in ("LayerFoldingTrainer", "compute_metrics"):
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'hf_layerfold' has no attribute {name!r}")
+
+
 __all__ = [
     "FoldPlan",
     "FoldStats",
@@ -29,11 +39,13 @@ __all__ = [
     "LayerFoldedModel",
     "LayerFoldedNet",
     "LayerFoldingConfig",
+    "LayerFoldingTrainer",
     "UnsupportedModelError",
     "add_shortcut_tap",
     "alpha_parameters",
     "apply_plan",
     "compose_convs",
+    "compute_metrics",
     "dilate_kernel",
     "fold_model",
     "fold_stats",
