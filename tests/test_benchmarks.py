@@ -2,13 +2,16 @@
 
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
-from benchmarks import report, run  # noqa: E402
+from benchmarks import report  # noqa: E402
 
 
 def _finite_positive(value) -> bool:
@@ -17,9 +20,16 @@ def _finite_positive(value) -> bool:
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
+    """The runner as a user runs it, in its own process (benchmarks change torch's global settings)."""
     out = tmp_path_factory.mktemp("bench")
-    status = run.main(["--quick", "--only", "exactness,latency,fold_time", "--results-dir", str(out),
-                       "--models", "test_efficientnet", "--archs", "test_efficientnet", "--input-size", "32"])
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "exactness,latency,fold_time",
+         "--results-dir", str(out), "--models", "test_efficientnet", "--archs", "test_efficientnet",
+         "--input-size", "32"],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = dict(re.findall(r"^\[run\] (\w+): (\S+)$", proc.stderr, flags=re.M))
     return out, status
 
 

@@ -42,7 +42,7 @@ def test_demo_tiny_run(demo, tmp_path, capsys):
     assert result["linear_sites"] and after["depth"] < before["depth"]
     assert after["nonlinear_layers"] == before["nonlinear_layers"] - len(result["linear_sites"])
     assert before["latency_ms"] > 0 and after["latency_ms"] > 0
-    for label in ("before: fine-tuned, no folding (BN fused)", "after: layer-folded", "CPU latency, batch 1",
+    for label in ("before: fine-tuned, no folding (BN fused)", "after: layer-folded", "latency, batch 1",
                   "top-1, Fashion-MNIST test (32 images)", "(identical)"):
         assert label in printed
     card = (out / "README.md").read_text()
