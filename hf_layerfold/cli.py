@@ -657,7 +657,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         for bs in sizes:
             row += [f"{results[bs][name]:.3f}", f"{results[bs][base_name] / results[bs][name]:.2f}x"]
         rows.append(row)
-    where = f"{args.device}" + (f" ({torch.get_num_threads()} threads)" if args.device == "cpu" else "")
+    threads = torch.get_num_threads()
+    where = args.device + (f" ({threads} thread{'s' if threads > 1 else ''})" if args.device == "cpu" else "")
     print(f"latency per batch, {where}, {args.dtype}{', channels_last' if args.channels_last else ''}, "
           f"input {'x'.join(map(str, input_size))}; median of {args.rounds} rounds")
     print(format_table(header, rows))

@@ -22,6 +22,7 @@ class PaddedConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.pad_rules = list(pad_rules or [])
         self.static_pads: Pads | None = static_chain_padding(self.pad_rules)
+        self._pads_by_size: dict[tuple[int, int], Pads] = {}
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, pad_rules: list[PadRule]) -> PaddedConv2d:
@@ -36,13 +37,17 @@ class PaddedConv2d(nn.Conv2d):
         new.bias = conv.bias
         new.pad_rules = list(pad_rules)
         new.static_pads = static_chain_padding(new.pad_rules)
+        new._pads_by_size = {}
         new.train(conv.training)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pads = self.static_pads
-        if pads is None:
-            pads = chain_padding(self.pad_rules, x.shape[-2], x.shape[-1])
+        if pads is None:  # input-size dependent (TF 'same'): computed once per size
+            size = (x.shape[-2], x.shape[-1])
+            pads = self._pads_by_size.get(size)
+            if pads is None:
+                pads = self._pads_by_size[size] = chain_padding(self.pad_rules, *size)
         if any(pads):
             x = F.pad(x, pads)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
