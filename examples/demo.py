@@ -94,9 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--output-dir", default=DEFAULT_OUTPUT, help="where the folded model and its card are saved")
     add("--seed", type=int, default=0, help="seed of subsets, weights init and data order")
     add("--threads", type=int, default=1,
-        help="torch compute threads (0 = torch's choice). For this small model two threads gain little on an idle "
-             "machine, and OpenMP collapses when other processes compete for the cores (on the shared machine this "
-             "demo was timed on: 3.5 min with 1 thread, 34 min with 2)")
+        help="torch compute threads (0 = torch's choice). On the shared machine this demo was timed on, a run took "
+             "3.5-5.6 min with 1 thread and 34 min with 2: OpenMP threads stall when other processes hold the "
+             "cores. On an idle machine 2 threads may be somewhat faster")
     add("--latency-rounds", type=int, default=7, help="interleaved timing rounds (the median is reported)")
     add("--large-batch", type=int, default=32, help="also time this batch size (0: batch 1 only)")
     add("--quiet", action="store_true", help="no progress bars")

@@ -615,8 +615,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     sizes = _parse_batch_sizes(args.batch_sizes)
     _torch_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     folded = load_model(args.model)
     info = getattr(folded, "layerfold_info", None)
     if info is None:
@@ -734,6 +732,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--verbose", action="store_true", help="debug logging")
 
@@ -820,7 +819,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("--image-size", type=int, default=None, help="resolution; unset: the save's input size")
     bench.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first")
     bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median is reported)")
-    bench.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
     bench.add_argument("--json", action="store_true", help="print the results as one JSON line")
     common(bench)
     bench.set_defaults(func=cmd_benchmark)
@@ -870,7 +868,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             build_parser()[0].print_help(sys.stderr)
             return 2
         _setup_logging(args.verbose)
-        return int(args.func(args) or 0)
+        if not args.threads:
+            return int(args.func(args) or 0)
+        import torch
+
+        previous = torch.get_num_threads()
+        torch.set_num_threads(args.threads)
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            torch.set_num_threads(previous)  # main() may run inside a longer-lived process
     except CLIError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return err.code

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # fast, so the one search step pushes α past the threshold and the fold really merges convs.
 TINY_FOLD = ["fold", "--model", "mobilenetv2_050", "--no-pretrained", "--train-size", "64", "--eval-size", "32",
              "--image-size", "32", "--max-steps", "2", "--batch-size", "16", "--regularizer", "l1",
-             "--lambda-reg", "10", "--alpha-lr", "1.0", "--search-steps", "1", "--quiet"]
+             "--lambda-reg", "10", "--alpha-lr", "1.0", "--search-steps", "1", "--threads", "1", "--quiet"]
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -184,7 +184,7 @@ def test_fold_writes_a_loadable_folded_save(folded_save):
 
 def test_evaluate_reproduces_the_accuracy_measured_by_fold(folded_save, capsys):
     out, printed = folded_save
-    assert main(["evaluate", str(out), "--limit", "32", "--json", "--quiet"]) == 0
+    assert main(["evaluate", str(out), "--limit", "32", "--json", "--threads", "1", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 32 and result["split"] == "test"
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
@@ -211,8 +211,10 @@ def test_evaluate_on_an_imagefolder(folded_save, tmp_path, capsys):
 
 def test_benchmark_on_cpu(folded_save, capsys):
     out, _ = folded_save
+    threads = torch.get_num_threads()
     assert main(["benchmark", str(out), "--device", "cpu", "--batch-sizes", "1,2", "--rounds", "2", "--warmup", "1",
-                 "--json", "--quiet"]) == 0
+                 "--threads", "1", "--json", "--quiet"]) == 0
+    assert torch.get_num_threads() == threads  # restored
     result = json.loads(capsys.readouterr().out)
     assert result["input_size"] == [3, 32, 32] and set(result["latency_ms"]) == {"1", "2"}
     names = ["base (mobilenetv2_050)", "base, BN fused", "layer-folded"]
@@ -220,7 +222,7 @@ def test_benchmark_on_cpu(folded_save, capsys):
         assert list(result["latency_ms"][bs]) == names and all(v > 0 for v in result["latency_ms"][bs].values())
     stats = result["stats"]
     assert stats["base, BN fused"]["depth"] == stats[names[0]]["depth"] > stats["layer-folded"]["depth"]
-    assert main(["benchmark", str(out), "--rounds", "1", "--warmup", "1", "--quiet"]) == 0
+    assert main(["benchmark", str(out), "--rounds", "1", "--warmup", "1", "--threads", "1", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "bs 1 speed-up" in table and "layer-folded" in table and "1.00x" in table  # base row vs itself
 
