@@ -114,10 +114,11 @@ def latency_section(data: dict, ceilings: dict, plot: str | None) -> list[str]:
              "`LayerFoldedNet` and a hand-built `nn.Sequential` with the same convs and weights timed in the same "
              f"round (required ≤ {req}); *of medians*: ratio of the two medians. *A/A*: a second copy of the "
              "hand-built BN-fused net against the first — the noise floor of both ratios in that cell. *speed-up*: "
-             "BN-fused / folded latency (paired the same way); *ceiling*: ANCHORS.md's structural ceiling for the "
-             "same cell (its `all` = this suite's `ir_all`). *others*: CPU cores kept busy by other processes "
-             "during the cell; above ~0.2 the absolute latencies are inflated (a 2-thread run then competes for "
-             "the cores) and only the paired ratios are meaningful.", ""]
+             "BN-fused / folded latency (paired the same way); *hand speed-up*: the same for the hand-built twin, "
+             "i.e. the structural ceiling of the plan measured on this device; *ceiling*: ANCHORS.md's structural "
+             "ceiling for the same cell, measured elsewhere (its `all` = this suite's `ir_all`). *others*: CPU "
+             "cores kept busy by other processes during the cell; above ~0.2 the absolute latencies are inflated "
+             "(a 2-thread run then competes for the cores) and only the paired ratios are meaningful.", ""]
     if plot:
         lines += [f"![latency]({plot})", ""]
     table = []
@@ -130,20 +131,21 @@ def latency_section(data: dict, ceilings: dict, plot: str | None) -> list[str]:
         timm_stats = cell.get("timm_stats") or {}
         table.append([model, label, "timm as-is", timm_stats.get("convs"), timm_stats.get("nonlinear_layers"),
                       _mmacs(timm_stats.get("macs")), v["timm"]["median_ms"], "–", "–", "–", "–",
-                      cell.get("timm_speedup_vs_bn_fused"), ceil.get("timm", {}).get(key), others])
+                      cell.get("timm_speedup_vs_bn_fused"), "–", ceil.get("timm", {}).get(key), others])
         aa = cell.get("aa_control")
         if aa:
             table.append([model, label, "A/A (hand copy / hand, bn_fused)", "", "", "", "", "", aa["paired"],
-                          aa["of_medians"], "", "", "", others])
+                          aa["of_medians"], "", "", "", "", others])
         for plan in PLAN_ORDER:
             p = cell["plans"].get(plan)
             if p is None:
                 continue
             table.append([model, label, plan, p.get("convs"), p.get("nonlinear_layers"), _mmacs(p.get("macs")),
                           p["folded_ms"], p["hand_ms"], p["folded_over_hand"], p.get("folded_over_hand_of_medians"),
-                          p["meets_1_03"], p.get("speedup_vs_bn_fused"), ceil.get(plan, {}).get(key), others])
+                          p["meets_1_03"], p.get("speedup_vs_bn_fused"), p.get("hand_speedup_vs_bn_fused"),
+                          ceil.get(plan, {}).get(key), others])
     lines += _table(["model", "cell", "variant", "convs", "non-lin.", "MMACs", "folded ms", "hand ms", "folded/hand",
-                     "of medians", f"≤ {req}", "speed-up vs BN-fused", "ceiling", "others"], table)
+                     "of medians", f"≤ {req}", "speed-up vs BN-fused", "hand speed-up", "ceiling", "others"], table)
     misses = [(c["model"], _cell_label(c), p) for c in data.get("cells", []) for p, v in c["plans"].items()
               if not v["meets_1_03"]]
     lines += [f"Cells over {req}: " + (", ".join(f"{m} {c} {p}" for m, c, p in misses) if misses else "none") + ".",
@@ -198,7 +200,7 @@ def generic_section(data: dict) -> list[str]:
         lines += _table(cols, [[r.get(c) for c in cols] for r in rows])
     flat = {}
     for k, v in data.items():
-        if k in ("benchmark", "device", "rows", "description", "title"):
+        if k in ("benchmark", "device", "rows", "description", "title", "quick"):
             continue
         if isinstance(v, dict):
             flat.update({f"{k}.{kk}": vv for kk, vv in v.items() if not isinstance(vv, dict | list)})
@@ -230,22 +232,25 @@ def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
         plans = ["timm"] + [p for p in PLAN_ORDER[1:] if any(p in c["plans"] for c in mcells)]
         width = 0.8 / max(len(mcells), 1)
         for j, cell in enumerate(mcells):
-            xs, ys, cs = [], [], []
+            xs, ys, cs, hs = [], [], [], []
             for i, plan in enumerate(plans):
-                y = cell["timm_speedup_vs_bn_fused"] if plan == "timm" else cell["plans"].get(plan, {}).get(
-                    "speedup_vs_bn_fused")
+                p = cell["plans"].get(plan, {})
+                y = cell["timm_speedup_vs_bn_fused"] if plan == "timm" else p.get("speedup_vs_bn_fused")
                 c = ceilings.get("ceilings", {}).get(model, {}).get(plan, {}).get(cell_key(cell))
                 if y is not None:
                     xs.append(i + (j - (len(mcells) - 1) / 2) * width)
                     ys.append(y)
                     cs.append(c)
+                    hs.append(p.get("hand_speedup_vs_bn_fused"))
             ax.bar(xs, ys, width, label=_cell_label(cell))
-            for x, c in zip(xs, cs):
+            for x, c, h in zip(xs, cs, hs):
                 if c is not None:
                     ax.hlines(c, x - width / 2, x + width / 2, colors="k", linewidth=2)
+                if h is not None:
+                    ax.plot([x], [h], "wx", markeredgecolor="k", markersize=6)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xticks(range(len(plans)), plans)
-        ax.set_ylabel("speed-up vs BN-fused (black: ANCHORS ceiling)")
+        ax.set_ylabel("speed-up vs BN-fused (×: hand-built twin, bar: ANCHORS ceiling)", fontsize=8)
         ax.set_title(model)
         ax.legend(fontsize=8)
     fig.suptitle(device_label(data.get("device"))[:150], fontsize=8)
