@@ -41,11 +41,12 @@ def transforms(model: torch.nn.Module, size: int) -> tuple:
 def accuracy(model: torch.nn.Module, dataset, collator, batch_size: int = 100) -> tuple[float, float, list]:
     """Top-1 / top-5 (percent) of ``model`` on ``dataset``, and its logits of the first batch."""
     model.eval()
+    device = next(model.parameters()).device
     hit1 = hit5 = 0
     first = None
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        logits = model(batch["pixel_values"])
+        logits = model(batch["pixel_values"].to(device)).float().cpu()
         first = logits if first is None else first
         top5 = logits.topk(5, dim=-1).indices
         hit1 += int((top5[:, 0] == batch["labels"]).sum())
@@ -59,12 +60,14 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
     original = lf.fold_stats(model, args.input_size)
     train_tf, eval_tf = transforms(model, args.input_size)
     config = lf.LayerFoldingConfig(alpha_init=args.alpha_init, lambda_reg=lambda_reg, regularizer=args.regularizer,
-                                   threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps)
+                                   threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps,
+                                   max_macs_increase=getattr(args, "max_macs_increase", None))
     targs = TrainingArguments(
         output_dir=f"{scratch}/{label}", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=100, learning_rate=args.lr, weight_decay=args.weight_decay,
         lr_scheduler_type="cosine", label_smoothing_factor=0.1, logging_steps=args.logging_steps,
-        save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed, use_cpu=args.device == "cpu")
+        save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed, use_cpu=args.device == "cpu",
+        bf16=getattr(args, "bf16", False), dataloader_num_workers=getattr(args, "workers", 0))
     eval_collator = ImageClassificationCollator(eval_tf)
     trainer = LayerFoldingTrainer(model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                   data_collator=ImageClassificationCollator(train_tf),
@@ -76,13 +79,15 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
         trainer.train()
     train_s = time.perf_counter() - start
     metrics = trainer.evaluate()
-    planned = trainer.model.eval()
+    planned = trainer.model.eval().cpu()
     plan = applied_plan(planned)
     folded = lf.fold_model(planned)
-    top1, top5, logits = accuracy(folded, data["test"], eval_collator)
     batch = eval_collator([data["test"][i] for i in range(100)])
     with torch.no_grad():
-        fold_err = float((planned(batch["pixel_values"]) - logits).abs().max())
+        fold_err = float((planned(batch["pixel_values"]) - folded(batch["pixel_values"])).abs().max())
+    device = "cuda" if args.device == "cuda" else "cpu"
+    top1, top5, _ = accuracy(folded.to(device), data["test"], eval_collator)
+    folded.cpu()
     after = lf.fold_stats(folded, args.input_size)
     projected = lf.projected_stats(planned)
     trajectory = [{k: e[k] for k in ("step", "loss", "task_loss", "reg_loss", "alpha_mean", "sites_past_threshold",
@@ -97,7 +102,7 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
            "folded_vs_planned_max_abs_diff": fold_err, "train_s": round(train_s, 1),
            "others_cores": meter.result.get("other_processes_cores")}
     log(f"[fashion_mnist_method] {row}")
-    return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites)}
+    return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites), "folded": folded}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -170,21 +170,30 @@ def fold_time_section(data: dict) -> list[str]:
 
 
 def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
-    lines = [f"Training device: {device_label(data.get('device'))}. Latency device: "
-             f"{device_label(data.get('latency_device') or data.get('device'))}.", "",
-             f"Dataset {data.get('dataset', '?')}, model {data.get('model', '?')}, input {data.get('input_size', '?')}"
-             f", epochs {data.get('epochs', '?')}.", ""]
+    target = data.get("target") or {}
+    settings = data.get("settings") or {}
+    lines = [f"Device (training and latency): {device_label(data.get('device'))}.", "",
+             str(data.get("description", "")), "",
+             "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
+    for key in ("calls", "caveats"):
+        if data.get(key):
+            lines += [str(data[key]), ""]
     if plot:
         lines += [f"![accuracy vs depth]({plot})", ""]
-    base = data.get("baseline") or {}
-    rows = []
-    if base:
-        rows.append(["baseline (not folded)", base.get("nonlinear_layers"), base.get("depth"), base.get("top1"),
-                     base.get("latency_ms"), 1.0])
-    for p in sorted(data.get("points", []), key=lambda p: -(p.get("nonlinear_layers") or 0)):
-        rows.append([p.get("label", "–"), p.get("nonlinear_layers"), p.get("depth"), p.get("top1"),
-                     p.get("latency_ms"), p.get("speedup")])
-    return lines + _table(["point", "non-linear layers", "depth", "top-1 %", "latency ms", "speed-up"], rows)
+    rows = data.get("rows", [])
+    cells = list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
+    table = [[r["run"], r["top1_pct"], r.get("top1_gap_points"), r["sites_past_threshold"],
+              r["nonlinear_layers_after"], r["depth_after"], r["mmacs_after"],
+              *[(r.get("speedup") or {}).get(c) for c in cells], _fmt(r.get("meets_target"))] for r in rows]
+    lines += _table(["run", "top-1 %", "loss (points)", "linear sites", "non-linear layers", "depth",
+                     f"MMACs ({settings.get('input_size', '?')} px)", *[f"speed-up {c}" for c in cells],
+                     "meets target"], table)
+    if target:
+        ok = [r["run"] for r in rows if r.get("meets_target")]
+        lines += [f"Target: ≥ {target.get('speedup')}× speed-up ({target.get('cell')}) at ≤ "
+                  f"{target.get('max_top1_loss_points')} point top-1 loss: " + (", ".join(ok) if ok else "no run")
+                  + " meets it.", ""]
+    return lines
 
 
 def generic_section(data: dict) -> list[str]:
@@ -268,24 +277,25 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    points = sorted((p for p in data.get("points", []) if p.get("top1") is not None
-                     and p.get("nonlinear_layers") is not None), key=lambda p: p["nonlinear_layers"])
-    if not points:
+    rows = sorted(data.get("rows", []), key=lambda r: r["nonlinear_layers_after"])
+    if not rows:
         return False
+    cell = (data.get("target") or {}).get("cell")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    xs, ys = [p["nonlinear_layers"] for p in points], [p["top1"] for p in points]
-    ax.plot(xs, ys, "o-", label="folded")
-    for p in points:
-        if p.get("speedup") is not None:
-            ax.annotate(f"×{p['speedup']:.2f}", (p["nonlinear_layers"], p["top1"]), textcoords="offset points",
-                        xytext=(4, 6), fontsize=8)
-    base = data.get("baseline") or {}
-    if base.get("top1") is not None and base.get("nonlinear_layers") is not None:
-        ax.plot([base["nonlinear_layers"]], [base["top1"]], "k*", markersize=12, label="not folded")
+    ax.plot([r["nonlinear_layers_after"] for r in rows], [r["top1_pct"] for r in rows], "o-", label="λ sweep")
+    for r in rows:
+        speed = (r.get("speedup") or {}).get(cell)
+        label = f"λ={r['lambda_reg']:g}" + (f", ×{speed:.2f}" if speed is not None else "")
+        ax.annotate(label, (r["nonlinear_layers_after"], r["top1_pct"]), textcoords="offset points",
+                    xytext=(4, -12), fontsize=7)
+    base = next((r for r in rows if r["lambda_reg"] == 0), None)
+    if base:
+        ax.plot([base["nonlinear_layers_after"]], [base["top1_pct"]], "k*", markersize=12, label="λ = 0 (not folded)")
     ax.set_xlabel("non-linear layers after folding")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"{data.get('model', '')} on {data.get('dataset', '')} (labels: measured speed-up)", fontsize=9)
-    ax.legend()
+    ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0 (labels: speed-up, {cell})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.suptitle(device_label(data.get("device"))[:150], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -340,11 +350,57 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
                 bullets.append(f"Fold time (`{path.name}`, one core): {model} ≤ {_fmt(slow['median_s'])} s median "
                                f"(slowest plan {slow['plan']})" + (f", requirement < {req} s: "
                                                                    f"{_fmt(slow['median_s'] < req)}." if req else "."))
+        elif kind == "train_overhead":
+            for r in data.get("rows", []):
+                ratios = ", ".join(f"{k[len('ratio_'):]} {_fmt(v)}×" for k, v in r.items()
+                                   if k.startswith("ratio_") and not k.startswith("ratio_min_"))
+                threads = f", {r['threads']} thread(s)" if (data.get("device") or {}).get("device") == "cpu" else ""
+                bullets.append(f"Training-step cost of the α search (`{path.name}`, {dev.split(' (')[0]}{threads}, "
+                               f"{r['model']}, batch {r['batch']} at {r['input_size']} px): {ratios} "
+                               f"(required ≤ {data.get('required_ratio')}).")
+        elif kind == "accuracy_sweep":
+            cell = (data.get("target") or {}).get("cell")
+            limit = (data.get("target") or {}).get("max_top1_loss_points", 0.5)
+            rows = data.get("rows", [])
+            base = next((r for r in rows if r["lambda_reg"] == 0), None)
+            kept = [r for r in rows if r["lambda_reg"] > 0 and (r.get("top1_gap_points") or 0) <= limit]
+            best = max(kept, key=lambda r: (r.get("speedup") or {}).get(cell) or 0, default=None)
+            if base:
+                within = (f"the fastest run within {limit} point, λ = {best['lambda_reg']:g}, reaches "
+                          f"{best['top1_pct']} % at depth {best['depth_after']} and "
+                          f"{(best.get('speedup') or {}).get(cell)}× ({cell})" if best
+                          else f"no λ > 0 run stays within {limit} point")
+                bullets.append(
+                    f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % "
+                    f"top-1 at depth {base['depth_after']}; {within}; target ≥ "
+                    f"{(data.get('target') or {}).get('speedup')}×: "
+                    f"{_fmt(any(r.get('meets_target') for r in rows))}.")
     return [f"- {b}" for b in bullets] + [""] if bullets else []
 
 
-def build_report(results_dir: str | Path = RESULTS_DIR) -> Path:
-    """Write ``RESULTS.md`` (and plots) in ``results_dir`` from the JSON files there; returns the markdown path."""
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def update_readme(readme: Path, bullets: list[str]) -> bool:
+    """Replace the block between the results markers of ``readme`` with ``bullets`` (atomically)."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    block = "\n".join([README_START, "", *[b for b in bullets if b], "", README_END])
+    tmp = readme.with_suffix(".md.tmp")
+    tmp.write_text(head + block + tail)
+    tmp.replace(readme)
+    return True
+
+
+def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | None = None) -> Path:
+    """Write ``RESULTS.md`` (and plots) in ``results_dir`` from the JSON files there; returns the markdown path.
+
+    With ``readme``, the summary bullets also replace the results block of that README."""
     results_dir = Path(results_dir)
     ceilings = _load_ceilings()
     lines = ["# Benchmark results", "",
@@ -352,7 +408,10 @@ def build_report(results_dir: str | Path = RESULTS_DIR) -> Path:
              "folder; every number below is read from them. Every table names the device it was measured on. "
              "See `benchmarks/README.md` for what each benchmark measures.", ""]
     found = load_results(results_dir)
-    lines += summary(found)
+    bullets = summary(found)
+    lines += bullets
+    if readme is not None:
+        update_readme(Path(readme), bullets)
     for path, data in found:
         kind = data["benchmark"]
         quick = " (quick mode: smoke-test numbers)" if data.get("quick") else ""
@@ -375,4 +434,4 @@ def build_report(results_dir: str | Path = RESULTS_DIR) -> Path:
 
 
 if __name__ == "__main__":
-    print(build_report())
+    print(build_report(readme=Path(__file__).resolve().parent.parent / "README.md"))

@@ -107,10 +107,12 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         status["fold_time"] = "ok"
     for kind in EXTERNAL:
         if kind in only:
-            status[kind] = run_external(kind, results / f"{kind}.json", args.device, args.quick)
+            suffix = "_cuda" if args.device == "cuda" else ""
+            status[kind] = run_external(kind, results / f"{kind}{suffix}.json", args.device, args.quick)
     from .report import build_report
 
-    status["report"] = str(build_report(results))
+    default_dir = results.resolve() == (ROOT / "benchmarks" / "results").resolve()
+    status["report"] = str(build_report(results, readme=ROOT / "README.md" if default_dir else None))
     for kind, state in status.items():
         _log(f"[run] {kind}: {state}")
     return status

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import BLEND_BACKENDS
 
 
 def _not_inplace(act: nn.Module) -> nn.Module:
@@ -18,28 +21,95 @@ def _not_inplace(act: nn.Module) -> nn.Module:
     return act
 
 
+def clamp_bounds(act: nn.Module) -> tuple[float, float] | None:
+    """``(lo, hi)`` when ``act`` is a clamp (ReLU6, Hardtanh), else ``None``."""
+    if isinstance(act, nn.ReLU6):
+        return 0.0, 6.0
+    if isinstance(act, nn.Hardtanh):
+        return float(act.min_val), float(act.max_val)
+    return None
+
+
+class ClampBlend(torch.autograd.Function):
+    """``lerp(clamp(x, lo, hi), x, α)`` with a hand-written backward that saves only ``x``.
+
+    Autograd through ``torch.lerp(act(x), x, α)`` keeps ``act(x)`` alive and runs the lerp backward, the clamp
+    backward and a separate product + sum for α; this does the same math in fewer passes over the tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        ctx.save_for_backward(x, alpha)
+        ctx.bounds = (lo, hi)
+        return x.clamp(lo, hi).lerp_(x, alpha.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, alpha = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        grad_x = grad_alpha = None
+        if ctx.needs_input_grad[1]:  # ∂L/∂α = Σ g·(x − clamp(x)), one dot product
+            excess = x - x.clamp(lo, hi)
+            grad_alpha = torch.vdot(grad.reshape(-1), excess.reshape(-1)).to(alpha.dtype)
+        if ctx.needs_input_grad[0]:  # g inside (lo, hi), α·g outside
+            grad_x = torch.ops.aten.hardtanh_backward(grad, x, lo, hi).lerp_(grad, alpha.to(grad.dtype))
+        return grad_x, grad_alpha, None, None
+
+
+def _clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    return torch.lerp(torch.clamp(x, bounds[0], bounds[1]), x, alpha.to(x.dtype))
+
+
+_compiled_clamp_blend = None
+
+
+def compiled_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """The clamp blend as one ``torch.compile`` kernel each way, shared by every site: shapes are symbolic and the
+    bounds a tensor (``[lo, hi]``; Python-float bounds were seen to reuse one range's graph for another)."""
+    global _compiled_clamp_blend
+    if _compiled_clamp_blend is None:
+        _compiled_clamp_blend = torch.compile(_clamp_blend, dynamic=True, fullgraph=True)
+    return _compiled_clamp_blend(x, alpha, bounds.to(x.dtype))
+
+
 class FoldableActivation(nn.Module):
     """``(1 − α)·act(x) + α·x`` with one scalar α per site.
 
     α = 0 is the original activation, α = 1 the identity. After a plan is applied, α is frozen at exactly
     0 or 1 and the forward takes the matching shortcut, so a planned model costs nothing extra.
+
+    ``blend`` picks how a searching site computes the blend: ``"eager"`` (ReLU as a one-slope PReLU, clamps such
+    as ReLU6 through :class:`ClampBlend`, anything else through ``torch.lerp``) or ``"compile"`` (clamps and ReLU
+    as one ``torch.compile`` kernel each way; needs a working inductor backend).
     """
 
-    def __init__(self, act: nn.Module, site: str, alpha_init: float = 0.0) -> None:
+    def __init__(self, act: nn.Module, site: str, alpha_init: float = 0.0, blend: str = "eager") -> None:
         super().__init__()
+        if blend not in BLEND_BACKENDS:
+            raise ValueError(f"blend={blend!r} is not supported; choose one of {BLEND_BACKENDS}")
         self.act = _not_inplace(act)
         self.site = site
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
         self.fixed: str | None = None  # None while searching; "linear" or "nonlinear" once planned
+        self.blend = blend
         self._is_relu = type(self.act) is nn.ReLU
+        self._bounds = (0.0, math.inf) if self._is_relu else clamp_bounds(self.act)
+        if blend == "compile" and self._bounds is not None:  # not in the state dict; follows .to(device)
+            self.register_buffer("_bounds_tensor", torch.tensor(self._bounds), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed == "linear":
             return x
         if self.fixed == "nonlinear":
             return self.act(x)
+        if torch.compiler.is_compiling():  # inside a compiled model: plain ops, which the compiler fuses itself
+            return torch.lerp(self.act(x), x, self.alpha.to(x.dtype))
+        if self.blend == "compile" and self._bounds is not None:
+            return compiled_clamp_blend(x, self.alpha, self._bounds_tensor)
         if self._is_relu:  # (1-α)·relu(x) + α·x is a PReLU with one shared slope: one fused kernel each way
             return F.prelu(x, self.alpha.to(x.dtype).reshape(1))
+        if self._bounds is not None:
+            return ClampBlend.apply(x, self.alpha, *self._bounds)
         return torch.lerp(self.act(x), x, self.alpha.to(x.dtype))
 
     def fix(self, linear: bool) -> None:
@@ -55,4 +125,5 @@ class FoldableActivation(nn.Module):
 
     def extra_repr(self) -> str:
         fixed = f", fixed={self.fixed}" if self.fixed else ""
-        return f"site={self.site!r}, alpha={float(self.alpha.detach()):.4f}{fixed}"
+        blend = f", blend={self.blend}" if self.blend != "eager" else ""
+        return f"site={self.site!r}, alpha={float(self.alpha.detach()):.4f}{fixed}{blend}"

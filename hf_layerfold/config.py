@@ -10,6 +10,7 @@ from pathlib import Path
 
 CONFIG_NAME = "layerfold_config.json"
 REGULARIZERS = ("paper", "l1")
+BLEND_BACKENDS = ("eager", "compile")
 
 
 @dataclass
@@ -33,6 +34,9 @@ class LayerFoldingConfig:
         search_epochs / search_steps: length of the α-search phase (steps win when both are set);
             the rest of training fine-tunes with the plan fixed.
         distill_weight / distill_temperature: knowledge distillation from a teacher, when one is given.
+        blend: how searching sites compute ``(1−α)·act(x) + α·x``: ``"eager"`` (fused autograd functions, works
+            everywhere) or ``"compile"`` (one ``torch.compile`` kernel per activation kind, forward and backward;
+            cheapest search step, needs inductor: a C++ compiler on CPU, Triton on GPU).
     """
 
     alpha_init: float = 0.0
@@ -49,6 +53,7 @@ class LayerFoldingConfig:
     search_steps: int | None = None
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    blend: str = "eager"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +84,8 @@ class LayerFoldingConfig:
             raise bad("distill_weight", "must lie in [0, 1]")
         if self.distill_temperature <= 0:
             raise bad("distill_temperature", "must be > 0")
+        if self.blend not in BLEND_BACKENDS:
+            raise bad("blend", f"supported: {', '.join(BLEND_BACKENDS)}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -22,7 +22,7 @@ class PaddedConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.pad_rules = list(pad_rules or [])
         self.static_pads: Pads | None = static_chain_padding(self.pad_rules)
-        self._pads_by_size: dict[tuple[int, int], Pads] = {}
+        self._init_pad_cache()
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, pad_rules: list[PadRule]) -> PaddedConv2d:
@@ -37,20 +37,33 @@ class PaddedConv2d(nn.Conv2d):
         new.bias = conv.bias
         new.pad_rules = list(pad_rules)
         new.static_pads = static_chain_padding(new.pad_rules)
-        new._pads_by_size = {}
+        new._init_pad_cache()
         new.train(conv.training)
         return new
 
+    def _init_pad_cache(self) -> None:
+        self._static_padding = None if self.static_pads is None else self._split_pads(self.static_pads)
+        self._padding_by_size: dict[tuple[int, int], tuple[Pads | None, tuple[int, int]]] = {}
+
+    @staticmethod
+    def _split_pads(pads: Pads) -> tuple[Pads | None, tuple[int, int]]:
+        """Symmetric front padding goes to the conv itself (no padded copy); anything else is an explicit pad."""
+        left, right, top, bottom = pads
+        if left == right and top == bottom:
+            return None, (top, left)
+        return pads, (0, 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pads = self.static_pads
-        if pads is None:  # input-size dependent (TF 'same'): computed once per size
+        split = self._static_padding
+        if split is None:  # input-size dependent (TF 'same'): computed once per size
             size = (x.shape[-2], x.shape[-1])
-            pads = self._pads_by_size.get(size)
-            if pads is None:
-                pads = self._pads_by_size[size] = chain_padding(self.pad_rules, *size)
-        if any(pads):
+            split = self._padding_by_size.get(size)
+            if split is None:
+                split = self._padding_by_size[size] = self._split_pads(chain_padding(self.pad_rules, *size))
+        pads, conv_padding = split
+        if pads is not None:
             x = F.pad(x, pads)
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, self.weight, self.bias, self.stride, conv_padding, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", run_padding={self.static_pads or 'dynamic'}"

@@ -57,9 +57,10 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     config = config or LayerFoldingConfig()
     if any(isinstance(m, FoldableActivation) for m in model.modules()):
         raise ValueError("model is already prepared for layer folding")
+    device = next((p.device for p in model.parameters()), None)
     for site in select_sites(model, config):
         act = model.get_submodule(site)
-        model.set_submodule(site, FoldableActivation(act, site, config.alpha_init))
+        model.set_submodule(site, FoldableActivation(act, site, config.alpha_init, config.blend).to(device))
     model.layerfold_config = config
     return model
 

@@ -65,6 +65,34 @@ def test_foldable_activation_interpolates():
     assert torch.equal(act(x), x) and not act.alpha.requires_grad
 
 
+@pytest.mark.parametrize("blend", ["eager", "compile"])
+@pytest.mark.parametrize("make_act", [torch.nn.ReLU6, torch.nn.ReLU, lambda: torch.nn.Hardtanh(-1.0, 2.0),
+                                      torch.nn.SiLU], ids=["relu6", "relu", "hardtanh", "silu"])
+def test_blend_paths_match_the_definition_in_float64(blend, make_act):
+    """Every fast path (PReLU, the hand-written clamp backward, the compiled kernel) computes the same values and
+    gradients, for x and α, as autograd through (1 − α)·act(x) + α·x."""
+    torch.manual_seed(0)
+    for act_alpha in (0.0, 0.3):  # α = 0 is where a wrong α-gradient would hide behind a zero blend
+        site = lf.FoldableActivation(make_act(), "s", alpha_init=act_alpha, blend=blend).double()
+        x = (4 * torch.randn(2, 3, 5, 7, dtype=torch.float64)).requires_grad_()
+        g = torch.randn_like(x)
+        site(x).backward(g)
+        ref_x = x.detach().clone().requires_grad_()
+        ref_alpha = site.alpha.detach().clone().requires_grad_()
+        ref = (1 - ref_alpha) * make_act()(ref_x) + ref_alpha * ref_x
+        ref.backward(g)
+        assert rel_err(site(x), ref) < 1e-12
+        assert rel_err(x.grad, ref_x.grad) < 1e-12
+        assert abs(float(site.alpha.grad) - float(ref_alpha.grad)) < 1e-10 * max(1.0, abs(float(ref_alpha.grad)))
+
+
+def test_config_blend_reaches_every_site_and_bad_blend_is_named():
+    model = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="compile"))
+    assert {m.blend for m in model.modules() if isinstance(m, lf.FoldableActivation)} == {"compile"}
+    with pytest.raises(ValueError, match="blend"):
+        lf.LayerFoldingConfig(blend="triton")
+
+
 def test_target_and_exclude_patterns():
     model = lf.prepare_model(small(), lf.LayerFoldingConfig(target_modules=["blocks.1*", "blocks.2"],
                                                             exclude_modules=["re:.*bn2\\.act"]))

@@ -77,16 +77,27 @@ def test_fold_time_and_markdown(quick_results):
     assert (out / "latency_cpu.png").stat().st_size > 1000
 
 
-def test_report_renders_accuracy_sweep_schema(tmp_path):
-    """The accuracy-sweep JSON described in benchmarks/README.md becomes a table and a plot."""
-    sweep = {"benchmark": "accuracy_sweep", "device": {"cpu": "example cpu", "torch": "x"}, "dataset": "fashion_mnist",
-             "model": "m", "baseline": {"top1": 90.0, "nonlinear_layers": 35},
-             "points": [{"label": "a", "nonlinear_layers": 12, "top1": 89.0, "speedup": 1.5},
-                        {"label": "b", "nonlinear_layers": 5, "top1": 85.0, "speedup": None}]}
-    (tmp_path / "accuracy_sweep.json").write_text(json.dumps(sweep))
-    (tmp_path / "train_overhead.json").write_text(json.dumps(
-        {"benchmark": "train_overhead", "device": "example gpu", "rows": [{"step": "search", "ms": 3.5}]}))
-    md = report.build_report(tmp_path).read_text()
-    assert "## Accuracy vs depth" in md and "| a | 12 |" in md
-    assert "## Training overhead" in md and "| search | 3.5 |" in md and "Device: example gpu" in md
-    assert (tmp_path / "accuracy_sweep.png").exists()
+def test_accuracy_sweep_quick_run_and_report(tmp_path):
+    """The real sweep (LayerFoldingTrainer on Fashion-MNIST, tiny) writes its JSON; the report turns it into a table,
+    a plot and the README's generated results block."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "accuracy_sweep.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
+                           "--out", str(out)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["run"] for r in data["rows"]] == ["lambda=0", "lambda=0.5"]
+    for row in data["rows"]:
+        assert 0 <= row["top1_pct"] <= 100 and row["folded_vs_planned_max_abs_diff"] < 1e-3
+        assert set(row["speedup"]) == {"cpu b1 224 float32", "cpu b1 32 float32"}
+        assert all(_finite_positive(v) for v in row["speedup"].values())
+    assert data["rows"][0]["speedup"]["cpu b1 224 float32"] == 1.0  # the baseline against itself
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:start -->\nstale\n<!-- results:end -->\noutro\n")
+    md = report.build_report(tmp_path, readme=readme).read_text()
+    assert "## Accuracy against depth" in md and "| lambda=0.5 |" in md
+    assert (tmp_path / "accuracy_sweep.png").stat().st_size > 1000
+    text = readme.read_text()
+    assert "stale" not in text and "Accuracy vs depth (`accuracy_sweep.json`" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")

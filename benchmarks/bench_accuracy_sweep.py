@@ -1,0 +1,163 @@
+"""Accuracy against depth on Fashion-MNIST: a λ sweep of Layer Folding from the ImageNet-pretrained EfficientNet-Lite0.
+
+Every run is ``bench_fashion_mnist_method.run_one`` (``LayerFoldingTrainer`` end to end, the same data, steps and
+seed); λ = 0 is the baseline fine-tune without folding. Each folded model is then timed beside the baseline's
+BN-fused model (``fold_model`` of the λ = 0 model: same weights as the baseline, BatchNorm merged into its convs),
+interleaved and paired (``harness.time_interleaved``), on the run's device:
+
+* CUDA: batch 128 at 224×224 (the protocol of the published figures) and at the training resolution, fp32 and
+  bf16 channels_last;
+* CPU: batch 1 at 224×224 and at the training resolution, fp32.
+
+Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): ≥ 1.6× CUDA batch-128 speed-up at
+≤ 0.5 point top-1 loss against the λ = 0 run. A ``--deadline-s`` lets a time-boxed GPU session keep what it has:
+the JSON is rewritten after every run, and λ values that would not fit are listed as skipped.
+
+``python -m benchmarks.bench_accuracy_sweep --out benchmarks/results/accuracy_sweep_cpu.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+from hf_layerfold.data import load_fashion_mnist
+
+from .bench_fashion_mnist_method import run_one
+from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
+
+TARGET_SPEEDUP = 1.6
+TARGET_LOSS_POINTS = 0.5
+
+
+def latency_cells(device: str, train_size: int) -> list[dict]:
+    sizes = sorted({224, train_size}, reverse=True)
+    if device == "cuda":
+        return [{"batch": 128, "input_size": s, "dtype": dt, "channels_last": cl}
+                for s in sizes for dt, cl in ((torch.float32, False), (torch.bfloat16, True))]
+    return [{"batch": 1, "input_size": s, "dtype": torch.float32, "channels_last": False} for s in sizes]
+
+
+def time_against_baseline(models: dict[str, nn.Module], device: str, cell: dict, rounds: int,
+                          budget_s: float) -> dict[str, dict]:
+    """Latency of every model and its paired speed-up over ``models["bn_fused"]`` in one interleaved run."""
+    fmt = torch.channels_last if cell["channels_last"] else torch.contiguous_format
+    dev = torch.device(device)
+    moved = {k: copy.deepcopy(m).to(device=dev, dtype=cell["dtype"]).eval() for k, m in models.items()}
+    if cell["channels_last"]:
+        moved = {k: m.to(memory_format=fmt) for k, m in moved.items()}
+    size = cell["input_size"]
+    x = torch.randn(cell["batch"], 3, size, size, device=dev, dtype=cell["dtype"]).contiguous(memory_format=fmt)
+    samples = time_interleaved(moved, x, rounds=rounds, warmup=5, budget_s=budget_s)
+    out = {}
+    for name, s in samples.items():
+        out[name] = {"median_ms": summarize(s)["median_ms"],
+                     "speedup_vs_bn_fused": round(paired_ratio(samples["bn_fused"], s), 3)}
+    del moved
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--out", default=str(RESULTS_DIR / "accuracy_sweep_cpu.json"))
+    add("--device", default="cpu", choices=["cpu", "cuda"])
+    add("--quick", action="store_true", help="a few steps on a tiny subset (smoke test, numbers meaningless)")
+    add("--lambdas", default="0.01,0.03,0.1", help="comma list of λ > 0, run in this order after λ = 0")
+    add("--train-size", type=int, default=4000, help="0 = all 60k")
+    add("--test-size", type=int, default=2000, help="0 = all 10k")
+    add("--input-size", type=int, default=64)
+    add("--steps", type=int, default=400)
+    add("--search-steps", type=int, default=200)
+    add("--batch-size", type=int, default=32)
+    add("--lr", type=float, default=1e-3)
+    add("--weight-decay", type=float, default=0.01)
+    add("--regularizer", default="l1")
+    add("--alpha-init", type=float, default=0.0)
+    add("--alpha-lr", type=float, default=0.05)
+    add("--threshold", type=float, default=0.9)
+    add("--max-macs-increase", type=float, default=None)
+    add("--logging-steps", type=int, default=25)
+    add("--threads", type=int, default=1, help="torch threads on CPU")
+    add("--bf16", action="store_true", help="train under bf16 autocast (GPU)")
+    add("--workers", type=int, default=0, help="dataloader workers")
+    add("--latency-rounds", type=int, default=50)
+    add("--latency-budget-s", type=float, default=20.0, help="per latency cell")
+    add("--deadline-s", type=float, default=None, help="skip λ runs that would end after this many seconds")
+    add("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.train_size, args.test_size, args.steps, args.search_steps, args.logging_steps = 256, 200, 8, 4, 2
+        args.latency_rounds, args.latency_budget_s, args.input_size = 5, 2.0, 32
+    lambdas = [float(v) for v in str(args.lambdas).split(",") if float(v) > 0]
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
+    settings = {k: getattr(args, k) for k in ("train_size", "test_size", "input_size", "steps", "search_steps",
+                                              "batch_size", "lr", "weight_decay", "regularizer", "alpha_init",
+                                              "alpha_lr", "threshold", "max_macs_increase", "threads", "bf16",
+                                              "seed")}
+    result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
+              "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
+                              "top-1 of the folded model on the test split (percent), gap to the λ = 0 run in "
+                              "points, and latency speed-up of the folded model over the BN-fused λ = 0 model, "
+                              "timed interleaved on the same device."),
+              "device": device_info(args.device), "quick": args.quick, "settings": settings,
+              "target": {"speedup": TARGET_SPEEDUP, "max_top1_loss_points": TARGET_LOSS_POINTS,
+                         "cell": "cuda b128 224 float32"}, "rows": [], "skipped": []}
+    runs, folded = [], {}
+    run_s = None
+    with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
+        for lam in [0.0, *lambdas]:
+            label = f"lambda={lam:g}"
+            elapsed = time.perf_counter() - start
+            if args.deadline_s and run_s and elapsed + run_s > args.deadline_s:
+                result["skipped"].append(label)
+                continue
+            t0 = time.perf_counter()
+            run = run_one(label, lam, data, args, scratch)
+            folded[label] = run.pop("folded")
+            runs.append(run)
+            run_s = time.perf_counter() - t0
+            base = runs[0]["row"]
+            for r in runs:
+                r["row"]["top1_gap_points"] = round(base["top1_pct"] - r["row"]["top1_pct"], 2)
+            result["rows"] = [r["row"] for r in runs]
+            result["linear_sites"] = {r["row"]["run"]: r["linear_sites"] for r in runs}
+            result["wall_s"] = round(time.perf_counter() - start, 1)
+            write_json(args.out, result)
+    # the BN-fused baseline: the λ = 0 model folded under an empty plan (BatchNorm merged, nothing else)
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # as in the latency suite: each conv shape gets its fastest kernel
+    models = {"bn_fused": folded["lambda=0"], **{k: v for k, v in folded.items() if k != "lambda=0"}}
+    result["latency"] = []
+    for cell in latency_cells(args.device, args.input_size):
+        timed = time_against_baseline(models, args.device, cell, args.latency_rounds, args.latency_budget_s)
+        key = f"{args.device} b{cell['batch']} {cell['input_size']} {str(cell['dtype']).replace('torch.', '')}"
+        key += " channels_last" if cell["channels_last"] else ""
+        result["latency"].append({"cell": key, **{k: v for k, v in timed.items()}})
+        for row in result["rows"]:
+            name = "bn_fused" if row["run"] == "lambda=0" else row["run"]
+            row.setdefault("speedup", {})[key] = timed[name]["speedup_vs_bn_fused"]
+        log(f"[accuracy_sweep] {key}: " + ", ".join(f"{k} {v['speedup_vs_bn_fused']}x" for k, v in timed.items()))
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        write_json(args.out, result)
+    target_cell = "cuda b128 224 float32"
+    for row in result["rows"]:
+        s = row.get("speedup", {}).get(target_cell)
+        row["meets_target"] = None if s is None else (s >= TARGET_SPEEDUP and row["top1_gap_points"] <= 0.5)
+    result["stats_note"] = f"non-linear layers / depth counted by lf.fold_stats at {args.input_size}px"
+    write_json(args.out, result)
+    log(f"[accuracy_sweep] done in {time.perf_counter() - start:.0f}s")
+    return result
+
+
+if __name__ == "__main__":
+    main()

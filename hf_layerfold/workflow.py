@@ -1,0 +1,356 @@
+"""What the CLI and the demo are built from: resolve a model name or a dataset source, evaluate, time, tabulate.
+
+Each user mistake (unknown model, unreadable dataset, ...) raises :class:`CLIError`, which the CLI prints as one
+``hf-layerfold: error:`` line; any other program can catch it the same way.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import logging
+import re
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+LITE0_ALIAS = "lite0-imagenet"
+FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+DTYPES = ("fp32", "bf16", "fp16")
+EVAL_SPLITS = ("validation", "valid", "val", "test")
+
+logger = logging.getLogger(__name__)
+
+
+class CLIError(Exception):
+    """A failure reported as one ``hf-layerfold: error:`` line (exit 2: the user's input, 1: the environment)."""
+
+    def __init__(self, message: str, code: int = 2) -> None:
+        super().__init__(" ".join(str(message).split()))  # one line, whatever the wrapped error looked like
+        self.code = code
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+
+def _is_folded_dir(path: Path) -> bool:
+    from .hub import is_folded_save
+
+    return path.is_dir() and is_folded_save(path)
+
+
+def _suggest(name: str) -> str:
+    import timm
+
+    close = difflib.get_close_matches(name, [LITE0_ALIAS, *timm.list_models()], n=3, cutoff=0.6)
+    return f" (did you mean: {', '.join(close)}?)" if close else ""
+
+
+def check_model_name(name: str) -> bool:
+    """Refuse an unknown model name before any data is loaded; returns whether it names a remote/local checkpoint."""
+    import timm
+
+    remote = name.startswith(("hf-hub:", "local-dir:"))
+    if not remote and name != LITE0_ALIAS and not timm.is_model(name):
+        raise CLIError(f"unknown model {name!r}: not a timm model name nor {LITE0_ALIAS!r}{_suggest(name)}")
+    return remote
+
+
+def create_base_model(name: str, num_classes: int | None = None, *, pretrained: bool = True):
+    """An unfolded timm model to fold: ``lite0-imagenet`` (bundled ImageNet EfficientNet-Lite0 weights) or a timm
+    name (``mobilenetv2_100``, ``resnet50.a1_in1k``, ``hf-hub:org/name``, ``local-dir:/path``)."""
+    import timm
+
+    if name == LITE0_ALIAS:
+        from .pretrained import load_efficientnet_lite0_imagenet
+
+        try:
+            return load_efficientnet_lite0_imagenet(num_classes=num_classes or 1000)
+        except (ImportError, FileNotFoundError) as err:
+            raise CLIError(str(err), code=1) from None
+    remote = check_model_name(name)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as err:  # a download (offline, no such repo, auth) or a checkpoint that does not load
+        hint = " (pass --no-pretrained for random weights)" if pretrained and not remote else ""
+        raise CLIError(f"cannot create model {name!r}: {type(err).__name__}: {err}{hint}",
+                       code=2 if remote else 1) from None
+
+
+def model_kind(name: str) -> str:
+    """``"folded"`` (a folded save: directory, ``local-dir:`` or Hub id) or ``"base"`` (a model to create);
+    an unknown name or a missing directory is refused here, before any data is loaded."""
+    import timm
+
+    local = Path(name.split(":", 1)[1] if name.startswith("local-dir:") else name).expanduser()
+    if local.is_dir():
+        if not _is_folded_dir(local):
+            if name.startswith("local-dir:"):
+                return "base"  # a timm checkpoint directory
+            raise CLIError(f"{name} is a directory but not a folded-model save (no layerfold_net config.json)")
+        return "folded"
+    if name == LITE0_ALIAS or name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
+        return "base"
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CLIError(f"model directory {name} does not exist")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", name):  # a Hub id of a folded model
+        return "folded"
+    raise CLIError(f"unknown model {name!r}: not a folded-model directory or Hub id, a timm model name, "
+                   f"nor {LITE0_ALIAS!r}{_suggest(name)}")
+
+
+def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = True):
+    """Any model the CLI can evaluate: a folded save (directory or Hub id) or an unfolded base model."""
+    from .hub import LayerFoldedModel
+
+    if model_kind(name) == "base":
+        return create_base_model(name, num_classes, pretrained=pretrained)
+    try:
+        return LayerFoldedModel.from_pretrained(name)
+    except Exception as err:  # offline, no such repo, a corrupt save
+        raise CLIError(f"cannot load folded model {name!r}: {type(err).__name__}: {err}") from None
+
+
+def set_input_size(model, image_size: int | None) -> None:
+    """Record the resolution the model is trained / evaluated at in its ``pretrained_cfg`` (transforms read it)."""
+    if image_size is None:
+        return
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    channels = int((cfg.get("input_size") or (3,))[0])
+    cfg["input_size"] = (channels, image_size, image_size)
+    cfg.pop("test_input_size", None)
+    model.pretrained_cfg = cfg
+
+
+def model_input_size(model, image_size: int | None = None) -> tuple[int, int, int]:
+    import timm.data
+
+    size = tuple(timm.data.resolve_model_data_config(model)["input_size"])
+    return (size[0], image_size, image_size) if image_size else size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+
+
+@dataclasses.dataclass
+class DataSplits:
+    train: Any
+    eval: Any
+    eval_split: str
+    num_classes: int
+    label_names: list[str] | None
+    hub_id: str | None  # for the model card's eval results
+
+
+def _subset(ds, size: int | None, seed: int):
+    if size is None or size >= len(ds):
+        return ds
+    if size <= 0:
+        raise CLIError(f"subset size must be positive, got {size}")
+    return ds.shuffle(seed=seed).select(range(size))
+
+
+def load_data(source: str, *, train_size: int | None = None, eval_size: int | None = None, seed: int = 0,
+              need_train: bool = True, eval_split: str | None = None) -> DataSplits:
+    """``fashion-mnist`` (local Debian files, else the Hub), an imagefolder directory, or a Hub dataset id."""
+    import datasets
+
+    from .data import (
+        DatasetNotAvailableError,
+        detect_columns,
+        label_names_of,
+        load_fashion_mnist,
+        load_image_dataset,
+        num_labels_of,
+    )
+
+    try:
+        if source == FASHION_MNIST:
+            splits, hub_id = load_fashion_mnist(train_size=train_size, test_size=eval_size, seed=seed), \
+                FASHION_MNIST_HUB_ID
+            train_size = eval_size = None  # already stratified-subsampled
+        else:
+            splits = load_image_dataset(source)
+            hub_id = None if Path(source).expanduser().exists() else source
+    except DatasetNotAvailableError as err:
+        raise CLIError(str(err).split("\n", 1)[0] + " Install the 'dataset-fashion-mnist' package or go online.",
+                       code=1) from None
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"cannot read dataset {source!r}: {err}") from None
+    except Exception as err:  # datasets' own errors for unknown Hub ids, offline mode, bad layouts
+        raise CLIError(f"cannot load dataset {source!r}: {type(err).__name__}: {err}") from None
+    if not isinstance(splits, datasets.DatasetDict):
+        splits = datasets.DatasetDict({"train": splits})
+    if not len(splits):
+        raise CLIError(f"dataset {source!r} has no splits")
+
+    if eval_split is not None and eval_split not in splits:
+        raise CLIError(f"dataset {source!r} has no split {eval_split!r} (splits: {', '.join(splits)})")
+    chosen = eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
+    train = splits["train"] if "train" in splits else None
+    if chosen is None and not need_train:  # evaluation only: the whole (only) split
+        chosen = "train" if train is not None else next(iter(splits))
+    if chosen is None:  # no held-out split: carve one off the training data
+        if train is None:
+            raise CLIError(f"dataset {source!r} has neither a 'train' nor an evaluation split ({', '.join(splits)})")
+        parts = train.train_test_split(test_size=min(0.1, 1000 / max(len(train), 1)), seed=seed)
+        train, evaluation, chosen = parts["train"], parts["test"], "train[held-out]"
+    else:
+        evaluation = splits[chosen]
+    if need_train and train is None:
+        raise CLIError(f"dataset {source!r} has no 'train' split (splits: {', '.join(splits)})")
+
+    try:
+        _, label_column = detect_columns(evaluation)
+    except ValueError as err:
+        raise CLIError(f"dataset {source!r}: {err}") from None
+    reference = train if train is not None else evaluation
+    num_classes = num_labels_of(reference, label_column)
+    if num_classes is None:
+        labels = reference.select_columns([label_column]).with_format("arrow")[:][label_column]
+        num_classes = int(max(labels.to_pylist()) + 1)
+    train = _subset(train, train_size, seed) if need_train else None
+    evaluation = _subset(evaluation, eval_size, seed)
+    return DataSplits(train, evaluation, chosen, num_classes, label_names_of(reference, label_column), hub_id)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and latency
+
+
+def _torch_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name} but CUDA is not available on this machine")
+    try:
+        return torch.device(name)
+    except RuntimeError as err:
+        raise CLIError(f"invalid --device {name!r}: {err}") from None
+
+
+def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size: int = 64, device: str = "cpu",
+                   num_workers: int = 0, progress: bool = True) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (fractions) of ``model`` on a labelled image dataset, with the model's eval transform."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from .data import ImageClassificationCollator, build_transforms, check_labels, detect_columns
+
+    image_column, label_column = detect_columns(dataset)
+    try:
+        check_labels(dataset, label_column, int(model.num_classes))
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    channels = model_input_size(model)[0]
+    collator = ImageClassificationCollator(build_transforms(model, is_training=False, input_size=image_size),
+                                           image_column, label_column, "L" if channels == 1 else "RGB")
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
+    dev = _torch_device(device)
+    model = model.to(dev).eval()
+    top1 = top5 = total = 0
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+            logits = model(batch["pixel_values"].to(dev))
+            labels = batch["labels"].to(dev)
+            ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            hits = ranked == labels[:, None]
+            top1 += int(hits[:, 0].sum())
+            top5 += int(hits.any(dim=-1).sum())
+            total += len(labels)
+    if total == 0:
+        raise CLIError("the evaluation dataset is empty")
+    return {"top1": top1 / total, "top5": top5 / total, "images": total}
+
+
+def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, batch_size: int = 1,
+                    device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, warmup: int = 3,
+                    rounds: int = 7, round_seconds: float = 0.25) -> dict[str, float]:
+    """Median milliseconds per forward of each model (on copies; the given models are not moved).
+
+    The models are timed in interleaved rounds (A, B, A, B, ...), so that load from other processes on a shared
+    machine falls on every model alike; the median over rounds drops the rounds it hit hardest.
+    """
+    import torch
+
+    dev = _torch_device(device)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch_size, *input_size, device=dev, dtype=torch_dtype).contiguous(memory_format=fmt)
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    runs: dict[str, tuple[Any, int]] = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            m = copy.deepcopy(model).eval().to(device=dev, dtype=torch_dtype, memory_format=fmt)
+            for _ in range(warmup):
+                m(x)
+            sync()
+            start = time.perf_counter()
+            m(x)
+            sync()
+            once = max(time.perf_counter() - start, 1e-6)
+            runs[name] = (m, max(1, int(round_seconds / once)))
+        times: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(rounds):
+            for name, (m, iters) in runs.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(iters):
+                    m(x)
+                sync()
+                times[name].append((time.perf_counter() - start) / iters)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+
+    return "\n".join([line(cells[0]), "  ".join("-" * w for w in widths), *map(line, cells[1:])])
+
+
+def fmt_count(value: int | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= div:
+            return f"{value / div:.2f} {suffix}{unit}"
+    return f"{value}{(' ' + unit) if unit else ''}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def training_arguments(output_dir: str, *, epochs: float = 1.0, max_steps: int = -1, batch_size: int = 32,
+                       lr: float = 1e-3, weight_decay: float = 0.0, warmup_steps: float = 0, seed: int = 0,
+                       num_workers: int = 0, logging_steps: int = 10, device: str = "auto",
+                       mixed_precision: str = "no", progress: bool = True):
+    """``TrainingArguments`` for a run that keeps nothing on disk but the folded save (no checkpoints, no trackers)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir, num_train_epochs=epochs, max_steps=max_steps, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay,
+        warmup_steps=warmup_steps, lr_scheduler_type="cosine", seed=seed, dataloader_num_workers=num_workers,
+        logging_steps=logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
+        remove_unused_columns=False, use_cpu=device == "cpu", bf16=mixed_precision == "bf16",
+        fp16=mixed_precision == "fp16", disable_tqdm=not progress)
