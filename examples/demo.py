@@ -24,15 +24,17 @@ same starting weights, same data, same number of steps, so the accuracy differen
 With ``--no-baseline`` the baseline run is skipped (about half the time, no distillation): the before column then
 shows the original architecture's structure and latency, and no before accuracy.
 
-Why these defaults (measured with this script, 3000 training images, 64 px, 2 epochs): the ``l1`` regularizer
-pushes every α with a constant force (the paper's Σ|1−α²| has no gradient at α = 0, so nothing moves in a short
-run). A small λ removes scattered activations, often only one of the two in a block, which merges a 1x1 expansion
-and a depthwise conv into one large dense conv: λ = 0.1 kept 81.8% top-1 (baseline 83.5%) but ran 2.3x slower
-at batch 1. A large λ removes (nearly) every activation: λ = 0.2 gave 74.2%, λ = 0.4 with distillation (the
-default) 77.0%, both with depth 49 → 18-19. Be aware that a CPU gains little from depth: at batch 1 the folded
-model ran between 0.86x and 1.3x the speed of the BN-fused baseline across our (noisy, shared-machine) runs, at
-batch 32 1.3x to 3x faster. Layer Folding targets hardware where depth, not MACs, bounds latency (GPUs,
-accelerators); ``hf-layerfold benchmark --device cuda`` measures that.
+Why these defaults (measured with this script on a 2-core Xeon, 1 thread, 3000 training images, 64 px, 2 epochs;
+baseline 83.5% top-1): the ``l1`` regularizer pushes every α with a constant force (the paper's Σ|1−α²| has no
+gradient at α = 0, so nothing moves in a short run). ``max_macs_increase=0`` keeps folding from merging a 1x1
+expansion and a depthwise conv into one large dense conv: that merge removes depth but multiplies MACs, which a CPU
+pays for. With both, λ = 0.1 (the default) removed 22 of 32 activations at 83.2% top-1, MACs 31.4 → 29.8 M,
+depth 49 → 43, and ran 1.16x faster at batch 1 and 1.12x at batch 32 (3.6 min in all); λ = 0.4 removed 30 of 32
+at 76.0%, depth 49 → 39, 1.30x / 1.27x faster. Without the MACs limit (``--max-macs-increase -1``) λ = 0.4
+reached depth 19 at 77.0% but ran no faster on the CPU (0.86x-1.3x at batch 1 across runs), and λ = 0.1 kept
+81.8% but ran 2.3x slower at batch 1. Deep merging is for hardware where depth, not MACs, bounds latency: on an
+H100 it gave 1.05x-3.76x at batch 128, 224 px, depending on λ (``benchmarks/results/accuracy_sweep_cuda.json``);
+``hf-layerfold benchmark --device cuda`` measures a saved model there.
 """
 
 from __future__ import annotations
@@ -81,12 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-steps", type=int, default=None, help="optimizer steps of each run (overrides --epochs)")
     add("--batch-size", type=int, default=32, help="batch size")
     add("--lr", type=float, default=1e-3, help="learning rate of the weights")
-    add("--lambda-reg", type=float, default=0.4, help="weight λ of the α regularizer")
+    add("--lambda-reg", type=float, default=0.1, help="weight λ of the α regularizer")
     add("--search-epochs", type=float, default=0.5,
         help="epochs of the α search; the rest of --epochs fine-tunes with the plan fixed")
     add("--regularizer", default="l1", help="'l1' = Σ(1−α) or 'paper' = Σ|1−α²| (its gradient is 0 at α=0)")
     add("--alpha-lr", type=float, default=0.05, help="learning rate of α")
     add("--threshold", type=float, default=0.9, help="α at which a site becomes linear")
+    add("--max-macs-increase", type=float, default=0.0,
+        help="split merged runs so no merged conv costs more than (1 + x) times the convs it replaces "
+             "(0: folding never adds compute, the right choice for a CPU); -1: merge every run as far as possible")
     add("--distill-weight", type=float, default=0.5,
         help="weight of distillation from the baseline (the teacher) in the folding run; 0 or --no-baseline: off")
     add("--no-baseline", dest="baseline", action="store_false",
@@ -160,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     distill = args.distill_weight if args.baseline else 0.0
     fold_config = LayerFoldingConfig(lambda_reg=args.lambda_reg, regularizer=args.regularizer,
                                      alpha_lr=args.alpha_lr, threshold=args.threshold, distill_weight=distill,
+                                     max_macs_increase=None if args.max_macs_increase < 0 else args.max_macs_increase,
                                      distill_temperature=2.0,
                                      search_epochs=None if args.max_steps else args.search_epochs)
     input_size = (3, args.image_size, args.image_size)

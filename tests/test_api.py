@@ -169,6 +169,11 @@ def test_folded_net_rebuilds_from_its_spec_alone():
     assert folded.forward_head(feats, pre_logits=True).shape == (1, folded.num_features)
     folded.reset_classifier(3)
     assert folded(x).shape == (1, 3) and folded.get_classifier().out_features == 3
+    # the plain average-pool head takes a shortcut past its modules; it computes what the modules compute
+    feats = folded.forward_features(x)
+    assert torch.equal(folded.forward_head(feats, pre_logits=True), folded.global_pool(feats))
+    folded.reset_classifier(3, global_pool="max")  # any other pooling goes through the modules
+    assert torch.equal(folded.forward_head(feats, pre_logits=True), feats.amax((2, 3)))
 
 
 def test_custom_block_rule_is_one_small_rule():
