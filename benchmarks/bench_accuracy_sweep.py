@@ -13,7 +13,7 @@ Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): �
 ≤ 0.5 point top-1 loss against the λ = 0 run. A ``--deadline-s`` lets a time-boxed GPU session keep what it has:
 the JSON is rewritten after every run, and λ values that would not fit are listed as skipped.
 
-``python -m benchmarks.bench_accuracy_sweep --out benchmarks/results/accuracy_sweep_cpu.json``
+``python -m benchmarks.bench_accuracy_sweep --out benchmarks/results/accuracy_sweep.json``
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from hf_layerfold.data import load_fashion_mnist
 
-from .bench_fashion_mnist_method import run_one
+from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
 
 TARGET_SPEEDUP = 1.6
@@ -67,43 +67,21 @@ def time_against_baseline(models: dict[str, nn.Module], device: str, cell: dict,
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
-    add("--out", default=str(RESULTS_DIR / "accuracy_sweep_cpu.json"))
-    add("--device", default="cpu", choices=["cpu", "cuda"])
-    add("--quick", action="store_true", help="a few steps on a tiny subset (smoke test, numbers meaningless)")
+    add("--out", default=str(RESULTS_DIR / "accuracy_sweep.json"))
     add("--lambdas", default="0.01,0.03,0.1", help="comma list of λ > 0, run in this order after λ = 0")
-    add("--train-size", type=int, default=4000, help="0 = all 60k")
-    add("--test-size", type=int, default=2000, help="0 = all 10k")
-    add("--input-size", type=int, default=64)
-    add("--steps", type=int, default=400)
-    add("--search-steps", type=int, default=200)
-    add("--batch-size", type=int, default=32)
-    add("--lr", type=float, default=1e-3)
-    add("--weight-decay", type=float, default=0.01)
-    add("--regularizer", default="l1")
-    add("--alpha-init", type=float, default=0.0)
-    add("--alpha-lr", type=float, default=0.05)
-    add("--threshold", type=float, default=0.9)
-    add("--max-macs-increase", type=float, default=None)
-    add("--logging-steps", type=int, default=25)
-    add("--threads", type=int, default=1, help="torch threads on CPU")
-    add("--bf16", action="store_true", help="train under bf16 autocast (GPU)")
-    add("--workers", type=int, default=0, help="dataloader workers")
     add("--latency-rounds", type=int, default=50)
     add("--latency-budget-s", type=float, default=20.0, help="per latency cell")
     add("--deadline-s", type=float, default=None, help="skip λ runs that would end after this many seconds")
-    add("--seed", type=int, default=0)
+    add_run_args(parser)
     args = parser.parse_args(argv)
+    apply_quick(args)
     if args.quick:
-        args.train_size, args.test_size, args.steps, args.search_steps, args.logging_steps = 256, 200, 8, 4, 2
         args.latency_rounds, args.latency_budget_s, args.input_size = 5, 2.0, 32
     lambdas = [float(v) for v in str(args.lambdas).split(",") if float(v) > 0]
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
-    settings = {k: getattr(args, k) for k in ("train_size", "test_size", "input_size", "steps", "search_steps",
-                                              "batch_size", "lr", "weight_decay", "regularizer", "alpha_init",
-                                              "alpha_lr", "threshold", "max_macs_increase", "threads", "bf16",
-                                              "seed")}
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
                               "top-1 of the folded model on the test split (percent), gap to the λ = 0 run in "

@@ -61,13 +61,13 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
     train_tf, eval_tf = transforms(model, args.input_size)
     config = lf.LayerFoldingConfig(alpha_init=args.alpha_init, lambda_reg=lambda_reg, regularizer=args.regularizer,
                                    threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps,
-                                   max_macs_increase=getattr(args, "max_macs_increase", None))
+                                   max_macs_increase=args.max_macs_increase)
     targs = TrainingArguments(
         output_dir=f"{scratch}/{label}", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=100, learning_rate=args.lr, weight_decay=args.weight_decay,
         lr_scheduler_type="cosine", label_smoothing_factor=0.1, logging_steps=args.logging_steps,
         save_strategy="no", report_to=[], disable_tqdm=True, seed=args.seed, use_cpu=args.device == "cpu",
-        bf16=getattr(args, "bf16", False), dataloader_num_workers=getattr(args, "workers", 0))
+        bf16=args.bf16, dataloader_num_workers=args.workers)
     eval_collator = ImageClassificationCollator(eval_tf)
     trainer = LayerFoldingTrainer(model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                   data_collator=ImageClassificationCollator(train_tf),
@@ -105,34 +105,51 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
     return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites), "folded": folded}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+RUN_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr", "weight_decay",
+                "regularizer", "alpha_init", "alpha_lr", "threshold", "max_macs_increase", "threads", "bf16", "seed")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of one ``run_one`` training run (shared with ``bench_accuracy_sweep``)."""
     add = parser.add_argument
-    add("--out", default=str(RESULTS_DIR / "fashion_mnist_method.json"))
     add("--device", default="cpu", choices=["cpu", "cuda"])
     add("--quick", action="store_true", help="a few steps on a tiny subset (smoke test, numbers meaningless)")
-    add("--train-size", type=int, default=4000)
-    add("--test-size", type=int, default=2000)
+    add("--train-size", type=int, default=4000, help="0 = all 60k")
+    add("--test-size", type=int, default=2000, help="0 = all 10k")
     add("--input-size", type=int, default=64)
     add("--steps", type=int, default=400)
     add("--search-steps", type=int, default=200)
     add("--batch-size", type=int, default=32)
     add("--lr", type=float, default=1e-3)
     add("--weight-decay", type=float, default=0.01)
-    add("--lambda-reg", default="0.01", help="comma list: one Layer Folding run per λ, plus the λ = 0 run")
     add("--regularizer", default="l1")
     add("--alpha-init", type=float, default=0.0)
     add("--alpha-lr", type=float, default=0.05)
     add("--threshold", type=float, default=0.9)
+    add("--max-macs-increase", type=float, default=None)
     add("--logging-steps", type=int, default=25)
-    add("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    add("--threads", type=int, default=1, help="torch threads on CPU (1 is fastest on a busy 2-core machine)")
+    add("--bf16", action="store_true", help="train under bf16 autocast (GPU)")
+    add("--workers", type=int, default=0, help="dataloader workers")
     add("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+
+
+def apply_quick(args: argparse.Namespace) -> None:
     if args.quick:
         args.train_size, args.test_size, args.steps, args.search_steps, args.logging_steps = 256, 200, 8, 4, 2
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(RESULTS_DIR / "fashion_mnist_method.json"))
+    parser.add_argument("--lambda-reg", default="0.01",
+                        help="comma list: one Layer Folding run per λ, plus the λ = 0 run")
+    add_run_args(parser)
+    args = parser.parse_args(argv)
+    apply_quick(args)
     lambdas = [float(v) for v in str(args.lambda_reg).split(",") if float(v) > 0]
     torch.set_num_threads(args.threads)
-    data = load_fashion_mnist(train_size=args.train_size, test_size=args.test_size, seed=args.seed)
+    data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lf_method_") as scratch:
         runs = [run_one(f"lambda={lam:g}", lam, data, args, scratch) for lam in lambdas]
@@ -141,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     for run in runs[:-1]:  # accuracy cost of folding, in points, against the same fine-tune without λ
         run["row"]["top1_gap_points"] = round(plain["top1_pct"] - run["row"]["top1_pct"], 2)
         run["row"]["within_one_point"] = abs(run["row"]["top1_gap_points"]) <= 1.0
-    settings = {k: getattr(args, k) for k in ("train_size", "test_size", "input_size", "steps", "search_steps",
-                                              "batch_size", "lr", "weight_decay", "regularizer", "alpha_init",
-                                              "alpha_lr", "threshold", "threads", "seed")}
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
     data_out = {
         "benchmark": "fashion_mnist_method", "title": "Layer Folding on Fashion-MNIST (EfficientNet-Lite0, ImageNet)",
         "description": ("ImageNet-pretrained EfficientNet-Lite0 fine-tuned on a Fashion-MNIST subset with "
