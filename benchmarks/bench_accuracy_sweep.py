@@ -33,6 +33,7 @@ from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, tim
 
 TARGET_SPEEDUP = 1.6
 TARGET_LOSS_POINTS = 0.5
+TARGET_CELL = "cuda b128 224 float32"
 
 
 def latency_cells(device: str, train_size: int) -> list[dict]:
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
                               "timed interleaved on the same device."),
               "device": device_info(args.device), "quick": args.quick, "settings": settings,
               "target": {"speedup": TARGET_SPEEDUP, "max_top1_loss_points": TARGET_LOSS_POINTS,
-                         "cell": "cuda b128 224 float32"}, "rows": [], "skipped": []}
+                         "cell": TARGET_CELL}, "rows": [], "skipped": []}
     runs, folded = [], {}
     run_s = None
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
@@ -120,17 +121,17 @@ def main(argv: list[str] | None = None) -> dict:
         timed = time_against_baseline(models, args.device, cell, args.latency_rounds, args.latency_budget_s)
         key = f"{args.device} b{cell['batch']} {cell['input_size']} {str(cell['dtype']).replace('torch.', '')}"
         key += " channels_last" if cell["channels_last"] else ""
-        result["latency"].append({"cell": key, **{k: v for k, v in timed.items()}})
+        result["latency"].append({"cell": key, **timed})
         for row in result["rows"]:
             name = "bn_fused" if row["run"] == "lambda=0" else row["run"]
             row.setdefault("speedup", {})[key] = timed[name]["speedup_vs_bn_fused"]
         log(f"[accuracy_sweep] {key}: " + ", ".join(f"{k} {v['speedup_vs_bn_fused']}x" for k, v in timed.items()))
         result["wall_s"] = round(time.perf_counter() - start, 1)
         write_json(args.out, result)
-    target_cell = "cuda b128 224 float32"
     for row in result["rows"]:
-        s = row.get("speedup", {}).get(target_cell)
-        row["meets_target"] = None if s is None else (s >= TARGET_SPEEDUP and row["top1_gap_points"] <= 0.5)
+        speedup = row.get("speedup", {}).get(TARGET_CELL)
+        row["meets_target"] = None if speedup is None else (
+            speedup >= TARGET_SPEEDUP and row["top1_gap_points"] <= TARGET_LOSS_POINTS)
     result["stats_note"] = f"non-linear layers / depth counted by lf.fold_stats at {args.input_size}px"
     write_json(args.out, result)
     log(f"[accuracy_sweep] done in {time.perf_counter() - start:.0f}s")
