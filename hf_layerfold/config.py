@@ -35,9 +35,8 @@ class LayerFoldingConfig:
             the rest of training fine-tunes with the plan fixed.
         distill_weight / distill_temperature: knowledge distillation from a teacher, when one is given.
         blend: how searching sites compute ``(1−α)·act(x) + α·x``: ``"eager"`` (fused autograd functions, works
-            everywhere) or ``"compile"`` (one ``torch.compile`` kernel per activation kind, forward and backward;
-            needs inductor: a C++ compiler on CPU, Triton on GPU). Measured: ``"compile"`` is the cheaper search
-            step on CPU, ``"eager"`` on an H100 (compiled calls carry a fixed overhead each).
+            everywhere) or ``"compile"`` (``torch.compile``: BatchNorm and the blend after it as one compiled region
+            where timm pairs them, else the blend alone; needs inductor: a C++ compiler on CPU, Triton on GPU).
     """
 
     alpha_init: float = 0.0

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
+from .fused import fuse_batchnorm_blends
 from .graph import UnsupportedModelError, build_graph, model_candidate_acts, supported_block_types
 
 
@@ -61,6 +62,8 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     for site in select_sites(model, config):
         act = model.get_submodule(site)
         model.set_submodule(site, FoldableActivation(act, site, config.alpha_init, config.blend).to(device))
+    if config.blend == "compile":  # BatchNorm + blend as one compiled region (see fused.py)
+        fuse_batchnorm_blends(model)
     model.layerfold_config = config
     return model
 

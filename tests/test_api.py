@@ -86,6 +86,53 @@ def test_blend_paths_match_the_definition_in_float64(blend, make_act):
         assert abs(float(site.alpha.grad) - float(ref_alpha.grad)) < 1e-10 * max(1.0, abs(float(ref_alpha.grad)))
 
 
+def test_compiled_batchnorm_blend_trains_like_eager_in_float64():
+    """blend="compile" runs BatchNorm + blend as one compiled region: same outputs, gradients (input, weights, α) and
+    running statistics as timm's eager BatchNormAct2d + blend, and timm's own forward once the plan is fixed."""
+    from timm.layers import BatchNormAct2d
+
+    from hf_layerfold.fused import BatchNormBlend2d, fuse_batchnorm_blends
+
+    torch.manual_seed(0)
+
+    def bn_act(blend):
+        module = BatchNormAct2d(6, act_layer=torch.nn.ReLU6).double().train()
+        module.act = lf.FoldableActivation(module.act, "s", alpha_init=0.3, blend=blend).double()
+        with torch.no_grad():
+            module.weight.uniform_(0.5, 2.0)
+            module.bias.uniform_(-1.0, 1.0)
+        return module
+
+    eager, fused = bn_act("eager"), bn_act("compile")
+    fused.load_state_dict(eager.state_dict())
+    assert fuse_batchnorm_blends(fused) == 1 and type(fused) is BatchNormBlend2d
+    for size in (5, 7):  # two spatial sizes through one compiled graph; two steps of running statistics
+        x = (3 * torch.randn(3, 6, size, size, dtype=torch.float64)).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        out_e, out_f = eager(x), fused(x2)
+        assert rel_err(out_f, out_e) < 1e-12
+        g = torch.randn_like(out_e)
+        out_e.backward(g)
+        out_f.backward(g)
+        assert rel_err(x2.grad, x.grad) < 1e-10
+    for (name, p_e), p_f in zip(eager.named_parameters(), fused.parameters()):
+        assert rel_err(p_f.grad, p_e.grad) < 1e-10, name
+    for key, value in eager.state_dict().items():
+        assert torch.allclose(fused.state_dict()[key].double(), value.double(), rtol=1e-12, atol=1e-14), key
+    fused.act.fix(linear=True)
+    eager.act.fix(linear=True)
+    assert torch.equal(fused(x), eager(x))  # a fixed plan: timm's forward
+
+
+def test_compile_blend_fuses_every_batchnorm_site_of_a_timm_model():
+    eager = lf.prepare_model(small())
+    fused = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="compile"))
+    from hf_layerfold.fused import BatchNormBlend2d
+
+    assert sum(isinstance(m, BatchNormBlend2d) for m in fused.modules()) == len(lf.foldable_sites(fused)) == 34
+    assert set(fused.state_dict()) == set(eager.state_dict())  # checkpoints and saves are unchanged
+
+
 def test_config_blend_reaches_every_site_and_bad_blend_is_named():
     model = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="compile"))
     assert {m.blend for m in model.modules() if isinstance(m, lf.FoldableActivation)} == {"compile"}

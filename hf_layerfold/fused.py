@@ -1,0 +1,75 @@
+"""``blend="compile"``: BatchNorm and the α blend after it as one compiled region per search step.
+
+A searching site keeps its input and reduces over it for α's gradient, which costs extra passes over every
+activation. timm puts most activations inside ``BatchNormAct2d``; compiling BatchNorm together with the blend lets
+the compiler fuse the normalization, the blend and their backward into a few passes, so the α search costs about
+what the plain eager step costs. One compiled function serves every site (shapes are symbolic); running statistics
+are updated exactly as eager BatchNorm updates them.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import BatchNormAct2d
+
+from .activation import FoldableActivation
+
+
+def _bn_blend(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor, momentum: float, eps: float, alpha: torch.Tensor,
+              bounds: torch.Tensor) -> torch.Tensor:
+    """Training-mode BatchNorm (batch statistics, running statistics updated in place) followed by the blend.
+
+    Written with plain reductions rather than ``F.batch_norm`` so the channel count stays symbolic: one compiled
+    graph then serves every site, where ``F.batch_norm`` got one graph per channel count."""
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
+    n = x.numel() // x.shape[1]
+    with torch.no_grad():
+        running_mean.lerp_(mean.reshape(-1).to(running_mean.dtype), momentum)
+        running_var.lerp_((var.reshape(-1) * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
+    scale = torch.rsqrt(var + eps) * weight.reshape(1, -1, 1, 1)
+    y = (x - mean) * scale + bias.reshape(1, -1, 1, 1)
+    return torch.lerp(torch.clamp(y, bounds[0], bounds[1]), y, alpha.to(y.dtype))
+
+
+_compiled_bn_blend = None
+
+
+def compiled_bn_blend(*args) -> torch.Tensor:
+    global _compiled_bn_blend
+    if _compiled_bn_blend is None:
+        _compiled_bn_blend = torch.compile(_bn_blend, dynamic=True, fullgraph=True)
+    return _compiled_bn_blend(*args)
+
+
+class BatchNormBlend2d(BatchNormAct2d):
+    """timm's ``BatchNormAct2d`` whose searching ``FoldableActivation`` runs fused with the BatchNorm.
+
+    Same parameters, buffers and state-dict keys as the module it replaces; eval mode, a fixed plan and anything
+    under an outer ``torch.compile`` take timm's own forward.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = self.act
+        if (not self.training or act.fixed is not None or not isinstance(act, FoldableActivation)
+                or torch.compiler.is_compiling() or not self.track_running_stats or self.momentum is None
+                or self.weight is None or self.bias is None):
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        # views, not Parameters: the compiler keeps a Parameter's shape static, which would pin the channel count
+        y = compiled_bn_blend(x, self.running_mean, self.running_var, self.weight.view(-1), self.bias.view(-1),
+                              self.momentum, self.eps, act.alpha, act._bounds_tensor)
+        return self.drop(y)
+
+
+def fuse_batchnorm_blends(model: torch.nn.Module) -> int:
+    """Turn every ``BatchNormAct2d`` that carries a clamp-type ``FoldableActivation`` (ReLU, ReLU6, Hardtanh) into a
+    :class:`BatchNormBlend2d`, in place; returns how many. The module object stays the same (its class changes), so
+    optimizers, hooks and parameter identities are untouched."""
+    count = 0
+    for module in model.modules():
+        if (type(module) is BatchNormAct2d and isinstance(module.act, FoldableActivation)
+                and getattr(module.act, "_bounds_tensor", None) is not None):
+            module.__class__ = BatchNormBlend2d
+            count += 1
+    return count
