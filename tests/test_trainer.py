@@ -308,3 +308,33 @@ def test_search_length_from_epochs_or_half_of_training(tmp_path, fashion):
         assert trainer.search_steps == expected
         assert [logs[s]["phase"] for s in sorted(logs)] == [0] * expected + [1] * (10 - expected)
         assert math.isclose(logs[10]["reg_loss"], 0.0)
+
+
+def test_compiled_blend_trains_like_eager(tmp_path, fashion):
+    """blend="compile" (BatchNorm + blend fused and compiled) through the real Trainer, across the phase switch:
+    the same losses, the same plan and a model that folds exactly, as the default eager blend."""
+    from hf_layerfold.fused import BatchNormBlend2d
+
+    def relu6_model():
+        torch.manual_seed(0)
+        arch = [["ds_r1_k3_s1_c8"], ["ir_r2_k3_s2_e3_c16"], ["ir_r1_k3_s1_e4_c16"]]
+        model = efficientnet.EfficientNet(decode_arch_def(arch), num_classes=10, stem_size=8, num_features=32,
+                                          act_layer=torch.nn.ReLU6)
+        model.pretrained_cfg = tiny_model().pretrained_cfg
+        return model
+
+    runs = {}
+    for blend in ("eager", "compile"):
+        trainer = make_trainer(tmp_path / blend, fashion, model=relu6_model(),
+                               config=lf.LayerFoldingConfig(**{**CFG, "blend": blend}),
+                               train_args=args_for(tmp_path / blend, max_steps=8))
+        if blend == "compile":
+            assert any(isinstance(m, BatchNormBlend2d) for m in trainer.model.modules())
+        runs[blend] = (trainer, train_logs(trainer))
+    (eager, logs_e), (fused, logs_f) = runs["eager"], runs["compile"]
+    for step in logs_e:
+        assert logs_f[step]["loss"] == pytest.approx(logs_e[step]["loss"], rel=1e-4)
+    assert applied_plan(fused.model) == applied_plan(eager.model) and len(applied_plan(fused.model)) > 0
+    model = fused.model.eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert (lf.fold_model(model)(x) - model(x)).abs().max() < 1e-4
