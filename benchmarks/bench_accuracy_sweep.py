@@ -1,7 +1,8 @@
 """Accuracy against depth on Fashion-MNIST: a λ sweep of Layer Folding from the ImageNet-pretrained EfficientNet-Lite0.
 
 Every run is ``bench_fashion_mnist_method.run_one`` (``LayerFoldingTrainer`` end to end, the same data, steps and
-seed); λ = 0 is the baseline fine-tune without folding. Each folded model is then timed beside the baseline's
+seed); λ = 0 is the baseline fine-tune without folding. With ``--distill-weight`` the λ > 0 runs also distill
+from the λ = 0 run's model (the recipe of ``make demo``). Each folded model is then timed beside the baseline's
 BN-fused model (``fold_model`` of the λ = 0 model: same weights as the baseline, BatchNorm merged into its convs),
 interleaved and paired (``harness.time_interleaved``), on the run's device:
 
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result["skipped"].append(label)
                 continue
             t0 = time.perf_counter()
-            run = run_one(label, lam, data, args, scratch)
+            teacher = folded["lambda=0"] if lam > 0 and args.distill_weight > 0 else None
+            run = run_one(label, lam, data, args, scratch, teacher=teacher)
             folded[label] = run.pop("folded")
             runs.append(run)
             run_s = time.perf_counter() - t0

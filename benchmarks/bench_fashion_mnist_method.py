@@ -54,14 +54,18 @@ def accuracy(model: torch.nn.Module, dataset, collator, batch_size: int = 100) -
     return 100.0 * hit1 / len(dataset), 100.0 * hit5 / len(dataset), first
 
 
-def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scratch: str) -> dict:
+def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scratch: str,
+            teacher: torch.nn.Module | None = None) -> dict:
+    """One LayerFoldingTrainer run; with a ``teacher`` (and ``--distill-weight``) it also distills from it."""
     torch.manual_seed(args.seed)
     model = load_efficientnet_lite0_imagenet(num_classes=10)
     original = lf.fold_stats(model, args.input_size)
     train_tf, eval_tf = transforms(model, args.input_size)
     config = lf.LayerFoldingConfig(alpha_init=args.alpha_init, lambda_reg=lambda_reg, regularizer=args.regularizer,
                                    threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps,
-                                   max_macs_increase=args.max_macs_increase)
+                                   max_macs_increase=args.max_macs_increase,
+                                   distill_weight=args.distill_weight if teacher is not None else 0.0,
+                                   distill_temperature=args.distill_temperature)
     targs = TrainingArguments(
         output_dir=f"{scratch}/{label}", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=100, learning_rate=args.lr, weight_decay=args.weight_decay,
@@ -72,7 +76,7 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
     trainer = LayerFoldingTrainer(model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                   data_collator=ImageClassificationCollator(train_tf),
                                   eval_data_collator=eval_collator, layerfold_config=config,
-                                  input_size=args.input_size)
+                                  input_size=args.input_size, teacher_model=teacher)
     log(f"[fashion_mnist_method] {label}: training {args.steps} steps (search {config.search_steps})")
     start = time.perf_counter()
     with LoadMeter() as meter:
@@ -106,7 +110,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
 
 
 RUN_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr", "weight_decay",
-                "regularizer", "alpha_init", "alpha_lr", "threshold", "max_macs_increase", "threads", "bf16", "seed")
+                "regularizer", "alpha_init", "alpha_lr", "threshold", "max_macs_increase", "distill_weight",
+                "distill_temperature", "threads", "bf16", "seed")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -127,6 +132,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     add("--alpha-lr", type=float, default=0.05)
     add("--threshold", type=float, default=0.9)
     add("--max-macs-increase", type=float, default=None)
+    add("--distill-weight", type=float, default=0.0,
+        help="λ > 0 runs distill from the λ = 0 run's model with this weight (sweep only; 0: off)")
+    add("--distill-temperature", type=float, default=2.0)
     add("--logging-steps", type=int, default=25)
     add("--threads", type=int, default=1, help="torch threads on CPU (1 is fastest on a busy 2-core machine)")
     add("--bf16", action="store_true", help="train under bf16 autocast (GPU)")
