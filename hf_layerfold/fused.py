@@ -10,6 +10,7 @@ are updated exactly as eager BatchNorm updates them.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from timm.layers import BatchNormAct2d
 
 from .activation import FoldableActivation
@@ -45,21 +46,21 @@ def compiled_bn_blend(*args) -> torch.Tensor:
 class BatchNormBlend2d(BatchNormAct2d):
     """timm's ``BatchNormAct2d`` whose searching ``FoldableActivation`` runs fused with the BatchNorm.
 
-    Same parameters, buffers and state-dict keys as the module it replaces; eval mode, a fixed plan and anything
-    under an outer ``torch.compile`` take timm's own forward.
+    Same parameters, buffers and state-dict keys as the module it replaces; eval mode, a fixed plan, a drop layer
+    between BatchNorm and the activation, and anything under an outer ``torch.compile`` take timm's own forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act
         if (not self.training or act.fixed is not None or not isinstance(act, FoldableActivation)
                 or torch.compiler.is_compiling() or not self.track_running_stats or self.momentum is None
-                or self.weight is None or self.bias is None):
+                or self.weight is None or self.bias is None or not isinstance(self.drop, nn.Identity)
+                or x.numel() == x.shape[1]):  # one value per channel: let BatchNorm raise its own error
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         # views, not Parameters: the compiler keeps a Parameter's shape static, which would pin the channel count
-        y = compiled_bn_blend(x, self.running_mean, self.running_var, self.weight.view(-1), self.bias.view(-1),
-                              self.momentum, self.eps, act.alpha, act._bounds_tensor)
-        return self.drop(y)
+        return compiled_bn_blend(x, self.running_mean, self.running_var, self.weight.view(-1), self.bias.view(-1),
+                                 self.momentum, self.eps, act.alpha, act._bounds_tensor)
 
 
 def fuse_batchnorm_blends(model: torch.nn.Module) -> int:
