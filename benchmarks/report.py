@@ -223,13 +223,29 @@ def generic_section(data: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _save(plt, fig, data: dict, path: Path, fontsize: int) -> bool:
+    fig.suptitle(device_label(data.get("device"))[:150], fontsize=fontsize)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     cells = data.get("cells", [])
     models = list(dict.fromkeys(c["model"] for c in cells))
@@ -262,20 +278,12 @@ def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
         ax.set_ylabel("speed-up vs BN-fused (×: hand-built twin, bar: ANCHORS ceiling)", fontsize=8)
         ax.set_title(model)
         ax.legend(fontsize=8)
-    fig.suptitle(device_label(data.get("device"))[:150], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, data, path, fontsize=8)
 
 
 def plot_accuracy_sweep(data: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     rows = sorted(data.get("rows", []), key=lambda r: r["nonlinear_layers_after"])
     if not rows:
@@ -295,11 +303,7 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
     ax.set_ylabel("top-1 (%)")
     ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0 (labels: speed-up, {cell})", fontsize=9)
     ax.legend(fontsize=8)
-    fig.suptitle(device_label(data.get("device"))[:150], fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, data, path, fontsize=7)
 
 
 # ------------------------------------------------------------------------------------------------ document

@@ -29,20 +29,20 @@ from .workflow import (  # noqa: F401  (re-exported: the CLI's building blocks, 
     FASHION_MNIST,
     LITE0_ALIAS,
     CLIError,
-    _is_folded_dir,
-    _suggest,
-    _torch_device,
     check_model_name,
     create_base_model,
     evaluate_model,
     fmt_count,
     format_table,
+    is_folded_dir,
     load_data,
     load_model,
     measure_latency,
     model_input_size,
     model_kind,
     set_input_size,
+    suggest_model_names,
+    torch_device,
     training_arguments,
 )
 
@@ -163,7 +163,7 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
     if not path.is_dir():
         raise CLIError(f"output path {path} exists and is not a directory")
     if any(path.iterdir()):
-        what = "a folded model" if _is_folded_dir(path) else "files"
+        what = "a folded model" if is_folded_dir(path) else "files"
         raise CLIError(f"output directory {path} already holds {what}; pass --overwrite to replace it "
                        "(the whole directory is replaced)")
 
@@ -199,7 +199,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         raise CLIError("--push-to-hub needs --repo-id (e.g. your-org/mobilenetv2-folded)")
     if args.max_steps is None and args.epochs <= 0:
         raise CLIError(f"--epochs must be > 0, got {args.epochs}")
-    device = str(_torch_device(args.device))
+    device = str(torch_device(args.device))
     check_model_name(args.model)
     data = load_data(args.dataset, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
                      eval_split=args.eval_split)
@@ -294,7 +294,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .stats import fold_stats
 
     sizes = _parse_batch_sizes(args.batch_sizes)
-    _torch_device(args.device)
+    torch_device(args.device)
     folded = load_model(args.model)
     info = getattr(folded, "layerfold_info", None)
     if info is None:
@@ -303,7 +303,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if not arch:
         raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
     if not timm.is_model(arch):
-        raise CLIError(f"unknown base model {arch!r}{_suggest(arch)}")
+        raise CLIError(f"unknown base model {arch!r}{suggest_model_names(arch)}")
     base = timm.create_model(arch, pretrained=False, num_classes=folded.num_classes).eval()
     input_size = model_input_size(folded, args.image_size)
     models = {f"base ({arch})": base, "base, BN fused": fold_model(base), "layer-folded": folded}
@@ -349,7 +349,7 @@ def cmd_push(args: argparse.Namespace) -> int:
     from . import __version__
 
     folder = Path(args.save_dir).expanduser().absolute()
-    if not _is_folded_dir(folder):
+    if not is_folded_dir(folder):
         raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
     with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
         staged = Path(tmp) / folder.name

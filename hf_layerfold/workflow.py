@@ -38,13 +38,13 @@ class CLIError(Exception):
 # Models
 
 
-def _is_folded_dir(path: Path) -> bool:
+def is_folded_dir(path: Path) -> bool:
     from .hub import is_folded_save
 
     return path.is_dir() and is_folded_save(path)
 
 
-def _suggest(name: str) -> str:
+def suggest_model_names(name: str) -> str:
     import timm
 
     close = difflib.get_close_matches(name, [LITE0_ALIAS, *timm.list_models()], n=3, cutoff=0.6)
@@ -57,7 +57,7 @@ def check_model_name(name: str) -> bool:
 
     remote = name.startswith(("hf-hub:", "local-dir:"))
     if not remote and name != LITE0_ALIAS and not timm.is_model(name):
-        raise CLIError(f"unknown model {name!r}: not a timm model name nor {LITE0_ALIAS!r}{_suggest(name)}")
+        raise CLIError(f"unknown model {name!r}: not a timm model name nor {LITE0_ALIAS!r}{suggest_model_names(name)}")
     return remote
 
 
@@ -90,7 +90,7 @@ def model_kind(name: str) -> str:
 
     local = Path(name.split(":", 1)[1] if name.startswith("local-dir:") else name).expanduser()
     if local.is_dir():
-        if not _is_folded_dir(local):
+        if not is_folded_dir(local):
             if name.startswith("local-dir:"):
                 return "base"  # a timm checkpoint directory
             raise CLIError(f"{name} is a directory but not a folded-model save (no layerfold_net config.json)")
@@ -102,7 +102,7 @@ def model_kind(name: str) -> str:
     if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", name):  # a Hub id of a folded model
         return "folded"
     raise CLIError(f"unknown model {name!r}: not a folded-model directory or Hub id, a timm model name, "
-                   f"nor {LITE0_ALIAS!r}{_suggest(name)}")
+                   f"nor {LITE0_ALIAS!r}{suggest_model_names(name)}")
 
 
 def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = True):
@@ -225,7 +225,7 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
 # Evaluation and latency
 
 
-def _torch_device(name: str):
+def torch_device(name: str):
     import torch
 
     if name == "auto":
@@ -256,7 +256,7 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
     collator = ImageClassificationCollator(build_transforms(model, is_training=False, input_size=image_size),
                                            image_column, label_column, "L" if channels == 1 else "RGB")
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
-    dev = _torch_device(device)
+    dev = torch_device(device)
     model = model.to(dev).eval()
     top1 = top5 = total = 0
     with torch.inference_mode():
@@ -283,7 +283,7 @@ def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, bat
     """
     import torch
 
-    dev = _torch_device(device)
+    dev = torch_device(device)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch_size, *input_size, device=dev, dtype=torch_dtype).contiguous(memory_format=fmt)

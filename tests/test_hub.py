@@ -37,13 +37,7 @@ def _mobilenet() -> torch.nn.Module:
     return randomize_bn(timm.create_model("mobilenetv2_050", num_classes=4)).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These nets are tiny: one intra-op thread is faster, and immune to OpenMP stalls on a busy shared box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -51,13 +51,7 @@ def args_for(tmp_path, **kw) -> TrainingArguments:
 CFG = dict(alpha_init=0.5, lambda_reg=0.05, regularizer="l1", threshold=0.8, alpha_lr=0.1, search_steps=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convs gain nothing from a second thread, and on a busy 2-core box OpenMP barriers cost 10-100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
