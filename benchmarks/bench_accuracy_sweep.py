@@ -37,8 +37,8 @@ TARGET_LOSS_POINTS = 0.5
 TARGET_CELL = "cuda b128 224 float32"
 
 
-def latency_cells(device: str, train_size: int) -> list[dict]:
-    sizes = sorted({224, train_size}, reverse=True)
+def latency_cells(device: str, train_size: int, sizes: str = "224,train") -> list[dict]:
+    sizes = sorted({train_size if s == "train" else int(s) for s in sizes.split(",")}, reverse=True)
     if device == "cuda":
         return [{"batch": 128, "input_size": s, "dtype": dt, "channels_last": cl}
                 for s in sizes for dt, cl in ((torch.float32, False), (torch.bfloat16, True))]
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     add("--lambdas", default="0.01,0.03,0.1", help="comma list of λ > 0, run in this order after λ = 0")
     add("--latency-rounds", type=int, default=50)
     add("--latency-budget-s", type=float, default=20.0, help="per latency cell")
+    add("--latency-sizes", default="224,train", help="input sizes to time at ('train' = the training size)")
     add("--deadline-s", type=float, default=None, help="skip λ runs that would end after this many seconds")
     add_run_args(parser)
     args = parser.parse_args(argv)
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True  # as in the latency suite: each conv shape gets its fastest kernel
     models = {"bn_fused": folded["lambda=0"], **{k: v for k, v in folded.items() if k != "lambda=0"}}
     result["latency"] = []
-    for cell in latency_cells(args.device, args.input_size):
+    for cell in latency_cells(args.device, args.input_size, args.latency_sizes):
         timed = time_against_baseline(models, args.device, cell, args.latency_rounds, args.latency_budget_s)
         key = f"{args.device} b{cell['batch']} {cell['input_size']} {str(cell['dtype']).replace('torch.', '')}"
         key += " channels_last" if cell["channels_last"] else ""

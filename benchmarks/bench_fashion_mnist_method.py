@@ -63,7 +63,7 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
     train_tf, eval_tf = transforms(model, args.input_size)
     config = lf.LayerFoldingConfig(alpha_init=args.alpha_init, lambda_reg=lambda_reg, regularizer=args.regularizer,
                                    threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps,
-                                   max_macs_increase=args.max_macs_increase,
+                                   max_macs_increase=args.max_macs_increase, alpha_sharing=args.alpha_sharing,
                                    distill_weight=args.distill_weight if teacher is not None else 0.0,
                                    distill_temperature=args.distill_temperature)
     targs = TrainingArguments(
@@ -110,8 +110,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
 
 
 RUN_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr", "weight_decay",
-                "regularizer", "alpha_init", "alpha_lr", "threshold", "max_macs_increase", "distill_weight",
-                "distill_temperature", "threads", "bf16", "seed")
+                "regularizer", "alpha_init", "alpha_lr", "threshold", "alpha_sharing", "max_macs_increase",
+                "distill_weight", "distill_temperature", "threads", "bf16", "seed")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +132,7 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     add("--alpha-lr", type=float, default=0.05)
     add("--threshold", type=float, default=0.9)
     add("--max-macs-increase", type=float, default=None)
+    add("--alpha-sharing", default="site", choices=["site", "block"], help="one α per site or per block")
     add("--distill-weight", type=float, default=0.0,
         help="λ > 0 runs distill from the λ = 0 run's model with this weight (sweep only; 0: off)")
     add("--distill-temperature", type=float, default=2.0)

@@ -5,7 +5,9 @@ timed side by side in every round (starting variant rotated), so drift of a shar
 the reported ratio is the median over rounds of the per-round ratio. Variants:
 
 * ``timm``: the model as timm builds it (in-place activations), no α.
-* ``prepared``: ``prepare_model`` with the default ``blend="eager"`` (every site a ``FoldableActivation``).
+* ``prepared``: ``prepare_model`` with the default ``blend="auto"``: the Triton kernels on CUDA, the eager blend on
+  CPU. Its step also adds the α regularizer to the loss and clamps α after the optimizer step, as the trainer does.
+* ``prepared_eager``: ``blend="eager"`` (on CPU the same as ``prepared``).
 * ``prepared_compile_blend``: ``blend="compile"``: each BatchNorm + blend pair is one compiled region (the blend
   alone where no BatchNorm carries it); the rest of the model stays eager.
 * ``timm_regional``: the fair twin of that: the timm model with its own BatchNorm + activation regions compiled the
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 
 import hf_layerfold as lf
+from hf_layerfold.losses import alpha_regularizer, clamp_alphas_
 
 from .harness import RESULTS_DIR, LoadMeter, device_info, log, paired_ratio, summarize, write_json
 
@@ -54,9 +57,16 @@ def grad_gap(model: nn.Module, other: nn.Module, x: torch.Tensor) -> float:
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One training step; for a prepared model with what ``LayerFoldingTrainer`` adds (regularizer, α clamp)."""
+    alphas = getattr(model, "_bench_alphas", None)
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    loss = F.cross_entropy(model(x), y)
+    if alphas:
+        loss = loss + 0.1 * alpha_regularizer(alphas, "l1")
+    loss.backward()
     opt.step()
+    if alphas:
+        clamp_alphas_(alphas)
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -65,7 +75,12 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": weights, "weight_decay": 0.05}]
     if alphas:
         groups.append({"params": list(lf.alpha_parameters(model).values()), "lr": 1e-2, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=1e-3, foreach=False)
+    return torch.optim.AdamW(groups, lr=1e-3, fused=True)  # what Trainer's default optim, adamw_torch_fused, runs
+
+
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def time_steps(variants: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int, warmup: int,
@@ -81,8 +96,10 @@ def time_steps(variants: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
     while r < rounds:
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
+            _sync(x)  # on CUDA: time the step's GPU work, not how fast its kernels were queued
             t0 = time.perf_counter()
             _step(variants[name], optims[name], x, y)
+            _sync(x)
             samples[name].append((time.perf_counter() - t0) * 1e3)
         r += 1
         if r >= 5 and (time.perf_counter() - start) / r * (r + 1) > budget_s:
@@ -90,33 +107,43 @@ def time_steps(variants: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
     return samples
 
 
+def _prepared(base: nn.Module, blend: str) -> nn.Module:
+    model = lf.prepare_model(copy.deepcopy(base), lf.LayerFoldingConfig(alpha_init=0.3, blend=blend))
+    model._bench_alphas = list(lf.alpha_parameters(model).values())
+    return model
+
+
 def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: int, warmup: int,
-        budget_s: float, device: str, whole_compile: bool = False) -> dict:
+        budget_s: float, device: str, whole_compile: bool = False, compile_variants: bool = True) -> dict:
     torch.set_num_threads(threads)
     rows = []
     for name in models:
         torch.manual_seed(0)
         base = timm.create_model(name, pretrained=False, num_classes=1000).to(device)
-        prepared = lf.prepare_model(copy.deepcopy(base), lf.LayerFoldingConfig(alpha_init=0.3))
-        compiled_blend = lf.prepare_model(copy.deepcopy(base), lf.LayerFoldingConfig(alpha_init=0.3, blend="compile"))
-        compiled_blend.load_state_dict(prepared.state_dict())
+        variants = {"timm": base, "prepared": _prepared(base, "auto")}
+        if device != "cpu":
+            variants["prepared_eager"] = _prepared(base, "eager")
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
-        t0 = time.perf_counter()
-        blend_err = grad_gap(prepared, compiled_blend, x[:2])  # the first call compiles
-        compile_s = {"blend": round(time.perf_counter() - t0, 1)}
-        regional = copy.deepcopy(base)  # the fair twin of blend="compile": timm's BatchNorm+act regions compiled
-        for m in regional.modules():
-            if isinstance(m, BatchNormAct2d):
-                m.compile(dynamic=True)
-        t0 = time.perf_counter()
-        _step(regional, _optimizer(regional), x, y)
-        compile_s["timm_regional"] = round(time.perf_counter() - t0, 1)
-        variants = {"timm": base, "prepared": prepared, "prepared_compile_blend": compiled_blend,
-                    "timm_regional": regional}
+        checks, compile_s = {}, {}
+        if device != "cpu":  # the default path (Triton kernels) against the eager blend
+            checks["auto_vs_eager_grad_rel_err"] = grad_gap(variants["prepared"], variants["prepared_eager"], x[:2])
+        if compile_variants:
+            compiled_blend = variants["prepared_compile_blend"] = _prepared(base, "compile")
+            t0 = time.perf_counter()
+            checks["compile_blend_grad_rel_err"] = grad_gap(variants["prepared"], compiled_blend, x[:2])
+            compile_s["blend"] = round(time.perf_counter() - t0, 1)  # the first call compiles
+            regional = copy.deepcopy(base)  # the fair twin of blend="compile": timm's BatchNorm+act regions compiled
+            for m in regional.modules():
+                if isinstance(m, BatchNormAct2d):
+                    m.compile(dynamic=True)
+            t0 = time.perf_counter()
+            _step(regional, _optimizer(regional), x, y)
+            compile_s["timm_regional"] = round(time.perf_counter() - t0, 1)
+            variants["timm_regional"] = regional
         if whole_compile:
             variants["timm_compiled"] = torch.compile(copy.deepcopy(base))
-            variants["prepared_compiled"] = torch.compile(copy.deepcopy(prepared))
+            variants["prepared_compiled"] = torch.compile(copy.deepcopy(variants["prepared"]))
             for key in ("timm_compiled", "prepared_compiled"):
                 t0 = time.perf_counter()
                 _step(variants[key], _optimizer(variants[key]), x, y)
@@ -126,16 +153,16 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
             samples = time_steps(variants, x, y, rounds, warmup, budget_s)
         stats = {k: summarize(v) for k, v in samples.items()}
         row = {"model": name, "batch": batch, "input_size": size, "threads": threads,
-               "sites": len(lf.alpha_parameters(prepared)), "rounds": len(samples["timm"]),
+               "sites": len(lf.alpha_parameters(variants["prepared"])), "rounds": len(samples["timm"]),
                **{f"{k}_ms": v["median_ms"] for k, v in stats.items()}}
-        pairs = [("prepared", "timm"), ("prepared_compile_blend", "timm"),
+        pairs = [("prepared", "timm"), ("prepared_eager", "timm"), ("prepared_compile_blend", "timm"),
                  ("prepared_compile_blend", "timm_regional"), ("prepared_compiled", "timm_compiled")]
         for variant, reference in pairs:
             if variant in samples:
                 key = variant if reference in ("timm", "timm_compiled") else f"{variant}_vs_{reference}"
                 row[f"ratio_{key}"] = round(paired_ratio(samples[variant], samples[reference]), 4)
                 row[f"ratio_min_{key}"] = round(stats[variant]["min_ms"] / stats[reference]["min_ms"], 4)
-        row.update({"compile_blend_grad_rel_err": blend_err, "compile_s": compile_s,
+        row.update({**checks, "compile_s": compile_s,
                     "others_cores": meter.result.get("other_processes_cores"), "loadavg": meter.result.get("loadavg")})
         row["within_required"] = {k[len("ratio_"):]: v <= REQUIRED_RATIO for k, v in row.items()
                                   if k.startswith("ratio_") and not k.startswith("ratio_min_")}
@@ -158,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-s", type=float, default=240.0, help="wall-time cap per model")
     parser.add_argument("--whole-compile", action="store_true",
                         help="also time both models under torch.compile (slow to compile on CPU)")
+    parser.add_argument("--no-compile-variants", action="store_true",
+                        help="skip blend='compile' and its compiled timm twin (they compile for a minute or more)")
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="first wait up to this many seconds for other processes to go quiet")
     args = parser.parse_args(argv)
@@ -171,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for threads in (int(t) for t in str(args.threads).split(",")):
         rows += run(models, args.batch, size, threads, rounds, args.warmup, args.budget_s, args.device,
-                    args.whole_compile)["rows"]
+                    args.whole_compile, not args.no_compile_variants)["rows"]
     result = {"rows": rows}
     data = {"benchmark": "train_overhead", "title": "Training overhead of the α search",
             "description": ("Median training-step time (fwd + bwd + AdamW step) of a prepared model in the search "

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one time-boxed command (a lent GPU session is short). From the repo root:
 #   OUT=/some/dir bash benchmarks/gpu_all.sh
-# Writes into $OUT: latency_cuda.json, train_overhead_cuda_<model>.json, accuracy_sweep_cuda.json and log.txt; each step
-# has its own time limit and a failing step does not stop the others. Budgets are in seconds (env overridable).
-# Needs torch, timm, transformers, datasets and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR).
+# Writes into $OUT: cuda_tests.txt (the CUDA tests of the Triton blend), latency_cuda.json,
+# train_overhead_cuda_<model>.json, accuracy_sweep_cuda.json and log.txt; each step has its own time limit and a failing
+# step does not stop the others. Budgets are in seconds (env overridable). Needs torch, timm, transformers, datasets,
+# pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR).
 set -u
 OUT=${OUT:?set OUT to the output folder}
 LATENCY_S=${LATENCY_S:-90}
 OVERHEAD_S=${OVERHEAD_S:-70}  # per model
+OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants
 TOTAL_S=${TOTAL_S:-570}  # the sweep gets what is left of this
 START=$(date +%s)
 SWEEP_ARGS=${SWEEP_ARGS:-}
@@ -16,7 +18,14 @@ log() { echo "[gpu_all $(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 
 log "start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
 python3 -c "import torch, timm, transformers, datasets; print('torch', torch.__version__, 'timm', timm.__version__,
-'transformers', transformers.__version__, 'datasets', datasets.__version__)" 2>&1 | tee -a "$OUT/log.txt"
+'transformers', transformers.__version__, 'datasets', datasets.__version__)
+import importlib.util as u; print('triton', u.find_spec('triton') and __import__('triton').__version__)" 2>&1 \
+  | tee -a "$OUT/log.txt"
+
+log "CUDA tests"
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py >"$OUT/cuda_tests.txt" 2>&1 \
+  || log "CUDA tests exited with $?"
+tail -3 "$OUT/cuda_tests.txt" | tee -a "$OUT/log.txt"
 
 log "latency (budget ${LATENCY_S}s)"
 timeout $((LATENCY_S + 120)) python3 benchmarks/gpu_suite.py "$OUT/latency_cuda.json" --budget-s "$LATENCY_S" \
@@ -25,7 +34,7 @@ timeout $((LATENCY_S + 120)) python3 benchmarks/gpu_suite.py "$OUT/latency_cuda.
 for model in mobilenetv2_100 tf_efficientnet_lite0; do
   log "train overhead $model (budget ${OVERHEAD_S}s)"
   timeout "$OVERHEAD_S" python3 -m benchmarks.bench_train_overhead --device cuda --models $model --batch 64 \
-    --input-size 224 --threads 1 --rounds 40 --budget-s $((OVERHEAD_S / 5)) \
+    --input-size 224 --threads 1 --rounds 40 --budget-s $((OVERHEAD_S / 3)) $OVERHEAD_ARGS \
     --out "$OUT/train_overhead_cuda_$model.json" >>"$OUT/log.txt" 2>&1 || log "train overhead exited with $?"
 done
 

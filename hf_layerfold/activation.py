@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import BLEND_BACKENDS
+from .triton_blend import triton_available, triton_clamp_blend
 
 
 def _not_inplace(act: nn.Module) -> nn.Module:
@@ -79,11 +80,14 @@ class FoldableActivation(nn.Module):
     0 or 1 and the forward takes the matching shortcut, so a planned model costs nothing extra.
 
     ``blend`` picks how a searching site computes the blend: ``"eager"`` (ReLU as a one-slope PReLU, clamps such
-    as ReLU6 through :class:`ClampBlend`, anything else through ``torch.lerp``) or ``"compile"`` (clamps and ReLU
-    as one ``torch.compile`` kernel each way; needs a working inductor backend).
+    as ReLU6 through :class:`ClampBlend`, anything else through ``torch.lerp``), ``"compile"`` (clamps and ReLU
+    as one ``torch.compile`` kernel each way; needs a working inductor backend), ``"triton"`` (clamps and ReLU
+    through the hand-written kernels of :mod:`hf_layerfold.triton_blend`; CUDA tensors) or ``"auto"`` (the default:
+    ``"triton"`` for CUDA tensors when Triton is installed, else ``"eager"``). Other activations (SiLU, ...) always
+    take ``torch.lerp``.
     """
 
-    def __init__(self, act: nn.Module, site: str, alpha_init: float = 0.0, blend: str = "eager") -> None:
+    def __init__(self, act: nn.Module, site: str, alpha_init: float = 0.0, blend: str = "auto") -> None:
         super().__init__()
         if blend not in BLEND_BACKENDS:
             raise ValueError(f"blend={blend!r} is not supported; choose one of {BLEND_BACKENDS}")
@@ -94,7 +98,7 @@ class FoldableActivation(nn.Module):
         self.blend = blend
         self._is_relu = type(self.act) is nn.ReLU
         self._bounds = (0.0, math.inf) if self._is_relu else clamp_bounds(self.act)
-        if blend == "compile" and self._bounds is not None:  # not in the state dict; follows .to(device)
+        if self._bounds is not None:  # [lo, hi] for the compiled and Triton kernels; not in the state dict
             self.register_buffer("_bounds_tensor", torch.tensor(self._bounds), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,13 +108,42 @@ class FoldableActivation(nn.Module):
             return self.act(x)
         if torch.compiler.is_compiling():  # inside a compiled model: plain ops, which the compiler fuses itself
             return torch.lerp(self.act(x), x, self.alpha.to(x.dtype))
-        if self.blend == "compile" and self._bounds is not None:
-            return compiled_clamp_blend(x, self.alpha, self._bounds_tensor)
+        if self._bounds is not None:
+            if self.blend == "triton" or (self.blend == "auto" and x.is_cuda and triton_available()):
+                return triton_clamp_blend(x, self.alpha, self._bounds_like(x))
+            if self.blend == "compile":
+                return compiled_clamp_blend(x, self.alpha, self._bounds_tensor)
         if self._is_relu:  # (1-α)·relu(x) + α·x is a PReLU with one shared slope: one fused kernel each way
             return F.prelu(x, self.alpha.to(x.dtype).reshape(1))
         if self._bounds is not None:
             return ClampBlend.apply(x, self.alpha, *self._bounds)
         return torch.lerp(self.act(x), x, self.alpha.to(x.dtype))
+
+    def __getattr__(self, name: str):
+        if name == "alpha":  # a site tied to another reads that site's α (see share_alpha)
+            leader = self.__dict__.get("_alpha_leader")
+            if leader is not None:
+                return leader.alpha
+        return super().__getattr__(name)
+
+    def share_alpha(self, leader: FoldableActivation) -> None:
+        """Use ``leader``'s α from now on (this site's own α leaves the module and its state dict). The leader is
+        held outside ``_modules`` so it is neither a submodule here nor saved twice."""
+        if leader is self or self.__dict__.get("_alpha_leader") is not None or "alpha" not in self._parameters:
+            raise ValueError(f"site {self.site!r} cannot share the α of {leader.site!r}")
+        del self._parameters["alpha"]
+        self.__dict__["_alpha_leader"] = leader
+
+    @property
+    def alpha_owner(self) -> str:
+        """The site whose α this site uses (itself unless it shares another's)."""
+        leader = self.__dict__.get("_alpha_leader")
+        return self.site if leader is None else leader.site
+
+    def _bounds_like(self, x: torch.Tensor) -> torch.Tensor:
+        want = torch.float64 if x.dtype == torch.float64 else torch.float32  # the kernels' compute dtype
+        bounds = self._bounds_tensor
+        return bounds if bounds.dtype == want and bounds.device == x.device else bounds.to(x.device, want)
 
     def fix(self, linear: bool) -> None:
         """Freeze α at exactly 1 (linear) or 0 (the original activation)."""
@@ -125,5 +158,6 @@ class FoldableActivation(nn.Module):
 
     def extra_repr(self) -> str:
         fixed = f", fixed={self.fixed}" if self.fixed else ""
-        blend = f", blend={self.blend}" if self.blend != "eager" else ""
-        return f"site={self.site!r}, alpha={float(self.alpha.detach()):.4f}{fixed}{blend}"
+        blend = f", blend={self.blend}" if self.blend != "auto" else ""
+        shared = f", alpha_of={self.alpha_owner!r}" if self.alpha_owner != self.site else ""
+        return f"site={self.site!r}, alpha={float(self.alpha.detach()):.4f}{shared}{fixed}{blend}"

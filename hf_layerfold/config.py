@@ -10,7 +10,8 @@ from pathlib import Path
 
 CONFIG_NAME = "layerfold_config.json"
 REGULARIZERS = ("paper", "l1")
-BLEND_BACKENDS = ("eager", "compile")
+BLEND_BACKENDS = ("auto", "eager", "compile", "triton")
+ALPHA_SHARING = ("site", "block")
 
 
 @dataclass
@@ -22,6 +23,9 @@ class LayerFoldingConfig:
         lambda_reg: weight λ of the α regularizer in the loss.
         regularizer: ``"paper"`` = Σ|1−α²| (Ben Dror et al.), ``"l1"`` = Σ(1−α).
         threshold: a site whose α reaches this becomes the identity when the plan is fixed.
+        alpha_sharing: ``"site"`` learns one α per activation (the paper); ``"block"`` shares one α among the sites
+            of a block (an inverted residual's two activations), so a block turns linear as a whole and collapses
+            into one conv: fewer, larger depth savings for the same number of linear sites.
         target_modules: site-name patterns (fnmatch, or a regex prefixed ``re:``) to make foldable;
             ``None`` = every foldable site.
         exclude_modules: site-name patterns never made foldable.
@@ -34,15 +38,18 @@ class LayerFoldingConfig:
         search_epochs / search_steps: length of the α-search phase (steps win when both are set);
             the rest of training fine-tunes with the plan fixed.
         distill_weight / distill_temperature: knowledge distillation from a teacher, when one is given.
-        blend: how searching sites compute ``(1−α)·act(x) + α·x``: ``"eager"`` (fused autograd functions, works
-            everywhere) or ``"compile"`` (``torch.compile``: BatchNorm and the blend after it as one compiled region
-            where timm pairs them, else the blend alone; needs inductor: a C++ compiler on CPU, Triton on GPU).
+        blend: how searching sites compute ``(1−α)·act(x) + α·x``: ``"auto"`` (``"triton"`` on CUDA when Triton is
+            installed, else ``"eager"``), ``"eager"`` (fused autograd functions, works everywhere), ``"triton"``
+            (hand-written CUDA kernels that move the bytes an in-place ReLU6 moves) or ``"compile"``
+            (``torch.compile``: BatchNorm and the blend after it as one compiled region where timm pairs them, else the
+            blend alone; needs inductor: a C++ compiler on CPU, Triton on GPU).
     """
 
     alpha_init: float = 0.0
     lambda_reg: float = 0.25
     regularizer: str = "paper"
     threshold: float = 0.9
+    alpha_sharing: str = "site"
     target_modules: list[str] | None = None
     exclude_modules: list[str] = field(default_factory=list)
     max_kernel_size: int = 7
@@ -53,7 +60,7 @@ class LayerFoldingConfig:
     search_steps: int | None = None
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
-    blend: str = "eager"
+    blend: str = "auto"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,6 +77,8 @@ class LayerFoldingConfig:
             raise bad("regularizer", f"supported: {', '.join(REGULARIZERS)}")
         if not 0.0 < self.threshold <= 1.0:
             raise bad("threshold", "must lie in (0, 1]")
+        if self.alpha_sharing not in ALPHA_SHARING:
+            raise bad("alpha_sharing", f"supported: {', '.join(ALPHA_SHARING)}")
         if int(self.max_kernel_size) != self.max_kernel_size or self.max_kernel_size < 1:
             raise bad("max_kernel_size", "must be a positive integer")
         if self.max_macs_increase is not None and self.max_macs_increase < 0:

@@ -82,7 +82,7 @@ def register_model_rule(*classes: type) -> Callable[[ModelRule], ModelRule]:
     return wrap
 
 
-def _lookup(registry: dict[type, Callable], obj: object) -> Callable | None:
+def lookup_rule(registry: dict[type, Callable], obj: object) -> Callable | None:
     for cls in type(obj).__mro__:
         if cls in registry:
             return registry[cls]
@@ -99,7 +99,7 @@ def supported_model_types() -> list[str]:
 
 def block_nodes(block: nn.Module, path: str) -> list:
     """Nodes of one block, by its registered rule."""
-    rule = _lookup(BLOCK_RULES, block)
+    rule = lookup_rule(BLOCK_RULES, block)
     if rule is None:
         raise UnsupportedModelError(
             f"block {path!r} of type {type(block).__name__} has no folding rule; supported block types: "
@@ -111,7 +111,7 @@ def build_graph(model: nn.Module) -> ModelGraph:
     """The node view of a supported timm model."""
     from . import rules  # noqa: F401  (registers the built-in rules)
 
-    rule = _lookup(MODEL_RULES, model)
+    rule = lookup_rule(MODEL_RULES, model)
     if rule is None:
         raise UnsupportedModelError(
             f"model type {type(model).__name__} is not supported; supported model types: "

@@ -39,5 +39,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 @torch.no_grad()
 def clamp_alphas_(alphas: Sequence[torch.Tensor]) -> None:
     """Keep every α in [0, 1] (outside it the blend extrapolates and the plan threshold loses meaning)."""
-    for alpha in alphas:
-        alpha.clamp_(0.0, 1.0)
+    alphas = list(alphas)
+    if alphas:  # two multi-tensor kernels rather than one per site
+        torch._foreach_clamp_min_(alphas, 0.0)
+        torch._foreach_clamp_max_(alphas, 1.0)

@@ -10,7 +10,14 @@ import torch.nn as nn
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
 from .fused import fuse_batchnorm_blends
-from .graph import UnsupportedModelError, build_graph, model_candidate_acts, supported_block_types
+from .graph import (
+    BLOCK_RULES,
+    UnsupportedModelError,
+    build_graph,
+    lookup_rule,
+    model_candidate_acts,
+    supported_block_types,
+)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -62,15 +69,38 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     for site in select_sites(model, config):
         act = model.get_submodule(site)
         model.set_submodule(site, FoldableActivation(act, site, config.alpha_init, config.blend).to(device))
+    if config.alpha_sharing == "block":
+        share_alpha_by_block(model)
     if config.blend == "compile":  # BatchNorm + blend as one compiled region (see fused.py)
         fuse_batchnorm_blends(model)
     model.layerfold_config = config
     return model
 
 
+def share_alpha_by_block(model: nn.Module) -> dict[str, list[str]]:
+    """Tie the α of every site to the first site of its block (the innermost module a block rule covers); a site
+    outside any block keeps its own. Returns block path → its sites."""
+    blocks = sorted((name for name, m in model.named_modules() if name and lookup_rule(BLOCK_RULES, m)),
+                    key=len, reverse=True)
+    groups: dict[str, list[FoldableActivation]] = {}
+    for m in model.modules():
+        if isinstance(m, FoldableActivation):
+            key = next((b for b in blocks if m.site.startswith(b + ".")), m.site)
+            groups.setdefault(key, []).append(m)
+    for leader, *followers in groups.values():
+        for follower in followers:
+            follower.share_alpha(leader)
+    return {key: [m.site for m in members] for key, members in groups.items()}
+
+
 def alpha_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Site name → α parameter, in network order."""
+    """Site name → α parameter, in network order (sites that share an α map to the same parameter)."""
     return {m.site: m.alpha for m in model.modules() if isinstance(m, FoldableActivation)}
+
+
+def unique_alphas(alphas) -> list[nn.Parameter]:
+    """Each α once (for optimizer groups: shared α appear under several sites)."""
+    return list({id(a): a for a in alphas}.values())
 
 
 def is_prepared(model: nn.Module) -> bool:

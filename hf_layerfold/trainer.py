@@ -27,7 +27,7 @@ from .config import LayerFoldingConfig
 from .data import check_labels, detect_columns, label_names_of, prepare_datasets
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
 from .plan import FoldPlan, applied_plan, apply_plan
-from .prepare import alpha_parameters, is_prepared, prepare_model
+from .prepare import alpha_parameters, is_prepared, prepare_model, unique_alphas
 from .stats import projected_stats
 
 logger = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class LayerFoldingTrainer(Trainer):
                                "no-weight-decay rule for α are not applied")
             return super().create_optimizer(model)
         optimizer = super().create_optimizer(model)
-        alphas = list(alpha_parameters(self.model if model is None else model).values())
+        alphas = unique_alphas(alpha_parameters(self.model if model is None else model).values())
         ids = {id(a) for a in alphas}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]

@@ -137,7 +137,7 @@ def test_config_blend_reaches_every_site_and_bad_blend_is_named():
     model = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="compile"))
     assert {m.blend for m in model.modules() if isinstance(m, lf.FoldableActivation)} == {"compile"}
     with pytest.raises(ValueError, match="blend"):
-        lf.LayerFoldingConfig(blend="triton")
+        lf.LayerFoldingConfig(blend="fused")
 
 
 def test_target_and_exclude_patterns():

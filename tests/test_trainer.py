@@ -8,6 +8,7 @@ import math
 import datasets
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from timm.models import efficientnet
@@ -330,5 +331,36 @@ def test_compiled_blend_trains_like_eager(tmp_path, fashion):
         assert logs_f[step]["loss"] == pytest.approx(logs_e[step]["loss"], rel=1e-4)
     assert applied_plan(fused.model) == applied_plan(eager.model) and len(applied_plan(fused.model)) > 0
     model = fused.model.eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    assert (lf.fold_model(model)(x) - model(x)).abs().max() < 1e-4
+
+
+def test_block_shared_alpha_trains_checkpoints_resumes_and_folds(tmp_path, fashion):
+    """alpha_sharing="block": one α per block in the optimizer (no duplicates), the sites of a block get one plan
+    decision, checkpoints hold each α once and a resumed run continues from them, and the model folds exactly."""
+    config = lf.LayerFoldingConfig(**{**CFG, "alpha_sharing": "block", "alpha_init": 0.7})
+    train_args = args_for(tmp_path, max_steps=8, save_strategy="steps", save_steps=4)
+    trainer = make_trainer(tmp_path, fashion, config=config, train_args=train_args)
+    sites = lf.alpha_parameters(trainer.model)
+    unique = {id(a) for a in sites.values()}
+    assert len(sites) == 9 and len(unique) == 5  # one depthwise-separable block (1 site), 4 inverted residuals (2)
+    group = next(g for g in trainer.create_optimizer().param_groups if g.get(ALPHA_GROUP))
+    assert {id(p) for p in group["params"]} == unique and len(group["params"]) == len(unique)
+    logs = train_logs(trainer)
+    plan = applied_plan(trainer.model)
+    assert len(plan) > 0
+    by_block = {}
+    for m in trainer.model.modules():
+        if isinstance(m, lf.FoldableActivation):
+            by_block.setdefault(m.alpha_owner, set()).add(m.site in plan.linear_sites)
+    assert all(len(decisions) == 1 for decisions in by_block.values())
+    state = safetensors.torch.load_file(str(tmp_path / "checkpoint-4" / "model.safetensors"))
+    assert len([k for k in state if k.endswith(".alpha")]) == len(unique)
+
+    resumed = make_trainer(tmp_path, fashion, config=config, train_args=train_args)
+    logs_r = train_logs(resumed, resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    for step in range(5, 9):
+        assert logs_r[step]["loss"] == pytest.approx(logs[step]["loss"], rel=1e-5)
+    model = resumed.model.eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     assert (lf.fold_model(model)(x) - model(x)).abs().max() < 1e-4

@@ -1,0 +1,93 @@
+"""The clamp blend on CUDA as one hand-written Triton kernel each way (``blend="auto"`` or ``"triton"``).
+
+timm runs ReLU6 in place: one read and one write forward, one pass backward. The blend keeps its input for the
+backward and needs α's gradient, a reduction over the whole tensor; as separate PyTorch ops that costs several extra
+passes per site. These kernels move exactly the bytes the in-place activation moves: forward reads ``x`` and writes
+``y``; backward reads ``g`` and ``x``, writes ``∂L/∂x`` and reduces ``Σ g·(x − clamp(x))`` in registers to one partial
+sum per program (summed afterwards, so the result is deterministic).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+BLOCK = 1024  # elements per tile
+TILES = 8  # tiles per backward program: fewer partial sums to add up
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton is importable and a CUDA device is present: what the kernels need outside interpreter mode."""
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def build_kernels() -> tuple:
+    """Freshly decorated Triton kernels ``(forward, backward)``: decoration reads ``TRITON_INTERPRET``, so the
+    tests can get interpreter-mode kernels (CPU tensors, float64) whatever was imported before."""
+    from . import _triton_kernels
+
+    module = importlib.reload(_triton_kernels)
+    return module.blend_forward, module.blend_backward
+
+
+@functools.cache
+def _kernels() -> tuple:
+    return build_kernels()
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """The kernels walk the storage flat: fine for any layout without gaps (NCHW or channels_last)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
+def _compute_dtype(dtype: torch.dtype):
+    import triton.language as tl
+
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class TritonClampBlend(torch.autograd.Function):
+    """``c + α·(x − c)`` with ``c = clamp(x, lo, hi)``; ``bounds`` is a 2-element tensor in ``x``'s dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor, kernels: tuple | None = None):
+        kernels = kernels or _kernels()
+        x = _dense(x)
+        y = torch.empty_like(x)
+        n = x.numel()
+        kernels[0][(triton_cdiv(n, BLOCK),)](x, y, alpha, bounds, n, BLOCK=BLOCK, COMPUTE=_compute_dtype(x.dtype))
+        ctx.save_for_backward(x, alpha, bounds)
+        ctx.kernels = kernels
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, alpha, bounds = ctx.saved_tensors
+        if grad.stride() != x.stride():  # same flat order as x, element for element
+            grad = torch.empty_like(x).copy_(grad)
+        n = x.numel()
+        programs = triton_cdiv(n, BLOCK * TILES)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        grad_x = torch.empty_like(x)
+        partial = torch.empty(programs, dtype=compute, device=x.device)
+        ctx.kernels[1][(programs,)](grad, x, grad_x, partial, alpha, bounds, n, BLOCK=BLOCK, TILES=TILES,
+                                    COMPUTE=_compute_dtype(x.dtype))
+        grad_alpha = partial.sum().to(alpha.dtype).reshape(alpha.shape) if ctx.needs_input_grad[1] else None
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def triton_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"blend='triton' needs CUDA tensors (got a {x.device.type} tensor); use blend='auto', "
+                           "which takes the Triton kernels on CUDA and the eager blend elsewhere")
+    return TritonClampBlend.apply(x, alpha, bounds)
