@@ -32,6 +32,7 @@ from timm.layers import BatchNormAct2d
 
 import hf_layerfold as lf
 from hf_layerfold.losses import alpha_regularizer, clamp_alphas_
+from hf_layerfold.prepare import unique_alphas
 
 from .harness import RESULTS_DIR, LoadMeter, device_info, log, paired_ratio, summarize, write_json
 
@@ -74,7 +75,7 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
     weights = [p for p in model.parameters() if id(p) not in alphas]
     groups = [{"params": weights, "weight_decay": 0.05}]
     if alphas:
-        groups.append({"params": list(lf.alpha_parameters(model).values()), "lr": 1e-2, "weight_decay": 0.0})
+        groups.append({"params": unique_alphas(lf.alpha_parameters(model).values()), "lr": 1e-2, "weight_decay": 0.0})
     return torch.optim.AdamW(groups, lr=1e-3, fused=True)  # what Trainer's default optim, adamw_torch_fused, runs
 
 

@@ -17,7 +17,7 @@ from .folded_net import LayerFoldedNet, register_op
 from .graph import UnsupportedModelError, register_block_rule, register_model_rule
 from .hub import LayerFoldedModel, PushToHubError, save_folded  # also registers layerfold_net with timm
 from .plan import FoldPlan, apply_plan
-from .prepare import alpha_parameters, foldable_sites, prepare_model
+from .prepare import alpha_parameters, foldable_sites, prepare_model, unique_alphas
 from .stats import FoldStats, fold_stats, projected_stats
 
 __version__ = "0.1.0"
@@ -59,4 +59,5 @@ __all__ = [
     "register_block_rule",
     "register_model_rule",
     "register_op",
+    "unique_alphas",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -62,6 +63,7 @@ def _clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> 
 
 
 _compiled_clamp_blend = None
+_TRITON_FAILED = False  # set when blend="auto" found the Triton kernels unusable on this machine
 
 
 def compiled_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -98,8 +100,9 @@ class FoldableActivation(nn.Module):
         self.blend = blend
         self._is_relu = type(self.act) is nn.ReLU
         self._bounds = (0.0, math.inf) if self._is_relu else clamp_bounds(self.act)
-        if self._bounds is not None:  # [lo, hi] for the compiled and Triton kernels; not in the state dict
+        if blend == "compile" and self._bounds is not None:  # not in the state dict; follows .to(device)
             self.register_buffer("_bounds_tensor", torch.tensor(self._bounds), persistent=False)
+        self._kernel_bounds: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> [lo, hi] for the Triton kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fixed == "linear":
@@ -109,8 +112,10 @@ class FoldableActivation(nn.Module):
         if torch.compiler.is_compiling():  # inside a compiled model: plain ops, which the compiler fuses itself
             return torch.lerp(self.act(x), x, self.alpha.to(x.dtype))
         if self._bounds is not None:
-            if self.blend == "triton" or (self.blend == "auto" and x.is_cuda and triton_available()):
+            if self.blend == "triton":
                 return triton_clamp_blend(x, self.alpha, self._bounds_like(x))
+            if self.blend == "auto" and x.is_cuda and triton_available() and not _TRITON_FAILED:
+                return self._auto_triton(x)
             if self.blend == "compile":
                 return compiled_clamp_blend(x, self.alpha, self._bounds_tensor)
         if self._is_relu:  # (1-α)·relu(x) + α·x is a PReLU with one shared slope: one fused kernel each way
@@ -141,9 +146,25 @@ class FoldableActivation(nn.Module):
         return self.site if leader is None else leader.site
 
     def _bounds_like(self, x: torch.Tensor) -> torch.Tensor:
-        want = torch.float64 if x.dtype == torch.float64 else torch.float32  # the kernels' compute dtype
-        bounds = self._bounds_tensor
-        return bounds if bounds.dtype == want and bounds.device == x.device else bounds.to(x.device, want)
+        """``[lo, hi]`` in the kernels' compute dtype, built from the Python floats (a ``model.half()`` must not
+        round them) once per device and dtype."""
+        want = torch.float64 if x.dtype == torch.float64 else torch.float32
+        key = (x.device, want)
+        if key not in self._kernel_bounds:
+            self._kernel_bounds[key] = torch.tensor(self._bounds, dtype=want, device=x.device)
+        return self._kernel_bounds[key]
+
+    def _auto_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """The Triton kernels; if they cannot run here (no C compiler for Triton's launcher, a broken install),
+        warn once and take the eager blend from then on rather than failing a training run."""
+        global _TRITON_FAILED
+        try:
+            return triton_clamp_blend(x, self.alpha, self._bounds_like(x))
+        except Exception as err:  # noqa: BLE001 - any failure of the optional fast path
+            _TRITON_FAILED = True
+            warnings.warn(f"the Triton blend kernels failed ({type(err).__name__}: {err}); blend='auto' uses the "
+                          "eager blend from now on", RuntimeWarning, stacklevel=2)
+            return ClampBlend.apply(x, self.alpha, *self._bounds)
 
     def fix(self, linear: bool) -> None:
         """Freeze α at exactly 1 (linear) or 0 (the original activation)."""

@@ -25,7 +25,8 @@ class LayerFoldingConfig:
         threshold: a site whose α reaches this becomes the identity when the plan is fixed.
         alpha_sharing: ``"site"`` learns one α per activation (the paper); ``"block"`` shares one α among the sites
             of a block (an inverted residual's two activations), so a block turns linear as a whole and collapses
-            into one conv: fewer, larger depth savings for the same number of linear sites.
+            into one conv: fewer, larger depth savings for the same number of linear sites. The regularizer still
+            sums over sites, so a block's α is pushed in proportion to the activations it removes.
         target_modules: site-name patterns (fnmatch, or a regex prefixed ``re:``) to make foldable;
             ``None`` = every foldable site.
         exclude_modules: site-name patterns never made foldable.

@@ -301,6 +301,15 @@ def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | No
     if unknown:
         raise ValueError(f"plan names site(s) that are not foldable in this model: {unknown}; "
                          f"foldable sites: {sorted(sites)}")
+    linear = set(plan.linear_sites)
+    groups: dict[str, set[bool]] = {}
+    for m in model.modules():
+        if isinstance(m, FoldableActivation):
+            groups.setdefault(m.alpha_owner, set()).add(m.site in linear)
+    split = sorted(owner for owner, decisions in groups.items() if len(decisions) > 1)
+    if split:
+        raise ValueError(f"the plan makes only some of the sites that share one α linear (α of {split}); with "
+                         "alpha_sharing='block' a plan takes whole blocks (FoldPlan.from_blocks, or from_model)")
     config = config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
     seg = segment_model(model, plan, config)
     for run in list(iter_runs(seg.items)) + list(iter_runs(seg.pre_logits)):
@@ -310,7 +319,6 @@ def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | No
         for i, node in enumerate(run.convs):
             conv = _conv(model, node)
             model.set_submodule(node.conv, PaddedConv2d.from_conv(conv, rules if i == 0 else []))
-    linear = set(plan.linear_sites)
     for m in model.modules():
         if isinstance(m, FoldableActivation):
             m.fix(m.site in linear)

@@ -8,6 +8,7 @@ the network that will actually be folded. Both phases, α and the plan survive `
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
 
+from .activation import FoldableActivation
 from .config import LayerFoldingConfig
 from .data import check_labels, detect_columns, label_names_of, prepare_datasets
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
@@ -184,6 +186,12 @@ class LayerFoldingTrainer(Trainer):
                                                                              config.exclude_modules):
             logger.warning("the model was prepared with other target/exclude modules than layerfold_config; "
                            "its prepared sites are kept")
+        shared = "block" if any(isinstance(m, FoldableActivation) and m.alpha_owner != m.site
+                                for m in model.modules()) else "site"
+        if config.alpha_sharing != shared:
+            logger.warning("the model was prepared with alpha_sharing=%r, layerfold_config says %r; the model's "
+                           "α are kept and the config follows them", shared, config.alpha_sharing)
+            config = dataclasses.replace(config, alpha_sharing=shared)
         model.layerfold_config = config
         return config
 

@@ -9,11 +9,13 @@ sum per program (summed afterwards, so the result is deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 BLOCK = 1024  # elements per tile
 TILES = 8  # tiles per backward program: fewer partial sums to add up
@@ -21,8 +23,9 @@ TILES = 8  # tiles per backward program: fewer partial sums to add up
 
 @functools.cache
 def triton_available() -> bool:
-    """Triton is importable and a CUDA device is present: what the kernels need outside interpreter mode."""
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    """Triton is importable and a CUDA device of compute capability ≥ 7.0 is present (what Triton supports)."""
+    return (torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+            and torch.cuda.get_device_capability() >= (7, 0))
 
 
 def build_kernels() -> tuple:
@@ -52,8 +55,14 @@ def _compute_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a model on ``cuda:1`` without set_device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 class TritonClampBlend(torch.autograd.Function):
-    """``c + α·(x − c)`` with ``c = clamp(x, lo, hi)``; ``bounds`` is a 2-element tensor in ``x``'s dtype."""
+    """``c + α·(x − c)`` with ``c = clamp(x, lo, hi)``; ``bounds`` is ``[lo, hi]`` in the compute dtype (float32,
+    float64 for float64 ``x``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor, kernels: tuple | None = None):
@@ -61,12 +70,15 @@ class TritonClampBlend(torch.autograd.Function):
         x = _dense(x)
         y = torch.empty_like(x)
         n = x.numel()
-        kernels[0][(triton_cdiv(n, BLOCK),)](x, y, alpha, bounds, n, BLOCK=BLOCK, COMPUTE=_compute_dtype(x.dtype))
+        with _on_device(x):
+            kernels[0][(triton_cdiv(n, BLOCK),)](x, y, alpha, bounds, n, BLOCK=BLOCK,
+                                                COMPUTE=_compute_dtype(x.dtype))
         ctx.save_for_backward(x, alpha, bounds)
         ctx.kernels = kernels
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         x, alpha, bounds = ctx.saved_tensors
         if grad.stride() != x.stride():  # same flat order as x, element for element
@@ -76,8 +88,9 @@ class TritonClampBlend(torch.autograd.Function):
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         grad_x = torch.empty_like(x)
         partial = torch.empty(programs, dtype=compute, device=x.device)
-        ctx.kernels[1][(programs,)](grad, x, grad_x, partial, alpha, bounds, n, BLOCK=BLOCK, TILES=TILES,
-                                    COMPUTE=_compute_dtype(x.dtype))
+        with _on_device(x):
+            ctx.kernels[1][(programs,)](grad, x, grad_x, partial, alpha, bounds, n, BLOCK=BLOCK, TILES=TILES,
+                                        COMPUTE=_compute_dtype(x.dtype))
         grad_alpha = partial.sum().to(alpha.dtype).reshape(alpha.shape) if ctx.needs_input_grad[1] else None
         return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None
 

@@ -26,7 +26,8 @@ def test_config_json_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [("lambda_reg", -1.0), ("threshold", 0.0), ("threshold", 1.5),
-                                         ("regularizer", "l2"), ("max_kernel_size", 0), ("alpha_init", 2.0)])
+                                         ("regularizer", "l2"), ("max_kernel_size", 0), ("alpha_init", 2.0),
+                                         ("alpha_sharing", "layer")])
 def test_config_rejects_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         lf.LayerFoldingConfig(**{field: value})
@@ -147,6 +148,51 @@ def test_target_and_exclude_patterns():
     assert sites and all(s.startswith(("blocks.1", "blocks.2")) and not s.endswith("bn2.act") for s in sites)
     with pytest.raises(ValueError, match="select no site"):
         lf.prepare_model(small(), lf.LayerFoldingConfig(target_modules=["nothing.*"]))
+
+
+def test_block_shared_alpha_ties_sites_survives_copies_and_plans_whole_blocks():
+    model = lf.prepare_model(small(), lf.LayerFoldingConfig(alpha_sharing="block", alpha_init=0.2))
+    sites = lf.alpha_parameters(model)
+    owners = {m.site: m.alpha_owner for m in model.modules() if isinstance(m, lf.FoldableActivation)}
+    assert owners["blocks.1.0.bn2.act"] == "blocks.1.0.bn1.act" and owners["blocks.0.0.bn1.act"] == "blocks.0.0.bn1.act"
+    assert sites["blocks.1.0.bn2.act"] is sites["blocks.1.0.bn1.act"]
+    assert sites["blocks.1.0.bn1.act"] is not sites["blocks.1.1.bn1.act"]
+    n_unique = len({id(a) for a in sites.values()})
+    assert n_unique == len({o for o in owners.values()}) < len(sites)
+    assert len([k for k in model.state_dict() if k.endswith(".alpha")]) == n_unique
+    assert "site='blocks.1.0.bn2.act'" in repr(model) and "alpha_of='blocks.1.0.bn1.act'" in repr(model)
+
+    copy = __import__("copy").deepcopy(model)  # ties survive a copy and a state-dict round trip
+    copied = lf.alpha_parameters(copy)
+    assert copied["blocks.1.0.bn2.act"] is copied["blocks.1.0.bn1.act"]
+    sites["blocks.1.0.bn1.act"].data.fill_(0.95)
+    copy.load_state_dict(model.state_dict())
+    assert copied["blocks.1.0.bn2.act"].item() == pytest.approx(0.95)
+
+    plan = lf.FoldPlan.from_model(model, threshold=0.9)  # both sites of the block, from the one α
+    assert plan.linear_sites == ("blocks.1.0.bn1.act", "blocks.1.0.bn2.act")
+    with pytest.raises(ValueError, match="share one α"):
+        lf.apply_plan(__import__("copy").deepcopy(model), lf.FoldPlan(("blocks.1.0.bn1.act",)))
+    lf.apply_plan(model, plan)
+    x = torch.randn(2, 3, 64, 64)
+    assert rel_err(lf.fold_model(model)(x), model(x)) < 1e-5
+
+
+def test_compiled_model_with_shared_alpha_matches_eager():
+    """torch.compile (one graph, no break) reads a site's shared α through the attribute lookup; forward only, on a
+    small net, to keep the compile short."""
+    from timm.models import efficientnet
+    from timm.models._efficientnet_builder import decode_arch_def
+
+    torch.manual_seed(0)
+    arch = [["ds_r1_k3_s1_c8"], ["ir_r2_k3_s2_e3_c16"]]
+    net = efficientnet.EfficientNet(decode_arch_def(arch), num_classes=10, stem_size=8, num_features=32)
+    model = lf.prepare_model(randomize_bn(net), lf.LayerFoldingConfig(alpha_sharing="block")).double().eval()
+    for i, alpha in enumerate(lf.unique_alphas(lf.alpha_parameters(model).values())):
+        alpha.data.fill_(0.1 + 0.2 * i)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(torch.compile(model, fullgraph=True)(x), model(x)) < 1e-12
 
 
 def test_unsupported_model_names_supported_blocks():

@@ -364,3 +364,10 @@ def test_block_shared_alpha_trains_checkpoints_resumes_and_folds(tmp_path, fashi
     model = resumed.model.eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     assert (lf.fold_model(model)(x) - model(x)).abs().max() < 1e-4
+
+
+def test_config_follows_the_alpha_sharing_the_model_was_prepared_with(tmp_path, fashion, caplog):
+    model = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig(**{**CFG, "alpha_sharing": "block"}))
+    with caplog.at_level("WARNING"):
+        trainer = make_trainer(tmp_path, fashion, model=model, config=lf.LayerFoldingConfig(**CFG))
+    assert trainer.layerfold_config.alpha_sharing == "block" and "alpha_sharing='block'" in caplog.text

@@ -13,7 +13,6 @@ import hf_layerfold as lf
 from hf_layerfold.activation import ClampBlend
 from hf_layerfold.triton_blend import TritonClampBlend, build_kernels
 
-pytest.importorskip("triton")
 BOUNDS = [(0.0, 6.0), (0.0, math.inf), (-1.0, 2.0)]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -28,6 +27,7 @@ def _grads(y, inputs, g):
 
 @pytest.fixture(scope="module")
 def _interpreted():
+    pytest.importorskip("triton")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "1")  # read when the kernels are decorated
         yield build_kernels()
@@ -77,6 +77,13 @@ def test_auto_blend_is_eager_on_cpu():
     eager = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend="eager").double()
     assert auto.blend == "auto"
     torch.testing.assert_close(auto(x), eager(x), rtol=0, atol=0)
+
+
+def test_kernel_bounds_come_from_the_python_floats():
+    """A half-precision model must not round Hardtanh bounds the kernels use."""
+    act = lf.FoldableActivation(torch.nn.Hardtanh(-0.1, 0.3), "site", 0.3).half()
+    bounds = act._bounds_like(torch.zeros(1, dtype=torch.float16))
+    assert bounds.dtype == torch.float32 and bounds.tolist() == torch.tensor([-0.1, 0.3]).tolist()
 
 
 @cuda
