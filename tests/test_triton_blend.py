@@ -70,6 +70,20 @@ def test_triton_blend_refuses_cpu_tensors_outside_interpreter(monkeypatch):
         act(torch.randn(2, 3, 4, 4))
 
 
+def test_auto_falls_back_to_eager_when_the_kernels_fail(monkeypatch):
+    """A machine where Triton cannot run (here: kernels refused for a CPU tensor) warns once and trains on."""
+    from hf_layerfold import activation
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(activation, "_TRITON_FAILED", False)
+    act = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3).double()
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64) * 4
+    with pytest.warns(RuntimeWarning, match="Triton blend kernels failed"):
+        y = act._auto_triton(x)
+    assert activation._TRITON_FAILED
+    torch.testing.assert_close(y, _reference(x, act.alpha.detach(), 0.0, 6.0), rtol=0, atol=1e-12)
+
+
 def test_auto_blend_is_eager_on_cpu():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64) * 4
