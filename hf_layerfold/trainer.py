@@ -186,8 +186,8 @@ class LayerFoldingTrainer(Trainer):
                                                                              config.exclude_modules):
             logger.warning("the model was prepared with other target/exclude modules than layerfold_config; "
                            "its prepared sites are kept")
-        shared = "block" if any(isinstance(m, FoldableActivation) and m.alpha_owner != m.site
-                                for m in model.modules()) else "site"
+        shared = own.alpha_sharing if own is not None else "block" if any(
+            isinstance(m, FoldableActivation) and m.alpha_owner != m.site for m in model.modules()) else "site"
         if config.alpha_sharing != shared:
             logger.warning("the model was prepared with alpha_sharing=%r, layerfold_config says %r; the model's "
                            "α are kept and the config follows them", shared, config.alpha_sharing)
