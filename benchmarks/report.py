@@ -367,6 +367,16 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
     return [f"- {b}" for b in bullets] + [""] if bullets else []
 
 
+def _closest(rows: list[dict], cell: str | None) -> str:
+    """The λ > 0 run with the smallest loss, when none is within the limit."""
+    runs = [r for r in rows if r["lambda_reg"] > 0 and r.get("top1_gap_points") is not None]
+    if not runs:
+        return ""
+    r = min(runs, key=lambda r: r["top1_gap_points"])
+    return (f" (closest: λ = {r['lambda_reg']:g}, {r['top1_pct']} %, −{r['top1_gap_points']} points, "
+            f"{(r.get('speedup') or {}).get(cell)}× {cell})")
+
+
 def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
     target = data.get("target") or {}
     rows = data.get("rows", [])
@@ -381,7 +391,7 @@ def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
     best = max(kept, key=lambda r: (r.get("speedup") or {}).get(cell) or 0, default=None)
     within = (f"the fastest run within {limit} point, λ = {best['lambda_reg']:g}, reaches {best['top1_pct']} % at "
               f"depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× ({cell})" if best
-              else f"no λ > 0 run stays within {limit} point")
+              else f"no λ > 0 run stays within {limit} point" + _closest(rows, cell))
     met = _fmt(any(r.get("meets_target") for r in rows))
     verdict = (f"target ≥ {target.get('speedup')}× ({target.get('cell')}): {met}" if on_target
                else f"the target is set on {target.get('cell')}, not measured here")
