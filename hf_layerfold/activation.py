@@ -58,7 +58,8 @@ class ClampBlend(torch.autograd.Function):
         return grad_x, grad_alpha, None, None
 
 
-def _clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+def clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """The blend for a clamp activation as plain ops (what ``blend="compile"`` hands to the compiler)."""
     return torch.lerp(torch.clamp(x, bounds[0], bounds[1]), x, alpha.to(x.dtype))
 
 
@@ -71,7 +72,7 @@ def compiled_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Ten
     bounds a tensor (``[lo, hi]``; Python-float bounds were seen to reuse one range's graph for another)."""
     global _compiled_clamp_blend
     if _compiled_clamp_blend is None:
-        _compiled_clamp_blend = torch.compile(_clamp_blend, dynamic=True, fullgraph=True)
+        _compiled_clamp_blend = torch.compile(clamp_blend, dynamic=True, fullgraph=True)
     return _compiled_clamp_blend(x, alpha, bounds.to(x.dtype))
 
 

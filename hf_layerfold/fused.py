@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
 
-from .activation import FoldableActivation
+from .activation import FoldableActivation, clamp_blend
 
 
 def _bn_blend(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor,
@@ -30,7 +30,7 @@ def _bn_blend(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Te
         running_var.lerp_((var.reshape(-1) * (n / max(n - 1, 1))).to(running_var.dtype), momentum)
     scale = torch.rsqrt(var + eps) * weight.reshape(1, -1, 1, 1)
     y = (x - mean) * scale + bias.reshape(1, -1, 1, 1)
-    return torch.lerp(torch.clamp(y, bounds[0], bounds[1]), y, alpha.to(y.dtype))
+    return clamp_blend(y, alpha, bounds)
 
 
 _compiled_bn_blend = None

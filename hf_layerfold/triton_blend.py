@@ -71,7 +71,7 @@ class TritonClampBlend(torch.autograd.Function):
         y = torch.empty_like(x)
         n = x.numel()
         with _on_device(x):
-            kernels[0][(triton_cdiv(n, BLOCK),)](x, y, alpha, bounds, n, BLOCK=BLOCK,
+            kernels[0][(_cdiv(n, BLOCK),)](x, y, alpha, bounds, n, BLOCK=BLOCK,
                                                 COMPUTE=_compute_dtype(x.dtype))
         ctx.save_for_backward(x, alpha, bounds)
         ctx.kernels = kernels
@@ -84,7 +84,7 @@ class TritonClampBlend(torch.autograd.Function):
         if grad.stride() != x.stride():  # same flat order as x, element for element
             grad = torch.empty_like(x).copy_(grad)
         n = x.numel()
-        programs = triton_cdiv(n, BLOCK * TILES)
+        programs = _cdiv(n, BLOCK * TILES)
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32
         grad_x = torch.empty_like(x)
         partial = torch.empty(programs, dtype=compute, device=x.device)
@@ -95,7 +95,7 @@ class TritonClampBlend(torch.autograd.Function):
         return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
