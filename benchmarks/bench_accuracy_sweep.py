@@ -2,9 +2,13 @@
 
 Every run is ``bench_fashion_mnist_method.run_one`` (``LayerFoldingTrainer`` end to end, the same data, steps and
 seed); λ = 0 is the baseline fine-tune without folding. With ``--distill-weight`` the λ > 0 runs also distill
-from the λ = 0 run's model (the recipe of ``make demo``). Each folded model is then timed beside the baseline's
-BN-fused model (``fold_model`` of the λ = 0 model: same weights as the baseline, BatchNorm merged into its convs),
-interleaved and paired (``harness.time_interleaved``), on the run's device:
+from the λ = 0 run's model (the recipe of ``make demo``). ``--start baseline`` starts the λ > 0 runs from the
+λ = 0 run's trained weights instead of the ImageNet ones: the paper's setting, where Layer Folding compresses a
+network already trained for the task (the λ > 0 runs then train for the λ = 0 run's steps on top of it).
+
+Each folded model is then timed beside the baseline's BN-fused model (``fold_model`` of the λ = 0 model: same
+weights as the baseline, BatchNorm merged into its convs), interleaved and paired (``harness.time_interleaved``), on
+the run's device:
 
 * CUDA: batch 128 at 224×224 (the protocol of the published figures) and at the training resolution, fp32 and
   bf16 channels_last;
@@ -75,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
     add("--latency-budget-s", type=float, default=20.0, help="per latency cell")
     add("--latency-sizes", default="224,train", help="input sizes to time at ('train' = the training size)")
     add("--deadline-s", type=float, default=None, help="skip λ runs that would end after this many seconds")
+    add("--start", default="pretrained", choices=["pretrained", "baseline"],
+        help="λ > 0 runs start from the ImageNet weights, or from the λ = 0 run's fine-tuned model")
     add_run_args(parser)
     args = parser.parse_args(argv)
     apply_quick(args)
@@ -84,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
-    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start")}
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
                               "top-1 of the folded model on the test split (percent), gap to the λ = 0 run in "
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
               "device": device_info(args.device), "quick": args.quick, "settings": settings,
               "target": {"speedup": TARGET_SPEEDUP, "max_top1_loss_points": TARGET_LOSS_POINTS,
                          "cell": TARGET_CELL}, "rows": [], "skipped": []}
-    runs, folded = [], {}
+    runs, folded, baseline_state = [], {}, None
     run_s = None
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
         for lam in [0.0, *lambdas]:
@@ -104,8 +110,10 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             t0 = time.perf_counter()
             teacher = folded["lambda=0"] if lam > 0 and args.distill_weight > 0 else None
-            run = run_one(label, lam, data, args, scratch, teacher=teacher)
+            start_state = baseline_state if lam > 0 and args.start == "baseline" else None
+            run = run_one(label, lam, data, args, scratch, teacher=teacher, start_state=start_state)
             folded[label] = run.pop("folded")
+            baseline_state = run.pop("state") if lam == 0 else baseline_state
             runs.append(run)
             run_s = time.perf_counter() - t0
             base = runs[0]["row"]

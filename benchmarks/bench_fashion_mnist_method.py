@@ -55,10 +55,13 @@ def accuracy(model: torch.nn.Module, dataset, collator, batch_size: int = 100) -
 
 
 def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scratch: str,
-            teacher: torch.nn.Module | None = None) -> dict:
-    """One LayerFoldingTrainer run; with a ``teacher`` (and ``--distill-weight``) it also distills from it."""
+            teacher: torch.nn.Module | None = None, start_state: dict | None = None) -> dict:
+    """One LayerFoldingTrainer run; with a ``teacher`` (and ``--distill-weight``) it also distills from it. The
+    model starts from the ImageNet-pretrained Lite0, or from ``start_state`` (a trained run's ``"state"``)."""
     torch.manual_seed(args.seed)
     model = load_efficientnet_lite0_imagenet(num_classes=10)
+    if start_state is not None:
+        model.load_state_dict(start_state)
     original = lf.fold_stats(model, args.input_size)
     train_tf, eval_tf = transforms(model, args.input_size)
     config = lf.LayerFoldingConfig(alpha_init=args.alpha_init, lambda_reg=lambda_reg, regularizer=args.regularizer,
@@ -106,7 +109,10 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
            "folded_vs_planned_max_abs_diff": fold_err, "train_s": round(train_s, 1),
            "others_cores": meter.result.get("other_processes_cores")}
     log(f"[fashion_mnist_method] {row}")
-    return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites), "folded": folded}
+    alpha_keys = {f"{site}.alpha" for site in lf.alpha_parameters(planned)}
+    state = {k: v.detach().clone() for k, v in planned.state_dict().items() if k not in alpha_keys}
+    return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites), "folded": folded,
+            "state": state}
 
 
 RUN_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr", "weight_decay",

@@ -65,6 +65,34 @@ def clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> t
 
 _compiled_clamp_blend = None
 _TRITON_FAILED = False  # set when blend="auto" found the Triton kernels unusable on this machine
+_COMPILE_FAILED = False  # set when blend="auto" found torch.compile unusable on this machine (CPU)
+
+
+# Below this many elements a compiled region's per-call cost (guards, autograd wrapper) outweighs the passes it saves:
+# one BatchNorm + ReLU6 site, forward and backward, 1 CPU thread, broke even at about 65k elements (8×64×8×8).
+AUTO_COMPILE_MIN_NUMEL = 1 << 16
+
+
+def auto_compiles(x: torch.Tensor) -> bool:
+    """Whether ``blend="auto"`` takes the compiled path for ``x``: CPU tensors large enough to gain from it, while
+    the compiler has not failed."""
+    return x.device.type == "cpu" and x.numel() >= AUTO_COMPILE_MIN_NUMEL and not _COMPILE_FAILED
+
+
+def compiled_or_eager(compiled, eager):
+    """``compiled()``; if the compiler cannot run here (no C++ compiler, an unsupported platform, torch's recompile
+    limit reached after many shapes and dtypes in one process), warn once and return ``eager()`` from then on
+    rather than failing a training run. Compilation (backward included) happens on
+    the first call, before any in-place update runs, so a failure leaves no half-applied step."""
+    global _COMPILE_FAILED
+    if not _COMPILE_FAILED:
+        try:
+            return compiled()
+        except Exception as err:  # noqa: BLE001 - any failure of the optional fast path
+            _COMPILE_FAILED = True
+            warnings.warn(f"torch.compile failed for the blend ({type(err).__name__}: {err}); blend='auto' uses the "
+                          "eager blend from now on", RuntimeWarning, stacklevel=3)
+    return eager()
 
 
 def compiled_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -86,8 +114,9 @@ class FoldableActivation(nn.Module):
     as ReLU6 through :class:`ClampBlend`, anything else through ``torch.lerp``), ``"compile"`` (clamps and ReLU
     as one ``torch.compile`` kernel each way; needs a working inductor backend), ``"triton"`` (clamps and ReLU
     through the hand-written kernels of :mod:`hf_layerfold.triton_blend`; CUDA tensors) or ``"auto"`` (the default:
-    ``"triton"`` for CUDA tensors when Triton is installed, else ``"eager"``). Other activations (SiLU, ...) always
-    take ``torch.lerp``.
+    ``"triton"`` for CUDA tensors when Triton is installed, ``"compile"`` for CPU tensors of at least
+    ``AUTO_COMPILE_MIN_NUMEL`` elements, and ``"eager"`` for the rest or wherever those cannot run). Other
+    activations (SiLU, ...) always take ``torch.lerp``.
     """
 
     def __init__(self, act: nn.Module, site: str, alpha_init: float = 0.0, blend: str = "auto") -> None:
@@ -101,7 +130,7 @@ class FoldableActivation(nn.Module):
         self.blend = blend
         self._is_relu = type(self.act) is nn.ReLU
         self._bounds = (0.0, math.inf) if self._is_relu else clamp_bounds(self.act)
-        if blend == "compile" and self._bounds is not None:  # not in the state dict; follows .to(device)
+        if blend in ("compile", "auto") and self._bounds is not None:  # not in the state dict; follows .to(device)
             self.register_buffer("_bounds_tensor", torch.tensor(self._bounds), persistent=False)
         self._kernel_bounds: dict[tuple, torch.Tensor] = {}  # (device, dtype) -> [lo, hi] for the Triton kernels
 
@@ -119,6 +148,12 @@ class FoldableActivation(nn.Module):
                 return self._auto_triton(x)
             if self.blend == "compile":
                 return compiled_clamp_blend(x, self.alpha, self._bounds_tensor)
+            if self.blend == "auto" and auto_compiles(x):
+                return compiled_or_eager(lambda: compiled_clamp_blend(x, self.alpha, self._bounds_tensor),
+                                         lambda: self._eager(x))
+        return self._eager(x)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
         if self._is_relu:  # (1-α)·relu(x) + α·x is a PReLU with one shared slope: one fused kernel each way
             return F.prelu(x, self.alpha.to(x.dtype).reshape(1))
         if self._bounds is not None:
@@ -165,7 +200,7 @@ class FoldableActivation(nn.Module):
             _TRITON_FAILED = True
             warnings.warn(f"the Triton blend kernels failed ({type(err).__name__}: {err}); blend='auto' uses the "
                           "eager blend from now on", RuntimeWarning, stacklevel=2)
-            return ClampBlend.apply(x, self.alpha, *self._bounds)
+            return self._eager(x)
 
     def fix(self, linear: bool) -> None:
         """Freeze α at exactly 1 (linear) or 0 (the original activation)."""

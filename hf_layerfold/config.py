@@ -40,10 +40,11 @@ class LayerFoldingConfig:
             the rest of training fine-tunes with the plan fixed.
         distill_weight / distill_temperature: knowledge distillation from a teacher, when one is given.
         blend: how searching sites compute ``(1−α)·act(x) + α·x``: ``"auto"`` (``"triton"`` on CUDA when Triton is
-            installed, else ``"eager"``), ``"eager"`` (fused autograd functions, works everywhere), ``"triton"``
-            (hand-written CUDA kernels that move the bytes an in-place ReLU6 moves) or ``"compile"``
-            (``torch.compile``: BatchNorm and the blend after it as one compiled region where timm pairs them, else the
-            blend alone; needs inductor: a C++ compiler on CPU, Triton on GPU).
+            installed, ``"compile"`` for large CPU tensors, ``"eager"`` for small ones and where those cannot
+            run; a few seconds of compiling on the first CPU step), ``"eager"`` (fused autograd functions, works
+            everywhere), ``"triton"`` (hand-written CUDA kernels that move the bytes an in-place ReLU6 moves) or
+            ``"compile"`` (``torch.compile``: BatchNorm and the blend after it as one compiled region where timm
+            pairs them, else the blend alone; needs inductor: a C++ compiler on CPU, Triton on GPU).
     """
 
     alpha_init: float = 0.0

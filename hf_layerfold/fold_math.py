@@ -51,17 +51,30 @@ def merged_kernel_size(k1: Pair, s1: Pair, k2: Pair) -> Pair:
     return k1[0] + s1[0] * (k2[0] - 1), k1[1] + s1[1] * (k2[1] - 1)
 
 
+def is_depthwise(out_channels: int, in_per_group: int, groups: int) -> bool:
+    return in_per_group == 1 and groups == out_channels
+
+
+def composed_groups(out1: int, in_per_group1: int, g1: int, out2: int, in_per_group2: int, g2: int) -> int:
+    """Groups of conv1 (``out1`` channels, ``g1`` groups) followed by conv2 once ``compose_convs`` merges them."""
+    if is_depthwise(out2, in_per_group2, g2) and out2 == out1:
+        return g1  # a depthwise conv after keeps conv1's grouping
+    if is_depthwise(out1, in_per_group1, g1):
+        return g2  # a depthwise conv before takes conv2's grouping
+    return g1 if g1 == g2 else 1  # the same grouping is kept; otherwise both are densified
+
+
 def compose_convs(w1: Tensor, b1: Tensor, s1: Pair, g1: int,
                   w2: Tensor, b2: Tensor, g2: int) -> tuple[Tensor, Tensor, int]:
     """Merge conv1 (stride ``s1``) followed by conv2 into one conv, assuming no padding between them.
 
     The result has stride ``s1·s2`` (the caller multiplies strides) and kernel ``merged_kernel_size``. Groups
-    are kept when both convs use the same grouping; otherwise both are densified first. Returns
-    ``(weight, bias, groups)``.
+    are kept when both convs use the same grouping; otherwise both are densified first (``composed_groups``).
+    Returns ``(weight, bias, groups)``.
     """
-    if w2.shape[1] == 1 and g2 == w2.shape[0] == w1.shape[0]:
+    if is_depthwise(w2.shape[0], w2.shape[1], g2) and w2.shape[0] == w1.shape[0]:
         return _compose_then_depthwise(w1, b1, s1, g1, w2, b2)
-    if w1.shape[1] == 1 and g1 == w1.shape[0] and w2.shape[0] % g2 == 0:
+    if is_depthwise(w1.shape[0], w1.shape[1], g1):
         return _compose_depthwise_then(w1, b1, s1, w2, b2, g2)
     if g1 != g2:
         w1, w2, g1, g2 = grouped_to_dense(w1, g1), grouped_to_dense(w2, g2), 1, 1

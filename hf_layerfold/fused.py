@@ -1,4 +1,4 @@
-"""``blend="compile"``: BatchNorm and the α blend after it as one compiled region per search step.
+"""``blend="compile"`` (and ``"auto"`` on CPU): BatchNorm and the α blend after it as one compiled region per step.
 
 A searching site keeps its input and reduces over it for α's gradient, which costs extra passes over every
 activation. timm puts most activations inside ``BatchNormAct2d``; compiling BatchNorm together with the blend lets
@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
 
+from . import activation
 from .activation import FoldableActivation, clamp_blend
 
 
@@ -47,20 +48,29 @@ class BatchNormBlend2d(BatchNormAct2d):
     """timm's ``BatchNormAct2d`` whose searching ``FoldableActivation`` runs fused with the BatchNorm.
 
     Same parameters, buffers and state-dict keys as the module it replaces; eval mode, a fixed plan, a drop layer
-    between BatchNorm and the activation, and anything under an outer ``torch.compile`` take timm's own forward.
+    between BatchNorm and the activation, anything under an outer ``torch.compile``, and ``blend="auto"`` away from
+    the CPU (the activation then picks its own path) take timm's own forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act
         if (not self.training or act.fixed is not None or not isinstance(act, FoldableActivation)
+                or (act.blend == "auto" and not activation.auto_compiles(x))
                 or torch.compiler.is_compiling() or not self.track_running_stats or self.momentum is None
                 or self.weight is None or self.bias is None or not isinstance(self.drop, nn.Identity)
                 or x.numel() == x.shape[1]):  # one value per channel: let BatchNorm raise its own error
             return super().forward(x)
-        self.num_batches_tracked.add_(1)
+        if act.blend == "auto":
+            eager = super().forward
+            return activation.compiled_or_eager(lambda: self._compiled(x), lambda: eager(x))
+        return self._compiled(x)
+
+    def _compiled(self, x: torch.Tensor) -> torch.Tensor:
         # views, not Parameters: the compiler keeps a Parameter's shape static, which would pin the channel count
-        return compiled_bn_blend(x, self.running_mean, self.running_var, self.weight.view(-1), self.bias.view(-1),
-                                 self.momentum, self.eps, act.alpha, act._bounds_tensor)
+        y = compiled_bn_blend(x, self.running_mean, self.running_var, self.weight.view(-1), self.bias.view(-1),
+                              self.momentum, self.eps, self.act.alpha, self.act._bounds_tensor)
+        self.num_batches_tracked.add_(1)  # after the call: a compile failure must not count a batch twice
+        return y
 
 
 def fuse_batchnorm_blends(model: torch.nn.Module) -> int:

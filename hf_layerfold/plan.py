@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
+from .fold_math import composed_groups
 from .graph import ActNode, ConvNode, ResidualNode, build_graph
 from .layers import PaddedConv2d
 from .padding import PadRule, effective_kernel, pad_rule_of, static_chain_padding
@@ -177,22 +178,15 @@ def _merge_cost(model: nn.Module, convs: list[ConvNode], start: int, end: int,
         kh, kw = effective_kernel(conv)
         parts += scale * conv.out_channels * conv.in_channels // conv.groups * kh * kw
         if i:
-            groups = merged_groups(groups, mods[start].in_channels, conv.in_channels, conv)
+            mid = conv.in_channels  # the merged conv so far: first.in_channels -> mid, `groups`
+            groups = composed_groups(mid, mods[start].in_channels // groups, groups, conv.out_channels,
+                                     conv.in_channels // conv.groups, conv.groups)
     (kh, kw), _ = run_kernel_stride(model, Run(convs[start:end]))
     if max(kh, kw) > config.max_kernel_size:
         return None
     first, last = mods[start], mods[end - 1]
     merged = scale * last.out_channels * first.in_channels // groups * kh * kw
     return merged if end - start == 1 or merged <= (1.0 + config.max_macs_increase) * parts else None
-
-
-def merged_groups(groups: int, c_in: int, c_mid: int, conv: nn.Conv2d) -> int:
-    """Groups of a merged conv (``c_in`` → ``c_mid``, ``groups``) followed by ``conv``; mirrors ``compose_convs``."""
-    if conv.in_channels // conv.groups == 1 and conv.groups == conv.out_channels == c_mid:
-        return groups  # a depthwise conv after keeps the grouping
-    if c_in // groups == 1 and groups == c_mid:
-        return conv.groups  # a depthwise conv before takes the next conv's grouping
-    return groups if groups == conv.groups else 1
 
 
 def _segment(model: nn.Module, nodes: list, linear: set[str], config: LayerFoldingConfig) -> list:

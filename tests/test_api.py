@@ -1,6 +1,7 @@
 """Config, preparation, plans, statistics and their errors."""
 
 import json
+import warnings
 
 import pytest
 import timm
@@ -66,12 +67,16 @@ def test_foldable_activation_interpolates():
     assert torch.equal(act(x), x) and not act.alpha.requires_grad
 
 
-@pytest.mark.parametrize("blend", ["eager", "compile"])
+@pytest.mark.parametrize("blend", ["eager", "compile", "auto"])
 @pytest.mark.parametrize("make_act", [torch.nn.ReLU6, torch.nn.ReLU, lambda: torch.nn.Hardtanh(-1.0, 2.0),
                                       torch.nn.SiLU], ids=["relu6", "relu", "hardtanh", "silu"])
-def test_blend_paths_match_the_definition_in_float64(blend, make_act):
+def test_blend_paths_match_the_definition_in_float64(blend, make_act, monkeypatch):
     """Every fast path (PReLU, the hand-written clamp backward, the compiled kernel) computes the same values and
     gradients, for x and α, as autograd through (1 − α)·act(x) + α·x."""
+    from hf_layerfold import activation
+
+    monkeypatch.setattr(activation, "AUTO_COMPILE_MIN_NUMEL", 0)  # "auto": the compiled path even at this size
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)
     torch.manual_seed(0)
     for act_alpha in (0.0, 0.3):  # α = 0 is where a wrong α-gradient would hide behind a zero blend
         site = lf.FoldableActivation(make_act(), "s", alpha_init=act_alpha, blend=blend).double()
@@ -87,13 +92,18 @@ def test_blend_paths_match_the_definition_in_float64(blend, make_act):
         assert abs(float(site.alpha.grad) - float(ref_alpha.grad)) < 1e-10 * max(1.0, abs(float(ref_alpha.grad)))
 
 
-def test_compiled_batchnorm_blend_trains_like_eager_in_float64():
-    """blend="compile" runs BatchNorm + blend as one compiled region: same outputs, gradients (input, weights, α) and
-    running statistics as timm's eager BatchNormAct2d + blend, and timm's own forward once the plan is fixed."""
+@pytest.mark.parametrize("blend", ["compile", "auto"])
+def test_compiled_batchnorm_blend_trains_like_eager_in_float64(blend, monkeypatch):
+    """blend="compile" (and "auto" on CPU) runs BatchNorm + blend as one compiled region: same outputs, gradients
+    (input, weights, α) and running statistics as timm's eager BatchNormAct2d + blend, and timm's own forward once
+    the plan is fixed."""
     from timm.layers import BatchNormAct2d
 
+    from hf_layerfold import activation
     from hf_layerfold.fused import BatchNormBlend2d, fuse_batchnorm_blends
 
+    monkeypatch.setattr(activation, "AUTO_COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)
     torch.manual_seed(0)
 
     def bn_act(blend):
@@ -104,7 +114,7 @@ def test_compiled_batchnorm_blend_trains_like_eager_in_float64():
             module.bias.uniform_(-1.0, 1.0)
         return module
 
-    eager, fused = bn_act("eager"), bn_act("compile")
+    eager, fused = bn_act("eager"), bn_act(blend)
     fused.load_state_dict(eager.state_dict())
     assert fuse_batchnorm_blends(fused) == 1 and type(fused) is BatchNormBlend2d
     for size in (5, 7):  # two spatial sizes through one compiled graph; two steps of running statistics
@@ -125,13 +135,53 @@ def test_compiled_batchnorm_blend_trains_like_eager_in_float64():
     assert torch.equal(fused(x), eager(x))  # a fixed plan: timm's forward
 
 
-def test_compile_blend_fuses_every_batchnorm_site_of_a_timm_model():
-    eager = lf.prepare_model(small())
-    fused = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="compile"))
+@pytest.mark.parametrize("blend", ["compile", "auto"])
+def test_compile_blend_fuses_every_batchnorm_site_of_a_timm_model(blend):
     from hf_layerfold.fused import BatchNormBlend2d
 
+    eager = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="eager"))
+    fused = lf.prepare_model(small(), lf.LayerFoldingConfig(blend=blend))
+    assert not any(isinstance(m, BatchNormBlend2d) for m in eager.modules())
     assert sum(isinstance(m, BatchNormBlend2d) for m in fused.modules()) == len(lf.foldable_sites(fused)) == 34
     assert set(fused.state_dict()) == set(eager.state_dict())  # checkpoints and saves are unchanged
+
+
+def test_auto_blend_compiles_large_cpu_tensors_and_falls_back_when_the_compiler_fails(monkeypatch):
+    """blend="auto" leaves small CPU tensors to the eager blend and compiles large ones. On a machine where
+    torch.compile cannot run it warns once, then trains on the eager blend: the fused BatchNorm region takes timm's
+    forward (counting the batch once) and a lone site takes the eager blend."""
+    from timm.layers import BatchNormAct2d
+
+    from hf_layerfold import activation, fused
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(fused, "compiled_bn_blend", broken)
+    monkeypatch.setattr(activation, "compiled_clamp_blend", broken)
+    torch.manual_seed(0)
+    module = BatchNormAct2d(4, act_layer=torch.nn.ReLU6).double().train()
+    module.act = lf.FoldableActivation(module.act, "s", alpha_init=0.3).double()
+    reference = BatchNormAct2d(4, act_layer=torch.nn.ReLU6).double().train()
+    reference.act = lf.FoldableActivation(reference.act, "s", alpha_init=0.3, blend="eager").double()
+    assert fused.fuse_batchnorm_blends(module) == 1
+    small_x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # too small to compile: the broken compiler is never asked
+        assert torch.equal(module(small_x), reference(small_x))
+    x = 3 * torch.randn(2, 4, 96, 96, dtype=torch.float64)
+    assert x.numel() >= activation.AUTO_COMPILE_MIN_NUMEL
+    with pytest.warns(RuntimeWarning, match="torch.compile failed for the blend"):
+        out = module(x)
+    assert activation._COMPILE_FAILED
+    assert torch.equal(out, reference(x))
+    assert int(module.num_batches_tracked) == 2 and torch.equal(module.running_var, reference.running_var)
+    lone = lf.FoldableActivation(torch.nn.ReLU6(), "s", alpha_init=0.3).double()
+    eager = lf.FoldableActivation(torch.nn.ReLU6(), "s", alpha_init=0.3, blend="eager").double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the failure is remembered
+        assert torch.equal(lone(x), eager(x))
 
 
 def test_config_blend_reaches_every_site_and_bad_blend_is_named():

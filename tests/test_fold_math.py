@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from hf_layerfold.fold_math import (
     add_shortcut_tap,
     compose_convs,
+    composed_groups,
     dilate_kernel,
     fuse_bn,
     grouped_to_dense,
@@ -69,6 +70,7 @@ def test_compose_convs_equals_sequence(c0, c1, c2, k1, s1, g1, k2, s2, g2):
     assert torch.allclose(out, ref, atol=1e-10)
     if g1 == g2:
         assert g == g1
+    assert g == composed_groups(c1, c0 // g1, g1, c2, c1 // g2, g2)  # what the planner assumes when costing merges
 
 
 def test_identity_tap_absorbs_residual():

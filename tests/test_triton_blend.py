@@ -84,15 +84,6 @@ def test_auto_falls_back_to_eager_when_the_kernels_fail(monkeypatch):
     torch.testing.assert_close(y, _reference(x, act.alpha.detach(), 0.0, 6.0), rtol=0, atol=1e-12)
 
 
-def test_auto_blend_is_eager_on_cpu():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 5, dtype=torch.float64) * 4
-    auto = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3).double()
-    eager = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend="eager").double()
-    assert auto.blend == "auto"
-    torch.testing.assert_close(auto(x), eager(x), rtol=0, atol=0)
-
-
 def test_kernel_bounds_come_from_the_python_floats():
     """A half-precision model must not round Hardtanh bounds the kernels use."""
     act = lf.FoldableActivation(torch.nn.Hardtanh(-0.1, 0.3), "site", 0.3).half()
