@@ -4,7 +4,9 @@ Every run is ``bench_fashion_mnist_method.run_one`` (``LayerFoldingTrainer`` end
 seed); λ = 0 is the baseline fine-tune without folding. With ``--distill-weight`` the λ > 0 runs also distill
 from the λ = 0 run's model (the recipe of ``make demo``). ``--start baseline`` starts the λ > 0 runs from the
 λ = 0 run's trained weights instead of the ImageNet ones: the paper's setting, where Layer Folding compresses a
-network already trained for the task (the λ > 0 runs then train for the λ = 0 run's steps on top of it).
+network already trained for the task (the λ > 0 runs then train for the λ = 0 run's steps on top of it). A control
+run, ``lambda=0 continued``, then trains the same way at λ = 0, so each λ > 0 row also reports its loss against
+the control (``top1_gap_vs_control_points``): what is left after the extra training alone is accounted for.
 
 Each folded model is then timed beside the baseline's BN-fused model (``fold_model`` of the λ = 0 model: same
 weights as the baseline, BatchNorm merged into its convs), interleaved and paired (``harness.time_interleaved``), on
@@ -39,6 +41,7 @@ from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, tim
 TARGET_SPEEDUP = 1.6
 TARGET_LOSS_POINTS = 0.5
 TARGET_CELL = "cuda b128 224 float32"
+CONTROL = "lambda=0 continued"  # with --start baseline: the λ > 0 recipe at λ = 0 (what the extra training alone does)
 
 
 def latency_cells(device: str, train_size: int, sizes: str = "224,train") -> list[dict]:
@@ -102,23 +105,28 @@ def main(argv: list[str] | None = None) -> dict:
     runs, folded, baseline_state = [], {}, None
     run_s = None
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
-        for lam in [0.0, *lambdas]:
-            label = f"lambda={lam:g}"
+        schedule = [("lambda=0", 0.0)] + [(CONTROL, 0.0)] * (args.start == "baseline")
+        for label, lam in schedule + [(f"lambda={lam:g}", lam) for lam in lambdas]:
             elapsed = time.perf_counter() - start
             if args.deadline_s and run_s and elapsed + run_s > args.deadline_s:
                 result["skipped"].append(label)
                 continue
             t0 = time.perf_counter()
-            teacher = folded["lambda=0"] if lam > 0 and args.distill_weight > 0 else None
-            start_state = baseline_state if lam > 0 and args.start == "baseline" else None
+            follows = label != "lambda=0"  # the λ > 0 runs and the control build on the λ = 0 run
+            teacher = folded["lambda=0"] if follows and args.distill_weight > 0 else None
+            start_state = baseline_state if follows and args.start == "baseline" else None
             run = run_one(label, lam, data, args, scratch, teacher=teacher, start_state=start_state)
+            run["row"]["control"] = label == CONTROL
             folded[label] = run.pop("folded")
-            baseline_state = run.pop("state") if lam == 0 else baseline_state
+            baseline_state = run.pop("state") if label == "lambda=0" else baseline_state
             runs.append(run)
             run_s = time.perf_counter() - t0
             base = runs[0]["row"]
+            control = next((r["row"] for r in runs if r["row"]["control"]), None)
             for r in runs:
                 r["row"]["top1_gap_points"] = round(base["top1_pct"] - r["row"]["top1_pct"], 2)
+                if control is not None and r["row"]["lambda_reg"] > 0:
+                    r["row"]["top1_gap_vs_control_points"] = round(control["top1_pct"] - r["row"]["top1_pct"], 2)
             result["rows"] = [r["row"] for r in runs]
             result["linear_sites"] = {r["row"]["run"]: r["linear_sites"] for r in runs}
             result["wall_s"] = round(time.perf_counter() - start, 1)

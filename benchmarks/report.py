@@ -182,10 +182,13 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
         lines += [f"![accuracy vs depth]({plot})", ""]
     rows = data.get("rows", [])
     cells = list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
-    table = [[r["run"], r["top1_pct"], r.get("top1_gap_points"), r["sites_past_threshold"],
+    vs_control = any("top1_gap_vs_control_points" in r for r in rows)
+    table = [[r["run"], r["top1_pct"], r.get("top1_gap_points"),
+              *([r.get("top1_gap_vs_control_points")] if vs_control else []), r["sites_past_threshold"],
               r["nonlinear_layers_after"], r["depth_after"], r["mmacs_after"],
               *[(r.get("speedup") or {}).get(c) for c in cells], _fmt(r.get("meets_target"))] for r in rows]
-    lines += _table(["run", "top-1 %", "loss (points)", "linear sites", "non-linear layers", "depth",
+    lines += _table(["run", "top-1 %", "loss (points)", *(["loss vs control"] if vs_control else []),
+                     "linear sites", "non-linear layers", "depth",
                      f"MMACs ({settings.get('input_size', '?')} px)", *[f"speed-up {c}" for c in cells],
                      "meets target"], table)
     if target:
@@ -293,7 +296,8 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
     ax.plot([r["nonlinear_layers_after"] for r in rows], [r["top1_pct"] for r in rows], "o-", label="λ sweep")
     for r in rows:
         speed = (r.get("speedup") or {}).get(cell)
-        label = f"λ={r['lambda_reg']:g}" + (f", ×{speed:.2f}" if speed is not None else "")
+        label = ("control" if r.get("control") else f"λ={r['lambda_reg']:g}") + (
+            f", ×{speed:.2f}" if speed is not None else "")
         ax.annotate(label, (r["nonlinear_layers_after"], r["top1_pct"]), textcoords="offset points",
                     xytext=(4, -12), fontsize=7)
     base = next((r for r in rows if r["lambda_reg"] == 0), None)
@@ -373,8 +377,13 @@ def _closest(rows: list[dict], cell: str | None) -> str:
     if not runs:
         return ""
     r = min(runs, key=lambda r: r["top1_gap_points"])
-    return (f" (closest: λ = {r['lambda_reg']:g}, {r['top1_pct']} %, −{r['top1_gap_points']} points, "
-            f"{(r.get('speedup') or {}).get(cell)}× {cell})")
+    return (f" (closest: λ = {r['lambda_reg']:g}, {r['top1_pct']} %, −{r['top1_gap_points']} points"
+            f"{_vs_control(r)}, {(r.get('speedup') or {}).get(cell)}× {cell})")
+
+
+def _vs_control(row: dict) -> str:
+    gap = row.get("top1_gap_vs_control_points")
+    return "" if gap is None else f" (−{gap} against the continued λ = 0 control)"
 
 
 def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
@@ -389,8 +398,9 @@ def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
         return []
     kept = [r for r in rows if r["lambda_reg"] > 0 and (r.get("top1_gap_points") or 0) <= limit]
     best = max(kept, key=lambda r: (r.get("speedup") or {}).get(cell) or 0, default=None)
-    within = (f"the fastest run within {limit} point, λ = {best['lambda_reg']:g}, reaches {best['top1_pct']} % at "
-              f"depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× ({cell})" if best
+    within = (f"the fastest run within {limit} point, λ = {best['lambda_reg']:g}, reaches {best['top1_pct']} %"
+              f"{_vs_control(best)} at depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× "
+              f"({cell})" if best
               else f"no λ > 0 run stays within {limit} point" + _closest(rows, cell))
     met = _fmt(any(r.get("meets_target") for r in rows))
     verdict = (f"target ≥ {target.get('speedup')}× ({target.get('cell')}): {met}" if on_target

@@ -83,20 +83,23 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "accuracy_sweep.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
-                           "--out", str(out)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
-                          capture_output=True, text=True, timeout=600)
+                           "--start", "baseline", "--distill-weight", "0.5", "--out", str(out)], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert [r["run"] for r in data["rows"]] == ["lambda=0", "lambda=0.5"]
+    assert [r["run"] for r in data["rows"]] == ["lambda=0", "lambda=0 continued", "lambda=0.5"]
+    base, control, folded = data["rows"]
+    assert control["control"] and not folded["control"] and data["settings"]["start"] == "baseline"
+    assert folded["top1_gap_vs_control_points"] == round(control["top1_pct"] - folded["top1_pct"], 2)
     for row in data["rows"]:
         assert 0 <= row["top1_pct"] <= 100 and row["folded_vs_planned_max_abs_diff"] < 1e-3
         assert set(row["speedup"]) == {"cpu b1 224 float32", "cpu b1 32 float32"}
         assert all(_finite_positive(v) for v in row["speedup"].values())
-    assert data["rows"][0]["speedup"]["cpu b1 224 float32"] == 1.0  # the baseline against itself
+    assert base["speedup"]["cpu b1 224 float32"] == 1.0  # the baseline against itself
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- results:start -->\nstale\n<!-- results:end -->\noutro\n")
     md = report.build_report(tmp_path, readme=readme).read_text()
-    assert "## Accuracy against depth" in md and "| lambda=0.5 |" in md
+    assert "## Accuracy against depth" in md and "| lambda=0.5 |" in md and "loss vs control" in md
     assert (tmp_path / "accuracy_sweep.png").stat().st_size > 1000
     text = readme.read_text()
     assert "stale" not in text and "Accuracy vs depth (`accuracy_sweep.json`" in text
