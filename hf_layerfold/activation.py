@@ -82,8 +82,8 @@ def auto_compiles(x: torch.Tensor) -> bool:
 def compiled_or_eager(compiled, eager):
     """``compiled()``; if the compiler cannot run here (no C++ compiler, an unsupported platform, torch's recompile
     limit reached after many shapes and dtypes in one process), warn once and return ``eager()`` from then on
-    rather than failing a training run. Compilation (backward included) happens on
-    the first call, before any in-place update runs, so a failure leaves no half-applied step."""
+    rather than failing a training run. Compilation (backward included) happens on the first call, before any
+    in-place update runs, so a failure leaves no half-applied step."""
     global _COMPILE_FAILED
     if not _COMPILE_FAILED:
         try:

@@ -71,7 +71,7 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
         model.set_submodule(site, FoldableActivation(act, site, config.alpha_init, config.blend).to(device))
     if config.alpha_sharing == "block":
         share_alpha_by_block(model)
-    if config.blend in ("compile", "auto"):  # BatchNorm + blend as one compiled region on CPU (see fused.py)
+    if config.blend in ("compile", "auto"):  # BatchNorm + blend as one compiled region ("auto": on CPU; fused.py)
         fuse_batchnorm_blends(model)
     model.layerfold_config = config
     return model
