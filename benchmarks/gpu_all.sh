@@ -4,7 +4,8 @@
 # Writes into $OUT: cuda_tests.txt (the CUDA tests of the Triton blend), latency_cuda.json,
 # train_overhead_cuda_<model>.json, accuracy_sweep_cuda.json and log.txt; each step has its own time limit and a failing
 # step does not stop the others. Budgets are in seconds (env overridable). Needs torch, timm, transformers, datasets,
-# pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR).
+# pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR). ONLY=tests,latency,overhead,sweep (any
+# subset, default all) picks the steps.
 set -u
 OUT=${OUT:?set OUT to the output folder}
 LATENCY_S=${LATENCY_S:-90}
@@ -13,6 +14,8 @@ OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants
 TOTAL_S=${TOTAL_S:-570}  # the sweep gets what is left of this
 START=$(date +%s)
 SWEEP_ARGS=${SWEEP_ARGS:-}
+ONLY=${ONLY:-tests,latency,overhead,sweep}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 log() { echo "[gpu_all $(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 
@@ -22,16 +25,21 @@ python3 -c "import torch, timm, transformers, datasets; print('torch', torch.__v
 import importlib.util as u; print('triton', u.find_spec('triton') and __import__('triton').__version__)" 2>&1 \
   | tee -a "$OUT/log.txt"
 
-log "CUDA tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py >"$OUT/cuda_tests.txt" 2>&1 \
-  || log "CUDA tests exited with $?"
-tail -3 "$OUT/cuda_tests.txt" | tee -a "$OUT/log.txt"
+if want tests; then
+  log "CUDA tests"
+  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py >"$OUT/cuda_tests.txt" 2>&1 \
+    || log "CUDA tests exited with $?"
+  tail -3 "$OUT/cuda_tests.txt" | tee -a "$OUT/log.txt"
+fi
 
-log "latency (budget ${LATENCY_S}s)"
-timeout $((LATENCY_S + 120)) python3 benchmarks/gpu_suite.py "$OUT/latency_cuda.json" --budget-s "$LATENCY_S" \
-  >>"$OUT/log.txt" 2>&1 || log "latency exited with $?"
+if want latency; then
+  log "latency (budget ${LATENCY_S}s)"
+  timeout $((LATENCY_S + 120)) python3 benchmarks/gpu_suite.py "$OUT/latency_cuda.json" --budget-s "$LATENCY_S" \
+    >>"$OUT/log.txt" 2>&1 || log "latency exited with $?"
+fi
 
 for model in mobilenetv2_100 tf_efficientnet_lite0; do
+  want overhead || break
   log "train overhead $model (budget ${OVERHEAD_S}s)"
   timeout "$OVERHEAD_S" python3 -m benchmarks.bench_train_overhead --device cuda --models $model --batch 64 \
     --input-size 224 --threads 1 --rounds 40 --budget-s $((OVERHEAD_S / 3)) $OVERHEAD_ARGS \
@@ -39,8 +47,10 @@ for model in mobilenetv2_100 tf_efficientnet_lite0; do
 done
 
 SWEEP_S=$((TOTAL_S - $(date +%s) + START))
-log "accuracy sweep (${SWEEP_S}s left)"
-timeout "$SWEEP_S" python3 -m benchmarks.bench_accuracy_sweep --device cuda --bf16 --workers 12 \
-  --deadline-s $((SWEEP_S - 70)) --out "$OUT/accuracy_sweep_cuda.json" $SWEEP_ARGS \
-  >>"$OUT/log.txt" 2>&1 || log "accuracy sweep exited with $?"
+if want sweep; then
+  log "accuracy sweep (${SWEEP_S}s left)"
+  timeout "$SWEEP_S" python3 -m benchmarks.bench_accuracy_sweep --device cuda --bf16 --workers 12 \
+    --deadline-s $((SWEEP_S - 70)) --out "$OUT/accuracy_sweep_cuda.json" $SWEEP_ARGS \
+    >>"$OUT/log.txt" 2>&1 || log "accuracy sweep exited with $?"
+fi
 log "done"

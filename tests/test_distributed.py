@@ -17,7 +17,7 @@ import pytest
 SIZE = 32
 MAX_STEPS, SEARCH_STEPS = 5, 3
 CONFIG = dict(alpha_init=0.5, lambda_reg=0.05, regularizer="l1", threshold=0.9, alpha_lr=0.2,
-              search_steps=SEARCH_STEPS)
+              search_steps=SEARCH_STEPS, blend="compile")  # the compiled BatchNorm + blend regions under DDP
 
 
 def _worker(out: Path) -> None:
