@@ -41,6 +41,8 @@ from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, tim
 TARGET_SPEEDUP = 1.6
 TARGET_LOSS_POINTS = 0.5
 TARGET_CELL = "cuda b128 224 float32"
+STARTED_FROM_BASELINE = ("the λ > 0 runs and a control ('lambda=0 continued', same recipe at λ = 0) start from the "
+                         "λ = 0 run's fine-tuned model; ")
 CONTROL = "lambda=0 continued"  # with --start baseline: the λ > 0 recipe at λ = 0 (what the extra training alone does)
 
 
@@ -96,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start")}
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
+                              + (STARTED_FROM_BASELINE if args.start == "baseline" else "") +
                               "top-1 of the folded model on the test split (percent), gap to the λ = 0 run in "
                               "points, and latency speed-up of the folded model over the BN-fused λ = 0 model, "
                               "timed interleaved on the same device."),

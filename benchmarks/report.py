@@ -288,13 +288,19 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
     plt = _pyplot()
     if plt is None:
         return False
-    rows = sorted(data.get("rows", []), key=lambda r: r["nonlinear_layers_after"])
+    every = sorted(data.get("rows", []), key=lambda r: r["nonlinear_layers_after"])
+    rows = [r for r in every if not r.get("control")]
     if not rows:
         return False
+    cells = list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
     cell = (data.get("target") or {}).get("cell")
+    cell = cell if cell in cells or not cells else cells[0]  # a CPU sweep: its first measured cell
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot([r["nonlinear_layers_after"] for r in rows], [r["top1_pct"] for r in rows], "o-", label="λ sweep")
-    for r in rows:
+    for r in (r for r in every if r.get("control")):
+        ax.plot([r["nonlinear_layers_after"]], [r["top1_pct"]], "gx", markersize=9,
+                label="λ = 0 continued (control)")
+    for r in every:
         speed = (r.get("speedup") or {}).get(cell)
         label = ("control" if r.get("control") else f"λ={r['lambda_reg']:g}") + (
             f", ×{speed:.2f}" if speed is not None else "")
@@ -383,7 +389,9 @@ def _closest(rows: list[dict], cell: str | None) -> str:
 
 def _vs_control(row: dict) -> str:
     gap = row.get("top1_gap_vs_control_points")
-    return "" if gap is None else f" (−{gap} against the continued λ = 0 control)"
+    if gap is None:
+        return ""
+    return f" ({'−' if gap > 0 else '+'}{abs(gap):g} points against the continued λ = 0 control)"
 
 
 def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
