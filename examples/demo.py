@@ -28,8 +28,8 @@ Why these defaults (measured with this script on a 2-core Xeon, 1 thread, 3000 t
 baseline 83.5% top-1): the ``l1`` regularizer pushes every α with a constant force (the paper's Σ|1−α²| has no
 gradient at α = 0, so nothing moves in a short run). ``max_macs_increase=0`` keeps folding from merging a 1x1
 expansion and a depthwise conv into one large dense conv: that merge removes depth but multiplies MACs, which a CPU
-pays for. With both, λ = 0.1 (the default) removed 22 of 32 activations at 83.2% top-1, MACs 31.4 → 29.8 M,
-depth 49 → 43, and ran 1.16x faster at batch 1 and 1.12x at batch 32 (3.6 min in all); λ = 0.4 removed 30 of 32
+pays for. With both, λ = 0.1 (the default) removed 21 of 32 activations at 83.4% top-1, MACs 31.4 → 29.8 M,
+depth 49 → 43, and ran 1.15x faster at batch 1 and 1.16x at batch 32 (3.5 min in all); λ = 0.4 removed 30 of 32
 at 76.0%, depth 49 → 39, 1.30x / 1.27x faster. Without the MACs limit (``--max-macs-increase -1``) λ = 0.4
 reached depth 19 at 77.0% but ran no faster on the CPU (0.86x-1.3x at batch 1 across runs), and λ = 0.1 kept
 81.8% but ran 2.3x slower at batch 1. Deep merging is for hardware where depth, not MACs, bounds latency: on an
