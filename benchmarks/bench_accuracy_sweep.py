@@ -118,10 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
             follows = label != "lambda=0"  # the λ > 0 runs and the control build on the λ = 0 run
             teacher = folded["lambda=0"] if follows and args.distill_weight > 0 else None
             start_state = baseline_state if follows and args.start == "baseline" else None
-            run = run_one(label, lam, data, args, scratch, teacher=teacher, start_state=start_state)
+            first = label == "lambda=0"
+            run = run_one(label, lam, data, args, scratch, teacher=teacher, start_state=start_state,
+                          keep_state=first and args.start == "baseline")
             run["row"]["control"] = label == CONTROL
             folded[label] = run.pop("folded")
-            baseline_state = run.pop("state") if label == "lambda=0" else baseline_state
+            state = run.pop("state")
+            baseline_state = state if first else baseline_state
             runs.append(run)
             run_s = time.perf_counter() - t0
             base = runs[0]["row"]

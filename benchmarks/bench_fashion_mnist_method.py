@@ -55,9 +55,10 @@ def accuracy(model: torch.nn.Module, dataset, collator, batch_size: int = 100) -
 
 
 def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scratch: str,
-            teacher: torch.nn.Module | None = None, start_state: dict | None = None) -> dict:
+            teacher: torch.nn.Module | None = None, start_state: dict | None = None, keep_state: bool = False) -> dict:
     """One LayerFoldingTrainer run; with a ``teacher`` (and ``--distill-weight``) it also distills from it. The
-    model starts from the ImageNet-pretrained Lite0, or from ``start_state`` (a trained run's ``"state"``)."""
+    model starts from the ImageNet-pretrained Lite0, or from ``start_state`` (the ``"state"`` of a run made with
+    ``keep_state``)."""
     torch.manual_seed(args.seed)
     model = load_efficientnet_lite0_imagenet(num_classes=10)
     if start_state is not None:
@@ -109,8 +110,12 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
            "folded_vs_planned_max_abs_diff": fold_err, "train_s": round(train_s, 1),
            "others_cores": meter.result.get("other_processes_cores")}
     log(f"[fashion_mnist_method] {row}")
-    alpha_keys = {f"{site}.alpha" for site in lf.alpha_parameters(planned)}
-    state = {k: v.detach().clone() for k, v in planned.state_dict().items() if k not in alpha_keys}
+    state = None
+    if keep_state:  # the trained timm weights, without α; only meaningful when no site became linear
+        if len(plan):
+            raise ValueError(f"{label}: a run with linear sites cannot start another as a plain timm model")
+        alpha_keys = {f"{site}.alpha" for site in lf.alpha_parameters(planned)}
+        state = {k: v.detach().clone() for k, v in planned.state_dict().items() if k not in alpha_keys}
     return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites), "folded": folded,
             "state": state}
 

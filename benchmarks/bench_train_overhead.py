@@ -10,7 +10,8 @@ the reported ratio is the median over rounds of the per-round ratio. Variants:
   carries it), the rest of the model eager. Its step also adds the α regularizer to the loss and clamps α after the
   optimizer step, as the trainer does.
 * ``prepared_eager``: ``blend="eager"``, what ``"auto"`` falls back to where its fast path cannot run.
-* ``prepared_compile_blend`` (CUDA only; on CPU it is ``prepared``): ``blend="compile"``.
+* ``prepared_compile_blend`` (CUDA only; on CPU it would differ from ``prepared`` only below the 2^16-element
+  threshold of ``"auto"``): ``blend="compile"``.
 * ``timm_regional``: the fair twin of the compiled regions: the timm model with its own BatchNorm + activation
   regions compiled the same way (``ratio_prepared_vs_timm_regional`` on CPU,
   ``ratio_prepared_compile_blend_vs_timm_regional`` on CUDA).
@@ -129,7 +130,8 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         compile_s = {}
-        t0 = time.perf_counter()  # the default path against the eager blend; on CPU the first call compiles
+        t0 = time.perf_counter()  # the default path against the eager blend; on CPU the first call compiles, so
+        # compile_s["auto"] = that check (float64, both models) + one float32 step: compiling plus a little running
         checks = {"auto_vs_eager_grad_rel_err": grad_gap(variants["prepared"], variants["prepared_eager"], x[:2])}
         _step(variants["prepared"], _optimizer(variants["prepared"]), x, y)  # and the float32 graphs
         if device == "cpu":

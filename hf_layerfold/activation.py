@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import warnings
@@ -82,17 +83,38 @@ def auto_compiles(x: torch.Tensor) -> bool:
 def compiled_or_eager(compiled, eager):
     """``compiled()``; if the compiler cannot run here (no C++ compiler, an unsupported platform, torch's recompile
     limit reached after many shapes and dtypes in one process), warn once and return ``eager()`` from then on
-    rather than failing a training run. Compilation (backward included) happens on the first call, before any
-    in-place update runs, so a failure leaves no half-applied step."""
+    rather than failing a training run. Both graphs compile on the first call, before anything runs (the backward
+    too: see ``_backward_compiles_now``), so a failure leaves no half-applied step. An error that the eager blend
+    raises as well (a wrong input) is the caller's, and propagates with the fast path left on."""
     global _COMPILE_FAILED
-    if not _COMPILE_FAILED:
-        try:
+    if _COMPILE_FAILED:
+        return eager()
+    try:
+        with _backward_compiles_now():
             return compiled()
-        except Exception as err:  # noqa: BLE001 - any failure of the optional fast path
-            _COMPILE_FAILED = True
-            warnings.warn(f"torch.compile failed for the blend ({type(err).__name__}: {err}); blend='auto' uses the "
-                          "eager blend from now on", RuntimeWarning, stacklevel=3)
-    return eager()
+    except Exception as err:  # noqa: BLE001 - any failure of the optional fast path
+        out = eager()
+        _COMPILE_FAILED = True
+        warnings.warn(f"torch.compile failed for the blend ({type(err).__name__}: {err}); blend='auto' uses the "
+                      "eager blend from now on", RuntimeWarning, stacklevel=2)
+        return out
+
+
+@contextlib.contextmanager
+def _backward_compiles_now():
+    """With symbolic shapes, torch compiles the backward during the first forward but, if that fails, only logs it
+    and fails later inside ``loss.backward()``, past any fallback. This makes that failure raise in the forward."""
+    from torch._functorch import config
+
+    if not hasattr(config, "force_non_lazy_backward_lowering"):
+        yield
+        return
+    old = config.force_non_lazy_backward_lowering
+    config.force_non_lazy_backward_lowering = True
+    try:
+        yield
+    finally:
+        config.force_non_lazy_backward_lowering = old
 
 
 def compiled_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:

@@ -68,9 +68,9 @@ def compose_convs(w1: Tensor, b1: Tensor, s1: Pair, g1: int,
                   w2: Tensor, b2: Tensor, g2: int) -> tuple[Tensor, Tensor, int]:
     """Merge conv1 (stride ``s1``) followed by conv2 into one conv, assuming no padding between them.
 
-    The result has stride ``s1·s2`` (the caller multiplies strides) and kernel ``merged_kernel_size``. Groups
-    are kept when both convs use the same grouping; otherwise both are densified first (``composed_groups``).
-    Returns ``(weight, bias, groups)``.
+    The result has stride ``s1·s2`` (the caller multiplies strides) and kernel ``merged_kernel_size``; its groups
+    follow ``composed_groups`` (a depthwise conv on either side keeps the other's grouping, the same grouping is
+    kept, anything else is densified first). Returns ``(weight, bias, groups)``.
     """
     if is_depthwise(w2.shape[0], w2.shape[1], g2) and w2.shape[0] == w1.shape[0]:
         return _compose_then_depthwise(w1, b1, s1, g1, w2, b2)

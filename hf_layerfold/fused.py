@@ -48,15 +48,16 @@ class BatchNormBlend2d(BatchNormAct2d):
     """timm's ``BatchNormAct2d`` whose searching ``FoldableActivation`` runs fused with the BatchNorm.
 
     Same parameters, buffers and state-dict keys as the module it replaces; eval mode, a fixed plan, a drop layer
-    between BatchNorm and the activation, anything under an outer ``torch.compile``, and ``blend="auto"`` away from
-    the CPU (the activation then picks its own path) take timm's own forward.
+    between BatchNorm and the activation, anything under an outer ``torch.compile``, and ``blend="auto"`` wherever
+    it does not compile (off the CPU, below ``AUTO_COMPILE_MIN_NUMEL`` elements, after a compiler failure; the
+    activation then picks its own path) take timm's own forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.act
-        if (not self.training or act.fixed is not None or not isinstance(act, FoldableActivation)
-                or (act.blend == "auto" and not activation.auto_compiles(x))
-                or torch.compiler.is_compiling() or not self.track_running_stats or self.momentum is None
+        if (not self.training or not isinstance(act, FoldableActivation) or act.fixed is not None
+                or torch.compiler.is_compiling() or (act.blend == "auto" and not activation.auto_compiles(x))
+                or not self.track_running_stats or self.momentum is None
                 or self.weight is None or self.bias is None or not isinstance(self.drop, nn.Identity)
                 or x.numel() == x.shape[1]):  # one value per channel: let BatchNorm raise its own error
             return super().forward(x)

@@ -90,6 +90,7 @@ def test_blend_paths_match_the_definition_in_float64(blend, make_act, monkeypatc
         assert rel_err(site(x), ref) < 1e-12
         assert rel_err(x.grad, ref_x.grad) < 1e-12
         assert abs(float(site.alpha.grad) - float(ref_alpha.grad)) < 1e-10 * max(1.0, abs(float(ref_alpha.grad)))
+    assert not activation._COMPILE_FAILED  # "auto" compiled rather than fell back
 
 
 @pytest.mark.parametrize("blend", ["compile", "auto"])
@@ -130,6 +131,7 @@ def test_compiled_batchnorm_blend_trains_like_eager_in_float64(blend, monkeypatc
         assert rel_err(p_f.grad, p_e.grad) < 1e-10, name
     for key, value in eager.state_dict().items():
         assert torch.allclose(fused.state_dict()[key].double(), value.double(), rtol=1e-12, atol=1e-14), key
+    assert not activation._COMPILE_FAILED  # "auto" compiled rather than fell back
     fused.act.fix(linear=True)
     eager.act.fix(linear=True)
     assert torch.equal(fused(x), eager(x))  # a fixed plan: timm's forward
@@ -177,11 +179,33 @@ def test_auto_blend_compiles_large_cpu_tensors_and_falls_back_when_the_compiler_
     assert activation._COMPILE_FAILED
     assert torch.equal(out, reference(x))
     assert int(module.num_batches_tracked) == 2 and torch.equal(module.running_var, reference.running_var)
-    lone = lf.FoldableActivation(torch.nn.ReLU6(), "s", alpha_init=0.3).double()
-    eager = lf.FoldableActivation(torch.nn.ReLU6(), "s", alpha_init=0.3, blend="eager").double()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: the failure is remembered
+        assert torch.equal(module(x), reference(x))
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)  # a lone site (no BatchNorm of its own) likewise
+    lone = lf.FoldableActivation(torch.nn.ReLU6(), "s", alpha_init=0.3).double()
+    eager = lf.FoldableActivation(torch.nn.ReLU6(), "s", alpha_init=0.3, blend="eager").double()
+    with pytest.warns(RuntimeWarning, match="torch.compile failed for the blend"):
         assert torch.equal(lone(x), eager(x))
+    assert activation._COMPILE_FAILED
+
+
+def test_auto_blend_leaves_the_fast_path_on_for_errors_of_the_input(monkeypatch):
+    """A wrong input fails the eager blend too: that error is the caller's and is raised as is, with no warning
+    and no switch to the eager path."""
+    from timm.layers import BatchNormAct2d
+
+    from hf_layerfold import activation, fused
+
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)
+    module = BatchNormAct2d(8, act_layer=torch.nn.ReLU6).train()
+    module.act = lf.FoldableActivation(module.act, "s", alpha_init=0.3)
+    fused.fuse_batchnorm_blends(module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeError):
+            module(torch.randn(2, 16, 64, 64))  # 16 channels into an 8-channel BatchNorm
+    assert not activation._COMPILE_FAILED
 
 
 def test_config_blend_reaches_every_site_and_bad_blend_is_named():

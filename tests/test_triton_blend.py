@@ -111,7 +111,17 @@ def test_cuda_kernels_match_eager_blend(lo, hi, dtype):
 
 
 @cuda
-def test_cuda_prepared_model_auto_matches_eager():
+def test_cuda_prepared_model_auto_matches_eager(monkeypatch):
+    """On CUDA "auto" is the Triton kernels: the CPU-only compiled regions are never asked."""
+    from hf_layerfold import activation, fused
+
+    def cpu_only(*args, **kwargs):
+        raise AssertionError("the compiled CPU path ran on CUDA")
+
+    monkeypatch.setattr(fused, "compiled_bn_blend", cpu_only)
+    monkeypatch.setattr(activation, "compiled_clamp_blend", cpu_only)
+    monkeypatch.setattr(activation, "_TRITON_FAILED", False)
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)  # set, had the compiled path been tried and failed
     torch.manual_seed(0)
     base = timm.create_model("mobilenetv2_050", num_classes=10).cuda()
     auto = lf.prepare_model(copy.deepcopy(base), lf.LayerFoldingConfig(alpha_init=0.3))
@@ -124,3 +134,4 @@ def test_cuda_prepared_model_auto_matches_eager():
         outs.append({n: p.grad for n, p in model.named_parameters()})
     for name, grad in outs[1].items():
         torch.testing.assert_close(outs[0][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert not activation._TRITON_FAILED and not activation._COMPILE_FAILED
