@@ -104,3 +104,14 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and "Accuracy vs depth (`accuracy_sweep.json`" in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
+
+
+def test_profile_step_splits_a_step_into_host_and_op_time(tmp_path):
+    from benchmarks import profile_step
+
+    data = profile_step.main(["--model", "mobilenetv2_050", "--batch", "2", "--input-size", "64", "--steps", "2",
+                              "--warmup", "1", "--top", "3", "--out", str(tmp_path / "profile.json")])
+    assert json.loads((tmp_path / "profile.json").read_text())["profiles"].keys() == {"timm", "prepared"}
+    for prof in data["profiles"].values():
+        assert 0 < prof["host_ms_per_step"] <= prof["wall_ms_per_step"] * 1.05
+        assert len(prof["top_host_ops"]) == 3 and all(op["ms_per_step"] > 0 for op in prof["top_host_ops"])

@@ -1,0 +1,86 @@
+"""Where the α search's extra step time goes: one profiled training step of the timm model and of the prepared one.
+
+``bench_train_overhead`` says how much a search step costs; this says where. Each model takes a few warm-up steps
+(the same step as that benchmark: forward, cross-entropy, backward, fused AdamW, and for the prepared model the α
+regularizer and clamp), then ``--steps`` steps under ``torch.profiler``. Written per model: wall time per step,
+host time per step inside top-level torch ops (on CUDA: launching, not computing), device time per step, and the
+ops with the most host and device time per step. A prepared step whose extra wall time matches its extra host
+time, with the device time unchanged, is bound by Python and launches, not by memory traffic.
+
+``python -m benchmarks.profile_step --device cuda --batch 64 --out /tmp/profile_b64.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import timm
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from .bench_train_overhead import _optimizer, _prepared, _step, _sync
+from .harness import device_info, log, write_json
+
+
+def _top(events, key: str, n: int, steps: int) -> list[dict]:
+    """The ``n`` ops with the most ``key`` time, per step."""
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:n]
+    return [{"op": e.key, "calls_per_step": e.count / steps, "ms_per_step": round(getattr(e, key) / steps / 1e3, 3)}
+            for e in rows]
+
+
+def profile_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
+                  top: int) -> dict:
+    optim = _optimizer(model)
+    model.train()
+    for _ in range(warmup):
+        _step(model, optim, x, y)
+    _sync(x)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            _step(model, optim, x, y)
+        _sync(x)
+        wall = time.perf_counter() - start
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if x.is_cuda else None
+    top_level = [e for e in prof.events() if e.cpu_parent is None and e.device_type.name == "CPU"]
+    result = {"wall_ms_per_step": round(wall / steps * 1e3, 3),
+              "host_ms_per_step": round(sum(e.cpu_time_total for e in top_level) / steps / 1e3, 3),
+              "top_host_ops": _top(events, "self_cpu_time_total", top, steps)}
+    if device_key:
+        result["device_ms_per_step"] = round(sum(getattr(e, device_key) for e in events) / steps / 1e3, 3)
+        result["top_device_ops"] = _top(events, device_key, top, steps)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="mobilenetv2_100")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    base = timm.create_model(args.model, pretrained=False, num_classes=1000).to(args.device)
+    x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=args.device)
+    y = torch.randint(0, 1000, (args.batch,), device=args.device)
+    models = {"timm": base, "prepared": _prepared(base, "auto")}
+    data = {"benchmark": "profile_step", "title": "Where a search step's time goes",
+            "device": device_info(args.device), "model": args.model, "batch": args.batch,
+            "input_size": args.input_size, "steps": args.steps,
+            "profiles": {name: profile_model(m, x, y, args.steps, args.warmup, args.top) for name, m in models.items()}}
+    for name, prof in data["profiles"].items():
+        log(f"[profile_step] {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items() if k.endswith("per_step")))
+    write_json(args.out, data)
+    return data
+
+
+if __name__ == "__main__":
+    main()
