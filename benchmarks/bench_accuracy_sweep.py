@@ -115,10 +115,9 @@ def main(argv: list[str] | None = None) -> dict:
                 result["skipped"].append(label)
                 continue
             t0 = time.perf_counter()
-            follows = label != "lambda=0"  # the λ > 0 runs and the control build on the λ = 0 run
-            teacher = folded["lambda=0"] if follows and args.distill_weight > 0 else None
-            start_state = baseline_state if follows and args.start == "baseline" else None
-            first = label == "lambda=0"
+            first = label == "lambda=0"  # the λ > 0 runs and the control build on this one
+            teacher = folded["lambda=0"] if not first and args.distill_weight > 0 else None
+            start_state = baseline_state if not first and args.start == "baseline" else None
             run = run_one(label, lam, data, args, scratch, teacher=teacher, start_state=start_state,
                           keep_state=first and args.start == "baseline")
             run["row"]["control"] = label == CONTROL
