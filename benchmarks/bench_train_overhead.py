@@ -37,7 +37,7 @@ import hf_layerfold as lf
 from hf_layerfold.losses import alpha_regularizer, clamp_alphas_
 from hf_layerfold.prepare import unique_alphas
 
-from .harness import RESULTS_DIR, LoadMeter, device_info, log, paired_ratio, summarize, write_json
+from .harness import RESULTS_DIR, LoadMeter, device_info, log, paired_ratio, summarize, sync, write_json
 
 MODELS = ("mobilenetv2_100", "tf_efficientnet_lite0")
 REQUIRED_RATIO = 1.05
@@ -63,7 +63,7 @@ def grad_gap(model: nn.Module, other: nn.Module, x: torch.Tensor) -> float:
 Optim = tuple[torch.optim.Optimizer, list[torch.Tensor]]  # the optimizer and the α it regularizes and clamps
 
 
-def _step(model: nn.Module, optim: Optim, x: torch.Tensor, y: torch.Tensor) -> None:
+def train_step(model: nn.Module, optim: Optim, x: torch.Tensor, y: torch.Tensor) -> None:
     """One training step; for a prepared model with what ``LayerFoldingTrainer`` adds (regularizer, α clamp)."""
     opt, alphas = optim
     opt.zero_grad(set_to_none=True)
@@ -76,7 +76,7 @@ def _step(model: nn.Module, optim: Optim, x: torch.Tensor, y: torch.Tensor) -> N
         clamp_alphas_(alphas)
 
 
-def _optimizer(model: nn.Module) -> Optim:
+def make_optimizer(model: nn.Module) -> Optim:
     alphas = {id(a) for a in lf.alpha_parameters(model).values()}
     weights = [p for p in model.parameters() if id(p) not in alphas]
     groups = [{"params": weights, "weight_decay": 0.05}]
@@ -86,28 +86,23 @@ def _optimizer(model: nn.Module) -> Optim:
     return opt, groups[1]["params"] if alphas else []
 
 
-def _sync(x: torch.Tensor) -> None:
-    if x.is_cuda:
-        torch.cuda.synchronize(x.device)
-
-
 def time_steps(variants: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor, rounds: int, warmup: int,
                budget_s: float) -> dict[str, list[float]]:
-    optims = {name: _optimizer(m) for name, m in variants.items()}
+    optims = {name: make_optimizer(m) for name, m in variants.items()}
     names = list(variants)
     for name in names:
         variants[name].train()
         for _ in range(warmup):
-            _step(variants[name], optims[name], x, y)
+            train_step(variants[name], optims[name], x, y)
     samples: dict[str, list[float]] = {n: [] for n in names}
     start, r = time.perf_counter(), 0
     while r < rounds:
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
-            _sync(x)  # on CUDA: time the step's GPU work, not how fast its kernels were queued
+            sync(x.device)  # on CUDA: time the step's GPU work, not how fast its kernels were queued
             t0 = time.perf_counter()
-            _step(variants[name], optims[name], x, y)
-            _sync(x)
+            train_step(variants[name], optims[name], x, y)
+            sync(x.device)
             samples[name].append((time.perf_counter() - t0) * 1e3)
         r += 1
         if r >= 5 and (time.perf_counter() - start) / r * (r + 1) > budget_s:
@@ -115,7 +110,7 @@ def time_steps(variants: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
     return samples
 
 
-def _prepared(base: nn.Module, blend: str) -> nn.Module:
+def prepared_copy(base: nn.Module, blend: str) -> nn.Module:
     return lf.prepare_model(copy.deepcopy(base), lf.LayerFoldingConfig(alpha_init=0.3, blend=blend))
 
 
@@ -126,18 +121,19 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
     for name in models:
         torch.manual_seed(0)
         base = timm.create_model(name, pretrained=False, num_classes=1000).to(device)
-        variants = {"timm": base, "prepared": _prepared(base, "auto"), "prepared_eager": _prepared(base, "eager")}
+        variants = {"timm": base, "prepared": prepared_copy(base, "auto"),
+                    "prepared_eager": prepared_copy(base, "eager")}
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         compile_s = {}
         t0 = time.perf_counter()  # the default path against the eager blend; on CPU the first call compiles, so
         # compile_s["auto"] = that check (float64, both models) + one float32 step: compiling plus a little running
         checks = {"auto_vs_eager_grad_rel_err": grad_gap(variants["prepared"], variants["prepared_eager"], x[:2])}
-        _step(variants["prepared"], _optimizer(variants["prepared"]), x, y)  # and the float32 graphs
+        train_step(variants["prepared"], make_optimizer(variants["prepared"]), x, y)  # and the float32 graphs
         if device == "cpu":
             compile_s["auto"] = round(time.perf_counter() - t0, 1)
         if compile_variants and device != "cpu":
-            compiled_blend = variants["prepared_compile_blend"] = _prepared(base, "compile")
+            compiled_blend = variants["prepared_compile_blend"] = prepared_copy(base, "compile")
             t0 = time.perf_counter()
             checks["compile_blend_grad_rel_err"] = grad_gap(variants["prepared"], compiled_blend, x[:2])
             compile_s["blend"] = round(time.perf_counter() - t0, 1)  # the first call compiles
@@ -147,7 +143,7 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
                 if isinstance(m, BatchNormAct2d):
                     m.compile(dynamic=True)
             t0 = time.perf_counter()
-            _step(regional, _optimizer(regional), x, y)
+            train_step(regional, make_optimizer(regional), x, y)
             compile_s["timm_regional"] = round(time.perf_counter() - t0, 1)
             variants["timm_regional"] = regional
         if whole_compile:
@@ -155,7 +151,7 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
             variants["prepared_compiled"] = torch.compile(copy.deepcopy(variants["prepared"]))
             for key in ("timm_compiled", "prepared_compiled"):
                 t0 = time.perf_counter()
-                _step(variants[key], _optimizer(variants[key]), x, y)
+                train_step(variants[key], make_optimizer(variants[key]), x, y)
                 compile_s[key] = round(time.perf_counter() - t0, 1)
         log(f"[train_overhead] {name}: batch {batch} at {size}px, {threads} threads, compile {compile_s}")
         with LoadMeter() as meter:

@@ -318,7 +318,7 @@ def hand_built(folded: nn.Module, input_size: int = 224) -> nn.Sequential:
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -340,17 +340,17 @@ def time_interleaved(models: dict[str, nn.Module], x: torch.Tensor, *, rounds: i
         for name in names:
             for _ in range(warmup):
                 models[name](x)
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         r = 0
         while r < rounds:
             for name in order.sample(names, len(names)):
                 model = models[name]
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     model(x)
-                _sync(device)
+                sync(device)
                 samples[name].append((time.perf_counter() - t0) * 1e3 / inner)
             r += 1
             if budget_s is not None and r >= min_rounds:

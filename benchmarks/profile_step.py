@@ -19,8 +19,8 @@ import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .bench_train_overhead import _optimizer, _prepared, _step, _sync
-from .harness import device_info, log, write_json
+from .bench_train_overhead import make_optimizer, prepared_copy, train_step
+from .harness import device_info, log, sync, write_json
 
 
 def _top(events, key: str, n: int, steps: int) -> list[dict]:
@@ -32,17 +32,17 @@ def _top(events, key: str, n: int, steps: int) -> list[dict]:
 
 def profile_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
                   top: int) -> dict:
-    optim = _optimizer(model)
+    optim = make_optimizer(model)
     model.train()
     for _ in range(warmup):
-        _step(model, optim, x, y)
-    _sync(x)
+        train_step(model, optim, x, y)
+    sync(x.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
     with profile(activities=activities) as prof:
         start = time.perf_counter()
         for _ in range(steps):
-            _step(model, optim, x, y)
-        _sync(x)
+            train_step(model, optim, x, y)
+        sync(x.device)
         wall = time.perf_counter() - start
     events = prof.key_averages()
     device_key = "self_device_time_total" if x.is_cuda else None
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = timm.create_model(args.model, pretrained=False, num_classes=1000).to(args.device)
     x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=args.device)
     y = torch.randint(0, 1000, (args.batch,), device=args.device)
-    models = {"timm": base, "prepared": _prepared(base, "auto")}
+    models = {"timm": base, "prepared": prepared_copy(base, "auto")}
     data = {"benchmark": "profile_step", "title": "Where a search step's time goes",
             "device": device_info(args.device), "model": args.model, "batch": args.batch,
             "input_size": args.input_size, "steps": args.steps,
