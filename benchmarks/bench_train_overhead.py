@@ -164,7 +164,7 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
                  ("prepared_compile_blend" if device != "cpu" else "prepared", "timm_regional"),
                  ("prepared_compiled", "timm_compiled")]
         for variant, reference in pairs:
-            if variant in samples:
+            if variant in samples and reference in samples:
                 key = variant if reference in ("timm", "timm_compiled") else f"{variant}_vs_{reference}"
                 row[f"ratio_{key}"] = round(paired_ratio(samples[variant], samples[reference]), 4)
                 row[f"ratio_min_{key}"] = round(stats[variant]["min_ms"] / stats[reference]["min_ms"], 4)
