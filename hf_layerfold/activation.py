@@ -80,24 +80,33 @@ def auto_compiles(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.numel() >= AUTO_COMPILE_MIN_NUMEL and not _COMPILE_FAILED
 
 
-def compiled_or_eager(compiled, eager):
-    """``compiled()``; if the compiler cannot run here (no C++ compiler, an unsupported platform, torch's recompile
-    limit reached after many shapes and dtypes in one process), warn once and return ``eager()`` from then on
-    rather than failing a training run. Both graphs compile on the first call, before anything runs (the backward
-    too: see ``_backward_compiles_now``), so a failure leaves no half-applied step. An error that the eager blend
-    raises as well (a wrong input) is the caller's, and propagates with the fast path left on."""
-    global _COMPILE_FAILED
-    if _COMPILE_FAILED:
+def fast_or_eager(fast, eager, failed_flag: str, failure: str):
+    """``fast()``, one of ``blend="auto"``'s fast paths; if it cannot run on this machine, warn once (``failure``
+    names the path) and return ``eager()``, setting the module flag ``failed_flag`` so that path is not tried again,
+    rather than failing a training run. An error that the eager blend raises as well (a wrong input) is the
+    caller's: it propagates and the fast path stays on."""
+    if globals()[failed_flag]:
         return eager()
     try:
+        return fast()
+    except Exception as err:  # noqa: BLE001 - any failure of an optional fast path
+        out = eager()
+        globals()[failed_flag] = True
+        warnings.warn(f"{failure} ({type(err).__name__}: {err}); blend='auto' uses the eager blend from now on",
+                      RuntimeWarning, stacklevel=3)
+        return out
+
+
+def compiled_or_eager(compiled, eager):
+    """The compiled path of ``blend="auto"`` (CPU) with its eager fallback (no C++ compiler, an unsupported
+    platform, torch's recompile limit reached after many shapes and dtypes in one process). Both graphs compile on
+    the first call, before anything runs (the backward too: see ``_backward_compiles_now``), so a failure leaves no
+    half-applied step."""
+    def run_compiled():
         with _backward_compiles_now():
             return compiled()
-    except Exception as err:  # noqa: BLE001 - any failure of the optional fast path
-        out = eager()
-        _COMPILE_FAILED = True
-        warnings.warn(f"torch.compile failed for the blend ({type(err).__name__}: {err}); blend='auto' uses the "
-                      "eager blend from now on", RuntimeWarning, stacklevel=2)
-        return out
+
+    return fast_or_eager(run_compiled, eager, "_COMPILE_FAILED", "torch.compile failed for the blend")
 
 
 @contextlib.contextmanager
@@ -213,16 +222,10 @@ class FoldableActivation(nn.Module):
         return self._kernel_bounds[key]
 
     def _auto_triton(self, x: torch.Tensor) -> torch.Tensor:
-        """The Triton kernels; if they cannot run here (no C compiler for Triton's launcher, a broken install),
-        warn once and take the eager blend from then on rather than failing a training run."""
-        global _TRITON_FAILED
-        try:
-            return triton_clamp_blend(x, self.alpha, self._bounds_like(x))
-        except Exception as err:  # noqa: BLE001 - any failure of the optional fast path
-            _TRITON_FAILED = True
-            warnings.warn(f"the Triton blend kernels failed ({type(err).__name__}: {err}); blend='auto' uses the "
-                          "eager blend from now on", RuntimeWarning, stacklevel=2)
-            return self._eager(x)
+        """The Triton kernels, or the eager blend where they cannot run (no C compiler for Triton's launcher, a
+        broken install)."""
+        return fast_or_eager(lambda: triton_clamp_blend(x, self.alpha, self._bounds_like(x)), lambda: self._eager(x),
+                             "_TRITON_FAILED", "the Triton blend kernels failed")
 
     def fix(self, linear: bool) -> None:
         """Freeze α at exactly 1 (linear) or 0 (the original activation)."""
