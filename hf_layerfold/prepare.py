@@ -98,6 +98,12 @@ def alpha_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {m.site: m.alpha for m in model.modules() if isinstance(m, FoldableActivation)}
 
 
+def alpha_sharing_of(model: nn.Module) -> str:
+    """``"block"`` when some site of a prepared model reads another site's α, else ``"site"``."""
+    shared = any(isinstance(m, FoldableActivation) and m.alpha_owner != m.site for m in model.modules())
+    return "block" if shared else "site"
+
+
 def unique_alphas(alphas) -> list[nn.Parameter]:
     """Each α once (for optimizer groups: shared α appear under several sites)."""
     return list({id(a): a for a in alphas}.values())

@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
 
-from .activation import FoldableActivation
 from .config import LayerFoldingConfig
 from .data import check_labels, detect_columns, label_names_of, prepare_datasets
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
 from .plan import FoldPlan, applied_plan, apply_plan
-from .prepare import alpha_parameters, is_prepared, prepare_model, unique_alphas
+from .prepare import alpha_parameters, alpha_sharing_of, is_prepared, prepare_model, unique_alphas
 from .stats import projected_stats
 
 logger = logging.getLogger(__name__)
@@ -69,12 +68,12 @@ class _LayerFoldingCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # A frozen α must not be touched by momentum either: drop any gradient a wrapper may have written.
-        for alpha in self.trainer._alphas:
+        for alpha in self.trainer._alpha_params:
             if not alpha.requires_grad:
                 alpha.grad = None
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        clamp_alphas_(self.trainer._alphas)
+        clamp_alphas_(self.trainer._alpha_params)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._finish_search_at_end()
@@ -160,7 +159,8 @@ class LayerFoldingTrainer(Trainer):
         self.teacher_model = None
         if teacher_model is not None and config.distill_weight > 0:
             self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
-        self._alphas = list(alpha_parameters(model).values())
+        self._alphas = list(alpha_parameters(model).values())  # per site: the regularizer sums over sites
+        self._alpha_params = unique_alphas(self._alphas)  # each α once: the optimizer-step hooks
         self._phase = FINETUNE if applied_plan(model) is not None else SEARCH
         self._search_steps: int | None = None
         self._resumed_search_steps: int | None = None
@@ -186,8 +186,7 @@ class LayerFoldingTrainer(Trainer):
                                                                              config.exclude_modules):
             logger.warning("the model was prepared with other target/exclude modules than layerfold_config; "
                            "its prepared sites are kept")
-        shared = own.alpha_sharing if own is not None else "block" if any(
-            isinstance(m, FoldableActivation) and m.alpha_owner != m.site for m in model.modules()) else "site"
+        shared = own.alpha_sharing if own is not None else alpha_sharing_of(model)
         if config.alpha_sharing != shared:
             logger.warning("the model was prepared with alpha_sharing=%r, layerfold_config says %r; the model's "
                            "α are kept and the config follows them", shared, config.alpha_sharing)
