@@ -169,6 +169,17 @@ def fold_time_section(data: dict) -> list[str]:
                            "copy + apply_plan s", "fold planned s", "requirement", "others"], rows)
 
 
+def _speedup_cells(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
+
+
+def _headline_cell(data: dict) -> str | None:
+    """A sweep's target cell where it was measured, else its first measured cell (a CPU sweep: 224 px)."""
+    target = (data.get("target") or {}).get("cell")
+    cells = _speedup_cells(data.get("rows", []))
+    return target if target in cells else next(iter(cells), None)
+
+
 def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     target = data.get("target") or {}
     settings = data.get("settings") or {}
@@ -181,7 +192,7 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     if plot:
         lines += [f"![accuracy vs depth]({plot})", ""]
     rows = data.get("rows", [])
-    cells = list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
+    cells = _speedup_cells(rows)
     vs_control = any("top1_gap_vs_control_points" in r for r in rows)
     table = [[r["run"], r["top1_pct"], r.get("top1_gap_points"),
               *([r.get("top1_gap_vs_control_points")] if vs_control else []), r["sites_past_threshold"],
@@ -292,9 +303,7 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
     rows = [r for r in every if not r.get("control")]
     if not rows:
         return False
-    cells = list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
-    cell = (data.get("target") or {}).get("cell")
-    cell = cell if cell in cells or not cells else cells[0]  # a CPU sweep: its first measured cell
+    cell = _headline_cell(data) or (data.get("target") or {}).get("cell")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot([r["nonlinear_layers_after"] for r in rows], [r["top1_pct"] for r in rows], "o-", label="λ sweep")
     for r in (r for r in every if r.get("control")):
@@ -397,9 +406,8 @@ def _vs_control(row: dict) -> str:
 def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
     target = data.get("target") or {}
     rows = data.get("rows", [])
-    cells = list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
-    on_target = target.get("cell") in cells
-    cell = target.get("cell") if on_target else next(iter(cells), None)  # a CPU sweep: its first (224 px) cell
+    cell = _headline_cell(data)
+    on_target = cell is not None and cell == target.get("cell")
     limit = target.get("max_top1_loss_points", 0.5)
     base = next((r for r in rows if r["lambda_reg"] == 0), None)
     if base is None:
