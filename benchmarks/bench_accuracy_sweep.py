@@ -16,6 +16,10 @@ the run's device:
   bf16 channels_last;
 * CPU: batch 1 at 224×224 and at the training resolution, fp32.
 
+``--latency-weights DEVICE:BATCH:SIZE`` (e.g. ``cuda:128:224``) first measures, on that device, the latency each
+α group's fold saves (``measure_fold_gains``) and gives every run the resulting ``regularizer_weights``: the
+latency-aware search. The measurement is stored under ``fold_gains``.
+
 Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): ≥ 1.6× CUDA batch-128 speed-up at
 ≤ 0.5 point top-1 loss against the λ = 0 run. A ``--deadline-s`` lets a time-boxed GPU session keep what it has:
 the JSON is rewritten after every run, and λ values that would not fit are listed as skipped.
@@ -30,10 +34,13 @@ import copy
 import tempfile
 import time
 
+import timm
 import torch
 import torch.nn as nn
 
+import hf_layerfold as lf
 from hf_layerfold.data import load_fashion_mnist
+from hf_layerfold.gains import FoldGains, measure_fold_gains
 
 from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
@@ -75,6 +82,26 @@ def time_against_baseline(models: dict[str, nn.Module], device: str, cell: dict,
     return out
 
 
+def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
+    """Per-group fold savings of the Lite0 the runs train (same sites, sharing and merge limit), on ``cell``."""
+    try:
+        device, batch, size = cell.split(":")
+        batch, size = int(batch), int(size)
+    except ValueError:
+        raise SystemExit(f"--latency-weights {cell!r}: expected DEVICE:BATCH:SIZE, e.g. cuda:128:224") from None
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # latency does not depend on the weights
+    lf.prepare_model(model, lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing,
+                                                  max_macs_increase=args.max_macs_increase))
+    if device == "cuda":
+        torch.backends.cudnn.benchmark = True
+    rounds, round_s = (3, 0.01) if args.quick else (15, 0.03 if device == "cuda" else 0.1)  # 1.4 s / 4.5 s a group
+    gains = measure_fold_gains(model, (3, size, size), batch_size=batch, device=device, rounds=rounds,
+                               round_seconds=round_s)
+    log(f"[accuracy_sweep] fold gains on {cell}: baseline {gains.baseline_ms:.3f} ms (noise ±{gains.noise_ms:.3f}), "
+        + ", ".join(f"{o} {s:+.3f}" for o, s in gains.saved_ms().items()))
+    return gains
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
@@ -86,6 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     add("--deadline-s", type=float, default=None, help="skip λ runs that would end after this many seconds")
     add("--start", default="pretrained", choices=["pretrained", "baseline"],
         help="λ > 0 runs start from the ImageNet weights, or from the λ = 0 run's fine-tuned model")
+    add("--latency-weights", default=None, metavar="DEVICE:BATCH:SIZE",
+        help="weigh the regularizer by the latency each fold saves, measured on this cell (e.g. cuda:128:224)")
+    add("--latency-min-saving", type=float, default=0.0,
+        help="with --latency-weights: groups saving at most this fraction of the baseline latency weigh 0")
     add_run_args(parser)
     args = parser.parse_args(argv)
     apply_quick(args)
@@ -105,6 +136,11 @@ def main(argv: list[str] | None = None) -> dict:
               "device": device_info(args.device), "quick": args.quick, "settings": settings,
               "target": {"speedup": TARGET_SPEEDUP, "max_top1_loss_points": TARGET_LOSS_POINTS,
                          "cell": TARGET_CELL}, "rows": [], "skipped": []}
+    if args.latency_weights:
+        gains = measure_gains(args, args.latency_weights)
+        args.regularizer_weights = gains.weights(args.latency_min_saving)
+        result["fold_gains"] = {**gains.to_dict(), "weights": args.regularizer_weights}
+        settings.update(latency_weights=args.latency_weights, latency_min_saving=args.latency_min_saving)
     runs, folded, baseline_state = [], {}, None
     run_s = None
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:

@@ -69,7 +69,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
                                    threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps,
                                    max_macs_increase=args.max_macs_increase, alpha_sharing=args.alpha_sharing,
                                    distill_weight=args.distill_weight if teacher is not None else 0.0,
-                                   distill_temperature=args.distill_temperature)
+                                   distill_temperature=args.distill_temperature,
+                                   regularizer_weights=getattr(args, "regularizer_weights", None))
     targs = TrainingArguments(
         output_dir=f"{scratch}/{label}", max_steps=args.steps, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=100, learning_rate=args.lr, weight_decay=args.weight_decay,

@@ -180,6 +180,20 @@ def _headline_cell(data: dict) -> str | None:
     return target if target in cells else next(iter(cells), None)
 
 
+def _fold_gains_lines(gains: dict | None) -> list[str]:
+    """The latency-aware weights a sweep trained with: which α groups they push, and what folding each saves."""
+    if not gains:
+        return []
+    weights = gains.get("weights") or {}
+    pushed = [f"{owner} ({weights[g['sites'][0]]:.2f} per site, saves "
+              f"{gains['baseline_ms'] - g['ms']:.2f} ms)" for owner, g in gains["groups"].items()
+              if weights.get(g["sites"][0], 0) > 0]
+    cell = f"{gains['device']} b{gains['batch_size']} {'x'.join(map(str, gains['input_size'][1:]))} {gains['dtype']}"
+    return [f"Latency-aware regularizer weights, measured on {cell} (BN-fused baseline {gains['baseline_ms']:.2f} ms, "
+            f"two copies ±{gains['noise_ms']:.2f} ms): weight > 0 for " + (", ".join(pushed) or "no group")
+            + f"; the other {len(gains['groups']) - len(pushed)} groups weigh 0.", ""]
+
+
 def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     target = data.get("target") or {}
     settings = data.get("settings") or {}
@@ -189,6 +203,7 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     for key in ("calls", "caveats"):
         if data.get(key):
             lines += [str(data[key]), ""]
+    lines += _fold_gains_lines(data.get("fold_gains"))
     if plot:
         lines += [f"![accuracy vs depth]({plot})", ""]
     rows = data.get("rows", [])
@@ -320,7 +335,8 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
         ax.plot([base["nonlinear_layers_after"]], [base["top1_pct"]], "k*", markersize=12, label="λ = 0 (not folded)")
     ax.set_xlabel("non-linear layers after folding")
     ax.set_ylabel("top-1 (%)")
-    ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0 (labels: speed-up, {cell})", fontsize=9)
+    weighted = ", latency-weighted λ" if data.get("fold_gains") else ""
+    ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0{weighted} (labels: speed-up, {cell})", fontsize=9)
     ax.legend(fontsize=8)
     return _save(plt, fig, data, path, fontsize=7)
 

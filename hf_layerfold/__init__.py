@@ -14,6 +14,7 @@ from .config import LayerFoldingConfig
 from .fold import fold_model
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
 from .folded_net import LayerFoldedNet, register_op
+from .gains import FoldGains, measure_fold_gains
 from .graph import UnsupportedModelError, register_block_rule, register_model_rule
 from .hub import LayerFoldedModel, PushToHubError, save_folded  # also registers layerfold_net with timm
 from .plan import FoldPlan, apply_plan
@@ -33,6 +34,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "FoldGains",
     "FoldPlan",
     "FoldStats",
     "FoldableActivation",
@@ -52,6 +54,7 @@ __all__ = [
     "foldable_sites",
     "fuse_bn",
     "grouped_to_dense",
+    "measure_fold_gains",
     "prepare_model",
     "projected_stats",
     "PushToHubError",

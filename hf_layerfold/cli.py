@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import logging
-import re
 import shutil
 import sys
 import tempfile
-import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
+from .cli_config import add_config_flags, build_config, read_mapping_file
 from .config import LayerFoldingConfig
 from .workflow import (  # noqa: F401  (re-exported: the CLI's building blocks, used by examples/demo.py)
     DTYPES,
@@ -67,95 +64,6 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
             return text
         return text + " (default: %(default)s)"
 
-
-# ----------------------------------------------------------------------------------------------------------
-# LayerFoldingConfig ↔ command-line flags (generated from the dataclass, so a new field gets a flag for free)
-
-
-def _config_field_help() -> dict[str, str]:
-    """Per-field help text, read from the ``Args:`` section of ``LayerFoldingConfig``'s docstring."""
-    doc = inspect.getdoc(LayerFoldingConfig) or ""
-    entries: dict[str, str] = {}
-    names: list[str] = []
-    for line in doc.split("Args:", 1)[-1].splitlines():
-        match = re.match(r"^ {4}(\w+(?: / \w+)*): (.*)$", line)
-        if match:
-            names = match.group(1).split(" / ")
-            for name in names:
-                entries[name] = match.group(2).strip()
-        elif line.startswith(" " * 8) and names:
-            for name in names:
-                entries[name] += " " + line.strip()
-    return {k: v.replace("``", "").replace("%", "%%") for k, v in entries.items()}
-
-
-def _optional(kind: type) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        return None if text.lower() in ("none", "null") else kind(text)
-
-    convert.__name__ = kind.__name__  # argparse names the type in "invalid float value" messages
-    return convert
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per ``LayerFoldingConfig`` field; only flags given on the command line reach the config."""
-    group = parser.add_argument_group(
-        "Layer Folding config (LayerFoldingConfig fields; they override --config, which overrides the defaults)")
-    hints = typing.get_type_hints(LayerFoldingConfig)
-    helps = _config_field_help()
-    for field in dataclasses.fields(LayerFoldingConfig):
-        hint = hints[field.name]
-        optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
-        base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        text = f"{helps.get(field.name, '').rstrip('.')} (default: {default})"
-        kwargs: dict[str, Any] = dict(dest=f"cfg_{field.name}", default=argparse.SUPPRESS, help=text)
-        if base is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(base) is list:
-            kwargs.update(nargs="+", metavar="PATTERN")
-        elif base in (int, float, str):
-            kwargs["type"] = _optional(base) if optional else base
-            kwargs["metavar"] = base.__name__.upper() + ("|none" if optional else "")
-        else:  # a field type this generator does not know: take JSON
-            kwargs.update(type=json.loads, metavar="JSON")
-        group.add_argument(_flag(field.name), **kwargs)
-
-
-def _read_mapping_file(path: str) -> dict:
-    """A YAML or JSON object from ``path`` (YAML is a superset of JSON, so one parser reads both)."""
-    import yaml
-
-    try:
-        text = Path(path).expanduser().read_text()
-    except OSError as err:
-        raise CLIError(f"cannot read config file {path}: {err.strerror or err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise CLIError(f"config file {path} is not valid YAML/JSON: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise CLIError(f"config file {path} must hold a mapping of option names to values, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def build_config(file_values: Mapping[str, Any], args: argparse.Namespace) -> LayerFoldingConfig:
-    """File values, overridden by the flags given, validated by ``LayerFoldingConfig`` itself."""
-    values = dict(file_values)
-    for field in dataclasses.fields(LayerFoldingConfig):
-        if hasattr(args, f"cfg_{field.name}"):
-            values[field.name] = getattr(args, f"cfg_{field.name}")
-    try:
-        return LayerFoldingConfig.from_dict(values)
-    except (TypeError, ValueError) as err:  # TypeError: e.g. a string where YAML should have given a number
-        raise CLIError(str(err) if str(err).startswith("LayerFoldingConfig") else
-                       f"invalid LayerFoldingConfig: {err}") from None
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:
     if overwrite or not path.exists():
@@ -381,6 +289,7 @@ the network exactly into fewer, larger convolutions.
   {PROG} fold       fine-tune + fold a model on a dataset and save it (optionally push it)
   {PROG} evaluate   top-1 / top-5 of a folded save or a timm model on a dataset
   {PROG} benchmark  latency of a folded save against its base architecture
+  {PROG} gains      what folding each block saves on a device: latency-aware regularizer weights for fold
   {PROG} push       upload an existing folded save to the Hugging Face Hub
 
 Example:
@@ -401,6 +310,59 @@ any training option of this command (epochs: 2, batch_size: 64, ...). Flags on t
 Training scratch lives in a hidden directory next to --output-dir and is removed when the run ends, fails or
 is interrupted; the output directory is written atomically at the end, so an interrupted run leaves nothing.
 """
+
+
+def cmd_gains(args: argparse.Namespace) -> int:
+    from .gains import measure_fold_gains
+    from .graph import UnsupportedModelError
+    from .prepare import prepare_model
+
+    config = build_config(args.config_values, args)
+    if not 0 <= args.min_saving < 1:
+        raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
+    torch_device(args.device)
+    arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
+    check_model_name(arch)  # a folded save has no folds left to time: only base models
+    model = create_base_model(arch, pretrained=False)  # latency does not depend on the weights
+    try:
+        prepare_model(model, config)
+    except (UnsupportedModelError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    input_size = model_input_size(model, args.image_size)
+    logger.info("timing %s and each of its α groups folded alone: batch %d on %s (%s%s), input %s", arch,
+                args.batch_size, args.device, args.dtype, ", channels_last" if args.channels_last else "",
+                "x".join(map(str, input_size)))
+    try:
+        gains = measure_fold_gains(model, input_size, batch_size=args.batch_size, device=args.device,
+                                   dtype=args.dtype, channels_last=args.channels_last, rounds=args.rounds,
+                                   round_seconds=args.round_seconds)
+    except RuntimeError as err:  # e.g. out of memory, an op without kernels for this dtype
+        raise CLIError(f"timing failed ({args.dtype} on {args.device}): {err}", code=1) from None
+    try:
+        weights = gains.weights(args.min_saving)
+    except ValueError as err:
+        raise CLIError(str(err), code=1) from None
+    if args.output:
+        out = Path(args.output).expanduser()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps({**config.to_dict(), "regularizer_weights": weights}, indent=2) + "\n")
+        tmp.replace(out)
+    if args.json:
+        print(json.dumps({**gains.to_dict(), "saved_ms": gains.saved_ms(), "regularizer_weights": weights}))
+        return 0
+    saved = gains.saved_ms()
+    rows = [[owner, len(g["sites"]), f"{g['ms']:.3f}", f"{saved[owner]:+.3f}",
+             f"{gains.baseline_ms / g['ms']:.3f}x", f"{weights[g['sites'][0]]:.2f}"]
+            for owner, g in gains.groups.items()]
+    print(f"BN-fused {arch}: {gains.baseline_ms:.3f} ms per batch of {args.batch_size} on {args.device} "
+          f"(two copies timed {2 * gains.noise_ms:.3f} ms apart: smaller savings are noise)")
+    print(format_table(["α group (first site)", "sites", "folded alone ms", "saved ms", "speed-up",
+                        "weight per site"], rows))
+    if args.output:
+        print(f"wrote the config with these regularizer_weights to {out}; use it with: "
+              f"{PROG} fold --config {out} --lambda-reg ...")
+    return 0
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -503,6 +465,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     common(bench)
     bench.set_defaults(func=cmd_benchmark)
 
+    gains = sub.add_parser(
+        "gains", formatter_class=_Formatter, help="measure what folding each block saves; latency-aware weights",
+        description="Fold each α group of a base model alone (a block with --alpha-sharing block) and time it "
+                    "beside the BN-fused model on the target device. Writes a config whose regularizer_weights "
+                    "push each group in proportion to the latency it saves, so that fold removes first the "
+                    "activations that buy speed on that device.",
+        epilog=f"Example:\n  {PROG} gains mobilenetv2_100 --device cuda --batch-size 128 --alpha-sharing block "
+               f"--output gains.json\n  {PROG} fold --model mobilenetv2_100 --config gains.json --lambda-reg 0.02")
+    gains.add_argument("model", help=f"timm model name (weights are not loaded) or {LITE0_ALIAS!r}")
+    gains.add_argument("--device", default="cpu", help="cpu or cuda: the device the folded model will run on")
+    gains.add_argument("--batch-size", type=int, default=1, help="batch size to time at")
+    gains.add_argument("--dtype", choices=DTYPES, default="fp32", help="model and input dtype")
+    gains.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    gains.add_argument("--image-size", type=int, default=None, help="resolution; unset: the model's")
+    gains.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median is used)")
+    gains.add_argument("--round-seconds", type=float, default=0.25, help="forwards per model per round, in seconds")
+    gains.add_argument("--min-saving", type=float, default=0.0,
+                       help="a group saving at most this fraction of the baseline latency weighs 0")
+    gains.add_argument("--output", default=None, metavar="FILE",
+                       help="write the config (these flags + regularizer_weights) as JSON for fold --config")
+    gains.add_argument("--json", action="store_true", help="print the measurement as one JSON line")
+    common(gains)
+    add_config_flags(gains, "Layer Folding config (LayerFoldingConfig fields: the sites, α sharing and merge limits "
+                            "decide each fold; --output writes them with the weights)")
+    gains.set_defaults(func=cmd_gains)
+
     push = sub.add_parser(
         "push", formatter_class=_Formatter, help="upload a folded save to the Hugging Face Hub",
         description="Push an existing folded save directory to a Hub model repo (created if missing), with the "
@@ -524,7 +512,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.config_values = {}
     if getattr(args, "command", None) == "fold" and args.config:
-        values = _read_mapping_file(args.config)
+        values = read_mapping_file(args.config)
         config_fields = {f.name for f in dataclasses.fields(LayerFoldingConfig)}
         options = {a.dest for a in fold._actions if a.dest not in ("help", "config")
                    and not a.dest.startswith("cfg_")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,14 @@ CONFIG_NAME = "layerfold_config.json"
 REGULARIZERS = ("paper", "l1")
 BLEND_BACKENDS = ("auto", "eager", "compile", "triton")
 ALPHA_SHARING = ("site", "block")
+
+
+def _weights_from_text(text: str) -> object:
+    """``regularizer_weights`` given as text: a JSON object, or the path of a JSON file holding one (or holding a
+    whole config, as ``hf-layerfold gains --output`` writes: its ``regularizer_weights`` are taken)."""
+    stripped = text.strip()
+    data = json.loads(stripped if stripped.startswith("{") else Path(text).expanduser().read_text())
+    return data["regularizer_weights"] if isinstance(data, dict) and "regularizer_weights" in data else data
 
 
 @dataclass
@@ -35,6 +44,11 @@ class LayerFoldingConfig:
             each run into the fewest convs such that no merged conv costs more than ``(1 + x)`` times the convs it
             replaces (``0``: folding never adds compute; merging a 1×1 into a depthwise conv alone would).
         fold_residual: absorb a residual whose whole branch became linear as an identity tap.
+        regularizer_weights: each site's weight in the regularizer, by site name or pattern (the first matching key
+            wins; unmatched sites weigh 1). ``FoldGains.weights()`` (CLI: ``hf-layerfold gains``) sets them in
+            proportion to the latency each fold saves on the target device, so the search removes first the
+            activations that buy speed there; ``None`` = every site weighs 1 (the paper). Text (from a command line)
+            is read as a JSON object or a JSON file.
         alpha_lr: learning rate of the α parameters (``None`` = the optimizer's).
         search_epochs / search_steps: length of the α-search phase (steps win when both are set);
             the rest of training fine-tunes with the plan fixed.
@@ -57,6 +71,7 @@ class LayerFoldingConfig:
     max_kernel_size: int = 7
     max_macs_increase: float | None = None
     fold_residual: bool = True
+    regularizer_weights: dict[str, float] | str | None = None  # str: JSON text or file, read by validate()
     alpha_lr: float | None = None
     search_epochs: float | None = None
     search_steps: int | None = None
@@ -97,6 +112,18 @@ class LayerFoldingConfig:
             raise bad("distill_temperature", "must be > 0")
         if self.blend not in BLEND_BACKENDS:
             raise bad("blend", f"supported: {', '.join(BLEND_BACKENDS)}")
+        if isinstance(self.regularizer_weights, str):  # from a command line: JSON text or a JSON file
+            try:
+                self.regularizer_weights = _weights_from_text(self.regularizer_weights)
+            except (OSError, ValueError) as err:
+                raise bad("regularizer_weights", f"not a JSON object nor a readable JSON file ({err})") from None
+        if self.regularizer_weights is not None:
+            weights = self.regularizer_weights
+            if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
+                raise bad("regularizer_weights", "must map site names or patterns to numbers")
+            for key, value in weights.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                    raise bad("regularizer_weights", f"the weight of {key!r} must be a finite number >= 0")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 
-def alpha_regularizer(alphas: Sequence[torch.Tensor], kind: str = "paper") -> torch.Tensor:
-    """Penalty that is zero when every α is 1 (every site linear), summed over sites.
+def alpha_regularizer(alphas: Sequence[torch.Tensor], kind: str = "paper",
+                      weights: torch.Tensor | Sequence[float] | None = None) -> torch.Tensor:
+    """Penalty that is zero when every α is 1 (every site linear), summed over sites (each times its ``weights``
+    entry when given: ``LayerFoldingConfig.regularizer_weights``).
 
     ``"paper"`` is Σ|1 − α²| (Ben Dror et al.); its gradient vanishes at α = 0, so sites only start moving
     once the task loss (or a non-zero ``alpha_init``) has lifted α. ``"l1"`` is Σ(1 − α), a constant push.
@@ -18,10 +20,17 @@ def alpha_regularizer(alphas: Sequence[torch.Tensor], kind: str = "paper") -> to
         raise ValueError("no α parameters: the model has no foldable site")
     a = torch.stack([alpha.float() for alpha in alphas])
     if kind == "paper":
-        return (1.0 - a * a).abs().sum()
-    if kind == "l1":
-        return (1.0 - a).sum()
-    raise ValueError(f"unknown regularizer {kind!r}; supported: 'paper', 'l1'")
+        per_site = (1.0 - a * a).abs()
+    elif kind == "l1":
+        per_site = 1.0 - a
+    else:
+        raise ValueError(f"unknown regularizer {kind!r}; supported: 'paper', 'l1'")
+    if weights is None:
+        return per_site.sum()
+    w = torch.as_tensor(weights, dtype=per_site.dtype, device=per_site.device)
+    if w.shape != per_site.shape:
+        raise ValueError(f"got {w.numel()} regularizer weights for {per_site.numel()} sites")
+    return (per_site * w).sum()
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -93,6 +93,19 @@ def share_alpha_by_block(model: nn.Module) -> dict[str, list[str]]:
     return {key: [m.site for m in members] for key, members in groups.items()}
 
 
+def site_regularizer_weights(sites: list[str], weights: dict[str, float] | None) -> list[float] | None:
+    """Each site's ``regularizer_weights`` entry: its exact name, else the first key matching it as a pattern (as
+    in ``target_modules``), else 1. A key that matches no site raises: a typo would otherwise weigh nothing."""
+    if not weights:
+        return None
+    unused = [key for key in weights if not any(_matches(site, [key]) for site in sites)]
+    if unused:
+        raise ValueError(f"regularizer_weights key(s) {unused} match no foldable site; the model's sites are e.g. "
+                         f"{sites[:6]} ({len(sites)} in all)")
+    return [float(weights[site]) if site in weights else
+            next((float(w) for key, w in weights.items() if _matches(site, [key])), 1.0) for site in sites]
+
+
 def alpha_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Site name → α parameter, in network order (sites that share an α map to the same parameter)."""
     return {m.site: m.alpha for m in model.modules() if isinstance(m, FoldableActivation)}

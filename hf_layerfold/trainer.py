@@ -28,7 +28,14 @@ from .config import LayerFoldingConfig
 from .data import check_labels, detect_columns, label_names_of, prepare_datasets
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
 from .plan import FoldPlan, applied_plan, apply_plan
-from .prepare import alpha_parameters, alpha_sharing_of, is_prepared, prepare_model, unique_alphas
+from .prepare import (
+    alpha_parameters,
+    alpha_sharing_of,
+    is_prepared,
+    prepare_model,
+    site_regularizer_weights,
+    unique_alphas,
+)
 from .stats import projected_stats
 
 logger = logging.getLogger(__name__)
@@ -126,6 +133,7 @@ class LayerFoldingTrainer(Trainer):
             raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
         if teacher_model is not None and config.distill_weight == 0:
             logger.warning("teacher_model is given but distill_weight=0: the teacher is not used")
+        reg_weights = site_regularizer_weights(list(alpha_parameters(model)), config.regularizer_weights)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args)
 
@@ -161,6 +169,7 @@ class LayerFoldingTrainer(Trainer):
             self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self._alphas = list(alpha_parameters(model).values())  # per site: the regularizer sums over sites
         self._alpha_params = unique_alphas(self._alphas)  # each α once: the optimizer-step hooks
+        self._reg_weights = None if reg_weights is None else torch.tensor(reg_weights, device=self.args.device)
         self._phase = FINETUNE if applied_plan(model) is not None else SEARCH
         self._search_steps: int | None = None
         self._resumed_search_steps: int | None = None
@@ -259,7 +268,7 @@ class LayerFoldingTrainer(Trainer):
             loss = (1.0 - cfg.distill_weight) * task + cfg.distill_weight * distill
         reg = task.new_zeros(())
         if self._phase == SEARCH and cfg.lambda_reg > 0:
-            reg = cfg.lambda_reg * alpha_regularizer(self._alphas, cfg.regularizer)
+            reg = cfg.lambda_reg * alpha_regularizer(self._alphas, cfg.regularizer, self._reg_weights)
             loss = loss + reg
         self._stats += torch.stack([task.detach(), reg.detach(), distill.detach(), torch.ones_like(task)])
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import random
 import re
 import statistics
 import time
@@ -281,6 +282,18 @@ def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, bat
     The models are timed in interleaved rounds (A, B, A, B, ...), so that load from other processes on a shared
     machine falls on every model alike; the median over rounds drops the rounds it hit hardest.
     """
+    samples = latency_samples(models, input_size, batch_size=batch_size, device=device, dtype=dtype,
+                              channels_last=channels_last, warmup=warmup, rounds=rounds, round_seconds=round_seconds)
+    return {name: statistics.median(t) for name, t in samples.items()}
+
+
+def latency_samples(models: Mapping[str, Any], input_size: Sequence[int], *, batch_size: int = 1,
+                    device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, warmup: int = 3,
+                    rounds: int = 7, round_seconds: float = 0.25, shuffle: bool = False) -> dict[str, list[float]]:
+    """Milliseconds per forward of each model in each round (``measure_latency``'s samples, for paired ratios).
+
+    ``shuffle`` visits the models in a fresh random order every round, so no model always follows the same one.
+    """
     import torch
 
     dev = torch_device(device)
@@ -293,6 +306,7 @@ def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, bat
             torch.cuda.synchronize(dev)
 
     runs: dict[str, tuple[Any, int]] = {}
+    order = random.Random(0)
     with torch.inference_mode():
         for name, model in models.items():
             m = copy.deepcopy(model).eval().to(device=dev, dtype=torch_dtype, memory_format=fmt)
@@ -306,14 +320,15 @@ def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, bat
             runs[name] = (m, max(1, int(round_seconds / once)))
         times: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(rounds):
-            for name, (m, iters) in runs.items():
+            for name in order.sample(list(runs), len(runs)) if shuffle else runs:
+                m, iters = runs[name]
                 sync()
                 start = time.perf_counter()
                 for _ in range(iters):
                     m(x)
                 sync()
-                times[name].append((time.perf_counter() - start) / iters)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+                times[name].append(1e3 * (time.perf_counter() - start) / iters)
+    return times
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

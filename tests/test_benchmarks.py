@@ -83,7 +83,8 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "accuracy_sweep.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
-                           "--start", "baseline", "--distill-weight", "0.5", "--out", str(out)], cwd=root,
+                           "--start", "baseline", "--distill-weight", "0.5", "--latency-weights", "cpu:1:64",
+                           "--out", str(out)], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -91,6 +92,9 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     base, control, folded = data["rows"]
     assert control["control"] and not folded["control"] and data["settings"]["start"] == "baseline"
     assert folded["top1_gap_vs_control_points"] == round(control["top1_pct"] - folded["top1_pct"], 2)
+    gains = data["fold_gains"]  # latency-aware: every site's weight from the measured saving of its block
+    assert data["settings"]["latency_weights"] == "cpu:1:64" and gains["input_size"] == [3, 64, 64]
+    assert len(gains["weights"]) == folded["sites"] == 32 and sum(gains["weights"].values()) == pytest.approx(32)
     for row in data["rows"]:
         assert 0 <= row["top1_pct"] <= 100 and row["folded_vs_planned_max_abs_diff"] < 1e-3
         assert set(row["speedup"]) == {"cpu b1 224 float32", "cpu b1 32 float32"}
@@ -100,6 +104,7 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     readme.write_text("intro\n<!-- results:start -->\nstale\n<!-- results:end -->\noutro\n")
     md = report.build_report(tmp_path, readme=readme).read_text()
     assert "## Accuracy against depth" in md and "| lambda=0.5 |" in md and "loss vs control" in md
+    assert "Latency-aware regularizer weights, measured on cpu b1 64x64 fp32" in md
     assert (tmp_path / "accuracy_sweep.png").stat().st_size > 1000
     text = readme.read_text()
     assert "stale" not in text and "Accuracy vs depth (`accuracy_sweep.json`" in text

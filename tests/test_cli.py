@@ -46,7 +46,7 @@ def one_error_line(stderr: str) -> str:
 # Help
 
 
-@pytest.mark.parametrize("command", [None, "fold", "evaluate", "benchmark", "push"])
+@pytest.mark.parametrize("command", [None, "fold", "evaluate", "benchmark", "gains", "push"])
 def test_help(command, capsys):
     argv = ([command] if command else []) + ["--help"]
     with pytest.raises(SystemExit) as exc:
@@ -55,7 +55,7 @@ def test_help(command, capsys):
     text = capsys.readouterr().out
     assert "Example" in text
     if command is None:
-        for name in ("fold", "evaluate", "benchmark", "push"):
+        for name in ("fold", "evaluate", "benchmark", "gains", "push"):
             assert f"hf-layerfold {name}" in text
     if command == "fold":  # one flag per LayerFoldingConfig field, with the field's own help
         for field in dataclasses.fields(LayerFoldingConfig):
@@ -123,6 +123,9 @@ def test_invalid_config_value_in_subprocess():
     (["fold", "--lambda-reg", "lots"], "argument --lambda-reg: invalid float value: 'lots'"),
     (["benchmark", "x", "--batch-sizes", "1,a"], "--batch-sizes must be comma-separated integers"),
     (["benchmark", "x", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+    (["gains", "mobilenetv2_05O"], "unknown model 'mobilenetv2_05O'"),
+    (["gains", "mobilenetv2_050", "--min-saving", "-0.1"], "--min-saving must lie in [0, 1)"),
+    (["gains", "mobilenetv2_050", "--alpha-sharing", "layer"], "LayerFoldingConfig.alpha_sharing='layer' is invalid"),
 ])
 def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # fold's default output dir stays inside tmp_path
@@ -225,6 +228,25 @@ def test_benchmark_on_cpu(folded_save, capsys):
     assert main(["benchmark", str(out), "--rounds", "1", "--warmup", "1", "--threads", "1", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "bs 1 speed-up" in table and "layer-folded" in table and "1.00x" in table  # base row vs itself
+
+
+def test_gains_measures_each_block_and_writes_a_config_fold_reads(tmp_path, capsys):
+    out = tmp_path / "gains.json"
+    assert main(["gains", "mobilenetv2_050", "--image-size", "64", "--rounds", "3", "--round-seconds", "0.01",
+                 "--alpha-sharing", "block", "--max-macs-increase", "0", "--threads", "1", "--output", str(out),
+                 "--json", "--quiet"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert measured["input_size"] == [3, 64, 64] and measured["baseline_ms"] > 0 and len(measured["groups"]) == 18
+    assert measured["saved_ms"]["blocks.1.0.bn1.act"] == pytest.approx(
+        measured["baseline_ms"] - measured["groups"]["blocks.1.0.bn1.act"]["ms"])
+    weights = measured["regularizer_weights"]
+    assert len(weights) == 34 and sum(weights.values()) / 34 == pytest.approx(1.0)
+    args = parse_args(["fold", "--config", str(out), "--lambda-reg", "0.02"])
+    config = build_config(args.config_values, args)  # the written file is a fold config: same selection + weights
+    assert config.regularizer_weights == weights and config.alpha_sharing == "block"
+    assert config.max_macs_increase == 0 and config.lambda_reg == 0.02
+    args = parse_args(["fold", "--regularizer-weights", str(out)])  # or the weights alone, from that file
+    assert build_config(args.config_values, args).regularizer_weights == weights
 
 
 def test_push_to_local_hub(folded_save, local_hub, capsys):

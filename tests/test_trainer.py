@@ -114,6 +114,24 @@ def test_loss_terms_match_their_definitions(tmp_path, fashion):
     torch.testing.assert_close(eval_loss, F.cross_entropy(out["logits"], batch["labels"]))
 
 
+def test_regularizer_weights_reach_the_loss_and_a_stray_key_fails_early(tmp_path, fashion):
+    config = lf.LayerFoldingConfig(**{**CFG, "regularizer_weights": {"blocks.1.*": 3.0, "blocks.0.0.bn1.act": 0.0}})
+    trainer = make_trainer(tmp_path, fashion, config=config, train_args=args_for(tmp_path, max_steps=1))
+    model = trainer.model.train()
+    batch = trainer.data_collator([fashion["train"][i] for i in range(6)])
+    torch.manual_seed(0)
+    loss = trainer.compute_loss(model, batch)
+    torch.manual_seed(0)
+    task = F.cross_entropy(model(batch["pixel_values"]), batch["labels"])
+    sites = lf.alpha_parameters(model)
+    weight = {s: 0.0 if s == "blocks.0.0.bn1.act" else 3.0 if s.startswith("blocks.1.") else 1.0 for s in sites}
+    assert sorted(set(weight.values())) == [0.0, 1.0, 3.0]  # every kind of match is exercised
+    torch.testing.assert_close(loss, task + 0.05 * sum(weight[s] * (1 - a) for s, a in sites.items()))
+    stray = lf.LayerFoldingConfig(**{**CFG, "regularizer_weights": {"blocks.7.*": 1.0}})
+    with pytest.raises(ValueError, match="match no foldable site"):
+        make_trainer(tmp_path, fashion, config=stray)
+
+
 def test_distillation_term_with_teacher(tmp_path, fashion):
     config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.4, "distill_temperature": 3.0, "lambda_reg": 0.0})
     teacher = tiny_model(seed=1).eval()

@@ -1,0 +1,126 @@
+"""Measured fold gains: the latency that folding each α group saves on the device the model will run on.
+
+The paper's regularizer pushes every site alike, yet sites differ in what their removal buys: folding an early,
+high-resolution block removes large intermediate tensors, while folding a late, wide block can cost time (its merged
+conv has more MACs than the convs it replaces). ``measure_fold_gains`` folds each α group alone and times it against
+the BN-fused model; ``FoldGains.weights`` turns the savings into ``LayerFoldingConfig.regularizer_weights`` so the
+search spends its accuracy budget where the target device gains (latency-aware selection, as DepthShrinker and
+LayerMerge do with their own cost tables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch.nn as nn
+
+from .activation import FoldableActivation
+from .fold import fold_model
+from .plan import FoldPlan, applied_plan
+from .prepare import is_prepared
+
+
+def alpha_groups(model: nn.Module) -> dict[str, list[str]]:
+    """α owner → the sites that read that α, in network order (one site per group unless α is shared)."""
+    groups: dict[str, list[str]] = {}
+    for m in model.modules():
+        if isinstance(m, FoldableActivation):
+            groups.setdefault(m.alpha_owner, []).append(m.site)
+    return groups
+
+
+@dataclass
+class FoldGains:
+    """Latency of the BN-fused model and of each α group folded alone, on one device and input shape."""
+
+    device: str
+    batch_size: int
+    input_size: tuple[int, ...]
+    dtype: str
+    channels_last: bool
+    baseline_ms: float
+    groups: dict[str, dict] = field(default_factory=dict)  # owner → {"sites": [...], "ms": folded latency}
+    noise_ms: float = 0.0  # half the gap between two timed copies of the baseline: savings below it are noise
+
+    def saved_ms(self) -> dict[str, float]:
+        """Owner → milliseconds its fold saves (negative: folding it alone makes the model slower)."""
+        return {owner: self.baseline_ms - g["ms"] for owner, g in self.groups.items()}
+
+    def weights(self, min_saving: float = 0.0) -> dict[str, float]:
+        """Per-site ``regularizer_weights``: a group's saving split over its sites, scaled so the mean weight is 1
+        (λ keeps the scale it has with uniform weights). A group saving no more than ``min_saving`` (a fraction
+        of the baseline latency, e.g. 0.02 where two identical models time 2 % apart) weighs 0: the search does not
+        push it."""
+        if not 0 <= min_saving < 1:
+            raise ValueError(f"min_saving must lie in [0, 1) (a fraction of the baseline latency), got {min_saving}")
+        saved = {o: s if s > min_saving * self.baseline_ms else 0.0 for o, s in self.saved_ms().items()}
+        total = sum(saved.values())
+        sites = sum(len(g["sites"]) for g in self.groups.values())
+        if total <= 0:
+            raise ValueError(f"folding no α group alone saves more than {min_saving:.1%} of the "
+                             f"{self.baseline_ms:.3f} ms baseline on {self.device}; latency weights would push "
+                             "nothing (try another batch size, or no regularizer_weights)")
+        return {site: saved[owner] / len(g["sites"]) * sites / total
+                for owner, g in self.groups.items() for site in g["sites"]}
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["input_size"] = list(self.input_size)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FoldGains:
+        return cls(**{**data, "input_size": tuple(data["input_size"])})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def measure_fold_gains(model: nn.Module, input_size: Sequence[int] | None = None, *, batch_size: int = 1,
+                       device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, rounds: int = 7,
+                       round_seconds: float = 0.25, warmup: int = 3) -> FoldGains:
+    """Fold each α group of a prepared (not yet planned) ``model`` alone and time it beside the BN-fused model.
+
+    Latency does not depend on the weights, so a randomly initialised model gives the same gains as a trained one.
+    Each group is timed beside two copies of the BN-fused model, in rounds of a fresh random order; its latency is
+    the baseline's times the median over rounds of its ratio to the copies in that round (drift of a shared machine
+    cancels). The gap between the copies (``noise_ms``, median over groups) shows how far apart two identical
+    models time here: savings below it say nothing. The caller's model is not changed.
+    """
+    from .workflow import latency_samples
+
+    if not is_prepared(model):
+        raise ValueError("measure_fold_gains needs a prepared model (hf_layerfold.prepare_model), with the config "
+                         "the search will use: the sites, the α sharing and max_macs_increase decide each fold")
+    if applied_plan(model) is not None:
+        raise ValueError("measure_fold_gains needs a model whose plan is not fixed yet (it folds each group alone)")
+    if input_size is None:
+        input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
+    input_size = tuple(int(v) for v in input_size)
+    groups = alpha_groups(model)
+    base, twin = fold_model(model, FoldPlan()), fold_model(model, FoldPlan())
+    baselines, twin_ratios, ratios = [], [], {}
+    for owner, sites in groups.items():  # one small rotation per group: with all of them in one, caches fill
+        ms = latency_samples({"": base, " twin": twin, owner: fold_model(model, FoldPlan(tuple(sites)))},
+                             input_size, batch_size=batch_size, device=device, dtype=dtype,
+                             channels_last=channels_last, warmup=warmup, rounds=rounds,
+                             round_seconds=round_seconds, shuffle=True)
+        reference = [(a + b) / 2 for a, b in zip(ms[""], ms[" twin"])]
+        baselines.append(statistics.median(reference))
+        twin_ratios.append(statistics.median(a / b for a, b in zip(ms[""], ms[" twin"])))
+        ratios[owner] = statistics.median(t / r for t, r in zip(ms[owner], reference))
+    baseline = statistics.median(baselines)
+    noise = statistics.median(abs(r - 1) for r in twin_ratios) / 2
+    return FoldGains(device=device, batch_size=batch_size, input_size=input_size, dtype=dtype,
+                     channels_last=channels_last, baseline_ms=baseline, noise_ms=baseline * noise,
+                     groups={owner: {"sites": sites, "ms": baseline * ratios[owner]}
+                             for owner, sites in groups.items()})

@@ -1,0 +1,105 @@
+"""Latency-aware search: measured fold gains → per-site regularizer weights → the trainer's loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+import hf_layerfold as lf
+from hf_layerfold.gains import FoldGains, alpha_groups, measure_fold_gains
+from hf_layerfold.losses import alpha_regularizer
+from hf_layerfold.prepare import site_regularizer_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_config_round_trips_and_validates_regularizer_weights(tmp_path):
+    config = lf.LayerFoldingConfig(regularizer_weights={"blocks.1.*": 2.0, "bn1.act": 0})
+    config.save_pretrained(tmp_path)
+    assert lf.LayerFoldingConfig.from_pretrained(tmp_path) == config
+    for bad, why in (([1.0], "must map"), ({"a": -1.0}, "'a' must be a finite"), ({"a": "x"}, "'a' must be"),
+                     ({"a": float("inf")}, "finite"), ({"a": True}, "'a' must be")):
+        with pytest.raises(ValueError, match=f"regularizer_weights=.*{why}"):
+            lf.LayerFoldingConfig(regularizer_weights=bad)
+
+
+def test_weights_given_as_text_are_json_or_a_json_file(tmp_path):
+    """Command-line parsers (HfArgumentParser in examples/fold_imagenet.py, the CLI) hand the field over as text."""
+    from transformers import HfArgumentParser
+
+    assert lf.LayerFoldingConfig(regularizer_weights='{"a": 2}').regularizer_weights == {"a": 2}
+    written = tmp_path / "gains.json"  # what `hf-layerfold gains --output` writes: a whole config
+    written.write_text(json.dumps({"alpha_sharing": "block", "regularizer_weights": {"blocks.1.*": 1.5}}))
+    (config,) = HfArgumentParser(lf.LayerFoldingConfig).parse_args_into_dataclasses(
+        ["--regularizer_weights", str(written), "--lambda_reg", "0.02"])
+    assert config.regularizer_weights == {"blocks.1.*": 1.5} and config.lambda_reg == 0.02
+    with pytest.raises(ValueError, match="regularizer_weights=.*not a JSON object nor a readable JSON file"):
+        lf.LayerFoldingConfig(regularizer_weights=str(tmp_path / "missing.json"))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must map site names"):
+        lf.LayerFoldingConfig(regularizer_weights=str(tmp_path / "list.json"))
+
+
+def test_weighted_regularizer_matches_its_definition():
+    alphas = [torch.tensor(a, requires_grad=True) for a in (0.0, 0.5, 0.9)]  # α are float32 parameters
+    w = [2.0, 0.0, 0.5]
+    for kind, per_site in (("paper", lambda a: abs(1 - a * a)), ("l1", lambda a: 1 - a)):
+        got = alpha_regularizer(alphas, kind, w)
+        expected = sum(wi * per_site(float(a.detach())) for wi, a in zip(w, alphas))
+        assert float(got.detach()) == pytest.approx(expected, rel=1e-6)
+    got.backward()  # l1: dR/dα = -w
+    assert [float(a.grad) for a in alphas] == pytest.approx([-2.0, 0.0, -0.5])
+    unit = alpha_regularizer(alphas, "l1", [1.0] * 3).detach()
+    assert float(unit) == pytest.approx(float(alpha_regularizer(alphas, "l1").detach()))
+    with pytest.raises(ValueError, match="2 regularizer weights for 3 sites"):
+        alpha_regularizer(alphas, "l1", [1.0, 1.0])
+
+
+def test_site_weights_exact_name_then_first_pattern_then_one():
+    sites = ["bn1.act", "blocks.1.0.bn1.act", "blocks.1.0.bn2.act", "blocks.2.0.bn1.act"]
+    weights = {"blocks.1.0.bn2.act": 5.0, "blocks.1.*": 2.0, "re:blocks\\.1\\..*": 9.0}
+    assert site_regularizer_weights(sites, weights) == [1.0, 2.0, 5.0, 1.0]
+    assert site_regularizer_weights(sites, {"blocks.2.0": 3}) == [1.0, 1.0, 1.0, 3.0]  # a block prefix
+    assert site_regularizer_weights(sites, None) is None
+    with pytest.raises(ValueError, match=r"\['blocks.9.\*'\] match no foldable site.*bn1.act"):
+        site_regularizer_weights(sites, {"blocks.9.*": 1.0})
+
+
+def _gains(saved: dict[str, float], sizes: dict[str, int], baseline: float = 10.0) -> FoldGains:
+    groups = {o: {"sites": [f"{o}.s{i}" for i in range(sizes[o])], "ms": baseline - s} for o, s in saved.items()}
+    return FoldGains("cpu", 1, (3, 32, 32), "fp32", False, baseline, groups)
+
+
+def test_weights_follow_the_saving_split_over_a_group_with_mean_one():
+    gains = _gains({"a": 2.0, "b": 1.0, "c": -0.5, "d": 0.04}, {"a": 2, "b": 1, "c": 2, "d": 1})
+    w = gains.weights()
+    assert sum(w.values()) / len(w) == pytest.approx(1.0)
+    assert w["a.s0"] == w["a.s1"] == pytest.approx(w["b.s0"])  # twice the saving over twice the sites
+    assert w["c.s0"] == w["c.s1"] == 0.0  # folding it makes the model slower: no push
+    assert w["a.s0"] + w["a.s1"] == pytest.approx(2 * w["b.s0"])
+    assert gains.weights(min_saving=0.005)["d.s0"] == 0.0 and w["d.s0"] > 0  # 0.04 ms < 0.5 % of 10 ms
+    with pytest.raises(ValueError, match="folding no α group alone saves"):
+        _gains({"a": -1.0}, {"a": 2}).weights()
+    assert FoldGains.from_dict(json.loads(json.dumps(gains.to_dict()))) == gains
+
+
+def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
+    model = timm.create_model("mobilenetv2_050", num_classes=10)
+    with pytest.raises(ValueError, match="needs a prepared model"):
+        measure_fold_gains(model)
+    lf.prepare_model(model, lf.LayerFoldingConfig(alpha_sharing="block"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gains = measure_fold_gains(model, (3, 32, 32), rounds=2, round_seconds=0.005, warmup=1)
+    groups = alpha_groups(model)
+    assert list(gains.groups) == list(groups) and len(groups) == 18  # stem, 17 blocks: 34 sites
+    assert all(gains.groups[o]["sites"] == sites for o, sites in groups.items())
+    assert gains.baseline_ms > 0 and gains.noise_ms >= 0 and all(g["ms"] > 0 for g in gains.groups.values())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+    gains.save(tmp_path / "g.json")
+    assert FoldGains.from_dict(json.loads((tmp_path / "g.json").read_text())) == gains
+    lf.apply_plan(model, lf.FoldPlan())
+    with pytest.raises(ValueError, match="plan is not fixed yet"):
+        measure_fold_gains(model)
