@@ -92,11 +92,14 @@ def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
     model = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # latency does not depend on the weights
     lf.prepare_model(model, lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing,
                                                   max_macs_increase=args.max_macs_increase))
-    if device == "cuda":
-        torch.backends.cudnn.benchmark = True
     rounds, round_s = (3, 0.01) if args.quick else (15, 0.03 if device == "cuda" else 0.1)  # 1.4 s / 4.5 s a group
-    gains = measure_fold_gains(model, (3, size, size), batch_size=batch, device=device, rounds=rounds,
-                               round_seconds=round_s)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device == "cuda"  # timed as the latency cells are; training keeps its setting
+    try:
+        gains = measure_fold_gains(model, (3, size, size), batch_size=batch, device=device, rounds=rounds,
+                                   round_seconds=round_s)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
     log(f"[accuracy_sweep] fold gains on {cell}: baseline {gains.baseline_ms:.3f} ms (noise ±{gains.noise_ms:.3f}), "
         + ", ".join(f"{o} {s:+.3f}" for o, s in gains.saved_ms().items()))
     return gains

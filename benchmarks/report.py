@@ -189,8 +189,10 @@ def _fold_gains_lines(gains: dict | None) -> list[str]:
               f"{gains['baseline_ms'] - g['ms']:.2f} ms)" for owner, g in gains["groups"].items()
               if weights.get(g["sites"][0], 0) > 0]
     cell = f"{gains['device']} b{gains['batch_size']} {'x'.join(map(str, gains['input_size'][1:]))} {gains['dtype']}"
-    return [f"Latency-aware regularizer weights, measured on {cell} (BN-fused baseline {gains['baseline_ms']:.2f} ms, "
-            f"two copies ±{gains['noise_ms']:.2f} ms): weight > 0 for " + (", ".join(pushed) or "no group")
+    noise = (f"two copies of it {2 * gains['noise_ms']:.2f} ms apart (median), a floor on the noise: repeated "
+             "measurements differ by more")
+    return [f"Latency-aware regularizer weights, measured on {cell} (BN-fused baseline {gains['baseline_ms']:.2f} ms; "
+            f"{noise}): weight > 0 for " + (", ".join(pushed) or "no group")
             + f"; the other {len(gains['groups']) - len(pushed)} groups weigh 0.", ""]
 
 

@@ -312,6 +312,19 @@ is interrupted; the output directory is written atomically at the end, so an int
 """
 
 
+def _gains_output(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise CLIError(f"--output {path} is a directory; give a file path, e.g. {out / 'gains.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create the folder of --output {path}: {err.strerror or err}") from None
+    return out
+
+
 def cmd_gains(args: argparse.Namespace) -> int:
     from .gains import measure_fold_gains
     from .graph import UnsupportedModelError
@@ -320,6 +333,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
     config = build_config(args.config_values, args)
     if not 0 <= args.min_saving < 1:
         raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
+    out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
     torch_device(args.device)
     arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
     check_model_name(arch)  # a folded save has no folds left to time: only base models
@@ -342,12 +356,15 @@ def cmd_gains(args: argparse.Namespace) -> int:
         weights = gains.weights(args.min_saving)
     except ValueError as err:
         raise CLIError(str(err), code=1) from None
-    if args.output:
-        out = Path(args.output).expanduser()
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps({**config.to_dict(), "regularizer_weights": weights}, indent=2) + "\n")
-        tmp.replace(out)
+        try:
+            tmp.write_text(json.dumps({**config.to_dict(), "regularizer_weights": weights}, indent=2) + "\n")
+            tmp.replace(out)
+        except OSError as err:
+            raise CLIError(f"cannot write --output {out}: {err.strerror or err}", code=1) from None
+        finally:
+            tmp.unlink(missing_ok=True)
     if args.json:
         print(json.dumps({**gains.to_dict(), "saved_ms": gains.saved_ms(), "regularizer_weights": weights}))
         return 0
@@ -355,11 +372,12 @@ def cmd_gains(args: argparse.Namespace) -> int:
     rows = [[owner, len(g["sites"]), f"{g['ms']:.3f}", f"{saved[owner]:+.3f}",
              f"{gains.baseline_ms / g['ms']:.3f}x", f"{weights[g['sites'][0]]:.2f}"]
             for owner, g in gains.groups.items()]
-    print(f"BN-fused {arch}: {gains.baseline_ms:.3f} ms per batch of {args.batch_size} on {args.device} "
-          f"(two copies timed {2 * gains.noise_ms:.3f} ms apart: smaller savings are noise)")
+    print(f"BN-fused {arch}: {gains.baseline_ms:.3f} ms per batch of {args.batch_size} on {args.device}; two "
+          f"copies of it timed {2 * gains.noise_ms:.3f} ms apart (median): smaller savings are noise, and a repeated "
+          "measurement can differ by more on a shared CPU")
     print(format_table(["α group (first site)", "sites", "folded alone ms", "saved ms", "speed-up",
                         "weight per site"], rows))
-    if args.output:
+    if out is not None:
         print(f"wrote the config with these regularizer_weights to {out}; use it with: "
               f"{PROG} fold --config {out} --lambda-reg ...")
     return 0

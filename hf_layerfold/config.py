@@ -20,7 +20,12 @@ def _weights_from_text(text: str) -> object:
     whole config, as ``hf-layerfold gains --output`` writes: its ``regularizer_weights`` are taken)."""
     stripped = text.strip()
     data = json.loads(stripped if stripped.startswith("{") else Path(text).expanduser().read_text())
-    return data["regularizer_weights"] if isinstance(data, dict) and "regularizer_weights" in data else data
+    if isinstance(data, dict) and "regularizer_weights" in data:
+        return data["regularizer_weights"]
+    if isinstance(data, dict) and {"groups", "baseline_ms"} <= set(data):
+        raise ValueError("it holds a fold-gains measurement, not weights: use FoldGains.from_dict(data).weights(), "
+                         "or the file `hf-layerfold gains --output` writes")
+    return data
 
 
 @dataclass
@@ -116,7 +121,8 @@ class LayerFoldingConfig:
             try:
                 self.regularizer_weights = _weights_from_text(self.regularizer_weights)
             except (OSError, ValueError) as err:
-                raise bad("regularizer_weights", f"not a JSON object nor a readable JSON file ({err})") from None
+                why = f"not a JSON object of weights nor a JSON file holding one ({err})"
+                raise bad("regularizer_weights", why) from None
         if self.regularizer_weights is not None:
             weights = self.regularizer_weights
             if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):

@@ -14,7 +14,7 @@ import json
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch.nn as nn
@@ -45,7 +45,7 @@ class FoldGains:
     channels_last: bool
     baseline_ms: float
     groups: dict[str, dict] = field(default_factory=dict)  # owner → {"sites": [...], "ms": folded latency}
-    noise_ms: float = 0.0  # half the gap between two timed copies of the baseline: savings below it are noise
+    noise_ms: float = 0.0  # half the median gap between two timed copies of the baseline: a floor on the noise
 
     def saved_ms(self) -> dict[str, float]:
         """Owner → milliseconds its fold saves (negative: folding it alone makes the model slower)."""
@@ -75,13 +75,19 @@ class FoldGains:
 
     @classmethod
     def from_dict(cls, data: dict) -> FoldGains:
-        return cls(**{**data, "input_size": tuple(data["input_size"])})
+        """Also reads the JSON of ``hf-layerfold gains --json`` and a sweep's ``fold_gains`` (extra keys ignored)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known} | {"input_size": tuple(data["input_size"])})
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
 
@@ -93,8 +99,9 @@ def measure_fold_gains(model: nn.Module, input_size: Sequence[int] | None = None
     Latency does not depend on the weights, so a randomly initialised model gives the same gains as a trained one.
     Each group is timed beside two copies of the BN-fused model, in rounds of a fresh random order; its latency is
     the baseline's times the median over rounds of its ratio to the copies in that round (drift of a shared machine
-    cancels). The gap between the copies (``noise_ms``, median over groups) shows how far apart two identical
-    models time here: savings below it say nothing. The caller's model is not changed.
+    cancels). The median gap between the copies (``noise_ms``) is a floor on the timing noise: savings below it say
+    nothing, and on a shared CPU a repeated measurement can differ by more (one rotation's cache state is not
+    another's). The caller's model is not changed.
     """
     from .workflow import latency_samples
 

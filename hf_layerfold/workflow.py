@@ -292,7 +292,8 @@ def latency_samples(models: Mapping[str, Any], input_size: Sequence[int], *, bat
                     rounds: int = 7, round_seconds: float = 0.25, shuffle: bool = False) -> dict[str, list[float]]:
     """Milliseconds per forward of each model in each round (``measure_latency``'s samples, for paired ratios).
 
-    ``shuffle`` visits the models in a fresh random order every round, so no model always follows the same one.
+    ``shuffle`` visits the models in a new order every round (the same seeded sequence on every call), so no model
+    always follows the same one.
     """
     import torch
 

@@ -125,6 +125,7 @@ def test_invalid_config_value_in_subprocess():
     (["benchmark", "x", "--dtype", "fp8"], "invalid choice: 'fp8'"),
     (["gains", "mobilenetv2_05O"], "unknown model 'mobilenetv2_05O'"),
     (["gains", "mobilenetv2_050", "--min-saving", "-0.1"], "--min-saving must lie in [0, 1)"),
+    (["gains", "mobilenetv2_050", "--output", "."], "--output . is a directory; give a file path"),
     (["gains", "mobilenetv2_050", "--alpha-sharing", "layer"], "LayerFoldingConfig.alpha_sharing='layer' is invalid"),
 ])
 def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):

@@ -36,8 +36,11 @@ def test_weights_given_as_text_are_json_or_a_json_file(tmp_path):
     (config,) = HfArgumentParser(lf.LayerFoldingConfig).parse_args_into_dataclasses(
         ["--regularizer_weights", str(written), "--lambda_reg", "0.02"])
     assert config.regularizer_weights == {"blocks.1.*": 1.5} and config.lambda_reg == 0.02
-    with pytest.raises(ValueError, match="regularizer_weights=.*not a JSON object nor a readable JSON file"):
+    with pytest.raises(ValueError, match="regularizer_weights=.*not a JSON object of weights nor a JSON file"):
         lf.LayerFoldingConfig(regularizer_weights=str(tmp_path / "missing.json"))
+    measured = _gains({"a": 1.0}, {"a": 2}).save(tmp_path / "measured" / "gains.json")  # a measurement, not weights
+    with pytest.raises(ValueError, match="holds a fold-gains measurement, not weights: use FoldGains"):
+        lf.LayerFoldingConfig(regularizer_weights=str(measured))
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must map site names"):
         lf.LayerFoldingConfig(regularizer_weights=str(tmp_path / "list.json"))
@@ -84,6 +87,7 @@ def test_weights_follow_the_saving_split_over_a_group_with_mean_one():
     with pytest.raises(ValueError, match="folding no α group alone saves"):
         _gains({"a": -1.0}, {"a": 2}).weights()
     assert FoldGains.from_dict(json.loads(json.dumps(gains.to_dict()))) == gains
+    assert FoldGains.from_dict({**gains.to_dict(), "weights": w, "saved_ms": {}}) == gains  # a sweep's fold_gains
 
 
 def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
