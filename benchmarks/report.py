@@ -184,10 +184,12 @@ def _fold_gains_lines(gains: dict | None) -> list[str]:
     """The latency-aware weights a sweep trained with: which α groups they push, and what folding each saves."""
     if not gains:
         return []
+    from hf_layerfold.gains import FoldGains  # here: the report itself needs no torch
+
     weights = gains.get("weights") or {}
-    pushed = [f"{owner} ({weights[g['sites'][0]]:.2f} per site, saves "
-              f"{gains['baseline_ms'] - g['ms']:.2f} ms)" for owner, g in gains["groups"].items()
-              if weights.get(g["sites"][0], 0) > 0]
+    saved = FoldGains.from_dict(gains).saved_ms()
+    pushed = [f"{owner} ({weights[g['sites'][0]]:.2f} per site, saves {saved[owner]:.2f} ms)"
+              for owner, g in gains["groups"].items() if weights.get(g["sites"][0], 0) > 0]
     cell = f"{gains['device']} b{gains['batch_size']} {'x'.join(map(str, gains['input_size'][1:]))} {gains['dtype']}"
     noise = (f"two copies of it {2 * gains['noise_ms']:.2f} ms apart (median), a floor on the noise: repeated "
              "measurements differ by more")

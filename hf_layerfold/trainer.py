@@ -133,7 +133,8 @@ class LayerFoldingTrainer(Trainer):
             raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
         if teacher_model is not None and config.distill_weight == 0:
             logger.warning("teacher_model is given but distill_weight=0: the teacher is not used")
-        reg_weights = site_regularizer_weights(list(alpha_parameters(model)), config.regularizer_weights)
+        site_alphas = alpha_parameters(model)  # (Trainer moves the model in place: the α objects stay the same)
+        reg_weights = site_regularizer_weights(list(site_alphas), config.regularizer_weights)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args)
 
@@ -167,7 +168,7 @@ class LayerFoldingTrainer(Trainer):
         self.teacher_model = None
         if teacher_model is not None and config.distill_weight > 0:
             self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
-        self._alphas = list(alpha_parameters(model).values())  # per site: the regularizer sums over sites
+        self._alphas = list(site_alphas.values())  # per site: the regularizer sums over sites
         self._alpha_params = unique_alphas(self._alphas)  # each α once: the optimizer-step hooks
         self._reg_weights = None if reg_weights is None else torch.tensor(reg_weights, device=self.args.device)
         self._phase = FINETUNE if applied_plan(model) is not None else SEARCH
