@@ -18,11 +18,15 @@ the run's device:
 
 ``--latency-weights DEVICE:BATCH:SIZE`` (e.g. ``cuda:128:224``) first measures, on that device, the latency each
 α group's fold saves (``measure_fold_gains``) and gives every run the resulting ``regularizer_weights``: the
-latency-aware search. The measurement is stored under ``fold_gains``.
+latency-aware search. The measurement is stored under ``fold_gains``; ``--latency-weights FILE`` reuses the
+``fold_gains`` of an earlier sweep's JSON (or a ``FoldGains.save`` file) instead of measuring again.
+``--continue-steps`` (with ``--start baseline``) sets how long the runs that start from the λ = 0 model train (the
+control included), so a longer fine-tune after the plan is fixed can be tried without retraining the baseline.
 
 Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): ≥ 1.6× CUDA batch-128 speed-up at
-≤ 0.5 point top-1 loss against the λ = 0 run. A ``--deadline-s`` lets a time-boxed GPU session keep what it has:
-the JSON is rewritten after every run, and λ values that would not fit are listed as skipped.
+≤ 0.5 point top-1 loss against the λ = 0 run (and against the control, when there is one). A ``--deadline-s``
+lets a time-boxed GPU session keep what it has: the JSON is rewritten after every run, and λ values that would
+not fit are listed as skipped.
 
 ``python -m benchmarks.bench_accuracy_sweep --out benchmarks/results/accuracy_sweep.json``
 """
@@ -31,8 +35,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -44,6 +50,7 @@ from hf_layerfold.gains import FoldGains, measure_fold_gains
 
 from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
+from .report import top1_loss_points
 
 TARGET_SPEEDUP = 1.6
 TARGET_LOSS_POINTS = 0.5
@@ -83,7 +90,14 @@ def time_against_baseline(models: dict[str, nn.Module], device: str, cell: dict,
 
 
 def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
-    """Per-group fold savings of the Lite0 the runs train (same sites, sharing and merge limit), on ``cell``."""
+    """Per-group fold savings of the Lite0 the runs train (same sites, sharing and merge limit), on ``cell``; or
+    those stored in ``cell`` when it names a JSON file (a sweep's ``fold_gains``, or a ``FoldGains.save`` file)."""
+    if cell.endswith(".json"):
+        try:
+            data = json.loads(Path(cell).read_text())
+            return FoldGains.from_dict(data.get("fold_gains", data))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"--latency-weights {cell!r}: not a readable fold-gains JSON ({err})") from None
     try:
         device, batch, size = cell.split(":")
         batch, size = int(batch), int(size)
@@ -117,19 +131,24 @@ def main(argv: list[str] | None = None) -> dict:
     add("--start", default="pretrained", choices=["pretrained", "baseline"],
         help="λ > 0 runs start from the ImageNet weights, or from the λ = 0 run's fine-tuned model")
     add("--latency-weights", default=None, metavar="DEVICE:BATCH:SIZE",
-        help="weigh the regularizer by the latency each fold saves, measured on this cell (e.g. cuda:128:224)")
+        help="weigh the regularizer by the latency each fold saves, measured on this cell (e.g. cuda:128:224), "
+             "or as stored in an earlier sweep's JSON")
     add("--latency-min-saving", type=float, default=0.0,
         help="with --latency-weights: groups saving at most this fraction of the baseline latency weigh 0")
+    add("--continue-steps", type=int, default=None,
+        help="with --start baseline: training steps of the runs that start from the λ = 0 model (default: --steps)")
     add_run_args(parser)
     args = parser.parse_args(argv)
     apply_quick(args)
+    if args.continue_steps is not None and (args.start != "baseline" or args.continue_steps <= args.search_steps):
+        parser.error("--continue-steps needs --start baseline and more steps than --search-steps")
     if args.quick:
         args.latency_rounds, args.latency_budget_s, args.input_size = 5, 2.0, 32
     lambdas = [float(v) for v in str(args.lambdas).split(",") if float(v) > 0]
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
-    settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start")}
+    settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start", "continue_steps")}
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
                               + (STARTED_FROM_BASELINE if args.start == "baseline" else "") +
@@ -157,9 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
             first = label == "lambda=0"  # the λ > 0 runs and the control build on this one
             teacher = folded["lambda=0"] if not first and args.distill_weight > 0 else None
             start_state = baseline_state if not first and args.start == "baseline" else None
-            run = run_one(label, lam, data, args, scratch, teacher=teacher, start_state=start_state,
+            run_args = args if first or args.continue_steps is None else copy.copy(args)
+            if run_args is not args:
+                run_args.steps = args.continue_steps
+            run = run_one(label, lam, data, run_args, scratch, teacher=teacher, start_state=start_state,
                           keep_state=first and args.start == "baseline")
             run["row"]["control"] = label == CONTROL
+            run["row"]["steps"] = run_args.steps
             folded[label] = run.pop("folded")
             state = run.pop("state")
             baseline_state = state if first else baseline_state
@@ -194,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in result["rows"]:
         speedup = row.get("speedup", {}).get(TARGET_CELL)
         row["meets_target"] = None if speedup is None else (
-            speedup >= TARGET_SPEEDUP and row["top1_gap_points"] <= TARGET_LOSS_POINTS)
+            speedup >= TARGET_SPEEDUP and top1_loss_points(row) <= TARGET_LOSS_POINTS)
     result["stats_note"] = f"non-linear layers / depth counted by lf.fold_stats at {args.input_size}px"
     write_json(args.out, result)
     log(f"[accuracy_sweep] done in {time.perf_counter() - start:.0f}s")

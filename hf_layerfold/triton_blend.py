@@ -56,8 +56,11 @@ def _compute_dtype(dtype: torch.dtype):
 
 
 def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's (a model on ``cuda:1`` without set_device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device: make it the tensor's (a model on ``cuda:1`` without set_device).
+    Entering ``torch.cuda.device`` swaps the device twice, host time paid at every site, so only when needed."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 class TritonClampBlend(torch.autograd.Function):

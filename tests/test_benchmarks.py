@@ -83,8 +83,8 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "accuracy_sweep.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
-                           "--start", "baseline", "--distill-weight", "0.5", "--latency-weights", "cpu:1:64",
-                           "--out", str(out)], cwd=root,
+                           "--start", "baseline", "--continue-steps", "10", "--distill-weight", "0.5",
+                           "--latency-weights", "cpu:1:64", "--out", str(out)], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -92,6 +92,7 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     base, control, folded = data["rows"]
     assert control["control"] and not folded["control"] and data["settings"]["start"] == "baseline"
     assert folded["top1_gap_vs_control_points"] == round(control["top1_pct"] - folded["top1_pct"], 2)
+    assert (base["steps"], control["steps"], folded["steps"]) == (8, 10, 10)  # --continue-steps after the baseline
     gains = data["fold_gains"]  # latency-aware: every site's weight from the measured saving of its block
     assert data["settings"]["latency_weights"] == "cpu:1:64" and gains["input_size"] == [3, 64, 64]
     assert len(gains["weights"]) == folded["sites"] == 32 and sum(gains["weights"].values()) == pytest.approx(32)
@@ -109,6 +110,25 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     text = readme.read_text()
     assert "stale" not in text and "Accuracy vs depth (`accuracy_sweep.json`" in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
+
+
+def test_accuracy_sweep_reuses_stored_fold_gains(tmp_path):
+    """``--latency-weights FILE`` takes an earlier measurement (a sweep's ``fold_gains`` or a FoldGains file) as it
+    was stored; a file without one is a one-line error."""
+    from benchmarks.bench_accuracy_sweep import measure_gains
+    from hf_layerfold.gains import FoldGains
+
+    stored = FoldGains("cpu", 1, (3, 64, 64), "float32", False, 10.0,
+                       {"blocks.1.0.bn1.act": {"sites": ["blocks.1.0.bn1.act", "blocks.1.0.bn2.act"], "ms": 8.0}})
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"benchmark": "accuracy_sweep", "fold_gains": {**stored.to_dict(), "weights": {}}}))
+    assert measure_gains(None, str(sweep)) == stored
+    assert measure_gains(None, str(stored.save(tmp_path / "gains.json"))) == stored
+    (tmp_path / "other.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match="not a readable fold-gains JSON"):
+        measure_gains(None, str(tmp_path / "other.json"))
+    with pytest.raises(SystemExit, match="not a readable fold-gains JSON"):
+        measure_gains(None, str(tmp_path / "missing.json"))
 
 
 def test_profile_step_splits_a_step_into_host_and_op_time(tmp_path):
