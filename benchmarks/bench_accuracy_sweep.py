@@ -164,21 +164,21 @@ def main(argv: list[str] | None = None) -> dict:
         result["fold_gains"] = {**gains.to_dict(), "weights": args.regularizer_weights}
         settings.update(latency_weights=args.latency_weights, latency_min_saving=args.latency_min_saving)
     runs, folded, baseline_state = [], {}, None
-    run_s = None
+    step_s = None  # seconds per training step of the last run: a later run's length is estimated from its steps
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
         schedule = [("lambda=0", 0.0)] + [(CONTROL, 0.0)] * (args.start == "baseline")
         for label, lam in schedule + [(f"lambda={lam:g}", lam) for lam in lambdas]:
-            elapsed = time.perf_counter() - start
-            if args.deadline_s and run_s and elapsed + run_s > args.deadline_s:
-                result["skipped"].append(label)
-                continue
-            t0 = time.perf_counter()
             first = label == "lambda=0"  # the λ > 0 runs and the control build on this one
-            teacher = folded["lambda=0"] if not first and args.distill_weight > 0 else None
-            start_state = baseline_state if not first and args.start == "baseline" else None
             run_args = args if first or args.continue_steps is None else copy.copy(args)
             if run_args is not args:
                 run_args.steps = args.continue_steps
+            elapsed = time.perf_counter() - start
+            if args.deadline_s and step_s and elapsed + step_s * run_args.steps > args.deadline_s:
+                result["skipped"].append(label)
+                continue
+            t0 = time.perf_counter()
+            teacher = folded["lambda=0"] if not first and args.distill_weight > 0 else None
+            start_state = baseline_state if not first and args.start == "baseline" else None
             run = run_one(label, lam, data, run_args, scratch, teacher=teacher, start_state=start_state,
                           keep_state=first and args.start == "baseline")
             run["row"]["control"] = label == CONTROL
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
             state = run.pop("state")
             baseline_state = state if first else baseline_state
             runs.append(run)
-            run_s = time.perf_counter() - t0
+            step_s = (time.perf_counter() - t0) / run_args.steps
             base = runs[0]["row"]
             control = next((r["row"] for r in runs if r["row"]["control"]), None)
             for r in runs:

@@ -112,6 +112,22 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert text.startswith("intro\n") and text.endswith("outro\n")
 
 
+def test_accuracy_sweep_deadline_skips_runs_that_would_not_fit(tmp_path):
+    """A time-boxed GPU call keeps what fits: past ``--deadline-s`` the remaining runs are listed as skipped and the
+    JSON (with the baseline's latency) is still written."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "sweep.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
+                           "--start", "baseline", "--continue-steps", "10", "--deadline-s", "0.01",
+                           "--out", str(out)], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["run"] for r in data["rows"]] == ["lambda=0"]
+    assert data["skipped"] == ["lambda=0 continued", "lambda=0.5"]
+    assert data["rows"][0]["speedup"]["cpu b1 224 float32"] == 1.0
+
+
 def test_accuracy_sweep_reuses_stored_fold_gains(tmp_path):
     """``--latency-weights FILE`` takes an earlier measurement (a sweep's ``fold_gains`` or a FoldGains file) as it
     was stored; a file without one is a one-line error."""
