@@ -420,7 +420,8 @@ def _closest(rows: list[dict], cell: str | None) -> str:
     if not runs:
         return ""
     r = min(runs, key=top1_loss_points)
-    return (f" (closest: λ = {r['lambda_reg']:g}, {r['top1_pct']} %, −{r['top1_gap_points']} points"
+    gap = r["top1_gap_points"]
+    return (f" (closest: λ = {r['lambda_reg']:g}, {r['top1_pct']} %, {'−' if gap > 0 else '+'}{abs(gap):g} points"
             f"{_vs_control(r)}, {(r.get('speedup') or {}).get(cell)}× {cell})")
 
 
