@@ -35,10 +35,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
-from pathlib import Path
 
 import timm
 import torch
@@ -94,9 +92,8 @@ def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
     those stored in ``cell`` when it names a JSON file (a sweep's ``fold_gains``, or a ``FoldGains.save`` file)."""
     if cell.endswith(".json"):
         try:
-            data = json.loads(Path(cell).read_text())
-            return FoldGains.from_dict(data.get("fold_gains", data))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            return FoldGains.load(cell)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise SystemExit(f"--latency-weights {cell!r}: not a readable fold-gains JSON ({err})") from None
     try:
         device, batch, size = cell.split(":")

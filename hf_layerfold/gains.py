@@ -79,6 +79,12 @@ class FoldGains:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known} | {"input_size": tuple(data["input_size"])})
 
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FoldGains:
+        """Read what ``save`` wrote (or a sweep JSON, whose measurement sits under ``fold_gains``)."""
+        data = json.loads(Path(path).read_text())
+        return cls.from_dict(data.get("fold_gains", data))
+
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
