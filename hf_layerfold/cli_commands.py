@@ -1,0 +1,325 @@
+"""The ``hf-layerfold`` commands (fold, evaluate, benchmark, push, gains) and their private helpers.
+
+Split from ``cli.py`` so that each reader stays short: ``cli.py`` keeps the console entry point and the argument
+parsing, this module what each command does with the parsed arguments. ``cli.py`` imports from here, never the
+other way round; ``PROG`` lives here because the commands print it, and ``cli.py`` re-exports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from .cli_config import build_config
+from .workflow import (
+    LITE0_ALIAS,
+    CLIError,
+    check_model_name,
+    create_base_model,
+    evaluate_model,
+    fmt_count,
+    format_table,
+    is_folded_dir,
+    load_data,
+    load_model,
+    measure_latency,
+    model_input_size,
+    model_kind,
+    set_input_size,
+    suggest_model_names,
+    torch_device,
+    training_arguments,
+)
+
+PROG = "hf-layerfold"
+
+logger = logging.getLogger(__name__)
+
+
+def _check_output_dir(path: Path, overwrite: bool) -> None:
+    if overwrite or not path.exists():
+        return
+    if not path.is_dir():
+        raise CLIError(f"output path {path} exists and is not a directory")
+    if any(path.iterdir()):
+        what = "a folded model" if is_folded_dir(path) else "files"
+        raise CLIError(f"output directory {path} already holds {what}; pass --overwrite to replace it "
+                       "(the whole directory is replaced)")
+
+
+def _scratch_dir(output: Path) -> Path:
+    """Trainer scratch next to the output (same filesystem, easy to spot); removed when the run ends or is stopped."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.train-", dir=output.parent))
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    root = logging.getLogger("hf_layerfold")
+    if not root.handlers:
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from .hub import PushToHubError
+    from .trainer import LayerFoldingTrainer
+
+    config = build_config(args.config_values, args)
+    output = Path(args.output_dir).expanduser().absolute()
+    _check_output_dir(output, args.overwrite)
+    if args.push_to_hub and not args.repo_id:
+        raise CLIError("--push-to-hub needs --repo-id (e.g. your-org/mobilenetv2-folded)")
+    if args.max_steps is None and args.epochs <= 0:
+        raise CLIError(f"--epochs must be > 0, got {args.epochs}")
+    device = str(torch_device(args.device))
+    check_model_name(args.model)
+    data = load_data(args.dataset, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
+                     eval_split=args.eval_split)
+    model = create_base_model(args.model, data.num_classes, pretrained=args.pretrained)
+    set_input_size(model, args.image_size)
+    teacher = None
+    if args.teacher:
+        teacher = load_model(args.teacher, data.num_classes, pretrained=True)
+        if int(getattr(teacher, "num_classes", data.num_classes)) != data.num_classes:
+            raise CLIError(f"teacher {args.teacher!r} has {teacher.num_classes} classes, the dataset "
+                           f"{data.num_classes}")
+    elif config.distill_weight > 0:
+        raise CLIError(f"--distill-weight {config.distill_weight} needs --teacher (a model fine-tuned on the dataset)")
+    base_model_id = None if args.model == LITE0_ALIAS else (model.pretrained_cfg or {}).get("hf_hub_id")
+    if not args.pretrained:
+        base_model_id = None
+
+    scratch = _scratch_dir(output)
+    try:
+        targs = training_arguments(
+            str(scratch), epochs=args.epochs, max_steps=args.max_steps or -1, batch_size=args.batch_size,
+            lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, seed=args.seed,
+            num_workers=args.num_workers, logging_steps=args.logging_steps, device=device,
+            mixed_precision=args.mixed_precision, progress=not args.quiet)
+        try:
+            trainer = LayerFoldingTrainer(model=model, args=targs, train_dataset=data.train, eval_dataset=data.eval,
+                                          layerfold_config=config, teacher_model=teacher,
+                                          input_size=args.image_size)
+        except ValueError as err:  # no foldable site, unsupported model, labels that do not fit the head
+            raise CLIError(str(err)) from None
+        logger.info("training %s on %s (%d images, eval on %d of split %r); scratch %s", args.model, args.dataset,
+                    len(data.train), len(data.eval), data.eval_split, scratch)
+        trainer.train()
+        metrics = trainer.evaluate()
+        accuracy = {"after": metrics["eval_top1"], "split": data.eval_split, "metric": "top-1 accuracy"}
+        if data.hub_id:
+            accuracy["dataset"] = data.hub_id
+        try:
+            path = trainer.save_folded(output, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+                                       repo_id=args.repo_id, private=args.private, token=args.token,
+                                       base_model=base_model_id, datasets=data.hub_id, accuracy=accuracy)
+        except PushToHubError as err:
+            raise CLIError(str(err), code=1) from None
+    except KeyboardInterrupt:
+        logger.info("interrupted: removing the training scratch; %s was not written", output)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    block = json.loads((Path(path) / "config.json").read_text()).get("layerfold", {})
+    before, after = block.get("stats_before") or {}, block.get("stats_after") or {}
+    rows = [[name, fmt_count(before.get(key)), fmt_count(after.get(key))]
+            for name, key in (("non-linear layers", "nonlinear_layers"), ("depth (convs)", "depth"),
+                              ("params", "params"), ("MACs / image", "macs"))]
+    rows.append([f"eval top-1 ({data.eval_split})", "", f"{metrics['eval_top1']:.2%}"])
+    rows.append([f"eval top-5 ({data.eval_split})", "", f"{metrics['eval_top5']:.2%}"])
+    print(format_table(["", "before (base network)", "after (layer-folded)"], rows))
+    print(f"saved folded model to {path}" + (f" and pushed it to {args.repo_id}" if args.push_to_hub else ""))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    model_kind(args.model)
+    data = load_data(args.dataset, eval_size=args.limit, seed=args.seed, need_train=False, eval_split=args.split)
+    model = load_model(args.model, data.num_classes, pretrained=args.pretrained)
+    result = evaluate_model(model, data.eval, image_size=args.image_size, batch_size=args.batch_size,
+                            device=args.device, num_workers=args.num_workers, progress=not args.quiet)
+    result.update(model=args.model, dataset=args.dataset, split=data.eval_split)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} on {args.dataset} [{data.eval_split}], {result['images']} images: "
+              f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}")
+    return 0
+
+
+def _parse_batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise CLIError(f"--batch-sizes must be comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise CLIError(f"--batch-sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    import timm
+    import torch
+
+    from .fold import fold_model
+    from .stats import fold_stats
+
+    sizes = _parse_batch_sizes(args.batch_sizes)
+    torch_device(args.device)
+    folded = load_model(args.model)
+    info = getattr(folded, "layerfold_info", None)
+    if info is None:
+        raise CLIError(f"{args.model} is not a folded model; benchmark compares a folded save with its base model")
+    arch = args.base_model or info.get("base_architecture")
+    if not arch:
+        raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
+    if not timm.is_model(arch):
+        raise CLIError(f"unknown base model {arch!r}{suggest_model_names(arch)}")
+    base = timm.create_model(arch, pretrained=False, num_classes=folded.num_classes).eval()
+    input_size = model_input_size(folded, args.image_size)
+    models = {f"base ({arch})": base, "base, BN fused": fold_model(base), "layer-folded": folded}
+    stats = {name: fold_stats(m, input_size) for name, m in models.items()}
+    results: dict[int, dict[str, float]] = {}
+    for bs in sizes:
+        logger.info("timing batch size %d on %s (%s%s)", bs, args.device, args.dtype,
+                    ", channels_last" if args.channels_last else "")
+        try:
+            results[bs] = measure_latency(models, input_size, batch_size=bs, device=args.device, dtype=args.dtype,
+                                          channels_last=args.channels_last, warmup=args.warmup, rounds=args.rounds)
+        except RuntimeError as err:  # e.g. an op without fp16 kernels on CPU, or out of memory
+            raise CLIError(f"timing failed at batch size {bs} ({args.dtype} on {args.device}): {err}",
+                           code=1) from None
+    base_name = next(iter(models))
+    if args.json:
+        print(json.dumps({"device": args.device, "dtype": args.dtype, "channels_last": args.channels_last,
+                          "input_size": list(input_size), "threads": torch.get_num_threads(),
+                          "latency_ms": {str(bs): r for bs, r in results.items()},
+                          "stats": {n: s.to_dict() for n, s in stats.items()}}))
+        return 0
+    header = ["model", "non-linear", "depth", "params", "MACs"]
+    for bs in sizes:
+        header += [f"bs {bs} ms", f"bs {bs} speed-up"]
+    rows = []
+    for name in models:
+        s = stats[name]
+        row = [name, s.nonlinear_layers, s.depth, fmt_count(s.params), fmt_count(s.macs)]
+        for bs in sizes:
+            row += [f"{results[bs][name]:.3f}", f"{results[bs][base_name] / results[bs][name]:.2f}x"]
+        rows.append(row)
+    threads = torch.get_num_threads()
+    where = args.device + (f" ({threads} thread{'s' if threads > 1 else ''})" if args.device == "cpu" else "")
+    print(f"latency per batch, {where}, {args.dtype}{', channels_last' if args.channels_last else ''}, "
+          f"input {'x'.join(map(str, input_size))}; median of {args.rounds} rounds")
+    print(format_table(header, rows))
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from huggingface_hub import HfApi
+
+    from . import __version__
+
+    folder = Path(args.save_dir).expanduser().absolute()
+    if not is_folded_dir(folder):
+        raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
+    with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
+        staged = Path(tmp) / folder.name
+        shutil.copytree(folder, staged)
+        card = staged / "README.md"
+        if card.is_file():  # the card's loading snippets name the local path: point them at the repo
+            text = card.read_text().replace(f"local-dir:{folder}", f"hf-hub:{args.repo_id}")
+            card.write_text(text.replace(str(folder), args.repo_id))
+        api = HfApi(token=args.token, library_name="hf_layerfold", library_version=__version__)
+        try:
+            repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo.repo_id, folder_path=staged,
+                                       commit_message=args.commit_message)
+        except Exception as err:
+            raise CLIError(f"pushing {args.save_dir} to {args.repo_id!r} failed: {type(err).__name__}: {err}",
+                           code=1) from None
+    print(f"pushed {args.save_dir} to {commit.commit_url or args.repo_id}")
+    return 0
+
+
+def _gains_output(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise CLIError(f"--output {path} is a directory; give a file path, e.g. {out / 'gains.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CLIError(f"cannot create the folder of --output {path}: {err.strerror or err}") from None
+    return out
+
+
+def cmd_gains(args: argparse.Namespace) -> int:
+    from .gains import measure_fold_gains
+    from .graph import UnsupportedModelError
+    from .prepare import prepare_model
+
+    config = build_config(args.config_values, args)
+    if not 0 <= args.min_saving < 1:
+        raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
+    out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
+    torch_device(args.device)
+    arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
+    check_model_name(arch)  # a folded save has no folds left to time: only base models
+    model = create_base_model(arch, pretrained=False)  # latency does not depend on the weights
+    try:
+        prepare_model(model, config)
+    except (UnsupportedModelError, ValueError) as err:
+        raise CLIError(str(err)) from None
+    input_size = model_input_size(model, args.image_size)
+    logger.info("timing %s and each of its α groups folded alone: batch %d on %s (%s%s), input %s", arch,
+                args.batch_size, args.device, args.dtype, ", channels_last" if args.channels_last else "",
+                "x".join(map(str, input_size)))
+    try:
+        gains = measure_fold_gains(model, input_size, batch_size=args.batch_size, device=args.device,
+                                   dtype=args.dtype, channels_last=args.channels_last, rounds=args.rounds,
+                                   round_seconds=args.round_seconds)
+    except RuntimeError as err:  # e.g. out of memory, an op without kernels for this dtype
+        raise CLIError(f"timing failed ({args.dtype} on {args.device}): {err}", code=1) from None
+    try:
+        weights = gains.weights(args.min_saving)
+    except ValueError as err:
+        raise CLIError(str(err), code=1) from None
+    if out is not None:
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            tmp.write_text(json.dumps({**config.to_dict(), "regularizer_weights": weights}, indent=2) + "\n")
+            tmp.replace(out)
+        except OSError as err:
+            raise CLIError(f"cannot write --output {out}: {err.strerror or err}", code=1) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    if args.json:
+        print(json.dumps({**gains.to_dict(), "saved_ms": gains.saved_ms(), "regularizer_weights": weights}))
+        return 0
+    saved = gains.saved_ms()
+    rows = [[owner, len(g["sites"]), f"{g['ms']:.3f}", f"{saved[owner]:+.3f}",
+             f"{gains.baseline_ms / g['ms']:.3f}x", f"{weights[g['sites'][0]]:.2f}"]
+            for owner, g in gains.groups.items()]
+    print(f"BN-fused {arch}: {gains.baseline_ms:.3f} ms per batch of {args.batch_size} on {args.device}; two "
+          f"copies of it timed {2 * gains.noise_ms:.3f} ms apart (median): smaller savings are noise, and a repeated "
+          "measurement can differ by more on a shared CPU")
+    print(format_table(["α group (first site)", "sites", "folded alone ms", "saved ms", "speed-up",
+                        "weight per site"], rows))
+    if out is not None:
+        print(f"wrote the config with these regularizer_weights to {out}; use it with: "
+              f"{PROG} fold --config {out} --lambda-reg ...")
+    return 0
