@@ -22,6 +22,8 @@ latency-aware search. The measurement is stored under ``fold_gains``; ``--latenc
 ``fold_gains`` of an earlier sweep's JSON (or a ``FoldGains.save`` file) instead of measuring again.
 ``--continue-steps`` (with ``--start baseline``) sets how long the runs that start from the λ = 0 model train (the
 control included), so a longer fine-tune after the plan is fixed can be tried without retraining the baseline.
+``--folded-steps`` then trains each of those folded networks itself (the control's BN-fused one too) at
+``--folded-lr``: its merged convs, no BatchNorm, fewer layers, so a step costs less than the planned network's.
 
 Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): ≥ 1.6× CUDA batch-128 speed-up at
 ≤ 0.5 point top-1 loss against the λ = 0 run (and against the control, when there is one). A ``--deadline-s``
@@ -46,7 +48,7 @@ import hf_layerfold as lf
 from hf_layerfold.data import load_fashion_mnist
 from hf_layerfold.gains import FoldGains, measure_fold_gains
 
-from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, run_one
+from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
 from .report import top1_loss_points
 
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
-    settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start", "continue_steps")}
+    settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start", "continue_steps", "folded_steps", "folded_lr")}
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
                               + (STARTED_FROM_BASELINE if args.start == "baseline" else "") +
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
             if run_args is not args:
                 run_args.steps = args.continue_steps
             elapsed = time.perf_counter() - start
-            if args.deadline_s and step_s and elapsed + step_s * run_args.steps > args.deadline_s:
+            if args.deadline_s and step_s and elapsed + step_s * (run_args.steps + args.folded_steps) > args.deadline_s:
                 result["skipped"].append(label)
                 continue
             t0 = time.perf_counter()
@@ -181,10 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
             run["row"]["control"] = label == CONTROL
             run["row"]["steps"] = run_args.steps
             folded[label] = run.pop("folded")
+            if args.folded_steps and not first:  # the folded network itself trains on (the control's too)
+                folded[label], changed = finetune_folded(label, folded[label], data, args, scratch, teacher)
+                run["row"].update(changed)
             state = run.pop("state")
             baseline_state = state if first else baseline_state
             runs.append(run)
-            step_s = (time.perf_counter() - t0) / run_args.steps
+            step_s = (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps))
             base = runs[0]["row"]
             control = next((r["row"] for r in runs if r["row"]["control"]), None)
             for r in runs:

@@ -84,7 +84,7 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     out = tmp_path / "accuracy_sweep.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
                            "--start", "baseline", "--continue-steps", "10", "--distill-weight", "0.5",
-                           "--latency-weights", "cpu:1:64", "--out", str(out)], cwd=root,
+                           "--folded-steps", "2", "--latency-weights", "cpu:1:64", "--out", str(out)], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -93,6 +93,8 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert control["control"] and not folded["control"] and data["settings"]["start"] == "baseline"
     assert folded["top1_gap_vs_control_points"] == round(control["top1_pct"] - folded["top1_pct"], 2)
     assert (base["steps"], control["steps"], folded["steps"]) == (8, 10, 10)  # --continue-steps after the baseline
+    assert "folded_steps" not in base and control["folded_steps"] == folded["folded_steps"] == 2  # then the nets
+    assert all(0 <= r["top1_before_folded_pct"] <= 100 for r in (control, folded))
     gains = data["fold_gains"]  # latency-aware: every site's weight from the measured saving of its block
     assert data["settings"]["latency_weights"] == "cpu:1:64" and gains["input_size"] == [3, 64, 64]
     assert len(gains["weights"]) == folded["sites"] == 32 and sum(gains["weights"].values()) == pytest.approx(32)

@@ -19,7 +19,7 @@ import hf_layerfold as lf
 from hf_layerfold.data import load_fashion_mnist, prepare_datasets
 from hf_layerfold.hub import LayerFoldedModel
 from hf_layerfold.layers import PaddedConv2d
-from hf_layerfold.losses import alpha_regularizer
+from hf_layerfold.losses import alpha_regularizer, distillation_loss
 from hf_layerfold.plan import applied_plan
 from hf_layerfold.prepare import is_prepared
 from hf_layerfold.trainer import ALPHA_GROUP, STATE_NAME, LayerFoldingTrainer, compute_metrics
@@ -389,3 +389,45 @@ def test_config_follows_the_alpha_sharing_the_model_was_prepared_with(tmp_path, 
     with caplog.at_level("WARNING"):
         trainer = make_trainer(tmp_path, fashion, model=model, config=lf.LayerFoldingConfig(**CFG))
     assert trainer.layerfold_config.alpha_sharing == "block" and "alpha_sharing='block'" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------------
+# Fine-tuning a folded model
+
+
+def test_folded_model_fine_tunes_checkpoints_resumes_and_saves(baseline, fashion, tmp_path):
+    """A LayerFoldedNet trains as itself (its merged convs), with distillation; the trained net is what is saved."""
+    planned = baseline[0].model.eval()
+    folded = lf.fold_model(planned)
+    before = {k: v.clone() for k, v in folded.state_dict().items()}
+    config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.5})
+    out = tmp_path / "run"
+    trainer = make_trainer(out, fashion, model=folded, config=config, teacher_model=planned,
+                           train_args=args_for(out, max_steps=6, save_strategy="steps", save_steps=3))
+    assert trainer.phase == "folded"
+    assert not any(g.get(ALPHA_GROUP) for g in trainer.create_optimizer().param_groups)
+    model = trainer.model.train()
+    batch = trainer.data_collator([fashion["train"][i] for i in range(6)])
+    loss = trainer.compute_loss(model, batch)  # no regularizer: CE and KD only
+    s, t = model(batch["pixel_values"]), planned(batch["pixel_values"])
+    torch.testing.assert_close(loss, 0.5 * F.cross_entropy(s, batch["labels"])
+                               + 0.5 * distillation_loss(s, t, config.distill_temperature))
+    logs = train_logs(trainer)
+    assert [logs[s]["phase"] for s in sorted(logs)] == [2] * 6 and all(logs[s]["reg_loss"] == 0 for s in logs)
+    changed = [k for k, v in trainer.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.startswith("features.") for k in changed)  # the merged convs themselves were trained
+
+    resumed = make_trainer(out, fashion, model=lf.fold_model(planned), config=config, teacher_model=planned,
+                           train_args=args_for(out, max_steps=6))
+    again = train_logs(resumed, resume_from_checkpoint=str(out / "checkpoint-3"))
+    for s in range(4, 7):
+        assert again[s]["loss"] == pytest.approx(logs[s]["loss"], rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="'folded' run"):  # a folded checkpoint into an unfolded model
+        make_trainer(tmp_path, fashion).train(resume_from_checkpoint=str(out / "checkpoint-3"))
+
+    path = trainer.save_folded(tmp_path / "saved")
+    net = LayerFoldedModel.from_pretrained(path)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), trainer.model.eval()(x), rtol=1e-5, atol=1e-5)
+    assert net.layerfold_plan == applied_plan(planned)
