@@ -140,7 +140,8 @@ class LayerFoldingTrainer(Trainer):
         if teacher_model is not None and config.distill_weight == 0:
             logger.warning("teacher_model is given but distill_weight=0: the teacher is not used")
         site_alphas = alpha_parameters(model)  # (Trainer moves the model in place: the α objects stay the same)
-        reg_weights = site_regularizer_weights(list(site_alphas), config.regularizer_weights)
+        reg_weights = None if not site_alphas else site_regularizer_weights(list(site_alphas),
+                                                                            config.regularizer_weights)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args)
 

@@ -400,7 +400,8 @@ def test_folded_model_fine_tunes_checkpoints_resumes_and_saves(baseline, fashion
     planned = baseline[0].model.eval()
     folded = lf.fold_model(planned)
     before = {k: v.clone() for k, v in folded.state_dict().items()}
-    config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.5})
+    # the search knobs of the config that planned it (λ, regularizer weights naming its sites) are simply unused
+    config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.5, "regularizer_weights": {"blocks.1.*": 2.0}})
     out = tmp_path / "run"
     trainer = make_trainer(out, fashion, model=folded, config=config, teacher_model=planned,
                            train_args=args_for(out, max_steps=6, save_strategy="steps", save_steps=3))
