@@ -198,6 +198,11 @@ def _fold_gains_lines(gains: dict | None) -> list[str]:
             + f"; the other {len(gains['groups']) - len(pushed)} groups weigh 0.", ""]
 
 
+
+def _steps(row: dict) -> str | int | None:
+    """Training steps of a run; ``N + M folded`` when the folded network then trained M steps itself."""
+    return f"{row.get('steps')} + {row['folded_steps']} folded" if row.get("folded_steps") else row.get("steps")
+
 def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     target = data.get("target") or {}
     settings = data.get("settings") or {}
@@ -213,8 +218,8 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     rows = data.get("rows", [])
     cells = _speedup_cells(rows)
     vs_control = any("top1_gap_vs_control_points" in r for r in rows)
-    steps = len({r.get("steps") for r in rows}) > 1  # --continue-steps: the runs after the baseline train longer
-    table = [[r["run"], *([r.get("steps")] if steps else []), r["top1_pct"], r.get("top1_gap_points"),
+    steps = len({_steps(r) for r in rows}) > 1  # --continue-steps / --folded-steps: the later runs train longer
+    table = [[r["run"], *([_steps(r)] if steps else []), r["top1_pct"], r.get("top1_gap_points"),
               *([r.get("top1_gap_vs_control_points")] if vs_control else []), r["sites_past_threshold"],
               r["nonlinear_layers_after"], r["depth_after"], r["mmacs_after"],
               *[(r.get("speedup") or {}).get(c) for c in cells], _fmt(r.get("meets_target"))] for r in rows]
