@@ -97,7 +97,7 @@ class LayerFoldingTrainer(Trainer):
             (then training is the fine-tune phase only); or a folded ``LayerFoldedNet`` (``fold_model``,
             ``LayerFoldedModel.from_pretrained``): then a plain fine-tune of the folded network, with distillation
             when configured. It has no BatchNorm left, so it wants a lower learning rate than the unfolded network
-            (on the Fashion-MNIST proxy 1e-3 diverged, 3e-4 trained as well per step as the planned model).
+            (on the Fashion-MNIST proxy 1e-3 diverged, 3e-4 trained).
         layerfold_config: what to fold and the knobs of both phases (λ, regularizer, threshold, ``alpha_lr``,
             ``search_steps`` / ``search_epochs`` — default: half of training —, distillation).
         teacher_model: a frozen teacher for distillation (used when ``distill_weight > 0``); it gets the same
@@ -496,10 +496,11 @@ class LayerFoldingTrainer(Trainer):
 
         output_dir = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "folded"
         model = self._model()
-        kwargs.setdefault("config", self.layerfold_config)
-        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        if self._phase != FOLDED:  # a folded net's own architecture names no base; its card keeps the recorded one
-            kwargs.setdefault("base_model", arch)
+        if self._phase == FOLDED:  # the card keeps the config that planned it, when the net records one
+            kwargs.setdefault("config", getattr(model, "layerfold_config", None) or self.layerfold_config)
+        else:  # (a folded net's own architecture names no base model)
+            kwargs.setdefault("config", self.layerfold_config)
+            kwargs.setdefault("base_model", (getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
         if self._label_names is not None and len(self._label_names) == getattr(model, "num_classes", -1):
             kwargs.setdefault("label_names", self._label_names)
         if self._input_size is not None:

@@ -432,3 +432,4 @@ def test_folded_model_fine_tunes_checkpoints_resumes_and_saves(baseline, fashion
     with torch.no_grad():
         torch.testing.assert_close(net(x), trainer.model.eval()(x), rtol=1e-5, atol=1e-5)
     assert net.layerfold_plan == applied_plan(planned)
+    assert net.layerfold_config == config  # a fresh fold records no config of its own: the trainer's is carded
