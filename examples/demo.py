@@ -55,7 +55,11 @@ import torch
 
 import hf_layerfold  # noqa: F401  (registers the layerfold_net architecture with timm)
 from hf_layerfold import LayerFoldingConfig, fold_model, fold_stats
-from hf_layerfold.cli import (
+from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
+from hf_layerfold.hub import is_folded_save
+from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
+from hf_layerfold.trainer import LayerFoldingTrainer
+from hf_layerfold.workflow import (
     evaluate_model,
     fmt_count,
     format_table,
@@ -63,10 +67,6 @@ from hf_layerfold.cli import (
     set_input_size,
     training_arguments,
 )
-from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
-from hf_layerfold.hub import is_folded_save
-from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
-from hf_layerfold.trainer import LayerFoldingTrainer
 
 DATASET_ID = "zalando-datasets/fashion_mnist"
 DEFAULT_OUTPUT = "outputs/lite0-fashion-mnist-folded"

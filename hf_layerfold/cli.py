@@ -27,27 +27,7 @@ from .cli_commands import (  # the commands (and PROG) used to live here: still 
 )
 from .cli_config import add_config_flags, build_config, read_mapping_file  # noqa: F401  (build_config: re-exported)
 from .config import LayerFoldingConfig
-from .workflow import (  # noqa: F401  (re-exported: the CLI's building blocks, used by examples/demo.py)
-    DTYPES,
-    FASHION_MNIST,
-    LITE0_ALIAS,
-    CLIError,
-    check_model_name,
-    create_base_model,
-    evaluate_model,
-    fmt_count,
-    format_table,
-    is_folded_dir,
-    load_data,
-    load_model,
-    measure_latency,
-    model_input_size,
-    model_kind,
-    set_input_size,
-    suggest_model_names,
-    torch_device,
-    training_arguments,
-)
+from .workflow import DTYPES, FASHION_MNIST, LITE0_ALIAS, CLIError
 
 
 class _Parser(argparse.ArgumentParser):
