@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
             folded[label] = run.pop("folded")
             if args.folded_steps and not first:  # the folded network itself trains on (the control's too)
                 folded[label], changed = finetune_folded(label, folded[label], data, args, scratch, teacher)
-                run["row"].update(changed)
+                run["row"].update(top1_before_folded_pct=run["row"]["top1_pct"], **changed)
             state = run.pop("state")
             baseline_state = state if first else baseline_state
             runs.append(run)

@@ -198,10 +198,10 @@ def _fold_gains_lines(gains: dict | None) -> list[str]:
             + f"; the other {len(gains['groups']) - len(pushed)} groups weigh 0.", ""]
 
 
-
 def _steps(row: dict) -> str | int | None:
     """Training steps of a run; ``N + M folded`` when the folded network then trained M steps itself."""
     return f"{row.get('steps')} + {row['folded_steps']} folded" if row.get("folded_steps") else row.get("steps")
+
 
 def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     target = data.get("target") or {}

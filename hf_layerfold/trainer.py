@@ -440,8 +440,8 @@ class LayerFoldingTrainer(Trainer):
             logger.warning("%s has no %s: resuming in the %s phase", checkpoint, STATE_NAME, self._phase)
             return
         state = json.loads(path.read_text())
-        if self._phase == FOLDED or state.get("phase") == FOLDED:
-            if (self._phase == FOLDED) != (state.get("phase") == FOLDED):
+        if FOLDED in (self._phase, state.get("phase")):  # nothing to restore but the kind of run must match
+            if self._phase != state.get("phase"):
                 raise ValueError(f"{checkpoint} is from a {state.get('phase')!r} run; resume it into the same kind "
                                  f"of model (this one is in the {self._phase!r} phase)")
             return
