@@ -7,17 +7,26 @@ host time per step inside top-level torch ops (on CUDA: launching, not computing
 ops with the most host and device time per step. A prepared step whose extra wall time matches its extra host
 time, with the device time unchanged, is bound by Python and launches, not by memory traffic.
 
+It also times one activation site alone (``site_host_us``): forward + backward of a tensor small enough that the
+device work is negligible, so the time is the host's: the timm in-place ReLU6, the prepared site with
+``blend="auto"`` (the Triton kernels on CUDA) and with ``blend="eager"``; on CPU, where Triton cannot launch, also
+the Triton route with its two launches replaced by no-ops (what our wrapper costs around them).
+
 ``python -m benchmarks.profile_step --device cuda --batch 64 --out /tmp/profile_b64.json``
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+import hf_layerfold as lf
+from hf_layerfold import triton_blend
 
 from .bench_train_overhead import make_optimizer, prepared_copy, train_step
 from .harness import device_info, log, sync, write_json
@@ -56,6 +65,52 @@ def profile_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step
     return result
 
 
+class _NoOpLaunch:
+    """Stands in for a Triton kernel where none can launch: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _triton_route_noop(site: lf.FoldableActivation, device: str):
+    """The prepared site's Triton route with no-op launches (CPU): everything but the kernels themselves."""
+    kernels = (_NoOpLaunch(), _NoOpLaunch())
+
+    def run(x):
+        return triton_blend.TritonClampBlend.apply(x, site.alpha, site._bounds_like(x), kernels)
+    return run
+
+
+def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, float]:
+    """Host µs that one activation site adds to a training step (forward + backward), over an input that costs
+    the same without it: median over interleaved rounds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the overhead benchmark's CUDA runs: one host thread launching
+    torch.manual_seed(0)
+    x0 = torch.randn(1, 8, 4, 4, device=device, requires_grad=True)
+    relu6 = torch.nn.ReLU6(inplace=True)
+    variants = {"none": lambda x: x, "timm_relu6_inplace": relu6}
+    for blend in ("auto", "eager"):
+        variants[f"prepared_{blend}"] = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend=blend).to(device)
+    if device == "cpu":
+        variants["triton_route_noop_launch"] = _triton_route_noop(variants["prepared_auto"], device)
+    samples: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(rounds):
+        for name, fn in variants.items():
+            if r == 0:
+                for _ in range(inner // 10):
+                    fn(x0 * 1.0).sum().backward()
+            sync(x0.device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn(x0 * 1.0).sum().backward()
+            sync(x0.device)
+            samples[name].append((time.perf_counter() - start) / inner * 1e6)
+    torch.set_num_threads(threads)
+    none = statistics.median(samples.pop("none"))
+    return {name: round(statistics.median(s) - none, 1) for name, s in samples.items()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
@@ -66,16 +121,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--site-only", action="store_true", help="only the per-site host times, no model profile")
+    parser.add_argument("--site-rounds", type=int, default=30)
     args = parser.parse_args(argv)
+    data = {"benchmark": "profile_step", "title": "Where a search step's time goes", "device": device_info(args.device),
+            "site_host_us": site_host_us(args.device, rounds=args.site_rounds)}
+    log(f"[profile_step] host µs per site, forward + backward: {data['site_host_us']}")
+    if args.site_only:
+        write_json(args.out, data)
+        return data
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False, num_classes=1000).to(args.device)
     x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=args.device)
     y = torch.randint(0, 1000, (args.batch,), device=args.device)
     models = {"timm": base, "prepared": prepared_copy(base, "auto")}
-    data = {"benchmark": "profile_step", "title": "Where a search step's time goes",
-            "device": device_info(args.device), "model": args.model, "batch": args.batch,
-            "input_size": args.input_size, "steps": args.steps,
-            "profiles": {name: profile_model(m, x, y, args.steps, args.warmup, args.top) for name, m in models.items()}}
+    data.update({"model": args.model, "batch": args.batch, "input_size": args.input_size, "steps": args.steps,
+                 "profiles": {name: profile_model(m, x, y, args.steps, args.warmup, args.top)
+                              for name, m in models.items()}})
     for name, prof in data["profiles"].items():
         log(f"[profile_step] {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items() if k.endswith("per_step")))
     write_json(args.out, data)

@@ -49,6 +49,7 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+@functools.cache
 def _compute_dtype(dtype: torch.dtype):
     import triton.language as tl
 
@@ -81,21 +82,35 @@ class TritonClampBlend(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, alpha, bounds = ctx.saved_tensors
-        if grad.stride() != x.stride():  # same flat order as x, element for element
-            grad = torch.empty_like(x).copy_(grad)
-        n = x.numel()
-        programs = _cdiv(n, BLOCK * TILES)
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        grad_x = torch.empty_like(x)
-        partial = torch.empty(programs, dtype=compute, device=x.device)
-        with _on_device(x):
-            ctx.kernels[1][(programs,)](grad, x, grad_x, partial, alpha, bounds, n, BLOCK=BLOCK, TILES=TILES,
-                                        COMPUTE=_compute_dtype(x.dtype))
-        grad_alpha = partial.sum().to(alpha.dtype).reshape(alpha.shape) if ctx.needs_input_grad[1] else None
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None
+        if torch.is_grad_enabled():  # create_graph=True: the kernels' outputs must refuse a second backward
+            return _backward_once(ctx, grad)
+        return _backward(ctx, grad)
+
+
+def _backward(ctx, grad: torch.Tensor) -> tuple:
+    """The backward kernel. Runs at every site in every step, so the host work around it is kept to the calls that
+    are needed (no ``once_differentiable`` wrapper outside ``create_graph``, no no-op conversions)."""
+    x, alpha, bounds = ctx.saved_tensors
+    if grad.stride() != x.stride():  # same flat order as x, element for element
+        grad = torch.empty_like(x).copy_(grad)
+    n = x.numel()
+    programs = _cdiv(n, BLOCK * TILES)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    grad_x = torch.empty_like(x)
+    partial = torch.empty(programs, dtype=compute, device=x.device)
+    with _on_device(x):
+        ctx.kernels[1][(programs,)](grad, x, grad_x, partial, alpha, bounds, n, BLOCK=BLOCK, TILES=TILES,
+                                    COMPUTE=_compute_dtype(x.dtype))
+    grad_alpha = None
+    if ctx.needs_input_grad[1]:
+        grad_alpha = partial.sum()
+        if grad_alpha.dtype != alpha.dtype or alpha.dim():
+            grad_alpha = grad_alpha.to(alpha.dtype).reshape(alpha.shape)
+    return (grad_x if ctx.needs_input_grad[0] else None), grad_alpha, None, None
+
+
+_backward_once = once_differentiable(_backward)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -153,7 +153,10 @@ def test_profile_step_splits_a_step_into_host_and_op_time(tmp_path):
     from benchmarks import profile_step
 
     data = profile_step.main(["--model", "mobilenetv2_050", "--batch", "2", "--input-size", "64", "--steps", "2",
-                              "--warmup", "1", "--top", "3", "--out", str(tmp_path / "profile.json")])
+                              "--warmup", "1", "--top", "3", "--site-rounds", "2",
+                              "--out", str(tmp_path / "profile.json")])
+    assert data["site_host_us"].keys() == {"timm_relu6_inplace", "prepared_auto", "prepared_eager",
+                                           "triton_route_noop_launch"}
     assert json.loads((tmp_path / "profile.json").read_text())["profiles"].keys() == {"timm", "prepared"}
     for prof in data["profiles"].values():
         assert 0 < prof["host_ms_per_step"] <= prof["wall_ms_per_step"] * 1.05

@@ -63,6 +63,21 @@ def test_kernels_match_definition_float64(interpreted_kernels, lo, hi, layout):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_create_graph_gives_first_order_grads_and_refuses_a_second_backward(interpreted_kernels):
+    """The backward skips ``once_differentiable`` for speed, except under ``create_graph=True``, where it must
+    still give the first-order gradients and refuse to be differentiated again."""
+    x = (torch.randn(2, 3, 5, 5, dtype=torch.float64) * 4).requires_grad_()
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    bounds = torch.tensor([0.0, 6.0], dtype=torch.float64)
+    y = TritonClampBlend.apply(x, alpha, bounds, interpreted_kernels)
+    gx, ga = torch.autograd.grad(y.pow(2).sum(), (x, alpha), create_graph=True)
+    rx, ra = torch.autograd.grad(_reference(x, alpha, 0.0, 6.0).pow(2).sum(), (x, alpha))
+    torch.testing.assert_close(gx, rx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ga, ra, rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (gx.sum() + ga).backward()
+
+
 def test_triton_blend_refuses_cpu_tensors_outside_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     act = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend="triton")
