@@ -22,6 +22,9 @@ latency-aware search. The measurement is stored under ``fold_gains``; ``--latenc
 ``fold_gains`` of an earlier sweep's JSON (or a ``FoldGains.save`` file) instead of measuring again.
 ``--continue-steps`` (with ``--start baseline``) sets how long the runs that start from the λ = 0 model train (the
 control included), so a longer fine-tune after the plan is fixed can be tried without retraining the baseline.
+``--plan NAME=BLOCK,BLOCK,...`` (repeatable) adds runs without search: the sites of those blocks (``bn1`` is the
+stem) are linear from the first step and the run fine-tunes that fixed plan with the λ > 0 runs' recipe, so a plan
+between two that the search found can be tried for accuracy (and timed) directly.
 ``--folded-steps`` then trains each of those folded networks itself (the control's BN-fused one too) at
 ``--folded-lr``: its merged convs, no BatchNorm, fewer layers, so a step costs less than the planned network's.
 
@@ -50,7 +53,7 @@ from hf_layerfold.gains import FoldGains, measure_fold_gains
 
 from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
-from .report import top1_loss_points
+from .report import folds, top1_loss_points
 
 TARGET_SPEEDUP = 1.6
 TARGET_LOSS_POINTS = 0.5
@@ -118,11 +121,29 @@ def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
     return gains
 
 
+def parse_plans(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=BLOCK,BLOCK,...`` → {name: blocks}, each checked against Lite0's sites before anything trains."""
+    plans: dict[str, list[str]] = {}
+    probe = None
+    for spec in specs:
+        name, sep, blocks = spec.partition("=")
+        names = [b.strip() for b in blocks.split(",") if b.strip()]
+        if not sep or not name or not names or name in plans:
+            parser.error(f"--plan {spec!r}: expected a new NAME=BLOCK,BLOCK,... (e.g. p1=bn1,blocks.1.1)")
+        probe = probe or lf.prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=10))
+        try:
+            lf.FoldPlan.from_blocks(probe, names)
+        except ValueError as err:
+            parser.error(f"--plan {spec!r}: {err}")
+        plans[name] = names
+    return plans
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--out", default=str(RESULTS_DIR / "accuracy_sweep.json"))
-    add("--lambdas", default="0.01,0.03,0.1", help="comma list of λ > 0, run in this order after λ = 0")
+    add("--lambdas", default="0.01,0.03,0.1", help="comma list of λ > 0, run in this order after λ = 0 ('' for none: only --plan runs)")
     add("--latency-rounds", type=int, default=50)
     add("--latency-budget-s", type=float, default=20.0, help="per latency cell")
     add("--latency-sizes", default="224,train", help="input sizes to time at ('train' = the training size)")
@@ -134,6 +155,9 @@ def main(argv: list[str] | None = None) -> dict:
              "or as stored in an earlier sweep's JSON")
     add("--latency-min-saving", type=float, default=0.0,
         help="with --latency-weights: groups saving at most this fraction of the baseline latency weigh 0")
+    add("--plan", action="append", default=[], metavar="NAME=BLOCK,BLOCK,...",
+        help="a run with this fixed plan (every site of these blocks linear, no search), e.g. "
+             "p1=bn1,blocks.0.0,blocks.1.1; repeatable")
     add("--continue-steps", type=int, default=None,
         help="with --start baseline: training steps of the runs that start from the λ = 0 model (default: --steps)")
     add_run_args(parser)
@@ -143,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--continue-steps needs --start baseline and more steps than --search-steps")
     if args.quick:
         args.latency_rounds, args.latency_budget_s, args.input_size = 5, 2.0, 32
-    lambdas = [float(v) for v in str(args.lambdas).split(",") if float(v) > 0]
+    lambdas = [float(v) for v in str(args.lambdas).split(",") if v.strip() and float(v) > 0]
+    plans = parse_plans(parser, args.plan)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
@@ -165,8 +190,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs, folded, baseline_state = [], {}, None
     step_s = None  # seconds per training step of the last run: a later run's length is estimated from its steps
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
-        schedule = [("lambda=0", 0.0)] + [(CONTROL, 0.0)] * (args.start == "baseline")
-        for label, lam in schedule + [(f"lambda={lam:g}", lam) for lam in lambdas]:
+        schedule = [("lambda=0", 0.0, None)] + [(CONTROL, 0.0, None)] * (args.start == "baseline")
+        schedule += [(f"lambda={lam:g}", lam, None) for lam in lambdas]
+        schedule += [(f"plan={name}", 0.0, blocks) for name, blocks in plans.items()]
+        for label, lam, blocks in schedule:
             first = label == "lambda=0"  # the λ > 0 runs and the control build on this one
             run_args = args if first or args.continue_steps is None else copy.copy(args)
             if run_args is not args:
@@ -179,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
             teacher = folded["lambda=0"] if not first and args.distill_weight > 0 else None
             start_state = baseline_state if not first and args.start == "baseline" else None
             run = run_one(label, lam, data, run_args, scratch, teacher=teacher, start_state=start_state,
-                          keep_state=first and args.start == "baseline")
+                          keep_state=first and args.start == "baseline", plan_blocks=blocks)
             run["row"]["control"] = label == CONTROL
+            if blocks is not None:
+                run["row"]["fixed_plan"] = blocks
             run["row"]["steps"] = run_args.steps
             folded[label] = run.pop("folded")
             if args.folded_steps and not first:  # the folded network itself trains on (the control's too)
@@ -194,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
             control = next((r["row"] for r in runs if r["row"]["control"]), None)
             for r in runs:
                 r["row"]["top1_gap_points"] = round(base["top1_pct"] - r["row"]["top1_pct"], 2)
-                if control is not None and r["row"]["lambda_reg"] > 0:
+                if control is not None and folds(r["row"]):
                     r["row"]["top1_gap_vs_control_points"] = round(control["top1_pct"] - r["row"]["top1_pct"], 2)
             result["rows"] = [r["row"] for r in runs]
             result["linear_sites"] = {r["row"]["run"]: r["linear_sites"] for r in runs}

@@ -89,10 +89,12 @@ def finetune_folded(label: str, net: torch.nn.Module, data, args: argparse.Names
 
 
 def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scratch: str,
-            teacher: torch.nn.Module | None = None, start_state: dict | None = None, keep_state: bool = False) -> dict:
+            teacher: torch.nn.Module | None = None, start_state: dict | None = None, keep_state: bool = False,
+            plan_blocks: list[str] | None = None) -> dict:
     """One LayerFoldingTrainer run; with a ``teacher`` (and ``--distill-weight``) it also distills from it. The
     model starts from the ImageNet-pretrained Lite0, or from ``start_state`` (the ``"state"`` of a run made with
-    ``keep_state``)."""
+    ``keep_state``). With ``plan_blocks`` there is no search: every site in those blocks is linear from the first
+    step (``FoldPlan.from_blocks``) and the whole run fine-tunes that fixed plan."""
     torch.manual_seed(args.seed)
     model = load_efficientnet_lite0_imagenet(num_classes=10)
     if start_state is not None:
@@ -105,13 +107,17 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
                                    distill_weight=args.distill_weight if teacher is not None else 0.0,
                                    distill_temperature=args.distill_temperature,
                                    regularizer_weights=getattr(args, "regularizer_weights", None))
+    if plan_blocks is not None:
+        model = lf.prepare_model(model, config)
+        lf.apply_plan(model, lf.FoldPlan.from_blocks(model, plan_blocks), config)
     targs = training_args(args, f"{scratch}/{label}", args.steps, args.lr)
     eval_collator = ImageClassificationCollator(eval_tf)
     trainer = LayerFoldingTrainer(model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                   data_collator=ImageClassificationCollator(train_tf),
                                   eval_data_collator=eval_collator, layerfold_config=config,
                                   input_size=args.input_size, teacher_model=teacher)
-    log(f"[fashion_mnist_method] {label}: training {args.steps} steps (search {config.search_steps})")
+    search = "fixed plan" if plan_blocks is not None else f"search {config.search_steps}"
+    log(f"[fashion_mnist_method] {label}: training {args.steps} steps ({search})")
     start = time.perf_counter()
     with LoadMeter() as meter:
         trainer.train()

@@ -325,22 +325,25 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
     if plt is None:
         return False
     every = sorted(data.get("rows", []), key=lambda r: r["nonlinear_layers_after"])
-    rows = [r for r in every if not r.get("control")]
+    rows = [r for r in every if not r.get("control") and not r.get("fixed_plan")]
     if not rows:
         return False
     cell = _headline_cell(data) or (data.get("target") or {}).get("cell")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot([r["nonlinear_layers_after"] for r in rows], [r["top1_pct"] for r in rows], "o-", label="λ sweep")
+    fixed = [r for r in every if r.get("fixed_plan")]
+    if fixed:
+        ax.plot([r["nonlinear_layers_after"] for r in fixed], [r["top1_pct"] for r in fixed], "s", color="tab:orange",
+                label="fixed plan (no search)")
     for r in (r for r in every if r.get("control")):
         ax.plot([r["nonlinear_layers_after"]], [r["top1_pct"]], "gx", markersize=9,
                 label="λ = 0 continued (control)")
     for r in every:
         speed = (r.get("speedup") or {}).get(cell)
-        label = ("control" if r.get("control") else f"λ={r['lambda_reg']:g}") + (
-            f", ×{speed:.2f}" if speed is not None else "")
+        label = run_label(r) + (f", ×{speed:.2f}" if speed is not None else "")
         ax.annotate(label, (r["nonlinear_layers_after"], r["top1_pct"]), textcoords="offset points",
                     xytext=(4, -12), fontsize=7)
-    base = next((r for r in rows if r["lambda_reg"] == 0), None)
+    base = next((r for r in rows if not folds(r)), None)
     if base:
         ax.plot([base["nonlinear_layers_after"]], [base["top1_pct"]], "k*", markersize=12, label="λ = 0 (not folded)")
     ax.set_xlabel("non-linear layers after folding")
@@ -412,6 +415,17 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
     return [f"- {b}" for b in bullets] + [""] if bullets else []
 
 
+def folds(row: dict) -> bool:
+    """A run that folds: a λ > 0 search, or a fixed plan."""
+    return row["lambda_reg"] > 0 or bool(row.get("fixed_plan"))
+
+
+def run_label(row: dict) -> str:
+    if row.get("control"):
+        return "control"
+    return row["run"].replace("=", " ") if row.get("fixed_plan") else f"λ={row['lambda_reg']:g}"
+
+
 def top1_loss_points(row: dict) -> float | None:
     """A run's top-1 loss for the target: against λ = 0 or, where the sweep has one, against the control trained as
     long as the run (whichever is larger), so extra training alone never counts as keeping accuracy."""
@@ -421,12 +435,12 @@ def top1_loss_points(row: dict) -> float | None:
 
 def _closest(rows: list[dict], cell: str | None) -> str:
     """The λ > 0 run with the smallest loss, when none is within the limit."""
-    runs = [r for r in rows if r["lambda_reg"] > 0 and r.get("top1_gap_points") is not None]
+    runs = [r for r in rows if folds(r) and r.get("top1_gap_points") is not None]
     if not runs:
         return ""
     r = min(runs, key=top1_loss_points)
     gap = r["top1_gap_points"]
-    return (f" (closest: λ = {r['lambda_reg']:g}, {r['top1_pct']} %, {'−' if gap > 0 else '+'}{abs(gap):g} points"
+    return (f" (closest: {run_label(r)}, {r['top1_pct']} %, {'−' if gap > 0 else '+'}{abs(gap):g} points"
             f"{_vs_control(r)}, {(r.get('speedup') or {}).get(cell)}× {cell})")
 
 
@@ -443,15 +457,15 @@ def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
     cell = _headline_cell(data)
     on_target = cell is not None and cell == target.get("cell")
     limit = target.get("max_top1_loss_points", 0.5)
-    base = next((r for r in rows if r["lambda_reg"] == 0), None)
+    base = next((r for r in rows if not folds(r)), None)
     if base is None:
         return []
-    kept = [r for r in rows if r["lambda_reg"] > 0 and (top1_loss_points(r) or 0) <= limit]
+    kept = [r for r in rows if folds(r) and (top1_loss_points(r) or 0) <= limit]
     best = max(kept, key=lambda r: (r.get("speedup") or {}).get(cell) or 0, default=None)
-    within = (f"the fastest run within {limit} point, λ = {best['lambda_reg']:g}, reaches {best['top1_pct']} %"
+    within = (f"the fastest run within {limit} point, {run_label(best)}, reaches {best['top1_pct']} %"
               f"{_vs_control(best)} at depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× "
               f"({cell})" if best
-              else f"no λ > 0 run stays within {limit} point" + _closest(rows, cell))
+              else f"no folding run stays within {limit} point" + _closest(rows, cell))
     met = _fmt(any(r.get("meets_target") for r in rows))
     verdict = (f"target ≥ {target.get('speedup')}× ({target.get('cell')}): {met}" if on_target
                else f"the target is set on {target.get('cell')}, not measured here")

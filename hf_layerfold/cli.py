@@ -73,6 +73,8 @@ Examples:
       --epochs 1 --lambda-reg 0.5 --alpha-lr 0.05 --output-dir outputs/lite0-folded
   {PROG} fold --model mobilenetv2_100 --dataset ./my_images --config fold.yaml --threshold 0.8 \\
       --push-to-hub --repo-id me/mobilenetv2-folded
+  {PROG} fold --model outputs/lite0-folded --dataset {FASHION_MNIST} --image-size 64 --lr 3e-4 \\
+      --max-steps 500 --output-dir outputs/lite0-folded-more
 
 --config takes YAML or JSON (a saved layerfold_config.json works): LayerFoldingConfig fields and, optionally,
 any training option of this command (epochs: 2, batch_size: 64, ...). Flags on the command line win.
@@ -104,8 +106,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     io.add_argument("--config", metavar="FILE", help="YAML/JSON file with LayerFoldingConfig fields (and training "
                     "options); command-line flags override it")
     io.add_argument("--model", default=LITE0_ALIAS,
-                    help=f"timm model name (e.g. mobilenetv2_100, resnet50.a1_in1k, hf-hub:org/name), or "
-                         f"{LITE0_ALIAS!r} for the bundled ImageNet EfficientNet-Lite0 weights")
+                    help=f"timm model name (e.g. mobilenetv2_100, resnet50.a1_in1k, hf-hub:org/name), "
+                         f"{LITE0_ALIAS!r} for the bundled ImageNet EfficientNet-Lite0 weights, or a folded save "
+                         "(directory or Hub id) to fine-tune further as it is (no search)")
     io.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                     help="load the timm model's pre-trained weights (Layer Folding starts from a trained network)")
     io.add_argument("--dataset", default=FASHION_MNIST,

@@ -84,12 +84,16 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     out = tmp_path / "accuracy_sweep.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
                            "--start", "baseline", "--continue-steps", "10", "--distill-weight", "0.5",
-                           "--folded-steps", "2", "--latency-weights", "cpu:1:64", "--out", str(out)], cwd=root,
+                           "--folded-steps", "2", "--latency-weights", "cpu:1:64", "--plan", "p1=bn1,blocks.0.0",
+                           "--out", str(out)], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert [r["run"] for r in data["rows"]] == ["lambda=0", "lambda=0 continued", "lambda=0.5"]
-    base, control, folded = data["rows"]
+    assert [r["run"] for r in data["rows"]] == ["lambda=0", "lambda=0 continued", "lambda=0.5", "plan=p1"]
+    base, control, folded, fixed = data["rows"]
+    assert fixed["fixed_plan"] == ["bn1", "blocks.0.0"] and fixed["steps"] == 10  # no search: linear from step 0
+    assert sorted(data["linear_sites"]["plan=p1"]) == ["blocks.0.0.bn1.act", "bn1.act"]
+    assert fixed["top1_gap_vs_control_points"] == round(control["top1_pct"] - fixed["top1_pct"], 2)
     assert control["control"] and not folded["control"] and data["settings"]["start"] == "baseline"
     assert folded["top1_gap_vs_control_points"] == round(control["top1_pct"] - folded["top1_pct"], 2)
     assert (base["steps"], control["steps"], folded["steps"]) == (8, 10, 10)  # --continue-steps after the baseline
@@ -107,11 +111,21 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     readme.write_text("intro\n<!-- results:start -->\nstale\n<!-- results:end -->\noutro\n")
     md = report.build_report(tmp_path, readme=readme).read_text()
     assert "## Accuracy against depth" in md and "| lambda=0.5 |" in md and "loss vs control" in md
+    assert "| plan=p1 |" in md
     assert "Latency-aware regularizer weights, measured on cpu b1 64x64 fp32" in md
     assert (tmp_path / "accuracy_sweep.png").stat().st_size > 1000
     text = readme.read_text()
     assert "stale" not in text and "Accuracy vs depth (`accuracy_sweep.json`" in text
     assert text.startswith("intro\n") and text.endswith("outro\n")
+
+
+@pytest.mark.parametrize("spec", ["nameless", "p=", "p=blocks.99"])
+def test_accuracy_sweep_refuses_a_bad_plan_before_training(spec, capsys):
+    from benchmarks import bench_accuracy_sweep
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_accuracy_sweep.main(["--quick", "--plan", spec, "--out", "/nonexistent/never_written.json"])
+    assert exit_info.value.code == 2 and f"--plan {spec!r}" in capsys.readouterr().err
 
 
 def test_accuracy_sweep_deadline_skips_runs_that_would_not_fit(tmp_path):

@@ -265,6 +265,25 @@ def test_push_to_local_hub(folded_save, local_hub, capsys):
         assert torch.equal(from_hub(x), LayerFoldedModel.from_pretrained(out)(x))
 
 
+def test_fold_fine_tunes_a_folded_save_as_it_is(folded_save, tmp_path, capsys):
+    """``fold --model <folded save>``: no search and no new plan; the merged convs train and the save keeps the
+    original plan and base network in its card."""
+    src, _ = folded_save
+    out = tmp_path / "more"
+    before = LayerFoldedModel.from_pretrained(src)
+    argv = [*TINY_FOLD, "--output-dir", str(out)]
+    argv[argv.index("--model") + 1] = str(src)
+    argv[argv.index("--no-pretrained")] = "--pretrained"  # ignored for a folded save
+    assert main([*argv, "--lr", "3e-4"]) == 0
+    assert "saved folded model to" in capsys.readouterr().out
+    after = LayerFoldedModel.from_pretrained(out)
+    assert type(after) is type(before) and after.model_args == before.model_args  # same architecture
+    assert after.layerfold_info["plan"] == before.layerfold_info["plan"]
+    assert after.layerfold_info["stats_before"] == before.layerfold_info["stats_before"]
+    changed = [k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])]
+    assert any(not k.startswith("classifier") for k in changed)  # the merged convs trained, not only the head
+
+
 def test_fold_refuses_to_overwrite(folded_save, capsys):
     out, _ = folded_save
     assert main([*TINY_FOLD, "--output-dir", str(out)]) == 2
