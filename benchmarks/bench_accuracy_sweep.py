@@ -20,6 +20,8 @@ the run's device:
 α group's fold saves (``measure_fold_gains``) and gives every run the resulting ``regularizer_weights``: the
 latency-aware search. The measurement is stored under ``fold_gains``; ``--latency-weights FILE`` reuses the
 ``fold_gains`` of an earlier sweep's JSON (or a ``FoldGains.save`` file) instead of measuring again.
+``--merge-costs DEVICE:BATCH:SIZE`` (or a JSON file) gives every run ``LayerFoldingConfig.merge_costs`` measured
+on that cell: each run of convs splits where the device's latency says, instead of merging as far as it can.
 ``--continue-steps`` (with ``--start baseline``) sets how long the runs that start from the λ = 0 model train (the
 control included), so a longer fine-tune after the plan is fixed can be tried without retraining the baseline.
 ``--plan NAME=BLOCK,BLOCK,...`` (repeatable) adds runs without search: the sites of those blocks (``bn1`` is the
@@ -40,8 +42,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -107,7 +111,8 @@ def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
         raise SystemExit(f"--latency-weights {cell!r}: expected DEVICE:BATCH:SIZE, e.g. cuda:128:224") from None
     model = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # latency does not depend on the weights
     lf.prepare_model(model, lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing,
-                                                  max_macs_increase=args.max_macs_increase))
+                                                  max_macs_increase=args.max_macs_increase,
+                                                  merge_costs=getattr(args, "merge_costs_table", None)))
     rounds, round_s = (3, 0.01) if args.quick else (15, 0.03 if device == "cuda" else 0.1)  # 1.4 s / 4.5 s a group
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device == "cuda"  # timed as the latency cells are; training keeps its setting
@@ -139,11 +144,39 @@ def parse_plans(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, 
     return plans
 
 
+def merge_costs_for(args: argparse.Namespace, cell: str) -> dict[str, float]:
+    """The merge-cost table of the Lite0 the runs train, measured on ``cell`` (``DEVICE:BATCH:SIZE``), or read from
+    a JSON file (a sweep's ``merge_costs``, a saved config's, or the table itself)."""
+    if cell.endswith(".json"):
+        try:
+            data = json.loads(Path(cell).read_text())
+            return lf.LayerFoldingConfig(merge_costs=data.get("merge_costs", data)).merge_costs
+        except (OSError, ValueError, AttributeError) as err:
+            raise SystemExit(f"--merge-costs {cell!r}: not a readable merge-costs JSON ({err})") from None
+    try:
+        device, batch, size = cell.split(":")
+        batch, size = int(batch), int(size)
+    except ValueError:
+        raise SystemExit(f"--merge-costs {cell!r}: expected DEVICE:BATCH:SIZE, e.g. cuda:128:224") from None
+    model = lf.prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=10),
+                             lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing,
+                                                   max_macs_increase=args.max_macs_increase))
+    rounds, round_s = (2, 0.005) if args.quick else (7, 0.02 if device == "cuda" else 0.05)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device == "cuda"  # timed as the latency cells are
+    try:
+        return lf.measure_merge_costs(model, (3, size, size), batch_size=batch, device=device, rounds=rounds,
+                                      round_seconds=round_s)
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--out", default=str(RESULTS_DIR / "accuracy_sweep.json"))
-    add("--lambdas", default="0.01,0.03,0.1", help="comma list of λ > 0, run in this order after λ = 0 ('' for none: only --plan runs)")
+    add("--lambdas", default="0.01,0.03,0.1",
+        help="comma list of λ > 0, run in this order after λ = 0 ('' for none: only --plan runs)")
     add("--latency-rounds", type=int, default=50)
     add("--latency-budget-s", type=float, default=20.0, help="per latency cell")
     add("--latency-sizes", default="224,train", help="input sizes to time at ('train' = the training size)")
@@ -155,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
              "or as stored in an earlier sweep's JSON")
     add("--latency-min-saving", type=float, default=0.0,
         help="with --latency-weights: groups saving at most this fraction of the baseline latency weigh 0")
+    add("--merge-costs", default=None, metavar="DEVICE:BATCH:SIZE",
+        help="split each run where measured latency says (LayerFoldingConfig.merge_costs), measured on this cell "
+             "(e.g. cuda:128:224), or as stored in a JSON file")
     add("--plan", action="append", default=[], metavar="NAME=BLOCK,BLOCK,...",
         help="a run with this fixed plan (every site of these blocks linear, no search), e.g. "
              "p1=bn1,blocks.0.0,blocks.1.1; repeatable")
@@ -182,6 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
               "device": device_info(args.device), "quick": args.quick, "settings": settings,
               "target": {"speedup": TARGET_SPEEDUP, "max_top1_loss_points": TARGET_LOSS_POINTS,
                          "cell": TARGET_CELL}, "rows": [], "skipped": []}
+    if args.merge_costs:  # before the gains: each group's fold follows the table
+        args.merge_costs_table = merge_costs_for(args, args.merge_costs)
+        result["merge_costs"] = args.merge_costs_table
+        settings.update(merge_costs=args.merge_costs)
     if args.latency_weights:
         gains = measure_gains(args, args.latency_weights)
         args.regularizer_weights = gains.weights(args.latency_min_saving)

@@ -106,7 +106,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
                                    max_macs_increase=args.max_macs_increase, alpha_sharing=args.alpha_sharing,
                                    distill_weight=args.distill_weight if teacher is not None else 0.0,
                                    distill_temperature=args.distill_temperature,
-                                   regularizer_weights=getattr(args, "regularizer_weights", None))
+                                   regularizer_weights=getattr(args, "regularizer_weights", None),
+                                   merge_costs=getattr(args, "merge_costs_table", None))
     if plan_blocks is not None:
         model = lf.prepare_model(model, config)
         lf.apply_plan(model, lf.FoldPlan.from_blocks(model, plan_blocks), config)

@@ -4,8 +4,9 @@
 # Writes into $OUT: cuda_tests.txt (the CUDA tests of the Triton blend), latency_cuda.json,
 # train_overhead_cuda_<model>.json, accuracy_sweep_cuda.json and log.txt; each step has its own time limit and a failing
 # step does not stop the others. Budgets are in seconds (env overridable). Needs torch, timm, transformers, datasets,
-# pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR). ONLY=tests,latency,overhead,profile,sweep
-# (any subset, default all) picks the steps; profile writes profile_step_b64.json (where a batch-64 step's time goes).
+# pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR). ONLY=tests,latency,overhead,profile,merge,
+# sweep (any subset, default all) picks the steps; profile writes profile_step_b64.json (where a batch-64 step's time
+# goes), merge merge_policy_cuda.json (the committed sweep's plans timed under each merge policy).
 set -u
 OUT=${OUT:?set OUT to the output folder}
 LATENCY_S=${LATENCY_S:-90}
@@ -14,7 +15,7 @@ OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants
 TOTAL_S=${TOTAL_S:-570}  # the sweep gets what is left of this
 START=$(date +%s)
 SWEEP_ARGS=${SWEEP_ARGS:-}
-ONLY=${ONLY:-tests,latency,overhead,profile,sweep}
+ONLY=${ONLY:-tests,latency,overhead,profile,merge,sweep}
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 log() { echo "[gpu_all $(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
@@ -50,6 +51,12 @@ if want profile; then
   log "profile one batch-64 step"
   timeout 150 python3 -m benchmarks.profile_step --device cuda --batch 64 --out "$OUT/profile_step_b64.json" \
     >>"$OUT/log.txt" 2>&1 || log "profile exited with $?"
+fi
+
+if want merge; then
+  log "merge policies of the committed plans"
+  timeout 240 python3 -m benchmarks.bench_merge_policy --device cuda --budget-s 20 \
+    --out "$OUT/merge_policy_cuda.json" >>"$OUT/log.txt" 2>&1 || log "merge policy exited with $?"
 fi
 
 SWEEP_S=$((TOTAL_S - $(date +%s) + START))

@@ -358,8 +358,9 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
 
 TITLES = {"exactness": "Exactness: folded vs planned", "latency": "Latency", "fold_time": "Fold time",
           "accuracy_sweep": "Accuracy vs depth (Fashion-MNIST)", "train_overhead": "Training overhead",
-          "fashion_mnist_method": "Layer Folding on Fashion-MNIST"}
-ORDER = ("exactness", "latency", "fold_time", "accuracy_sweep", "train_overhead", "fashion_mnist_method")
+          "fashion_mnist_method": "Layer Folding on Fashion-MNIST", "merge_policy": "Merge policy"}
+ORDER = ("exactness", "latency", "fold_time", "accuracy_sweep", "merge_policy", "train_overhead",
+         "fashion_mnist_method")
 
 
 def load_results(results_dir: Path) -> list[tuple[Path, dict]]:

@@ -1,8 +1,9 @@
 """Run the benchmark suite and rebuild ``RESULTS.md``: ``python -m benchmarks.run [--only ...] [--quick]``.
 
 Engine benchmarks run in this process; the training-side ones (``bench_train_overhead``,
-``bench_fashion_mnist_method``, ``bench_accuracy_sweep``) run as ``python -m benchmarks.<module> --out JSON
---device DEV [--quick]`` when their module exists. The report is rebuilt from every JSON in the results folder.
+``bench_fashion_mnist_method``, ``bench_accuracy_sweep``) and ``bench_merge_policy`` run as
+``python -m benchmarks.<module> --out JSON --device DEV [--quick]`` when their module exists. The report is rebuilt
+from every JSON in the results folder.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ENGINE = ("exactness", "latency", "fold_time")
 EXTERNAL = {"train_overhead": "bench_train_overhead", "fashion_mnist_method": "bench_fashion_mnist_method",
-            "accuracy_sweep": "bench_accuracy_sweep"}
+            "accuracy_sweep": "bench_accuracy_sweep", "merge_policy": "bench_merge_policy"}
 QUICK_MODELS = ("mobilenetv2_050",)
 
 

@@ -17,6 +17,7 @@ from .folded_net import LayerFoldedNet, register_op
 from .gains import FoldGains, measure_fold_gains
 from .graph import UnsupportedModelError, register_block_rule, register_model_rule
 from .hub import LayerFoldedModel, PushToHubError, save_folded  # also registers layerfold_net with timm
+from .merge_costs import measure_merge_costs
 from .plan import FoldPlan, apply_plan
 from .prepare import alpha_parameters, foldable_sites, prepare_model, unique_alphas
 from .stats import FoldStats, fold_stats, projected_stats
@@ -55,6 +56,7 @@ __all__ = [
     "fuse_bn",
     "grouped_to_dense",
     "measure_fold_gains",
+    "measure_merge_costs",
     "prepare_model",
     "projected_stats",
     "PushToHubError",

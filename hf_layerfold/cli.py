@@ -200,6 +200,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     gains.add_argument("--image-size", type=int, default=None, help="resolution; unset: the model's")
     gains.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median is used)")
     gains.add_argument("--round-seconds", type=float, default=0.25, help="forwards per model per round, in seconds")
+    gains.add_argument("--measure-merge-costs", action="store_true",
+                       help="also time every conv and every merge a plan could make, and write that table "
+                            "(merge_costs) into --output: fold then splits each run where this device is fastest")
     gains.add_argument("--min-saving", type=float, default=0.0,
                        help="a group saving at most this fraction of the baseline latency weighs 0")
     gains.add_argument("--output", default=None, metavar="FILE",

@@ -291,6 +291,17 @@ def cmd_gains(args: argparse.Namespace) -> int:
     except (UnsupportedModelError, ValueError) as err:
         raise CLIError(str(err)) from None
     input_size = model_input_size(model, args.image_size)
+    if args.measure_merge_costs:  # first: each group's fold below then merges as the table says
+        from .merge_costs import measure_merge_costs
+
+        logger.info("timing every conv and every merge of %s: batch %d on %s", arch, args.batch_size, args.device)
+        try:
+            costs = measure_merge_costs(model, input_size, batch_size=args.batch_size, device=args.device,
+                                        dtype=args.dtype, channels_last=args.channels_last,
+                                        round_seconds=min(args.round_seconds, 0.05))
+        except RuntimeError as err:
+            raise CLIError(f"timing failed ({args.dtype} on {args.device}): {err}", code=1) from None
+        config.merge_costs = model.layerfold_config.merge_costs = costs
     logger.info("timing %s and each of its α groups folded alone: batch %d on %s (%s%s), input %s", arch,
                 args.batch_size, args.device, args.dtype, ", channels_last" if args.channels_last else "",
                 "x".join(map(str, input_size)))

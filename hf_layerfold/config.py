@@ -15,13 +15,13 @@ BLEND_BACKENDS = ("auto", "eager", "compile", "triton")
 ALPHA_SHARING = ("site", "block")
 
 
-def _weights_from_text(text: str) -> object:
-    """``regularizer_weights`` given as text: a JSON object, or the path of a JSON file holding one (or holding a
-    whole config, as ``hf-layerfold gains --output`` writes: its ``regularizer_weights`` are taken)."""
+def _mapping_from_text(text: str, name: str = "regularizer_weights") -> object:
+    """A mapping field given as text: a JSON object, or the path of a JSON file holding one (or holding a whole
+    config, as ``hf-layerfold gains --output`` writes: its ``name`` field is taken)."""
     stripped = text.strip()
     data = json.loads(stripped if stripped.startswith("{") else Path(text).expanduser().read_text())
-    if isinstance(data, dict) and "regularizer_weights" in data:
-        return data["regularizer_weights"]
+    if isinstance(data, dict) and name in data:
+        return data[name]
     if isinstance(data, dict) and {"groups", "baseline_ms"} <= set(data):
         raise ValueError("it holds a fold-gains measurement, not weights: use FoldGains.from_dict(data).weights(), "
                          "or the file `hf-layerfold gains --output` writes")
@@ -48,6 +48,12 @@ class LayerFoldingConfig:
         max_macs_increase: ``None`` merges every run as far as ``max_kernel_size`` allows. A number ``x`` splits
             each run into the fewest convs such that no merged conv costs more than ``(1 + x)`` times the convs it
             replaces (``0``: folding never adds compute; merging a 1×1 into a depthwise conv alone would).
+        merge_costs: measured latency (ms) of each conv and of each merge a run of convs can make, keyed by conv
+            name (``"first>last"`` for a merge), from ``measure_merge_costs`` on the target device; with it each run
+            splits into the pieces of least summed latency (within ``max_kernel_size`` and, if set,
+            ``max_macs_increase``) instead of merging as far as it can: whether a merged dense conv beats the
+            chain it replaces depends on the device. ``None`` = no measurement. Text is read as a JSON object or
+            a JSON file.
         fold_residual: absorb a residual whose whole branch became linear as an identity tap.
         regularizer_weights: each site's weight in the regularizer, by site name or pattern (the first matching key
             wins; unmatched sites weigh 1). ``FoldGains.weights()`` (CLI: ``hf-layerfold gains``) sets them in
@@ -75,6 +81,7 @@ class LayerFoldingConfig:
     exclude_modules: list[str] = field(default_factory=list)
     max_kernel_size: int = 7
     max_macs_increase: float | None = None
+    merge_costs: dict[str, float] | str | None = None  # str: JSON text or file, read by validate()
     fold_residual: bool = True
     regularizer_weights: dict[str, float] | str | None = None  # str: JSON text or file, read by validate()
     alpha_lr: float | None = None
@@ -117,19 +124,21 @@ class LayerFoldingConfig:
             raise bad("distill_temperature", "must be > 0")
         if self.blend not in BLEND_BACKENDS:
             raise bad("blend", f"supported: {', '.join(BLEND_BACKENDS)}")
-        if isinstance(self.regularizer_weights, str):  # from a command line: JSON text or a JSON file
-            try:
-                self.regularizer_weights = _weights_from_text(self.regularizer_weights)
-            except (OSError, ValueError) as err:
-                why = f"not a JSON object of weights nor a JSON file holding one ({err})"
-                raise bad("regularizer_weights", why) from None
-        if self.regularizer_weights is not None:
-            weights = self.regularizer_weights
-            if not isinstance(weights, dict) or not all(isinstance(k, str) for k in weights):
-                raise bad("regularizer_weights", "must map site names or patterns to numbers")
-            for key, value in weights.items():
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                    raise bad("regularizer_weights", f"the weight of {key!r} must be a finite number >= 0")
+        for name, what in (("regularizer_weights", "site names or patterns"), ("merge_costs", "conv names")):
+            value = getattr(self, name)
+            if isinstance(value, str):  # from a command line: JSON text or a JSON file
+                try:
+                    value = _mapping_from_text(value, name)
+                except (OSError, ValueError) as err:
+                    raise bad(name, f"not a JSON object nor a JSON file holding one ({err})") from None
+                setattr(self, name, value)
+            if value is None:
+                continue
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise bad(name, f"must map {what} to numbers")
+            for key, number in value.items():
+                if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < math.inf:
+                    raise bad(name, f"the value of {key!r} must be a finite number >= 0")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):

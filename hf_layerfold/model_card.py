@@ -234,7 +234,9 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
     input_size = info.get("stats_input_size")
     eval_rows = [{"dataset": r.dataset_name, "split": r.dataset_split or "", "metric": r.metric_type,
                   "value": r.metric_value} for r in results or []]
-    config = info.get("config")
+    config = dict(info.get("config") or {})
+    if isinstance(config.get("merge_costs"), dict):  # a latency table: its size, not its ~100 lines
+        config["merge_costs"] = f"{len(config['merge_costs'])} measured conv / merge latencies (config.json)"
     card = ModelCard.from_template(
         card_data, template_path=str(template or template_path()), title=title, base_description=base_description,
         folds=folds, removed_count=len(sites),

@@ -131,9 +131,12 @@ def run_kernel_stride(model: nn.Module, run: Run) -> tuple[tuple[int, int], tupl
 def _split_run(model: nn.Module, convs: list[ConvNode], config: LayerFoldingConfig) -> list[Run]:
     """Split a run so no merged kernel exceeds ``max_kernel_size`` (and, if set, no merge adds too much compute).
 
-    Without a compute limit the split is greedy, left to right. With ``max_macs_increase`` it is the partition
-    into the fewest convs (then the fewest MACs) found by dynamic programming over the run.
+    Without a compute limit or measured costs the split is greedy, left to right. With ``max_macs_increase`` it is
+    the partition into the fewest convs (then the fewest MACs), with ``merge_costs`` the one of least summed
+    measured latency (then the fewest convs), both found by dynamic programming over the run.
     """
+    if config.merge_costs is not None:
+        return _partition(convs, lambda start, end: _measured_cost(model, convs, start, end, config))
     if config.max_macs_increase is None:
         runs: list[Run] = []
         for node in convs:
@@ -144,24 +147,69 @@ def _split_run(model: nn.Module, convs: list[ConvNode], config: LayerFoldingConf
                     continue
             runs.append(Run([node]))
         return runs
+
+    def fewest_convs(start: int, end: int) -> tuple[int, float] | None:
+        macs = _merge_cost(model, convs, start, end, config)
+        return None if macs is None else (1, macs)
+
+    return _partition(convs, fewest_convs)
+
+
+def _partition(convs: list[ConvNode], cost) -> list[Run]:
+    """The split of ``convs`` into consecutive pieces whose summed ``cost(start, end)`` (a tuple, compared in order;
+    ``None``: that piece is not allowed) is least. A single conv is always allowed."""
     n = len(convs)
-    best: list[tuple[int, float, int] | None] = [(0, 0.0, 0)] + [None] * n  # (segments, macs, start)
+    best: list[tuple | None] = [((0, 0.0), 0)] + [None] * n  # (summed cost, start of the last piece)
     for end in range(1, n + 1):
         for start in range(end):
-            if best[start] is None:
+            piece = cost(start, end)
+            if best[start] is None or piece is None:
                 continue
-            cost = _merge_cost(model, convs, start, end, config)
-            if cost is None:
-                continue
-            cand = (best[start][0] + 1, best[start][1] + cost, start)
-            if best[end] is None or cand[:2] < best[end][:2]:
-                best[end] = cand
+            total = tuple(a + b for a, b in zip(best[start][0], piece))
+            if best[end] is None or total < best[end][0]:
+                best[end] = (total, start)
     runs, end = [], n
     while end > 0:
-        start = best[end][2]
+        start = best[end][1]
         runs.append(Run(convs[start:end]))
         end = start
     return runs[::-1]
+
+
+def span_key(first: str, last: str) -> str:
+    """The ``merge_costs`` key of the convs ``first`` … ``last`` merged (one conv: its own name)."""
+    return first if first == last else f"{first}>{last}"
+
+
+def _measured_cost(model: nn.Module, convs: list[ConvNode], start: int, end: int,
+                   config: LayerFoldingConfig) -> tuple[float, int] | None:
+    """(measured ms, 1) of ``convs[start:end]`` merged; None where the merge is not allowed or was not measured."""
+    key = span_key(convs[start].conv, convs[end - 1].conv)
+    if end - start == 1:
+        if key not in config.merge_costs:
+            raise ValueError(f"merge_costs has no entry for conv {key!r}: they were measured for another model or "
+                             "config; measure them again with hf_layerfold.measure_merge_costs")
+        return config.merge_costs[key], 1
+    if key not in config.merge_costs:
+        return None
+    if max(run_kernel_stride(model, Run(convs[start:end]))[0]) > config.max_kernel_size:
+        return None
+    if config.max_macs_increase is not None and _merge_cost(model, convs, start, end, config) is None:
+        return None
+    return config.merge_costs[key], 1
+
+
+def merged_shape(model: nn.Module, convs: list[ConvNode]) -> dict:
+    """The conv that ``convs`` merge into: channels, groups, kernel and stride (what its latency depends on)."""
+    mods = [_conv(model, c) for c in convs]
+    groups = mods[0].groups
+    for conv in mods[1:]:
+        mid = conv.in_channels
+        groups = composed_groups(mid, mods[0].in_channels // groups, groups, conv.out_channels,
+                                 conv.in_channels // conv.groups, conv.groups)
+    kernel, stride = run_kernel_stride(model, Run(list(convs)))
+    return {"in_channels": mods[0].in_channels, "out_channels": mods[-1].out_channels, "groups": groups,
+            "kernel_size": kernel, "stride": stride}
 
 
 def _merge_cost(model: nn.Module, convs: list[ConvNode], start: int, end: int,
@@ -172,20 +220,15 @@ def _merge_cost(model: nn.Module, convs: list[ConvNode], start: int, end: int,
     for conv in mods[:start]:
         scale /= conv.stride[0] * conv.stride[1]
     parts = 0.0
-    groups = mods[start].groups
-    for i, conv in enumerate(mods[start:end]):
+    for conv in mods[start:end]:
         scale /= conv.stride[0] * conv.stride[1]
         kh, kw = effective_kernel(conv)
         parts += scale * conv.out_channels * conv.in_channels // conv.groups * kh * kw
-        if i:
-            mid = conv.in_channels  # the merged conv so far: first.in_channels -> mid, `groups`
-            groups = composed_groups(mid, mods[start].in_channels // groups, groups, conv.out_channels,
-                                     conv.in_channels // conv.groups, conv.groups)
-    (kh, kw), _ = run_kernel_stride(model, Run(convs[start:end]))
+    shape = merged_shape(model, convs[start:end])
+    kh, kw = shape["kernel_size"]
     if max(kh, kw) > config.max_kernel_size:
         return None
-    first, last = mods[start], mods[end - 1]
-    merged = scale * last.out_channels * first.in_channels // groups * kh * kw
+    merged = scale * shape["out_channels"] * shape["in_channels"] // shape["groups"] * kh * kw
     return merged if end - start == 1 or merged <= (1.0 + config.max_macs_increase) * parts else None
 
 

@@ -163,6 +163,21 @@ def test_accuracy_sweep_reuses_stored_fold_gains(tmp_path):
         measure_gains(None, str(tmp_path / "missing.json"))
 
 
+def test_merge_policy_times_each_plan_three_ways(tmp_path):
+    from benchmarks import bench_merge_policy
+
+    plans = tmp_path / "sweep.json"
+    plans.write_text(json.dumps({"linear_sites": {"lambda=0": [], "p": ["blocks.1.1.bn1.act", "blocks.1.1.bn2.act",
+                                                                         "blocks.5.1.bn1.act", "blocks.5.1.bn2.act"]}}))
+    data = bench_merge_policy.main(["--plans-from", str(plans), "--quick", "--out", str(tmp_path / "merge.json")])
+    rows = {r["policy"]: r for r in data["rows"]}
+    assert [r["plan"] for r in data["rows"]] == ["p"] * 3 and rows.keys() == {"dense", "macs0", "measured"}
+    assert rows["dense"]["depth"] < rows["macs0"]["depth"]  # a k5 block merged dense adds MACs: macs0 keeps it
+    assert rows["dense"]["mmacs"] > rows["macs0"]["mmacs"]
+    assert all(_finite_positive(r["speedup_vs_bn_fused"]) for r in data["rows"])
+    assert len(data["merge_costs"]["cpu b1 32 fp32"]) > 50
+
+
 def test_profile_step_splits_a_step_into_host_and_op_time(tmp_path):
     from benchmarks import profile_step
 

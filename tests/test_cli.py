@@ -235,7 +235,7 @@ def test_gains_measures_each_block_and_writes_a_config_fold_reads(tmp_path, caps
     out = tmp_path / "gains.json"
     assert main(["gains", "mobilenetv2_050", "--image-size", "64", "--rounds", "3", "--round-seconds", "0.01",
                  "--alpha-sharing", "block", "--max-macs-increase", "0", "--threads", "1", "--output", str(out),
-                 "--json", "--quiet"]) == 0
+                 "--measure-merge-costs", "--json", "--quiet"]) == 0
     measured = json.loads(capsys.readouterr().out)
     assert measured["input_size"] == [3, 64, 64] and measured["baseline_ms"] > 0 and len(measured["groups"]) == 18
     assert measured["saved_ms"]["blocks.1.0.bn1.act"] == pytest.approx(
@@ -246,6 +246,8 @@ def test_gains_measures_each_block_and_writes_a_config_fold_reads(tmp_path, caps
     config = build_config(args.config_values, args)  # the written file is a fold config: same selection + weights
     assert config.regularizer_weights == weights and config.alpha_sharing == "block"
     assert config.max_macs_increase == 0 and config.lambda_reg == 0.02
+    convs = {n for n, m in timm.create_model("mobilenetv2_050").named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert convs < set(config.merge_costs) and all(v > 0 for v in config.merge_costs.values())  # and the merges
     args = parse_args(["fold", "--regularizer-weights", str(out)])  # or the weights alone, from that file
     assert build_config(args.config_values, args).regularizer_weights == weights
 

@@ -36,7 +36,7 @@ def test_weights_given_as_text_are_json_or_a_json_file(tmp_path):
     (config,) = HfArgumentParser(lf.LayerFoldingConfig).parse_args_into_dataclasses(
         ["--regularizer_weights", str(written), "--lambda_reg", "0.02"])
     assert config.regularizer_weights == {"blocks.1.*": 1.5} and config.lambda_reg == 0.02
-    with pytest.raises(ValueError, match="regularizer_weights=.*not a JSON object of weights nor a JSON file"):
+    with pytest.raises(ValueError, match="regularizer_weights=.*not a JSON object nor a JSON file"):
         lf.LayerFoldingConfig(regularizer_weights=str(tmp_path / "missing.json"))
     measured = _gains({"a": 1.0}, {"a": 2}).save(tmp_path / "measured" / "gains.json")  # a measurement, not weights
     with pytest.raises(ValueError, match="holds a fold-gains measurement, not weights: use FoldGains"):
