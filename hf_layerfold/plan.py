@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def _split_run(model: nn.Module, convs: list[ConvNode], config: LayerFoldingConf
     return _partition(convs, fewest_convs)
 
 
-def _partition(convs: list[ConvNode], cost) -> list[Run]:
+def _partition(convs: list[ConvNode], cost: Callable[[int, int], tuple | None]) -> list[Run]:
     """The split of ``convs`` into consecutive pieces whose summed ``cost(start, end)`` (a tuple, compared in order;
     ``None``: that piece is not allowed) is least. A single conv is always allowed."""
     n = len(convs)
