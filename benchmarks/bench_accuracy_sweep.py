@@ -41,6 +41,7 @@ not fit are listed as skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import tempfile
@@ -96,6 +97,34 @@ def time_against_baseline(models: dict[str, nn.Module], device: str, cell: dict,
     return out
 
 
+def _cell(cell: str, flag: str) -> tuple[str, int, int]:
+    """``DEVICE:BATCH:SIZE`` → its parts, or a one-line exit naming ``flag``."""
+    try:
+        device, batch, size = cell.split(":")
+        return device, int(batch), int(size)
+    except ValueError:
+        raise SystemExit(f"{flag} {cell!r}: expected DEVICE:BATCH:SIZE, e.g. cuda:128:224") from None
+
+
+def _lite0(args: argparse.Namespace, **config) -> nn.Module:
+    """The Lite0 the runs train, prepared with their sites, sharing and merge limit (random weights: latency does
+    not depend on them)."""
+    return lf.prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=10),
+                            lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing,
+                                                  max_macs_increase=args.max_macs_increase, **config))
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(device: str):
+    """cuDNN autotuning on while timing on CUDA, as in the latency cells; the caller's setting after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
     """Per-group fold savings of the Lite0 the runs train (same sites, sharing and merge limit), on ``cell``; or
     those stored in ``cell`` when it names a JSON file (a sweep's ``fold_gains``, or a ``FoldGains.save`` file)."""
@@ -104,23 +133,12 @@ def measure_gains(args: argparse.Namespace, cell: str) -> FoldGains:
             return FoldGains.load(cell)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise SystemExit(f"--latency-weights {cell!r}: not a readable fold-gains JSON ({err})") from None
-    try:
-        device, batch, size = cell.split(":")
-        batch, size = int(batch), int(size)
-    except ValueError:
-        raise SystemExit(f"--latency-weights {cell!r}: expected DEVICE:BATCH:SIZE, e.g. cuda:128:224") from None
-    model = timm.create_model("tf_efficientnet_lite0", num_classes=10)  # latency does not depend on the weights
-    lf.prepare_model(model, lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing,
-                                                  max_macs_increase=args.max_macs_increase,
-                                                  merge_costs=getattr(args, "merge_costs_table", None)))
+    device, batch, size = _cell(cell, "--latency-weights")
+    model = _lite0(args, merge_costs=getattr(args, "merge_costs_table", None))
     rounds, round_s = (3, 0.01) if args.quick else (15, 0.03 if device == "cuda" else 0.1)  # 1.4 s / 4.5 s a group
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device == "cuda"  # timed as the latency cells are; training keeps its setting
-    try:
+    with _cudnn_benchmark(device):  # timed as the latency cells are; training keeps its setting
         gains = measure_fold_gains(model, (3, size, size), batch_size=batch, device=device, rounds=rounds,
                                    round_seconds=round_s)
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
     log(f"[accuracy_sweep] fold gains on {cell}: baseline {gains.baseline_ms:.3f} ms (noise ±{gains.noise_ms:.3f}), "
         + ", ".join(f"{o} {s:+.3f}" for o, s in gains.saved_ms().items()))
     return gains
@@ -153,22 +171,11 @@ def merge_costs_for(args: argparse.Namespace, cell: str) -> dict[str, float]:
             return lf.LayerFoldingConfig(merge_costs=data.get("merge_costs", data)).merge_costs
         except (OSError, ValueError, AttributeError) as err:
             raise SystemExit(f"--merge-costs {cell!r}: not a readable merge-costs JSON ({err})") from None
-    try:
-        device, batch, size = cell.split(":")
-        batch, size = int(batch), int(size)
-    except ValueError:
-        raise SystemExit(f"--merge-costs {cell!r}: expected DEVICE:BATCH:SIZE, e.g. cuda:128:224") from None
-    model = lf.prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=10),
-                             lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing,
-                                                   max_macs_increase=args.max_macs_increase))
+    device, batch, size = _cell(cell, "--merge-costs")
     rounds, round_s = (2, 0.005) if args.quick else (7, 0.02 if device == "cuda" else 0.05)
-    benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device == "cuda"  # timed as the latency cells are
-    try:
-        return lf.measure_merge_costs(model, (3, size, size), batch_size=batch, device=device, rounds=rounds,
+    with _cudnn_benchmark(device):
+        return lf.measure_merge_costs(_lite0(args), (3, size, size), batch_size=batch, device=device, rounds=rounds,
                                       round_seconds=round_s)
-    finally:
-        torch.backends.cudnn.benchmark = benchmark
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -85,6 +85,7 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
                            "--start", "baseline", "--continue-steps", "10", "--distill-weight", "0.5",
                            "--folded-steps", "2", "--latency-weights", "cpu:1:64", "--plan", "p1=bn1,blocks.0.0",
+                           "--merge-costs", "cpu:1:64",
                            "--out", str(out)], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -101,6 +102,8 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert all(0 <= r["top1_before_folded_pct"] <= 100 for r in (control, folded))
     gains = data["fold_gains"]  # latency-aware: every site's weight from the measured saving of its block
     assert data["settings"]["latency_weights"] == "cpu:1:64" and gains["input_size"] == [3, 64, 64]
+    assert data["settings"]["merge_costs"] == "cpu:1:64" and "conv_stem" in data["merge_costs"]  # every run split
+    assert all(0 < v for v in data["merge_costs"].values())  # by the table measured before training
     assert len(gains["weights"]) == folded["sites"] == 32 and sum(gains["weights"].values()) == pytest.approx(32)
     for row in data["rows"]:
         assert 0 <= row["top1_pct"] <= 100 and row["folded_vs_planned_max_abs_diff"] < 1e-3
