@@ -97,6 +97,20 @@ class FoldGains:
         return path
 
 
+def timing_input_size(model: nn.Module, input_size: Sequence[int] | None, who: str, why: str,
+                      unplanned_why: str) -> tuple[int, ...]:
+    """The input size to time ``model`` at (default: its pretrained_cfg's), after checking that ``model`` is
+    prepared (``why``: what its config decides) and not yet planned (``unplanned_why``)."""
+    if not is_prepared(model):
+        raise ValueError(f"{who} needs a prepared model (hf_layerfold.prepare_model), with the config the search "
+                         f"will use: {why}")
+    if applied_plan(model) is not None:
+        raise ValueError(f"{who} needs a model whose plan is not fixed yet ({unplanned_why})")
+    if input_size is None:
+        input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+    return tuple(int(v) for v in input_size)
+
+
 def measure_fold_gains(model: nn.Module, input_size: Sequence[int] | None = None, *, batch_size: int = 1,
                        device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, rounds: int = 7,
                        round_seconds: float = 0.25, warmup: int = 3) -> FoldGains:
@@ -111,14 +125,8 @@ def measure_fold_gains(model: nn.Module, input_size: Sequence[int] | None = None
     """
     from .workflow import latency_samples
 
-    if not is_prepared(model):
-        raise ValueError("measure_fold_gains needs a prepared model (hf_layerfold.prepare_model), with the config "
-                         "the search will use: the sites, the α sharing and max_macs_increase decide each fold")
-    if applied_plan(model) is not None:
-        raise ValueError("measure_fold_gains needs a model whose plan is not fixed yet (it folds each group alone)")
-    if input_size is None:
-        input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
-    input_size = tuple(int(v) for v in input_size)
+    input_size = timing_input_size(model, input_size, "measure_fold_gains", "the sites, the α sharing and "
+                                   "max_macs_increase decide each fold", "it folds each group alone")
     groups = alpha_groups(model)
     base, twin = fold_model(model, FoldPlan()), fold_model(model, FoldPlan())
     baselines, twin_ratios, ratios = [], [], {}

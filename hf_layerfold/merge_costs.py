@@ -18,9 +18,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from .gains import timing_input_size
 from .graph import ConvNode
-from .plan import FoldPlan, Run, applied_plan, iter_runs, merged_shape, run_kernel_stride, segment_model, span_key
-from .prepare import foldable_sites, is_prepared
+from .plan import FoldPlan, Run, iter_runs, merged_shape, run_kernel_stride, segment_model, span_key
+from .prepare import foldable_sites
 
 
 def mergeable_spans(model: nn.Module) -> list[list[ConvNode]]:
@@ -69,15 +70,10 @@ def measure_merge_costs(model: nn.Module, input_size: Sequence[int] | None = Non
     neighbours inside the network."""
     from .workflow import latency_samples
 
-    if not is_prepared(model):
-        raise ValueError("measure_merge_costs needs a prepared model (hf_layerfold.prepare_model), with the config "
-                         "the search will use: its sites and merge limits decide which merges exist")
-    if applied_plan(model) is not None:
-        raise ValueError("measure_merge_costs needs a model whose plan is not fixed yet")
-    if input_size is None:
-        input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))
+    input_size = timing_input_size(model, input_size, "measure_merge_costs", "its sites and merge limits decide "
+                                   "which merges exist", "it times the merges of every plan")
     spans = mergeable_spans(model)
-    sizes = _input_sizes(model, {span[0].conv for span in spans}, tuple(int(v) for v in input_size))
+    sizes = _input_sizes(model, {span[0].conv for span in spans}, input_size)
     timed: dict[tuple, float] = {}
     costs: dict[str, float] = {}
     for span in spans:
