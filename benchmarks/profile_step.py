@@ -72,7 +72,7 @@ class _NoOpLaunch:
         return lambda *args, **kwargs: None
 
 
-def _triton_route_noop(site: lf.FoldableActivation, device: str):
+def _triton_route_noop(site: lf.FoldableActivation):
     """The prepared site's Triton route with no-op launches (CPU): everything but the kernels themselves."""
     kernels = (_NoOpLaunch(), _NoOpLaunch())
 
@@ -93,7 +93,7 @@ def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, f
     for blend in ("auto", "eager"):
         variants[f"prepared_{blend}"] = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend=blend).to(device)
     if device == "cpu":
-        variants["triton_route_noop_launch"] = _triton_route_noop(variants["prepared_auto"], device)
+        variants["triton_route_noop_launch"] = _triton_route_noop(variants["prepared_auto"])
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(rounds):
         for name, fn in variants.items():

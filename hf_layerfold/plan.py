@@ -158,7 +158,7 @@ def _split_run(model: nn.Module, convs: list[ConvNode], config: LayerFoldingConf
 
 def _partition(convs: list[ConvNode], cost: Callable[[int, int], tuple | None]) -> list[Run]:
     """The split of ``convs`` into consecutive pieces whose summed ``cost(start, end)`` (a tuple, compared in order;
-    ``None``: that piece is not allowed) is least. A single conv is always allowed."""
+    ``None``: that piece is not allowed) is least; ``cost`` must allow every single conv."""
     n = len(convs)
     best: list[tuple | None] = [((0, 0.0), 0)] + [None] * n  # (summed cost, start of the last piece)
     for end in range(1, n + 1):
