@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import timm
 import torch
@@ -39,12 +40,23 @@ def _lite0(**config) -> torch.nn.Module:
                             lf.LayerFoldingConfig(alpha_sharing="block", **config))
 
 
+def read_plans(paths: list[str]) -> dict[str, list[str]]:
+    """Every non-empty plan of the sweep JSONs, by run name (prefixed with the file's stem where names repeat)."""
+    plans: dict[str, list[str]] = {}
+    for path in paths:
+        for name, sites in json.loads(Path(path).read_text())["linear_sites"].items():
+            if sites:
+                plans[name if name not in plans else f"{Path(path).stem}:{name}"] = sites
+    return plans
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=str(RESULTS_DIR / "merge_policy.json"))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--plans-from", default=str(RESULTS_DIR / "accuracy_sweep_cuda_block.json"),
-                        help="a sweep JSON: its linear_sites are the plans")
+    parser.add_argument("--plans-from", action="append", default=None, metavar="JSON",
+                        help="a sweep JSON whose linear_sites are the plans (repeatable; default: "
+                             "results/accuracy_sweep_cuda_block.json)")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--budget-s", type=float, default=30.0, help="timing budget per cell")
@@ -60,7 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # as in the latency suite: each conv shape gets its fastest kernel
     start = time.perf_counter()
-    plans = {k: v for k, v in json.loads(open(args.plans_from).read())["linear_sites"].items() if v}
+    args.plans_from = args.plans_from or [str(RESULTS_DIR / "accuracy_sweep_cuda_block.json")]
+    plans = read_plans(args.plans_from)
     result = {"benchmark": "merge_policy", "title": "Merge policy: the same plans, merged three ways",
               "quick": args.quick, "description": __doc__.split("\n\n")[1].replace("\n", " "),
               "device": device_info(args.device), "plans_from": args.plans_from, "plans": plans, "rows": [],
@@ -88,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                 stats[name] = lf.fold_stats(models[name], cell["input_size"])
         timed = time_against_baseline(models, args.device, cell, args.rounds, args.budget_s)
         for name, st in stats.items():
-            plan, policy = name.split(" ")
+            plan, policy = name.rsplit(" ", 1)
             result["rows"].append({"cell": key, "plan": plan, "policy": policy, "depth": st.depth,
                                    "mmacs": round(st.macs / 1e6, 1), "median_ms": timed[name]["median_ms"],
                                    "speedup_vs_bn_fused": timed[name]["speedup_vs_bn_fused"]})
