@@ -424,7 +424,7 @@ def folds(row: dict) -> bool:
 def run_label(row: dict) -> str:
     if row.get("control"):
         return "control"
-    return row["run"].replace("=", " ") if row.get("fixed_plan") else f"λ={row['lambda_reg']:g}"
+    return row["run"].replace("=", " ") if row.get("fixed_plan") else f"λ = {row['lambda_reg']:g}"
 
 
 def top1_loss_points(row: dict) -> float | None:
