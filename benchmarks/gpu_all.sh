@@ -6,7 +6,7 @@
 # step does not stop the others. Budgets are in seconds (env overridable). Needs torch, timm, transformers, datasets,
 # pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR). ONLY=tests,latency,overhead,profile,merge,
 # sweep (any subset, default all) picks the steps; profile writes profile_step_b64.json (where a batch-64 step's time
-# goes), merge merge_policy_cuda.json (the committed sweep's plans timed under each merge policy).
+# goes), merge merge_policy_cuda.json (the committed sweeps' plans timed under each merge policy).
 set -u
 OUT=${OUT:?set OUT to the output folder}
 LATENCY_S=${LATENCY_S:-90}
@@ -56,6 +56,8 @@ fi
 if want merge; then
   log "merge policies of the committed plans"
   timeout 240 python3 -m benchmarks.bench_merge_policy --device cuda --budget-s 20 \
+    --plans-from benchmarks/results/accuracy_sweep_cuda_block.json \
+    --plans-from benchmarks/results/accuracy_sweep_block_from_baseline_dense_plans.json \
     --out "$OUT/merge_policy_cuda.json" >>"$OUT/log.txt" 2>&1 || log "merge policy exited with $?"
 fi
 
