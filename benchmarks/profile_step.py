@@ -95,18 +95,20 @@ def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, f
     if device == "cpu":
         variants["triton_route_noop_launch"] = _triton_route_noop(variants["prepared_auto"])
     samples: dict[str, list[float]] = {name: [] for name in variants}
-    for r in range(rounds):
-        for name, fn in variants.items():
-            if r == 0:
-                for _ in range(inner // 10):
+    try:
+        for r in range(rounds):
+            for name, fn in variants.items():
+                if r == 0:
+                    for _ in range(inner // 10):
+                        fn(x0 * 1.0).sum().backward()
+                sync(x0.device)
+                start = time.perf_counter()
+                for _ in range(inner):
                     fn(x0 * 1.0).sum().backward()
-            sync(x0.device)
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn(x0 * 1.0).sum().backward()
-            sync(x0.device)
-            samples[name].append((time.perf_counter() - start) / inner * 1e6)
-    torch.set_num_threads(threads)
+                sync(x0.device)
+                samples[name].append((time.perf_counter() - start) / inner * 1e6)
+    finally:
+        torch.set_num_threads(threads)
     none = statistics.median(samples.pop("none"))
     return {name: round(statistics.median(s) - none, 1) for name, s in samples.items()}
 

@@ -301,7 +301,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
                                         round_seconds=min(args.round_seconds, 0.05))
         except RuntimeError as err:
             raise CLIError(f"timing failed ({args.dtype} on {args.device}): {err}", code=1) from None
-        config.merge_costs = model.layerfold_config.merge_costs = costs
+        config.merge_costs = costs  # the prepared model holds this same config: its folds now follow the table
     logger.info("timing %s and each of its α groups folded alone: batch %d on %s (%s%s), input %s", arch,
                 args.batch_size, args.device, args.dtype, ", channels_last" if args.channels_last else "",
                 "x".join(map(str, input_size)))

@@ -163,8 +163,10 @@ def _partition(convs: list[ConvNode], cost: Callable[[int, int], tuple | None]) 
     best: list[tuple | None] = [((0, 0.0), 0)] + [None] * n  # (summed cost, start of the last piece)
     for end in range(1, n + 1):
         for start in range(end):
+            if best[start] is None:
+                continue
             piece = cost(start, end)
-            if best[start] is None or piece is None:
+            if piece is None:
                 continue
             total = tuple(a + b for a, b in zip(best[start][0], piece))
             if best[end] is None or total < best[end][0]:
