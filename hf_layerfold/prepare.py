@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
+import logging
 import re
+from collections.abc import Mapping
 
 import torch.nn as nn
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
+from .folded_net import LayerFoldedNet
 from .fused import fuse_batchnorm_blends
 from .graph import (
     BLOCK_RULES,
@@ -18,6 +22,8 @@ from .graph import (
     model_candidate_acts,
     supported_block_types,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -124,3 +130,34 @@ def unique_alphas(alphas) -> list[nn.Parameter]:
 
 def is_prepared(model: nn.Module) -> bool:
     return any(isinstance(m, FoldableActivation) for m in model.modules())
+
+
+def ensure_prepared(model: nn.Module, config: LayerFoldingConfig | Mapping | None) -> LayerFoldingConfig:
+    """Prepare ``model`` in place unless it already is, and return the config training should use.
+
+    A prepared model keeps its sites and α; where ``config`` disagrees on how α is shared, the model wins (its
+    α exist already) and the returned config follows it. A folded net has nothing to prepare: the config only
+    carries the loss knobs.
+    """
+    if isinstance(config, Mapping):
+        config = LayerFoldingConfig.from_dict(dict(config))
+    if isinstance(model, LayerFoldedNet):
+        return config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
+    if not is_prepared(model):
+        config = config or LayerFoldingConfig()
+        prepare_model(model, config)  # raises when the config selects no site
+        return config
+    own = getattr(model, "layerfold_config", None)
+    if config is None:
+        return own or LayerFoldingConfig()
+    if own is not None and (own.target_modules, own.exclude_modules) != (config.target_modules,
+                                                                         config.exclude_modules):
+        logger.warning("the model was prepared with other target/exclude modules than layerfold_config; "
+                       "its prepared sites are kept")
+    shared = own.alpha_sharing if own is not None else alpha_sharing_of(model)
+    if config.alpha_sharing != shared:
+        logger.warning("the model was prepared with alpha_sharing=%r, layerfold_config says %r; the model's "
+                       "α are kept and the config follows them", shared, config.alpha_sharing)
+        config = dataclasses.replace(config, alpha_sharing=shared)
+    model.layerfold_config = config
+    return config

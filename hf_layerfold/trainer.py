@@ -10,8 +10,6 @@ Given a model that is already folded (a ``LayerFoldedNet``), training is a plain
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -28,14 +26,22 @@ from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_
 
 from .config import LayerFoldingConfig
 from .data import check_labels, detect_columns, label_names_of, prepare_datasets
-from .folded_net import LayerFoldedNet
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
+from .phases import (
+    FINETUNE,
+    FOLDED,
+    PHASE_IDS,
+    SEARCH,
+    STATE_NAME,
+    PhaseState,
+    initial_phase,
+    resolve_search_steps,
+    restore_phase,
+)
 from .plan import FoldPlan, applied_plan, apply_plan
 from .prepare import (
     alpha_parameters,
-    alpha_sharing_of,
-    is_prepared,
-    prepare_model,
+    ensure_prepared,
     site_regularizer_weights,
     unique_alphas,
 )
@@ -43,9 +49,6 @@ from .stats import projected_stats
 
 logger = logging.getLogger(__name__)
 
-STATE_NAME = "layerfold_state.json"
-SEARCH, FINETUNE, FOLDED = "search", "finetune", "folded"
-PHASE_IDS = {SEARCH: 0, FINETUNE: 1, FOLDED: 2}  # logged as numbers: every tracker accepts them
 ALPHA_GROUP = "layerfold_alpha"  # marks the optimizer param group that holds α
 _HF_DATASETS = (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
 
@@ -134,7 +137,7 @@ class LayerFoldingTrainer(Trainer):
             raise ValueError("LayerFoldingTrainer needs a model instance (model_init is not supported)")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("LayerFoldingTrainer computes its own loss; compute_loss_func is not supported")
-        self.layerfold_config = config = self._prepared(model, layerfold_config)
+        self.layerfold_config = config = ensure_prepared(model, layerfold_config)
         if config.distill_weight > 0 and teacher_model is None:
             raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
         if teacher_model is not None and config.distill_weight == 0:
@@ -178,7 +181,7 @@ class LayerFoldingTrainer(Trainer):
         self._alphas = list(site_alphas.values())  # per site: the regularizer sums over sites
         self._alpha_params = unique_alphas(self._alphas)  # each α once: the optimizer-step hooks
         self._reg_weights = None if reg_weights is None else torch.tensor(reg_weights, device=self.args.device)
-        self._phase = self._initial_phase(model)
+        self._phase = initial_phase(model)
         self._search_steps: int | None = None
         self._resumed_search_steps: int | None = None
         self._stats = torch.zeros(4, device=self.args.device)  # Σ task, Σ λ·R, Σ distill, micro-batches
@@ -186,38 +189,6 @@ class LayerFoldingTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------------
     # Setup
-
-    @staticmethod
-    def _prepared(model: nn.Module, config: LayerFoldingConfig | None) -> LayerFoldingConfig:
-        """Prepare ``model`` in place if needed; the trainer's config becomes the model's."""
-        if isinstance(config, Mapping):
-            config = LayerFoldingConfig.from_dict(dict(config))
-        if isinstance(model, LayerFoldedNet):  # nothing left to prepare: the config only carries the loss knobs
-            return config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
-        if not is_prepared(model):
-            config = config or LayerFoldingConfig()
-            prepare_model(model, config)  # raises when the config selects no site
-            return config
-        own = getattr(model, "layerfold_config", None)
-        if config is None:
-            return own or LayerFoldingConfig()
-        if own is not None and (own.target_modules, own.exclude_modules) != (config.target_modules,
-                                                                             config.exclude_modules):
-            logger.warning("the model was prepared with other target/exclude modules than layerfold_config; "
-                           "its prepared sites are kept")
-        shared = own.alpha_sharing if own is not None else alpha_sharing_of(model)
-        if config.alpha_sharing != shared:
-            logger.warning("the model was prepared with alpha_sharing=%r, layerfold_config says %r; the model's "
-                           "α are kept and the config follows them", shared, config.alpha_sharing)
-            config = dataclasses.replace(config, alpha_sharing=shared)
-        model.layerfold_config = config
-        return config
-
-    @staticmethod
-    def _initial_phase(model: nn.Module) -> str:
-        if isinstance(model, LayerFoldedNet):
-            return FOLDED
-        return FINETUNE if applied_plan(model) is not None else SEARCH
 
     @staticmethod
     def _adjust_args(args: TrainingArguments) -> None:
@@ -297,7 +268,9 @@ class LayerFoldingTrainer(Trainer):
     def set_initial_training_values(self, args: TrainingArguments, dataloader: Any) -> tuple:
         values = super().set_initial_training_values(args, dataloader)
         steps_per_epoch, max_steps = values[1], values[6]
-        self._search_steps = self._resolve_search_steps(has_length(dataloader), steps_per_epoch, max_steps)
+        self._search_steps = resolve_search_steps(self.layerfold_config, self._phase, self._resumed_search_steps,
+                                                  sized=has_length(dataloader), steps_per_epoch=steps_per_epoch,
+                                                  max_steps=max_steps)
         if self._phase == SEARCH and self._search_steps < max_steps and (self.is_fsdp_enabled or
                                                                          self.is_deepspeed_enabled):
             raise ValueError(
@@ -308,29 +281,6 @@ class LayerFoldingTrainer(Trainer):
             logger.info("Layer Folding: search phase for %d steps, then fine-tune for %d",
                         min(self._search_steps, max_steps), max(max_steps - self._search_steps, 0))
         return values
-
-    def _resolve_search_steps(self, sized: bool, steps_per_epoch: int, max_steps: int) -> int:
-        cfg = self.layerfold_config
-        if self._phase == FINETUNE and self._resumed_search_steps is None:
-            return 0
-        if cfg.search_steps is not None:
-            steps = int(cfg.search_steps)
-        elif cfg.search_epochs is not None:
-            if not sized:
-                raise ValueError("search_epochs needs a training set with a length; set search_steps instead "
-                                 "(e.g. for a streaming dataset)")
-            steps = int(round(cfg.search_epochs * steps_per_epoch))
-        else:
-            steps = max_steps // 2
-        if self._resumed_search_steps is not None:
-            if self._resumed_search_steps != steps:
-                logger.warning("the checkpoint's search length (%d steps) differs from the current settings (%d); "
-                               "keeping the checkpoint's", self._resumed_search_steps, steps)
-            steps = self._resumed_search_steps
-        if steps >= max_steps and self._phase == SEARCH:
-            logger.warning("search phase (%d steps) covers all %d training steps: no fine-tune phase", steps,
-                           max_steps)
-        return steps
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._phase == SEARCH and self._search_steps is not None and self.state.global_step >= self._search_steps:
@@ -402,18 +352,9 @@ class LayerFoldingTrainer(Trainer):
         """Trainer's save, plus ``layerfold_state.json`` (phase, plan, search length) and the config."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            self._write_state(Path(output_dir))
+            PhaseState(self._phase, self._search_steps, self.state.global_step,
+                       applied_plan(self._model())).write(output_dir, self.layerfold_config)
         super().save_model(output_dir, _internal_call=_internal_call)
-
-    def _write_state(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        plan = applied_plan(self._model())
-        state = {"phase": self._phase, "search_steps": self._search_steps, "global_step": self.state.global_step,
-                 "plan": None if plan is None else plan.to_dict()}
-        tmp = directory / (STATE_NAME + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, directory / STATE_NAME)
-        self.layerfold_config.save_pretrained(directory)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None):
@@ -427,38 +368,12 @@ class LayerFoldingTrainer(Trainer):
                 resume_from_checkpoint = None
         self._resumed_search_steps = None
         if resume_from_checkpoint is not None:
-            self._restore_state(Path(resume_from_checkpoint))
+            self._phase, self._resumed_search_steps = restore_phase(resume_from_checkpoint, self._model(),
+                                                                    self._phase, self.layerfold_config)
         else:
-            self._phase = self._initial_phase(self._model())
+            self._phase = initial_phase(self._model())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
                              ignore_keys_for_eval=ignore_keys_for_eval)
-
-    def _restore_state(self, checkpoint: Path) -> None:
-        path = checkpoint / STATE_NAME
-        model = self._model()
-        if not path.is_file():
-            logger.warning("%s has no %s: resuming in the %s phase", checkpoint, STATE_NAME, self._phase)
-            return
-        state = json.loads(path.read_text())
-        if FOLDED in (self._phase, state.get("phase")):  # nothing to restore but the kind of run must match
-            if self._phase != state.get("phase"):
-                raise ValueError(f"{checkpoint} is from a {state.get('phase')!r} run; resume it into the same kind "
-                                 f"of model (this one is in the {self._phase!r} phase)")
-            return
-        self._resumed_search_steps = state.get("search_steps")
-        current = applied_plan(model)
-        if state.get("phase") == FINETUNE:
-            plan = FoldPlan.from_dict(state["plan"])
-            if current is not None and current != plan:
-                raise ValueError(f"the model already has a different plan than {checkpoint}; resume into a fresh "
-                                 "(prepared, unplanned) model")
-            apply_plan(model, plan, self.layerfold_config)  # before the weights load: keys are unchanged
-            self._phase = FINETUNE
-        else:
-            if current is not None:
-                raise ValueError(f"{checkpoint} is from the search phase but the model already has a plan; "
-                                 "resume into a fresh (prepared, unplanned) model")
-            self._phase = SEARCH
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation data

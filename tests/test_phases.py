@@ -1,0 +1,65 @@
+"""The trainer's phase bookkeeping alone: search length, the checkpoint state file and what a resume accepts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+import hf_layerfold as lf
+from hf_layerfold.phases import (
+    FINETUNE,
+    SEARCH,
+    STATE_NAME,
+    PhaseState,
+    initial_phase,
+    resolve_search_steps,
+    restore_phase,
+)
+from hf_layerfold.plan import applied_plan
+
+
+def prepared(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model("mobilenetv2_035", pretrained=False, num_classes=4)
+    return lf.prepare_model(model, lf.LayerFoldingConfig())
+
+
+def test_search_length_rules():
+    cfg = lf.LayerFoldingConfig
+    kwargs = dict(sized=True, steps_per_epoch=8, max_steps=20)
+    assert resolve_search_steps(cfg(search_steps=3), SEARCH, None, **kwargs) == 3
+    assert resolve_search_steps(cfg(search_epochs=0.5), SEARCH, None, **kwargs) == 4
+    assert resolve_search_steps(cfg(), SEARCH, None, **kwargs) == 10  # half of training
+    assert resolve_search_steps(cfg(search_steps=3), FINETUNE, None, **kwargs) == 0  # planned: no search
+    assert resolve_search_steps(cfg(search_steps=3), FINETUNE, 7, **kwargs) == 7  # the checkpoint's length wins
+    with pytest.raises(ValueError, match="search_epochs needs a training set with a length"):
+        resolve_search_steps(cfg(search_epochs=1.0), SEARCH, None, sized=False, steps_per_epoch=0, max_steps=20)
+
+
+def test_state_round_trips_and_a_finetune_checkpoint_replans_a_fresh_model(tmp_path):
+    model = prepared()
+    plan = lf.FoldPlan(["blocks.1.0.bn1.act", "blocks.2.1.bn2.act"])
+    config = model.layerfold_config
+    lf.apply_plan(model, plan, config)
+    PhaseState(FINETUNE, 6, 8, applied_plan(model)).write(tmp_path, config)
+    assert not (tmp_path / (STATE_NAME + ".tmp")).exists()
+    assert json.loads((tmp_path / STATE_NAME).read_text())["phase"] == FINETUNE
+    assert PhaseState.read(tmp_path) == PhaseState(FINETUNE, 6, 8, plan)
+
+    fresh = prepared(seed=1)
+    assert initial_phase(fresh) == SEARCH
+    assert restore_phase(tmp_path, fresh, SEARCH, config) == (FINETUNE, 6)
+    assert applied_plan(fresh) == plan and initial_phase(fresh) == FINETUNE
+    # the model now has that plan: resuming the same checkpoint again is fine, a search checkpoint is not
+    assert restore_phase(tmp_path, fresh, FINETUNE, config) == (FINETUNE, 6)
+    PhaseState(SEARCH, 6, 4, None).write(tmp_path / "search", config)
+    with pytest.raises(ValueError, match="from the search phase but the model already has a plan"):
+        restore_phase(tmp_path / "search", fresh, FINETUNE, config)
+
+
+def test_a_checkpoint_without_state_keeps_the_phase(tmp_path):
+    assert PhaseState.read(tmp_path) is None
+    assert restore_phase(tmp_path, prepared(), SEARCH, lf.LayerFoldingConfig()) == (SEARCH, None)
