@@ -23,6 +23,9 @@ def _mapping_from_text(text: str, name: str = "regularizer_weights") -> object:
     if isinstance(data, dict) and name in data:
         return data[name]
     if isinstance(data, dict) and {"groups", "baseline_ms"} <= set(data):
+        if name == "merge_costs":
+            raise ValueError("it holds a fold-gains measurement (what each block's fold saves), not merge costs: "
+                             "measure those with measure_merge_costs or `hf-layerfold gains --measure-merge-costs`")
         raise ValueError("it holds a fold-gains measurement, not weights: use FoldGains.from_dict(data).weights(), "
                          "or the file `hf-layerfold gains --output` writes")
     return data

@@ -41,6 +41,8 @@ def test_weights_given_as_text_are_json_or_a_json_file(tmp_path):
     measured = _gains({"a": 1.0}, {"a": 2}).save(tmp_path / "measured" / "gains.json")  # a measurement, not weights
     with pytest.raises(ValueError, match="holds a fold-gains measurement, not weights: use FoldGains"):
         lf.LayerFoldingConfig(regularizer_weights=str(measured))
+    with pytest.raises(ValueError, match="fold-gains measurement .*not merge costs: measure those"):
+        lf.LayerFoldingConfig(merge_costs=str(measured))
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must map site names"):
         lf.LayerFoldingConfig(regularizer_weights=str(tmp_path / "list.json"))

@@ -1,0 +1,95 @@
+"""``examples/fold_imagenet.py``, the ImageNet recipe, run end to end on a small local imagefolder of real images.
+
+The recipe itself needs ImageNet and GPUs; what runs here is every line of the script in the same modes: a
+streamed training set whose epochs become steps through ``--num_train_examples``, the search + fine-tune run
+that saves a folded model, and the two-run recipe (search only, then ``--init_from`` to fine-tune the plan).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_layerfold.data import load_fashion_mnist
+from hf_layerfold.hub import LayerFoldedModel, is_folded_save
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fold_imagenet.py"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("fold_imagenet", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory) -> Path:
+    """Fashion-MNIST images as ``train/<class>/*.png`` and ``validation/<class>/*.png`` (the ImageNet splits)."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    data = load_fashion_mnist(train_size=40, test_size=16, seed=0)
+    names = data["train"].features["label"].names
+    for split, folder in (("train", "train"), ("test", "validation")):
+        for i, row in enumerate(data[split]):
+            target = root / folder / names[row["label"]].replace("/", "-")
+            target.mkdir(parents=True, exist_ok=True)
+            row["image"].save(target / f"{i}.png")
+    return root
+
+
+def common(root: Path, out: Path) -> list[str]:
+    return ["--model_name", "mobilenetv2_035", "--pretrained", "false", "--dataset_name", str(root),
+            "--input_size", "32", "--max_eval_samples", "16", "--output_dir", str(out),
+            "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8", "--warmup_steps", "0",
+            "--dataloader_num_workers", "0", "--eval_strategy", "no", "--save_strategy", "no",
+            "--logging_steps", "5", "--report_to", "none", "--use_cpu", "true", "--bf16", "false",
+            "--lambda_reg", "5", "--alpha_lr", "1.0", "--seed", "0"]
+
+
+def test_streamed_run_turns_epochs_into_steps_and_saves_a_folded_model(script, imagefolder, tmp_path):
+    out = tmp_path / "run"
+    metrics = script.main(common(imagefolder, out) + [
+        "--streaming", "true", "--num_train_examples", "40", "--num_train_epochs", "2", "--search_epochs", "1"])
+    state = json.loads((out / "layerfold_state.json").read_text())
+    assert state["global_step"] == 10 and state["search_steps"] == 5  # 2 epochs of ceil(40 / 8) steps, search 1
+    assert state["phase"] == "finetune" and state["plan"]["linear_sites"]
+    assert 0.0 <= metrics["eval_top1"] <= metrics["eval_top5"] <= 1.0
+    folded = out / "folded"
+    assert is_folded_save(folded)
+    model = LayerFoldedModel.from_pretrained(folded)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+
+
+def test_search_run_then_init_from_fine_tunes_its_plan(script, imagefolder, tmp_path):
+    search = tmp_path / "search"
+    script.main(common(imagefolder, search) + ["--streaming", "false", "--max_steps", "4", "--search_steps", "4"])
+    searched = json.loads((search / "layerfold_state.json").read_text())
+    # without FSDP the trainer fixes the plan when a search that covers all steps ends (FSDP leaves it to run 2)
+    assert searched["phase"] == "finetune" and searched["search_steps"] == searched["global_step"] == 4
+    assert searched["plan"]["linear_sites"]
+
+    tuned = tmp_path / "finetune"
+    script.main(common(imagefolder, tuned) + ["--streaming", "false", "--max_steps", "2", "--init_from",
+                                                str(search)])
+    state = json.loads((tuned / "layerfold_state.json").read_text())
+    assert state["phase"] == "finetune" and state["search_steps"] == 0 and state["global_step"] == 2
+    assert state["plan"] == searched["plan"]  # the plan comes from the search run's α
+    assert is_folded_save(tuned / "folded")
+
+
+def test_streamed_size_defaults_to_the_split_info(script, imagefolder, tmp_path):
+    out = tmp_path / "run"  # no --num_train_examples: the 40 images the split info records, 5 steps per epoch
+    script.main(common(imagefolder, out) + ["--streaming", "true", "--num_train_epochs", "1", "--search_steps", "3"])
+    state = json.loads((out / "layerfold_state.json").read_text())
+    assert state["global_step"] == 5 and state["search_steps"] == 3
