@@ -27,6 +27,9 @@ control included), so a longer fine-tune after the plan is fixed can be tried wi
 ``--plan NAME=BLOCK,BLOCK,...`` (repeatable) adds runs without search: the sites of those blocks (``bn1`` is the
 stem) are linear from the first step and the run fine-tunes that fixed plan with the λ > 0 runs' recipe, so a plan
 between two that the search found can be tried for accuracy (and timed) directly.
+``--teacher control`` (with ``--start baseline`` and ``--distill-weight``) has the λ > 0 and fixed-plan runs
+distill from the control instead of the λ = 0 model: the unfolded network trained as long as they are, the model a
+user would fold and compare against, so the student is not pulled toward a weaker teacher than its reference.
 ``--folded-steps`` then trains each of those folded networks itself (the control's BN-fused one too) at
 ``--folded-lr``: its merged convs, no BatchNorm, fewer layers, so a step costs less than the planned network's.
 
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
     add("--plan", action="append", default=[], metavar="NAME=BLOCK,BLOCK,...",
         help="a run with this fixed plan (every site of these blocks linear, no search), e.g. "
              "p1=bn1,blocks.0.0,blocks.1.1; repeatable")
+    add("--teacher", default="baseline", choices=["baseline", "control"],
+        help="with --distill-weight: distill from the λ = 0 model, or (with --start baseline) from the control")
     add("--continue-steps", type=int, default=None,
         help="with --start baseline: training steps of the runs that start from the λ = 0 model (default: --steps)")
     add_run_args(parser)
@@ -208,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     apply_quick(args)
     if args.continue_steps is not None and (args.start != "baseline" or args.continue_steps <= args.search_steps):
         parser.error("--continue-steps needs --start baseline and more steps than --search-steps")
+    if args.teacher == "control" and (args.start != "baseline" or not args.distill_weight > 0):
+        parser.error("--teacher control needs --start baseline (the control) and --distill-weight > 0")
     if args.quick:
         args.latency_rounds, args.latency_budget_s, args.input_size = 5, 2.0, 32
     lambdas = [float(v) for v in str(args.lambdas).split(",") if v.strip() and float(v) > 0]
@@ -215,7 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = load_fashion_mnist(train_size=args.train_size or None, test_size=args.test_size or None, seed=args.seed)
-    settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start", "continue_steps", "folded_steps", "folded_lr")}
+    settings = {k: getattr(args, k) for k in (*RUN_SETTINGS, "start", "continue_steps", "folded_steps", "folded_lr",
+                                                 "teacher")}
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
                               + (STARTED_FROM_BASELINE if args.start == "baseline" else "") +
@@ -250,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
                 result["skipped"].append(label)
                 continue
             t0 = time.perf_counter()
-            teacher = folded["lambda=0"] if not first and args.distill_weight > 0 else None
+            teacher_label = CONTROL if args.teacher == "control" and CONTROL in folded else "lambda=0"
+            teacher = folded[teacher_label] if not first and args.distill_weight > 0 else None
             start_state = baseline_state if not first and args.start == "baseline" else None
             run = run_one(label, lam, data, run_args, scratch, teacher=teacher, start_state=start_state,
                           keep_state=first and args.start == "baseline", plan_blocks=blocks)
@@ -258,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
             if blocks is not None:
                 run["row"]["fixed_plan"] = blocks
             run["row"]["steps"] = run_args.steps
+            if teacher is not None:
+                run["row"]["teacher"] = teacher_label
             folded[label] = run.pop("folded")
             if args.folded_steps and not first:  # the folded network itself trains on (the control's too)
                 folded[label], changed = finetune_folded(label, folded[label], data, args, scratch, teacher)

@@ -85,7 +85,7 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
                            "--start", "baseline", "--continue-steps", "10", "--distill-weight", "0.5",
                            "--folded-steps", "2", "--latency-weights", "cpu:1:64", "--plan", "p1=bn1,blocks.0.0",
-                           "--merge-costs", "cpu:1:64",
+                           "--merge-costs", "cpu:1:64", "--teacher", "control",
                            "--out", str(out)], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -98,6 +98,8 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert control["control"] and not folded["control"] and data["settings"]["start"] == "baseline"
     assert folded["top1_gap_vs_control_points"] == round(control["top1_pct"] - folded["top1_pct"], 2)
     assert (base["steps"], control["steps"], folded["steps"]) == (8, 10, 10)  # --continue-steps after the baseline
+    assert "teacher" not in base and control["teacher"] == "lambda=0"  # --teacher control: the control distills
+    assert folded["teacher"] == fixed["teacher"] == "lambda=0 continued"  # from λ = 0, the folding runs from it
     assert "folded_steps" not in base and control["folded_steps"] == folded["folded_steps"] == 2  # then the nets
     assert all(0 <= r["top1_before_folded_pct"] <= 100 for r in (control, folded))
     gains = data["fold_gains"]  # latency-aware: every site's weight from the measured saving of its block
@@ -129,6 +131,15 @@ def test_accuracy_sweep_refuses_a_bad_plan_before_training(spec, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench_accuracy_sweep.main(["--quick", "--plan", spec, "--out", "/nonexistent/never_written.json"])
     assert exit_info.value.code == 2 and f"--plan {spec!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [[], ["--start", "baseline"]])
+def test_accuracy_sweep_teacher_control_needs_a_control_and_distillation(extra, capsys):
+    from benchmarks import bench_accuracy_sweep
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_accuracy_sweep.main(["--quick", "--teacher", "control", *extra, "--out", "/nonexistent/x.json"])
+    assert exit_info.value.code == 2 and "--teacher control needs --start baseline" in capsys.readouterr().err
 
 
 def test_accuracy_sweep_deadline_skips_runs_that_would_not_fit(tmp_path):
