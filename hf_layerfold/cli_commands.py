@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from .cli_config import build_config
+from .files import write_text_atomic
 from .workflow import (
     LITE0_ALIAS,
     CLIError,
@@ -316,14 +317,10 @@ def cmd_gains(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise CLIError(str(err), code=1) from None
     if out is not None:
-        tmp = out.with_name(out.name + ".tmp")
         try:
-            tmp.write_text(json.dumps({**config.to_dict(), "regularizer_weights": weights}, indent=2) + "\n")
-            tmp.replace(out)
+            write_text_atomic(out, json.dumps({**config.to_dict(), "regularizer_weights": weights}, indent=2) + "\n")
         except OSError as err:
             raise CLIError(f"cannot write --output {out}: {err.strerror or err}", code=1) from None
-        finally:
-            tmp.unlink(missing_ok=True)
     if args.json:
         print(json.dumps({**gains.to_dict(), "saved_ms": gains.saved_ms(), "regularizer_weights": weights}))
         return 0

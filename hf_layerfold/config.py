@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .files import write_text_atomic
+
 CONFIG_NAME = "layerfold_config.json"
 REGULARIZERS = ("paper", "l1")
 BLEND_BACKENDS = ("auto", "eager", "compile", "triton")
@@ -165,13 +167,7 @@ class LayerFoldingConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``layerfold_config.json`` into ``save_directory`` (atomically)."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / CONFIG_NAME
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json_string())
-        os.replace(tmp, path)
-        return path
+        return write_text_atomic(Path(save_directory) / CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LayerFoldingConfig:

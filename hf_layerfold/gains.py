@@ -20,6 +20,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .activation import FoldableActivation
+from .files import write_text_atomic
 from .fold import fold_model
 from .plan import FoldPlan, applied_plan
 from .prepare import is_prepared
@@ -86,15 +87,7 @@ class FoldGains:
         return cls.from_dict(data.get("fold_gains", data))
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def timing_input_size(model: nn.Module, input_size: Sequence[int] | None, who: str, why: str,

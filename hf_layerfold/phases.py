@@ -17,6 +17,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .config import LayerFoldingConfig
+from .files import write_text_atomic
 from .folded_net import LayerFoldedNet
 from .plan import FoldPlan, applied_plan, apply_plan
 
@@ -72,13 +73,9 @@ class PhaseState:
 
     def write(self, directory: str | os.PathLike, config: LayerFoldingConfig) -> None:
         """Write the state (atomically) and the config beside a checkpoint."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         state = {"phase": self.phase, "search_steps": self.search_steps, "global_step": self.global_step,
                  "plan": None if self.plan is None else self.plan.to_dict()}
-        tmp = directory / (STATE_NAME + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        os.replace(tmp, directory / STATE_NAME)
+        write_text_atomic(Path(directory) / STATE_NAME, json.dumps(state, indent=2) + "\n")
         config.save_pretrained(directory)
 
     @classmethod

@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
+from .files import write_text_atomic
 from .fold_math import composed_groups
 from .graph import ActNode, ConvNode, ResidualNode, build_graph
 from .layers import PaddedConv2d
@@ -69,9 +70,7 @@ class FoldPlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_NAME
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FoldPlan:

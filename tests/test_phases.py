@@ -63,3 +63,21 @@ def test_state_round_trips_and_a_finetune_checkpoint_replans_a_fresh_model(tmp_p
 def test_a_checkpoint_without_state_keeps_the_phase(tmp_path):
     assert PhaseState.read(tmp_path) is None
     assert restore_phase(tmp_path, prepared(), SEARCH, lf.LayerFoldingConfig()) == (SEARCH, None)
+
+
+def test_atomic_write_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from hf_layerfold.files import write_text_atomic
+
+    target = write_text_atomic(tmp_path / "new" / "state.json", "old\n")  # the folder is created
+    assert target.read_text() == "old\n"
+
+    def failing_write(self, text, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "write_text", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(target, "new\n")
+    monkeypatch.undo()
+    assert target.read_text() == "old\n" and sorted(p.name for p in target.parent.iterdir()) == ["state.json"]
