@@ -98,7 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
                       else evaluation.select(range(min(script.max_eval_samples, len(evaluation)))))
     if script.streaming:
         train = train.shuffle(seed=args.seed, buffer_size=script.shuffle_buffer)
-        args.accelerator_config.dispatch_batches = False  # each rank decodes its own shards
         per_epoch = steps_per_epoch(script, args, train)
         if args.max_steps <= 0:
             if per_epoch is None:

@@ -2,28 +2,23 @@
 
 Everything here returns ordinary Hugging Face ``datasets`` objects plus a picklable collator, so the same
 code path serves ``transformers.Trainer``, ``accelerate`` loops and plain ``torch.utils.data.DataLoader``.
-Image decoding and augmentation happen in the collator (i.e. in dataloader workers) rather than in
-``Dataset.map``, so nothing is re-encoded or cached on disk and streaming datasets work unchanged.
+Image decoding and augmentation happen in the collator (``collate.py``, re-exported here).
 Fashion-MNIST (the IDX reader and its Hub fallback) lives in ``fashion_mnist.py`` and is re-exported here.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
-from PIL import Image
 
+from .collate import ImageClassificationCollator, build_transforms, input_channels
 from .fashion_mnist import (  # re-exported: hf_layerfold.data is where users look for datasets
     FASHION_MNIST_DEFAULT_DIR,
     FASHION_MNIST_DIR_ENV,
@@ -61,6 +56,8 @@ __all__ = [
 ]
 
 AnyDataset = datasets.Dataset | datasets.DatasetDict | datasets.IterableDataset | datasets.IterableDatasetDict
+HF_SPLITS = (datasets.Dataset, datasets.IterableDataset)
+HF_DATASETS = (*HF_SPLITS, datasets.DatasetDict, datasets.IterableDatasetDict)
 
 # Order matters: the first name present wins, so the most conventional names come first.
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
@@ -184,7 +181,9 @@ def detect_columns(dataset: AnyDataset) -> tuple[str, str]:
             f"Could not find the {which} column. Columns found: {columns}. Image column names looked for: "
             f"{list(IMAGE_COLUMN_CANDIDATES)}; label column names looked for: "
             f"{list(LABEL_COLUMN_CANDIDATES)}. "
-            "Rename the columns (dataset.rename_column) or pass image_column=/label_column= explicitly."
+            "Rename the columns (dataset.rename_column(old, 'image')), or build "
+            "ImageClassificationCollator(transform, image_column=..., label_column=...) and pass it as the "
+            "data_collator."
         )
     return image, label
 
@@ -255,123 +254,6 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
     return low, high
 
 
-# ------------------------------------------------------------------------------------------------------
-# Transforms and collation
-# ------------------------------------------------------------------------------------------------------
-
-
-def _normalize_input_size(input_size: int | Sequence[int], channels: int) -> tuple[int, int, int]:
-    size = (input_size,) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
-    if len(size) == 1:
-        return channels, size[0], size[0]
-    if len(size) == 2:
-        return channels, size[0], size[1]
-    if len(size) == 3:
-        return size  # type: ignore[return-value]
-    raise ValueError(f"input_size must be an int, (H, W) or (C, H, W); got {input_size!r}.")
-
-
-def _unwrap_timm(model: Any) -> Any:
-    # transformers' TimmWrapper* keep the timm model (and its pretrained_cfg) in `.timm_model`.
-    if not hasattr(model, "pretrained_cfg") and hasattr(model, "timm_model"):
-        return model.timm_model
-    return model
-
-
-def _input_channels(model: Any) -> int:
-    """Input channels the model's data config asks for (3 unless a 1-channel model is configured)."""
-    import timm.data
-
-    return int(timm.data.resolve_model_data_config(_unwrap_timm(model))["input_size"][0])
-
-
-def build_transforms(
-    model: Any,
-    *,
-    is_training: bool,
-    input_size: int | Sequence[int] | None = None,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """Build the timm preprocessing the model expects (mean/std, interpolation, crop), optionally resized.
-
-    Uses the model's ``pretrained_cfg`` through ``timm.data.resolve_model_data_config``, so it works for timm
-    models, any object with a ``pretrained_cfg`` dict, and transformers' ``TimmWrapper*`` (through its
-    ``timm_model``).
-    ``input_size`` overrides the resolution, e.g. 64 to train small models on 28x28 Fashion-MNIST quickly.
-    """
-    import timm.data  # local import: keeps `import hf_layerfold.data` light for dataset-only users
-
-    cfg = dict(timm.data.resolve_model_data_config(_unwrap_timm(model)))
-    if input_size is not None:
-        cfg["input_size"] = _normalize_input_size(input_size, channels=int(cfg["input_size"][0]))
-    return timm.data.create_transform(**cfg, is_training=is_training)
-
-
-def _to_pil(value: Any) -> Image.Image:
-    """Coerce what ``datasets`` may hand out (PIL, {'bytes','path'} dict, bytes, path, array) to PIL."""
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, Mapping):
-        if value.get("bytes") is not None:
-            return Image.open(io.BytesIO(value["bytes"]))
-        if value.get("path") is not None:
-            return Image.open(value["path"])
-        raise ValueError("Image dict has neither 'bytes' nor 'path'.")
-    if isinstance(value, bytes | bytearray | memoryview):
-        return Image.open(io.BytesIO(bytes(value)))
-    if isinstance(value, str | os.PathLike):
-        return Image.open(value)
-    if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray):
-        array = value
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-            array = array.transpose(1, 2, 0)  # CHW -> HWC
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.dtype != np.uint8:
-            if np.issubdtype(array.dtype, np.floating) and array.size and array.max() <= 1.0:
-                array = array * 255.0  # float images in [0, 1]
-            array = np.clip(array, 0, 255).astype(np.uint8)
-        return Image.fromarray(array)
-    raise TypeError(f"Cannot convert a {type(value).__name__} to an image.")
-
-
-@dataclass
-class ImageClassificationCollator:
-    """Turn a list of dataset examples into ``{"pixel_values", "labels"}`` tensors.
-
-    Decoding + augmentation run here so they happen in DataLoader workers; the class holds only the
-    transform and column names, hence it pickles. Use with ``Trainer(..., data_collator=collator)`` and
-    ``TrainingArguments(remove_unused_columns=False)`` so the raw image column reaches it. Images are
-    converted to ``image_mode`` first (grayscale datasets feed 3-channel ImageNet models).
-    ``label_column=None`` collates unlabeled data (no "labels" key).
-    """
-
-    transform: Callable[[Image.Image], torch.Tensor]
-    image_column: str = "image"
-    label_column: str | None = "label"
-    image_mode: str = "RGB"
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("Cannot collate an empty batch.")
-        pixels = []
-        for example in examples:
-            image = _to_pil(example[self.image_column])
-            if image.mode != self.image_mode:
-                image = image.convert(self.image_mode)
-            tensor = self.transform(image)
-            if not isinstance(tensor, torch.Tensor):
-                raise TypeError(
-                    f"The transform returned {type(tensor).__name__}; it must end with ToTensor/normalize."
-                )
-            pixels.append(tensor)
-        batch = {"pixel_values": torch.stack(pixels).float()}
-        if self.label_column is not None:
-            batch["labels"] = torch.as_tensor([int(e[self.label_column]) for e in examples], dtype=torch.long)
-        return batch
-
-
 def _model_num_classes(model: Any) -> int | None:
     num = getattr(model, "num_classes", None)
     if num is None:
@@ -411,7 +293,7 @@ def prepare_datasets(
         raise ValueError(f"eval must be a single split, got a dict with splits {list(eval)}.")
 
     num_classes = _model_num_classes(model)
-    channels = _input_channels(model)
+    channels = input_channels(model)
     image_mode = "L" if channels == 1 else "RGB"
 
     def collator_for(ds: AnyDataset, is_training: bool) -> ImageClassificationCollator:
@@ -419,11 +301,70 @@ def prepare_datasets(
         if num_classes is not None:
             check_labels(ds, label_column, num_classes)
         transform = build_transforms(model, is_training=is_training, input_size=input_size)
-        return ImageClassificationCollator(transform, image_column, label_column, image_mode)
+        return ImageClassificationCollator(transform, image_column, label_column, image_mode, num_classes)
 
+    if isinstance(train, datasets.Dataset) and len(train) == 0:
+        raise ValueError("The training set is empty (0 rows); check the split name and any filtering.")
     train_collator = collator_for(train, is_training=True)
     eval_collator = collator_for(eval, is_training=False) if eval is not None else None
     return train, eval, train_collator, eval_collator
+
+
+def eval_collators(model: Any, eval_dataset: Any, train_dataset: Any, *, given: Any, user_collator: Any,
+                   input_size: Any) -> dict[str | None, Any]:
+    """The collator of each evaluation set: key ``None`` for the single set (and for any set handed to
+    ``evaluate``; without one, built from the training set), the names of a dict of sets for its entries.
+
+    ``given`` (``eval_data_collator``) collates them all. Else, with a collator of the user's, theirs
+    (``None`` here: Trainer's ``data_collator``); else a ``datasets`` split gets the deterministic timm collator
+    and any other dataset ``default_data_collator`` (examples already ``{"pixel_values", "labels"}``).
+    """
+    if given is not None:
+        return {None: given}
+
+    def one(dataset: Any) -> Any:
+        if user_collator is not None:
+            return None
+        if isinstance(dataset, HF_SPLITS):
+            return prepare_datasets(model, dataset, dataset, input_size=input_size)[3]
+        from transformers import default_data_collator  # (transformers only where a Trainer needs it)
+
+        return default_data_collator
+
+    if isinstance(eval_dataset, Mapping):  # a dict of sets, a DatasetDict too: Trainer evaluates each by name
+        return {name: one(dataset) for name, dataset in eval_dataset.items()}
+    reference = eval_dataset if eval_dataset is not None else train_dataset
+    return {None: None if reference is None else one(reference)}
+
+
+def check_dataset_labels(dataset: Any, num_classes: int) -> None:
+    """Fail before training on labels the head cannot predict (``datasets`` objects with detectable columns and
+    integer labels; other label types are the user's collator's to map)."""
+    if isinstance(dataset, Mapping):
+        for split in dataset.values():
+            check_dataset_labels(split, num_classes)
+        return
+    if not isinstance(dataset, HF_SPLITS):
+        return
+    try:
+        _, label_column = detect_columns(dataset)
+    except ValueError:
+        return  # custom columns, read by the user's collator
+    feature = (dataset.features or {}).get(label_column)
+    if isinstance(feature, datasets.Value) and not pa.types.is_integer(feature.pa_type):
+        return  # e.g. class names as strings, mapped by the user's collator
+    check_labels(dataset, label_column, num_classes)
+
+
+def dataset_label_names(dataset: Any) -> list[str] | None:
+    """Class names of a ``datasets`` object's label column, or ``None`` (another kind of dataset, no
+    ``ClassLabel``)."""
+    if not isinstance(dataset, HF_DATASETS):
+        return None
+    try:
+        return label_names_of(dataset, detect_columns(dataset)[1])
+    except ValueError:
+        return None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -432,13 +373,14 @@ def prepare_datasets(
 
 
 def split_by_node(dataset: AnyDataset, rank: int, world_size: int) -> AnyDataset:
-    """Give each process its own share of a streaming dataset.
+    """Give each process its own share of a streaming dataset, for a training loop of your own.
 
-    ``IterableDataset`` (and each split of an ``IterableDatasetDict``) goes through
+    Not for ``LayerFoldingTrainer``: it has accelerate split a streaming training set itself (by shard, each
+    process decoding only its own; it sets ``dispatch_batches=False``), so splitting here as well would leave each
+    process a 1/world_size² share. ``IterableDataset`` (and each split of an ``IterableDatasetDict``) goes through
     ``datasets.distributed.split_dataset_by_node``: whole shards per rank when ``num_shards`` is divisible by
-    ``world_size``, else every ``world_size``-th example. Map-style datasets are returned unchanged, because
-    ``Trainer``/``accelerate`` already shard them with a ``DistributedSampler``; splitting them here as well
-    would make each rank see only 1/world_size² of the data.
+    ``world_size``, else every ``world_size``-th example. Map-style datasets are returned unchanged (a
+    ``DistributedSampler`` shards those).
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"Need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")

@@ -222,7 +222,8 @@ def load_fashion_mnist(
         if not folder.is_dir()
         else f"folder {folder} lacks {', '.join(missing)} (.gz or uncompressed)"
     )
-    logger.info(
+    chosen = data_dir is not None or os.environ.get(FASHION_MNIST_DIR_ENV)  # a folder the user named: say so loudly
+    (logger.warning if chosen else logger.info)(
         "Fashion-MNIST not found locally (%s); trying the Hub dataset %s.", local_reason, FASHION_MNIST_HUB_ID
     )
     try:

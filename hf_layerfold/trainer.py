@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
 
 from .config import LayerFoldingConfig
-from .data import check_labels, detect_columns, label_names_of, prepare_datasets
+from .data import HF_DATASETS, check_dataset_labels, dataset_label_names, eval_collators, prepare_datasets
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
 from .phases import (
     FINETUNE,
@@ -50,7 +50,6 @@ from .stats import projected_stats
 logger = logging.getLogger(__name__)
 
 ALPHA_GROUP = "layerfold_alpha"  # marks the optimizer param group that holds α
-_HF_DATASETS = (datasets.Dataset, datasets.IterableDataset, datasets.DatasetDict, datasets.IterableDatasetDict)
 
 __all__ = ["ALPHA_GROUP", "LayerFoldingTrainer", "STATE_NAME", "compute_metrics"]
 
@@ -58,7 +57,8 @@ __all__ = ["ALPHA_GROUP", "LayerFoldingTrainer", "STATE_NAME", "compute_metrics"
 def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     """Top-1 / top-5 accuracy as fractions in [0, 1] (``evaluate()`` reports them as eval_top1 / eval_top5).
 
-    ``predictions`` may be logits ``(N, C)`` or already-ranked class ids ``(N, k)`` (integers, best first).
+    ``predictions`` may be logits ``(N, C)`` or already-ranked class ids ``(N, k)`` or ``(N,)`` (integers, best
+    first; with one id per row top-5 equals top-1).
     """
     preds, labels = eval_pred.predictions, eval_pred.label_ids
     if isinstance(preds, tuple | list):
@@ -67,8 +67,8 @@ def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     if np.issubdtype(preds.dtype, np.floating):
         k = min(5, preds.shape[-1])
         ranked = np.argsort(-preds, axis=-1, kind="stable")[:, :k]
-    else:
-        ranked = preds[:, :5]
+    else:  # class ids: (N, k), or (N,) from an argmax in preprocess_logits_for_metrics
+        ranked = preds.reshape(len(preds), -1)[:, :5]
     hits = ranked == labels[:, None]
     return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
 
@@ -107,9 +107,11 @@ class LayerFoldingTrainer(Trainer):
             ``pixel_values`` as the student.
         train_dataset / eval_dataset: ``datasets`` objects with an image and a label column (collators are built
             with :func:`hf_layerfold.data.prepare_datasets` unless ``data_collator`` is given) or any dataset
-            yielding ``{"pixel_values", "labels"}`` batches through your ``data_collator``.
-        eval_data_collator: collator for evaluation / prediction (default: the deterministic one built from the
-            model's data config, else ``data_collator``).
+            yielding ``{"pixel_values", "labels"}`` batches through your ``data_collator``; ``eval_dataset`` may
+            be a dict of such sets (each evaluated under its name). A streaming training set is split between
+            processes by shard (``dispatch_batches=False`` unless you set it).
+        eval_data_collator: collator for evaluation / prediction (default: for ``datasets`` splits the
+            deterministic one built from the model's data config, else ``data_collator``).
         input_size: resolution of the built collators (default: the model's).
         compute_metrics: default :func:`compute_metrics` (eval_top1 / eval_top5).
 
@@ -145,22 +147,21 @@ class LayerFoldingTrainer(Trainer):
         site_alphas = alpha_parameters(model)  # (Trainer moves the model in place: the α objects stay the same)
         reg_weights = None if not site_alphas else site_regularizer_weights(list(site_alphas),
                                                                             config.regularizer_weights)
-        args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
-        self._adjust_args(args)
-
         num_classes = getattr(model, "num_classes", None)
-        auto_eval_collator = None
-        if data_collator is None and isinstance(train_dataset, _HF_DATASETS):
-            train_dataset, eval_dataset, data_collator, auto_eval_collator = prepare_datasets(
-                model, train_dataset, eval_dataset, input_size=input_size)
-        elif data_collator is None and isinstance(eval_dataset, _HF_DATASETS):
-            auto_eval_collator = prepare_datasets(model, eval_dataset, eval_dataset, input_size=input_size)[3]
+        user_collator = data_collator
+        if data_collator is None and isinstance(train_dataset, HF_DATASETS):
+            train_dataset, picked_eval, data_collator, _ = prepare_datasets(model, train_dataset, input_size=input_size)
+            eval_dataset = picked_eval if eval_dataset is None else eval_dataset
         elif num_classes:
-            for ds in (train_dataset, eval_dataset):
-                _check_dataset_labels(ds, int(num_classes))
-        self._eval_collator = eval_data_collator or auto_eval_collator
+            check_dataset_labels(train_dataset, int(num_classes))
+        if user_collator is not None and num_classes:
+            check_dataset_labels(eval_dataset, int(num_classes))
+        self._eval_collators = eval_collators(model, eval_dataset, train_dataset, given=eval_data_collator,
+                                              user_collator=user_collator, input_size=input_size)
+        args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
+        self._adjust_args(args, train_dataset)
         self._input_size = input_size
-        self._label_names = _dataset_label_names(train_dataset if train_dataset is not None else eval_dataset)
+        self._label_names = dataset_label_names(train_dataset if train_dataset is not None else eval_dataset)
 
         # Trainer reads model.config for label smoothing, which a timm model has not: smoothing is applied here.
         self._label_smoothing = float(args.label_smoothing_factor)
@@ -191,7 +192,7 @@ class LayerFoldingTrainer(Trainer):
     # Setup
 
     @staticmethod
-    def _adjust_args(args: TrainingArguments) -> None:
+    def _adjust_args(args: TrainingArguments, train_dataset: Any) -> None:
         if args.remove_unused_columns:
             # timm's forward(x) would make Trainer drop the image and label columns the collator needs.
             logger.info("LayerFoldingTrainer sets remove_unused_columns=False (the collator reads raw columns)")
@@ -205,6 +206,11 @@ class LayerFoldingTrainer(Trainer):
         if args.ddp_static_graph:
             logger.warning("LayerFoldingTrainer sets ddp_static_graph=False: the graph changes when the plan is fixed")
             args.ddp_static_graph = False
+        # A streaming training set: each process reads and decodes its own shards (accelerate splits a datasets
+        # IterableDataset by shard when batches are not dispatched), instead of rank 0 decoding every image.
+        accel = args.accelerator_config
+        if isinstance(train_dataset, datasets.IterableDataset) and accel.dispatch_batches is None:
+            accel.dispatch_batches = False
 
     def _model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -301,6 +307,14 @@ class LayerFoldingTrainer(Trainer):
                     len(plan), len(self._alphas))
         return plan
 
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """``load_best_model_at_end`` may only pick a checkpoint of the phase the run ends in: a search-phase model
+        (soft α) loaded into the planned network would be a model nobody evaluated, its α disagreeing with the
+        plan. So while a search that ends mid-run is going on, no evaluation counts as best."""
+        if self._phase == SEARCH and self._search_steps is not None and self._search_steps < self.state.max_steps:
+            return False
+        return super()._determine_best_metric(metrics, trial)
+
     def _finish_search_at_end(self) -> None:
         if (self._phase == SEARCH and self._search_steps is not None and self.state.global_step >= self._search_steps
                 and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)):
@@ -379,11 +393,12 @@ class LayerFoldingTrainer(Trainer):
     # Evaluation data
 
     def get_eval_dataloader(self, eval_dataset: Any = None):
-        with self._collator(self._eval_collator):
+        key = eval_dataset if isinstance(eval_dataset, str) else None  # a name: an entry of a dict of eval sets
+        with self._collator(self._eval_collators.get(key, self._eval_collators.get(None))):
             return super().get_eval_dataloader(eval_dataset)
 
     def get_test_dataloader(self, test_dataset: Any):
-        with self._collator(self._eval_collator):
+        with self._collator(self._eval_collators.get(None)):
             return super().get_test_dataloader(test_dataset)
 
     @contextlib.contextmanager
@@ -453,23 +468,3 @@ def _logits(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, Mapping) and "logits" in outputs:
         return outputs["logits"]
     return outputs.logits if hasattr(outputs, "logits") else outputs[0]
-
-
-def _check_dataset_labels(dataset: Any, num_classes: int) -> None:
-    """Fail before training on labels the head cannot predict (a ``datasets`` object with detectable columns)."""
-    if not isinstance(dataset, _HF_DATASETS):
-        return
-    try:
-        _, label_column = detect_columns(dataset)
-    except ValueError:
-        return  # custom columns, read by the user's collator
-    check_labels(dataset, label_column, num_classes)
-
-
-def _dataset_label_names(dataset: Any) -> list[str] | None:
-    if not isinstance(dataset, _HF_DATASETS):
-        return None
-    try:
-        return label_names_of(dataset, detect_columns(dataset)[1])
-    except ValueError:
-        return None

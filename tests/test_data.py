@@ -379,6 +379,39 @@ def test_collator_is_picklable_and_handles_raw_formats(small_model: torch.nn.Mod
     assert all(torch.allclose(a["pixel_values"][0], a["pixel_values"][i], atol=1e-5) for i in range(1, 5))
 
 
+def test_collator_reads_wide_and_list_images_and_checks_labels(small_model: torch.nn.Module) -> None:
+    """16-bit pixels are scaled by their range (not clipped to two values), array columns that come back as
+    Python lists are read, and each label is checked against the head as it is collated."""
+    collator = hd.ImageClassificationCollator(hd.build_transforms(small_model, is_training=False, input_size=16),
+                                              num_classes=10)
+    ramp8 = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    ramp16 = ramp8.astype(np.uint16) * 257  # the same ramp over the 16-bit range
+    assert Image.fromarray(ramp16).mode == "I;16"
+    listed = datasets.Dataset.from_dict({"image": [ramp8], "label": [3]})[0]  # a List(List(uint8)) column
+    assert isinstance(listed["image"], list)
+    examples = [{"image": ramp8, "label": 0}, {"image": ramp16, "label": 1},
+                {"image": Image.fromarray(ramp16), "label": 2}, listed,
+                {"image": ramp8.astype(np.float32) / 255, "label": np.int64(4)}]
+    batch = collator(examples)
+    assert batch["labels"].tolist() == [0, 1, 2, 3, 4]
+    assert len(torch.unique(batch["pixel_values"][0])) > 100
+    for i in range(1, len(examples)):
+        torch.testing.assert_close(batch["pixel_values"][i], batch["pixel_values"][0])
+    with pytest.raises(ValueError, match=r"Label '7' in column 'label' is not an integer class id"):
+        collator([{"image": ramp8, "label": "7"}])
+    with pytest.raises(ValueError, match=r"Label 10 in column 'label' is outside the model's classes 0\.\.9"):
+        collator([{"image": ramp8, "label": 10}])
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 2, 2\)"):
+        collator([{"image": np.zeros((2, 2, 2, 2), np.uint8), "label": 0}])
+
+
+def test_prepare_datasets_refuses_an_empty_training_set(fashion_small: datasets.DatasetDict,
+                                                        small_model: torch.nn.Module) -> None:
+    with pytest.raises(ValueError, match="training set is empty"):
+        hd.prepare_datasets(small_model, fashion_small["train"].select([]))
+    assert hd.prepare_datasets(small_model, fashion_small["train"])[2].num_classes == 10
+
+
 def test_build_transforms_from_plain_pretrained_cfg() -> None:
     class Bare(torch.nn.Module):
         pretrained_cfg = {

@@ -45,7 +45,7 @@ def test_state_round_trips_and_a_finetune_checkpoint_replans_a_fresh_model(tmp_p
     config = model.layerfold_config
     lf.apply_plan(model, plan, config)
     PhaseState(FINETUNE, 6, 8, applied_plan(model)).write(tmp_path, config)
-    assert not (tmp_path / (STATE_NAME + ".tmp")).exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert json.loads((tmp_path / STATE_NAME).read_text())["phase"] == FINETUNE
     assert PhaseState.read(tmp_path) == PhaseState(FINETUNE, 6, 8, plan)
 
@@ -66,18 +66,38 @@ def test_a_checkpoint_without_state_keeps_the_phase(tmp_path):
 
 
 def test_atomic_write_leaves_the_old_file_whole_when_the_write_fails(tmp_path, monkeypatch):
-    from pathlib import Path
+    import os
 
     from hf_layerfold.files import write_text_atomic
 
     target = write_text_atomic(tmp_path / "new" / "state.json", "old\n")  # the folder is created
     assert target.read_text() == "old\n"
 
-    def failing_write(self, text, *args, **kwargs):
+    def failing_fsync(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Path, "write_text", failing_write)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
         write_text_atomic(target, "new\n")
     monkeypatch.undo()
     assert target.read_text() == "old\n" and sorted(p.name for p in target.parent.iterdir()) == ["state.json"]
+
+
+def test_concurrent_atomic_writes_of_one_file_do_not_clash(tmp_path):
+    """Two writers of the same file (save_on_each_node on a shared disk): every write succeeds, the file holds
+    one whole version, and no temporary file is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hf_layerfold.files import write_text_atomic
+
+    target = tmp_path / "state.json"
+    texts = {name: name * 1000 + "\n" for name in ("a", "b")}
+
+    def writer(name):
+        for _ in range(100):
+            write_text_atomic(target, texts[name])
+
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(writer, texts))  # re-raises any writer's error
+    assert target.read_text() in texts.values()
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]

@@ -265,6 +265,8 @@ def test_compute_metrics_accepts_logits_and_ranked_ids():
     assert compute_metrics(EvalPrediction(logits, labels)) == {"top1": 0.5, "top5": 0.5}
     ranked = np.array([[1, 0, 2, 3, 4], [6, 0, 1, 2, 3]])
     assert compute_metrics(EvalPrediction(ranked, labels)) == {"top1": 1.0, "top5": 1.0}
+    argmax = np.array([1, 0])  # preprocess_logits_for_metrics=argmax: one id per row
+    assert compute_metrics(EvalPrediction(argmax, labels)) == {"top1": 0.5, "top5": 0.5}
 
 
 def test_save_folded_loads_back_and_matches(baseline, tmp_path):
@@ -281,6 +283,51 @@ def test_save_folded_loads_back_and_matches(baseline, tmp_path):
     card = (path / "README.md").read_text()
     assert "top1" in card
     assert lf.fold_stats(net, None).depth < lf.fold_stats(tiny_model(), None).depth
+
+
+def test_best_model_at_end_is_a_fine_tune_checkpoint(tmp_path, fashion):
+    """load_best_model_at_end must not load a search-phase checkpoint (soft α) into the planned network."""
+    args = args_for(tmp_path, max_steps=12, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=4,
+                    load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer = make_trainer(tmp_path, fashion, train_args=args)  # search ends at step 6
+    trainer.train()
+    evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert evaluated == [4, 8, 12] and trainer.phase == "finetune"
+    assert trainer.state.best_model_checkpoint.endswith(("checkpoint-8", "checkpoint-12"))
+    plan = applied_plan(trainer.model)
+    alphas = lf.alpha_parameters(trainer.model)
+    assert {v.item() for v in alphas.values()} <= {0.0, 1.0}
+    assert {site for site, v in alphas.items() if v.item() == 1.0} == set(plan.linear_sites)
+
+
+def test_eval_sets_by_name_of_any_kind(tmp_path, fashion):
+    """A dict of eval sets: a datasets split gets the timm collator, a set of ready tensors the default one."""
+    deterministic = prepare_datasets(tiny_model(), fashion["train"], fashion["test"], input_size=SIZE)[3]
+    ready = [{"pixel_values": b, "labels": int(y)}
+             for b, y in zip(*deterministic([fashion["test"][i] for i in range(8)]).values(), strict=True)]
+    trainer = LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                                  eval_dataset={"fm": fashion["test"], "ready": ready}, input_size=SIZE)
+    metrics = trainer.evaluate()
+    assert {"eval_fm_top1", "eval_ready_top1", "eval_fm_top5", "eval_ready_top5"} <= set(metrics)
+    first8 = trainer.evaluate(eval_dataset=fashion["test"].select(range(8)))
+    assert metrics["eval_ready_top1"] == first8["eval_top1"]
+
+
+def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collators(tmp_path, fashion):
+    stream = fashion["train"].to_iterable_dataset(num_shards=4)
+    args = args_for(tmp_path, max_steps=1)
+    LayerFoldingTrainer(tiny_model(), args, train_dataset=stream, input_size=SIZE)
+    assert args.accelerator_config.dispatch_batches is False  # each process decodes its own shards
+    names = fashion["train"].features["label"].names
+    named = fashion["train"].cast_column("label", datasets.Value("int64")).map(lambda e: {"label": names[e["label"]]})
+    base = prepare_datasets(tiny_model(), fashion["train"], input_size=SIZE)[2]
+
+    def by_name(examples):  # the user's collator maps class names to ids
+        return base([{**e, "label": names.index(e["label"])} for e in examples])
+
+    trainer = LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), data_collator=by_name,
+                                  train_dataset=named)
+    assert trainer.get_train_dataloader() is not None
 
 
 # --------------------------------------------------------------------------------------------------------

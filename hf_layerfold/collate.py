@@ -1,0 +1,169 @@
+"""From dataset examples to model inputs: timm transforms, image decoding and the collator.
+
+Decoding and augmentation run in the collator (in DataLoader workers), not in ``Dataset.map``: nothing is re-encoded
+or cached, and streaming datasets work unchanged. ``hf_layerfold.data`` re-exports what is public here.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def _normalize_input_size(input_size: int | Sequence[int], channels: int) -> tuple[int, int, int]:
+    size = (input_size,) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
+    if len(size) == 1:
+        return channels, size[0], size[0]
+    if len(size) == 2:
+        return channels, size[0], size[1]
+    if len(size) == 3:
+        return size  # type: ignore[return-value]
+    raise ValueError(f"input_size must be an int, (H, W) or (C, H, W); got {input_size!r}.")
+
+
+def _unwrap_timm(model: Any) -> Any:
+    # transformers' TimmWrapper* keep the timm model (and its pretrained_cfg) in `.timm_model`.
+    if not hasattr(model, "pretrained_cfg") and hasattr(model, "timm_model"):
+        return model.timm_model
+    return model
+
+
+def input_channels(model: Any) -> int:
+    """Input channels the model's data config asks for (3 unless a 1-channel model is configured)."""
+    import timm.data
+
+    return int(timm.data.resolve_model_data_config(_unwrap_timm(model))["input_size"][0])
+
+
+def build_transforms(
+    model: Any,
+    *,
+    is_training: bool,
+    input_size: int | Sequence[int] | None = None,
+) -> Callable[[Image.Image], torch.Tensor]:
+    """Build the timm preprocessing the model expects (mean/std, interpolation, crop), optionally resized.
+
+    Uses the model's ``pretrained_cfg`` through ``timm.data.resolve_model_data_config``, so it works for timm
+    models, any object with a ``pretrained_cfg`` dict, and transformers' ``TimmWrapper*`` (through its
+    ``timm_model``).
+    ``input_size`` overrides the resolution, e.g. 64 to train small models on 28x28 Fashion-MNIST quickly.
+    """
+    import timm.data  # local import: keeps `import hf_layerfold.data` light for dataset-only users
+
+    cfg = dict(timm.data.resolve_model_data_config(_unwrap_timm(model)))
+    if input_size is not None:
+        cfg["input_size"] = _normalize_input_size(input_size, channels=int(cfg["input_size"][0]))
+    return timm.data.create_transform(**cfg, is_training=is_training)
+
+
+def _to_pil(value: Any) -> Image.Image:
+    """Coerce what ``datasets`` may hand out (PIL, {'bytes','path'} dict, bytes, path, array, nested lists) to a
+    PIL image of 8-bit pixels."""
+    if isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            return _to_pil(Image.open(io.BytesIO(value["bytes"])))
+        if value.get("path") is not None:
+            return _to_pil(Image.open(value["path"]))
+        raise ValueError("Image dict has neither 'bytes' nor 'path'.")
+    if isinstance(value, bytes | bytearray | memoryview):
+        return _to_pil(Image.open(io.BytesIO(bytes(value))))
+    if isinstance(value, str | os.PathLike):
+        return _to_pil(Image.open(value))
+    if isinstance(value, Image.Image):
+        if value.mode in _WIDE_MODES:  # 16-bit or float pixels: scaled by their range (a convert would clip)
+            return _to_pil(np.asarray(value))
+        return value
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, list | tuple):  # an Array3D or nested-list column comes back as Python lists
+        value = np.asarray(value)
+    if isinstance(value, np.ndarray):
+        array = value
+        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+            array = array.transpose(1, 2, 0)  # CHW -> HWC
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        if array.ndim not in (2, 3):
+            raise ValueError(f"Cannot read an array of shape {value.shape} as an image (expected HW, HWC or CHW).")
+        return Image.fromarray(_to_uint8(array))
+    raise TypeError(f"Cannot convert a {type(value).__name__} to an image.")
+
+
+_WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """8-bit pixels from any numeric array: floats in [0, 1] times 255; integers past 255 (16-bit images) scaled
+    by 255/65535 (or by 255/max beyond that); other values kept; then rounded and clipped to 0..255."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"Cannot read an array of dtype {array.dtype} as an image.")
+    high = float(array.max()) if array.size else 0.0
+    if np.issubdtype(array.dtype, np.floating):
+        scale = 255.0 if high <= 1.0 else 1.0
+    else:
+        scale = 1.0 if high <= 255 else 255.0 / max(high, 65535.0)
+    return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)  # rounded: 0.2 * 255 is 50.999…
+
+
+@dataclass
+class ImageClassificationCollator:
+    """Turn a list of dataset examples into ``{"pixel_values", "labels"}`` tensors.
+
+    Decoding + augmentation run here so they happen in DataLoader workers; the class holds only the
+    transform and column names, hence it pickles. Use with ``Trainer(..., data_collator=collator)`` and
+    ``TrainingArguments(remove_unused_columns=False)`` so the raw image column reaches it. Images are
+    converted to ``image_mode`` first (grayscale datasets feed 3-channel ImageNet models).
+    ``label_column=None`` collates unlabeled data (no "labels" key). With ``num_classes`` each label is checked
+    against the head as it is collated: the only check streaming data without a ``ClassLabel`` feature gets.
+    """
+
+    transform: Callable[[Image.Image], torch.Tensor]
+    image_column: str = "image"
+    label_column: str | None = "label"
+    image_mode: str = "RGB"
+    num_classes: int | None = None
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("Cannot collate an empty batch.")
+        pixels = []
+        for example in examples:
+            image = _to_pil(example[self.image_column])
+            if image.mode != self.image_mode:
+                image = image.convert(self.image_mode)
+            tensor = self.transform(image)
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(
+                    f"The transform returned {type(tensor).__name__}; it must end with ToTensor/normalize."
+                )
+            pixels.append(tensor)
+        batch = {"pixel_values": torch.stack(pixels).float()}
+        if self.label_column is not None:
+            labels = [_class_id(e[self.label_column], self.label_column, self.num_classes) for e in examples]
+            batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
+        return batch
+
+
+def _class_id(value: Any, column: str, num_classes: int | None) -> int:
+    """An example's label as a class id, refused with its value and column when it is not one the head has (on
+    a GPU it would otherwise surface as a device-side assert inside the loss)."""
+    if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id; map class names to ids "
+                         "first (dataset.class_encode_column or cast_column to ClassLabel).")
+    if num_classes is not None and not 0 <= value < num_classes:
+        raise ValueError(f"Label {value} in column {column!r} is outside the model's classes 0..{num_classes - 1}; "
+                         "use a model with a matching head (num_classes=...) or filter/remap the labels.")
+    return int(value)
