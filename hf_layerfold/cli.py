@@ -11,8 +11,11 @@ line and dispatches to them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import typing
 from collections.abc import Sequence
 
@@ -29,6 +32,10 @@ from .cli_config import add_config_flags, build_config, read_mapping_file  # noq
 from .config import LayerFoldingConfig
 from .workflow import DTYPES, FASHION_MNIST, LITE0_ALIAS, CLIError
 
+# The LayerFoldingConfig fields that decide what a fold makes (gains takes these; the others only shape training).
+FOLD_SHAPE_FIELDS = ("target_modules", "exclude_modules", "alpha_sharing", "max_kernel_size", "max_macs_increase",
+                     "merge_costs", "fold_residual")
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad command line is one error line (with a pointer to --help) instead of a usage dump."""
@@ -42,9 +49,31 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "default" in text or action.default is None or action.default is False or \
+                action.default == argparse.SUPPRESS:
             return text
         return text + " (default: %(default)s)"
+
+
+def _number(kind: type, low: float, strict: bool) -> typing.Callable[[str], typing.Any]:
+    """An argparse type: ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``; argparse turns
+    the message into "argument --flag: must be ..." (one error line, exit code 2)."""
+    what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+
+    def convert(text: str) -> typing.Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (value > low if strict else value >= low) or value != value:  # (NaN fails both)
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return convert
+
+
+POSITIVE_INT, COUNT, POSITIVE, NON_NEGATIVE = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True), \
+    _number(float, 0, False)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,8 +121,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads; unset: torch's choice")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads; unset: torch's choice")
+        p.add_argument("--quiet", action="store_true", help="no progress bars (nor per-step training logs)")
         p.add_argument("--verbose", action="store_true", help="debug logging")
 
     fold = sub.add_parser(
@@ -114,30 +143,34 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     io.add_argument("--dataset", default=FASHION_MNIST,
                     help=f"{FASHION_MNIST!r}, a directory in imagefolder layout, or a Hub dataset id")
     io.add_argument("--eval-split", default=None, help="split to evaluate on; unset: validation/val/test, else "
-                    "a held-out 10%% of train")
-    io.add_argument("--train-size", type=int, default=None, help="train on a random subset of this many images")
-    io.add_argument("--eval-size", type=int, default=None, help="evaluate on a random subset of this many images")
-    io.add_argument("--image-size", type=int, default=None, help="train / evaluate at this resolution; unset: the "
-                    "model's. Recorded in the saved config")
+                    "a held-out 10%% of train (at most 1000 images)")
+    io.add_argument("--train-size", type=POSITIVE_INT, default=None,
+                    help="train on a random subset of this many images")
+    io.add_argument("--eval-size", type=POSITIVE_INT, default=None,
+                    help="evaluate on a random subset of this many images")
+    io.add_argument("--image-size", type=POSITIVE_INT, default=None,
+                    help="train / evaluate at this resolution; unset: the model's. Recorded in the saved config")
     io.add_argument("--teacher", default=None, help="teacher for distillation (--distill-weight > 0): a folded "
                     "save, a timm name or hf-hub: id with a head for the dataset's classes")
     io.add_argument("--output-dir", default="outputs/folded", help="where the folded model is saved")
-    io.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    io.add_argument("--overwrite", action="store_true", help="replace an earlier folded save in --output-dir (a "
+                    "directory holding anything else is never replaced)")
     io.add_argument("--push-to-hub", action="store_true", help="also push the save to the Hub (needs --repo-id)")
     io.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub, e.g. your-org/model-folded")
     io.add_argument("--private", action="store_true", help="create the Hub repo private")
     io.add_argument("--token", default=None, help="Hub token; unset: HF_TOKEN or the logged-in one")
     train = fold.add_argument_group("training")
-    train.add_argument("--epochs", type=float, default=1.0, help="training epochs (both phases together)")
-    train.add_argument("--max-steps", type=int, default=None, help="training steps; overrides --epochs")
-    train.add_argument("--batch-size", type=int, default=32, help="per-device batch size")
-    train.add_argument("--lr", type=float, default=1e-3, help="learning rate of the weights (α: --alpha-lr)")
-    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (never applied to α)")
-    train.add_argument("--warmup-steps", type=float, default=0, help="lr warm-up steps (a float < 1: a ratio)")
+    train.add_argument("--epochs", type=POSITIVE, default=1.0, help="training epochs (both phases together)")
+    train.add_argument("--max-steps", type=POSITIVE_INT, default=None, help="training steps; overrides --epochs")
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=32, help="per-device batch size")
+    train.add_argument("--lr", type=POSITIVE, default=1e-3, help="learning rate of the weights (α: --alpha-lr)")
+    train.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay (never applied to α)")
+    train.add_argument("--warmup-steps", type=NON_NEGATIVE, default=0, help="lr warm-up steps (a float < 1: a ratio)")
     train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
     train.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    train.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes")
-    train.add_argument("--logging-steps", type=int, default=10, help="log loss, α and projected depth every N steps")
+    train.add_argument("--num-workers", type=COUNT, default=0, help="dataloader worker processes")
+    train.add_argument("--logging-steps", type=POSITIVE_INT, default=10,
+                       help="log loss, α and projected depth every N steps")
     train.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and subsets")
     common(fold)
     add_config_flags(fold)
@@ -152,11 +185,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     evaluate.add_argument("--dataset", default=FASHION_MNIST,
                           help=f"{FASHION_MNIST!r}, a directory in imagefolder layout, or a Hub dataset id")
     evaluate.add_argument("--split", default=None, help="split; unset: validation/val/test")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate on a random subset of this many images")
-    evaluate.add_argument("--image-size", type=int, default=None, help="resolution; unset: the model's config")
-    evaluate.add_argument("--batch-size", type=int, default=64, help="batch size")
+    evaluate.add_argument("--limit", type=POSITIVE_INT, default=None,
+                          help="evaluate on a random subset of this many images")
+    evaluate.add_argument("--image-size", type=POSITIVE_INT, default=None, help="resolution; unset: the model's config")
+    evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="batch size")
     evaluate.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    evaluate.add_argument("--num-workers", type=int, default=0, help="dataloader worker processes")
+    evaluate.add_argument("--num-workers", type=COUNT, default=0, help="dataloader worker processes")
     evaluate.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                           help="pre-trained weights for a timm model name")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
@@ -177,9 +211,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,128")
     bench.add_argument("--dtype", choices=DTYPES, default="fp32", help="model and input dtype")
     bench.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    bench.add_argument("--image-size", type=int, default=None, help="resolution; unset: the save's input size")
-    bench.add_argument("--warmup", type=int, default=3, help="untimed forwards per model first")
-    bench.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median is reported)")
+    bench.add_argument("--image-size", type=POSITIVE_INT, default=None, help="resolution; unset: the save's input size")
+    bench.add_argument("--warmup", type=COUNT, default=3, help="untimed forwards per model first")
+    bench.add_argument("--rounds", type=POSITIVE_INT, default=7, help="interleaved timing rounds (median is reported)")
     bench.add_argument("--json", action="store_true", help="print the results as one JSON line")
     common(bench)
     bench.set_defaults(func=cmd_benchmark)
@@ -194,12 +228,12 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                f"--output gains.json\n  {PROG} fold --model mobilenetv2_100 --config gains.json --lambda-reg 0.02")
     gains.add_argument("model", help=f"timm model name (weights are not loaded) or {LITE0_ALIAS!r}")
     gains.add_argument("--device", default="cpu", help="cpu or cuda: the device the folded model will run on")
-    gains.add_argument("--batch-size", type=int, default=1, help="batch size to time at")
+    gains.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="batch size to time at")
     gains.add_argument("--dtype", choices=DTYPES, default="fp32", help="model and input dtype")
     gains.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    gains.add_argument("--image-size", type=int, default=None, help="resolution; unset: the model's")
-    gains.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (median is used)")
-    gains.add_argument("--round-seconds", type=float, default=0.25, help="forwards per model per round, in seconds")
+    gains.add_argument("--image-size", type=POSITIVE_INT, default=None, help="resolution; unset: the model's")
+    gains.add_argument("--rounds", type=POSITIVE_INT, default=7, help="interleaved timing rounds (median is used)")
+    gains.add_argument("--round-seconds", type=POSITIVE, default=0.25, help="forwards per model per round, in seconds")
     gains.add_argument("--measure-merge-costs", action="store_true",
                        help="also time every conv and every merge a plan could make, and write that table "
                             "(merge_costs) into --output: fold then splits each run where this device is fastest")
@@ -209,8 +243,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="write the config (these flags + regularizer_weights) as JSON for fold --config")
     gains.add_argument("--json", action="store_true", help="print the measurement as one JSON line")
     common(gains)
-    add_config_flags(gains, "Layer Folding config (LayerFoldingConfig fields: the sites, α sharing and merge limits "
-                            "decide each fold; --output writes them with the weights)")
+    add_config_flags(gains, "Layer Folding config (the sites, α sharing and merge limits decide each fold; "
+                            "--output writes them with the weights)", only=FOLD_SHAPE_FIELDS)
     gains.set_defaults(func=cmd_gains)
 
     push = sub.add_parser(
@@ -231,7 +265,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser, fold = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     args.config_values = {}
     if getattr(args, "command", None) == "fold" and args.config:
         values = read_mapping_file(args.config)
@@ -243,37 +277,91 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise CLIError(f"config file {args.config}: unknown key(s) {unknown}; allowed: LayerFoldingConfig "
                            f"fields {sorted(config_fields)} and fold options {sorted(options)}")
         training = {k: v for k, v in values.items() if k in options}
-        if training:  # file values become defaults, so the flags given still win
-            fold.set_defaults(**training)
-            args = parser.parse_args(argv)
+        if training:  # the file's options go through argparse like flags (types, choices), before the flags given
+            tokens = _option_tokens(fold, training, args.config)
+            try:
+                _parse(parser, ["fold", *tokens])
+            except CLIError as err:
+                raise CLIError(f"config file {args.config}: {err}") from None
+            at = argv.index("fold")
+            args = _parse(parser, [*argv[: at + 1], *tokens, *argv[at + 1:]])  # later flags win
         args.config_values = {k: v for k, v in values.items() if k in config_fields}
     return args
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parse_args``, with an unknown flag pointed at its command's help rather than the top-level one."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = f" {args.command}" if getattr(args, "command", None) else ""
+        raise CLIError(f"unrecognized arguments: {' '.join(extra)} (see '{PROG}{command} --help')")
+    return args
+
+
+def _option_tokens(parser: argparse.ArgumentParser, values: dict, path: str) -> list[str]:
+    """Command-line tokens for training options read from a config file (``epochs: 2`` → ``--epochs=2``)."""
+    actions = {a.dest: a for a in parser._actions}
+    tokens = []
+    for key, value in values.items():
+        action = actions[key]
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # a switch: --overwrite, --pretrained / --no-pretrained
+            if not isinstance(value, bool):
+                raise CLIError(f"config file {path}: {key} must be true or false, got {value!r}")
+            if isinstance(action, argparse.BooleanOptionalAction):
+                tokens.append(flag if value else "--no-" + flag[2:])
+            elif value:
+                tokens.append(flag)
+        elif isinstance(value, dict | list):
+            raise CLIError(f"config file {path}: {key} takes one value, got {value!r}")
+        elif value is not None:  # null: unset
+            tokens.append(f"{flag}={value}")
+    return tokens
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``hf-layerfold`` (and ``python -m hf_layerfold.cli``); returns the exit code."""
-    try:
-        args = parse_args(argv)
-        if getattr(args, "command", None) is None:
-            build_parser()[0].print_help(sys.stderr)
-            return 2
-        _setup_logging(args.verbose)
-        if not args.threads:
-            return int(args.func(args) or 0)
-        import torch
-
-        previous = torch.get_num_threads()
-        torch.set_num_threads(args.threads)
+    with _sigterm_as_interrupt():
         try:
-            return int(args.func(args) or 0)
-        finally:
-            torch.set_num_threads(previous)  # main() may run inside a longer-lived process
-    except CLIError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return err.code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+            args = parse_args(argv)
+            if getattr(args, "command", None) is None:
+                build_parser()[0].print_help(sys.stderr)
+                return 2
+            _setup_logging(args.verbose, args.quiet)
+            if not args.threads:
+                return int(args.func(args) or 0)
+            import torch
+
+            previous = torch.get_num_threads()
+            torch.set_num_threads(args.threads)
+            try:
+                return int(args.func(args) or 0)
+            finally:
+                torch.set_num_threads(previous)  # main() may run inside a longer-lived process
+        except CLIError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return err.code
+        except KeyboardInterrupt:
+            print(f"{PROG}: interrupted", file=sys.stderr)
+            return 130
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """``kill`` (SIGTERM) unwinds like Ctrl-C while a command runs, so an interrupted ``fold`` removes its
+    scratch as promised; the previous handler is back afterwards."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

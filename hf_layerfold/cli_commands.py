@@ -10,10 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
 from pathlib import Path
+
+from PIL import UnidentifiedImageError
 
 from .cli_config import build_config
 from .files import write_text_atomic
@@ -43,14 +46,35 @@ logger = logging.getLogger(__name__)
 
 
 def _check_output_dir(path: Path, overwrite: bool) -> None:
-    if overwrite or not path.exists():
+    """``--output-dir`` must be new, empty, or an earlier folded save (replaced only with ``--overwrite``); a
+    directory holding anything else is never replaced, with ``--overwrite`` or without."""
+    cwd, resolved = Path.cwd().resolve(), path.resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise CLIError(f"--output-dir {path} is the current directory or one above it; name a directory for the save")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CLIError(f"cannot create --output-dir {path}: {existing} is a file")
+    if not path.exists():
         return
     if not path.is_dir():
         raise CLIError(f"output path {path} exists and is not a directory")
-    if any(path.iterdir()):
-        what = "a folded model" if is_folded_dir(path) else "files"
-        raise CLIError(f"output directory {path} already holds {what}; pass --overwrite to replace it "
-                       "(the whole directory is replaced)")
+    if not any(path.iterdir()):
+        return
+    if not is_folded_dir(path):
+        raise CLIError(f"output directory {path} holds files that are not a folded-model save; choose another "
+                       "--output-dir (--overwrite replaces only an earlier folded save)")
+    if not overwrite:
+        raise CLIError(f"output directory {path} already holds a folded model; pass --overwrite to replace it")
+
+
+def _check_repo_id(repo_id: str) -> None:
+    """A malformed repo id fails here, before any training, not at upload time."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise CLIError(f"--repo-id {repo_id!r} is not a valid Hub repo id (org/name): {err}") from None
 
 
 def _scratch_dir(output: Path) -> Path:
@@ -59,7 +83,7 @@ def _scratch_dir(output: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.train-", dir=output.parent))
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, quiet: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     root = logging.getLogger("hf_layerfold")
@@ -67,6 +91,10 @@ def _setup_logging(verbose: bool) -> None:
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     root.propagate = False
+    if quiet:  # the progress bars of datasets too (loading, splitting, casting)
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,8 +110,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     _check_output_dir(output, args.overwrite)
     if args.push_to_hub and not args.repo_id:
         raise CLIError("--push-to-hub needs --repo-id (e.g. your-org/mobilenetv2-folded)")
-    if args.max_steps is None and args.epochs <= 0:
-        raise CLIError(f"--epochs must be > 0, got {args.epochs}")
+    if args.repo_id:
+        _check_repo_id(args.repo_id)
     device = str(torch_device(args.device))
     folded_input = model_kind(args.model) == "folded"  # a folded save trains on as itself: no search, no plan
     data = load_data(args.dataset, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
@@ -121,10 +149,17 @@ def cmd_fold(args: argparse.Namespace) -> int:
                                           input_size=args.image_size)
         except ValueError as err:  # no foldable site, unsupported model, labels that do not fit the head
             raise CLIError(str(err)) from None
+        if args.quiet:  # without progress bars Trainer would print each log dict instead
+            from transformers import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
         logger.info("training %s on %s (%d images, eval on %d of split %r); scratch %s", args.model, args.dataset,
                     len(data.train), len(data.eval), data.eval_split, scratch)
-        trainer.train()
-        metrics = trainer.evaluate()
+        try:
+            trainer.train()
+            metrics = trainer.evaluate()
+        except UnidentifiedImageError as err:  # a corrupt file in the user's dataset
+            raise CLIError(f"a dataset image cannot be read: {err}") from None
         accuracy = {"after": metrics["eval_top1"], "split": data.eval_split, "metric": "top-1 accuracy"}
         if data.hub_id:
             accuracy["dataset"] = data.hub_id
@@ -186,6 +221,9 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     sizes = _parse_batch_sizes(args.batch_sizes)
     torch_device(args.device)
+    if model_kind(args.model) != "folded":  # before anything is loaded (a timm name would download weights)
+        raise CLIError(f"{args.model} is not a folded save; benchmark compares a folded save (directory or Hub id) "
+                       "with its base model")
     folded = load_model(args.model)
     info = getattr(folded, "layerfold_info", None)
     if info is None:
@@ -240,15 +278,20 @@ def cmd_push(args: argparse.Namespace) -> int:
     from . import __version__
 
     folder = Path(args.save_dir).expanduser().absolute()
+    _check_repo_id(args.repo_id)
     if not is_folded_dir(folder):
         raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
     with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
         staged = Path(tmp) / folder.name
         shutil.copytree(folder, staged)
         card = staged / "README.md"
-        if card.is_file():  # the card's loading snippets name the local path: point them at the repo
-            text = card.read_text().replace(f"local-dir:{folder}", f"hf-hub:{args.repo_id}")
-            card.write_text(text.replace(str(folder), args.repo_id))
+        if card.is_file():  # the card's loading snippets name the path it was saved at: point them at the repo
+            text = card.read_text()
+            saved_at = re.search(r'"local-dir:([^"]+)"', text)
+            if saved_at:  # (where it was saved, which need not be where it is now)
+                text = text.replace(f'"local-dir:{saved_at[1]}"', f'"hf-hub:{args.repo_id}"')
+                text = text.replace(f'"{saved_at[1]}"', f'"{args.repo_id}"')
+            card.write_text(text)
         api = HfApi(token=args.token, library_name="hf_layerfold", library_version=__version__)
         try:
             repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)

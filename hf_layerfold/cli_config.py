@@ -50,12 +50,16 @@ def _flag(name: str) -> str:
 
 
 def add_config_flags(parser: argparse.ArgumentParser, title: str = "Layer Folding config (LayerFoldingConfig "
-                     "fields; they override --config, which overrides the defaults)") -> None:
-    """One flag per ``LayerFoldingConfig`` field; only flags given on the command line reach the config."""
+                     "fields; they override --config, which overrides the defaults)",
+                     only: tuple[str, ...] | None = None) -> None:
+    """One flag per ``LayerFoldingConfig`` field (or per field in ``only``); only flags given on the command line
+    reach the config."""
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(LayerFoldingConfig)
     helps = _config_field_help()
     for field in dataclasses.fields(LayerFoldingConfig):
+        if only is not None and field.name not in only:
+            continue
         hint = hints[field.name]
         optional = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
         base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
@@ -92,7 +96,15 @@ def read_mapping_file(path: str) -> dict:
         return {}
     if not isinstance(data, dict):
         raise CLIError(f"config file {path} must hold a mapping of option names to values, got {type(data).__name__}")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return {str(k).replace("-", "_"): _yaml_number(v) for k, v in data.items()}
+
+
+_EXPONENT_ONLY = re.compile(r"^[+-]?(\d+|\d*\.\d+)[eE][+-]?\d+$")
+
+
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (an exponent without a dot) as a string; read it as the number meant."""
+    return float(value) if isinstance(value, str) and _EXPONENT_ONLY.match(value) else value
 
 
 def build_config(file_values: Mapping[str, Any], args: argparse.Namespace) -> LayerFoldingConfig:

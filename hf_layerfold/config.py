@@ -33,6 +33,12 @@ def _mapping_from_text(text: str, name: str = "regularizer_weights") -> object:
     return data
 
 
+_NUMBER_FIELDS = {"alpha_init": False, "lambda_reg": False, "threshold": False, "max_kernel_size": True,
+                  "max_macs_increase": False, "alpha_lr": False, "search_epochs": False, "search_steps": True,
+                  "distill_weight": False, "distill_temperature": False}  # name -> whole numbers only
+_OPTIONAL_FIELDS = ("max_macs_increase", "alpha_lr", "search_epochs", "search_steps")
+
+
 @dataclass
 class LayerFoldingConfig:
     """What to fold and how hard to push.
@@ -66,9 +72,12 @@ class LayerFoldingConfig:
             activations that buy speed there; ``None`` = every site weighs 1 (the paper). Text (from a command line)
             is read as a JSON object or a JSON file.
         alpha_lr: learning rate of the α parameters (``None`` = the optimizer's).
-        search_epochs / search_steps: length of the α-search phase (steps win when both are set);
-            the rest of training fine-tunes with the plan fixed.
-        distill_weight / distill_temperature: knowledge distillation from a teacher, when one is given.
+        search_epochs: length of the α-search phase in epochs (``None`` and no ``search_steps``: half of
+            training); the rest of training fine-tunes with the plan fixed.
+        search_steps: length of the α-search phase in optimizer steps (wins over ``search_epochs``).
+        distill_weight: weight ``w`` of knowledge distillation from a teacher: loss = (1 − w)·CE + w·KD (needs a
+            teacher; 0 = none).
+        distill_temperature: softmax temperature ``T`` of the distillation term (KL·T²).
         blend: how searching sites compute ``(1−α)·act(x) + α·x``: ``"auto"`` (``"triton"`` on CUDA when Triton is
             installed, ``"compile"`` for large CPU tensors, ``"eager"`` for small ones and where those cannot
             run; a few seconds of compiling on the first CPU step), ``"eager"`` (fused autograd functions, works
@@ -103,6 +112,16 @@ class LayerFoldingConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"LayerFoldingConfig.{name}={getattr(self, name)!r} is invalid: {why}")
 
+        for name, integer in _NUMBER_FIELDS.items():  # a wrong type (a YAML string, a list) named, not a TypeError
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise bad(name, "must be a finite number" + (" (or None)" if name in _OPTIONAL_FIELDS else ""))
+            if integer and int(value) != value:
+                raise bad(name, "must be a whole number")
+        if not isinstance(self.fold_residual, bool):
+            raise bad("fold_residual", "must be true or false")
         if not 0.0 <= self.alpha_init <= 1.0:
             raise bad("alpha_init", "must lie in [0, 1]")
         if self.lambda_reg < 0:
@@ -113,7 +132,7 @@ class LayerFoldingConfig:
             raise bad("threshold", "must lie in (0, 1]")
         if self.alpha_sharing not in ALPHA_SHARING:
             raise bad("alpha_sharing", f"supported: {', '.join(ALPHA_SHARING)}")
-        if int(self.max_kernel_size) != self.max_kernel_size or self.max_kernel_size < 1:
+        if self.max_kernel_size < 1:
             raise bad("max_kernel_size", "must be a positive integer")
         if self.max_macs_increase is not None and self.max_macs_increase < 0:
             raise bad("max_macs_increase", "must be >= 0 (or None to merge every run)")
@@ -148,8 +167,11 @@ class LayerFoldingConfig:
             value = getattr(self, name)
             if isinstance(value, str):
                 setattr(self, name, [value])
-            elif value is not None and not all(isinstance(v, str) for v in value):
+            elif value is not None and (not isinstance(value, list | tuple) or
+                                        not all(isinstance(v, str) for v in value)):
                 raise bad(name, "must be a list of site-name patterns")
+            elif isinstance(value, tuple):
+                setattr(self, name, list(value))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

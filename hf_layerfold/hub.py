@@ -70,6 +70,9 @@ def is_folded_save(path: str | os.PathLike) -> bool:
 
 
 def _check_target(target: Path, overwrite: bool) -> None:
+    cwd, resolved = Path.cwd().resolve(), target.resolve()
+    if resolved == cwd or resolved in cwd.parents:  # the swap would move the working directory away
+        raise FileExistsError(f"{target} is the current directory or one above it; save into a directory of its own")
     if overwrite or not (target.exists() or target.is_symlink()):
         return
     if not target.is_dir():
@@ -229,6 +232,13 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     """
     if push_to_hub and not repo_id:
         raise ValueError("push_to_hub=True needs repo_id (e.g. 'your-org/mobilenetv2-folded')")
+    if push_to_hub:  # a malformed id fails now, not after the fold and the save
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as err:
+            raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id: {err}") from None
     unknown = sorted(set(card_fields) - set(CARD_FIELDS))
     if unknown:
         raise TypeError(f"save_folded got unknown argument(s) {unknown}; card fields: {list(CARD_FIELDS)}")

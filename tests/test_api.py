@@ -28,9 +28,11 @@ def test_config_json_round_trip(tmp_path):
 
 @pytest.mark.parametrize("field,value", [("lambda_reg", -1.0), ("threshold", 0.0), ("threshold", 1.5),
                                          ("regularizer", "l2"), ("max_kernel_size", 0), ("alpha_init", 2.0),
-                                         ("alpha_sharing", "layer")])
+                                         ("alpha_sharing", "layer"), ("alpha_lr", "1e-3"),
+                                         ("lambda_reg", float("nan")), ("search_steps", 2.5), ("threshold", True),
+                                         ("fold_residual", "no"), ("target_modules", 5), ("max_kernel_size", [3])])
 def test_config_rejects_bad_values_naming_the_field(field, value):
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=f"LayerFoldingConfig.{field}=.* is invalid"):  # a wrong type too
         lf.LayerFoldingConfig(**{field: value})
 
 

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,30 @@ def test_config_file_then_flags(tmp_path):
     assert config.fold_residual is True and config.alpha_lr is None and config.threshold == 0.7
 
 
+def test_config_file_options_are_typed_like_flags(tmp_path):
+    cfg = tmp_path / "fold.yaml"
+    cfg.write_text("alpha_lr: 1e-3\npretrained: false\nmax_steps: 5\nmixed_precision: bf16\noverwrite: true\n")
+    args = parse_args(["fold", "--config", str(cfg)])
+    assert build_config(args.config_values, args).alpha_lr == 0.001  # YAML 1.1 reads 1e-3 as a string
+    assert (args.pretrained, args.max_steps, args.mixed_precision, args.overwrite) == (False, 5, "bf16", True)
+    args = parse_args(["fold", "--config", str(cfg), "--pretrained", "--max-steps", "7"])
+    assert (args.pretrained, args.max_steps) == (True, 7)
+
+
+def test_overwrite_never_replaces_a_foreign_directory(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("keep me")
+    (tmp_path / "file.txt").write_text("a file")
+    for out, expected in (("notes", "holds files that are not a folded-model save"),
+                          ("file.txt/sub", "file.txt is a file")):
+        assert main(["fold", "--output-dir", out, "--overwrite"]) == 2
+        assert expected in one_error_line(capsys.readouterr().err)
+    assert (notes / "thesis.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "notes"]
+
+
 def test_saved_layerfold_config_json_is_a_valid_config_file(tmp_path):
     path = LayerFoldingConfig(lambda_reg=0.75, search_steps=5).save_pretrained(tmp_path)
     args = parse_args(["fold", "--config", str(path)])
@@ -127,6 +152,18 @@ def test_invalid_config_value_in_subprocess():
     (["gains", "mobilenetv2_050", "--min-saving", "-0.1"], "--min-saving must lie in [0, 1)"),
     (["gains", "mobilenetv2_050", "--output", "."], "--output . is a directory; give a file path"),
     (["gains", "mobilenetv2_050", "--alpha-sharing", "layer"], "LayerFoldingConfig.alpha_sharing='layer' is invalid"),
+    (["fold", "--batch-size", "0"], "argument --batch-size: must be an integer > 0, got '0'"),
+    (["fold", "--max-steps", "-4"], "argument --max-steps: must be an integer > 0, got '-4'"),
+    (["fold", "--lr", "nan"], "argument --lr: must be a number > 0, got 'nan'"),
+    (["evaluate", "x", "--num-workers", "-1"], "argument --num-workers: must be an integer >= 0, got '-1'"),
+    (["benchmark", "x", "--rounds", "0"], "argument --rounds: must be an integer > 0, got '0'"),
+    (["gains", "x", "--threads", "-1"], "argument --threads: must be an integer > 0, got '-1'"),
+    (["benchmark", "mobilenetv2_050"], "mobilenetv2_050 is not a folded save"),
+    (["fold", "--push-to-hub", "--repo-id", "bad repo"], "--repo-id 'bad repo' is not a valid Hub repo id"),
+    (["push", "x", "--repo-id", "a/b/c"], "--repo-id 'a/b/c' is not a valid Hub repo id"),
+    (["fold", "--output-dir", "."], "is the current directory or one above it"),
+    (["fold", "--output-dir", ".."], "is the current directory or one above it"),
+    (["fold", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see 'hf-layerfold fold --help')"),
 ])
 def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # fold's default output dir stays inside tmp_path
@@ -141,10 +178,26 @@ def test_bad_config_files(tmp_path, capsys):
     bad_type.write_text("threshold: high\n")
     unknown.write_text('{"lambda": 1}')
     broken.write_text("threshold: [0.5\n")
-    for path, expected in ((bad_type, "invalid LayerFoldingConfig"), (unknown, "unknown key(s) ['lambda']"),
-                           (broken, "not valid YAML/JSON"), (tmp_path / "missing.yaml", "cannot read config file")):
+    cases = {bad_type: "LayerFoldingConfig.threshold='high' is invalid: must be a finite number",
+             unknown: "unknown key(s) ['lambda']", broken: "not valid YAML/JSON",
+             tmp_path / "missing.yaml": "cannot read config file"}
+    # training options in the file go through the flags' own types and choices, and say which file was wrong
+    for i, (text, expected) in enumerate((
+            ('overwrite: "false"\n', "overwrite must be true or false, got 'false'"),
+            ("mixed_precision: fp8\n", "argument --mixed-precision: invalid choice: 'fp8'"),
+            ("epochs: [1]\n", "epochs takes one value, got [1]"),
+            ("batch_size: 0\n", "argument --batch-size: must be an integer > 0, got '0'"),
+            ("target_modules: 5\n", "LayerFoldingConfig.target_modules=5 is invalid"),
+            ("alpha_lr: 1e-3\nfold_residual: 1\n", "LayerFoldingConfig.fold_residual=1 is invalid"))):
+        path = tmp_path / f"options{i}.yaml"
+        path.write_text(text)
+        cases[path] = expected
+    for path, expected in cases.items():
         assert main(["fold", "--config", str(path)]) == 2
-        assert expected in one_error_line(capsys.readouterr().err)
+        line = one_error_line(capsys.readouterr().err)
+        assert expected in line, line
+        if "argument" in expected or "true or false" in expected:
+            assert f"config file {path}" in line
     with pytest.raises(CLIError):  # the same check through the API the demo and scripts use
         parse_args(["fold", "--config", str(unknown)])
 
@@ -252,7 +305,7 @@ def test_gains_measures_each_block_and_writes_a_config_fold_reads(tmp_path, caps
     assert build_config(args.config_values, args).regularizer_weights == weights
 
 
-def test_push_to_local_hub(folded_save, local_hub, capsys):
+def test_push_to_local_hub(folded_save, local_hub, capsys, tmp_path):
     out, _ = folded_save
     assert main(["push", str(out), "--repo-id", "test-org/mnv2-folded", "--quiet"]) == 0
     assert "pushed" in capsys.readouterr().out
@@ -265,6 +318,12 @@ def test_push_to_local_hub(folded_save, local_hub, capsys):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(from_hub(x), LayerFoldedModel.from_pretrained(out)(x))
+    moved = tmp_path / "moved"  # a save moved after it was written: the card still names where it was saved
+    shutil.copytree(out, moved)
+    assert main(["push", str(moved), "--repo-id", "test-org/moved", "--quiet"]) == 0
+    card = local_hub.repos["test-org/moved"].files["README.md"].decode()
+    assert 'create_model("hf-hub:test-org/moved"' in card and 'from_pretrained("test-org/moved")' in card
+    assert str(out) not in card and str(moved) not in card
 
 
 def test_fold_fine_tunes_a_folded_save_as_it_is(folded_save, tmp_path, capsys):

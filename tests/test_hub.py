@@ -256,10 +256,12 @@ def test_push_without_repo_id_fails_before_any_work(tmp_path):
     target = tmp_path / "never"
     with pytest.raises(ValueError, match="repo_id"):
         save_folded(object(), target, push_to_hub=True)  # the model is not even looked at
+    with pytest.raises(ValueError, match="'bad repo' is not a valid Hub repo id"):
+        save_folded(object(), target, push_to_hub=True, repo_id="bad repo")
     assert not target.exists()
 
 
-def test_refuses_a_foreign_non_empty_directory(tmp_path, folded):
+def test_refuses_a_foreign_non_empty_directory(tmp_path, folded, monkeypatch):
     target = tmp_path / "notes"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
@@ -267,6 +269,12 @@ def test_refuses_a_foreign_non_empty_directory(tmp_path, folded):
         save_folded(folded, target)
     assert [p.name for p in target.iterdir()] == ["notes.txt"] and (target / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]  # no temporary directory left behind
+    monkeypatch.chdir(target)  # never the working directory (or one above it), overwrite or not
+    for where in (target, tmp_path):
+        with pytest.raises(FileExistsError, match="current directory or one above it"):
+            save_folded(folded, where, overwrite=True)
+    assert (target / "notes.txt").read_text() == "keep me"
+    monkeypatch.chdir(tmp_path.parent)
     save_folded(folded, target, overwrite=True)
     assert is_folded_save(target) and not (target / "notes.txt").exists()
 
