@@ -88,7 +88,10 @@ class _Folder:
                 module = self.model.get_submodule(item.path)
                 if isinstance(module, FoldableActivation):
                     module = module.act  # a FoldableActivation kept non-linear is its activation
-                spec = op_spec(module)
+                try:
+                    spec = op_spec(module)
+                except ValueError as err:
+                    raise ValueError(f"{item.path}: {err}") from None
                 sd = {k: v.detach().clone() for k, v in module.state_dict().items()}
             state.update(_prefixed(f"{len(specs)}.", sd))
             specs.append(spec)
@@ -105,6 +108,8 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
     ``model`` may be a plain timm model (BatchNorm is fused, nothing else changes), a prepared model (the plan
     defaults to the sites whose α reached the threshold, applied to a copy), or a planned model.
     """
+    if isinstance(model, LayerFoldedNet):
+        raise ValueError("the model is already folded (a LayerFoldedNet): there is nothing left to fold")
     if is_prepared(model):
         current = applied_plan(model)
         if current is None:
@@ -130,9 +135,11 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
     finally:
         model.train(was_training)
     num_features = getattr(model, "num_features", 0)
+    # (a headless model, num_classes=0, has an Identity classifier: no out_features to fall back on)
+    num_classes = model.num_classes if hasattr(model, "num_classes") else classifier.out_features
     with torch.device("meta"):  # no weight init: every tensor is assigned below
         net = LayerFoldedNet(
-        features, pre_logits, num_classes=getattr(model, "num_classes", classifier.out_features),
+            features, pre_logits, num_classes=num_classes,
             num_features=num_features, head_hidden_size=getattr(model, "head_hidden_size", num_features),
             global_pool=getattr(model.get_submodule(graph.pool), "pool_type", "avg") or "avg",
             drop_rate=graph.drop_rate, in_chans=getattr(model, "in_chans", 3),

@@ -90,6 +90,9 @@ class LayerFoldedModel:
         info = args.pop("layerfold", None) or data.get("layerfold") or {}
         args["num_classes"] = data.get("num_classes", args.get("num_classes", 1000))
         net = LayerFoldedNet(**args, layerfold=info)
+        floats = {t.dtype for t in state.values() if t.is_floating_point()}
+        if len(floats) == 1:  # the dtype it was saved in (a float64 fold reloads as float64, exactly)
+            net.to(floats.pop())
         try:
             result = net.load_state_dict(state, strict=False)
         except RuntimeError as err:

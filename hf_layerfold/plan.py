@@ -29,6 +29,9 @@ class FoldPlan:
     linear_sites: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.linear_sites, str):  # FoldPlan("bn1.act") would become a plan of its characters
+            raise TypeError(f"FoldPlan takes a sequence of site names, got the string {self.linear_sites!r}; "
+                            f"write FoldPlan([{self.linear_sites!r}])")
         object.__setattr__(self, "linear_sites", tuple(sorted(set(self.linear_sites))))
 
     @classmethod
@@ -170,6 +173,8 @@ def _partition(convs: list[ConvNode], cost: Callable[[int, int], tuple | None]) 
             total = tuple(a + b for a, b in zip(best[start][0], piece))
             if best[end] is None or total < best[end][0]:
                 best[end] = (total, start)
+    if best[n] is None:
+        raise ValueError(f"the run {convs[0].conv} … {convs[-1].conv} cannot be split into allowed pieces")
     runs, end = [], n
     while end > 0:
         start = best[end][1]
@@ -226,12 +231,14 @@ def _merge_cost(model: nn.Module, convs: list[ConvNode], start: int, end: int,
         scale /= conv.stride[0] * conv.stride[1]
         kh, kw = effective_kernel(conv)
         parts += scale * conv.out_channels * conv.in_channels // conv.groups * kh * kw
+    if end - start == 1:  # a conv alone is no merge: always allowed, whatever its kernel (a 7×7 stem, dilation)
+        return parts
     shape = merged_shape(model, convs[start:end])
     kh, kw = shape["kernel_size"]
     if max(kh, kw) > config.max_kernel_size:
         return None
     merged = scale * shape["out_channels"] * shape["in_channels"] // shape["groups"] * kh * kw
-    return merged if end - start == 1 or merged <= (1.0 + config.max_macs_increase) * parts else None
+    return merged if merged <= (1.0 + config.max_macs_increase) * parts else None
 
 
 def _segment(model: nn.Module, nodes: list, linear: set[str], config: LayerFoldingConfig) -> list:
@@ -310,6 +317,17 @@ def iter_runs(items: list):
             yield from iter_runs(item.branch)
             if item.shortcut is not None:
                 yield from iter_runs(item.shortcut)
+
+
+def iter_kept(items: list):
+    """The items a fold keeps as they are (pools, SE modules, activations left non-linear, ...)."""
+    for item in items:
+        if isinstance(item, ResidualItem):
+            yield from iter_kept(item.branch)
+            if item.shortcut is not None:
+                yield from iter_kept(item.shortcut)
+        elif not isinstance(item, Run):
+            yield item
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
-from .folded_net import LayerFoldedNet
+from .folded_net import OP_SPECS, LayerFoldedNet, op_spec
 from .fused import fuse_batchnorm_blends
 from .graph import (
     BLOCK_RULES,
@@ -69,8 +69,12 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     ``<site>.alpha``. The config is kept on ``model.layerfold_config``.
     """
     config = config or LayerFoldingConfig()
+    if isinstance(model, LayerFoldedNet):
+        raise ValueError("the model is already folded (a LayerFoldedNet): fine-tune it as it is, or prepare the "
+                         "unfolded network it came from")
     if any(isinstance(m, FoldableActivation) for m in model.modules()):
         raise ValueError("model is already prepared for layer folding")
+    check_keepable_modules(model, config)
     device = next((p.device for p in model.parameters()), None)
     for site in select_sites(model, config):
         act = model.get_submodule(site)
@@ -81,6 +85,26 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
         fuse_batchnorm_blends(model)
     model.layerfold_config = config
     return model
+
+
+def check_keepable_modules(model: nn.Module, config: LayerFoldingConfig | None = None) -> None:
+    """Fail now, not after a whole fine-tune, on a module the folded network could not keep as it is (an
+    attention module, an anti-aliasing stage, ... that has no registered op)."""
+    from .plan import FoldPlan, iter_kept, segment_model
+
+    seg = segment_model(model, FoldPlan(), config)
+    unkeepable = []
+    for item in [*iter_kept(seg.items), *iter_kept(seg.pre_logits)]:
+        module = model.get_submodule(item.path)
+        try:
+            op_spec(module.act if isinstance(module, FoldableActivation) else module)
+        except ValueError:
+            unkeepable.append(f"{item.path} ({type(module).__name__})")
+    if unkeepable:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be folded: a folded network could not keep {', '.join(unkeepable[:4])}"
+            f"{f' and {len(unkeepable) - 4} more' if len(unkeepable) > 4 else ''}; keepable modules: "
+            f"{sorted(c.__name__ for c in OP_SPECS)} and activations (register more with hf_layerfold.register_op)")
 
 
 def share_alpha_by_block(model: nn.Module) -> dict[str, list[str]]:

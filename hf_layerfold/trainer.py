@@ -50,6 +50,8 @@ from .stats import projected_stats
 logger = logging.getLogger(__name__)
 
 ALPHA_GROUP = "layerfold_alpha"  # marks the optimizer param group that holds α
+# The names `datasets` gives data read from local folders or files (not Hub datasets).
+_LOCAL_BUILDERS = frozenset({"imagefolder", "webdataset", "parquet", "arrow", "csv", "json", "text", "generator"})
 
 __all__ = ["ALPHA_GROUP", "LayerFoldingTrainer", "STATE_NAME", "compute_metrics"]
 
@@ -455,6 +457,8 @@ class LayerFoldingTrainer(Trainer):
         if dataset is None:
             info = getattr(self.eval_dataset, "info", None)
             dataset = getattr(info, "dataset_name", None)
+            if dataset in _LOCAL_BUILDERS:  # a local folder or file: no Hub dataset to name in the model-index
+                dataset = None
         if dataset is None:
             logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
             return None

@@ -274,6 +274,13 @@ def test_compiled_model_with_shared_alpha_matches_eager():
 def test_unsupported_model_names_supported_blocks():
     with pytest.raises(lf.UnsupportedModelError, match="InvertedResidual"):
         lf.prepare_model(timm.create_model("vit_tiny_patch16_224", img_size=32))
+    # a supported family with a module the folded net could not keep: refused before training, by path
+    with pytest.raises(lf.UnsupportedModelError, match=r"could not keep layer1\.0\.se \(SEModule\)"):
+        lf.prepare_model(timm.create_model("seresnet18", num_classes=5))
+    folded = lf.fold_model(small())
+    for call in (lf.prepare_model, lf.fold_model):
+        with pytest.raises(ValueError, match="already folded"):
+            call(folded)
 
 
 def test_plan_from_model_json_and_unknown_sites(tmp_path):

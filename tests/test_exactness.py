@@ -174,3 +174,24 @@ def test_compute_limited_merging_is_exact_and_never_adds_macs():
     assert after.nonlinear_layers == baseline.nonlinear_layers - 4
     x = torch.randn(1, 3, 41, 41, dtype=torch.float64)
     assert rel_err(planned(x), folded(x)) < 1e-10
+
+
+def test_a_lone_conv_wider_than_the_kernel_limit_is_kept_under_a_macs_limit():
+    """A conv alone is no merge: a 7×7 stem (or a 5×5 depthwise) stays when max_kernel_size is smaller, with
+    max_macs_increase set too (this once left the run with no allowed split)."""
+    torch.manual_seed(0)
+    config = lf.LayerFoldingConfig(max_kernel_size=3, max_macs_increase=0.0)
+    model = lf.prepare_model(randomize_bn(timm.create_model("resnet10t", num_classes=5)).double().eval(), config)
+    sites = lf.foldable_sites(model)
+    _check(model, lf.FoldPlan(tuple(sites[::2])), torch.float64, sizes=(33,))
+    lite = BLOCK_MODELS["ds_ir_er_cn"]
+    model = lf.prepare_model(randomize_bn(lite()).double().eval(), config)
+    _check(model, lf.FoldPlan(tuple(lf.foldable_sites(model))), torch.float64, sizes=(29,))
+
+
+def test_headless_model_folds_to_features():
+    torch.manual_seed(0)
+    model = lf.prepare_model(randomize_bn(timm.create_model("mobilenetv2_050", num_classes=0)).double().eval())
+    _check(model, lf.FoldPlan(tuple(lf.foldable_sites(model)[:6])), torch.float64, sizes=(32,))
+    with pytest.raises(TypeError, match=r"write FoldPlan\(\['bn1.act'\]\)"):
+        lf.FoldPlan("bn1.act")

@@ -150,6 +150,17 @@ def test_local_dir_save_loads_identically(saved, folded, x):
     assert ours.pretrained_cfg["source"] == "local-dir" and ours.layerfold_info["stats_after"]["depth"] == 48
 
 
+def test_a_float64_save_reloads_in_float64_exactly(tmp_path, planned, folded, x):
+    path = save_folded(planned.double(), tmp_path / "f64")
+    planned.float()  # (the module fixture, back as it was)
+    ours = LayerFoldedModel.from_pretrained(path)
+    assert {p.dtype for p in ours.parameters()} == {torch.float64}  # (timm.create_model builds float32, as always)
+    expected = lf.fold_model(planned.double())(x.double())
+    planned.float()
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x.double()), expected)
+
+
 def test_config_json_is_a_timm_config(saved, planned, folded):
     cfg = json.loads((saved / "config.json").read_text())
     assert cfg["architecture"] == "layerfold_net" and cfg["num_classes"] == 4 and cfg["label_names"] == LABELS

@@ -330,6 +330,21 @@ def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collato
     assert trainer.get_train_dataloader() is not None
 
 
+def test_card_results_name_hub_datasets_only(baseline):
+    """The model-index names the eval set's Hub dataset; a local folder ('imagefolder') is no such dataset."""
+    trainer = baseline[0]
+    trainer.evaluate()
+    saved = trainer.eval_dataset
+    try:
+        for name, expected in (("imagefolder", None), ("zalando-datasets/fashion_mnist", True)):
+            trainer.eval_dataset = saved.select(range(len(saved)))
+            trainer.eval_dataset.info.dataset_name = name
+            results = trainer._eval_results(None)
+            assert (results is None) if expected is None else results["dataset"] == name
+    finally:
+        trainer.eval_dataset = saved
+
+
 # --------------------------------------------------------------------------------------------------------
 # Input checks and argument handling
 
