@@ -74,7 +74,7 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
                          "unfolded network it came from")
     if any(isinstance(m, FoldableActivation) for m in model.modules()):
         raise ValueError("model is already prepared for layer folding")
-    check_keepable_modules(model, config)
+    check_keepable_modules(model)
     device = next((p.device for p in model.parameters()), None)
     for site in select_sites(model, config):
         act = model.get_submodule(site)
@@ -87,12 +87,12 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     return model
 
 
-def check_keepable_modules(model: nn.Module, config: LayerFoldingConfig | None = None) -> None:
+def check_keepable_modules(model: nn.Module) -> None:
     """Fail now, not after a whole fine-tune, on a module the folded network could not keep as it is (an
     attention module, an anti-aliasing stage, ... that has no registered op)."""
     from .plan import FoldPlan, iter_kept, segment_model
 
-    seg = segment_model(model, FoldPlan(), config)
+    seg = segment_model(model, FoldPlan(), LayerFoldingConfig())  # (how runs split does not change what is kept)
     unkeepable = []
     for item in [*iter_kept(seg.items), *iter_kept(seg.pre_logits)]:
         module = model.get_submodule(item.path)
