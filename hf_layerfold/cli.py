@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import signal
 import sys
 import threading
@@ -58,22 +59,24 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 def _number(kind: type, low: float, strict: bool) -> typing.Callable[[str], typing.Any]:
     """An argparse type: ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``; argparse turns
     the message into "argument --flag: must be ..." (one error line, exit code 2)."""
-    what = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+    what = f"{'an integer' if kind is int else 'a finite number'} {'>' if strict else '>='} {low:g}"
 
     def convert(text: str) -> typing.Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-        if not (value > low if strict else value >= low) or value != value:  # (NaN fails both)
+        if not math.isfinite(value) or not (value > low if strict else value >= low):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
         return value
 
     return convert
 
 
-POSITIVE_INT, COUNT, POSITIVE, NON_NEGATIVE = _number(int, 0, True), _number(int, 0, False), _number(float, 0, True), \
-    _number(float, 0, False)
+POSITIVE_INT = _number(int, 0, strict=True)
+COUNT = _number(int, 0, strict=False)
+POSITIVE = _number(float, 0, strict=True)
+NON_NEGATIVE = _number(float, 0, strict=False)
 
 
 # ----------------------------------------------------------------------------------------------------------
