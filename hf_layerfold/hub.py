@@ -82,6 +82,14 @@ def _check_target(target: Path, overwrite: bool) -> None:
                               "replace it (pass overwrite=True to replace the whole directory)")
 
 
+def _sync_files(folder: Path) -> None:
+    """Flush every file of the new save to disk before it replaces the old one: after a crash the folder holds
+    either the old save or the whole new one, never a renamed folder of unwritten files."""
+    for path in folder.iterdir():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
 def _swap_in(tmp: Path, target: Path) -> None:
     """Move the finished save into place: the old one is renamed away first and deleted only once the new is in."""
     if not (target.exists() or target.is_symlink()):
@@ -277,6 +285,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
             LayerFoldingConfig.from_dict(block["config"]).save_pretrained(tmp)
         FoldPlan.from_dict(block["plan"]).save(tmp)
         card.save(tmp / CARD_NAME)
+        _sync_files(tmp)
         _swap_in(tmp, target)
     finally:
         if tmp.exists():
