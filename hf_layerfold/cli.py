@@ -20,6 +20,8 @@ import threading
 import typing
 from collections.abc import Sequence
 
+from PIL import UnidentifiedImageError
+
 from .cli_commands import (  # the commands (and PROG) used to live here: still importable from this module
     PROG,
     _setup_logging,
@@ -344,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CLIError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return err.code
+        except UnidentifiedImageError as err:  # a corrupt file in the user's dataset, met by any command
+            print(f"{PROG}: error: a dataset image cannot be read: {err}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130

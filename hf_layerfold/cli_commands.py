@@ -16,8 +16,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PIL import UnidentifiedImageError
-
 from .cli_config import build_config
 from .files import write_text_atomic
 from .workflow import (
@@ -48,9 +46,12 @@ logger = logging.getLogger(__name__)
 def _check_output_dir(path: Path, overwrite: bool) -> None:
     """``--output-dir`` must be new, empty, or an earlier folded save (replaced only with ``--overwrite``); a
     directory holding anything else is never replaced, with ``--overwrite`` or without."""
-    cwd, resolved = Path.cwd().resolve(), path.resolve()
-    if resolved == cwd or resolved in cwd.parents:
-        raise CLIError(f"--output-dir {path} is the current directory or one above it; name a directory for the save")
+    from .hub import check_not_working_directory
+
+    try:
+        check_not_working_directory(path)
+    except FileExistsError as err:
+        raise CLIError(f"--output-dir {err}") from None
     existing = next((p for p in path.parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise CLIError(f"cannot create --output-dir {path}: {existing} is a file")
@@ -68,13 +69,12 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
 
 
 def _check_repo_id(repo_id: str) -> None:
-    """A malformed repo id fails here, before any training, not at upload time."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from .hub import check_repo_id
 
     try:
-        validate_repo_id(repo_id)
-    except HFValidationError as err:
-        raise CLIError(f"--repo-id {repo_id!r} is not a valid Hub repo id (org/name): {err}") from None
+        check_repo_id(repo_id, "--repo-id")
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def _scratch_dir(output: Path) -> Path:
@@ -155,11 +155,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
             trainer.remove_callback(PrinterCallback)
         logger.info("training %s on %s (%d images, eval on %d of split %r); scratch %s", args.model, args.dataset,
                     len(data.train), len(data.eval), data.eval_split, scratch)
-        try:
-            trainer.train()
-            metrics = trainer.evaluate()
-        except UnidentifiedImageError as err:  # a corrupt file in the user's dataset
-            raise CLIError(f"a dataset image cannot be read: {err}") from None
+        trainer.train()
+        metrics = trainer.evaluate()
         accuracy = {"after": metrics["eval_top1"], "split": data.eval_split, "metric": "top-1 accuracy"}
         if data.hub_id:
             accuracy["dataset"] = data.hub_id

@@ -261,6 +261,19 @@ def _model_num_classes(model: Any) -> int | None:
     return int(num) if isinstance(num, int) and num > 0 else None
 
 
+def build_collator(model: Any, dataset: AnyDataset, *, is_training: bool,
+                   input_size: int | Sequence[int] | None = None) -> ImageClassificationCollator:
+    """The collator of one split: its columns detected, its labels checked against the model's head, and the
+    model's timm transform (augmenting for training, deterministic otherwise)."""
+    num_classes = _model_num_classes(model)
+    image_column, label_column = detect_columns(dataset)
+    if num_classes is not None:
+        check_labels(dataset, label_column, num_classes)
+    transform = build_transforms(model, is_training=is_training, input_size=input_size)
+    image_mode = "L" if input_channels(model) == 1 else "RGB"
+    return ImageClassificationCollator(transform, image_column, label_column, image_mode, num_classes)
+
+
 def prepare_datasets(
     model: Any,
     train: AnyDataset,
@@ -292,16 +305,8 @@ def prepare_datasets(
     if isinstance(eval, datasets.DatasetDict | datasets.IterableDatasetDict):
         raise ValueError(f"eval must be a single split, got a dict with splits {list(eval)}.")
 
-    num_classes = _model_num_classes(model)
-    channels = input_channels(model)
-    image_mode = "L" if channels == 1 else "RGB"
-
     def collator_for(ds: AnyDataset, is_training: bool) -> ImageClassificationCollator:
-        image_column, label_column = detect_columns(ds)
-        if num_classes is not None:
-            check_labels(ds, label_column, num_classes)
-        transform = build_transforms(model, is_training=is_training, input_size=input_size)
-        return ImageClassificationCollator(transform, image_column, label_column, image_mode, num_classes)
+        return build_collator(model, ds, is_training=is_training, input_size=input_size)
 
     if isinstance(train, datasets.Dataset) and len(train) == 0:
         raise ValueError("The training set is empty (0 rows); check the split name and any filtering.")
@@ -326,7 +331,7 @@ def eval_collators(model: Any, eval_dataset: Any, train_dataset: Any, *, given: 
         if user_collator is not None:
             return None
         if isinstance(dataset, HF_SPLITS):
-            return prepare_datasets(model, dataset, dataset, input_size=input_size)[3]
+            return build_collator(model, dataset, is_training=False, input_size=input_size)
         from transformers import default_data_collator  # (transformers only where a Trainer needs it)
 
         return default_data_collator

@@ -60,9 +60,13 @@ def op_spec(module: nn.Module) -> dict:
     try:
         return activation_spec(module)
     except ValueError:
-        raise ValueError(f"a folded model cannot keep a {type(module).__name__}; keepable modules: "
-                         f"{sorted(c.__name__ for c in OP_SPECS)} and activations "
-                         "(register more with hf_layerfold.register_op)") from None
+        raise ValueError(f"a folded model cannot keep a {type(module).__name__}; {keepable_hint()}") from None
+
+
+def keepable_hint() -> str:
+    """What a folded model can keep besides its convs (named in the errors about what it cannot)."""
+    return (f"keepable modules: {sorted(c.__name__ for c in OP_SPECS)} and activations "
+            "(register more with hf_layerfold.register_op)")
 
 
 def conv_spec(conv: nn.Conv2d, pad_rules: list[PadRule] | None = None) -> dict:

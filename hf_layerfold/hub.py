@@ -69,10 +69,25 @@ def is_folded_save(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and data.get("architecture") == ARCHITECTURE and "layerfold" in data
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
-    cwd, resolved = Path.cwd().resolve(), target.resolve()
-    if resolved == cwd or resolved in cwd.parents:  # the swap would move the working directory away
+def check_not_working_directory(target: Path) -> None:
+    """A save swaps its folder in by renames: never the working directory or one above it."""
+    cwd, resolved = Path.cwd().resolve(), Path(target).resolve()
+    if resolved == cwd or resolved in cwd.parents:
         raise FileExistsError(f"{target} is the current directory or one above it; save into a directory of its own")
+
+
+def check_repo_id(repo_id: str, name: str = "repo_id") -> None:
+    """A malformed Hub repo id (``name`` is the argument that gave it) fails before any work, not at upload."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"{name} {repo_id!r} is not a valid Hub repo id (org/name): {err}") from None
+
+
+def _check_target(target: Path, overwrite: bool) -> None:
+    check_not_working_directory(target)
     if overwrite or not (target.exists() or target.is_symlink()):
         return
     if not target.is_dir():
@@ -240,13 +255,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     """
     if push_to_hub and not repo_id:
         raise ValueError("push_to_hub=True needs repo_id (e.g. 'your-org/mobilenetv2-folded')")
-    if push_to_hub:  # a malformed id fails now, not after the fold and the save
-        from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError as err:
-            raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repo id: {err}") from None
+    if push_to_hub:
+        check_repo_id(repo_id)
     unknown = sorted(set(card_fields) - set(CARD_FIELDS))
     if unknown:
         raise TypeError(f"save_folded got unknown argument(s) {unknown}; card fields: {list(CARD_FIELDS)}")

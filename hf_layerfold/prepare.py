@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig
-from .folded_net import OP_SPECS, LayerFoldedNet, op_spec
+from .folded_net import LayerFoldedNet, keepable_hint, op_spec
 from .fused import fuse_batchnorm_blends
 from .graph import (
     BLOCK_RULES,
@@ -103,8 +103,7 @@ def check_keepable_modules(model: nn.Module) -> None:
     if unkeepable:
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be folded: a folded network could not keep {', '.join(unkeepable[:4])}"
-            f"{f' and {len(unkeepable) - 4} more' if len(unkeepable) > 4 else ''}; keepable modules: "
-            f"{sorted(c.__name__ for c in OP_SPECS)} and activations (register more with hf_layerfold.register_op)")
+            f"{f' and {len(unkeepable) - 4} more' if len(unkeepable) > 4 else ''}; {keepable_hint()}")
 
 
 def share_alpha_by_block(model: nn.Module) -> dict[str, list[str]]:

@@ -379,3 +379,12 @@ def test_interrupted_fold_leaves_nothing(tmp_path):
     assert proc.returncode == 130, err
     assert "hf-layerfold: interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no output dir, no scratch
+
+
+def test_an_unreadable_image_is_one_line(tmp_path, capsys):
+    for split in ("train", "validation"):
+        for label in ("a", "b"):  # two classes: imagefolder gives a label column
+            (tmp_path / split / label).mkdir(parents=True)
+            (tmp_path / split / label / "1.png").write_bytes(b"not a png")
+    assert main(["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", str(tmp_path), "--quiet"]) == 2
+    assert "a dataset image cannot be read" in one_error_line(capsys.readouterr().err)
