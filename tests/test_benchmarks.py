@@ -120,7 +120,8 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert "Latency-aware regularizer weights, measured on cpu b1 64x64 fp32" in md
     assert (tmp_path / "accuracy_sweep.png").stat().st_size > 1000
     text = readme.read_text()
-    assert "stale" not in text and "Accuracy vs depth (`accuracy_sweep.json`" in text
+    assert "stale" not in text and "Accuracy vs depth, CPU proxy (1 sweep, CPU" in text  # a CPU sweep: a proxy
+    assert "| `accuracy_sweep.json` | 0 | block |" in md  # its row in the at-a-glance table
     assert text.startswith("intro\n") and text.endswith("outro\n")
 
 
@@ -204,3 +205,49 @@ def test_profile_step_splits_a_step_into_host_and_op_time(tmp_path):
     for prof in data["profiles"].values():
         assert 0 < prof["host_ms_per_step"] <= prof["wall_ms_per_step"] * 1.05
         assert len(prof["top_host_ops"]) == 3 and all(op["ms_per_step"] > 0 for op in prof["top_host_ops"])
+
+
+def _sweep(cell: str, seed: int, rows: list[tuple]) -> dict:
+    device = {"device": "cuda", "gpu": "Test GPU"} if cell.startswith("cuda") else {"device": "cpu", "cpu": "Test CPU"}
+    return {"benchmark": "accuracy_sweep", "device": device, "settings": {"seed": seed},
+            "target": {"speedup": 1.6, "max_top1_loss_points": 0.5, "cell": "cuda b128 224 float32"},
+            "rows": [{"run": r[0], "lambda_reg": r[1], "top1_pct": r[2], "top1_gap_points": r[3],
+                      "top1_gap_vs_control_points": r[4], "control": r[0] == "control", "depth_after": r[5],
+                      "steps": 10, "speedup": {cell: r[6]}, "sites_past_threshold": 0, "nonlinear_layers_after": 1,
+                      "mmacs_after": 1.0, "meets_target": r[7]} for r in rows]}
+
+
+def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
+    """Sweeps timed at the target's cell get a bullet each; CPU proxies one bullet and one row each in RESULTS.md;
+    a training-overhead file one bullet naming the cells over the requirement."""
+    cpu, cuda = "cpu b1 224 float32", "cuda b128 224 float32"
+    files = {
+        "accuracy_sweep_cuda.json": _sweep(cuda, 0, [("lambda=0", 0.0, 90.0, 0.0, None, 49, 1.0, None),
+                                                     ("lambda=0.01", 0.01, 89.7, 0.3, None, 30, 1.62, True)]),
+        "accuracy_sweep_a.json": _sweep(cpu, 0, [("lambda=0", 0.0, 88.0, 0.0, None, 49, 1.0, None),
+                                                 ("control", 0.0, 89.0, -1.0, None, 49, 1.0, None),
+                                                 ("lambda=0.02", 0.02, 88.7, -0.7, 0.3, 31, 1.2, None),
+                                                 ("lambda=0.04", 0.04, 88.0, 0.0, 1.0, 25, 1.4, None)]),
+        "accuracy_sweep_b.json": _sweep(cpu, 1, [("lambda=0", 0.0, 88.0, 0.0, None, 49, 1.0, None),
+                                                 ("lambda=0.04", 0.04, 87.0, 1.0, None, 25, 1.4, None)]),
+        "train_overhead_cuda.json": {"benchmark": "train_overhead", "required_ratio": 1.05,
+                                     "device": {"device": "cuda", "gpu": "Test GPU"},
+                                     "rows": [{"model": "m", "batch": 64, "input_size": 224, "ratio_prepared": 1.1,
+                                               "ratio_min_prepared": 1.0, "ratio_prepared_eager": 1.2},
+                                              {"model": "m", "batch": 128, "input_size": 224, "ratio_prepared": 0.98,
+                                               "ratio_prepared_eager": 1.19}]},
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    md = report.build_report(tmp_path).read_text()
+    bullets = md.split("## CPU-proxy sweeps at a glance")[0]
+    assert "Accuracy vs depth (`accuracy_sweep_cuda.json`, GPU Test GPU): λ = 0 reaches 90.0 %" in bullets
+    assert "λ = 0.01, reaches 89.7 % at depth 30 and 1.62× (cuda b128 224 float32); target ≥ 1.6×" in bullets
+    assert "accuracy_sweep_a.json" not in bullets  # proxies: one bullet for all
+    assert "CPU proxy (2 sweeps, CPU Test CPU; " in bullets and "1 of 2 sweeps have a folding run within 0.5" in bullets
+    assert ("prepared m b64 1.1×, m b128 0.98×; ≤ 1.05 in 1/2 (other variants: prepared_eager 1.19–1.2×)"
+            in bullets)
+    table = md.split("## CPU-proxy sweeps at a glance")[1].split("\n## ")[0]
+    assert "| `accuracy_sweep_a.json` | 0 | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 |" in table
+    assert "| `accuracy_sweep_b.json` | 1 | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 | 25 |" in table
+    assert "accuracy_sweep_cuda.json" not in table
