@@ -218,7 +218,7 @@ def load_fashion_mnist(
         return datasets.DatasetDict(splits)
 
     local_reason = (
-        f"folder {folder} does not exist"
+        (f"{folder} is not a folder" if folder.exists() else f"folder {folder} does not exist")
         if not folder.is_dir()
         else f"folder {folder} lacks {', '.join(missing)} (.gz or uncompressed)"
     )

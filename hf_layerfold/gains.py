@@ -11,10 +11,11 @@ LayerMerge do with their own cost tables).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import statistics
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch.nn as nn
@@ -78,33 +79,63 @@ class FoldGains:
     def from_dict(cls, data: dict) -> FoldGains:
         """Also reads the JSON of ``hf-layerfold gains --json`` and a sweep's ``fold_gains`` (extra keys ignored)."""
         known = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [k for k in required if k not in data] if isinstance(data, dict) else required
+        if missing:
+            raise ValueError(f"not a fold-gains measurement (what measure_fold_gains or `hf-layerfold gains --json` "
+                             f"writes): it lacks {missing}")
         return cls(**{k: v for k, v in data.items() if k in known} | {"input_size": tuple(data["input_size"])})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FoldGains:
         """Read what ``save`` wrote (or a sweep JSON, whose measurement sits under ``fold_gains``)."""
-        data = json.loads(Path(path).read_text())
-        return cls.from_dict(data.get("fold_gains", data))
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls.from_dict(data.get("fold_gains", data) if isinstance(data, dict) else data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def timing_input_size(model: nn.Module, input_size: Sequence[int] | None, who: str, why: str,
-                      unplanned_why: str) -> tuple[int, ...]:
-    """The input size to time ``model`` at (default: its pretrained_cfg's), after checking that ``model`` is
-    prepared (``why``: what its config decides) and not yet planned (``unplanned_why``)."""
+TIMING_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, who: str, why: str,
+                      unplanned_why: str, *, batch_size: int = 1, dtype: str = "fp32",
+                      rounds: int = 1) -> tuple[int, ...]:
+    """The input size (channels, height, width) to time ``model`` at (default: its pretrained_cfg's; an int or
+    (height, width) as ``fold_stats`` takes them), after checking that ``model`` is prepared (``why``: what its
+    config decides) and not yet planned (``unplanned_why``), and that the timing arguments are valid."""
     if not is_prepared(model):
         raise ValueError(f"{who} needs a prepared model (hf_layerfold.prepare_model), with the config the search "
                          f"will use: {why}")
     if applied_plan(model) is not None:
         raise ValueError(f"{who} needs a model whose plan is not fixed yet ({unplanned_why})")
-    if input_size is None:
-        input_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
-    return tuple(int(v) for v in input_size)
+    for name, value in (("batch_size", batch_size), ("rounds", rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
+    if dtype not in TIMING_DTYPES:
+        raise ValueError(f"{who}: dtype {dtype!r} is not supported; supported: {', '.join(TIMING_DTYPES)}")
+    if input_size is None:  # its height and width (timm keeps the 3 channels there for an in_chans=1 model)
+        input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[-2:]
+    try:  # an int side, (height, width) or (channels, height, width), as fold_stats takes them
+        size = (operator.index(input_size),) * 2
+    except TypeError:
+        try:
+            size = () if isinstance(input_size, str) else tuple(operator.index(v) for v in input_size)
+        except TypeError:
+            size = ()
+    if len(size) == 2:
+        size = (getattr(model, "in_chans", 3), *size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError(f"{who}: input_size must be (channels, height, width), (height, width) or one side, in "
+                         f"positive whole numbers; got {input_size!r}")
+    return size
 
 
-def measure_fold_gains(model: nn.Module, input_size: Sequence[int] | None = None, *, batch_size: int = 1,
+def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None = None, *, batch_size: int = 1,
                        device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, rounds: int = 7,
                        round_seconds: float = 0.25, warmup: int = 3) -> FoldGains:
     """Fold each α group of a prepared (not yet planned) ``model`` alone and time it beside the BN-fused model.
@@ -119,7 +150,8 @@ def measure_fold_gains(model: nn.Module, input_size: Sequence[int] | None = None
     from .workflow import latency_samples
 
     input_size = timing_input_size(model, input_size, "measure_fold_gains", "the sites, the α sharing and "
-                                   "max_macs_increase decide each fold", "it folds each group alone")
+                                   "max_macs_increase decide each fold", "it folds each group alone",
+                                   batch_size=batch_size, dtype=dtype, rounds=rounds)
     groups = alpha_groups(model)
     base, twin = fold_model(model, FoldPlan()), fold_model(model, FoldPlan())
     baselines, twin_ratios, ratios = [], [], {}

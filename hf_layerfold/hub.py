@@ -196,7 +196,10 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
 
     info = dict(net.layerfold_info or {})
     plan = applied_plan(planned) if planned is not None else None
-    plan = plan or getattr(net, "layerfold_plan", None) or FoldPlan.from_dict(info.get("plan") or {})
+    if plan is None:  # (an empty FoldPlan is falsy but is a plan: `or` would look past it)
+        plan = getattr(net, "layerfold_plan", None)
+    if plan is None:
+        plan = FoldPlan.from_dict(info.get("plan") or {})
     if config is None and planned is not None:
         config = getattr(planned, "layerfold_config", None)
     if config is None:

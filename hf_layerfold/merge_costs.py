@@ -58,7 +58,7 @@ def _input_sizes(model: nn.Module, names: set[str], input_size: Sequence[int]) -
     return sizes
 
 
-def measure_merge_costs(model: nn.Module, input_size: Sequence[int] | None = None, *, batch_size: int = 1,
+def measure_merge_costs(model: nn.Module, input_size: int | Sequence[int] | None = None, *, batch_size: int = 1,
                         device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, rounds: int = 5,
                         round_seconds: float = 0.05, warmup: int = 3) -> dict[str, float]:
     """Milliseconds of every conv and every possible merge of a prepared (not yet planned) ``model``, for
@@ -71,7 +71,8 @@ def measure_merge_costs(model: nn.Module, input_size: Sequence[int] | None = Non
     from .workflow import latency_samples
 
     input_size = timing_input_size(model, input_size, "measure_merge_costs", "its sites and merge limits decide "
-                                   "which merges exist", "it times the merges of every plan")
+                                   "which merges exist", "it times the merges of every plan",
+                                   batch_size=batch_size, dtype=dtype, rounds=rounds)
     spans = mergeable_spans(model)
     sizes = _input_sizes(model, {span[0].conv for span in spans}, input_size)
     timed: dict[tuple, float] = {}

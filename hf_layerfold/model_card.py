@@ -6,7 +6,9 @@ Every number on the card is one that was measured or counted; a quantity nobody 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -149,12 +151,15 @@ def latency_section(latency: Mapping[str, Any] | None) -> dict | None:
     before, after = latency.get("before_ms"), latency.get("after_ms")
     if before is None and after is None:
         raise ValueError("card field 'latency' needs 'before_ms' and/or 'after_ms' (measured milliseconds)")
+    for v in (before, after):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"card field 'latency' times must be positive milliseconds, got {v}")
     setting = f"Measured on {latency['device']}, batch size {latency['batch_size']}, {latency['dtype']}"
     if latency.get("input_size") is not None:
         setting += f", input {_size(list(latency['input_size']))}"
     rows = [{"name": n, "value": f"{v:.3f} ms"} for n, v in (("Before folding", before), ("After folding", after))
             if v is not None]
-    if before is not None and after is not None and after > 0:
+    if before is not None and after is not None:
         rows.append({"name": "Speed-up", "value": f"{before / after:.2f}×"})
     return {"setting": setting + ".", "header": "Latency per batch", "rows": rows}
 
@@ -179,6 +184,18 @@ def accuracy_section(accuracy: Mapping[str, Any] | None) -> dict | None:
     return {"setting": f"{metric.capitalize()} on {where}.", "header": metric.capitalize(), "rows": rows}
 
 
+def _metric_value(metric: Any, value: Any) -> Any:
+    """A plain YAML scalar: numpy / torch scalars become Python numbers (yaml.dump would write a
+    ``!!python/object`` tag that no card parser reads back); a missing or non-finite value is refused."""
+    if value is None:
+        raise ValueError(f"card field 'eval_results': metric {metric!r} has no value (leave out what was not measured)")
+    if hasattr(value, "item") and not isinstance(value, str | bytes):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"card field 'eval_results': metric {metric!r} is {value} (not a measurement)")
+    return value
+
+
 def eval_results_from(value: Any) -> list[EvalResult] | None:
     """``EvalResult`` objects, or dicts: ``{"dataset", "metrics": {name: value}, "split"?, "dataset_name"?}``
     or EvalResult's own field names (``task_type`` defaults to image-classification)."""
@@ -188,16 +205,18 @@ def eval_results_from(value: Any) -> list[EvalResult] | None:
     out: list[EvalResult] = []
     for item in items:
         if isinstance(item, EvalResult):
-            out.append(item)
+            out.append(dataclasses.replace(item, metric_value=_metric_value(item.metric_type, item.metric_value)))
         elif "metrics" in item:
             _require("eval_results", item, ("dataset", "metrics"))
             for metric, score in item["metrics"].items():
                 out.append(EvalResult(task_type="image-classification", dataset_type=item["dataset"],
                                       dataset_name=item.get("dataset_name", item["dataset"]), metric_type=metric,
-                                      metric_value=score, dataset_split=item.get("split"),
+                                      metric_value=_metric_value(metric, score), dataset_split=item.get("split"),
                                       dataset_config=item.get("config")))
         else:
-            out.append(EvalResult(**{"task_type": "image-classification", **item}))
+            fields = {"task_type": "image-classification", **item}
+            fields["metric_value"] = _metric_value(fields.get("metric_type"), fields.get("metric_value"))
+            out.append(EvalResult(**fields))
     return out or None
 
 
@@ -215,6 +234,7 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
                 template: str | os.PathLike | None = None) -> ModelCard:
     """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``)."""
     results = eval_results_from(eval_results)
+    tags = [tags] if isinstance(tags, str) else list(tags)  # one tag, not one per character
     card_data = ModelCardData(library_name="timm", tags=list(dict.fromkeys([*TAGS, *tags])), base_model=base_model,
                               datasets=datasets, license=license, language=language,
                               pipeline_tag="image-classification", eval_results=results,

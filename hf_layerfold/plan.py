@@ -32,7 +32,13 @@ class FoldPlan:
         if isinstance(self.linear_sites, str):  # FoldPlan("bn1.act") would become a plan of its characters
             raise TypeError(f"FoldPlan takes a sequence of site names, got the string {self.linear_sites!r}; "
                             f"write FoldPlan([{self.linear_sites!r}])")
-        object.__setattr__(self, "linear_sites", tuple(sorted(set(self.linear_sites))))
+        try:
+            sites = list(self.linear_sites)
+        except TypeError:
+            sites = None
+        if sites is None or not all(isinstance(s, str) for s in sites):
+            raise TypeError(f"FoldPlan takes a sequence of site names (strings), got {self.linear_sites!r}")
+        object.__setattr__(self, "linear_sites", tuple(sorted(set(sites))))
 
     @classmethod
     def from_model(cls, model: nn.Module, threshold: float | None = None) -> FoldPlan:
@@ -64,10 +70,15 @@ class FoldPlan:
 
     @classmethod
     def from_dict(cls, data: dict) -> FoldPlan:
+        if not isinstance(data, dict):
+            raise ValueError(f"a FoldPlan is a JSON object {{\"linear_sites\": [site names]}}, got {data!r}")
         unknown = set(data) - {"linear_sites"}
         if unknown:
             raise ValueError(f"unknown FoldPlan field(s) {sorted(unknown)}; known: ['linear_sites']")
-        return cls(tuple(data.get("linear_sites", ())))
+        sites = data.get("linear_sites", ())
+        if not isinstance(sites, list | tuple) or not all(isinstance(s, str) for s in sites):
+            raise ValueError(f"FoldPlan linear_sites must be a list of site names, got {sites!r}")
+        return cls(tuple(sites))
 
     def save(self, path: str | os.PathLike) -> None:
         path = Path(path)
@@ -80,7 +91,14 @@ class FoldPlan:
         path = Path(path)
         if path.is_dir():
             path = path / PLAN_NAME
-        return cls.from_dict(json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as err:  # (UnicodeDecodeError and JSONDecodeError both are)
+            raise ValueError(f"{path} is not a valid FoldPlan JSON file: {err}") from None
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,14 +248,14 @@ def _merge_cost(model: nn.Module, convs: list[ConvNode], start: int, end: int,
     for conv in mods[start:end]:
         scale /= conv.stride[0] * conv.stride[1]
         kh, kw = effective_kernel(conv)
-        parts += scale * conv.out_channels * conv.in_channels // conv.groups * kh * kw
+        parts += scale * conv.out_channels * (conv.in_channels // conv.groups) * kh * kw  # (not ⌊scale·…⌋)
     if end - start == 1:  # a conv alone is no merge: always allowed, whatever its kernel (a 7×7 stem, dilation)
         return parts
     shape = merged_shape(model, convs[start:end])
     kh, kw = shape["kernel_size"]
     if max(kh, kw) > config.max_kernel_size:
         return None
-    merged = scale * shape["out_channels"] * shape["in_channels"] // shape["groups"] * kh * kw
+    merged = scale * shape["out_channels"] * (shape["in_channels"] // shape["groups"]) * kh * kw
     return merged if merged <= (1.0 + config.max_macs_increase) * parts else None
 
 
@@ -337,22 +355,10 @@ def applied_plan(model: nn.Module) -> FoldPlan | None:
     return getattr(model, "layerfold_plan", None)
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | None = None) -> nn.Module:
-    """Fix the plan in a prepared model (in place): α = 1 on plan sites, 0 elsewhere, all frozen.
+def check_plan(model: nn.Module, plan: FoldPlan) -> None:
+    """Raise unless ``plan`` names only foldable sites of ``model`` and takes every site sharing an α or none."""
+    from .prepare import foldable_sites
 
-    Each run of convs that will merge gets its zero padding moved to its first conv, so that the planned
-    model and the folded model compute the same function everywhere, image borders included. Parameters
-    keep their identity (an optimizer built earlier keeps working).
-    """
-    from .prepare import foldable_sites, is_prepared
-
-    if not is_prepared(model):
-        raise ValueError("apply_plan needs a prepared model: call hf_layerfold.prepare_model(model, config) first")
-    current = applied_plan(model)
-    if current is not None:
-        if current == plan:
-            return model
-        raise ValueError("a different plan is already applied to this model; apply plans to a fresh copy")
     sites = set(foldable_sites(model))
     unknown = sorted(set(plan.linear_sites) - sites)
     if unknown:
@@ -367,6 +373,26 @@ def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | No
     if split:
         raise ValueError(f"the plan makes only some of the sites that share one α linear (α of {split}); with "
                          "alpha_sharing='block' a plan takes whole blocks (FoldPlan.from_blocks, or from_model)")
+
+
+def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | None = None) -> nn.Module:
+    """Fix the plan in a prepared model (in place): α = 1 on plan sites, 0 elsewhere, all frozen.
+
+    Each run of convs that will merge gets its zero padding moved to its first conv, so that the planned
+    model and the folded model compute the same function everywhere, image borders included. Parameters
+    keep their identity (an optimizer built earlier keeps working).
+    """
+    from .prepare import is_prepared
+
+    if not is_prepared(model):
+        raise ValueError("apply_plan needs a prepared model: call hf_layerfold.prepare_model(model, config) first")
+    current = applied_plan(model)
+    if current is not None:
+        if current == plan:
+            return model
+        raise ValueError("a different plan is already applied to this model; apply plans to a fresh copy")
+    check_plan(model, plan)
+    linear = set(plan.linear_sites)
     config = config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
     seg = segment_model(model, plan, config)
     for run in list(iter_runs(seg.items)) + list(iter_runs(seg.pre_logits)):

@@ -83,10 +83,18 @@ def map_efficientnet_lite0_state_dict(
 
     BN ``num_batches_tracked`` counters are left out of the positional match (their presence differs
     between exporters) and are taken from ``target``; they play no part in eval-mode inference.
+    A headless ``target`` (timm ``features_only=True``: no ``conv_head`` / ``bn2`` / ``classifier``, its
+    keys possibly under a wrapper's ``model.`` prefix, its last blocks possibly pruned) takes the
+    checkpoint without those modules.
     Returns a state dict covering every key of ``target``.
     """
-    src_keys = [k for k in source if not k.endswith(_BN_COUNTER)]
     tgt_keys = [k for k in target if not k.endswith(_BN_COUNTER)]
+    prefix = "model." if tgt_keys and all(k.startswith("model.") for k in tgt_keys) else ""
+    present = list(dict.fromkeys(_target_group(k[len(prefix):]) for k in tgt_keys))
+    blocks = list(dict.fromkeys(_source_group(k) for k in source if k.startswith("_blocks.")))
+    kept = set(blocks[:sum(g.startswith("blocks.") for g in present)])
+    src_keys = [k for k in source if not k.endswith(_BN_COUNTER)
+                and (_source_group(k) in kept or _TOP_LEVEL.get(_source_group(k)) in present)]
     if len(src_keys) != len(tgt_keys):
         raise ValueError(
             f"EfficientNet-Lite0 checkpoint has {len(src_keys)} tensors (without BN counters) but the "
@@ -104,7 +112,7 @@ def map_efficientnet_lite0_state_dict(
                 f"model {tgt_key} {tuple(tgt.shape)}"
             )
         # A one-tensor slip could still line up shapes by chance; whole modules must map one to one.
-        src_group, tgt_group = _source_group(src_key), _target_group(tgt_key)
+        src_group, tgt_group = _source_group(src_key), _target_group(tgt_key[len(prefix):])
         if src_group.startswith("_blocks."):
             groups_agree = tgt_group.startswith("blocks.")
         else:
@@ -175,5 +183,8 @@ def load_efficientnet_lite0_imagenet(model: nn.Module | None = None, num_classes
     model.pretrained_cfg = _imagenet_pretrained_cfg()
 
     if num_classes != IMAGENET_CLASSES:
+        if not hasattr(model, "reset_classifier"):
+            raise ValueError(f"num_classes={num_classes} needs a model with a classifier; "
+                             f"{type(model).__name__} (features_only) has none")
         model.reset_classifier(num_classes)
     return model

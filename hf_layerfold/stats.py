@@ -15,7 +15,7 @@ import torch.nn as nn
 from .activation import FoldableActivation
 from .folded_net import LayerFoldedNet
 from .graph import ActNode, ConvNode, ResidualNode, build_graph
-from .plan import FoldPlan, ResidualItem, Run, segment_model
+from .plan import FoldPlan, ResidualItem, Run, check_plan, segment_model
 
 
 @dataclass
@@ -77,8 +77,8 @@ def _segment_counts(items: list) -> tuple[int, int, int]:
 
 def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int:
     """Multiply-accumulates of convs and linear layers for one image (a real forward at batch 1)."""
-    if isinstance(input_size, int):
-        input_size = (3, input_size, input_size)
+    if isinstance(input_size, int):  # (the model's channels, not 3: a 1-channel model is fine too)
+        input_size = (getattr(model, "in_chans", 3), input_size, input_size)
     elif len(input_size) == 2:
         input_size = (getattr(model, "in_chans", 3), *input_size)
     total = 0
@@ -126,7 +126,11 @@ def projected_stats(model: nn.Module, plan: FoldPlan | None = None) -> FoldStats
 
     ``plan`` defaults to the plan applied to the model, else the sites whose α reached the threshold.
     """
-    plan = plan or getattr(model, "layerfold_plan", None) or FoldPlan.from_model(model)
+    if plan is None:  # (not `plan or ...`: an empty FoldPlan is falsy, and asks for the unfolded network)
+        plan = getattr(model, "layerfold_plan", None)
+    if plan is None:
+        plan = FoldPlan.from_model(model)
+    check_plan(model, plan)
     seg = segment_model(model, plan)
     counts = _segment_counts(seg.items + seg.pre_logits)
     return FoldStats(*counts, params=0, macs=None)

@@ -354,7 +354,9 @@ class LayerFoldingTrainer(Trainer):
         model = self._model()
         threshold = self.layerfold_config.threshold
         alphas = torch.stack([a.detach().float() for a in self._alphas])
-        plan = applied_plan(model) or FoldPlan.from_model(model, threshold=threshold)
+        plan = applied_plan(model)
+        if plan is None:
+            plan = FoldPlan.from_model(model, threshold=threshold)
         projected = projected_stats(model, plan)
         out.update(alpha_mean=float(alphas.mean()), sites_past_threshold=int((alphas >= threshold).sum()),
                    projected_nonlinear_layers=projected.nonlinear_layers, projected_depth=projected.depth,
@@ -375,6 +377,9 @@ class LayerFoldingTrainer(Trainer):
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None):
         """Trainer's ``train``; on resume the checkpoint's phase and plan are restored before its weights."""
+        if (isinstance(resume_from_checkpoint, str) and resume_from_checkpoint.lower() in ("true", "false")
+                and not os.path.exists(resume_from_checkpoint)):  # --resume_from_checkpoint true (a str field)
+            resume_from_checkpoint = resume_from_checkpoint.lower() == "true"
         if isinstance(resume_from_checkpoint, bool):
             if resume_from_checkpoint:
                 resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)

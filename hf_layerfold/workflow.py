@@ -71,7 +71,7 @@ def create_base_model(name: str, num_classes: int | None = None, *, pretrained: 
         from .pretrained import load_efficientnet_lite0_imagenet
 
         try:
-            return load_efficientnet_lite0_imagenet(num_classes=num_classes or 1000)
+            return load_efficientnet_lite0_imagenet(num_classes=1000 if num_classes is None else num_classes)
         except (ImportError, FileNotFoundError) as err:
             raise CLIError(str(err), code=1) from None
     remote = check_model_name(name)
@@ -180,9 +180,8 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
         else:
             splits = load_image_dataset(source)
             hub_id = None if Path(source).expanduser().exists() else source
-    except DatasetNotAvailableError as err:
-        raise CLIError(str(err).split("\n", 1)[0] + " Install the 'dataset-fashion-mnist' package or go online.",
-                       code=1) from None
+    except DatasetNotAvailableError as err:  # the whole message: which file is missing, why the Hub failed, the fix
+        raise CLIError(str(err), code=1) from None
     except (FileNotFoundError, ValueError) as err:
         raise CLIError(f"cannot read dataset {source!r}: {err}") from None
     except Exception as err:  # datasets' own errors for unknown Hub ids, offline mode, bad layouts

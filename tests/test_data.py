@@ -185,6 +185,31 @@ def test_missing_folder_offline_raises_dataset_not_available(
     assert isinstance(info.value, RuntimeError) and isinstance(info.value.__cause__, ConnectionError)
 
 
+def test_cli_error_for_missing_fashion_mnist_names_the_file_and_the_hub_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hf_layerfold.workflow import FASHION_MNIST, CLIError, load_data
+
+    def offline_load_dataset(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("Couldn't reach the Hub (offline mode is enabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_load_dataset)
+    folder = _write_fake_fashion(tmp_path / "fm")
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    monkeypatch.setenv(hd.FASHION_MNIST_DIR_ENV, str(folder))
+    with pytest.raises(CLIError) as info:
+        load_data(FASHION_MNIST)
+    text = str(info.value)
+    assert "\n" not in text and info.value.code == 1
+    assert f"{folder} lacks t10k-labels-idx1-ubyte" in text and "offline mode is enabled" in text
+    assert "apt-get install dataset-fashion-mnist" in text
+    # a path that is a file, not a folder, is not reported as missing
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(hd.DatasetNotAvailableError, match=f"{not_a_folder} is not a folder"):
+        hd.load_fashion_mnist(data_dir=not_a_folder)
+
+
 def test_missing_folder_falls_back_to_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     features = datasets.Features(
         {"image": datasets.Image(), "label": datasets.ClassLabel(names=hd.FASHION_MNIST_LABELS)}

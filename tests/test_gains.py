@@ -109,3 +109,23 @@ def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
     lf.apply_plan(model, lf.FoldPlan())
     with pytest.raises(ValueError, match="plan is not fixed yet"):
         measure_fold_gains(model)
+
+
+def test_timing_takes_the_input_sizes_fold_stats_takes_and_names_bad_arguments(tmp_path):
+    model = lf.prepare_model(timm.create_model("test_efficientnet", num_classes=10),
+                             lf.LayerFoldingConfig(blend="eager"))
+    quick = dict(rounds=1, round_seconds=0.001, warmup=0)
+    for size in (24, (24, 24)):  # an int side or (height, width), as fold_stats: not a 1-channel or a crash
+        assert measure_fold_gains(model, size, **quick).input_size == (3, 24, 24)
+        assert "conv_stem" in lf.measure_merge_costs(model, size, **quick)
+    for measure in (measure_fold_gains, lf.measure_merge_costs):
+        for bad, why in (({"batch_size": 0}, "batch_size must be a positive integer, got 0"),
+                         ({"rounds": 0}, "rounds must be a positive integer"),
+                         ({"dtype": "float32"}, "dtype 'float32' is not supported; supported: fp32, bf16, fp16"),
+                         ({"input_size": (1, 3, 24, 24)}, r"input_size must be \(channels, height, width\)"),
+                         ({"input_size": (3, 0, 24)}, "input_size must be")):
+            with pytest.raises(ValueError, match=f"{measure.__name__}: {why}"):
+                measure(model, **{"input_size": (3, 24, 24), **quick, **bad})
+    lf.LayerFoldingConfig().save_pretrained(tmp_path)  # a config is not a measurement
+    with pytest.raises(ValueError, match=r"layerfold_config.json: not a fold-gains measurement .*lacks \['device'"):
+        FoldGains.load(tmp_path / "layerfold_config.json")

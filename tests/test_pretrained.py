@@ -129,3 +129,27 @@ def test_given_model_with_other_head_is_loaded():
     loaded = load_efficientnet_lite0_imagenet(given)
     assert loaded is given and loaded.num_classes == 1000
     assert torch.equal(loaded.classifier.bias, load_efficientnet_lite0_imagenet().classifier.bias)
+
+
+@pytest.mark.parametrize("feature_cls", [None, "getter"])
+def test_features_only_model_takes_the_backbone_weights(model, feature_cls):
+    kwargs = {"feature_cls": feature_cls} if feature_cls else {}
+    features = load_efficientnet_lite0_imagenet(
+        timm.create_model(ARCHITECTURE, pretrained=False, features_only=True, out_indices=(1, 3), **kwargs))
+    reference = model.state_dict()
+    loaded = {k.removeprefix("model."): v for k, v in features.state_dict().items() if not k.endswith("_tracked")}
+    assert len(loaded) == (240 if feature_cls is None else 165)  # the getter prunes the blocks after index 3
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.items())
+    assert features.pretrained_cfg["mean"] == (0.5, 0.5, 0.5)
+    with pytest.raises(ValueError, match="features_only"):
+        load_efficientnet_lite0_imagenet(timm.create_model(ARCHITECTURE, pretrained=False, features_only=True),
+                                         num_classes=10)
+
+
+def test_lite0_alias_with_a_headless_model():
+    from hf_layerfold.workflow import LITE0_ALIAS, create_base_model
+
+    headless = create_base_model(LITE0_ALIAS, num_classes=0).eval()
+    assert headless.num_classes == 0
+    with torch.no_grad():
+        assert headless(torch.zeros(1, 3, 32, 32)).shape == (1, 1280)

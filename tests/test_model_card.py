@@ -1,0 +1,51 @@
+"""The model card's metadata parses back with huggingface_hub, whatever kind of number or tag it was given."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import EvalResult, ModelCard, metadata_load
+
+from hf_layerfold.model_card import latency_section, render_card
+
+# The measured block of a (tiny) folded save, as save_folded builds it.
+INFO = {"stats_input_size": [3, 32, 32], "plan": {"linear_sites": ["blocks.1.0.bn1.act"]},
+        "stats_after": {"nonlinear_layers": 3, "depth": 5, "convs": 5, "params": 1234, "macs": 56789}}
+
+
+def _saved(tmp_path, **kwargs) -> tuple[ModelCard, dict]:
+    card = render_card(INFO, load_id="org/folded", is_hub=True, title="folded", **kwargs)
+    card.save(tmp_path / "README.md")
+    return ModelCard.load(tmp_path / "README.md"), metadata_load(tmp_path / "README.md")
+
+
+@pytest.mark.parametrize("score", [np.float64(0.875), np.float32(0.875), torch.tensor(0.875)],
+                         ids=["numpy64", "numpy32", "torch"])
+def test_array_scalar_metrics_are_written_as_plain_yaml_numbers(tmp_path, score):
+    card, meta = _saved(tmp_path, eval_results=[
+        {"dataset": "zalando-datasets/fashion_mnist", "split": "test", "metrics": {"top1": score}},
+        EvalResult(task_type="image-classification", dataset_type="d", dataset_name="D", metric_type="top5",
+                   metric_value=score)])
+    values = [m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]]
+    assert values == [0.875, 0.875] and all(type(v) is float for v in values)
+    assert [r.metric_value for r in card.data.eval_results] == [0.875, 0.875]
+    assert "python/object" not in card.content
+
+
+@pytest.mark.parametrize("score", [None, math.nan, math.inf])
+def test_a_metric_nobody_measured_is_refused(score):
+    with pytest.raises(ValueError, match="eval_results"):
+        render_card(INFO, load_id="org/folded", is_hub=True, title="folded",
+                    eval_results={"dataset": "d", "metrics": {"top1": score}})
+
+
+def test_a_single_tag_string_is_one_tag(tmp_path):
+    _, meta = _saved(tmp_path, tags="fashion")
+    assert meta["tags"] == ["layer-folding", "image-classification", "timm", "fashion"]
+
+
+@pytest.mark.parametrize("after", [0.0, -1.0, math.nan])
+def test_latency_that_is_not_a_measurement_is_refused(after):
+    with pytest.raises(ValueError, match="positive milliseconds"):
+        latency_section({"before_ms": 2.0, "after_ms": after, "device": "cpu", "batch_size": 1, "dtype": "fp32"})
