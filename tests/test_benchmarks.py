@@ -121,7 +121,7 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert (tmp_path / "accuracy_sweep.png").stat().st_size > 1000
     text = readme.read_text()
     assert "stale" not in text and "Accuracy vs depth, CPU proxy (1 sweep, CPU" in text  # a CPU sweep: a proxy
-    assert "| `accuracy_sweep.json` | 0 | block |" in md  # its row in the at-a-glance table
+    assert "| `accuracy_sweep.json` | 0 | site |" in md  # its row in the at-a-glance table
     assert text.startswith("intro\n") and text.endswith("outro\n")
 
 
