@@ -29,10 +29,10 @@ the ``l1`` regularizer pushes every α with a constant force (the paper's Σ|1�
 nothing moves in a short run). ``max_macs_increase=0`` keeps folding from merging a 1x1 expansion and a depthwise
 conv into one large dense conv: that merge removes depth but multiplies MACs, which a CPU pays for. With both,
 λ = 0.1 (the default) removed 21 of 32 activations: top-1 84.2% → 82.7%, MACs 31.35 → 30.10 M, depth 49 → 43,
-1.07-1.08x faster at batch 1 and 1.08-1.11x at batch 32 (1.9-2.4 min in all; torch 2.14.1, timm 1.0.31,
+1.07-1.09x faster at batch 1 and 1.08-1.11x at batch 32 over three runs (1.9-2.4 min each; torch 2.14.1, timm 1.0.31,
 transformers 5.24). The same defaults had measured 83.5% → 83.4% and 1.15x in an earlier environment (older
-package versions); that commit gives 84.2% → 82.7% in this one, so the change is the environment's, and a
-1000-image test split moves by about a point between such runs. Also from that earlier environment: λ = 0.4
+package versions); that commit gives 84.2% → 82.7% in this one, so the change is the environment's (a top-1 on
+1000 test images has a binomial standard error of about 1.2 points). Also from that earlier environment: λ = 0.4
 removed 30 of 32 at 76.0%, depth 49 → 39, 1.30x / 1.27x faster. Without the MACs limit (``--max-macs-increase
 -1``) λ = 0.4 reached depth 19 at 77.0% but ran no faster on the CPU (0.86x-1.3x at batch 1 across runs), and
 λ = 0.1 kept 81.8% but ran 2.3x slower at batch 1. Deep merging is for hardware where depth, not MACs, bounds
