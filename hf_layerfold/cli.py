@@ -2,7 +2,8 @@
 
 Every command reports a user mistake (unknown model, unreadable dataset, invalid config value, missing
 repo id, ...) as one ``hf-layerfold: error: ...`` line on stderr with exit code 2, never a traceback;
-failures of the environment (a Hub push, a download) are one line too, with exit code 1. The building
+failures of the environment (the Hub or network unreachable, e.g. offline; weights not in the cache; a push;
+a full disk) are one line too, with exit code 1; an interrupted command exits 130 (``EXIT_CODES``). The building
 blocks (model and dataset resolution, evaluation, latency measurement, tables) live in ``workflow.py``, the
 commands themselves (``cmd_fold``, ``cmd_evaluate``, ...) in ``cli_commands.py``; this module parses the command
 line and dispatches to them.
@@ -101,6 +102,17 @@ Example:
   {PROG} benchmark outputs/lite0-folded --device cpu --batch-sizes 1,32
 """
 
+EXIT_CODES = """\
+Exit codes (every error is one "hf-layerfold: error: ..." line on stderr):
+  0    success
+  1    a resource could not be reached or written: the Hub or network (offline, a download, a push), model
+       weights or a dataset that are not available here, a timing that failed (out of memory), a full disk
+  2    the input is wrong: a bad flag or config value, an unknown model, a dataset path that does not exist or
+       holds no readable images, a model path that is not a folded save, an unusable --output-dir, a --device
+       this machine does not have, ...
+  130  interrupted (Ctrl-C or SIGTERM); an interrupted fold leaves no output and no scratch behind
+"""
+
 FOLD_EPILOG = f"""\
 Examples:
   {PROG} fold --model {LITE0_ALIAS} --dataset {FASHION_MNIST} --image-size 64 --train-size 2000 \\
@@ -121,7 +133,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser, and the ``fold`` sub-parser (its defaults take values from ``--config``)."""
     from . import __version__
 
-    parser = _Parser(prog=PROG, description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog=PROG, description=DESCRIPTION, epilog=EXIT_CODES,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

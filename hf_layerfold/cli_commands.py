@@ -136,7 +136,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
     if not args.pretrained or folded_input:  # a folded save's card keeps the base model it names
         base_model_id = None
 
-    scratch = _scratch_dir(output)
+    try:
+        scratch = _scratch_dir(output)
+    except OSError as err:  # e.g. a read-only place: found before any training
+        raise CLIError(f"cannot write to --output-dir {output}: {err.strerror or err}") from None
     try:
         targs = training_arguments(
             str(scratch), epochs=args.epochs, max_steps=args.max_steps or -1, batch_size=args.batch_size,
@@ -166,6 +169,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
                                        base_model=base_model_id, datasets=data.hub_id, accuracy=accuracy)
         except PushToHubError as err:
             raise CLIError(str(err), code=1) from None
+        except OSError as err:  # e.g. the disk is full: nothing half-written is left (the save is atomic)
+            raise CLIError(f"cannot write the folded model to {output}: {err.strerror or err}", code=1) from None
     except KeyboardInterrupt:
         logger.info("interrupted: removing the training scratch; %s was not written", output)
         raise
@@ -276,6 +281,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     folder = Path(args.save_dir).expanduser().absolute()
     _check_repo_id(args.repo_id)
+    if not folder.exists():
+        raise CLIError(f"save directory {args.save_dir} does not exist")
     if not is_folded_dir(folder):
         raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
     with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
@@ -307,6 +314,9 @@ def _gains_output(path: str | None) -> Path | None:
     out = Path(path).expanduser()
     if out.is_dir():
         raise CLIError(f"--output {path} is a directory; give a file path, e.g. {out / 'gains.json'}")
+    existing = next((p for p in out.absolute().parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise CLIError(f"cannot write --output {path}: {existing} is a file")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -325,6 +335,9 @@ def cmd_gains(args: argparse.Namespace) -> int:
     out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
     torch_device(args.device)
     arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
+    if Path(arch).expanduser().is_dir():
+        raise CLIError(f"{arch} is a directory; gains takes a timm model name (a folded save has no folds left to "
+                       "time: pass its base architecture)")
     check_model_name(arch)  # a folded save has no folds left to time: only base models
     model = create_base_model(arch, pretrained=False)  # latency does not depend on the weights
     try:

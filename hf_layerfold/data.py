@@ -105,9 +105,14 @@ def load_image_dataset(
     if local.is_dir():
         if data_dir is not None:
             local = local / data_dir
-        return datasets.load_dataset(
-            "imagefolder", data_dir=str(local), split=split, streaming=streaming, **kwargs
-        )
+        try:
+            return datasets.load_dataset(
+                "imagefolder", data_dir=str(local), split=split, streaming=streaming, **kwargs
+            )
+        except (FileNotFoundError, ValueError) as err:  # no image files, or none in the split asked for
+            raise ValueError(f"{local} holds no images that imagefolder reads (layout: class_name/xxx.png, "
+                             f"optionally under train/ and test/){f' for split {split!r}' if split else ''}: "
+                             f"{err}") from err
     if local.exists():
         raise ValueError(f"{text} is a file; expected a directory in imagefolder layout or a Hub dataset id.")
     if isinstance(source, os.PathLike) or _looks_like_local_path(text):

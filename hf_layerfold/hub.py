@@ -32,7 +32,14 @@ from .fold import fold_model
 from .folded_model import CONFIG_NAME, LayerFoldedModel
 from .folded_net import LayerFoldedNet
 from .layers import PaddedConv2d
-from .model_card import accuracy_section, eval_results_from, fold_rows, latency_section, render_card
+from .model_card import (
+    accuracy_section,
+    eval_results_from,
+    fold_rows,
+    latency_section,
+    render_card,
+    split_hub_ref,
+)
 from .plan import FoldPlan, applied_plan, apply_plan, iter_runs, run_pad_rules, segment_model
 from .prepare import is_prepared
 from .stats import FoldStats, fold_stats
@@ -44,7 +51,6 @@ CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
                "template")
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "label_offset")
 
 
@@ -183,6 +189,53 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
     return cfg, labels
 
 
+def _base_model_ref(base_model: str) -> str | None:
+    """``org/name`` or ``org/name@revision`` (an ``hf-hub:`` prefix dropped) for a Hub id, None for a timm
+    architecture name; anything else that looks like a Hub reference is refused (it would be dropped silently)."""
+    repo, revision = split_hub_ref(base_model)
+    if repo is not None:
+        check_repo_id(repo, "base_model")
+        return repo + (f"@{revision}" if revision else "")
+    if re.fullmatch(r"[\w.-]+", base_model) and base_model.strip("."):
+        return None
+    raise ValueError(f"base_model {base_model!r} is neither a Hub repo id ('org/name', optionally '@revision') nor "
+                     "a timm architecture name")
+
+
+def _registry_license(cfg: Mapping, base_arch: str | None) -> str | None:
+    """The license timm's own registry gives the pretrained cfg ``cfg`` was copied from (None if not from it)."""
+    from timm.models import get_pretrained_cfg
+
+    tag, hub_id = cfg.get("tag"), cfg.get("hf_hub_id") or ""
+    names = [f"{arch}.{tag}" for arch in dict.fromkeys((cfg.get("architecture"), base_arch)) if arch and tag]
+    if hub_id.startswith("timm/"):
+        names.append(hub_id.split("/", 1)[1])
+    for name in names:
+        try:
+            registered = get_pretrained_cfg(name, allow_unregistered=False)
+        except Exception:  # an unknown architecture or tag: not timm's cfg
+            continue
+        if registered is not None:
+            return registered.license
+    return None
+
+
+def _weights_license(cfg: Mapping, base_model: str | None, base_arch: str | None) -> str | None:
+    """The license of the weights that were folded, as far as the model shows it.
+
+    timm gives a model built with ``pretrained=False`` the same ``pretrained_cfg`` (license included) as one that
+    loaded the weights, so a license that is timm's registry entry is taken only when ``base_model`` names that
+    cfg's weights (the caller says the model derives from them). A license some other loader attached to the
+    weights it loaded (``hf_layerfold.pretrained``, a folded save loaded back) is taken as is.
+    """
+    license = cfg.get("license")
+    if not license:
+        return None
+    if base_model is not None and split_hub_ref(base_model)[0] == cfg.get("hf_hub_id"):
+        return license
+    return None if _registry_license(cfg, base_arch) == license else license
+
+
 def _stats_dict(stats: FoldStats | Mapping | None) -> dict | None:
     if stats is None:
         return None
@@ -215,8 +268,10 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
         before = info.get("stats_before")
     base_arch = (planned.pretrained_cfg.get("architecture") if planned is not None and
                  getattr(planned, "pretrained_cfg", None) else info.get("base_architecture"))
-    if base_model is not None and not _HUB_ID.fullmatch(base_model):  # an architecture name, not a Hub repo id
+    if base_model is not None and _base_model_ref(base_model) is None:  # an architecture name, not a Hub repo id
         base_arch, base_model = base_arch or base_model, None
+    elif base_model is not None:
+        base_model = _base_model_ref(base_model)
     block = {"format_version": FORMAT_VERSION, "hf_layerfold_version": __version__,
              "base_architecture": base_arch, "base_model": base_model or info.get("base_model"),
              "plan": plan.to_dict(), "config": config, "stats_input_size": list(input_size), "stats_before": before,
@@ -242,8 +297,11 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
             ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
         config: the ``LayerFoldingConfig`` used (default: the model's).
-        base_model: Hub id (``org/name``) of the model that was folded, for the card's ``base_model``
-            metadata; a bare architecture name is recorded as the base architecture only.
+        base_model: Hub id (``org/name``, or ``org/name@revision``: the metadata takes the repo id, the card text
+            names the revision) of the model that was folded, for the card's ``base_model`` metadata; a bare
+            architecture name is recorded as the base architecture only.
+        license: the card's license (default: the license recorded for the weights that were folded, i.e. of a
+            timm pretrained cfg only when ``base_model`` names its weights; a random-weight model gets none).
         eval_results: measured results for the card's ``model-index`` (``EvalResult`` objects or dicts, see
             ``model_card.eval_results_from``).
         label_names: class names (default: the source model's, when their count matches).
@@ -265,7 +323,9 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         raise TypeError(f"save_folded got unknown argument(s) {unknown}; card fields: {list(CARD_FIELDS)}")
     target = Path(save_directory).expanduser().absolute()
     _check_target(target, overwrite)
-    latency_section(card_fields.get("latency"))  # validate card inputs before any work
+    if base_model is not None:
+        _base_model_ref(base_model)  # validate card inputs before any work
+    latency_section(card_fields.get("latency"))
     accuracy_section(card_fields.get("accuracy"))
     eval_results_from(eval_results)
 
@@ -274,6 +334,11 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     pretrained_cfg, labels = _export_cfg(net, pretrained_cfg_overlay, labels)
     block = _layerfold_block(net, planned, config, base_model, pretrained_cfg["input_size"],
                              card_fields.get("stats_before"))
+    license = card_fields.get("license") or _weights_license(net.pretrained_cfg or {}, block.get("base_model"),
+                                                             block.get("base_architecture"))
+    pretrained_cfg.pop("license", None)  # the license of these weights, not of a source they may never have used
+    if license:
+        pretrained_cfg["license"] = license
     model_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}  # transformers passes num_classes
     hf_config = {"architecture": ARCHITECTURE, "num_classes": net.num_classes, "num_features": net.num_features,
                  "global_pool": net.model_args["global_pool"], **({"label_names": labels} if labels else {}),
@@ -282,7 +347,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     card = render_card(block, load_id=repo_id or str(target), is_hub=bool(repo_id),
                        title=card_fields.get("model_name") or (repo_id or target.name).split("/")[-1],
                        base_model=block.get("base_model"), datasets=card_fields.get("datasets"),
-                       license=card_fields.get("license") or pretrained_cfg.get("license"),
+                       license=license,
                        eval_results=eval_results, latency=card_fields.get("latency"),
                        accuracy=card_fields.get("accuracy"), tags=card_fields.get("tags") or (),
                        language=card_fields.get("language"), template=card_fields.get("template"))

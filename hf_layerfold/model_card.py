@@ -10,9 +10,11 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from typing import Any
+from urllib.parse import quote
 
 import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -31,6 +33,7 @@ CITATION = """@inproceedings{bendror2022layerfolding,
   eprint        = {2106.09309},
   archivePrefix = {arXiv}
 }"""
+HUB_REF = re.compile(r"(?:hf-hub:)?(?P<repo>[\w.-]+/[\w.-]+)(?:@(?P<revision>[\w./-]+))?")
 STAT_NAMES = {
     "nonlinear_layers": "Non-linear activations",
     "depth": "Depth (convolutions on the longest path)",
@@ -92,6 +95,28 @@ def fold_rows(planned: nn.Module, net: LayerFoldedNet) -> list[dict]:
     walk(seg.items, net.model_args["features"])
     walk(seg.pre_logits, net.model_args["pre_logits"])
     return rows
+
+
+def split_hub_ref(ref: str) -> tuple[str | None, str | None]:
+    """``(repo_id, revision)`` of ``org/name``, ``org/name@revision`` or ``hf-hub:org/name[@revision]``;
+    ``(None, None)`` for anything else (e.g. a timm architecture name)."""
+    match = HUB_REF.fullmatch(ref)
+    return (match["repo"], match["revision"]) if match else (None, None)
+
+
+def unmerged_sites(info: Mapping[str, Any]) -> list[str]:
+    """Removed activations that no merge row of ``info["folds"]`` accounts for: where a merge was split (by
+    ``max_kernel_size``, ``max_macs_increase`` or ``merge_costs``) the activation is gone, but the convolutions on
+    either side of it stay separate."""
+    merged = {s for row in info.get("folds") or [] for s in row["activations_removed"]}
+    return [s for s in (info.get("plan") or {}).get("linear_sites", []) if s not in merged]
+
+
+def _by_block(sites: Sequence[str]) -> list[dict]:
+    by_block: dict[str, list[str]] = {}
+    for site in sites:
+        by_block.setdefault(_site_block(site), []).append(site)
+    return [{"block": b, "activations": _code_list(s, b)} for b, s in by_block.items()]
 
 
 def _site_block(site: str) -> str:
@@ -235,7 +260,8 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
     """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``)."""
     results = eval_results_from(eval_results)
     tags = [tags] if isinstance(tags, str) else list(tags)  # one tag, not one per character
-    card_data = ModelCardData(library_name="timm", tags=list(dict.fromkeys([*TAGS, *tags])), base_model=base_model,
+    card_data = ModelCardData(library_name="timm", tags=list(dict.fromkeys([*TAGS, *tags])),
+                              base_model=split_hub_ref(base_model)[0] if base_model else None,
                               datasets=datasets, license=license, language=language,
                               pipeline_tag="image-classification", eval_results=results,
                               model_name=title if results else None)
@@ -244,13 +270,17 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
               "stride": _size(r["stride"]), "residual": "yes" if r["residual_absorbed"] else "no"}
              for r in info.get("folds") or []]
     sites = list((info.get("plan") or {}).get("linear_sites", []))
-    by_block: dict[str, list[str]] = {}
-    for site in sites:
-        by_block.setdefault(_site_block(site), []).append(site)
+    unmerged = unmerged_sites(info) if folds else []
     arch = info.get("base_architecture")
     base_description = f"`{arch}`" if arch else "CNN"
-    if base_model:
-        base_description += f" derived from [`{base_model}`](https://huggingface.co/{base_model})"
+    repo, revision = split_hub_ref(base_model) if base_model else (None, None)
+    if base_model and repo is None:
+        raise ValueError(f"base_model {base_model!r} is not a Hub repo id ('org/name', optionally '@revision')")
+    if repo:  # the metadata field takes a repo id: a revision is named here
+        base_description += f" derived from [`{repo}`](https://huggingface.co/{repo})"
+        if revision:
+            base_description += (f" at revision [`{revision}`]"
+                                 f"(https://huggingface.co/{repo}/tree/{quote(revision, safe='')})")
     input_size = info.get("stats_input_size")
     eval_rows = [{"dataset": r.dataset_name, "split": r.dataset_split or "", "metric": r.metric_type,
                   "value": r.metric_value} for r in results or []]
@@ -260,7 +290,7 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
     card = ModelCard.from_template(
         card_data, template_path=str(template or template_path()), title=title, base_description=base_description,
         folds=folds, removed_count=len(sites),
-        removed_sites=[{"block": b, "activations": _code_list(s, b)} for b, s in by_block.items()],
+        removed_sites=_by_block(sites), unmerged_sites=_by_block(unmerged), unmerged_count=len(unmerged),
         has_before=bool(info.get("stats_before")), stats=stats_rows(info.get("stats_before"), info["stats_after"]),
         stats_input="×".join(map(str, input_size[1:])) + " pixels" if input_size else "the model's input size",
         latency=latency_section(latency), accuracy=accuracy_section(accuracy), eval_rows=eval_rows,

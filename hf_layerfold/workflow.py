@@ -35,6 +35,31 @@ class CLIError(Exception):
         self.code = code
 
 
+def failure_code(err: BaseException) -> int:
+    """The exit code for a model or dataset that failed to load with ``err``: 1 when a resource could not be reached
+    (offline, network, server, access), 2 when the name or file given is wrong (no such repo, no such weights, ...)."""
+    import urllib.error
+
+    from huggingface_hub import errors
+
+    for _ in range(8):  # the error, then what it was raised from
+        if isinstance(err, ConnectionError | TimeoutError | errors.LocalEntryNotFoundError | urllib.error.URLError |
+                      errors.GatedRepoError):
+            return 1  # (OfflineModeIsEnabled and datasets' "Couldn't reach ..." are ConnectionErrors)
+        if isinstance(err, errors.RepositoryNotFoundError | errors.RevisionNotFoundError | errors.EntryNotFoundError):
+            return 2
+        if isinstance(err, errors.HfHubHTTPError):
+            status = getattr(err.response, "status_code", None)
+            return 1 if status is None or status in (401, 403, 429) or status >= 500 else 2
+        if type(err).__module__.startswith(("httpx", "requests", "urllib3")) and \
+                re.search(r"Connect|Timeout|Network|Proxy|Transport", type(err).__name__):
+            return 1
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
+        if err is None:
+            break
+    return 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Models
 
@@ -81,7 +106,7 @@ def create_base_model(name: str, num_classes: int | None = None, *, pretrained: 
     except Exception as err:  # a download (offline, no such repo, auth) or a checkpoint that does not load
         hint = " (pass --no-pretrained for random weights)" if pretrained and not remote else ""
         raise CLIError(f"cannot create model {name!r}: {type(err).__name__}: {err}{hint}",
-                       code=2 if remote else 1) from None
+                       code=failure_code(err)) from None
 
 
 def model_kind(name: str) -> str:
@@ -115,7 +140,8 @@ def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = 
     try:
         return LayerFoldedModel.from_pretrained(name)
     except Exception as err:  # offline, no such repo, a corrupt save
-        raise CLIError(f"cannot load folded model {name!r}: {type(err).__name__}: {err}") from None
+        raise CLIError(f"cannot load folded model {name!r}: {type(err).__name__}: {err}",
+                       code=failure_code(err)) from None
 
 
 def set_input_size(model, image_size: int | None) -> None:
@@ -183,9 +209,11 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     except DatasetNotAvailableError as err:  # the whole message: which file is missing, why the Hub failed, the fix
         raise CLIError(str(err), code=1) from None
     except (FileNotFoundError, ValueError) as err:
-        raise CLIError(f"cannot read dataset {source!r}: {err}") from None
+        raise CLIError(f"cannot read dataset {source!r}: {err}", code=failure_code(err)) from None
     except Exception as err:  # datasets' own errors for unknown Hub ids, offline mode, bad layouts
-        raise CLIError(f"cannot load dataset {source!r}: {type(err).__name__}: {err}") from None
+        local = "" if Path(source).expanduser().exists() else f" (nor is there a local folder {source!r})"
+        raise CLIError(f"cannot load dataset {source!r}: {type(err).__name__}: {err}{local}",
+                       code=failure_code(err)) from None
     if not isinstance(splits, datasets.DatasetDict):
         splits = datasets.DatasetDict({"train": splits})
     if not len(splits):
@@ -200,7 +228,11 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     if chosen is None:  # no held-out split: carve one off the training data
         if train is None:
             raise CLIError(f"dataset {source!r} has neither a 'train' nor an evaluation split ({', '.join(splits)})")
-        parts = train.train_test_split(test_size=min(0.1, 1000 / max(len(train), 1)), seed=seed)
+        if len(train) < 2:
+            raise CLIError(f"dataset {source!r} has only a 'train' split, with {len(train)} row(s): too small to "
+                           "split off evaluation data; give it an evaluation split (validation, val or test) or at "
+                           "least 2 rows")
+        parts = train.train_test_split(test_size=min(0.1, 1000 / len(train)), seed=seed)
         train, evaluation, chosen = parts["train"], parts["test"], "train[held-out]"
     else:
         evaluation = splits[chosen]
@@ -225,17 +257,29 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
 # Evaluation and latency
 
 
-def torch_device(name: str):
+def resolve_device(name: str):
+    """The ``torch.device`` named by ``name`` (``"auto"``: CUDA when available, else CPU), for library callers:
+    a ``RuntimeError`` when it names CUDA on a machine without it, a ``ValueError`` for a malformed name."""
     import torch
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name} but CUDA is not available on this machine")
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
     try:
         return torch.device(name)
     except RuntimeError as err:
-        raise CLIError(f"invalid --device {name!r}: {err}") from None
+        raise ValueError(f"invalid device {name!r}: {err}") from None
+
+
+def torch_device(name: str):
+    """:func:`resolve_device` for the CLI's ``--device`` flag: its failures as one-line ``CLIError`` s."""
+    try:
+        return resolve_device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name} but CUDA is not available on this machine") from None
+    except ValueError as err:
+        raise CLIError(f"invalid --device {name!r}: {str(err).split(': ', 1)[-1]}") from None
 
 
 def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size: int = 64, device: str = "cpu",
@@ -296,7 +340,7 @@ def latency_samples(models: Mapping[str, Any], input_size: Sequence[int], *, bat
     """
     import torch
 
-    dev = torch_device(device)
+    dev = resolve_device(device)  # a library call: ValueError / RuntimeError, not the CLI's --device message
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch_size, *input_size, device=dev, dtype=torch_dtype).contiguous(memory_format=fmt)

@@ -203,6 +203,105 @@ def test_bad_config_files(tmp_path, capsys):
         parse_args(["fold", "--config", str(unknown)])
 
 
+@pytest.fixture
+def tiny_imagefolder(tmp_path):
+    """Four 8-px images in two class folders (imagefolder layout, no splits)."""
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(tmp_path / "images" / label / f"{i}.png")
+    return tmp_path / "images"
+
+
+# Exit codes follow the cause (the EXIT_CODES in --help): 2 the input is wrong, 1 a resource could not be reached.
+# Each case stops before any training. HF_HUB_OFFLINE is set (conftest.py): the Hub cannot be reached.
+@pytest.mark.parametrize("argv, code, expected", [
+    (["evaluate", "someone/folded-x"], 1, "cannot load folded model 'someone/folded-x': LocalEntryNotFoundError"),
+    (["benchmark", "someone/folded-x"], 1, "cannot load folded model 'someone/folded-x'"),
+    (["gains", "hf-hub:timm/not_cached_here"], 1, "cannot create model 'hf-hub:timm/not_cached_here'"),
+    (["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", "someone/no-such-dataset"], 1,
+     "cannot load dataset 'someone/no-such-dataset': ConnectionError"),
+    (["fold", "--model", "mobilenetv2_050", "--dataset", "someone/no-such-dataset"], 1,
+     "cannot load dataset 'someone/no-such-dataset'"),
+    (["evaluate", "mobilenetv2_050", "--dataset", "IMAGES"], 1,  # pre-trained weights that are not in the cache
+     "cannot create model 'mobilenetv2_050': LocalEntryNotFoundError"),
+    (["evaluate", "botnet50ts_256", "--dataset", "IMAGES"], 2, "No pretrained weights exist for botnet50ts_256"),
+    (["push", "./no/such/save", "--repo-id", "a/b"], 2, "save directory ./no/such/save does not exist"),
+    (["gains", "IMAGES"], 2, "is a directory; gains takes a timm model name"),
+    (["gains", "mobilenetv2_050", "--output", "IMAGES/a/0.png/gains.json"], 2, "0.png is a file"),
+    (["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", "IMAGES/a/0.png"], 2, "is a file; expected a "
+     "directory in imagefolder layout"),
+])
+def test_exit_code_follows_the_cause(argv, code, expected, tiny_imagefolder, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("IMAGES", str(tiny_imagefolder)) for a in argv] + ["--quiet"]
+    assert main(argv) == code, capsys.readouterr().err
+    assert expected in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_missing_hub_repo_is_the_users_mistake(local_hub, capsys):
+    """Online, a repo that does not exist is exit code 2 (offline, the same id is 1: the Hub was not reached)."""
+    assert main(["evaluate", "test-org/no-such-model", "--quiet"]) == 2
+    assert "cannot load folded model 'test-org/no-such-model'" in one_error_line(capsys.readouterr().err)
+    assert main(["gains", "hf-hub:test-org/no-such-model", "--quiet"]) == 2
+    assert "cannot create model 'hf-hub:test-org/no-such-model'" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_unwritable_output_dir_stops_fold_before_training(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+    import hf_layerfold.cli_commands
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(hf_layerfold.cli_commands.tempfile, "mkdtemp", read_only)
+    out = tmp_path / "out"
+    assert main([*TINY_FOLD, "--dataset", str(tiny_imagefolder), "--output-dir", str(out)]) == 2
+    assert f"cannot write to --output-dir {out}: Permission denied" in one_error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_failure_code_tells_an_unreachable_resource_from_a_wrong_name():
+    import importlib
+    import typing
+
+    from huggingface_hub import errors
+
+    from hf_layerfold.workflow import failure_code
+
+    # the HTTP client huggingface_hub builds its errors from (httpx, or its fork httpx2)
+    response_type = typing.get_type_hints(errors.HfHubHTTPError.__init__)["response"]
+    httpx = importlib.import_module(response_type.__module__.split(".")[0])
+
+    def http(cls, status):
+        return cls("x", response=httpx.Response(status, request=httpx.Request("GET", "https://hub.invalid/x")))
+
+    unreachable = [errors.OfflineModeIsEnabled("offline"), ConnectionError("Couldn't reach 'x' on the Hub"),
+                   TimeoutError(), http(errors.HfHubHTTPError, 503), http(errors.HfHubHTTPError, 429),
+                   http(errors.GatedRepoError, 403), httpx.ConnectError("no route")]
+    wrong = [http(errors.RepositoryNotFoundError, 401), http(errors.RevisionNotFoundError, 404),
+             http(errors.HfHubHTTPError, 400), RuntimeError("No pretrained weights exist for x"),
+             ValueError("corrupt weights file"), FileNotFoundError("no such directory")]
+    assert [failure_code(e) for e in unreachable] == [1] * len(unreachable)
+    assert [failure_code(e) for e in wrong] == [2] * len(wrong)
+    try:  # the cause counts: a wrapper raised from a network error
+        try:
+            raise ConnectionError("down")
+        except ConnectionError as err:
+            raise RuntimeError("download failed") from err
+    except RuntimeError as wrapped:
+        assert failure_code(wrapped) == 1
+
+
+def test_help_documents_the_exit_codes(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "Exit codes" in text and "  1    " in text and "  2    " in text and "  130  " in text
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A real run: fold → save → evaluate → benchmark → push
 
@@ -356,7 +455,8 @@ def test_fold_refuses_to_overwrite(folded_save, capsys):
 # Ctrl-C
 
 
-def test_interrupted_fold_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_interrupted_fold_leaves_nothing(sig, tmp_path):
     out = tmp_path / "folded"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     argv = [a for a in TINY_FOLD if a != "--quiet"]
@@ -372,7 +472,7 @@ def test_interrupted_fold_leaves_nothing(tmp_path):
             assert char, f"fold exited early: {seen}"
             seen += char
         assert [p.name for p in tmp_path.iterdir()][0].startswith(".folded.train-")  # scratch during training
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -1,5 +1,6 @@
 """save_folded / push / load through timm, transformers and LayerFoldedModel, against a local Hub (offline-safe)."""
 
+import copy
 import json
 
 import hub_server  # tests/ is on sys.path (rootdir-relative, no __init__.py)
@@ -250,6 +251,44 @@ def test_card_leaves_out_what_was_not_measured(tmp_path, folded):
     assert "| MACs per image |  | 89.67 M |  |" in card.text  # the "before" nobody measured stays empty
     assert "None" not in card.text and (path / "layerfold_config.json").exists()
     assert "base_model" not in card.data.to_dict() and "A **layer-folded** `mobilenetv2_050`," in card.text
+
+
+def test_base_model_with_a_revision_keeps_the_repo_id_and_names_the_revision(tmp_path, folded):
+    repo, revision = "timm/mobilenetv2_050.lamb_in1k", "3f0c9e1"
+    for given in (f"{repo}@{revision}", f"hf-hub:{repo}@{revision}"):
+        path = save_folded(folded, tmp_path / "rev", base_model=given, overwrite=True)
+        card = ModelCard.load(path / "README.md")
+        assert card.data.base_model == repo  # the metadata field takes a repo id
+        assert (f"derived from [`{repo}`](https://huggingface.co/{repo}) at revision [`{revision}`]"
+                f"(https://huggingface.co/{repo}/tree/{revision})") in card.text
+        info = json.loads((path / "config.json").read_text())["layerfold"]
+        assert info["base_model"] == f"{repo}@{revision}"
+    resaved = save_folded(LayerFoldedModel.from_pretrained(path), tmp_path / "resaved")  # the revision is kept
+    assert f"at revision [`{revision}`]" in ModelCard.load(resaved / "README.md").text
+    for bad in (f"{repo}@", "org/na me@main", "a/b/c"):
+        with pytest.raises(ValueError, match="base_model"):
+            save_folded(folded, tmp_path / "never", base_model=bad)
+    assert not (tmp_path / "never").exists()
+
+
+def test_license_only_for_weights_the_model_really_came_from(tmp_path, folded):
+    from hf_layerfold.pretrained import _imagenet_pretrained_cfg
+
+    assert folded.pretrained_cfg["license"] == "apache-2.0"  # timm's default cfg, though the weights are random
+
+    def license_of(path):
+        cfg = json.loads((path / "config.json").read_text())["pretrained_cfg"]
+        return ModelCard.load(path / "README.md").data.license, cfg.get("license")
+
+    assert license_of(save_folded(folded, tmp_path / "random")) == (None, None)
+    assert license_of(save_folded(folded, tmp_path / "mit", license="mit")) == ("mit", "mit")  # the user's word
+    path = save_folded(folded, tmp_path / "derived", base_model="timm/mobilenetv2_050.lamb_in1k")
+    assert license_of(path) == ("apache-2.0", "apache-2.0")  # said to derive from timm's weights: their license
+    assert license_of(save_folded(LayerFoldedModel.from_pretrained(path), tmp_path / "again")) == (
+        "apache-2.0", "apache-2.0")  # a folded save loaded back keeps what it recorded
+    lite = copy.deepcopy(folded)  # weights loaded by hf_layerfold.pretrained: the cfg it sets, Apache-2.0
+    lite.pretrained_cfg = {**_imagenet_pretrained_cfg(), "architecture": "layerfold_net"}
+    assert license_of(save_folded(lite, tmp_path / "lite")) == ("apache-2.0", "apache-2.0")
 
 
 def test_packaged_template_matches_model_cards_copy():

@@ -1,12 +1,16 @@
 """The model card's metadata parses back with huggingface_hub, whatever kind of number or tag it was given."""
 
 import math
+import re
 
 import numpy as np
 import pytest
+import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, metadata_load
 
+import hf_layerfold as lf
+from hf_layerfold.hub import save_folded
 from hf_layerfold.model_card import latency_section, render_card
 
 # The measured block of a (tiny) folded save, as save_folded builds it.
@@ -49,3 +53,24 @@ def test_a_single_tag_string_is_one_tag(tmp_path):
 def test_latency_that_is_not_a_measurement_is_refused(after):
     with pytest.raises(ValueError, match="positive milliseconds"):
         latency_section({"before_ms": 2.0, "after_ms": after, "device": "cpu", "batch_size": 1, "dtype": "fp32"})
+
+
+def _listed_activations(section: str) -> list[str]:
+    """The activation names in the 'Activations removed' column of every table row of ``section``."""
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| `")]
+    return [name for cols in rows for name in re.findall(r"`([^`]+)`", cols[1])]
+
+
+def test_activations_removed_where_a_merge_was_split_are_on_the_card(tmp_path):
+    torch.manual_seed(0)
+    model = lf.prepare_model(timm.create_model("resnet10t", num_classes=5).eval(),
+                             lf.LayerFoldingConfig(max_kernel_size=5))
+    sites = lf.foldable_sites(model)
+    planned = lf.apply_plan(model, lf.FoldPlan(tuple(sites)))  # 7×7 merges split: 4 sites sit in no merge
+    path = save_folded(planned, tmp_path / "split", pretrained_cfg_overlay={"input_size": (3, 32, 32)})
+    text = ModelCard.load(path / "README.md").text
+    section = text[text.index("## What was folded"):text.index("## Depth and cost")]
+    assert f"2 merged convolutions, {len(sites)} activations removed." in section
+    assert len(_listed_activations(section)) == len(sites) == 6
+    assert "4 of the removed activations sit where a merge was split" in section
+    assert "| `layer2` | `0.act1` |" in section and "| `conv1` | `2` |" in section

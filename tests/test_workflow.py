@@ -1,0 +1,49 @@
+"""workflow helpers: a clear error for a dataset too small to split, library-facing device errors."""
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import hf_layerfold as lf
+from hf_layerfold.cli import main
+from hf_layerfold.workflow import CLIError, load_data, measure_latency
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _one_image_folder(tmp_path):
+    root = tmp_path / "tiny"
+    (root / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "cat" / "a.png")
+    return root
+
+
+def test_a_one_row_train_only_dataset_is_refused_in_one_line(tmp_path, capsys):
+    root = _one_image_folder(tmp_path)
+    with pytest.raises(CLIError, match=r"only a 'train' split, with 1 row\(s\): too small to split") as info:
+        load_data(str(root))
+    assert info.value.code == 2 and "\n" not in str(info.value) and "evaluation split" in str(info.value)
+    code = main(["fold", "--model", "resnet10t", "--no-pretrained", "--dataset", str(root),
+                 "--output-dir", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("hf-layerfold: error: dataset") and "too small to split" in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_timing_on_missing_cuda_raises_a_plain_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a machine with a GPU
+    model = timm.create_model("resnet10t", num_classes=4).eval()
+    with pytest.raises(RuntimeError, match="CUDA is not available") as info:
+        measure_latency({"m": model}, (3, 32, 32), device="cuda")
+    assert not isinstance(info.value, CLIError) and "--device" not in str(info.value)
+    lf.prepare_model(model)
+    with pytest.raises(RuntimeError, match="CUDA is not available") as info:
+        lf.measure_fold_gains(model, 32, device="cuda")
+    assert not isinstance(info.value, CLIError) and "--device" not in str(info.value)
+    with pytest.raises(ValueError, match="invalid device 'gpu0'"):
+        measure_latency({"m": model}, (3, 32, 32), device="gpu0")
+    # the CLI still names its flag, in one line, with its exit code
+    assert main(["gains", "resnet10t", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.strip() == ("hf-layerfold: error: --device cuda but CUDA is not available on "
+                                              "this machine")
