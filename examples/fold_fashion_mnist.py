@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     folded_dir = script.folded_dir or f"{training_args.output_dir}/folded"
-    path = trainer.save_folded(folded_dir, overwrite=True, datasets="zalando-datasets/fashion_mnist")
+    hub_weights = script.weights == "hub"  # the card names timm's weights it started from (and their license)
+    path = trainer.save_folded(folded_dir, overwrite=True, datasets="zalando-datasets/fashion_mnist",
+                               base_model=(model.pretrained_cfg or {}).get("hf_hub_id") if hub_weights else None)
 
     summary = {"eval_top1": metrics["eval_top1"], "eval_top5": metrics["eval_top5"], "folded_dir": str(path)}
     if trainer.is_world_process_zero():

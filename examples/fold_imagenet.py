@@ -125,9 +125,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {k: v for k, v in metrics.items() if k.startswith("eval_top")}
     if trainer.phase == "finetune":
         folded_dir = script.folded_dir or f"{args.output_dir}/folded"
+        # the weights it started from: the card's base_model and, through it, their license
+        base_model = (model.pretrained_cfg or {}).get("hf_hub_id") if script.pretrained else None
         summary["folded_dir"] = str(trainer.save_folded(
             folded_dir, overwrite=True, push_to_hub=bool(script.push_folded_to), repo_id=script.push_folded_to,
-            datasets=script.dataset_name))
+            datasets=script.dataset_name, base_model=base_model))
     else:  # a search-only run (FSDP recipe, step 1): the next run starts from it with --init_from
         summary["search_run"] = args.output_dir
     if trainer.is_world_process_zero():
