@@ -1,7 +1,8 @@
 """DDP through the real ``accelerate launch`` CLI: 2 CPU processes (gloo) cross the search → fine-tune switch.
 
-The file is also the worker script (``accelerate launch ... tests/test_distributed.py OUT``). One launch runs
-both the real training and, afterwards, a control run with the trainer's DDP setting undone.
+The file is also the worker script (``accelerate launch ... tests/test_distributed.py OUT [stream]``). One launch
+runs both the real training and, afterwards, a control run with the trainer's DDP setting undone; a second launch
+(``stream``) trains on a sharded streaming set, which each process must read by its own shards.
 """
 
 from __future__ import annotations
@@ -69,6 +70,74 @@ def _worker(out: Path) -> None:
                                                           "phase": control.phase}))
 
 
+STREAM_ROWS, STREAM_SHARDS, STREAM_BATCH = 40, 4, 4  # 2 shards of 10 rows per rank: 5 batches each = MAX_STEPS
+
+
+class _RecordingCollator:
+    """Wraps the trainer's collator: records the ``index`` of every example it collates, and the keys it returns."""
+
+    def __init__(self, collator) -> None:
+        self.collator, self.batches, self.keys = collator, [], set()
+
+    def __call__(self, examples):
+        self.batches.append([int(e["index"]) for e in examples])
+        batch = self.collator(examples)
+        self.keys.update(batch)
+        return batch
+
+
+def _stream_worker(out: Path) -> None:
+    import datasets
+    import timm
+    import torch
+    from transformers import TrainingArguments
+
+    import hf_layerfold as lf
+    from hf_layerfold.data import load_fashion_mnist
+    from hf_layerfold.plan import applied_plan
+    from hf_layerfold.trainer import LayerFoldingTrainer
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = load_fashion_mnist(train_size=STREAM_ROWS, test_size=10, seed=0)["train"]
+    table = {"image": rows["image"], "label": rows["label"], "index": list(range(len(rows)))}
+    features = datasets.Features({**rows.features, "index": datasets.Value("int64")})
+    stream = datasets.Dataset.from_dict(table, features=features).to_iterable_dataset(num_shards=STREAM_SHARDS)
+
+    def make_trainer(dispatch_batches: bool | None) -> LayerFoldingTrainer:
+        model = timm.create_model("mobilenetv2_050", pretrained=False, num_classes=10)
+        args = TrainingArguments(output_dir=str(out), use_cpu=True, max_steps=MAX_STEPS, logging_steps=1,
+                                 per_device_train_batch_size=STREAM_BATCH, learning_rate=1e-3, save_strategy="no",
+                                 report_to=[], disable_tqdm=True, seed=0)
+        args.accelerator_config.dispatch_batches = dispatch_batches
+        trainer = LayerFoldingTrainer(model, args, train_dataset=stream, input_size=SIZE,
+                                      layerfold_config=lf.LayerFoldingConfig(**{**CONFIG, "blend": "auto"}))
+        trainer.data_collator = _RecordingCollator(trainer.data_collator)
+        return trainer
+
+    trainer = make_trainer(None)  # the trainer picks dispatch_batches=False for a streaming set
+    trainer.train()
+    rank = trainer.args.process_index
+    plan = applied_plan(trainer.model)
+    collator = trainer.data_collator
+    folded = trainer.save_folded(out / "stream_folded")
+    dump = {"rank": rank, "world_size": trainer.args.world_size, "phase": trainer.phase,
+            "step": trainer.state.global_step, "dispatch": trainer.args.accelerator_config.dispatch_batches,
+            "batches": collator.batches, "keys": sorted(collator.keys),
+            "plan": None if plan is None else plan.to_dict(),
+            "alphas": {k: v.item() for k, v in lf.alpha_parameters(trainer.model).items()},
+            "weights_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
+            "log_phases": [e["phase"] for e in trainer.state.log_history if "loss" in e], "folded": str(folded)}
+
+    # Control: batches dispatched from rank 0, which then reads (and decodes) every shard; one pass, no training.
+    control = make_trainer(True)
+    for _ in control.get_train_dataloader():
+        pass
+    dump["control_batches"] = control.data_collator.batches
+    control.accelerator.wait_for_everyone()  # (without it a rank aborted at exit: "terminate called without ...")
+    (out / f"stream{rank}.json").write_text(json.dumps(dump))
+
+
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp")
@@ -77,11 +146,11 @@ def launched(tmp_path_factory) -> Path:
     return out
 
 
-def _launch(out: Path) -> subprocess.CompletedProcess:
+def _launch(out: Path, *mode: str) -> subprocess.CompletedProcess:
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(29500 + os.getpid() % 500),
-           __file__, str(out)]
+           __file__, str(out), *mode]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
@@ -135,5 +204,55 @@ def test_ddp_without_the_fix_fails_at_the_switch(launched):
         assert control["phase"] == "finetune" and control["step"] == SEARCH_STEPS + 1
 
 
+@pytest.mark.slow
+def test_ddp_streaming_set_is_read_by_shard_on_each_process(tmp_path):
+    """A sharded streaming set under 2 processes: each reads its own shards (no dispatch from rank 0), both
+    cross the search → fine-tune switch with the same α and plan, and the result folds."""
+    import timm
+    import torch
+
+    import hf_layerfold as lf
+    from hf_layerfold.hub import LayerFoldedModel
+
+    run = _launch(tmp_path, "stream")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"stream{r}.json").read_text()) for r in (0, 1))
+    assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
+    assert r0["dispatch"] is False and r1["dispatch"] is False
+
+    # (a) Each rank collated its own examples: whole shards, disjoint, together every row the 5 steps consumed.
+    per_shard = STREAM_ROWS // STREAM_SHARDS
+    seen = []
+    for r in (r0, r1):
+        assert r["step"] == MAX_STEPS and [len(b) for b in r["batches"]] == [STREAM_BATCH] * MAX_STEPS
+        indices = [i for b in r["batches"] for i in b]  # one collated batch per step, nothing read beyond
+        assert len(set(indices)) == len(indices)
+        shards = {i // per_shard for i in indices}
+        assert len(shards) == STREAM_SHARDS // 2
+        assert set(indices) == {i for i in range(STREAM_ROWS) if i // per_shard in shards}
+        assert r["keys"] == ["labels", "pixel_values"]  # the index column never reaches the model
+        seen.append(set(indices))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(STREAM_ROWS))
+
+    # (b) α (and the weights) identical on both ranks; (c) the plan fixed at the switch, the same on both, folded.
+    assert r0["alphas"] == r1["alphas"] and r0["weights_sum"] == r1["weights_sum"]
+    assert r0["phase"] == r1["phase"] == "finetune" and r0["plan"] == r1["plan"]
+    assert r0["log_phases"] == [0] * SEARCH_STEPS + [1] * (MAX_STEPS - SEARCH_STEPS)
+    plan = lf.FoldPlan.from_dict(r0["plan"])
+    assert 0 < len(plan) < len(r0["alphas"])
+    assert all(a == (1.0 if s in plan.linear_sites else 0.0) for s, a in r0["alphas"].items())
+    folded = LayerFoldedModel.from_pretrained(r0["folded"])
+    with torch.no_grad():
+        assert folded(torch.randn(2, 3, SIZE, SIZE)).shape == (2, 10)
+    assert lf.fold_stats(folded, None).depth < lf.fold_stats(timm.create_model("mobilenetv2_050"), None).depth
+
+    # Control: with dispatch_batches=True rank 0 reads every shard, rank 1 none.
+    assert sorted(i for b in r0["control_batches"] for i in b) == list(range(STREAM_ROWS))
+    assert r1["control_batches"] == []
+
+
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    if sys.argv[2:] == ["stream"]:
+        _stream_worker(Path(sys.argv[1]))
+    else:
+        _worker(Path(sys.argv[1]))
