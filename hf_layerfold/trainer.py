@@ -213,6 +213,7 @@ class LayerFoldingTrainer(Trainer):
         accel = args.accelerator_config
         if isinstance(train_dataset, datasets.IterableDataset) and accel.dispatch_batches is None:
             accel.dispatch_batches = False
+            warn_on_few_shards(train_dataset, args.world_size)
 
     def _model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -468,6 +469,19 @@ class LayerFoldingTrainer(Trainer):
             logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
             return None
         return {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
+
+
+def warn_on_few_shards(dataset: datasets.IterableDataset, world_size: int) -> bool:
+    """Warn (and return True) when a streaming training set has fewer shards than processes: accelerate can then
+    not give each process its own shards, so every process reads and decodes the whole stream."""
+    shards = getattr(dataset, "num_shards", None) or getattr(dataset, "n_shards", None)
+    if world_size <= 1 or shards is None or shards >= world_size:
+        return False
+    logger.warning("the streaming training set has %d shard(s) for %d processes: each process reads and decodes the "
+                   "whole stream and keeps only its share of it. Give it at least %d shards (more data files, or "
+                   "Dataset.to_iterable_dataset(num_shards=...)) so each process reads only its own.",
+                   shards, world_size, world_size)
+    return True
 
 
 def _logits(outputs: Any) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import datasets
@@ -22,7 +23,7 @@ from hf_layerfold.layers import PaddedConv2d
 from hf_layerfold.losses import alpha_regularizer, distillation_loss
 from hf_layerfold.plan import applied_plan
 from hf_layerfold.prepare import is_prepared
-from hf_layerfold.trainer import ALPHA_GROUP, STATE_NAME, LayerFoldingTrainer, compute_metrics
+from hf_layerfold.trainer import ALPHA_GROUP, STATE_NAME, LayerFoldingTrainer, compute_metrics, warn_on_few_shards
 
 SIZE = 32
 LOG_KEYS = {"loss", "task_loss", "reg_loss", "alpha_mean", "sites_past_threshold", "projected_nonlinear_layers",
@@ -313,11 +314,15 @@ def test_eval_sets_by_name_of_any_kind(tmp_path, fashion):
     assert metrics["eval_ready_top1"] == first8["eval_top1"]
 
 
-def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collators(tmp_path, fashion):
+def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collators(tmp_path, fashion, caplog):
     stream = fashion["train"].to_iterable_dataset(num_shards=4)
     args = args_for(tmp_path, max_steps=1)
     LayerFoldingTrainer(tiny_model(), args, train_dataset=stream, input_size=SIZE)
     assert args.accelerator_config.dispatch_batches is False  # each process decodes its own shards
+    assert not warn_on_few_shards(stream, 4) and not warn_on_few_shards(fashion["train"].to_iterable_dataset(), 1)
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
+        assert warn_on_few_shards(fashion["train"].to_iterable_dataset(num_shards=1), 2)
+    assert "1 shard(s) for 2 processes: each process reads and decodes the whole stream" in caplog.text
     names = fashion["train"].features["label"].names
     named = fashion["train"].cast_column("label", datasets.Value("int64")).map(lambda e: {"label": names[e["label"]]})
     base = prepare_datasets(tiny_model(), fashion["train"], input_size=SIZE)[2]
