@@ -81,7 +81,8 @@ def add_config_flags(parser: argparse.ArgumentParser, title: str = "Layer Foldin
 
 
 def read_mapping_file(path: str) -> dict:
-    """A YAML or JSON object from ``path`` (YAML is a superset of JSON, so one parser reads both)."""
+    """A YAML or JSON object from ``path``: a ``.json`` file is read as strict JSON (YAML would let a trailing comma
+    or a comment through), anything else as YAML (a superset of JSON)."""
     import yaml
 
     try:
@@ -89,9 +90,10 @@ def read_mapping_file(path: str) -> dict:
     except OSError as err:
         raise CLIError(f"cannot read config file {path}: {err.strerror or err}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise CLIError(f"config file {path} is not valid YAML/JSON: {err}") from None
+        data = json.loads(text) if path.lower().endswith(".json") else yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError) as err:
+        kind = "JSON" if path.lower().endswith(".json") else "YAML/JSON"
+        raise CLIError(f"config file {path} is not valid {kind}: {err}".replace("\n", " ")) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -182,6 +182,9 @@ def test_bad_config_files(tmp_path, capsys):
     cases = {bad_type: "LayerFoldingConfig.threshold='high' is invalid: must be a finite number",
              unknown: "unknown key(s) ['lambda']", broken: "not valid YAML/JSON",
              tmp_path / "missing.yaml": "cannot read config file"}
+    trailing = tmp_path / "d.json"  # YAML would read it; a .json file is held to JSON
+    trailing.write_text('{"threshold": 0.5,}')
+    cases[trailing] = "d.json is not valid JSON: Expecting property name"
     # training options in the file go through the flags' own types and choices, and say which file was wrong
     for i, (text, expected) in enumerate((
             ('overwrite: "false"\n', "overwrite must be true or false, got 'false'"),
