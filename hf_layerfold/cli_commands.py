@@ -55,6 +55,11 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
     existing = next((p for p in path.parents if p.exists()), None)
     if existing is not None and not existing.is_dir():
         raise CLIError(f"cannot create --output-dir {path}: {existing} is a file")
+    if existing is not None:  # where the scratch and the save will be created: writable? (before any loading)
+        try:
+            Path(tempfile.mkdtemp(prefix=".hf-layerfold-probe-", dir=existing)).rmdir()
+        except OSError as err:
+            raise CLIError(f"cannot write to --output-dir {path}: {err.strerror or err}") from None
     if not path.exists():
         return
     if not path.is_dir():

@@ -263,6 +263,9 @@ def test_an_unwritable_output_dir_stops_fold_before_training(tiny_imagefolder, t
     out = tmp_path / "out"
     assert main([*TINY_FOLD, "--dataset", str(tiny_imagefolder), "--output-dir", str(out)]) == 2
     assert f"cannot write to --output-dir {out}: Permission denied" in one_error_line(capsys.readouterr().err)
+    # found before anything is loaded: a dataset that does not exist is not reached
+    assert main([*TINY_FOLD, "--dataset", str(tmp_path / "missing"), "--output-dir", str(out)]) == 2
+    assert f"cannot write to --output-dir {out}: Permission denied" in one_error_line(capsys.readouterr().err)
     assert not out.exists()
 
 
