@@ -8,6 +8,7 @@ other way round; ``PROG`` lives here because the commands print it, and ``cli.py
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import re
@@ -58,8 +59,9 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
     if existing is not None:  # where the scratch and the save will be created: writable? (before any loading)
         try:
             Path(tempfile.mkdtemp(prefix=".hf-layerfold-probe-", dir=existing)).rmdir()
-        except OSError as err:
-            raise CLIError(f"cannot write to --output-dir {path}: {err.strerror or err}") from None
+        except OSError as err:  # a full disk is the environment's (1), a read-only place the user's choice (2)
+            raise CLIError(f"cannot write to --output-dir {path}: {err.strerror or err}",
+                           code=1 if err.errno == errno.ENOSPC else 2) from None
     if not path.exists():
         return
     if not path.is_dir():
@@ -140,6 +142,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
     base_model_id = None if args.model == LITE0_ALIAS else (model.pretrained_cfg or {}).get("hf_hub_id")
     if not args.pretrained or folded_input:  # a folded save's card keeps the base model it names
         base_model_id = None
+    # random weights carry timm's pretrained cfg too, license included: it is not theirs (the Lite0 alias always loads
+    # its bundled weights)
+    random_weights = not args.pretrained and not folded_input and args.model != LITE0_ALIAS
 
     try:
         scratch = _scratch_dir(output)
@@ -171,7 +176,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
         try:
             path = trainer.save_folded(output, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
                                        repo_id=args.repo_id, private=args.private, token=args.token,
-                                       base_model=base_model_id, datasets=data.hub_id, accuracy=accuracy)
+                                       base_model=base_model_id, datasets=data.hub_id, accuracy=accuracy,
+                                       **({"license": False} if random_weights else {}))
         except PushToHubError as err:
             raise CLIError(str(err), code=1) from None
         except OSError as err:  # e.g. the disk is full: nothing half-written is left (the save is atomic)
@@ -340,9 +346,9 @@ def cmd_gains(args: argparse.Namespace) -> int:
     out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
     torch_device(args.device)
     arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
-    if Path(arch).expanduser().is_dir():
-        raise CLIError(f"{arch} is a directory; gains takes a timm model name (a folded save has no folds left to "
-                       "time: pass its base architecture)")
+    if is_folded_dir(Path(arch).expanduser()):
+        raise CLIError(f"{arch} is a folded save: it has no folds left to time; gains takes the timm name of its "
+                       "base architecture")
     check_model_name(arch)  # a folded save has no folds left to time: only base models
     model = create_base_model(arch, pretrained=False)  # latency does not depend on the weights
     try:

@@ -109,10 +109,11 @@ def load_image_dataset(
             return datasets.load_dataset(
                 "imagefolder", data_dir=str(local), split=split, streaming=streaming, **kwargs
             )
-        except (FileNotFoundError, ValueError) as err:  # no image files, or none in the split asked for
-            raise ValueError(f"{local} holds no images that imagefolder reads (layout: class_name/xxx.png, "
-                             f"optionally under train/ and test/){f' for split {split!r}' if split else ''}: "
-                             f"{err}") from err
+        except (FileNotFoundError, ValueError) as err:
+            if not isinstance(err, datasets.data_files.EmptyDatasetError) and "corresponds to no data" not in str(err):
+                raise  # e.g. an unknown split: datasets' message names the splits there are
+            raise type(err)(f"{local} holds no images that imagefolder reads (layout: class_name/xxx.png, "
+                            f"optionally under train/ and test/): {err}") from err
     if local.exists():
         raise ValueError(f"{text} is a file; expected a directory in imagefolder layout or a Hub dataset id.")
     if isinstance(source, os.PathLike) or _looks_like_local_path(text):

@@ -94,6 +94,8 @@ class FoldGains:
             return cls.from_dict(data.get("fold_gains", data) if isinstance(data, dict) else data)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from None
+        except TypeError as err:  # a field of the wrong type (an int input_size)
+            raise ValueError(f"{path}: not a readable fold-gains measurement: {err}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
@@ -114,7 +116,11 @@ def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, 
     if applied_plan(model) is not None:
         raise ValueError(f"{who} needs a model whose plan is not fixed yet ({unplanned_why})")
     for name, value in (("batch_size", batch_size), ("rounds", rounds)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        try:
+            whole = not isinstance(value, bool) and operator.index(value) >= 1  # (numpy integers too)
+        except TypeError:
+            whole = False
+        if not whole:
             raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
     if dtype not in TIMING_DTYPES:
         raise ValueError(f"{who}: dtype {dtype!r} is not supported; supported: {', '.join(TIMING_DTYPES)}")

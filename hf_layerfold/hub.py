@@ -202,40 +202,6 @@ def _base_model_ref(base_model: str) -> str | None:
                      "a timm architecture name")
 
 
-def _registry_license(cfg: Mapping, base_arch: str | None) -> str | None:
-    """The license timm's own registry gives the pretrained cfg ``cfg`` was copied from (None if not from it)."""
-    from timm.models import get_pretrained_cfg
-
-    tag, hub_id = cfg.get("tag"), cfg.get("hf_hub_id") or ""
-    names = [f"{arch}.{tag}" for arch in dict.fromkeys((cfg.get("architecture"), base_arch)) if arch and tag]
-    if hub_id.startswith("timm/"):
-        names.append(hub_id.split("/", 1)[1])
-    for name in names:
-        try:
-            registered = get_pretrained_cfg(name, allow_unregistered=False)
-        except Exception:  # an unknown architecture or tag: not timm's cfg
-            continue
-        if registered is not None:
-            return registered.license
-    return None
-
-
-def _weights_license(cfg: Mapping, base_model: str | None, base_arch: str | None) -> str | None:
-    """The license of the weights that were folded, as far as the model shows it.
-
-    timm gives a model built with ``pretrained=False`` the same ``pretrained_cfg`` (license included) as one that
-    loaded the weights, so a license that is timm's registry entry is taken only when ``base_model`` names that
-    cfg's weights (the caller says the model derives from them). A license some other loader attached to the
-    weights it loaded (``hf_layerfold.pretrained``, a folded save loaded back) is taken as is.
-    """
-    license = cfg.get("license")
-    if not license:
-        return None
-    if base_model is not None and split_hub_ref(base_model)[0] == cfg.get("hf_hub_id"):
-        return license
-    return None if _registry_license(cfg, base_arch) == license else license
-
-
 def _stats_dict(stats: FoldStats | Mapping | None) -> dict | None:
     if stats is None:
         return None
@@ -300,8 +266,9 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         base_model: Hub id (``org/name``, or ``org/name@revision``: the metadata takes the repo id, the card text
             names the revision) of the model that was folded, for the card's ``base_model`` metadata; a bare
             architecture name is recorded as the base architecture only.
-        license: the card's license (default: the license recorded for the weights that were folded, i.e. of a
-            timm pretrained cfg only when ``base_model`` names its weights; a random-weight model gets none).
+        license: the card's license (default: the model's ``pretrained_cfg`` license, which timm records for its
+            weights; ``False`` for none, e.g. a model trained from random weights, to which timm gives the same
+            pretrained cfg).
         eval_results: measured results for the card's ``model-index`` (``EvalResult`` objects or dicts, see
             ``model_card.eval_results_from``).
         label_names: class names (default: the source model's, when their count matches).
@@ -334,9 +301,10 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     pretrained_cfg, labels = _export_cfg(net, pretrained_cfg_overlay, labels)
     block = _layerfold_block(net, planned, config, base_model, pretrained_cfg["input_size"],
                              card_fields.get("stats_before"))
-    license = card_fields.get("license") or _weights_license(net.pretrained_cfg or {}, block.get("base_model"),
-                                                             block.get("base_architecture"))
-    pretrained_cfg.pop("license", None)  # the license of these weights, not of a source they may never have used
+    license = card_fields.get("license")
+    if license is None:
+        license = (net.pretrained_cfg or {}).get("license")
+    pretrained_cfg.pop("license", None)  # the license of these weights (False: none)
     if license:
         pretrained_cfg["license"] = license
     model_args = {k: v for k, v in net.model_args.items() if k != "num_classes"}  # transformers passes num_classes
@@ -347,7 +315,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     card = render_card(block, load_id=repo_id or str(target), is_hub=bool(repo_id),
                        title=card_fields.get("model_name") or (repo_id or target.name).split("/")[-1],
                        base_model=block.get("base_model"), datasets=card_fields.get("datasets"),
-                       license=license,
+                       license=license or None,
                        eval_results=eval_results, latency=card_fields.get("latency"),
                        accuracy=card_fields.get("accuracy"), tags=card_fields.get("tags") or (),
                        language=card_fields.get("language"), template=card_fields.get("template"))

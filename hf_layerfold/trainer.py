@@ -213,6 +213,7 @@ class LayerFoldingTrainer(Trainer):
         accel = args.accelerator_config
         if isinstance(train_dataset, datasets.IterableDataset) and accel.dispatch_batches is None:
             accel.dispatch_batches = False
+        if isinstance(train_dataset, datasets.IterableDataset) and accel.dispatch_batches is False:
             warn_on_few_shards(train_dataset, args.world_size)
 
     def _model(self) -> nn.Module:

@@ -232,7 +232,7 @@ def tiny_imagefolder(tmp_path):
      "cannot create model 'mobilenetv2_050': LocalEntryNotFoundError"),
     (["evaluate", "botnet50ts_256", "--dataset", "IMAGES"], 2, "No pretrained weights exist for botnet50ts_256"),
     (["push", "./no/such/save", "--repo-id", "a/b"], 2, "save directory ./no/such/save does not exist"),
-    (["gains", "IMAGES"], 2, "is a directory; gains takes a timm model name"),
+    (["gains", "IMAGES"], 2, "not a timm model name"),  # a folder that is not a folded save
     (["gains", "mobilenetv2_050", "--output", "IMAGES/a/0.png/gains.json"], 2, "0.png is a file"),
     (["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", "IMAGES/a/0.png"], 2, "is a file; expected a "
      "directory in imagefolder layout"),
@@ -326,6 +326,12 @@ def folded_save(tmp_path_factory):
     return out, stdout.getvalue()
 
 
+def test_gains_on_a_folded_save_names_what_to_pass(folded_save, capsys):
+    out, _ = folded_save
+    assert main(["gains", str(out), "--quiet"]) == 2
+    assert "is a folded save: it has no folds left to time" in one_error_line(capsys.readouterr().err)
+
+
 def test_fold_writes_a_loadable_folded_save(folded_save):
     out, printed = folded_save
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # the training scratch is gone
@@ -343,6 +349,8 @@ def test_fold_writes_a_loadable_folded_save(folded_save):
     assert info["stats_after"]["depth"] < info["stats_before"]["depth"]  # ... and the fold removed convs
     assert info["config"]["lambda_reg"] == 10 and info["config"]["regularizer"] == "l1"
     assert re.search(r"depth \(convs\)\s+\d+\s+\d+", printed) and "saved folded model to" in printed
+    # --no-pretrained: random weights, so not the license timm's cfg names for its own weights
+    assert "license" not in net.pretrained_cfg and "license:" not in (out / "README.md").read_text()
 
 
 def test_evaluate_reproduces_the_accuracy_measured_by_fold(folded_save, capsys):

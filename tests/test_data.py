@@ -514,3 +514,19 @@ def test_collator_with_trainer(
     )
     result = trainer.train()
     assert result.global_step == 2 and np.isfinite(result.training_loss)
+
+
+def test_local_imagefolder_errors_say_what_is_missing(tmp_path):
+    """An empty folder: no images (the same FileNotFoundError type); an unknown split: datasets' own message, which
+    names the splits the folder has."""
+    from hf_layerfold.data import load_image_dataset
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds no images that imagefolder reads"):
+        load_image_dataset(tmp_path / "empty")
+    for i in range(2):
+        (tmp_path / "ds" / "cat").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "ds" / "cat" / f"{i}.png")
+    with pytest.raises(ValueError, match="Unknown split") as info:
+        load_image_dataset(tmp_path / "ds", split="validation")
+    assert "holds no images" not in str(info.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -126,6 +127,11 @@ def test_timing_takes_the_input_sizes_fold_stats_takes_and_names_bad_arguments(t
                          ({"input_size": (3, 0, 24)}, "input_size must be")):
             with pytest.raises(ValueError, match=f"{measure.__name__}: {why}"):
                 measure(model, **{"input_size": (3, 24, 24), **quick, **bad})
+    assert "conv_stem" in lf.measure_merge_costs(model, 24, batch_size=np.int64(2), **quick)  # numpy ints are ints
     lf.LayerFoldingConfig().save_pretrained(tmp_path)  # a config is not a measurement
     with pytest.raises(ValueError, match=r"layerfold_config.json: not a fold-gains measurement .*lacks \['device'"):
         FoldGains.load(tmp_path / "layerfold_config.json")
+    wrong = FoldGains("cpu", 1, (3, 8, 8), "fp32", False, 1.0, {}).to_dict() | {"input_size": 5}
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="wrong.json: not a readable fold-gains measurement"):
+        FoldGains.load(tmp_path / "wrong.json")

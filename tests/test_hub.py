@@ -271,21 +271,23 @@ def test_base_model_with_a_revision_keeps_the_repo_id_and_names_the_revision(tmp
     assert not (tmp_path / "never").exists()
 
 
-def test_license_only_for_weights_the_model_really_came_from(tmp_path, folded):
+def test_license_is_the_weights_unless_the_caller_says_otherwise(tmp_path, folded):
+    """The model's pretrained cfg license by default (timm records it for its weights), the user's when given, none
+    with ``license=False`` (what ``fold --no-pretrained`` passes: timm gives random weights the same cfg)."""
     from hf_layerfold.pretrained import _imagenet_pretrained_cfg
 
-    assert folded.pretrained_cfg["license"] == "apache-2.0"  # timm's default cfg, though the weights are random
+    assert folded.pretrained_cfg["license"] == "apache-2.0"
 
     def license_of(path):
         cfg = json.loads((path / "config.json").read_text())["pretrained_cfg"]
         return ModelCard.load(path / "README.md").data.license, cfg.get("license")
 
-    assert license_of(save_folded(folded, tmp_path / "random")) == (None, None)
-    assert license_of(save_folded(folded, tmp_path / "mit", license="mit")) == ("mit", "mit")  # the user's word
-    path = save_folded(folded, tmp_path / "derived", base_model="timm/mobilenetv2_050.lamb_in1k")
-    assert license_of(path) == ("apache-2.0", "apache-2.0")  # said to derive from timm's weights: their license
+    path = save_folded(folded, tmp_path / "default")
+    assert license_of(path) == ("apache-2.0", "apache-2.0")
     assert license_of(save_folded(LayerFoldedModel.from_pretrained(path), tmp_path / "again")) == (
         "apache-2.0", "apache-2.0")  # a folded save loaded back keeps what it recorded
+    assert license_of(save_folded(folded, tmp_path / "mit", license="mit")) == ("mit", "mit")  # the user's word
+    assert license_of(save_folded(folded, tmp_path / "none", license=False)) == (None, None)
     lite = copy.deepcopy(folded)  # weights loaded by hf_layerfold.pretrained: the cfg it sets, Apache-2.0
     lite.pretrained_cfg = {**_imagenet_pretrained_cfg(), "architecture": "layerfold_net"}
     assert license_of(save_folded(lite, tmp_path / "lite")) == ("apache-2.0", "apache-2.0")
