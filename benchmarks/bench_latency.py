@@ -63,19 +63,24 @@ def build_variants(name: str, plans: tuple[str, ...] = ("bn_fused", *PLAN_NAMES)
     return variants, meta
 
 
-def _auto_inner(models: dict[str, nn.Module], x: torch.Tensor, target_ms: float) -> int:
-    """Forwards per sample so that one sample lasts about ``target_ms`` (GPU batch 1 needs several)."""
+def _auto_inner(models: dict[str, nn.Module], x: torch.Tensor, target_ms: float, tries: int = 3) -> int:
+    """Forwards per sample so that one sample of the slowest model lasts about ``target_ms`` (GPU batch 1 needs
+    several). Each model's forward time is the fastest of ``tries`` after a warm-up call: one timed call, hit by a
+    single launch hiccup, overstates it and leaves every sample of the cell shorter than intended."""
     with torch.inference_mode():
         slowest = 0.0
         for m in models.values():
             m(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            m(x)
-            if x.is_cuda:
-                torch.cuda.synchronize()
-            slowest = max(slowest, (time.perf_counter() - t0) * 1e3)
+            fastest = math.inf
+            for _ in range(tries):
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                m(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize()
+                fastest = min(fastest, (time.perf_counter() - t0) * 1e3)
+            slowest = max(slowest, fastest)
     return max(1, math.ceil(target_ms / max(slowest, 1e-3)))
 
 

@@ -1,8 +1,9 @@
 """Training-step cost of the α search: a prepared model (α learned) beside the same timm model without α.
 
 One step = ``zero_grad`` + forward + cross-entropy + backward + AdamW step, in train mode. The variants are
-timed side by side in every round (starting variant rotated), so drift of a shared machine hits them alike;
-the reported ratio is the median over rounds of the per-round ratio. Variants:
+timed side by side in every round, in a fresh random order each round (as ``harness.time_interleaved``: a rotated
+fixed order would have each variant follow the same neighbour in most rounds), so drift of a shared machine hits
+them alike; the reported ratio is the median over rounds of the per-round ratio. Variants:
 
 * ``timm``: the model as timm builds it (in-place activations), no α.
 * ``prepared``: ``prepare_model`` with the default ``blend="auto"``: the Triton kernels on CUDA; on CPU
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import time
 
 import timm
@@ -95,10 +97,10 @@ def time_steps(variants: dict[str, nn.Module], x: torch.Tensor, y: torch.Tensor,
         for _ in range(warmup):
             train_step(variants[name], optims[name], x, y)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    order = random.Random(0)
     start, r = time.perf_counter(), 0
     while r < rounds:
-        for i in range(len(names)):
-            name = names[(r + i) % len(names)]
+        for name in order.sample(names, len(names)):
             sync(x.device)  # on CUDA: time the step's GPU work, not how fast its kernels were queued
             t0 = time.perf_counter()
             train_step(variants[name], optims[name], x, y)
@@ -203,21 +205,33 @@ def main(argv: list[str] | None = None) -> dict:
         waited = wait_for_idle(args.wait_idle)
     models = ("mobilenetv2_050",) if args.quick else tuple(args.models.split(","))
     size, rounds = (64, 6) if args.quick else (args.input_size, args.rounds)
-    rows = []
-    for threads in (int(t) for t in str(args.threads).split(",")):
-        rows += run(models, args.batch, size, threads, rounds, args.warmup, args.budget_s, args.device,
-                    args.whole_compile, not args.no_compile_variants)["rows"]
-    result = {"rows": rows}
-    data = {"benchmark": "train_overhead", "title": "Training overhead of the α search",
+    thread_counts = [int(t) for t in str(args.threads).split(",")]
+    rows: list[dict] = []
+    data: dict = {}
+    for i, threads in enumerate(thread_counts):
+        for model in models:  # the JSON is rewritten after every row: a time-boxed call keeps what it measured
+            rows += run((model,), args.batch, size, threads, rounds, args.warmup, args.budget_s, args.device,
+                        args.whole_compile, not args.no_compile_variants)["rows"]
+            last = i == len(thread_counts) - 1 and model == models[-1]
+            data = _result(args, rows, thread_counts, waited, complete=last)
+            write_json(args.out, data)
+    return data
+
+
+def _result(args: argparse.Namespace, rows: list[dict], thread_counts: list[int], waited: dict | None,
+            complete: bool) -> dict:
+    # every thread count of the rows (the device line of a table must not name only the last one)
+    device = {**device_info(args.device), "torch_threads": thread_counts[0] if len(thread_counts) == 1
+              else thread_counts}
+    result = {"rows": rows} if complete else {"rows": rows, "complete": False}
+    return {"benchmark": "train_overhead", "title": "Training overhead of the α search",
             "description": ("Median training-step time (fwd + bwd + AdamW step) of a prepared model in the search "
                             "phase vs the same timm model without α; ratio = median of per-round ratios "
                             "(interleaved); prepared uses the default blend='auto' (Triton on CUDA, torch.compile "
                             "regions on CPU); prepared_compile_blend uses blend='compile'; prepared_compiled compares "
                             f"two models under torch.compile. Required: ratio ≤ {REQUIRED_RATIO}."),
-            "device": device_info(args.device), "quick": args.quick, "required_ratio": REQUIRED_RATIO,
+            "device": device, "quick": args.quick, "required_ratio": REQUIRED_RATIO,
             "idle_wait": waited, **result}
-    write_json(args.out, data)
-    return data
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@
 # goes), merge merge_policy_cuda.json (the committed sweeps' plans timed under each merge policy).
 set -u
 OUT=${OUT:?set OUT to the output folder}
+mkdir -p "$OUT" || exit 1  # every step writes (and logs) into it: without it each step's redirection fails, unrun
 LATENCY_S=${LATENCY_S:-90}
 OVERHEAD_S=${OVERHEAD_S:-70}  # per model
 OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants
@@ -17,6 +18,7 @@ START=$(date +%s)
 SWEEP_ARGS=${SWEEP_ARGS:-}
 ONLY=${ONLY:-tests,latency,overhead,profile,merge,sweep}
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
+KILL_S=${KILL_S:-20}  # after a step's SIGTERM, SIGKILL if it has not exited (a hung step must not eat the others' time)
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 log() { echo "[gpu_all $(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 
@@ -28,43 +30,46 @@ import importlib.util as u; print('triton', u.find_spec('triton') and __import__
 
 if want tests; then
   log "CUDA tests"
-  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py >"$OUT/cuda_tests.txt" 2>&1 \
+  timeout -k "$KILL_S" 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py >"$OUT/cuda_tests.txt" 2>&1 \
     || log "CUDA tests exited with $?"
   tail -3 "$OUT/cuda_tests.txt" | tee -a "$OUT/log.txt"
 fi
 
 if want latency; then
   log "latency (budget ${LATENCY_S}s)"
-  timeout $((LATENCY_S + 120)) python3 benchmarks/gpu_suite.py "$OUT/latency_cuda.json" --budget-s "$LATENCY_S" \
+  timeout -k "$KILL_S" $((LATENCY_S + 120)) python3 benchmarks/gpu_suite.py "$OUT/latency_cuda.json" --budget-s "$LATENCY_S" \
     >>"$OUT/log.txt" 2>&1 || log "latency exited with $?"
 fi
 
 for model in mobilenetv2_100 tf_efficientnet_lite0; do
   want overhead || break
   log "train overhead $model (budget ${OVERHEAD_S}s)"
-  timeout "$OVERHEAD_S" python3 -m benchmarks.bench_train_overhead --device cuda --models $model --batch 64 \
+  timeout -k "$KILL_S" "$OVERHEAD_S" python3 -m benchmarks.bench_train_overhead --device cuda --models $model --batch 64 \
     --input-size 224 --threads 1 --rounds 40 --budget-s $((OVERHEAD_S / 3)) $OVERHEAD_ARGS \
     --out "$OUT/train_overhead_cuda_$model.json" >>"$OUT/log.txt" 2>&1 || log "train overhead exited with $?"
 done
 
 if want profile; then
   log "profile one batch-64 step"
-  timeout 150 python3 -m benchmarks.profile_step --device cuda --batch 64 --out "$OUT/profile_step_b64.json" \
+  timeout -k "$KILL_S" 150 python3 -m benchmarks.profile_step --device cuda --batch 64 --out "$OUT/profile_step_b64.json" \
     >>"$OUT/log.txt" 2>&1 || log "profile exited with $?"
 fi
 
 if want merge; then
   log "merge policies of the committed plans"
-  timeout 240 python3 -m benchmarks.bench_merge_policy --device cuda --budget-s 20 \
+  timeout -k "$KILL_S" 240 python3 -m benchmarks.bench_merge_policy --device cuda --budget-s 20 \
     --plans-from benchmarks/results/accuracy_sweep_cuda_block.json \
     --plans-from benchmarks/results/accuracy_sweep_block_from_baseline_dense_plans.json \
     --out "$OUT/merge_policy_cuda.json" >>"$OUT/log.txt" 2>&1 || log "merge policy exited with $?"
 fi
 
 SWEEP_S=$((TOTAL_S - $(date +%s) + START))
-if want sweep; then
+# at <= 70 s left the sweep's --deadline-s would be <= 0, i.e. none, and `timeout 0` means no time limit at all
+if want sweep && ((SWEEP_S <= 70)); then
+  log "accuracy sweep skipped: ${SWEEP_S}s left of TOTAL_S=${TOTAL_S} (it needs more than 70)"
+elif want sweep; then
   log "accuracy sweep (${SWEEP_S}s left)"
-  timeout "$SWEEP_S" python3 -m benchmarks.bench_accuracy_sweep --device cuda --bf16 --workers 12 \
+  timeout -k "$KILL_S" "$SWEEP_S" python3 -m benchmarks.bench_accuracy_sweep --device cuda --bf16 --workers 12 \
     --deadline-s $((SWEEP_S - 70)) --out "$OUT/accuracy_sweep_cuda.json" $SWEEP_ARGS \
     >>"$OUT/log.txt" 2>&1 || log "accuracy sweep exited with $?"
 fi

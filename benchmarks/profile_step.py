@@ -129,8 +129,8 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"benchmark": "profile_step", "title": "Where a search step's time goes", "device": device_info(args.device),
             "site_host_us": site_host_us(args.device, rounds=args.site_rounds)}
     log(f"[profile_step] host µs per site, forward + backward: {data['site_host_us']}")
+    write_json(args.out, data)  # kept even if a time limit stops the model profiles below
     if args.site_only:
-        write_json(args.out, data)
         return data
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False, num_classes=1000).to(args.device)

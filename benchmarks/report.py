@@ -22,9 +22,11 @@ def device_label(info) -> str:
     if isinstance(info, str):
         return info
     if info.get("gpu"):
+        bench = f"cudnn.benchmark={info.get('cudnn_benchmark')}"
+        if "latency_cudnn_benchmark" in info and info["latency_cudnn_benchmark"] != info.get("cudnn_benchmark"):
+            bench += f" (latency: {info['latency_cudnn_benchmark']})"  # a sweep: training and timing differ
         return (f"GPU {info['gpu']} (CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, torch {info.get('torch')}, "
-                f"cudnn.benchmark={info.get('cudnn_benchmark')}, TF32 conv={info.get('cudnn_allow_tf32')}); "
-                f"host CPU {info.get('cpu')}")
+                f"{bench}, TF32 conv={info.get('cudnn_allow_tf32')}); host CPU {info.get('cpu')}")
     threads = info.get("torch_threads")
     if isinstance(threads, list):
         threads = "/".join(str(t) for t in threads)

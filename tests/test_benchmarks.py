@@ -251,3 +251,137 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
     assert "| `accuracy_sweep_a.json` | 0 | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 |" in table
     assert "| `accuracy_sweep_b.json` | 1 | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 | 25 |" in table
     assert "accuracy_sweep_cuda.json" not in table
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+
+
+def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A ``python3`` that only records its arguments (gpu_all.sh's steps, without torch or a GPU)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text(f'#!/bin/bash\necho "$*" >> "{calls}"\n')
+    fake.chmod(0o755)
+    return bin_dir, calls
+
+
+def test_gpu_all_creates_its_output_folder_and_never_runs_the_sweep_without_a_limit(tmp_path):
+    """With an OUT that does not exist yet (the README's own example) every step used to be skipped: each step's
+    ``>>"$OUT/log.txt"`` failed before the command ran. And with no time left, ``timeout 0`` would have run the sweep
+    without any limit."""
+    bin_dir, calls = _fake_python(tmp_path)
+    out = tmp_path / "not" / "yet"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "ONLY": "merge,sweep",
+           "TOTAL_S": "0"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_all.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "No such file" not in proc.stderr
+    ran = calls.read_text()
+    assert "benchmarks.bench_merge_policy" in ran and "bench_accuracy_sweep" not in ran
+    log = (out / "log.txt").read_text()
+    assert "merge policies of the committed plans" in log and "accuracy sweep skipped" in log
+
+
+def test_train_overhead_times_the_variants_in_a_fresh_random_order_each_round(monkeypatch):
+    """A rotated fixed order had ``prepared`` right after ``timm`` in two rounds of three."""
+    import torch
+
+    from benchmarks import bench_train_overhead as bto
+
+    seen: list[str] = []
+    models = {name: torch.nn.Linear(2, 2) for name in ("timm", "prepared", "prepared_eager")}
+    names = {id(m): name for name, m in models.items()}
+    monkeypatch.setattr(bto, "train_step", lambda model, *a: seen.append(names[id(model)]))
+    x = torch.zeros(1, 2)
+    samples = bto.time_steps(models, x, x, rounds=30, warmup=0, budget_s=1e9)
+    assert all(len(s) == 30 for s in samples.values())
+    rounds = [tuple(seen[i:i + 3]) for i in range(0, len(seen), 3)]
+    assert all(sorted(r) == sorted(models) for r in rounds)
+    after_timm = [r[r.index("timm") + 1] for r in rounds if r.index("timm") < 2]
+    assert len(set(rounds)) >= 4 and len(set(after_timm)) == 2
+
+
+def test_train_overhead_json_is_written_after_every_row_and_names_every_thread_count(tmp_path, monkeypatch):
+    """A time-boxed call (gpu_all.sh's ``timeout``) keeps the rows it finished; the device line names all thread
+    counts (it used to name only the last, e.g. 'torch threads 2' over rows at 1 and 2 threads)."""
+    from benchmarks import bench_train_overhead as bto
+
+    out = tmp_path / "overhead.json"
+    written: list[dict] = []
+
+    def fake_run(models, batch, size, threads, *args):
+        if out.exists():
+            written.append(json.loads(out.read_text()))
+        return {"rows": [{"model": models[0], "batch": batch, "input_size": size, "threads": threads,
+                          "ratio_prepared": 1.0}]}
+
+    monkeypatch.setattr(bto, "run", fake_run)
+    data = bto.main(["--models", "a,b", "--threads", "1,2", "--out", str(out)])
+    assert [len(w["rows"]) for w in written] == [1, 2, 3] and all(w["complete"] is False for w in written)
+    final = json.loads(out.read_text())
+    assert final == data and "complete" not in final and len(final["rows"]) == 4
+    assert final["device"]["torch_threads"] == [1, 2]
+    assert "torch threads 1/2" in report.device_label(final["device"])
+
+
+def test_accuracy_sweep_marks_the_target_verdict_once_the_target_cell_is_timed():
+    """``meets_target`` is set after every latency cell (a sweep stopped in a later cell kept no verdict at all and
+    the report then said 'no'); it takes the larger of the two losses."""
+    from benchmarks.bench_accuracy_sweep import TARGET_CELL, mark_targets
+
+    rows = [{"run": "lambda=0", "lambda_reg": 0.0, "top1_gap_points": 0.0, "speedup": {TARGET_CELL: 1.0}},
+            {"run": "a", "lambda_reg": 0.02, "top1_gap_points": 0.4, "speedup": {TARGET_CELL: 1.7}},
+            {"run": "b", "lambda_reg": 0.02, "top1_gap_points": 0.1, "top1_gap_vs_control_points": 0.6,
+             "speedup": {TARGET_CELL: 1.7}},
+            {"run": "c", "lambda_reg": 0.04, "top1_gap_points": 0.5, "speedup": {TARGET_CELL: 1.59}},
+            {"run": "d", "lambda_reg": 0.04, "top1_gap_points": 0.0, "speedup": {"cpu b1 224 float32": 2.0}}]
+    mark_targets(rows)
+    assert [r["meets_target"] for r in rows] == [False, True, False, False, None]
+
+
+def test_profile_step_keeps_the_site_times_when_the_model_profile_does_not_finish(tmp_path, monkeypatch):
+    from benchmarks import profile_step
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # what a time limit does mid-profile
+
+    monkeypatch.setattr(profile_step, "profile_model", stopped)
+    out = tmp_path / "profile.json"
+    with pytest.raises(KeyboardInterrupt):
+        profile_step.main(["--model", "mobilenetv2_050", "--batch", "2", "--input-size", "32", "--site-rounds", "1",
+                           "--out", str(out)])
+    assert "prepared_auto" in json.loads(out.read_text())["site_host_us"]
+
+
+def test_latency_inner_count_ignores_a_single_slow_timed_call():
+    """One timed forward slowed by a hiccup used to size ``inner`` for every sample of the cell."""
+    import time
+
+    import torch
+
+    from benchmarks.bench_latency import _auto_inner
+
+    class Hiccup(torch.nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            time.sleep(0.05 if self.calls == 2 else 0.002)  # the first timed call is slow
+            return x
+
+    assert _auto_inner({"m": Hiccup()}, torch.zeros(1), target_ms=20.0) >= 5
+
+
+def test_sweep_device_line_names_the_cudnn_setting_its_latency_ran_with():
+    """A CUDA sweep records ``device_info`` before training (cudnn.benchmark off) and then times with it on; the
+    heading said 'cudnn.benchmark=False' over speed-ups measured with it on."""
+    from benchmarks import bench_accuracy_sweep
+
+    source = Path(bench_accuracy_sweep.__file__).read_text()
+    assert 'result["device"]["latency_cudnn_benchmark"] = True' in source
+    info = {"gpu": "Test GPU", "cudnn_benchmark": False, "latency_cudnn_benchmark": True}
+    assert "cudnn.benchmark=False (latency: True)" in report.device_label(info)
+    assert "(latency" not in report.device_label({"gpu": "Test GPU", "cudnn_benchmark": True})
