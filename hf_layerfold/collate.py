@@ -124,7 +124,8 @@ class ImageClassificationCollator:
     transform and column names, hence it pickles. Use with ``Trainer(..., data_collator=collator)`` and
     ``TrainingArguments(remove_unused_columns=False)`` so the raw image column reaches it. Images are
     converted to ``image_mode`` first (grayscale datasets feed 3-channel ImageNet models).
-    ``label_column=None`` collates unlabeled data (no "labels" key). With ``num_classes`` each label is checked
+    ``label_column=None``, or examples without that column (``predict`` on a test set), collate unlabeled data
+    (no "labels" key). With ``num_classes`` each label is checked
     against the head as it is collated: the only check streaming data without a ``ClassLabel`` feature gets.
     """
 
@@ -149,7 +150,7 @@ class ImageClassificationCollator:
                 )
             pixels.append(tensor)
         batch = {"pixel_values": torch.stack(pixels).float()}
-        if self.label_column is not None:
+        if self.label_column is not None and self.label_column in examples[0]:  # (an unlabelled test set: none)
             labels = [_class_id(e[self.label_column], self.label_column, self.num_classes) for e in examples]
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
         return batch

@@ -119,7 +119,16 @@ class LayerFoldingTrainer(Trainer):
 
     The loss is ``(1 − w)·CE + w·KD + λ·R(α)``; ``w = distill_weight`` (0 without teacher), ``R`` only in the
     search phase; label smoothing comes from ``TrainingArguments.label_smoothing_factor``. α sits in its own
-    optimizer group (``lr = alpha_lr``, no weight decay) and is clamped to [0, 1] after every step.
+    optimizer group (``lr = alpha_lr``, no weight decay) and is clamped to [0, 1] after every optimizer step (once
+    per ``gradient_accumulation_steps`` micro-batches); that group's lr follows the ``lr_scheduler_type`` schedule
+    (warm-up and decay) like the weights', and ``max_grad_norm`` clips α's gradient together with the weights' (one
+    global norm). An optimizer passed as ``optimizers=`` must already hold every α (build it after
+    ``prepare_model``); without a group marked ``ALPHA_GROUP`` α gets that optimizer's lr and weight decay.
+    Evaluation (``eval_strategy``, ``evaluate``, ``predict``) runs the model as it is at that moment — during the
+    search the soft-α network, not the threshold plan, and only fine-tune evaluations count for
+    ``load_best_model_at_end`` — and ``eval_loss`` is plain cross-entropy (no label smoothing, distillation or
+    regularizer). The teacher stays outside accelerate (not wrapped, compiled or optimized), in eval mode on
+    ``args.device``. A second ``train()`` of a model whose plan is fixed is a fine-tune only.
     """
 
     def __init__(
@@ -229,6 +238,15 @@ class LayerFoldingTrainer(Trainer):
         run that wrote the checkpoint.
         """
         if self.optimizer is not None:
+            given = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+            trainable = [a for a in self._alpha_params if a.requires_grad]
+            missing = [a for a in trainable if id(a) not in given]
+            if missing:  # e.g. built from the model before the trainer prepared it: the search would not move α
+                raise ValueError(
+                    f"the optimizer given to LayerFoldingTrainer holds {len(trainable) - len(missing)} of the "
+                    f"{len(trainable)} trainable α parameters, so the search could not move the others. "
+                    "Build it after the model is prepared (lf.prepare_model(model, config) first), ideally with α "
+                    f"in a group of its own marked {{{ALPHA_GROUP!r}: True}}")
             if not any(g.get(ALPHA_GROUP) for g in self.optimizer.param_groups):
                 logger.warning("the optimizer given to LayerFoldingTrainer has no α group; alpha_lr and the "
                                "no-weight-decay rule for α are not applied")
@@ -390,6 +408,7 @@ class LayerFoldingTrainer(Trainer):
             else:
                 resume_from_checkpoint = None
         self._resumed_search_steps = None
+        self._stats.zero_()  # micro-batches a previous train() ran after its last log are not this run's
         if resume_from_checkpoint is not None:
             self._phase, self._resumed_search_steps = restore_phase(resume_from_checkpoint, self._model(),
                                                                     self._phase, self.layerfold_config)
@@ -405,6 +424,19 @@ class LayerFoldingTrainer(Trainer):
         key = eval_dataset if isinstance(eval_dataset, str) else None  # a name: an entry of a dict of eval sets
         with self._collator(self._eval_collators.get(key, self._eval_collators.get(None))):
             return super().get_eval_dataloader(eval_dataset)
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """Trainer's step for labelled batches; unlabelled ones (``predict`` on a test set) call the timm model on
+        ``pixel_values`` (Trainer would call ``model(**inputs)``, which a timm ``forward(x)`` refuses)."""
+        if inputs.get("labels") is not None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        if prediction_loss_only:
+            return None, None, None
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            logits = _logits(model(inputs["pixel_values"]))
+        return None, logits.detach(), None
 
     def get_test_dataloader(self, test_dataset: Any):
         with self._collator(self._eval_collators.get(None)):

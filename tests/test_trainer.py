@@ -187,6 +187,37 @@ def test_alpha_clamped_to_unit_interval_after_every_step(tmp_path, fashion):
     assert max(seen) == 1.0  # lr 3 overshoots: clamping is what kept α at exactly 1
 
 
+def test_given_optimizer_must_hold_every_alpha(tmp_path, fashion):
+    """An optimizer built from the model before the trainer prepared it holds no α: refused, not a silent no-op
+    search that fixes the plan from alpha_init."""
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = make_trainer(tmp_path, fashion, model=model, optimizers=(optimizer, None))
+    with pytest.raises(ValueError, match="holds 0 of the 9 trainable α"):
+        trainer.create_optimizer()
+    model = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig(**CFG))  # built after preparation: accepted
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    trainer = make_trainer(tmp_path, fashion, model=model, optimizers=(optimizer, None))
+    assert trainer.create_optimizer() is optimizer
+
+
+def test_gradient_accumulation_clamps_and_switches_per_optimizer_step(tmp_path, fashion):
+    trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 3}),
+                           train_args=args_for(tmp_path, max_steps=5, gradient_accumulation_steps=2))
+    phases = []
+
+    class Watch(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            phases.append(trainer.phase)
+
+    trainer.add_callback(Watch())
+    logs = train_logs(trainer)
+    assert phases == ["search"] * 3 + ["finetune"] * 2  # one optimizer step per 2 micro-batches
+    assert [logs[s]["phase"] for s in sorted(logs)] == [0, 0, 0, 1, 1]
+    for s in logs:  # the regularizer is scaled like the task loss: the logged total is the sum of its parts
+        assert logs[s]["loss"] == pytest.approx(logs[s]["task_loss"] + logs[s]["reg_loss"], rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Phases, logs, checkpoints
 
@@ -258,6 +289,34 @@ def test_evaluate_reports_top1_top5(baseline):
     assert metrics["eval_top1"] == pytest.approx(float((top5[:, 0] == batch["labels"]).float().mean()))
     assert metrics["eval_top5"] == pytest.approx(float((top5 == batch["labels"][:, None]).any(1).float().mean()))
     assert metrics["eval_loss"] == pytest.approx(float(F.cross_entropy(logits, batch["labels"])), rel=1e-5)
+
+
+def test_predict_on_unlabelled_batches(tmp_path, fashion):
+    """predict() on a test set without labels: Trainer would call model(pixel_values=...), which timm refuses."""
+    deterministic = prepare_datasets(tiny_model(), fashion["train"], fashion["test"], input_size=SIZE)[3]
+
+    def unlabelled(examples):
+        return {"pixel_values": deterministic(examples)["pixel_values"]}
+
+    trainer = make_trainer(tmp_path, fashion, eval_data_collator=unlabelled)
+    out = trainer.predict(fashion["test"].select(range(5)))
+    assert out.label_ids is None and out.predictions.shape == (5, 10)
+    with torch.no_grad():
+        logits = trainer.model.eval()(unlabelled([fashion["test"][i] for i in range(5)])["pixel_values"])
+    np.testing.assert_allclose(out.predictions, logits.numpy(), rtol=1e-5, atol=1e-6)
+    # the trainer's own collator, on a test set without its label column
+    default = make_trainer(tmp_path, fashion).predict(fashion["test"].select(range(5)).remove_columns("label"))
+    assert default.label_ids is None and default.predictions.shape == (5, 10)
+
+
+def test_a_second_train_logs_only_its_own_micro_batches(tmp_path, fashion):
+    """Steps after the last log of one train() must not leak into the next train()'s task_loss."""
+    trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 2}),
+                           train_args=args_for(tmp_path, max_steps=3, logging_steps=2))
+    train_logs(trainer)  # step 3 is never logged
+    again = train_logs(trainer)  # the plan is fixed: a fine-tune only, loss == task_loss
+    assert trainer.phase == "finetune" and trainer.search_steps == 0
+    assert again[2]["reg_loss"] == 0 and again[2]["task_loss"] == pytest.approx(again[2]["loss"], rel=1e-5)
 
 
 def test_compute_metrics_accepts_logits_and_ranked_ids():
