@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from timm.models import _efficientnet_blocks as eb
+from timm.models import checkpoint_seq
 
 from .layers import PaddedConv2d, Residual, activation_spec, build_activation
 from .padding import PadRule, static_chain_padding
@@ -129,8 +130,15 @@ class LayerFoldedNet(nn.Module):
         self.pre_logits = build_sequence(pre_logits or [])
         self.flatten = nn.Flatten(1) if pre_logits else nn.Identity()
         self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """As timm models do (timm's ``--grad-checkpointing``, transformers' ``gradient_checkpointing_enable``)."""
+        self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+            return checkpoint_seq(self.features, x)
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

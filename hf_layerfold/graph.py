@@ -113,6 +113,13 @@ def build_graph(model: nn.Module) -> ModelGraph:
 
     rule = lookup_rule(MODEL_RULES, model)
     if rule is None:
+        for attr in ("module", "timm_model", "_orig_mod"):  # DDP / DataParallel, transformers' TimmWrapper, compile
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and lookup_rule(MODEL_RULES, inner) is not None:
+                raise UnsupportedModelError(
+                    f"model type {type(model).__name__} is a wrapper, which is not supported: pass the "
+                    f"{type(inner).__name__} it wraps (model.{attr}) instead: prepare, plan and fold the bare "
+                    "model, and wrap it after prepare_model")
         raise UnsupportedModelError(
             f"model type {type(model).__name__} is not supported; supported model types: "
             f"{', '.join(supported_model_types())}, built from blocks: {', '.join(supported_block_types())}")

@@ -55,6 +55,10 @@ class PaddedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = self._static_padding
+        if split is None and (torch.jit.is_tracing() or torch.compiler.is_exporting()):
+            # traced sizes are tensors, exported ones symbolic: no cache, and the padding stays a function of x
+            return F.conv2d(F.pad(x, chain_padding(self.pad_rules, *x.shape[-2:])), self.weight, self.bias,
+                            self.stride, 0, self.dilation, self.groups)
         if split is None:  # input-size dependent (TF 'same'): computed once per size
             size = (x.shape[-2], x.shape[-1])
             split = self._padding_by_size.get(size)

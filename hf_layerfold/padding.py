@@ -7,12 +7,17 @@ TF-"same" computed from the input size); ``chain_padding`` gives the single fron
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 Pads = tuple[int, int, int, int]  # left, right, top, bottom (F.pad order)
+
+
+def _nonneg(v):
+    """``max(v, 0)`` for an int (symbolic ones included) or a traced size tensor (``torch.jit.trace``)."""
+    return v.clamp(min=0) if isinstance(v, torch.Tensor) else max(v, 0)
 
 
 @dataclass(frozen=True)
@@ -26,8 +31,9 @@ class PadRule:
     def pads(self, height: int, width: int) -> Pads:
         if self.static is not None:
             return self.static
-        ph = max((math.ceil(height / self.stride[0]) - 1) * self.stride[0] + self.kernel[0] - height, 0)
-        pw = max((math.ceil(width / self.stride[1]) - 1) * self.stride[1] + self.kernel[1] - width, 0)
+        # integer ops only (-(-h // s) is ceil(h / s)): a traced or exported model then pads for any input size
+        ph = _nonneg((-(-height // self.stride[0]) - 1) * self.stride[0] + self.kernel[0] - height)
+        pw = _nonneg((-(-width // self.stride[1]) - 1) * self.stride[1] + self.kernel[1] - width)
         return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
     def out_size(self, height: int, width: int) -> tuple[int, int]:

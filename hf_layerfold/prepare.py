@@ -37,8 +37,9 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 def candidate_sites(model: nn.Module) -> list[str]:
-    """Names of every activation whose removal would let two convs merge (prepared or not)."""
-    return [act.path for act in model_candidate_acts(build_graph(model))]
+    """Names of every activation whose removal would let two convs merge (prepared or not). An activation module
+    called at several places (one ``nn.ReLU`` instance reused in ``forward``) is one site: its α serves them all."""
+    return list(dict.fromkeys(act.path for act in model_candidate_acts(build_graph(model))))
 
 
 def foldable_sites(model: nn.Module) -> list[str]:

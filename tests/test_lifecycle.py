@@ -1,0 +1,153 @@
+"""The model objects' lifecycle: copies, pickles, state dicts, tracing, wrappers and timm's interface."""
+
+import copy
+import io
+import pickle
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from conftest import randomize_bn
+
+import hf_layerfold as lf
+from hf_layerfold.graph import ActNode, ConvNode, ModelGraph, register_model_rule
+from hf_layerfold.layers import PaddedConv2d
+from hf_layerfold.padding import PadRule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def small(name="mobilenetv2_050"):
+    torch.manual_seed(0)
+    return randomize_bn(timm.create_model(name, num_classes=10)).eval()
+
+
+def _torch_save_load(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m)), _torch_save_load],
+                         ids=["deepcopy", "pickle", "torch.save"])
+def test_block_shared_alpha_survives_copies_and_state_dicts(clone):
+    model = lf.prepare_model(small(), lf.LayerFoldingConfig(alpha_sharing="block", blend="eager"))
+    alphas = lf.unique_alphas(lf.alpha_parameters(model).values())
+    with torch.no_grad():
+        for i, a in enumerate(alphas):
+            a.fill_(0.1 * (i % 7))
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    copied = clone(model)
+    shared = lf.unique_alphas(lf.alpha_parameters(copied).values())
+    assert len(shared) == len(alphas) < len(lf.alpha_parameters(copied))  # still shared, and inside the copy
+    assert {id(a) for a in shared} <= {id(p) for p in copied.parameters()}
+    assert torch.equal(copied(x), ref)
+    with torch.no_grad():
+        shared[1].add_(0.5)  # the copy's α moves; the original does not
+    assert torch.equal(model(x), ref) and not torch.equal(copied(x), ref)
+    fresh = lf.prepare_model(small(), lf.LayerFoldingConfig(alpha_sharing="block", blend="eager"))
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(fresh(x), ref)
+
+
+class _SharedActNet(nn.Module):
+    """One ``nn.ReLU(inplace=True)`` instance called at two places."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.global_pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 4)
+        self.num_classes, self.num_features = 4, 8
+
+    def forward(self, x):
+        x = self.act(self.b1(self.c1(x)))
+        x = self.act(self.b2(self.c2(x)))
+        return self.fc(self.global_pool(self.c3(x)).flatten(1))
+
+
+@register_model_rule(_SharedActNet)
+def _shared_act_rule(model):
+    return ModelGraph([ConvNode("c1", "b1"), ActNode("act"), ConvNode("c2", "b2"), ActNode("act"), ConvNode("c3")],
+                      "global_pool", "fc")
+
+
+def test_activation_instance_called_twice_is_one_site_wrapped_once():
+    torch.manual_seed(0)
+    model = randomize_bn(_SharedActNet()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    ref = model(x)
+    assert lf.foldable_sites(model) == ["act"]
+    lf.prepare_model(model, lf.LayerFoldingConfig(blend="eager"))
+    assert type(model.act.act) is nn.ReLU  # not a FoldableActivation inside a FoldableActivation
+    assert list(lf.alpha_parameters(model)) == ["act"] and "act.act.alpha" not in model.state_dict()
+    assert torch.allclose(model(x), ref, atol=1e-6)
+    with torch.no_grad():
+        model.act.alpha.fill_(0.5)  # one α, applied once at each call site
+    h = model.b1(model.c1(x))
+    h = 0.5 * torch.relu(h) + 0.5 * h
+    h = model.b2(model.c2(h))
+    h = 0.5 * torch.relu(h) + 0.5 * h
+    assert torch.allclose(model(x), model.fc(model.global_pool(model.c3(h)).flatten(1)), atol=1e-6)
+    lf.apply_plan(model, lf.FoldPlan(["act"]))
+    folded = lf.fold_model(model)
+    assert len(folded.features) == 1 and torch.allclose(folded(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("trace", ["jit.trace", "export"])
+def test_traced_input_size_dependent_padding_follows_the_input_size(trace):
+    """A planned / folded conv with TF-'same' padding (tf_efficientnet_*) that is traced at one size pads right at
+    another, as timm's own Conv2dSame does (it used to bake the traced size's padding in)."""
+    torch.manual_seed(0)
+    rules = [PadRule((3, 3), (2, 2), None), PadRule((3, 3), (1, 1), (1, 1, 1, 1)), PadRule((5, 5), (2, 2), None)]
+    conv = PaddedConv2d(4, 6, (11, 11), stride=(4, 4), pad_rules=rules).double()
+    x, other = torch.randn(1, 4, 32, 32, dtype=torch.double), torch.randn(1, 4, 29, 27, dtype=torch.double)
+    if trace == "jit.trace":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torch.jit.TracerWarning)  # no size read as a Python number
+            warnings.simplefilter("ignore", FutureWarning)  # (torch.jit.trace is deprecated)
+            traced = torch.jit.trace(conv, x)
+    else:
+        h, w = torch.export.Dim("h", min=16, max=64), torch.export.Dim("w", min=16, max=64)
+        traced = torch.export.export(conv, (x,), dynamic_shapes={"x": {2: h, 3: w}}).module()
+    for inp in (x, other):
+        assert traced(inp).shape == conv(inp).shape
+        assert torch.allclose(traced(inp), conv(inp), rtol=0, atol=1e-12)
+
+
+def test_folded_net_grad_checkpointing_like_timm():
+    model = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="eager"))
+    lf.apply_plan(model, lf.FoldPlan(lf.foldable_sites(model)[::2]))
+    folded = lf.fold_model(model).train()
+    x = torch.randn(2, 3, 32, 32)
+    ref = folded(x)
+    ref.square().sum().backward()
+    grads = [p.grad.clone() for p in folded.parameters()]
+    folded.zero_grad()
+    folded.set_grad_checkpointing(True)  # what timm's train.py and transformers' TimmWrapper call
+    out = folded(x)
+    out.square().sum().backward()
+    assert torch.allclose(out, ref) and all(torch.allclose(p.grad, g) for p, g in zip(folded.parameters(), grads))
+    folded.set_grad_checkpointing(False)
+    assert not folded.grad_checkpointing
+
+
+@pytest.mark.parametrize("wrap", [nn.DataParallel, "timm_model"], ids=["DataParallel", "TimmWrapper"])
+def test_wrapped_models_name_the_model_to_pass(wrap):
+    model = small()
+    if wrap == "timm_model":  # transformers' TimmWrapperForImageClassification keeps the timm model here
+        wrapped = nn.Module()
+        wrapped.timm_model = model
+    else:
+        wrapped = wrap(model)
+    attr = "timm_model" if wrap == "timm_model" else "module"
+    with pytest.raises(lf.UnsupportedModelError, match=rf"wrapper.*EfficientNet it wraps \(model\.{attr}\)"):
+        lf.prepare_model(wrapped)
+    with pytest.raises(lf.UnsupportedModelError, match=rf"model\.{attr}"):
+        lf.fold_model(wrapped)
