@@ -7,6 +7,7 @@ or cached, and streaming datasets work unchanged. ``hf_layerfold.data`` re-expor
 from __future__ import annotations
 
 import io
+import operator
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -17,15 +18,22 @@ import torch
 from PIL import Image
 
 
-def _normalize_input_size(input_size: int | Sequence[int], channels: int) -> tuple[int, int, int]:
-    size = (input_size,) if isinstance(input_size, int) else tuple(int(s) for s in input_size)
-    if len(size) == 1:
-        return channels, size[0], size[0]
+def input_shape(input_size: int | Sequence[int], channels: int) -> tuple[int, int, int]:
+    """``(channels, height, width)`` from one side, ``(height, width)`` or ``(channels, height, width)`` (numpy
+    integers too); anything else, or a size below 1, is refused."""
+    try:
+        size = (operator.index(input_size),) * 2
+    except TypeError:
+        try:
+            size = () if isinstance(input_size, str) else tuple(operator.index(v) for v in input_size)
+        except TypeError:
+            size = ()
     if len(size) == 2:
-        return channels, size[0], size[1]
-    if len(size) == 3:
-        return size  # type: ignore[return-value]
-    raise ValueError(f"input_size must be an int, (H, W) or (C, H, W); got {input_size!r}.")
+        size = (channels, *size)
+    if len(size) != 3 or min(size) < 1:
+        raise ValueError("input_size must be (channels, height, width), (height, width) or one side, in positive "
+                         f"whole numbers; got {input_size!r}")
+    return size  # type: ignore[return-value]
 
 
 def _unwrap_timm(model: Any) -> Any:
@@ -59,7 +67,7 @@ def build_transforms(
 
     cfg = dict(timm.data.resolve_model_data_config(_unwrap_timm(model)))
     if input_size is not None:
-        cfg["input_size"] = _normalize_input_size(input_size, channels=int(cfg["input_size"][0]))
+        cfg["input_size"] = input_shape(input_size, channels=int(cfg["input_size"][0]))
     return timm.data.create_transform(**cfg, is_training=is_training)
 
 

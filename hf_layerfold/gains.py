@@ -21,6 +21,7 @@ from pathlib import Path
 import torch.nn as nn
 
 from .activation import FoldableActivation
+from .collate import input_shape
 from .files import write_text_atomic
 from .fold import fold_model
 from .plan import FoldPlan, applied_plan
@@ -127,18 +128,9 @@ def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, 
     if input_size is None:  # its height and width (timm keeps the 3 channels there for an in_chans=1 model)
         input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[-2:]
     try:  # an int side, (height, width) or (channels, height, width), as fold_stats takes them
-        size = (operator.index(input_size),) * 2
-    except TypeError:
-        try:
-            size = () if isinstance(input_size, str) else tuple(operator.index(v) for v in input_size)
-        except TypeError:
-            size = ()
-    if len(size) == 2:
-        size = (getattr(model, "in_chans", 3), *size)
-    if len(size) != 3 or min(size) < 1:
-        raise ValueError(f"{who}: input_size must be (channels, height, width), (height, width) or one side, in "
-                         f"positive whole numbers; got {input_size!r}")
-    return size
+        return input_shape(input_size, getattr(model, "in_chans", 3))
+    except ValueError as err:
+        raise ValueError(f"{who}: {err}") from None
 
 
 def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None = None, *, batch_size: int = 1,

@@ -234,10 +234,11 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
         before = info.get("stats_before")
     base_arch = (planned.pretrained_cfg.get("architecture") if planned is not None and
                  getattr(planned, "pretrained_cfg", None) else info.get("base_architecture"))
-    if base_model is not None and _base_model_ref(base_model) is None:  # an architecture name, not a Hub repo id
-        base_arch, base_model = base_arch or base_model, None
-    elif base_model is not None:
-        base_model = _base_model_ref(base_model)
+    if base_model is not None:
+        ref = _base_model_ref(base_model)
+        if ref is None:  # an architecture name, not a Hub repo id
+            base_arch = base_arch or base_model
+        base_model = ref
     block = {"format_version": FORMAT_VERSION, "hf_layerfold_version": __version__,
              "base_architecture": base_arch, "base_model": base_model or info.get("base_model"),
              "plan": plan.to_dict(), "config": config, "stats_input_size": list(input_size), "stats_before": before,

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .activation import FoldableActivation
+from .collate import input_shape
 from .folded_net import LayerFoldedNet
 from .graph import ActNode, ConvNode, ResidualNode, build_graph
 from .plan import FoldPlan, ResidualItem, Run, check_plan, segment_model
@@ -77,10 +78,7 @@ def _segment_counts(items: list) -> tuple[int, int, int]:
 
 def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int:
     """Multiply-accumulates of convs and linear layers for one image (a real forward at batch 1)."""
-    if isinstance(input_size, int):  # (the model's channels, not 3: a 1-channel model is fine too)
-        input_size = (getattr(model, "in_chans", 3), input_size, input_size)
-    elif len(input_size) == 2:
-        input_size = (getattr(model, "in_chans", 3), *input_size)
+    input_size = input_shape(input_size, getattr(model, "in_chans", 3))  # (a 1-channel model: 1, not 3)
     total = 0
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:

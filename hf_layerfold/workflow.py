@@ -114,6 +114,8 @@ def model_kind(name: str) -> str:
     an unknown name or a missing directory is refused here, before any data is loaded."""
     import timm
 
+    from .model_card import split_hub_ref
+
     local = Path(name.split(":", 1)[1] if name.startswith("local-dir:") else name).expanduser()
     if local.is_dir():
         if not is_folded_dir(local):
@@ -125,7 +127,7 @@ def model_kind(name: str) -> str:
         return "base"
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise CLIError(f"model directory {name} does not exist")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", name):  # a Hub id of a folded model
+    if split_hub_ref(name)[0] is not None:  # a Hub id (optionally @revision) of a folded model
         return "folded"
     raise CLIError(f"unknown model {name!r}: not a folded-model directory or Hub id, a timm model name, "
                    f"nor {LITE0_ALIAS!r}{suggest_model_names(name)}")
