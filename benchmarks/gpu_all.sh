@@ -13,6 +13,7 @@ mkdir -p "$OUT" || exit 1  # every step writes (and logs) into it: without it ea
 LATENCY_S=${LATENCY_S:-90}
 OVERHEAD_S=${OVERHEAD_S:-70}  # per model
 OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants
+PROFILE_S=${PROFILE_S:-150}
 TOTAL_S=${TOTAL_S:-570}  # the sweep gets what is left of this
 START=$(date +%s)
 SWEEP_ARGS=${SWEEP_ARGS:-}
@@ -51,7 +52,7 @@ done
 
 if want profile; then
   log "profile one batch-64 step"
-  timeout -k "$KILL_S" 150 python3 -m benchmarks.profile_step --device cuda --batch 64 --out "$OUT/profile_step_b64.json" \
+  timeout -k "$KILL_S" "$PROFILE_S" python3 -m benchmarks.profile_step --device cuda --batch 64 --out "$OUT/profile_step_b64.json" \
     >>"$OUT/log.txt" 2>&1 || log "profile exited with $?"
 fi
 

@@ -407,6 +407,8 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
                                                                    f"{_fmt(slow['median_s'] < req)}." if req else "."))
         elif kind == "train_overhead":
             bullets.append(_overhead_bullet(path, data, dev))
+        elif kind == "merge_policy" and data.get("rows"):
+            bullets.append(_merge_bullet(path, data, dev))
         elif kind == "accuracy_sweep" and _on_target(data):
             bullets += _sweep_bullets(path, data, dev)
     proxies = proxy_sweeps(found)
@@ -439,6 +441,20 @@ def _overhead_bullet(path: Path, data: dict, dev: str) -> str:
     size = f", {'/'.join(map(str, sizes))} px" if sizes else ""
     return (f"Training-step cost of the α search (`{path.name}`, {dev.split(' (')[0]}{size}): {head} "
             f"{', '.join(cells)}{within}" + (f" (other variants: {', '.join(others)})" if others else "") + ".")
+
+
+def _merge_bullet(path: Path, data: dict, dev: str) -> str:
+    """The first cell timed (on CUDA the target's): each plan's fastest merge policy, fastest plan first."""
+    cell = data["rows"][0]["cell"]
+    best: dict[str, dict] = {}
+    for r in data["rows"]:
+        if r["cell"] == cell and r["speedup_vs_bn_fused"] > best.get(r["plan"], {}).get("speedup_vs_bn_fused", 0):
+            best[r["plan"]] = r
+    ranked = sorted(best.values(), key=lambda r: -r["speedup_vs_bn_fused"])
+    plans = ", ".join(f"{r['plan']} {_fmt(r['speedup_vs_bn_fused'])}× ({r['policy']}, depth {r['depth']})"
+                      for r in ranked)
+    return (f"Merge policy (`{path.name}`, {dev.split(' (')[0]}), fastest policy per plan at {cell}, over the "
+            f"BN-fused model: {plans}.")
 
 
 def _on_target(data: dict) -> bool:
@@ -538,6 +554,13 @@ def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
     base = next((r for r in rows if not folds(r)), None)
     if base is None:
         return []
+    if not any(folds(r) for r in rows):  # a time-boxed call that kept only the reference runs
+        control = next((r for r in rows if r.get("control")), None)
+        skipped = data.get("skipped") or []
+        return [f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % top-1"
+                + (f", its control {control['top1_pct']} % after {control.get('steps')} more steps" if control else "")
+                + "; no folding run finished" + (f" (skipped by `--deadline-s`: {', '.join(skipped)})" if skipped
+                                                 else "") + "."]
     best = _fastest_within(data)
     within = (f"the fastest run within {limit} point, {run_label(best)}, reaches {best['top1_pct']} %"
               f"{_vs_control(best)} at depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× "

@@ -155,7 +155,7 @@ def test_accuracy_sweep_deadline_skips_runs_that_would_not_fit(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [r["run"] for r in data["rows"]] == ["lambda=0"]
-    assert data["skipped"] == ["lambda=0 continued", "lambda=0.5"]
+    assert data["skipped"] == ["lambda=0.5", "lambda=0 continued"]  # the control last: a cut drops it first
     assert data["rows"][0]["speedup"]["cpu b1 224 float32"] == 1.0
 
 
@@ -251,6 +251,48 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
     assert "| `accuracy_sweep_a.json` | 0 | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 |" in table
     assert "| `accuracy_sweep_b.json` | 1 | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 | 25 |" in table
     assert "accuracy_sweep_cuda.json" not in table
+
+
+def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(tmp_path):
+    """A time-boxed GPU sweep that kept only λ = 0 and its control said "no folding run stays within 0.5 point",
+    as if one had been measured; a merge-policy file had no bullet, though its speed-ups decide which plan to train."""
+    cuda = "cuda b128 224 float32"
+    sweep = _sweep(cuda, 0, [("lambda=0", 0.0, 93.92, 0.0, None, 49, 1.0, False),
+                             ("control", 0.0, 94.5, -0.58, None, 49, 1.0, False)])
+    sweep["skipped"] = ["plan=p1", "plan=p2"]
+    merge = {"benchmark": "merge_policy", "device": {"device": "cuda", "gpu": "Test GPU"},
+             "rows": [{"cell": "cuda b128 224 fp32", "plan": p, "policy": pol, "depth": d, "mmacs": 1.0,
+                       "median_ms": 1.0, "speedup_vs_bn_fused": v}
+                      for p, pol, d, v in [("p1", "dense", 27, 1.624), ("p1", "macs0", 43, 1.264),
+                                           ("p2", "dense", 28, 1.528), ("p2", "measured", 29, 1.53)]]
+             + [{"cell": "cuda b128 224 bf16 channels_last", "plan": "p2", "policy": "dense", "depth": 28,
+                 "mmacs": 1.0, "median_ms": 1.0, "speedup_vs_bn_fused": 9.9}]}
+    (tmp_path / "accuracy_sweep_cuda_cut.json").write_text(json.dumps(sweep))
+    (tmp_path / "merge_policy_cuda.json").write_text(json.dumps(merge))
+    bullets = report.summary(report.load_results(tmp_path))
+    assert ("- Accuracy vs depth (`accuracy_sweep_cuda_cut.json`, GPU Test GPU): λ = 0 reaches 93.92 % top-1, its "
+            "control 94.5 % after 10 more steps; no folding run finished (skipped by `--deadline-s`: plan=p1, "
+            "plan=p2).") in bullets
+    assert ("- Merge policy (`merge_policy_cuda.json`, GPU Test GPU), fastest policy per plan at cuda b128 224 fp32, "
+            "over the BN-fused model: p1 1.624× (dense, depth 27), p2 1.53× (measured, depth 29).") in bullets
+
+
+def test_gpu_session_runs_the_sweep_first_then_profile_then_overhead(tmp_path):
+    """The prepared GPU call spends its 600 s on the open questions in order: the l002_b00 sweep (with time for the
+    baseline, the plan and the control), the batch-64 profile, then the overhead ratio."""
+    bin_dir, calls = _fake_python(tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    steps = [line for line in calls.read_text().splitlines() if line.startswith("-m benchmarks.")]
+    assert [s.split()[1] for s in steps] == ["benchmarks.bench_accuracy_sweep", "benchmarks.profile_step",
+                                             "benchmarks.bench_train_overhead", "benchmarks.bench_train_overhead"]
+    sweep = steps[0].split()
+    assert "--plan" in sweep and sweep[sweep.index("--plan") + 1].startswith("l002_b00=bn1,blocks.0.0,")
+    assert int(sweep[sweep.index("--deadline-s") + 1]) >= 300  # baseline ~75 s, plan and control ~107 s each
+    assert sweep[sweep.index("--start") + 1] == "baseline" and "--lambdas=" in sweep
 
 
 # ------------------------------------------------------------------------------------------------ review fixes
