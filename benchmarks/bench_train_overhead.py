@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from timm.layers import BatchNormAct2d
 
 import hf_layerfold as lf
+from hf_layerfold import triton_blend
 from hf_layerfold.losses import alpha_regularizer, clamp_alphas_
 from hf_layerfold.prepare import unique_alphas
 
@@ -170,7 +171,7 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
                 key = variant if reference in ("timm", "timm_compiled") else f"{variant}_vs_{reference}"
                 row[f"ratio_{key}"] = round(paired_ratio(samples[variant], samples[reference]), 4)
                 row[f"ratio_min_{key}"] = round(stats[variant]["min_ms"] / stats[reference]["min_ms"], 4)
-        row.update({**checks, "compile_s": compile_s,
+        row.update({**checks, "compile_s": compile_s, "direct_launch": triton_blend.direct_launch_state(),
                     "others_cores": meter.result.get("other_processes_cores"), "loadavg": meter.result.get("loadavg")})
         row["within_required"] = {k[len("ratio_"):]: v <= REQUIRED_RATIO for k, v in row.items()
                                   if k.startswith("ratio_") and not k.startswith("ratio_min_")}

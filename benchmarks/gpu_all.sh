@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one time-boxed command (a lent GPU session is short). From the repo root:
 #   OUT=/some/dir bash benchmarks/gpu_all.sh
-# Writes into $OUT: cuda_tests.txt (the CUDA tests of the Triton blend), latency_cuda.json,
+# Writes into $OUT: cuda_tests.txt (the CUDA tests of the Triton blend and its direct launch), latency_cuda.json,
 # train_overhead_cuda_<model>.json, accuracy_sweep_cuda.json and log.txt; each step has its own time limit and a failing
 # step does not stop the others. Budgets are in seconds (env overridable). Needs torch, timm, transformers, datasets,
 # pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR). ONLY=tests,latency,overhead,profile,merge,
@@ -14,6 +14,7 @@ LATENCY_S=${LATENCY_S:-90}
 OVERHEAD_S=${OVERHEAD_S:-70}  # per model
 OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants
 PROFILE_S=${PROFILE_S:-150}
+TESTS_S=${TESTS_S:-180}
 TOTAL_S=${TOTAL_S:-570}  # the sweep gets what is left of this
 START=$(date +%s)
 SWEEP_ARGS=${SWEEP_ARGS:-}
@@ -31,7 +32,8 @@ import importlib.util as u; print('triton', u.find_spec('triton') and __import__
 
 if want tests; then
   log "CUDA tests"
-  timeout -k "$KILL_S" 180 python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py >"$OUT/cuda_tests.txt" 2>&1 \
+  timeout -k "$KILL_S" "$TESTS_S" python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py \
+    tests/test_triton_launch.py >"$OUT/cuda_tests.txt" 2>&1 \
     || log "CUDA tests exited with $?"
   tail -3 "$OUT/cuda_tests.txt" | tee -a "$OUT/log.txt"
 fi

@@ -10,7 +10,10 @@ time, with the device time unchanged, is bound by Python and launches, not by me
 It also times one activation site alone (``site_host_us``): forward + backward of a tensor small enough that the
 device work is negligible, so the time is the host's: the timm in-place ReLU6, the prepared site with
 ``blend="auto"`` (the Triton kernels on CUDA) and with ``blend="eager"``; on CPU, where Triton cannot launch, also
-the Triton route with its two launches replaced by no-ops (what our wrapper costs around them).
+the Triton route with its two launches replaced by no-ops (what our wrapper costs around them), launched as Triton's
+JIT would be (``triton_route_noop_launch``) and through ``DirectLaunch`` once adopted (``triton_route_noop_direct``);
+on CUDA the real kernels both ways (``triton_route_jit``, ``triton_route_direct``), and ``direct_launch`` records
+whether the direct route was adopted.
 
 ``python -m benchmarks.profile_step --device cuda --batch 64 --out /tmp/profile_b64.json``
 """
@@ -18,6 +21,7 @@ the Triton route with its two launches replaced by no-ops (what our wrapper cost
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -72,9 +76,25 @@ class _NoOpLaunch:
         return lambda *args, **kwargs: None
 
 
-def _triton_route_noop(site: lf.FoldableActivation):
-    """The prepared site's Triton route with no-op launches (CPU): everything but the kernels themselves."""
+class _AdoptedEverywhere(dict):
+    """A ``DirectLaunch.direct`` table that holds a no-op launcher for every key (CPU stand-in)."""
+
+    def get(self, key, default=None):
+        return lambda grid, args: None
+
+
+def _triton_route_noop(site: lf.FoldableActivation, direct: bool = False):
+    """The prepared site's Triton route with no-op launches (CPU): everything but the kernels themselves; with
+    ``direct``, through :class:`~hf_layerfold.triton_launch.DirectLaunch` in its adopted state (what the sites run
+    on CUDA once checked), so its own host cost is counted."""
     kernels = (_NoOpLaunch(), _NoOpLaunch())
+    if direct:
+        from hf_layerfold.triton_launch import DirectLaunch
+
+        kernels = tuple(DirectLaunch(k, outputs, device_type="cpu", stream=lambda device: 0)
+                        for k, outputs in zip(kernels, ((1,), (2, 3))))
+        for k in kernels:
+            k.direct = _AdoptedEverywhere()
 
     def run(x):
         return triton_blend.TritonClampBlend.apply(x, site.alpha, site._bounds_like(x), kernels)
@@ -94,8 +114,17 @@ def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, f
     variants = {"none": lambda x: x, "timm_relu6_inplace": relu6}
     for blend in ("auto", "eager"):
         variants[f"prepared_{blend}"] = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend=blend).to(device)
+    if device == "cuda" and triton_blend.triton_available():  # the same route, launched by the JIT or directly
+        jit = triton_blend.build_kernels()
+        site = variants["prepared_auto"]
+        variants["triton_route_jit"] = lambda x: triton_blend.TritonClampBlend.apply(x, site.alpha,
+                                                                                     site._bounds_like(x), jit)
+        variants["triton_route_direct"] = lambda x: triton_blend.TritonClampBlend.apply(x, site.alpha,
+                                                                                        site._bounds_like(x))
     if device == "cpu":
         variants["triton_route_noop_launch"] = _triton_route_noop(variants["prepared_auto"])
+        if importlib.util.find_spec("triton") is not None:
+            variants["triton_route_noop_direct"] = _triton_route_noop(variants["prepared_auto"], direct=True)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     try:
         for r in range(rounds):
@@ -129,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--site-rounds", type=int, default=30)
     args = parser.parse_args(argv)
     data = {"benchmark": "profile_step", "title": "Where a search step's time goes", "device": device_info(args.device),
-            "site_host_us": site_host_us(args.device, rounds=args.site_rounds)}
+            "site_host_us": site_host_us(args.device, rounds=args.site_rounds),
+            "direct_launch": triton_blend.direct_launch_state()}
     log(f"[profile_step] host µs per site, forward + backward: {data['site_host_us']}")
     write_json(args.out, data)  # kept even if a time limit stops the model profiles below
     if args.site_only:

@@ -39,7 +39,20 @@ def build_kernels() -> tuple:
 
 @functools.cache
 def _kernels() -> tuple:
-    return build_kernels()
+    """The kernels as the sites launch them: straight through the compiled kernel's launcher where that was checked
+    to give what Triton's JIT gives (:class:`~hf_layerfold.triton_launch.DirectLaunch`)."""
+    from .triton_launch import DirectLaunch
+
+    forward, backward = build_kernels()
+    return DirectLaunch(forward, outputs=(1,)), DirectLaunch(backward, outputs=(2, 3))
+
+
+def direct_launch_state() -> dict | None:
+    """Per kernel, how many argument combinations launch directly, or ``"off"``; ``None`` before any launch (for
+    the benchmarks' records)."""
+    if _kernels.cache_info().currsize == 0:
+        return None
+    return {name: len(k.direct) if k.enabled else "off" for name, k in zip(("forward", "backward"), _kernels())}
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:

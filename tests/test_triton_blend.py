@@ -63,6 +63,23 @@ def test_kernels_match_definition_float64(interpreted_kernels, lo, hi, layout):
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_direct_launch_wrappers_pass_the_launches_through(interpreted_kernels):
+    """The sites launch through ``DirectLaunch`` (``_kernels()``); where it cannot go direct (here: CPU tensors in
+    the interpreter) it hands every launch to the kernel unchanged."""
+    from hf_layerfold.triton_launch import DirectLaunch
+
+    wrapped = (DirectLaunch(interpreted_kernels[0], outputs=(1,)), DirectLaunch(interpreted_kernels[1], outputs=(2, 3)))
+    x = (torch.randn(2, 8, 6, 6, dtype=torch.float64) * 4).requires_grad_()
+    alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    bounds = torch.tensor([0.0, 6.0], dtype=torch.float64)
+    g = torch.randn_like(x)
+    got, want = (TritonClampBlend.apply(x, alpha, bounds, k) for k in (wrapped, interpreted_kernels))
+    assert torch.equal(got, want)
+    for a, b in zip(_grads(got, (x, alpha), g), _grads(want, (x, alpha), g)):
+        assert torch.equal(a, b)
+    assert not wrapped[0].direct and not wrapped[1].direct
+
+
 def test_create_graph_gives_first_order_grads_and_refuses_a_second_backward(interpreted_kernels):
     """The backward skips ``once_differentiable`` for speed, except under ``create_graph=True``, where it must
     still give the first-order gradients and refuse to be differentiated again."""
