@@ -237,6 +237,9 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     return lines
 
 
+SPREAD_ROW_FIELDS = ("direct_launch",)  # small per-row dicts shown as one column per key
+
+
 def generic_section(data: dict) -> list[str]:
     """Any other benchmark: its ``rows`` (list of flat dicts) as a table, else its scalar fields."""
     lines = [f"Device: {device_label(data.get('device'))}.", ""]
@@ -244,6 +247,8 @@ def generic_section(data: dict) -> list[str]:
         lines += [str(data["description"]), ""]
     rows = data.get("rows")
     if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+        rows = [{**r, **{f"{k}.{kk}": vv for k in SPREAD_ROW_FIELDS if isinstance(r.get(k), dict)
+                         for kk, vv in r[k].items()}} for r in rows]
         cols: list[str] = []
         for r in rows:
             cols += [k for k, v in r.items() if k not in cols and not isinstance(v, dict | list)]

@@ -233,7 +233,8 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
         "train_overhead_cuda.json": {"benchmark": "train_overhead", "required_ratio": 1.05,
                                      "device": {"device": "cuda", "gpu": "Test GPU"},
                                      "rows": [{"model": "m", "batch": 64, "input_size": 224, "ratio_prepared": 1.1,
-                                               "ratio_min_prepared": 1.0, "ratio_prepared_eager": 1.2},
+                                               "ratio_min_prepared": 1.0, "ratio_prepared_eager": 1.2,
+                                               "direct_launch": {"forward": 1, "backward": "off"}},
                                               {"model": "m", "batch": 128, "input_size": 224, "ratio_prepared": 0.98,
                                                "ratio_prepared_eager": 1.19}]},
     }
@@ -247,6 +248,7 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
     assert "CPU proxy (2 sweeps, CPU Test CPU; " in bullets and "1 of 2 sweeps have a folding run within 0.5" in bullets
     assert ("prepared m b64 1.1×, m b128 0.98×; ≤ 1.05 in 1/2 (other variants: prepared_eager 1.19–1.2×)"
             in bullets)
+    assert "| direct_launch.forward | direct_launch.backward |" in md and "| 1 | off |" in md  # one column per key
     table = md.split("## CPU-proxy sweeps at a glance")[1].split("\n## ")[0]
     assert "| `accuracy_sweep_a.json` | 0 | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 |" in table
     assert "| `accuracy_sweep_b.json` | 1 | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 | 25 |" in table
