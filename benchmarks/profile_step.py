@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                               for name, m in models.items()}})
     for name, prof in data["profiles"].items():
         log(f"[profile_step] {name}: " + ", ".join(f"{k} {v}" for k, v in prof.items() if k.endswith("per_step")))
+    data["direct_launch"] = triton_blend.direct_launch_state()  # the model's activation sizes added their own keys
     write_json(args.out, data)
     return data
 
