@@ -12,8 +12,9 @@ device work is negligible, so the time is the host's: the timm in-place ReLU6, t
 ``blend="auto"`` (the Triton kernels on CUDA) and with ``blend="eager"``; on CPU, where Triton cannot launch, also
 the Triton route with its two launches replaced by no-ops (what our wrapper costs around them), launched as Triton's
 JIT would be (``triton_route_noop_launch``) and through ``DirectLaunch`` once adopted (``triton_route_noop_direct``);
-on CUDA the real kernels both ways (``triton_route_jit``, ``triton_route_direct``), and ``direct_launch`` records
-whether the direct route was adopted.
+on CUDA the real kernels both ways (``triton_route_jit``, ``triton_route_direct``: DirectLaunch switched on for
+this variant whatever ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH`` says), and ``direct_launch`` records whether the sites'
+own route (``prepared_auto``, which follows that variable) launched directly.
 
 ``python -m benchmarks.profile_step --device cuda --batch 64 --out /tmp/profile_b64.json``
 """
@@ -21,6 +22,7 @@ whether the direct route was adopted.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import statistics
 import time
@@ -91,7 +93,7 @@ def _triton_route_noop(site: lf.FoldableActivation, direct: bool = False):
     if direct:
         from hf_layerfold.triton_launch import DirectLaunch
 
-        kernels = tuple(DirectLaunch(k, outputs, device_type="cpu", stream=lambda device: 0)
+        kernels = tuple(DirectLaunch(k, outputs, device_type="cpu", stream=lambda device: 0, enabled=True)
                         for k, outputs in zip(kernels, ((1,), (2, 3))))
         for k in kernels:
             k.direct = _AdoptedEverywhere()
@@ -99,6 +101,10 @@ def _triton_route_noop(site: lf.FoldableActivation, direct: bool = False):
     def run(x):
         return triton_blend.TritonClampBlend.apply(x, site.alpha, site._bounds_like(x), kernels)
     return run
+
+
+def _triton_route(site: lf.FoldableActivation, kernels: tuple, x: torch.Tensor) -> torch.Tensor:
+    return triton_blend.TritonClampBlend.apply(x, site.alpha, site._bounds_like(x), kernels)
 
 
 def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, float]:
@@ -115,12 +121,13 @@ def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, f
     for blend in ("auto", "eager"):
         variants[f"prepared_{blend}"] = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend=blend).to(device)
     if device == "cuda" and triton_blend.triton_available():  # the same route, launched by the JIT or directly
+        from hf_layerfold.triton_launch import DirectLaunch
+
         jit = triton_blend.build_kernels()
+        direct = tuple(DirectLaunch(k, outputs, enabled=True) for k, outputs in zip(jit, ((1,), (2, 3))))
         site = variants["prepared_auto"]
-        variants["triton_route_jit"] = lambda x: triton_blend.TritonClampBlend.apply(x, site.alpha,
-                                                                                     site._bounds_like(x), jit)
-        variants["triton_route_direct"] = lambda x: triton_blend.TritonClampBlend.apply(x, site.alpha,
-                                                                                        site._bounds_like(x))
+        for name, kernels in (("triton_route_jit", jit), ("triton_route_direct", direct)):
+            variants[name] = functools.partial(_triton_route, site, kernels)
     if device == "cpu":
         variants["triton_route_noop_launch"] = _triton_route_noop(variants["prepared_auto"])
         if importlib.util.find_spec("triton") is not None:

@@ -3,11 +3,12 @@
 A searching site launches two Triton kernels per training step, one each way. Triton's ``kernel[grid](...)`` binds
 the arguments, derives their specialization and looks the compiled kernel up on every call. On an H100 machine's
 host a prepared site cost 439 µs per step against 72 µs for timm's ReLU6 (``benchmarks/results/
-profile_site_cuda.json``), and at batch 64, where the device work does not hide host time, a search step cost
-1.15–1.20× a timm step there. :class:`DirectLaunch`
-keeps the kernel that Triton compiled for a combination of argument types and calls its launcher directly, only
-for calls Triton would specialize the same way, and only after one direct launch was checked bit for bit against
-the JIT's own.
+profile_site_cuda.json``; with an expanded upstream gradient, which adds one copy launch), and at batch 64 a search
+step cost 1.10–1.20× a timm step there, over two sessions, which suggests a step partly bound by host time.
+:class:`DirectLaunch` keeps the kernel that Triton compiled for a combination of argument types and calls its
+launcher directly, only for calls Triton would specialize the same way, and only after one direct launch was
+checked bit for bit against the JIT's own. It is off unless ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH=1``: it has not run
+on a GPU yet, and an asynchronous CUDA fault (which no comparison catches) cannot be ruled out before it has.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-DIRECT_LAUNCH_ENV = "HF_LAYERFOLD_TRITON_DIRECT_LAUNCH"  # "0" sends every launch through Triton's JIT
+# "1" turns the direct route on. Off by default until it has been measured and its CUDA tests run on a GPU: so far
+# it was checked against Triton 3.6's source and on CPU stand-ins only.
+DIRECT_LAUNCH_ENV = "HF_LAYERFOLD_TRITON_DIRECT_LAUNCH"
 _INT32_MAX = 2**31 - 1
 
 
@@ -78,7 +81,8 @@ def _raw_stream(device: int) -> int:
 
 
 class DirectLaunch:
-    """``kernel[grid](*args, **constexprs)`` as Triton's JIT runs it, with the JIT skipped where that is safe.
+    """``kernel[grid](*args, **constexprs)`` as Triton's JIT runs it, with the JIT skipped where the key says Triton
+    would pick the same compiled kernel.
 
     The first call of each :func:`specialization_key` goes through the JIT, which compiles the kernel and returns
     it; the compiled kernel's launcher is then called once more, on scratch copies of the outputs (``outputs``: the
@@ -87,18 +91,19 @@ class DirectLaunch:
     with a warning; every call then goes through the JIT, as before. Callers launch with the tensors' device
     current (``triton_blend`` does), as the JIT, which compiles for the current device, needs anyway. Kernels
     whose constexprs are not the last parameters, and launches under Triton's debug or instrumentation modes, stay
-    with the JIT.
+    with the JIT. ``enabled``: ``None`` reads ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH`` (on only at ``"1"``).
     """
 
     def __init__(self, kernel, outputs: tuple[int, ...], device_type: str = "cuda",
-                 stream: Callable[[int], int] = _raw_stream) -> None:
+                 stream: Callable[[int], int] = _raw_stream, enabled: bool | None = None) -> None:
         self.kernel = kernel
         self.outputs = outputs
         self.device_type = device_type
         self.stream = stream
         self.direct: dict[tuple, Callable] = {}
         # ROCm's Triton also specializes on whether a tensor spans under 2 GB, which the key does not record
-        self.enabled = os.environ.get(DIRECT_LAUNCH_ENV, "1") != "0" and torch.version.hip is None
+        wanted = os.environ.get(DIRECT_LAUNCH_ENV, "0") == "1" if enabled is None else enabled
+        self.enabled = wanted and torch.version.hip is None
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable:
         return functools.partial(self._launch, grid)

@@ -61,7 +61,7 @@ def _call(launch: DirectLaunch, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("constexprs_passed", [True, False])
 def test_after_one_checked_launch_the_jit_is_skipped(monkeypatch, constexprs_passed):
-    monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     kernel = _Kernel(constexprs_passed)
     launch = _launcher(kernel)
     x = torch.randn(4, 8)
@@ -73,7 +73,7 @@ def test_after_one_checked_launch_the_jit_is_skipped(monkeypatch, constexprs_pas
 
 
 def test_a_launcher_that_differs_is_never_used(monkeypatch):
-    monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     kernel = _Kernel(wrong=True)
     launch = _launcher(kernel)
     x = torch.randn(32)
@@ -87,7 +87,7 @@ def test_a_launcher_that_differs_is_never_used(monkeypatch):
 
 def test_the_check_compares_bits(monkeypatch):
     """NaN outputs (a diverged batch) are the same bits both ways: the launcher is adopted, not left undecided."""
-    monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     kernel = _Kernel()
     launch = _launcher(kernel)
     _call(launch, torch.full((16,), float("nan")).contiguous(memory_format=torch.contiguous_format))
@@ -96,7 +96,7 @@ def test_the_check_compares_bits(monkeypatch):
 
 
 def test_kernels_whose_constexprs_are_not_last_stay_with_the_jit(monkeypatch):
-    monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     kernel = _Kernel()
     kernel.arg_names = ["x_ptr", "BLOCK", "y_ptr", "n"]
     launch = _launcher(kernel)
@@ -107,7 +107,7 @@ def test_kernels_whose_constexprs_are_not_last_stay_with_the_jit(monkeypatch):
 
 def test_calls_triton_would_specialize_otherwise_take_the_jit(monkeypatch):
     """A size not a multiple of 16, a pointer off 16-byte alignment: Triton compiles other kernels for those."""
-    monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     kernel = _Kernel()
     launch = _launcher(kernel)
     ragged = torch.randn(3, 5)
@@ -118,7 +118,7 @@ def test_calls_triton_would_specialize_otherwise_take_the_jit(monkeypatch):
 
 
 def test_launch_hooks_or_the_switch_send_every_launch_through_the_jit(monkeypatch):
-    monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     kernel = _Kernel()
     launch = _launcher(kernel)
     x = torch.randn(16)
@@ -126,11 +126,16 @@ def test_launch_hooks_or_the_switch_send_every_launch_through_the_jit(monkeypatc
     monkeypatch.setattr(triton_launch, "_launch_hooks_idle", lambda: False)  # a profiler's hook registered
     _call(launch, x)
     assert (kernel.jit_calls, kernel.direct_calls) == (2, 1)
-    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "0")
-    off = _launcher(_Kernel())
-    _call(off, x)
-    _call(off, x)
-    assert (off.kernel.jit_calls, off.kernel.direct_calls, off.direct) == (2, 0, {})
+    for value in ("0", None):  # off unless asked for, until measured on a GPU
+        if value is None:
+            monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV)
+        else:
+            monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, value)
+        off = _launcher(_Kernel())
+        _call(off, x)
+        _call(off, x)
+        assert (off.kernel.jit_calls, off.kernel.direct_calls, off.direct) == (2, 0, {})
+    assert _launcher(_Kernel(), enabled=True).enabled  # the argument wins over the environment
 
 
 def test_specialization_key():
@@ -147,7 +152,7 @@ def test_cuda_direct_launch_matches_the_jit(monkeypatch):
     """The real kernels: the direct route is adopted and gives the JIT's outputs bit for bit, both ways."""
     from hf_layerfold.triton_blend import TritonClampBlend, build_kernels
 
-    monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     forward, backward = build_kernels()
     direct = (DirectLaunch(forward, outputs=(1,)), DirectLaunch(backward, outputs=(2, 3)))
     torch.manual_seed(0)
@@ -160,6 +165,10 @@ def test_cuda_direct_launch_matches_the_jit(monkeypatch):
         y = TritonClampBlend.apply(x, alpha, bounds, kernels)
         results.append((y, *torch.autograd.grad(y, (x, alpha), g)))
     assert all(d.enabled and len(d.direct) == 1 for d in direct)
+    calls = []
+    monkeypatch.setattr(forward, "run", lambda *a, **k: calls.append("jit"))  # a third launch may not reach the JIT
+    TritonClampBlend.apply(x, alpha, bounds, direct)
+    assert calls == []
     for got in results[1:]:
         for a, b in zip(got, results[0]):
             assert torch.equal(a, b)
