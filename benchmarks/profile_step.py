@@ -85,26 +85,20 @@ class _AdoptedEverywhere(dict):
         return lambda grid, args: None
 
 
+def _triton_route(site: lf.FoldableActivation, kernels: tuple, x: torch.Tensor) -> torch.Tensor:
+    return triton_blend.TritonClampBlend.apply(x, site.alpha, site._bounds_like(x), kernels)
+
+
 def _triton_route_noop(site: lf.FoldableActivation, direct: bool = False):
     """The prepared site's Triton route with no-op launches (CPU): everything but the kernels themselves; with
     ``direct``, through :class:`~hf_layerfold.triton_launch.DirectLaunch` in its adopted state (what the sites run
     on CUDA once checked), so its own host cost is counted."""
     kernels = (_NoOpLaunch(), _NoOpLaunch())
     if direct:
-        from hf_layerfold.triton_launch import DirectLaunch
-
-        kernels = tuple(DirectLaunch(k, outputs, device_type="cpu", stream=lambda device: 0, enabled=True)
-                        for k, outputs in zip(kernels, ((1,), (2, 3))))
+        kernels = triton_blend.direct_launchers(kernels, device_type="cpu", stream=lambda device: 0, enabled=True)
         for k in kernels:
             k.direct = _AdoptedEverywhere()
-
-    def run(x):
-        return triton_blend.TritonClampBlend.apply(x, site.alpha, site._bounds_like(x), kernels)
-    return run
-
-
-def _triton_route(site: lf.FoldableActivation, kernels: tuple, x: torch.Tensor) -> torch.Tensor:
-    return triton_blend.TritonClampBlend.apply(x, site.alpha, site._bounds_like(x), kernels)
+    return functools.partial(_triton_route, site, kernels)
 
 
 def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, float]:
@@ -121,10 +115,8 @@ def site_host_us(device: str, rounds: int = 30, inner: int = 300) -> dict[str, f
     for blend in ("auto", "eager"):
         variants[f"prepared_{blend}"] = lf.FoldableActivation(torch.nn.ReLU6(), "site", 0.3, blend=blend).to(device)
     if device == "cuda" and triton_blend.triton_available():  # the same route, launched by the JIT or directly
-        from hf_layerfold.triton_launch import DirectLaunch
-
         jit = triton_blend.build_kernels()
-        direct = tuple(DirectLaunch(k, outputs, enabled=True) for k, outputs in zip(jit, ((1,), (2, 3))))
+        direct = triton_blend.direct_launchers(jit, enabled=True)
         site = variants["prepared_auto"]
         for name, kernels in (("triton_route_jit", jit), ("triton_route_direct", direct)):
             variants[name] = functools.partial(_triton_route, site, kernels)

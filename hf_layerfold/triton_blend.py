@@ -37,14 +37,20 @@ def build_kernels() -> tuple:
     return module.blend_forward, module.blend_backward
 
 
+def direct_launchers(kernels: tuple, **options) -> tuple:
+    """``(forward, backward)`` wrapped in :class:`~hf_layerfold.triton_launch.DirectLaunch`, each told which of its
+    arguments it writes (forward: ``y``; backward: ``∂L/∂x`` and the partial sums); ``options`` go to each."""
+    from .triton_launch import DirectLaunch
+
+    forward, backward = kernels
+    return DirectLaunch(forward, outputs=(1,), **options), DirectLaunch(backward, outputs=(2, 3), **options)
+
+
 @functools.cache
 def _kernels() -> tuple:
     """The kernels as the sites launch them: straight through the compiled kernel's launcher where that was checked
-    to give what Triton's JIT gives (:class:`~hf_layerfold.triton_launch.DirectLaunch`)."""
-    from .triton_launch import DirectLaunch
-
-    forward, backward = build_kernels()
-    return DirectLaunch(forward, outputs=(1,)), DirectLaunch(backward, outputs=(2, 3))
+    to give what Triton's JIT gives, when switched on (:mod:`~hf_layerfold.triton_launch`)."""
+    return direct_launchers(build_kernels())
 
 
 def direct_launch_state() -> dict | None:

@@ -66,9 +66,9 @@ def test_kernels_match_definition_float64(interpreted_kernels, lo, hi, layout):
 def test_direct_launch_wrappers_pass_the_launches_through(interpreted_kernels):
     """The sites launch through ``DirectLaunch`` (``_kernels()``); where it cannot go direct (here: CPU tensors in
     the interpreter), even switched on, it hands every launch to the kernel unchanged."""
-    from hf_layerfold.triton_launch import DirectLaunch
+    from hf_layerfold.triton_blend import direct_launchers
 
-    wrapped = tuple(DirectLaunch(k, outputs, enabled=True) for k, outputs in zip(interpreted_kernels, ((1,), (2, 3))))
+    wrapped = direct_launchers(interpreted_kernels, enabled=True)
     x = (torch.randn(2, 8, 6, 6, dtype=torch.float64) * 4).requires_grad_()
     alpha = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
     bounds = torch.tensor([0.0, 6.0], dtype=torch.float64)

@@ -150,11 +150,11 @@ def test_specialization_key():
 @cuda
 def test_cuda_direct_launch_matches_the_jit(monkeypatch):
     """The real kernels: the direct route is adopted and gives the JIT's outputs bit for bit, both ways."""
-    from hf_layerfold.triton_blend import TritonClampBlend, build_kernels
+    from hf_layerfold.triton_blend import TritonClampBlend, build_kernels, direct_launchers
 
     monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "1")
     forward, backward = build_kernels()
-    direct = (DirectLaunch(forward, outputs=(1,)), DirectLaunch(backward, outputs=(2, 3)))
+    direct = direct_launchers((forward, backward))
     torch.manual_seed(0)
     x = (torch.randn(8, 32, 28, 28, device="cuda") * 4).requires_grad_()
     alpha = torch.tensor(0.3, device="cuda", requires_grad=True)
