@@ -27,6 +27,8 @@ control included), so a longer fine-tune after the plan is fixed can be tried wi
 ``--plan NAME=BLOCK,BLOCK,...`` (repeatable) adds runs without search: the sites of those blocks (``bn1`` is the
 stem) are linear from the first step and the run fine-tunes that fixed plan with the λ > 0 runs' recipe, so a plan
 between two that the search found can be tried for accuracy (and timed) directly.
+``--plan-ramp-steps N`` eases each fixed plan in: α of its sites rises from 0 to 1 over the first N steps (the others
+stay 0), and the trainer fixes the plan from those α at step N, instead of every site being linear from the first.
 ``--teacher control`` (with ``--start baseline`` and ``--distill-weight``) has the λ > 0 and fixed-plan runs
 distill from the control instead of the λ = 0 model: the unfolded network trained as long as they are, the model a
 user would fold and compare against, so the student is not pulled toward a weaker teacher than its reference.
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
     apply_quick(args)
     if args.continue_steps is not None and (args.start != "baseline" or args.continue_steps <= args.search_steps):
         parser.error("--continue-steps needs --start baseline and more steps than --search-steps")
+    plan_steps = args.continue_steps if args.start == "baseline" and args.continue_steps else args.steps
+    if args.plan_ramp_steps and not (args.plan and 0 < args.plan_ramp_steps < plan_steps):
+        parser.error(f"--plan-ramp-steps needs --plan and a value between 1 and the plans' {plan_steps} steps")
     if args.teacher == "control" and (args.start != "baseline" or not args.distill_weight > 0):
         parser.error("--teacher control needs --start baseline (the control) and --distill-weight > 0")
     if args.quick:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 
 import timm.data
 import torch
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 import hf_layerfold as lf
 from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
@@ -88,6 +89,22 @@ def finetune_folded(label: str, net: torch.nn.Module, data, args: argparse.Names
                        "folded_train_s": round(train_s, 1)}
 
 
+class AlphaRamp(TrainerCallback):
+    """α of the plan's sites rises linearly from 0 to 1 over the first ``steps`` steps, every other site's stays 0:
+    the fixed plan eased in instead of switched on at the first step (sweep flag ``--plan-ramp-steps``). Set before
+    each step, so the optimizer's update of α in between never reaches a forward."""
+
+    def __init__(self, linear_sites, steps: int) -> None:
+        self.linear_sites, self.steps = set(linear_sites), steps
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        value = min(1.0, (state.global_step + 1) / self.steps)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, lf.FoldableActivation) and m.fixed is None:
+                    m.alpha.fill_(value if m.site in self.linear_sites else 0.0)
+
+
 def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scratch: str,
             teacher: torch.nn.Module | None = None, start_state: dict | None = None, keep_state: bool = False,
             plan_blocks: list[str] | None = None) -> dict:
@@ -108,16 +125,24 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
                                    distill_temperature=args.distill_temperature,
                                    regularizer_weights=getattr(args, "regularizer_weights", None),
                                    merge_costs=getattr(args, "merge_costs_table", None))
+    ramp = getattr(args, "plan_ramp_steps", 0) if plan_blocks is not None else 0
+    callbacks = []
     if plan_blocks is not None:
         model = lf.prepare_model(model, config)
-        lf.apply_plan(model, lf.FoldPlan.from_blocks(model, plan_blocks), config)
+        wanted = lf.FoldPlan.from_blocks(model, plan_blocks)
+        if ramp:  # a "search" whose α the schedule sets; the trainer fixes the plan from them at step `ramp`
+            config = replace(config, search_steps=ramp, lambda_reg=0.0)
+            callbacks.append(AlphaRamp(wanted.linear_sites, ramp))
+        else:
+            lf.apply_plan(model, wanted, config)
     targs = training_args(args, f"{scratch}/{label}", args.steps, args.lr)
     eval_collator = ImageClassificationCollator(eval_tf)
     trainer = LayerFoldingTrainer(model, targs, train_dataset=data["train"], eval_dataset=data["test"],
                                   data_collator=ImageClassificationCollator(train_tf),
                                   eval_data_collator=eval_collator, layerfold_config=config,
-                                  input_size=args.input_size, teacher_model=teacher)
-    search = "fixed plan" if plan_blocks is not None else f"search {config.search_steps}"
+                                  input_size=args.input_size, teacher_model=teacher, callbacks=callbacks)
+    search = f"search {config.search_steps}" if plan_blocks is None else (
+        f"fixed plan, α ramped to 1 over {ramp} steps" if ramp else "fixed plan")
     log(f"[fashion_mnist_method] {label}: training {args.steps} steps ({search})")
     start = time.perf_counter()
     with LoadMeter() as meter:
@@ -126,6 +151,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
     metrics = trainer.evaluate()
     planned = trainer.model.eval().cpu()
     plan = applied_plan(planned)
+    if ramp and set(plan.linear_sites) != set(wanted.linear_sites):
+        raise RuntimeError(f"{label}: the ramp fixed {sorted(plan.linear_sites)}, not the plan's sites")
     folded = lf.fold_model(planned)
     batch = eval_collator([data["test"][i] for i in range(100)])
     with torch.no_grad():
@@ -159,7 +186,7 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
 
 RUN_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr", "weight_decay",
                 "regularizer", "alpha_init", "alpha_lr", "threshold", "alpha_sharing", "max_macs_increase",
-                "distill_weight", "distill_temperature", "threads", "bf16", "seed")
+                "distill_weight", "distill_temperature", "threads", "bf16", "seed", "plan_ramp_steps")
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -191,6 +218,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int, default=0)
     add("--folded-steps", type=int, default=0,
         help="sweep only: then train each folded network itself this many steps (0: off)")
+    add("--plan-ramp-steps", type=int, default=0,
+        help="sweep only: fixed plans ease their sites in, α rising from 0 to 1 over this many steps (0: at once)")
     add("--folded-lr", type=float, default=3e-4,
         help="learning rate of --folded-steps (no BatchNorm is left: 1e-3 diverged on this proxy)")
 

@@ -424,7 +424,9 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
 
 def _overhead_cell(row: dict, cpu: bool) -> str:
     threads = f" {row['threads']} thr" if cpu else ""
-    return f"{row['model']} b{row['batch']}{threads}"
+    state = row.get("direct_launch")  # recorded since DirectLaunch exists: which launch route the Triton kernels took
+    route = "" if not isinstance(state, dict) else " (JIT launch)" if "off" in state.values() else " (direct launch)"
+    return f"{row['model']} b{row['batch']}{threads}{route}"
 
 
 def _overhead_bullet(path: Path, data: dict, dev: str) -> str:

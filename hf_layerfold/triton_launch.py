@@ -1,14 +1,15 @@
 """Launching the blend kernels with less host time per call than Triton's JIT.
 
 A searching site launches two Triton kernels per training step, one each way. Triton's ``kernel[grid](...)`` binds
-the arguments, derives their specialization and looks the compiled kernel up on every call. On an H100 machine's
-host a prepared site cost 439 µs per step against 72 µs for timm's ReLU6 (``benchmarks/results/
-profile_site_cuda.json``; with an expanded upstream gradient, which adds one copy launch), and at batch 64 a search
-step cost 1.10–1.20× a timm step there, over two sessions, which suggests a step partly bound by host time.
-:class:`DirectLaunch` keeps the kernel that Triton compiled for a combination of argument types and calls its
-launcher directly, only for calls Triton would specialize the same way, and only after one direct launch was
-checked bit for bit against the JIT's own. It is off unless ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH=1``: it has not run
-on a GPU yet, and an asynchronous CUDA fault (which no comparison catches) cannot be ruled out before it has.
+the arguments, derives their specialization and looks the compiled kernel up on every call. At batch 64 an H100's
+search step is partly bound by host time: there one site costs 305 µs of host time per step through the JIT
+against 70 µs for timm's ReLU6 (``benchmarks/results/profile_step_cuda.json``). :class:`DirectLaunch` keeps the
+kernel that Triton compiled for a combination of argument types and calls its launcher directly, only for calls
+Triton would specialize the same way, and only after one direct launch was checked bit for bit against the JIT's
+own: 276 µs per site, and a batch-64 step ratio for mobilenetv2_100 of 1.17× instead of 1.20–1.21× on the same
+machine (``train_overhead_cuda_direct_ab.json``). An asynchronous CUDA fault is something no output comparison
+catches, so it is on by default only for the Triton releases it has run on (:data:`CHECKED_TRITON`: 3.6, whose
+CUDA tests passed on an H100); ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH=1`` turns it on for others, ``=0`` off.
 """
 
 from __future__ import annotations
@@ -20,10 +21,32 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-# "1" turns the direct route on. Off by default until it has been measured and its CUDA tests run on a GPU: so far
-# it was checked against Triton 3.6's source and on CPU stand-ins only.
-DIRECT_LAUNCH_ENV = "HF_LAYERFOLD_TRITON_DIRECT_LAUNCH"
+DIRECT_LAUNCH_ENV = "HF_LAYERFOLD_TRITON_DIRECT_LAUNCH"  # "1" on, "0" off; unset: on for CHECKED_TRITON
+# (major, minor) of the Triton releases whose launcher convention was read in their source and run on a GPU
+CHECKED_TRITON = frozenset({(3, 6)})
 _INT32_MAX = 2**31 - 1
+
+
+def _triton_version() -> tuple[int, int] | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    try:
+        return tuple(int(part) for part in triton.__version__.split(".")[:2])
+    except ValueError:  # not "major.minor...": treated as unchecked
+        return None
+
+
+def direct_launch_wanted() -> bool:
+    """What ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH`` asks for, and when unset, whether this Triton is a checked one."""
+    value = os.environ.get(DIRECT_LAUNCH_ENV, "").strip()
+    if value in ("0", "1"):
+        return value == "1"
+    if value:
+        warnings.warn(f"{DIRECT_LAUNCH_ENV}={value!r} is not understood (use 1 or 0); using the default",
+                      RuntimeWarning, stacklevel=3)
+    return _triton_version() in CHECKED_TRITON
 
 
 def specialization_key(args: Sequence, device_type: str = "cuda") -> tuple | None:
@@ -91,7 +114,7 @@ class DirectLaunch:
     with a warning; every call then goes through the JIT, as before. Callers launch with the tensors' device
     current (``triton_blend`` does), as the JIT, which compiles for the current device, needs anyway. Kernels
     whose constexprs are not the last parameters, and launches under Triton's debug or instrumentation modes, stay
-    with the JIT. ``enabled``: ``None`` reads ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH`` (on only at ``"1"``).
+    with the JIT. ``enabled``: ``None`` asks :func:`direct_launch_wanted`.
     """
 
     def __init__(self, kernel, outputs: tuple[int, ...], device_type: str = "cuda",
@@ -102,7 +125,7 @@ class DirectLaunch:
         self.stream = stream
         self.direct: dict[tuple, Callable] = {}
         # ROCm's Triton also specializes on whether a tensor spans under 2 GB, which the key does not record
-        wanted = os.environ.get(DIRECT_LAUNCH_ENV, "0") == "1" if enabled is None else enabled
+        wanted = direct_launch_wanted() if enabled is None else enabled
         self.enabled = wanted and torch.version.hip is None
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable:

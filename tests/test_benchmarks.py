@@ -134,6 +134,34 @@ def test_accuracy_sweep_refuses_a_bad_plan_before_training(spec, capsys):
     assert exit_info.value.code == 2 and f"--plan {spec!r}" in capsys.readouterr().err
 
 
+def test_plan_ramp_eases_the_plan_sites_in_and_leaves_the_others_nonlinear():
+    import timm
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    import hf_layerfold as lf
+    from benchmarks.bench_fashion_mnist_method import AlphaRamp
+
+    model = lf.prepare_model(timm.create_model("test_efficientnet", num_classes=3), lf.LayerFoldingConfig())
+    plan = lf.FoldPlan.from_blocks(model, ["blocks.1.0"])
+    ramp, state = AlphaRamp(plan.linear_sites, 4), TrainerState()
+    sites = {m.site: m for m in model.modules() if isinstance(m, lf.FoldableActivation)}
+    assert plan.linear_sites and set(plan.linear_sites) < set(sites)
+    for step, want in [(0, 0.25), (2, 0.75), (3, 1.0), (9, 1.0)]:
+        state.global_step = step
+        ramp.on_step_begin(TrainingArguments("unused", report_to=[]), state, TrainerControl(), model=model)
+        for name, m in sites.items():
+            assert float(m.alpha.detach()) == (want if name in plan.linear_sites else 0.0), (step, name)
+
+
+@pytest.mark.parametrize("extra", [["--plan-ramp-steps", "3"], ["--plan", "p=bn1", "--plan-ramp-steps", "8"]])
+def test_accuracy_sweep_plan_ramp_needs_a_plan_shorter_than_its_run(extra, capsys):
+    from benchmarks import bench_accuracy_sweep
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_accuracy_sweep.main(["--quick", *extra, "--out", "/nonexistent/x.json"])
+    assert exit_info.value.code == 2 and "--plan-ramp-steps needs --plan" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra", [[], ["--start", "baseline"]])
 def test_accuracy_sweep_teacher_control_needs_a_control_and_distillation(extra, capsys):
     from benchmarks import bench_accuracy_sweep
@@ -434,3 +462,12 @@ def test_sweep_device_line_names_the_cudnn_setting_its_latency_ran_with():
     info = {"gpu": "Test GPU", "cudnn_benchmark": False, "latency_cudnn_benchmark": True}
     assert "cudnn.benchmark=False (latency: True)" in report.device_label(info)
     assert "(latency" not in report.device_label({"gpu": "Test GPU", "cudnn_benchmark": True})
+
+
+def test_overhead_cells_name_the_launch_route_when_recorded():
+    row = {"model": "m", "batch": 64, "threads": 2}
+    assert report._overhead_cell(row, cpu=True) == "m b64 2 thr"
+    assert report._overhead_cell({**row, "direct_launch": {"forward": 2, "backward": 2}}, cpu=False) == \
+        "m b64 (direct launch)"
+    assert report._overhead_cell({**row, "direct_launch": {"forward": "off", "backward": "off"}}, cpu=False) == \
+        "m b64 (JIT launch)"

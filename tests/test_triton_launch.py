@@ -126,16 +126,27 @@ def test_launch_hooks_or_the_switch_send_every_launch_through_the_jit(monkeypatc
     monkeypatch.setattr(triton_launch, "_launch_hooks_idle", lambda: False)  # a profiler's hook registered
     _call(launch, x)
     assert (kernel.jit_calls, kernel.direct_calls) == (2, 1)
-    for value in ("0", None):  # off unless asked for, until measured on a GPU
-        if value is None:
-            monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV)
-        else:
-            monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, value)
-        off = _launcher(_Kernel())
-        _call(off, x)
-        _call(off, x)
-        assert (off.kernel.jit_calls, off.kernel.direct_calls, off.direct) == (2, 0, {})
+    monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, "0")
+    off = _launcher(_Kernel())
+    _call(off, x)
+    _call(off, x)
+    assert (off.kernel.jit_calls, off.kernel.direct_calls, off.direct) == (2, 0, {})
     assert _launcher(_Kernel(), enabled=True).enabled  # the argument wins over the environment
+
+
+@pytest.mark.parametrize("version,env,on", [((3, 6), None, True), ((3, 8), None, False), (None, None, False),
+                                            ((3, 6), "0", False), ((3, 8), "1", True), ((3, 6), "yes", True)])
+def test_on_by_default_only_for_the_triton_it_ran_on(monkeypatch, version, env, on):
+    monkeypatch.setattr(triton_launch, "_triton_version", lambda: version)
+    if env is None:
+        monkeypatch.delenv(triton_launch.DIRECT_LAUNCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(triton_launch.DIRECT_LAUNCH_ENV, env)
+    if env == "yes":
+        with pytest.warns(RuntimeWarning, match="not understood"):
+            assert _launcher(_Kernel()).enabled is on
+    else:
+        assert _launcher(_Kernel()).enabled is on
 
 
 def test_specialization_key():
