@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--continue-steps needs --start baseline and more steps than --search-steps")
     plan_steps = args.continue_steps if args.start == "baseline" and args.continue_steps else args.steps
     if args.plan_ramp_steps and not (args.plan and 0 < args.plan_ramp_steps < plan_steps):
-        parser.error(f"--plan-ramp-steps needs --plan and a value between 1 and the plans' {plan_steps} steps")
+        parser.error(f"--plan-ramp-steps needs --plan and a value from 1 to below the plans' {plan_steps} steps")
     if args.teacher == "control" and (args.start != "baseline" or not args.distill_weight > 0):
         parser.error("--teacher control needs --start baseline (the control) and --distill-weight > 0")
     if args.quick:

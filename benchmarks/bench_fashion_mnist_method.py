@@ -22,7 +22,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 import hf_layerfold as lf
 from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
-from hf_layerfold.plan import applied_plan
+from hf_layerfold.plan import applied_plan, check_plan
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 from hf_layerfold.trainer import LayerFoldingTrainer
 
@@ -90,9 +90,9 @@ def finetune_folded(label: str, net: torch.nn.Module, data, args: argparse.Names
 
 
 class AlphaRamp(TrainerCallback):
-    """α of the plan's sites rises linearly from 0 to 1 over the first ``steps`` steps, every other site's stays 0:
-    the fixed plan eased in instead of switched on at the first step (sweep flag ``--plan-ramp-steps``). Set before
-    each step, so the optimizer's update of α in between never reaches a forward."""
+    """α of the plan's sites rises linearly to 1 over the first ``steps`` steps (1/steps at the first), every other
+    site's stays 0: the fixed plan eased in instead of switched on at the first step (sweep flag
+    ``--plan-ramp-steps``). Set before each step, so the optimizer's update of α in between never reaches a forward."""
 
     def __init__(self, linear_sites, steps: int) -> None:
         self.linear_sites, self.steps = set(linear_sites), steps
@@ -131,6 +131,7 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
         model = lf.prepare_model(model, config)
         wanted = lf.FoldPlan.from_blocks(model, plan_blocks)
         if ramp:  # a "search" whose α the schedule sets; the trainer fixes the plan from them at step `ramp`
+            check_plan(model, wanted)  # what apply_plan would refuse (part of a shared α group), before training
             config = replace(config, search_steps=ramp, lambda_reg=0.0)
             callbacks.append(AlphaRamp(wanted.linear_sites, ramp))
         else:

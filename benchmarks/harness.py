@@ -5,6 +5,8 @@ Only torch, timm and hf_layerfold are needed here, so ``benchmarks/gpu_suite.py`
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -99,6 +101,11 @@ def device_info(device: str = "cpu") -> dict:
         "platform": platform.platform(),
         "loadavg": loadavg(),
     }
+    if importlib.util.find_spec("triton") is not None:  # the blend kernels' compiler (and DirectLaunch's default)
+        try:
+            info["triton"] = importlib.import_module("triton").__version__
+        except Exception:  # noqa: BLE001 - a broken install is recorded as such
+            info["triton"] = None
     if device.startswith("cuda") and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda,

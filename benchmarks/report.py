@@ -424,9 +424,16 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
 
 def _overhead_cell(row: dict, cpu: bool) -> str:
     threads = f" {row['threads']} thr" if cpu else ""
-    state = row.get("direct_launch")  # recorded since DirectLaunch exists: which launch route the Triton kernels took
-    route = "" if not isinstance(state, dict) else " (JIT launch)" if "off" in state.values() else " (direct launch)"
-    return f"{row['model']} b{row['batch']}{threads}{route}"
+    return f"{row['model']} b{row['batch']}{threads}{_launch_route(row.get('direct_launch'))}"
+
+
+def _launch_route(state) -> str:
+    """Which route the Triton kernels took, where recorded (``{kernel: argument classes launched directly, or
+    "off"}``): 0 classes means every launch went through the JIT too."""
+    if not isinstance(state, dict) or not state:
+        return ""
+    direct = [isinstance(v, int) and v > 0 for v in state.values()]
+    return " (direct launch)" if all(direct) else " (partly direct)" if any(direct) else " (JIT launch)"
 
 
 def _overhead_bullet(path: Path, data: dict, dev: str) -> str:

@@ -274,8 +274,8 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
     assert "λ = 0.01, reaches 89.7 % at depth 30 and 1.62× (cuda b128 224 float32); target ≥ 1.6×" in bullets
     assert "accuracy_sweep_a.json" not in bullets  # proxies: one bullet for all
     assert "CPU proxy (2 sweeps, CPU Test CPU; " in bullets and "1 of 2 sweeps have a folding run within 0.5" in bullets
-    assert ("prepared m b64 1.1×, m b128 0.98×; ≤ 1.05 in 1/2 (other variants: prepared_eager 1.19–1.2×)"
-            in bullets)
+    assert ("prepared m b64 (partly direct) 1.1×, m b128 0.98×; ≤ 1.05 in 1/2 (other variants: "
+            "prepared_eager 1.19–1.2×)") in bullets
     assert "| direct_launch.forward | direct_launch.backward |" in md and "| 1 | off |" in md  # one column per key
     table = md.split("## CPU-proxy sweeps at a glance")[1].split("\n## ")[0]
     assert "| `accuracy_sweep_a.json` | 0 | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 |" in table
@@ -307,10 +307,9 @@ def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(
             "over the BN-fused model: p1 1.624× (dense, depth 27), p2 1.53× (measured, depth 29).") in bullets
 
 
-def test_gpu_session_runs_tests_overhead_profile_then_the_sweep_with_time_for_its_runs(tmp_path):
-    """The prepared GPU call spends its 600 s on the open questions: the CUDA tests of the kernels and their direct
-    launch, the batch-64 overhead and profile (each capped), then the l002_b00 sweep with time left for the
-    baseline, the plan and the control."""
+def test_gpu_session_runs_the_latency_aware_search_with_time_for_its_runs(tmp_path):
+    """The prepared GPU call spends its 600 s on issue 5's untried lever: the sweep with latency weights measured at
+    the target's cell, two λ from the λ = 0 model, with time for the gains, the baseline and both runs."""
     bin_dir, calls = _fake_python(tmp_path)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
@@ -318,16 +317,12 @@ def test_gpu_session_runs_tests_overhead_profile_then_the_sweep_with_time_for_it
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
     steps = [line for line in calls.read_text().splitlines() if line.startswith(("-m benchmarks.", "-m pytest"))]
-    assert [s.split()[1] for s in steps] == ["pytest", "benchmarks.bench_train_overhead",
-                                             "benchmarks.bench_train_overhead", "benchmarks.profile_step",
-                                             "benchmarks.bench_accuracy_sweep"]
-    assert "tests/test_triton_launch.py" in steps[0]
-    sweep = steps[-1].split()
-    assert "--plan" in sweep and sweep[sweep.index("--plan") + 1].startswith("l002_b00=bn1,blocks.0.0,")
-    # baseline ~75 s, plan and control ~107 s each, even after the capped steps before it used all their time (and
-    # the sweep's own start-up line, ~12 s)
-    assert int(sweep[sweep.index("--deadline-s") + 1]) - (60 + 2 * 30 + 60) - 12 >= 290
-    assert sweep[sweep.index("--start") + 1] == "baseline" and "--lambdas=" in sweep
+    assert [s.split()[1] for s in steps] == ["benchmarks.bench_accuracy_sweep"]
+    sweep = steps[0].split()
+    assert sweep[sweep.index("--latency-weights") + 1] == "cuda:128:224"
+    assert sweep[sweep.index("--lambdas") + 1] == "0.02,0.03" and sweep[sweep.index("--start") + 1] == "baseline"
+    # gains ~40 s, baseline ~60 s, each λ run ~130 s (session 13's runs of 2400 steps took 120-132 s), start-up ~12 s
+    assert int(sweep[sweep.index("--deadline-s") + 1]) - 12 >= 40 + 60 + 2 * 130
 
 
 # ------------------------------------------------------------------------------------------------ review fixes
@@ -469,5 +464,7 @@ def test_overhead_cells_name_the_launch_route_when_recorded():
     assert report._overhead_cell(row, cpu=True) == "m b64 2 thr"
     assert report._overhead_cell({**row, "direct_launch": {"forward": 2, "backward": 2}}, cpu=False) == \
         "m b64 (direct launch)"
-    assert report._overhead_cell({**row, "direct_launch": {"forward": "off", "backward": "off"}}, cpu=False) == \
-        "m b64 (JIT launch)"
+    for jit in ({"forward": "off", "backward": "off"}, {"forward": 0, "backward": 0}):  # 0: adopted for nothing
+        assert report._overhead_cell({**row, "direct_launch": jit}, cpu=False) == "m b64 (JIT launch)"
+    assert report._overhead_cell({**row, "direct_launch": {"forward": 1, "backward": 0}}, cpu=False) == \
+        "m b64 (partly direct)"
