@@ -307,9 +307,9 @@ def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(
             "over the BN-fused model: p1 1.624× (dense, depth 27), p2 1.53× (measured, depth 29).") in bullets
 
 
-def test_gpu_session_runs_the_latency_aware_search_with_time_for_its_runs(tmp_path):
-    """The prepared GPU call spends its 600 s on issue 5's untried lever: the sweep with latency weights measured at
-    the target's cell, two λ from the λ = 0 model, with time for the gains, the baseline and both runs."""
+def test_gpu_session_trains_a_converged_baseline_then_the_plan_and_its_control_in_time(tmp_path):
+    """The prepared GPU call spends its 600 s on issue 5's open question: l002_b00 from a baseline trained three times
+    as long as before, with time for the baseline, the plan and the control."""
     bin_dir, calls = _fake_python(tmp_path)
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
@@ -319,10 +319,11 @@ def test_gpu_session_runs_the_latency_aware_search_with_time_for_its_runs(tmp_pa
     steps = [line for line in calls.read_text().splitlines() if line.startswith(("-m benchmarks.", "-m pytest"))]
     assert [s.split()[1] for s in steps] == ["benchmarks.bench_accuracy_sweep"]
     sweep = steps[0].split()
-    assert sweep[sweep.index("--latency-weights") + 1] == "cuda:128:224"
-    assert sweep[sweep.index("--lambdas") + 1] == "0.02,0.03" and sweep[sweep.index("--start") + 1] == "baseline"
-    # gains ~40 s, baseline ~60 s, each λ run ~130 s (session 13's runs of 2400 steps took 120-132 s), start-up ~12 s
-    assert int(sweep[sweep.index("--deadline-s") + 1]) - 12 >= 40 + 60 + 2 * 130
+    assert sweep[sweep.index("--plan") + 1].startswith("l002_b00=bn1,blocks.0.0,")
+    assert sweep[sweep.index("--steps") + 1] == "3600" and sweep[sweep.index("--continue-steps") + 1] == "2400"
+    assert sweep[sweep.index("--start") + 1] == "baseline" and "--lambdas=" in sweep
+    # baseline ~180 s (1200 steps took 59 s), plan and control 120-132 s each (session 13), start-up and evals ~40 s
+    assert int(sweep[sweep.index("--deadline-s") + 1]) >= 180 + 2 * 132 + 40
 
 
 # ------------------------------------------------------------------------------------------------ review fixes
