@@ -2,10 +2,10 @@
 # The next lent GPU session's one device command (a lease has 15 minutes in all; this ends inside 600 s). From the
 # repo root on the GPU machine, `.whl/` and `.gpudata/` carried (`make gpu-carry` fills them here):
 #   bash benchmarks/gpu_session.sh        (run's timeout_s 600, carry [".whl", ".gpudata"])
-# Issue 5 with a baseline trained to convergence. Session 13's full-data run of the plan l002_b00 (1.609x at cuda b128
-# 224 fp32) ended 0.76 point below its control, but that control gained 0.58 point from its extra steps alone: the
+# Issue 5 with a baseline trained three times as long. Session 13's full-data run of the plan l002_b00 (1.609x at
+# cuda b128 224 fp32) ended 0.76 point below its control, but that control gained 0.58 point from its extra steps alone: the
 # 1200-step baseline was not converged. On the CPU proxy a 4x longer baseline halved the plan's gap to its control
-# (two seeds; benchmarks/EXPERIMENTS.md, "A baseline trained to convergence"). So: the baseline trains 3600 steps
+# (two seeds; benchmarks/EXPERIMENTS.md, "A baseline trained longer"). So: the baseline trains 3600 steps
 # (about 180 s; 1200 took 59 s), then l002_b00 and the control 2400 steps each from it (120 and 132 s in session 13),
 # then the latency cells. The kernels launch the default way (DirectLaunch on Triton 3.6): its first long training run.
 # Writes accuracy_sweep_cuda.json and log.txt into $OUT.

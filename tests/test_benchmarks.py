@@ -307,7 +307,7 @@ def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(
             "over the BN-fused model: p1 1.624× (dense, depth 27), p2 1.53× (measured, depth 29).") in bullets
 
 
-def test_gpu_session_trains_a_converged_baseline_then_the_plan_and_its_control_in_time(tmp_path):
+def test_gpu_session_trains_a_longer_baseline_then_the_plan_and_its_control_in_time(tmp_path):
     """The prepared GPU call spends its 600 s on issue 5's open question: l002_b00 from a baseline trained three times
     as long as before, with time for the baseline, the plan and the control."""
     bin_dir, calls = _fake_python(tmp_path)
