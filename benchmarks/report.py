@@ -416,6 +416,8 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
             bullets.append(_merge_bullet(path, data, dev))
         elif kind == "accuracy_sweep" and _on_target(data):
             bullets += _sweep_bullets(path, data, dev)
+        elif kind == "plan_ablation" and data.get("rows"):
+            bullets.append(_ablation_bullet(path, data, dev))
     proxies = proxy_sweeps(found)
     if proxies:
         bullets.append(_proxy_bullet(proxies))
@@ -469,6 +471,19 @@ def _merge_bullet(path: Path, data: dict, dev: str) -> str:
                       for r in ranked)
     return (f"Merge policy (`{path.name}`, {dev.split(' (')[0]}), fastest policy per plan at {cell}, over the "
             f"BN-fused model: {plans}.")
+
+
+def _ablation_bullet(path: Path, data: dict, dev: str) -> str:
+    """The first cell timed: the plan, the block its speed-up leans on most, and the block that would add most."""
+    cell = data["rows"][0]["cell"]
+    rows = {r["variant"]: r["speedup_vs_bn_fused"] for r in data["rows"] if r["cell"] == cell}
+    parts = [f"plan {data.get('plan_name', '')} {_fmt(rows['plan'])}×"]
+    for sign, what, pick in (("-", "without", min), ("+", "with", max)):
+        varied = {v[1:]: x for v, x in rows.items() if v.startswith(sign)}
+        if varied:
+            block = pick(varied, key=varied.get)
+            parts.append(f"{what} {block} {_fmt(varied[block])}×")
+    return f"Plan ablation (`{path.name}`, {dev.split(' (')[0]}) at {cell}: {', '.join(parts)}."
 
 
 def _on_target(data: dict) -> bool:

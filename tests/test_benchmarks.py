@@ -221,6 +221,27 @@ def test_merge_policy_times_each_plan_three_ways(tmp_path):
     assert len(data["merge_costs"]["cpu b1 32 fp32"]) > 50
 
 
+def test_plan_ablation_times_the_plan_each_block_away_from_it_and_stores_the_fold_gains(tmp_path):
+    from benchmarks import bench_plan_ablation
+    from hf_layerfold.gains import FoldGains
+
+    gains_path = tmp_path / "gains.json"
+    data = bench_plan_ablation.main(["--plan", "p=bn1,blocks.1.1", "--quick", "--out", str(tmp_path / "a.json"),
+                                     "--gains-out", str(gains_path)])
+    variants = [r["variant"] for r in data["rows"]]
+    assert variants[:3] == ["plan", "-bn1", "-blocks.1.1"] and "+blocks.1.1" not in variants
+    assert {"+blocks.0.0", "+blocks.1.0", "+blocks.6.0"} <= set(variants) and len(variants) == 3 + 15
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert rows["-blocks.1.1"]["blocks"] == 1 and rows["+blocks.1.0"]["blocks"] == 3
+    assert rows["+blocks.1.0"]["depth"] < rows["plan"]["depth"] < rows["-blocks.1.1"]["depth"]
+    assert all(_finite_positive(r["speedup_vs_bn_fused"]) for r in data["rows"])
+    blocks = "0.0 1.0 1.1 2.0 2.1 3.0 3.1 3.2 4.0 4.1 4.2 5.0 5.1 5.2 5.3 6.0".split()
+    assert set(FoldGains.load(gains_path).groups) == {"bn1.act"} | {f"blocks.{b}.bn1.act" for b in blocks}
+    bullet = report.summary([(tmp_path / "a.json", data)])[0]
+    assert bullet.startswith("- Plan ablation (`a.json`, ")
+    assert f"plan p {report._fmt(rows['plan']['speedup_vs_bn_fused'])}×" in bullet
+
+
 def test_profile_step_splits_a_step_into_host_and_op_time(tmp_path):
     from benchmarks import profile_step
 

@@ -93,6 +93,15 @@ def test_weights_follow_the_saving_split_over_a_group_with_mean_one():
     assert FoldGains.from_dict({**gains.to_dict(), "weights": w, "saved_ms": {}}) == gains  # a sweep's fold_gains
 
 
+def test_estimated_speedup_adds_the_savings_of_the_groups_a_plan_touches():
+    gains = _gains({"a": 2.0, "b": 3.0, "c": -1.0}, {"a": 2, "b": 1, "c": 1})
+    assert gains.estimated_speedup([]) == 1.0
+    assert gains.estimated_speedup(["a.s0"]) == pytest.approx(10 / 8)  # one site of a group folds the group
+    assert gains.estimated_speedup(["a.s0", "a.s1", "b.s0", "c.s0"]) == pytest.approx(10 / 6)
+    with pytest.raises(ValueError, match=r"sites not in this measurement: \['z'\]"):
+        gains.estimated_speedup(["z"])
+
+
 def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
     model = timm.create_model("mobilenetv2_050", num_classes=10)
     with pytest.raises(ValueError, match="needs a prepared model"):
