@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=str(RESULTS_DIR / "plan_ablation.json"))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--plan", required=True, metavar="NAME=BLOCK,BLOCK,...")
-    parser.add_argument("--alpha-sharing", default="block", choices=["none", "block"])
+    parser.add_argument("--alpha-sharing", default="block", choices=["site", "block"])
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--budget-s", type=float, default=60.0, help="timing budget of the interleaved run")

@@ -16,12 +16,16 @@ on CUDA the real kernels both ways (``triton_route_jit``, ``triton_route_direct`
 this variant whatever ``HF_LAYERFOLD_TRITON_DIRECT_LAUNCH`` says), and ``direct_launch`` records whether the sites'
 own route (``prepared_auto``, which follows that variable) launched directly.
 
+``--whole-compile`` profiles both models under ``torch.compile`` instead (what a user who compiles pays; the
+warm-up steps compile, so give them enough).
+
 ``python -m benchmarks.profile_step --device cuda --batch 64 --out /tmp/profile_b64.json``
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib.util
 import statistics
@@ -155,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--site-only", action="store_true", help="only the per-site host times, no model profile")
     parser.add_argument("--site-rounds", type=int, default=30)
+    parser.add_argument("--whole-compile", action="store_true",
+                        help="profile both models under torch.compile (the warm-up steps compile them)")
     args = parser.parse_args(argv)
     data = {"benchmark": "profile_step", "title": "Where a search step's time goes", "device": device_info(args.device),
             "site_host_us": site_host_us(args.device, rounds=args.site_rounds),
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     x = torch.randn(args.batch, 3, args.input_size, args.input_size, device=args.device)
     y = torch.randint(0, 1000, (args.batch,), device=args.device)
     models = {"timm": base, "prepared": prepared_copy(base, "auto")}
+    if args.whole_compile:
+        models = {f"{name}_compiled": torch.compile(copy.deepcopy(m)) for name, m in models.items()}
     data.update({"model": args.model, "batch": args.batch, "input_size": args.input_size, "steps": args.steps,
                  "profiles": {name: profile_model(m, x, y, args.steps, args.warmup, args.top)
                               for name, m in models.items()}})

@@ -84,6 +84,10 @@ class FoldGains:
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "
                              f"{sorted(self.groups)}")
         saved = sum(s for owner, s in self.saved_ms().items() if wanted & set(self.groups[owner]["sites"]))
+        if saved >= self.baseline_ms:
+            raise ValueError(f"the groups of these sites save {saved:.3f} ms of a {self.baseline_ms:.3f} ms baseline "
+                             "when each is measured alone: more than the whole forward, so their sum cannot estimate "
+                             "this plan; time it instead")
         return self.baseline_ms / (self.baseline_ms - saved)
 
     def to_dict(self) -> dict:

@@ -100,6 +100,8 @@ def test_estimated_speedup_adds_the_savings_of_the_groups_a_plan_touches():
     assert gains.estimated_speedup(["a.s0", "a.s1", "b.s0", "c.s0"]) == pytest.approx(10 / 6)
     with pytest.raises(ValueError, match=r"sites not in this measurement: \['z'\]"):
         gains.estimated_speedup(["z"])
+    with pytest.raises(ValueError, match="save 12.000 ms of a 10.000 ms baseline"):
+        _gains({"a": 6.0, "b": 6.0}, {"a": 1, "b": 1}).estimated_speedup(["a.s0", "b.s0"])
 
 
 def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
