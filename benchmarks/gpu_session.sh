@@ -5,11 +5,12 @@
 # Issue 5: two fixed plans on the full data beside their control, from the 1200-step baseline (59 s; it and its
 # control reproduced 93.92 % and 94.5 % three times), 2400 steps each (about 120 s), then the latency cells.
 # Session 14 timed l002_b00 and every plan one block away from it on the H100 (benchmarks/EXPERIMENTS.md, "Where the
-# H100's speed-up comes from"): blocks.0.0 buys l002_b00 about 0.46 ms of its speed but, on the CPU proxy, costs it
-# about 0.85 point, while blocks.4.0 and blocks.6.0 buy 0.29 and 0.18 ms. l002_b40_b60 (l002 with those two instead
-# of blocks.0.0; estimated 1.61x from the fold gains, which were 0.8 % low for l002 and l002_b30) lost 0.2 and
-# PROXY3 point to its control on the proxy (seeds 2 and 3; l002_b00 1.0 and 0.3). l002_b30_b40_b60 adds blocks.3.0
-# (estimated 1.71x) in case the first times below 1.6x. Writes accuracy_sweep_cuda.json and log.txt into $OUT.
+# H100's speed-up comes from"): blocks.0.0 buys l002_b00 about 0.46 ms, blocks.4.0 and blocks.6.0 would buy 0.29 and
+# 0.18 ms. l002_b40_b60 is l002 with those two instead of blocks.0.0 (estimated 1.61x from the fold gains, which
+# were 0.8 % low for l002 and l002_b30). On the CPU proxy (seeds 2 and 3, against the control) it lost 0.2 and 0.85
+# point, l002_b00 1.0 and 0.3, l002 0.15 and 0.3: no better within the proxy's noise, but the only plan near 1.6x
+# besides l002_b00 that has not yet had the full data. l002_b30_b40_b60 adds blocks.3.0 (estimated 1.71x), in case
+# the first times below 1.6x. Writes accuracy_sweep_cuda.json and log.txt into $OUT.
 # Then, as a second call, benchmarks/gpu_profile_compiled.sh (issue 3).
 set -u
 export OUT=${OUT:?set OUT to the output folder}
