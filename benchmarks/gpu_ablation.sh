@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 14's second device command (about 200 s of the lease were left): which blocks l002_b00's cuda b128 speed-up
 # rests on, and each block's fold gain on that cell (for a latency-aware search on the CPU proxy). From the repo root:
-#   bash benchmarks/gpu_ablation.sh        (run's timeout_s 190; nothing to carry)
+#   bash benchmarks/gpu_ablation.sh        (run's timeout_s 175, carry [".whl"]: it imports datasets)
 set -u
 export OUT=${OUT:?set OUT to the output folder} PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT"

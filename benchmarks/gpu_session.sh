@@ -25,6 +25,6 @@ L002=bn1,blocks.1.1,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2,block
 ONLY=sweep TOTAL_S=$((${END_S:-580} - $(date +%s) + START)) \
 SWEEP_ARGS="--train-size 0 --test-size 0 --input-size 64 --batch-size 256 --steps 1200 --search-steps 500 \
 --continue-steps 2400 --lambdas= --plan l002_b40_b60=$L002,blocks.4.0,blocks.6.0 \
---plan l002_b30_b40_b60=$L002,blocks.3.0,blocks.4.0,blocks.6.0 --logging-steps 100 --latency-budget-s 6 --latency-sizes 224 \
---alpha-sharing block --distill-weight 0.5 --start baseline" bash benchmarks/gpu_all.sh
+--plan l002_b30_b40_b60=$L002,blocks.3.0,blocks.4.0,blocks.6.0 --logging-steps 100 --latency-budget-s 6 \
+--latency-sizes 224 --alpha-sharing block --distill-weight 0.5 --start baseline" bash benchmarks/gpu_all.sh
 echo "[gpu_session] done in $(( $(date +%s) - START )) s" | tee -a "$OUT/log.txt"
