@@ -75,7 +75,7 @@ class FoldGains:
         """Baseline latency over the latency left once every α group with a site in ``sites`` is folded, its
         saving taken as measured alone: a first guess at a plan's speed-up without timing it. Savings add where the
         folded groups merge into separate convs; groups whose folds merge into one conv save more together, so
-        the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low for 19 plans, the stem and
+        the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low for 18 plans, the stem and
         first block folded together accounting for most of it). Time the plan before relying on it
         (``benchmarks/bench_plan_ablation.py`` times a plan and its neighbours)."""
         wanted = set(sites)
