@@ -20,26 +20,14 @@ from __future__ import annotations
 import argparse
 import time
 
-import timm
 import torch
 
 import hf_layerfold as lf
 from hf_layerfold.gains import alpha_groups, measure_fold_gains
+from hf_layerfold.pretrained import _target_group as block_of  # blocks.3.1.bn2.act → blocks.3.1, bn1.act → bn1
 
-from .bench_accuracy_sweep import _cudnn_benchmark, latency_cells, parse_plans, time_against_baseline
+from .bench_accuracy_sweep import _cudnn_benchmark, _lite0, latency_cells, parse_plans, time_against_baseline
 from .harness import RESULTS_DIR, device_info, log, write_json
-
-
-def _lite0(alpha_sharing: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return lf.prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=10),
-                            lf.LayerFoldingConfig(alpha_sharing=alpha_sharing))
-
-
-def block_of(site: str) -> str:
-    """``blocks.3.1.bn2.act`` → ``blocks.3.1``; a site outside the blocks (``bn1.act``, the stem) → its module."""
-    parts = site.split(".")
-    return ".".join(parts[:3]) if parts[0] == "blocks" else parts[0]
 
 
 def variants(model: torch.nn.Module, plan: list[str]) -> dict[str, list[str]]:
@@ -69,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     (name, plan), = parse_plans(parser, [args.plan]).items()
     torch.set_num_threads(1)
     start = time.perf_counter()
-    base = _lite0(args.alpha_sharing)
+    base = _lite0(argparse.Namespace(alpha_sharing=args.alpha_sharing, max_macs_increase=None))  # as the sweeps
     plans = variants(base, plan)
     cells = latency_cells(args.device, args.input_size, str(args.input_size))
     if args.quick:
