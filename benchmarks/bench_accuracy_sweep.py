@@ -25,8 +25,9 @@ on that cell: each run of convs splits where the device's latency says, instead 
 ``--continue-steps`` (with ``--start baseline``) sets how long the runs that start from the λ = 0 model train (the
 control included), so a longer fine-tune after the plan is fixed can be tried without retraining the baseline.
 ``--plan NAME=BLOCK,BLOCK,...`` (repeatable) adds runs without search: the sites of those blocks (``bn1`` is the
-stem) are linear from the first step and the run fine-tunes that fixed plan with the λ > 0 runs' recipe, so a plan
-between two that the search found can be tried for accuracy (and timed) directly.
+stem; a site's own name, e.g. ``blocks.1.0.bn1.act``, takes that site alone) are linear from the first step and the
+run fine-tunes that fixed plan with the λ > 0 runs' recipe, so a plan between two that the search found can be tried
+for accuracy (and timed) directly.
 ``--plan-ramp-steps N`` eases each fixed plan in: α of its sites rises from 0 to 1 over the first N steps (the others
 stay 0), and the trainer fixes the plan from those α at step N, instead of every site being linear from the first.
 ``--teacher control`` (with ``--start baseline`` and ``--distill-weight``) has the λ > 0 and fixed-plan runs
@@ -214,8 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         help="split each run where measured latency says (LayerFoldingConfig.merge_costs), measured on this cell "
              "(e.g. cuda:128:224), or as stored in a JSON file")
     add("--plan", action="append", default=[], metavar="NAME=BLOCK,BLOCK,...",
-        help="a run with this fixed plan (every site of these blocks linear, no search), e.g. "
-             "p1=bn1,blocks.0.0,blocks.1.1; repeatable")
+        help="a run with this fixed plan (every site of these blocks linear, no search; a site's name takes that "
+             "site alone), e.g. p1=bn1,blocks.0.0,blocks.1.0.bn1.act; repeatable")
     add("--teacher", default="baseline", choices=["baseline", "control"],
         help="with --distill-weight: distill from the λ = 0 model, or (with --start baseline) from the control")
     add("--continue-steps", type=int, default=None,

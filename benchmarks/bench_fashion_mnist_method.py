@@ -110,8 +110,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
             plan_blocks: list[str] | None = None) -> dict:
     """One LayerFoldingTrainer run; with a ``teacher`` (and ``--distill-weight``) it also distills from it. The
     model starts from the ImageNet-pretrained Lite0, or from ``start_state`` (the ``"state"`` of a run made with
-    ``keep_state``). With ``plan_blocks`` there is no search: every site in those blocks is linear from the first
-    step (``FoldPlan.from_blocks``) and the whole run fine-tunes that fixed plan."""
+    ``keep_state``). With ``plan_blocks`` there is no search: every site in those blocks (or the site of that name)
+    is linear from the first step (``FoldPlan.from_blocks``) and the whole run fine-tunes that fixed plan."""
     torch.manual_seed(args.seed)
     model = load_efficientnet_lite0_imagenet(num_classes=10)
     if start_state is not None:
@@ -128,6 +128,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
     ramp = getattr(args, "plan_ramp_steps", 0) if plan_blocks is not None else 0
     callbacks = []
     if plan_blocks is not None:
+        if not ramp:  # every α frozen from the first step: sharing changes nothing, and the plan may name single sites
+            config = replace(config, alpha_sharing="site")
         model = lf.prepare_model(model, config)
         wanted = lf.FoldPlan.from_blocks(model, plan_blocks)
         if ramp:  # a "search" whose α the schedule sets; the trainer fixes the plan from them at step `ramp`

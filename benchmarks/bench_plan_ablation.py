@@ -6,11 +6,15 @@ block, and the blocks that cost it accuracy are not necessarily the ones that bu
 
 * the plan itself;
 * ``-BLOCK`` for each block of the plan: that block kept non-linear (what dropping it costs in speed);
-* ``+BLOCK`` for each other block with foldable sites: that block folded as well (what adding it buys).
+* ``+BLOCK`` for each other block with foldable sites: that block folded as well (what adding it buys);
+* with ``--sites``, ``+SITE`` for each site of those blocks alone: e.g. an inverted residual's expand activation
+  (``blocks.1.0.bn1.act``), whose fold merges the expand and depthwise convs into one dense conv and leaves the block
+  a fused one, with its other activation kept.
 
 Latency does not depend on the weights, so the models are randomly initialised EfficientNet-Lite0s prepared as the
 sweeps prepare them (``--alpha-sharing``). ``--gains-out FILE`` also stores ``measure_fold_gains`` on the same cell
-(each block folded alone), which ``bench_accuracy_sweep --latency-weights FILE`` reads for a latency-aware search.
+(each α group folded alone: each block, or each site with ``--sites``), which ``bench_accuracy_sweep
+--latency-weights FILE`` reads for a latency-aware search.
 
 ``python -m benchmarks.bench_plan_ablation --device cuda --plan l002_b00=bn1,blocks.0.0,... --out /tmp/ablation.json``
 """
@@ -30,12 +34,19 @@ from .bench_accuracy_sweep import _cudnn_benchmark, _lite0, latency_cells, parse
 from .harness import RESULTS_DIR, device_info, log, write_json
 
 
-def variants(model: torch.nn.Module, plan: list[str]) -> dict[str, list[str]]:
-    """Variant name → its blocks: the plan, each block of it left out, each other foldable block added."""
-    blocks = list(dict.fromkeys(block_of(s) for sites in alpha_groups(model).values() for s in sites))
+def variants(model: torch.nn.Module, plan: list[str], sites: bool = False) -> dict[str, list[str]]:
+    """Variant name → its blocks (or sites): the plan, each entry of it left out, each other foldable block added,
+    and with ``sites`` each site of those other blocks added alone (``alpha_sharing="site"``)."""
+    groups = [s for group in alpha_groups(model).values() for s in group]
+    blocks = list(dict.fromkeys(block_of(s) for s in groups))
     out = {"plan": list(plan)}
     out |= {f"-{b}": [p for p in plan if p != b] for b in plan}
     out |= {f"+{b}": [*plan, b] for b in blocks if b not in plan}
+    if sites:
+        touched = {block_of(p) for p in plan}  # (block_of keeps a block's name: blocks.1.1 → blocks.1.1)
+        alone = [s for s in groups if block_of(s) not in touched
+                 and sum(block_of(t) == block_of(s) for t in groups) > 1]  # a block's only site is its "+block"
+        out |= {f"+{s}": [*plan, s] for s in alone}
     return out
 
 
@@ -45,6 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--plan", required=True, metavar="NAME=BLOCK,BLOCK,...")
     parser.add_argument("--alpha-sharing", default="block", choices=["site", "block"])
+    parser.add_argument("--sites", action="store_true",
+                        help="also each site of the blocks outside the plan added alone (e.g. an inverted residual's "
+                             "expand activation: the block turns into a fused one); implies --alpha-sharing site")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--budget-s", type=float, default=60.0, help="timing budget of the interleaved run")
@@ -55,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.input_size, args.rounds, args.budget_s = 32, 2, 1.0
     (name, plan), = parse_plans(parser, [args.plan]).items()
+    if args.sites:
+        args.alpha_sharing = "site"
     torch.set_num_threads(1)
     start = time.perf_counter()
     base = _lite0(argparse.Namespace(alpha_sharing=args.alpha_sharing, max_macs_increase=None))  # as the sweeps
-    plans = variants(base, plan)
+    plans = variants(base, plan, args.sites)
     cells = latency_cells(args.device, args.input_size, str(args.input_size))
     if args.quick:
         cells = [dict(c, batch=2) for c in cells]

@@ -4,14 +4,16 @@
 #   bash benchmarks/gpu_session.sh        (run's timeout_s 600, carry [".whl", ".gpudata"])
 # Issue 5: two fixed plans on the full data beside their control, from the 1200-step baseline (59 s; it and its
 # control reproduced 93.92 % and 94.5 % three times), 2400 steps each (about 120 s), then the latency cells.
-# Session 14 timed l002_b00 and every plan one block away from it on the H100 (benchmarks/EXPERIMENTS.md, "Where the
-# H100's speed-up comes from"): blocks.0.0 buys l002_b00 about 0.46 ms, blocks.4.0 and blocks.6.0 would buy 0.29 and
-# 0.18 ms. l002_b40_b60 is l002 with those two instead of blocks.0.0 (estimated 1.61x from the fold gains, which
-# were 0.8 % low for l002 and l002_b30). On the CPU proxy (seeds 2 and 3, against the control) it lost 0.2 and 0.85
-# point, l002_b00 1.0 and 0.3, l002 0.15 and 0.3: no better within the proxy's noise, but the only plan near 1.6x
-# besides l002_b00 that has not yet had the full data. l002_b30_b40_b60 adds blocks.3.0 (estimated 1.71x), in case
-# the first times below 1.6x. Writes accuracy_sweep_cuda.json and log.txt into $OUT.
-# Then, as a second call, benchmarks/gpu_profile_compiled.sh (issue 3).
+# Session 15 (no GPU) tried fused blocks on the CPU proxy: only the expand activation of blocks.1.0 linear
+# (blocks.1.0.bn1.act), so its expand and depthwise convs merge into one dense 3x3 stride-2 conv and the block keeps
+# its second activation (EfficientNetV2's fused MBConv). l002 (1.53x on the H100) with it, l002_f10, lost 0.15 and
+# 0.25 point against the control (seeds 2 and 3), as l002 alone did (0.15 and 0.3); with blocks.2.0.bn1.act as well,
+# l002_f10_f20, 0.35 and 0.7. Their H100 speed-ups are unknown: blocks.1.0 folded whole saves 2.33 of 11.81 ms
+# there, and the fused block removes its largest tensor (96 channels at 112 px) but keeps the 56 px one; on the CPU
+# (batch 1) fusing it bought about 37 % of what folding it whole buys. l002_f10_f20 is the hedge in case l002_f10
+# times below 1.6x. Writes accuracy_sweep_cuda.json and log.txt into $OUT.
+# Then, as a second call, benchmarks/gpu_ablation.sh times every site of the blocks l002 leaves alone (about 110 s),
+# and benchmarks/gpu_profile_compiled.sh (issue 3) if time is left.
 set -u
 export OUT=${OUT:?set OUT to the output folder}
 START=$(date +%s)
@@ -24,7 +26,7 @@ fi
 L002=bn1,blocks.1.1,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2,blocks.5.0,blocks.5.1,blocks.5.2,blocks.5.3
 ONLY=sweep TOTAL_S=$((${END_S:-580} - $(date +%s) + START)) \
 SWEEP_ARGS="--train-size 0 --test-size 0 --input-size 64 --batch-size 256 --steps 1200 --search-steps 500 \
---continue-steps 2400 --lambdas= --plan l002_b40_b60=$L002,blocks.4.0,blocks.6.0 \
---plan l002_b30_b40_b60=$L002,blocks.3.0,blocks.4.0,blocks.6.0 --logging-steps 100 --latency-budget-s 6 \
+--continue-steps 2400 --lambdas= --plan l002_f10=$L002,blocks.1.0.bn1.act \
+--plan l002_f10_f20=$L002,blocks.1.0.bn1.act,blocks.2.0.bn1.act --logging-steps 100 --latency-budget-s 6 \
 --latency-sizes 224 --alpha-sharing block --distill-weight 0.5 --start baseline" bash benchmarks/gpu_all.sh
 echo "[gpu_session] done in $(( $(date +%s) - START )) s" | tee -a "$OUT/log.txt"

@@ -50,16 +50,18 @@ class FoldPlan:
 
     @classmethod
     def from_blocks(cls, model: nn.Module, blocks: list[str]) -> FoldPlan:
-        """Every foldable site inside the named blocks (e.g. ``["blocks.1.1", "blocks.4.0"]``)."""
+        """Every foldable site inside the named blocks (e.g. ``["blocks.1.1", "blocks.4.0"]``). A name may also be
+        one site (``"blocks.1.0.bn1.act"``): the expand activation of an inverted residual alone turns the block
+        into a fused one (expand and depthwise merge into one dense conv) while it keeps a non-linearity."""
         from .prepare import foldable_sites
 
         sites = foldable_sites(model)
         chosen, missing = [], []
         for block in blocks:
-            inside = [s for s in sites if s.startswith(block + ".")]
+            inside = [s for s in sites if s == block or s.startswith(block + ".")]
             (chosen.extend(inside) if inside else missing.append(block))
         if missing:
-            raise ValueError(f"no foldable site inside block(s) {missing}")
+            raise ValueError(f"no foldable site inside block(s) {missing}, nor a foldable site of that name")
         return cls(tuple(chosen))
 
     def __len__(self) -> int:

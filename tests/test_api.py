@@ -299,6 +299,23 @@ def test_plan_from_model_json_and_unknown_sites(tmp_path):
         lf.FoldPlan.from_blocks(model, ["blocks.99"])
 
 
+def test_a_site_name_in_from_blocks_fuses_expand_and_depthwise_exactly():
+    model = lf.prepare_model(small()).double()
+    plan = lf.FoldPlan.from_blocks(model, ["blocks.2.0.bn1.act", "blocks.3.1"])
+    assert plan.linear_sites == ("blocks.2.0.bn1.act", "blocks.3.1.bn1.act", "blocks.3.1.bn2.act")
+    before = lf.fold_stats(model, 32)
+    lf.apply_plan(model, plan)
+    folded = lf.fold_model(model)
+    x = torch.randn(2, 3, 37, 45, dtype=torch.float64)
+    assert torch.allclose(folded(x), model(x), rtol=1e-10, atol=1e-10)
+    expand = model.get_submodule("blocks.2.0.conv_pw")
+    shapes = {(m.in_channels, m.out_channels, m.groups, m.kernel_size, m.stride) for m in folded.modules()
+              if isinstance(m, torch.nn.Conv2d)}
+    assert (expand.in_channels, expand.out_channels, 1, (3, 3), (2, 2)) in shapes  # expand ∘ depthwise: one dense conv
+    after = lf.fold_stats(folded, 32)
+    assert (before.nonlinear_layers - after.nonlinear_layers, before.depth - after.depth) == (3, 3)
+
+
 def test_apply_plan_fixes_alpha_and_keeps_parameters():
     model = lf.prepare_model(small())
     params_before = {id(p) for p in model.parameters()}

@@ -242,6 +242,21 @@ def test_plan_ablation_times_the_plan_each_block_away_from_it_and_stores_the_fol
     assert f"plan p {report._fmt(rows['plan']['speedup_vs_bn_fused'])}×" in bullet
 
 
+def test_plan_ablation_sites_adds_each_site_of_the_untouched_blocks_alone():
+    import argparse
+
+    from benchmarks.bench_accuracy_sweep import _lite0
+    from benchmarks.bench_plan_ablation import variants
+
+    model = _lite0(argparse.Namespace(alpha_sharing="site", max_macs_increase=None))
+    plan = ["bn1", "blocks.1.1", "blocks.2.0.bn1.act"]
+    found = variants(model, plan, sites=True)
+    assert found["-blocks.2.0.bn1.act"] == ["bn1", "blocks.1.1"] and found["+blocks.2.0"] == [*plan, "blocks.2.0"]
+    assert found["+blocks.1.0.bn1.act"] == [*plan, "blocks.1.0.bn1.act"] and "+blocks.1.0.bn2.act" in found
+    assert not {"+blocks.2.0.bn2.act", "+blocks.1.1.bn1.act", "+blocks.0.0.bn1.act"} & set(found)  # touched, lone
+    assert set(found) - set(variants(model, plan)) == {k for k in found if k.startswith("+") and k.count(".") == 4}
+
+
 def test_profile_step_splits_a_step_into_host_and_op_time(tmp_path):
     from benchmarks import profile_step
 
@@ -341,12 +356,25 @@ def test_gpu_session_trains_two_plans_and_their_control_in_time(tmp_path):
     assert [s.split()[1] for s in steps] == ["benchmarks.bench_accuracy_sweep"]
     sweep = steps[0].split()
     plans = [sweep[i + 1] for i, arg in enumerate(sweep) if arg == "--plan"]
-    assert [p.split("=")[0] for p in plans] == ["l002_b40_b60", "l002_b30_b40_b60"]
+    assert [p.split("=")[0] for p in plans] == ["l002_f10", "l002_f10_f20"]
     assert all(p.split("=")[1].startswith("bn1,blocks.1.1,") and "blocks.0.0" not in p for p in plans)
+    assert all(p.endswith(",blocks.1.0.bn1.act") for p in plans[:1]) and plans[1].endswith(",blocks.2.0.bn1.act")
     assert sweep[sweep.index("--steps") + 1] == "1200" and sweep[sweep.index("--continue-steps") + 1] == "2400"
     assert sweep[sweep.index("--start") + 1] == "baseline" and "--lambdas=" in sweep
     # baseline 59 s, each plan and the control 120-132 s (sessions 13 and 14), start-up, evals and timing ~40 s
     assert int(sweep[sweep.index("--deadline-s") + 1]) >= 59 + 3 * 132 + 40
+
+
+def test_gpu_ablation_times_the_single_sites_around_l002(tmp_path):
+    bin_dir, calls = _fake_python(tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", "benchmarks/gpu_ablation.sh"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    run = next(line.split() for line in calls.read_text().splitlines() if "bench_plan_ablation" in line)
+    assert "--sites" in run and run[run.index("--plan") + 1].startswith("l002=bn1,blocks.1.1,")
+    assert "blocks.1.0" not in run[run.index("--plan") + 1] and "--gains-out" in run
 
 
 # ------------------------------------------------------------------------------------------------ review fixes
