@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--alpha-sharing", default="block", choices=["site", "block"])
     parser.add_argument("--sites", action="store_true",
                         help="also each site of the blocks outside the plan added alone (e.g. an inverted residual's "
-                             "expand activation: the block turns into a fused one); implies --alpha-sharing site")
+                             "expand activation: the block turns into a fused one); implies --alpha-sharing site, "
+                             "as does a site's name in --plan")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--budget-s", type=float, default=60.0, help="timing budget of the interleaved run")
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.input_size, args.rounds, args.budget_s = 32, 2, 1.0
     (name, plan), = parse_plans(parser, [args.plan]).items()
-    if args.sites:
+    if args.sites or any(block_of(p) != p for p in plan):  # single sites: one α each, or the plan splits a block's
         args.alpha_sharing = "site"
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -6,12 +6,13 @@
 # control reproduced 93.92 % and 94.5 % three times), 2400 steps each (about 120 s), then the latency cells.
 # Session 15 (no GPU) tried fused blocks on the CPU proxy: only the expand activation of blocks.1.0 linear
 # (blocks.1.0.bn1.act), so its expand and depthwise convs merge into one dense 3x3 stride-2 conv and the block keeps
-# its second activation (EfficientNetV2's fused MBConv). l002 (1.53x on the H100) with it, l002_f10, lost 0.15 and
-# 0.25 point against the control (seeds 2 and 3), as l002 alone did (0.15 and 0.3); with blocks.2.0.bn1.act as well,
-# l002_f10_f20, 0.35 and 0.7. Their H100 speed-ups are unknown: blocks.1.0 folded whole saves 2.33 of 11.81 ms
-# there, and the fused block removes its largest tensor (96 channels at 112 px) but keeps the 56 px one; on the CPU
-# (batch 1) fusing it bought about 37 % of what folding it whole buys. l002_f10_f20 is the hedge in case l002_f10
-# times below 1.6x. Writes accuracy_sweep_cuda.json and log.txt into $OUT.
+# its second activation (EfficientNetV2's fused MBConv). l002 (1.53x on the H100) with it, l002_f10, lost 0.15, 0.25
+# and 0.1 point against the control (seeds 2, 3, 5), as l002 alone did (0.15, 0.3, 0.35); with blocks.2.0.bn1.act
+# as well, l002_f10_f20, 0.35 and 0.7. Their H100 speed-ups are unknown: blocks.1.0 folded whole saves 2.33 of
+# 11.81 ms there; the fused block removes its largest tensor (96 channels at 112 px) but keeps the 56 px one. On the
+# CPU at batch 1, fusing it bought about half of what folding it whole buys (plan_ablation_sites_cpu.json). l002_f10
+# needs 0.34 ms of the 2.33 to reach 1.6x; l002_f10_f20 is the hedge in case it times below. Writes
+# accuracy_sweep_cuda.json and log.txt into $OUT.
 # Then, as a second call, benchmarks/gpu_ablation.sh times every site of the blocks l002 leaves alone (about 110 s),
 # and benchmarks/gpu_profile_compiled.sh (issue 3) if time is left.
 set -u
