@@ -72,6 +72,9 @@ TARGET_LOSS_POINTS = 0.5
 TARGET_CELL = "cuda b128 224 float32"
 STARTED_FROM_BASELINE = ("the λ > 0 runs and a control ('lambda=0 continued', same recipe at λ = 0) start from the "
                          "λ = 0 run's fine-tuned model; ")
+FIXED_PLAN_SHARING = ("The fixed-plan runs (plan=…) prepare the model with one α per site whatever alpha_sharing says: "
+                      "their α are frozen at 0 or 1 from the first step, so sharing changes nothing in their training "
+                      "and one α per site lets a plan name single sites (a fused block).")
 CONTROL = "lambda=0 continued"  # with --start baseline: the λ > 0 recipe at λ = 0 (what the extra training alone does)
 
 
@@ -249,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
               "device": device_info(args.device), "quick": args.quick, "settings": settings,
               "target": {"speedup": TARGET_SPEEDUP, "max_top1_loss_points": TARGET_LOSS_POINTS,
                          "cell": TARGET_CELL}, "rows": [], "skipped": []}
+    if plans and not args.plan_ramp_steps:
+        result["caveats"] = FIXED_PLAN_SHARING
     if args.merge_costs:  # before the gains: each group's fold follows the table
         args.merge_costs_table = merge_costs_for(args, args.merge_costs)
         result["merge_costs"] = args.merge_costs_table

@@ -84,16 +84,17 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     out = tmp_path / "accuracy_sweep.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "0.5",
                            "--start", "baseline", "--continue-steps", "10", "--distill-weight", "0.5",
-                           "--folded-steps", "2", "--latency-weights", "cpu:1:64", "--plan", "p1=bn1,blocks.0.0",
-                           "--merge-costs", "cpu:1:64", "--teacher", "control",
+                           "--folded-steps", "2", "--latency-weights", "cpu:1:64", "--plan",
+                           "p1=bn1,blocks.0.0,blocks.1.0.bn1.act", "--merge-costs", "cpu:1:64", "--teacher", "control",
                            "--out", str(out)], cwd=root,
                           env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [r["run"] for r in data["rows"]] == ["lambda=0", "lambda=0 continued", "lambda=0.5", "plan=p1"]
     base, control, folded, fixed = data["rows"]
-    assert fixed["fixed_plan"] == ["bn1", "blocks.0.0"] and fixed["steps"] == 10  # no search: linear from step 0
-    assert sorted(data["linear_sites"]["plan=p1"]) == ["blocks.0.0.bn1.act", "bn1.act"]
+    assert fixed["fixed_plan"] == ["bn1", "blocks.0.0", "blocks.1.0.bn1.act"] and fixed["steps"] == 10  # no search
+    assert sorted(data["linear_sites"]["plan=p1"]) == ["blocks.0.0.bn1.act", "blocks.1.0.bn1.act", "bn1.act"]
+    assert "one α per site" in data["caveats"]  # a fixed plan may name single sites, whatever the sharing
     assert fixed["top1_gap_vs_control_points"] == round(control["top1_pct"] - fixed["top1_pct"], 2)
     assert control["control"] and not folded["control"] and data["settings"]["start"] == "baseline"
     assert folded["top1_gap_vs_control_points"] == round(control["top1_pct"] - folded["top1_pct"], 2)
