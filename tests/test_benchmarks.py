@@ -345,15 +345,10 @@ def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(
 
 
 def test_gpu_session_trains_two_plans_and_their_control_in_time(tmp_path):
-    """The prepared GPU call spends its 600 s on issue 5's open question: two plans chosen from the H100's fold
-    gains, each with time to train beside the baseline and the control."""
-    bin_dir, calls = _fake_python(tmp_path)
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
-    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    steps = [line for line in calls.read_text().splitlines() if line.startswith(("-m benchmarks.", "-m pytest"))]
+    """The prepared GPU call spends its 600 s on issue 5's open question: two fused-block plans chosen on the CPU
+    proxy, each with time to train beside the baseline and the control."""
+    calls = _python_calls(tmp_path, "gpu_session.sh")
+    steps = [line for line in calls if line.startswith(("-m benchmarks.", "-m pytest"))]
     assert [s.split()[1] for s in steps] == ["benchmarks.bench_accuracy_sweep"]
     sweep = steps[0].split()
     plans = [sweep[i + 1] for i, arg in enumerate(sweep) if arg == "--plan"]
@@ -367,18 +362,23 @@ def test_gpu_session_trains_two_plans_and_their_control_in_time(tmp_path):
 
 
 def test_gpu_ablation_times_the_single_sites_around_l002(tmp_path):
-    bin_dir, calls = _fake_python(tmp_path)
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
-    proc = subprocess.run(["bash", "benchmarks/gpu_ablation.sh"], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    run = next(line.split() for line in calls.read_text().splitlines() if "bench_plan_ablation" in line)
+    run = next(line.split() for line in _python_calls(tmp_path, "gpu_ablation.sh") if "bench_plan_ablation" in line)
     assert "--sites" in run and run[run.index("--plan") + 1].startswith("l002=bn1,blocks.1.1,")
     assert "blocks.1.0" not in run[run.index("--plan") + 1] and "--gains-out" in run
 
 
 # ------------------------------------------------------------------------------------------------ review fixes
+
+
+def _python_calls(tmp_path: Path, script: str) -> list[str]:
+    """The ``python3`` command lines that ``benchmarks/<script>`` runs (with :func:`_fake_python`); it must exit 0."""
+    bin_dir, calls = _fake_python(tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", f"benchmarks/{script}"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return calls.read_text().splitlines()
 
 
 def _fake_python(tmp_path: Path) -> tuple[Path, Path]:
