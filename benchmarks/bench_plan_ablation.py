@@ -27,8 +27,8 @@ import time
 import torch
 
 import hf_layerfold as lf
-from hf_layerfold.gains import alpha_groups, measure_fold_gains
-from hf_layerfold.pretrained import _target_group as block_of  # blocks.3.1.bn2.act → blocks.3.1, bn1.act → bn1
+from hf_layerfold.gains import measure_fold_gains
+from hf_layerfold.prepare import site_blocks
 
 from .bench_accuracy_sweep import _cudnn_benchmark, _lite0, latency_cells, parse_plans, time_against_baseline
 from .harness import RESULTS_DIR, device_info, log, write_json
@@ -36,18 +36,22 @@ from .harness import RESULTS_DIR, device_info, log, write_json
 
 def variants(model: torch.nn.Module, plan: list[str], sites: bool = False) -> dict[str, list[str]]:
     """Variant name → its blocks (or sites): the plan, each entry of it left out, each other foldable block added,
-    and with ``sites`` each site of those other blocks added alone (``alpha_sharing="site"``)."""
-    groups = [s for group in alpha_groups(model).values() for s in group]
-    blocks = list(dict.fromkeys(block_of(s) for s in groups))
+    and with ``sites`` each site of the blocks the plan leaves alone added by itself (``alpha_sharing="site"``)."""
+    planned = set(lf.FoldPlan.from_blocks(model, plan).linear_sites)
+    groups = site_blocks(model)  # block → its sites, as alpha_sharing="block" ties them
     out = {"plan": list(plan)}
     out |= {f"-{b}": [p for p in plan if p != b] for b in plan}
-    out |= {f"+{b}": [*plan, b] for b in blocks if b not in plan}
-    if sites:
-        touched = {block_of(p) for p in plan}  # (block_of keeps a block's name: blocks.1.1 → blocks.1.1)
-        alone = [s for s in groups if block_of(s) not in touched
-                 and sum(block_of(t) == block_of(s) for t in groups) > 1]  # a block's only site is its "+block"
-        out |= {f"+{s}": [*plan, s] for s in alone}
+    out |= {f"+{b}": [*plan, b] for b, members in groups.items() if not set(members) <= planned}
+    if sites:  # a block's only site is its "+block" already
+        out |= {f"+{s}": [*plan, s] for members in groups.values() if len(members) > 1 and not planned & set(members)
+                for s in members}
     return out
+
+
+def splits_a_block(model: torch.nn.Module, plan: list[str]) -> bool:
+    """Whether ``plan`` takes some but not all sites of a block: then each site needs its own α."""
+    planned = set(lf.FoldPlan.from_blocks(model, plan).linear_sites)
+    return any(0 < len(planned & set(members)) < len(members) for members in site_blocks(model).values())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sites", action="store_true",
                         help="also each site of the blocks outside the plan added alone (e.g. an inverted residual's "
                              "expand activation: the block turns into a fused one); implies --alpha-sharing site, "
-                             "as does a site's name in --plan")
+                             "as does a --plan that takes only some sites of a block")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--budget-s", type=float, default=60.0, help="timing budget of the interleaved run")
@@ -70,11 +74,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.input_size, args.rounds, args.budget_s = 32, 2, 1.0
     (name, plan), = parse_plans(parser, [args.plan]).items()
-    if args.sites or any(block_of(p) != p for p in plan):  # single sites: one α each, or the plan splits a block's
-        args.alpha_sharing = "site"
     torch.set_num_threads(1)
     start = time.perf_counter()
     base = _lite0(argparse.Namespace(alpha_sharing=args.alpha_sharing, max_macs_increase=None))  # as the sweeps
+    if args.alpha_sharing == "block" and (args.sites or splits_a_block(base, plan)):  # single sites: one α each
+        args.alpha_sharing = "site"
+        base = _lite0(argparse.Namespace(alpha_sharing="site", max_macs_increase=None))
     plans = variants(base, plan, args.sites)
     cells = latency_cells(args.device, args.input_size, str(args.input_size))
     if args.quick:

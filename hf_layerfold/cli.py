@@ -121,6 +121,8 @@ Examples:
       --push-to-hub --repo-id me/mobilenetv2-folded
   {PROG} fold --model outputs/lite0-folded --dataset {FASHION_MNIST} --image-size 64 --lr 3e-4 \\
       --max-steps 500 --output-dir outputs/lite0-folded-more
+  {PROG} fold --model {LITE0_ALIAS} --plan bn1,blocks.1.1,blocks.2.1,blocks.1.0.bn1.act --image-size 64 \\
+      --output-dir outputs/lite0-fixed-plan
 
 --config takes YAML or JSON (a saved layerfold_config.json works): LayerFoldingConfig fields and, optionally,
 any training option of this command (epochs: 2, batch_size: 64, ...). Flags on the command line win.
@@ -147,7 +149,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         "fold", formatter_class=_Formatter, epilog=FOLD_EPILOG,
         help="fine-tune + fold a model on a dataset and save it",
         description="Prepare a pre-trained CNN for Layer Folding, fine-tune it on a dataset (phase 1 learns which "
-                    "activations can become linear, phase 2 fine-tunes with that plan fixed), fold it exactly into "
+                    "activations can become linear, phase 2 fine-tunes with that plan fixed; --plan fixes one and "
+                    "skips phase 1), fold it exactly into "
                     "a shallower network and save it (model.safetensors, config.json, model card).")
     io = fold.add_argument_group("model, data and output")
     io.add_argument("--config", metavar="FILE", help="YAML/JSON file with LayerFoldingConfig fields (and training "
@@ -190,6 +193,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     train.add_argument("--logging-steps", type=POSITIVE_INT, default=10,
                        help="log loss, α and projected depth every N steps")
     train.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and subsets")
+    train.add_argument("--plan", metavar="NAMES|FILE", default=None,
+                       help="skip the α search and fine-tune with this plan fixed from the first step: "
+                            "comma-separated blocks (every site inside) and single sites (an inverted residual's "
+                            "expand activation alone makes a fused block), e.g. bn1,blocks.1.1,blocks.1.0.bn1.act; "
+                            "or a plan JSON file (layerfold_plan.json) or a folded save whose plan to reuse")
     common(fold)
     add_config_flags(fold)
     fold.set_defaults(func=cmd_fold)

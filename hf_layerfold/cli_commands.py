@@ -25,6 +25,7 @@ from .workflow import (
     check_model_name,
     create_base_model,
     evaluate_model,
+    fixed_plan,
     fmt_count,
     format_table,
     is_folded_dir,
@@ -33,6 +34,7 @@ from .workflow import (
     measure_latency,
     model_input_size,
     model_kind,
+    plan_source,
     set_input_size,
     suggest_model_names,
     torch_device,
@@ -121,6 +123,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
         _check_repo_id(args.repo_id)
     device = str(torch_device(args.device))
     folded_input = model_kind(args.model) == "folded"  # a folded save trains on as itself: no search, no plan
+    if args.plan and folded_input:
+        raise CLIError(f"--plan applies to an unfolded model; {args.model} is already folded with its own plan")
+    if args.plan:
+        plan_source(args.plan)  # a missing plan file is refused before the data loads
     data = load_data(args.dataset, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
                      eval_split=args.eval_split)
     if folded_input:
@@ -131,6 +137,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     else:
         model = create_base_model(args.model, data.num_classes, pretrained=args.pretrained)
     set_input_size(model, args.image_size)
+    if args.plan:
+        config = _fix_plan(model, args.plan, config)
     teacher = None
     if args.teacher:
         teacher = load_model(args.teacher, data.num_classes, pretrained=True)
@@ -198,6 +206,27 @@ def cmd_fold(args: argparse.Namespace) -> int:
     print(format_table(["", "before (base network)", "after (layer-folded)"], rows))
     print(f"saved folded model to {path}" + (f" and pushed it to {args.repo_id}" if args.push_to_hub else ""))
     return 0
+
+
+def _fix_plan(model, spec: str, config):
+    """Prepare ``model`` and fix the plan ``--plan`` names: training is then the fine-tune phase only. Each site gets
+    its own α (frozen at 0 or 1 from the first step, so sharing would change nothing, and a plan may name one site
+    of a block)."""
+    import dataclasses
+
+    from .plan import apply_plan
+    from .prepare import alpha_parameters, prepare_model
+
+    config = dataclasses.replace(config, alpha_sharing="site")
+    try:
+        prepare_model(model, config)
+    except ValueError as err:  # no foldable site, an unsupported model
+        raise CLIError(str(err)) from None
+    plan = fixed_plan(spec, model)
+    apply_plan(model, plan, config)
+    logger.info("--plan: %d of %d sites linear from the first step; no α search (lambda_reg and the search "
+                "settings are unused)", len(plan), len(alpha_parameters(model)))
+    return config
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -90,10 +90,14 @@ def lookup_rule(registry: dict[type, Callable], obj: object) -> Callable | None:
 
 
 def supported_block_types() -> list[str]:
+    from . import rules  # noqa: F401  (registers the built-in rules)
+
     return sorted(cls.__name__ for cls in BLOCK_RULES)
 
 
 def supported_model_types() -> list[str]:
+    from . import rules  # noqa: F401  (registers the built-in rules)
+
     return sorted(cls.__name__ for cls in MODEL_RULES)
 
 

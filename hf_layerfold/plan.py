@@ -53,15 +53,21 @@ class FoldPlan:
         """Every foldable site inside the named blocks (e.g. ``["blocks.1.1", "blocks.4.0"]``). A name may also be
         one site (``"blocks.1.0.bn1.act"``): the expand activation of an inverted residual alone turns the block
         into a fused one (expand and depthwise merge into one dense conv) while it keeps a non-linearity."""
-        from .prepare import foldable_sites
+        from .prepare import foldable_sites, site_blocks
 
+        if isinstance(blocks, str):
+            raise TypeError(f"from_blocks takes a list of block or site names, got the string {blocks!r}")
         sites = foldable_sites(model)
         chosen, missing = [], []
         for block in blocks:
             inside = [s for s in sites if s == block or s.startswith(block + ".")]
             (chosen.extend(inside) if inside else missing.append(block))
         if missing:
-            raise ValueError(f"no foldable site inside block(s) {missing}, nor a foldable site of that name")
+            known = list(site_blocks(model))
+            single = next((s for s in sites if s not in known), sites[0])
+            raise ValueError(f"no foldable site inside block(s) {missing}, nor a foldable site of that name; the "
+                             f"model's blocks are {', '.join(known[:8])}{', ...' if len(known) > 8 else ''} "
+                             f"({len(known)} in all); a single site is named like {single!r}")
         return cls(tuple(chosen))
 
     def __len__(self) -> int:

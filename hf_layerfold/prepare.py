@@ -107,20 +107,29 @@ def check_keepable_modules(model: nn.Module) -> None:
             f"{f' and {len(unkeepable) - 4} more' if len(unkeepable) > 4 else ''}; {keepable_hint()}")
 
 
-def share_alpha_by_block(model: nn.Module) -> dict[str, list[str]]:
-    """Tie the α of every site to the first site of its block (the innermost module a block rule covers); a site
-    outside any block keeps its own. Returns block path → its sites."""
+def site_blocks(model: nn.Module) -> dict[str, list[str]]:
+    """Block path → its foldable sites, in network order: a site belongs to the innermost module a block rule covers;
+    a site outside any block is its own group. What ``alpha_sharing="block"`` ties and ``FoldPlan.from_blocks``
+    takes."""
+    from . import rules  # noqa: F401  (registers the built-in block rules)
+
     blocks = sorted((name for name, m in model.named_modules() if name and lookup_rule(BLOCK_RULES, m)),
                     key=len, reverse=True)
-    groups: dict[str, list[FoldableActivation]] = {}
-    for m in model.modules():
-        if isinstance(m, FoldableActivation):
-            key = next((b for b in blocks if m.site.startswith(b + ".")), m.site)
-            groups.setdefault(key, []).append(m)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    groups: dict[str, list[str]] = {}
+    for site in sorted(foldable_sites(model), key=lambda s: order.get(s, len(order))):
+        groups.setdefault(next((b for b in blocks if site.startswith(b + ".")), site), []).append(site)
+    return groups
+
+
+def share_alpha_by_block(model: nn.Module) -> dict[str, list[str]]:
+    """Tie the α of every site to the first site of its block (:func:`site_blocks`). Returns block path → its
+    sites."""
+    groups = site_blocks(model)
     for leader, *followers in groups.values():
         for follower in followers:
-            follower.share_alpha(leader)
-    return {key: [m.site for m in members] for key, members in groups.items()}
+            model.get_submodule(follower).share_alpha(model.get_submodule(leader))
+    return groups
 
 
 def site_regularizer_weights(sites: list[str], weights: dict[str, float] | None) -> list[float] | None:

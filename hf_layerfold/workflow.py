@@ -146,6 +146,40 @@ def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = 
                        code=failure_code(err)) from None
 
 
+def plan_source(spec: str) -> Path | None:
+    """The file or folded save ``fold --plan`` reads, or ``None`` when ``spec`` is a list of block and site names;
+    a path that does not exist is refused here, before any data is loaded."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    if spec.endswith((".json", "/")) or spec.startswith((".", "/", "~")) or "/" in spec:
+        raise CLIError(f"--plan {spec}: no such file or directory (give a plan JSON file, a folded save, or "
+                       "comma-separated block and site names such as blocks.1.1,blocks.1.0.bn1.act)")
+    return None
+
+
+def fixed_plan(spec: str, model):
+    """The :class:`~hf_layerfold.FoldPlan` ``fold --plan`` names for ``model`` (prepared): a plan JSON file (or a
+    folded save's ``layerfold_plan.json``), or comma-separated names, each a block (every site inside it) or one
+    site (an inverted residual's expand activation alone makes a fused block)."""
+    from .plan import FoldPlan, check_plan
+
+    source = plan_source(spec)
+    try:
+        if source is not None:
+            plan = FoldPlan.load(source)
+        else:
+            plan = FoldPlan.from_blocks(model, [name.strip() for name in spec.split(",") if name.strip()])
+        check_plan(model, plan)
+    except OSError as err:
+        raise CLIError(f"cannot read --plan {spec}: {err.strerror or err}") from None
+    except ValueError as err:
+        raise CLIError(f"--plan {spec}: {err}") from None
+    if not len(plan):
+        raise CLIError(f"--plan {spec} makes no site linear: name at least one block or site")
+    return plan
+
+
 def set_input_size(model, image_size: int | None) -> None:
     """Record the resolution the model is trained / evaluated at in its ``pretrained_cfg`` (transforms read it)."""
     if image_size is None:

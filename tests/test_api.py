@@ -295,8 +295,11 @@ def test_plan_from_model_json_and_unknown_sites(tmp_path):
     assert lf.FoldPlan.load(tmp_path) == plan
     with pytest.raises(ValueError, match="not foldable"):
         lf.apply_plan(model, lf.FoldPlan(("blocks.0.0.nope",)))
-    with pytest.raises(ValueError, match="no foldable site inside"):
+    with pytest.raises(ValueError, match="no foldable site inside") as err:
         lf.FoldPlan.from_blocks(model, ["blocks.99"])
+    assert "the model's blocks are bn1.act, blocks.0.0, blocks.1.0, blocks.1.1," in str(err.value)  # module order
+    with pytest.raises(TypeError, match="a list of block or site names"):
+        lf.FoldPlan.from_blocks(model, "blocks.1.1")
 
 
 def test_a_site_name_in_from_blocks_fuses_expand_and_depthwise_exactly():

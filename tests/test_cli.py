@@ -165,6 +165,7 @@ def test_invalid_config_value_in_subprocess():
     (["fold", "--output-dir", "."], "is the current directory or one above it"),
     (["fold", "--output-dir", ".."], "is the current directory or one above it"),
     (["fold", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see 'hf-layerfold fold --help')"),
+    (["fold", "--plan", "./no/plan.json"], "--plan ./no/plan.json: no such file or directory"),
 ])
 def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # fold's default output dir stays inside tmp_path
@@ -236,6 +237,10 @@ def tiny_imagefolder(tmp_path):
     (["gains", "mobilenetv2_050", "--output", "IMAGES/a/0.png/gains.json"], 2, "0.png is a file"),
     (["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", "IMAGES/a/0.png"], 2, "is a file; expected a "
      "directory in imagefolder layout"),
+    (["fold", "--model", "mobilenetv2_050", "--no-pretrained", "--dataset", "IMAGES", "--plan", "blocks.1.1,blocks.9"],
+     2, "--plan blocks.1.1,blocks.9: no foldable site inside block(s) ['blocks.9']"),
+    (["fold", "--model", "mobilenetv2_050", "--no-pretrained", "--dataset", "IMAGES", "--plan", "IMAGES/a/0.png"],
+     2, "0.png is not a valid FoldPlan JSON file"),
 ])
 def test_exit_code_follows_the_cause(argv, code, expected, tiny_imagefolder, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -457,6 +462,26 @@ def test_fold_fine_tunes_a_folded_save_as_it_is(folded_save, tmp_path, capsys):
     assert after.layerfold_info["stats_before"] == before.layerfold_info["stats_before"]
     changed = [k for k, v in before.state_dict().items() if not torch.equal(v, after.state_dict()[k])]
     assert any(not k.startswith("classifier") for k in changed)  # the merged convs trained, not only the head
+
+
+def test_fold_with_a_fixed_plan_skips_the_search(folded_save, tmp_path, capsys):
+    """``fold --plan``: the named blocks and single sites are linear from the first step (a site of a block alone:
+    a fused block, whatever --alpha-sharing says), nothing else; and a folded save's plan can be reused."""
+    argv = [*TINY_FOLD, "--alpha-sharing", "block"]  # λ = 10 would linearize much more, were there a search
+    assert main([*argv, "--plan", "blocks.1.1, blocks.2.0.bn1.act", "--output-dir", str(tmp_path / "a")]) == 0
+    net = LayerFoldedModel.from_pretrained(tmp_path / "a")
+    sites = ["blocks.1.1.bn1.act", "blocks.1.1.bn2.act", "blocks.2.0.bn1.act"]
+    assert net.layerfold_info["plan"]["linear_sites"] == sorted(sites)
+    assert net.layerfold_info["config"]["alpha_sharing"] == "site"
+    assert net.layerfold_info["stats_after"]["depth"] == net.layerfold_info["stats_before"]["depth"] - 3
+    assert "saved folded model to" in capsys.readouterr().out
+    src, _ = folded_save  # the plan the search found there, reused by naming the save
+    assert main([*argv, "--plan", str(src), "--output-dir", str(tmp_path / "b")]) == 0
+    reused = LayerFoldedModel.from_pretrained(tmp_path / "b").layerfold_info["plan"]
+    assert reused == LayerFoldedModel.from_pretrained(src).layerfold_info["plan"]
+    capsys.readouterr()
+    assert main([*argv, "--model", str(src), "--plan", "blocks.1.1", "--output-dir", str(tmp_path / "c")]) == 2
+    assert "--plan applies to an unfolded model" in one_error_line(capsys.readouterr().err)
 
 
 def test_fold_refuses_to_overwrite(folded_save, capsys):
