@@ -131,6 +131,9 @@ is interrupted; the output directory is written atomically at the end, so an int
 """
 
 
+LIST_OPTIONS = frozenset({"plan"})  # fold options given comma-separated on the command line, as a list in --config
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     """The top-level parser, and the ``fold`` sub-parser (its defaults take values from ``--config``)."""
     from . import __version__
@@ -197,7 +200,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="skip the α search and fine-tune with this plan fixed from the first step: "
                             "comma-separated blocks (every site inside) and single sites (an inverted residual's "
                             "expand activation alone makes a fused block), e.g. bn1,blocks.1.1,blocks.1.0.bn1.act; "
-                            "or a plan JSON file (layerfold_plan.json) or a folded save whose plan to reuse")
+                            "or a plan JSON file (layerfold_plan.json) or a folded save whose plan to reuse (in a "
+                            "--config file: the names as a list)")
     common(fold)
     add_config_flags(fold)
     fold.set_defaults(func=cmd_fold)
@@ -338,6 +342,8 @@ def _option_tokens(parser: argparse.ArgumentParser, values: dict, path: str) -> 
                 tokens.append(flag if value else "--no-" + flag[2:])
             elif value:
                 tokens.append(flag)
+        elif key in LIST_OPTIONS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            tokens.append(f"{flag}={','.join(value)}")  # plan: [bn1, blocks.1.1] is --plan=bn1,blocks.1.1
         elif isinstance(value, dict | list):
             raise CLIError(f"config file {path}: {key} takes one value, got {value!r}")
         elif value is not None:  # null: unset

@@ -97,6 +97,13 @@ def test_config_file_options_are_typed_like_flags(tmp_path):
     assert (args.pretrained, args.max_steps, args.mixed_precision, args.overwrite) == (False, 5, "bf16", True)
     args = parse_args(["fold", "--config", str(cfg), "--pretrained", "--max-steps", "7"])
     assert (args.pretrained, args.max_steps) == (True, 7)
+    cfg.write_text("plan: [bn1, blocks.1.1, blocks.1.0.bn1.act]\n")  # a list, or the flag's comma-separated text
+    assert parse_args(["fold", "--config", str(cfg)]).plan == "bn1,blocks.1.1,blocks.1.0.bn1.act"
+    cfg.write_text("plan: bn1,blocks.1.1\n")
+    assert parse_args(["fold", "--config", str(cfg)]).plan == "bn1,blocks.1.1"
+    cfg.write_text("epochs: [1, 2]\n")
+    with pytest.raises(CLIError, match="epochs takes one value"):
+        parse_args(["fold", "--config", str(cfg)])
 
 
 def test_overwrite_never_replaces_a_foreign_directory(tmp_path, capsys, monkeypatch):
