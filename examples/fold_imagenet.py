@@ -49,6 +49,10 @@ class ScriptArguments:
         "help": "timm model (ImageNet weights) distilled from when --distill_weight > 0"})
     init_from: str | None = field(default=None, metadata={
         "help": "folder with model.safetensors of a search run: load it, fix the plan, fine-tune only"})
+    plan: str | None = field(default=None, metadata={
+        "help": "no search: these comma-separated blocks (every site inside) and single sites are linear from the "
+                "first step, e.g. the published MobileNetV2-1.0 plan blocks.1.1,blocks.2.1,blocks.3.1,blocks.3.2,"
+                "blocks.4.0"})
     folded_dir: str | None = field(default=None, metadata={"help": "where to save the folded model"})
     push_folded_to: str | None = field(default=None, metadata={"help": "Hub repo id for the folded model"})
 
@@ -81,6 +85,12 @@ def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig) -> torch
         plan = lf.FoldPlan.from_model(model, threshold=config.threshold)
         lf.apply_plan(model, plan, config)
         logger.info("init_from %s: plan fixed with %d linear sites", script.init_from, len(plan))
+    elif script.plan:  # α frozen from the first step: one per site, so a plan may take one site of a block
+        config.alpha_sharing = "site"
+        lf.prepare_model(model, config)
+        plan = lf.FoldPlan.from_blocks(model, [name.strip() for name in script.plan.split(",") if name.strip()])
+        lf.apply_plan(model, plan, config)
+        logger.info("--plan: %d linear sites, no search", len(plan))
     return model
 
 
@@ -88,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ScriptArguments, lf.LayerFoldingConfig, TrainingArguments))
     parser.set_defaults(**TRAINING_DEFAULTS, **FOLDING_DEFAULTS)
     script, config, args = parser.parse_args_into_dataclasses(args=argv)
+    if script.init_from and script.plan:
+        raise ValueError("--init_from and --plan both fix the plan: give one of them")
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 
@@ -107,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
             if per_epoch is None:
                 raise ValueError("streaming: give --search_steps (or --num_train_examples for --search_epochs)")
             config.search_steps = round(config.search_epochs * per_epoch)
-    if script.init_from:
+    if script.init_from or script.plan:
         config.search_steps = 0
 
     model = build_model(script, config)

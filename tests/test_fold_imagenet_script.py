@@ -88,6 +88,18 @@ def test_search_run_then_init_from_fine_tunes_its_plan(script, imagefolder, tmp_
     assert is_folded_save(tuned / "folded")
 
 
+def test_a_fixed_plan_skips_the_search(script, imagefolder, tmp_path):
+    out = tmp_path / "plan"
+    script.main(common(imagefolder, out) + ["--streaming", "false", "--max_steps", "2", "--plan",
+                                            "blocks.1.1,blocks.2.0.bn1.act"])
+    state = json.loads((out / "layerfold_state.json").read_text())
+    assert state["phase"] == "finetune" and state["search_steps"] == 0 and state["global_step"] == 2
+    assert state["plan"]["linear_sites"] == ["blocks.1.1.bn1.act", "blocks.1.1.bn2.act", "blocks.2.0.bn1.act"]
+    assert is_folded_save(out / "folded")
+    with pytest.raises(ValueError, match="give one of them"):
+        script.main(common(imagefolder, out) + ["--plan", "blocks.1.1", "--init_from", str(out)])
+
+
 def test_streamed_size_defaults_to_the_split_info(script, imagefolder, tmp_path):
     out = tmp_path / "run"  # no --num_train_examples: the 40 images the split info records, 5 steps per epoch
     script.main(common(imagefolder, out) + ["--streaming", "true", "--num_train_epochs", "1", "--search_steps", "3"])
