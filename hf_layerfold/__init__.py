@@ -14,7 +14,7 @@ from .config import LayerFoldingConfig
 from .fold import fold_model
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
 from .folded_net import LayerFoldedNet, register_op
-from .gains import FoldGains, measure_fold_gains
+from .gains import FoldGains, measure_fold_gains, measure_plan_speedup
 from .graph import UnsupportedModelError, register_block_rule, register_model_rule
 from .hub import LayerFoldedModel, PushToHubError, save_folded  # also registers layerfold_net with timm
 from .merge_costs import measure_merge_costs
@@ -57,6 +57,7 @@ __all__ = [
     "grouped_to_dense",
     "measure_fold_gains",
     "measure_merge_costs",
+    "measure_plan_speedup",
     "prepare_model",
     "projected_stats",
     "PushToHubError",

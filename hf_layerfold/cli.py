@@ -254,8 +254,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                     "beside the BN-fused model on the target device. Writes a config whose regularizer_weights "
                     "push each group in proportion to the latency it saves, so that fold removes first the "
                     "activations that buy speed on that device.",
-        epilog=f"Example:\n  {PROG} gains mobilenetv2_100 --device cuda --batch-size 128 --alpha-sharing block "
-               f"--output gains.json\n  {PROG} fold --model mobilenetv2_100 --config gains.json --lambda-reg 0.02")
+        epilog=f"Examples:\n  {PROG} gains mobilenetv2_100 --device cuda --batch-size 128 --alpha-sharing block "
+               f"--output gains.json\n  {PROG} fold --model mobilenetv2_100 --config gains.json --lambda-reg 0.02\n"
+               f"  {PROG} gains {LITE0_ALIAS} --device cuda --batch-size 128 --plan bn1,blocks.1.1,blocks.1.0.bn1.act"
+               f"\n  {PROG} fold --model {LITE0_ALIAS} --plan bn1,blocks.1.1,blocks.1.0.bn1.act ...")
     gains.add_argument("model", help=f"timm model name (weights are not loaded) or {LITE0_ALIAS!r}")
     gains.add_argument("--device", default="cpu", help="cpu or cuda: the device the folded model will run on")
     gains.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="batch size to time at")
@@ -271,6 +273,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="a group saving at most this fraction of the baseline latency weighs 0")
     gains.add_argument("--output", default=None, metavar="FILE",
                        help="write the config (these flags + regularizer_weights) as JSON for fold --config")
+    gains.add_argument("--plan", metavar="NAMES|FILE", default=None,
+                       help="also time this plan folded (as fold --plan takes it), beside the BN-fused model: the "
+                            "speed-up it would give on this device, before training it")
     gains.add_argument("--json", action="store_true", help="print the measurement as one JSON line")
     common(gains)
     add_config_flags(gains, "Layer Folding config (the sites, α sharing and merge limits decide each fold; "

@@ -365,7 +365,7 @@ def _gains_output(path: str | None) -> Path | None:
 
 
 def cmd_gains(args: argparse.Namespace) -> int:
-    from .gains import measure_fold_gains
+    from .gains import measure_fold_gains, measure_plan_speedup
     from .graph import UnsupportedModelError
     from .prepare import prepare_model
 
@@ -384,6 +384,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
         prepare_model(model, config)
     except (UnsupportedModelError, ValueError) as err:
         raise CLIError(str(err)) from None
+    plan = fixed_plan(args.plan, model) if args.plan else None  # refused now, not after the timing
     input_size = model_input_size(model, args.image_size)
     if args.measure_merge_costs:  # first: each group's fold below then merges as the table says
         from .merge_costs import measure_merge_costs
@@ -409,13 +410,28 @@ def cmd_gains(args: argparse.Namespace) -> int:
         weights = gains.weights(args.min_saving)
     except ValueError as err:
         raise CLIError(str(err), code=1) from None
+    timed_plan = None
+    if plan is not None:
+        logger.info("timing the plan (%d sites) folded, beside the BN-fused model", len(plan))
+        try:
+            timed_plan = measure_plan_speedup(model, plan, input_size, batch_size=args.batch_size,
+                                              device=args.device, dtype=args.dtype, channels_last=args.channels_last,
+                                              rounds=args.rounds, round_seconds=args.round_seconds)
+        except RuntimeError as err:
+            raise CLIError(f"timing failed ({args.dtype} on {args.device}): {err}", code=1) from None
+        try:
+            estimate = gains.estimated_speedup(plan.linear_sites)
+        except ValueError:  # the groups alone save more than the whole forward: no estimate
+            estimate = None
+        timed_plan = {"linear_sites": list(plan.linear_sites), **timed_plan, "estimated_speedup": estimate}
     if out is not None:
         try:
             write_text_atomic(out, json.dumps({**config.to_dict(), "regularizer_weights": weights}, indent=2) + "\n")
         except OSError as err:
             raise CLIError(f"cannot write --output {out}: {err.strerror or err}", code=1) from None
     if args.json:
-        print(json.dumps({**gains.to_dict(), "saved_ms": gains.saved_ms(), "regularizer_weights": weights}))
+        print(json.dumps({**gains.to_dict(), "saved_ms": gains.saved_ms(), "regularizer_weights": weights,
+                          **({"plan": timed_plan} if timed_plan else {})}))
         return 0
     saved = gains.saved_ms()
     rows = [[owner, len(g["sites"]), f"{g['ms']:.3f}", f"{saved[owner]:+.3f}",
@@ -426,6 +442,11 @@ def cmd_gains(args: argparse.Namespace) -> int:
           "measurement can differ by more on a shared CPU")
     print(format_table(["α group (first site)", "sites", "folded alone ms", "saved ms", "speed-up",
                         "weight per site"], rows))
+    if timed_plan is not None:
+        estimate = timed_plan["estimated_speedup"]
+        print(f"the plan ({len(plan)} sites linear) folded: {timed_plan['plan_ms']:.3f} ms against "
+              f"{timed_plan['baseline_ms']:.3f} ms BN-fused, {timed_plan['speedup']:.3f}x measured"
+              + (f" ({estimate:.3f}x estimated from the groups' savings)" if estimate else ""))
     if out is not None:
         print(f"wrote the config with these regularizer_weights to {out}; use it with: "
               f"{PROG} fold --config {out} --lambda-reg ...")

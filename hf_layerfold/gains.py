@@ -187,3 +187,27 @@ def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None 
                      channels_last=channels_last, baseline_ms=baseline, noise_ms=baseline * noise,
                      groups={owner: {"sites": sites, "ms": baseline * ratios[owner]}
                              for owner, sites in groups.items()})
+
+
+def measure_plan_speedup(model: nn.Module, plan: FoldPlan, input_size: int | Sequence[int] | None = None, *,
+                         batch_size: int = 1, device: str = "cpu", dtype: str = "fp32", channels_last: bool = False,
+                         rounds: int = 7, round_seconds: float = 0.25, warmup: int = 3) -> dict[str, float]:
+    """What ``plan`` would buy on this device, before any training: the prepared (not yet planned) ``model``
+    folded with it, timed beside the BN-fused model in rounds of a fresh random order. Returns ``speedup``, the
+    median over rounds of the paired ratio (drift of a shared machine cancels), ``baseline_ms`` (the BN-fused
+    model's median) and ``plan_ms`` (the baseline over the speed-up, as ``FoldGains`` reports a group).
+    :meth:`FoldGains.estimated_speedup` only sums single groups' savings and errs low where folds merge into one
+    conv; a plan meant to reach a speed-up target should be timed."""
+    from .plan import check_plan
+    from .workflow import latency_samples
+
+    input_size = timing_input_size(model, input_size, "measure_plan_speedup", "the sites, the α sharing and "
+                                   "max_macs_increase decide the fold", "pass the plan instead",
+                                   batch_size=batch_size, dtype=dtype, rounds=rounds)
+    check_plan(model, plan)
+    ms = latency_samples({"bn_fused": fold_model(model, FoldPlan()), "plan": fold_model(model, plan)}, input_size,
+                         batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last,
+                         warmup=warmup, rounds=rounds, round_seconds=round_seconds, shuffle=True)
+    baseline = statistics.median(ms["bn_fused"])
+    speedup = statistics.median(b / p for b, p in zip(ms["bn_fused"], ms["plan"]))
+    return {"baseline_ms": baseline, "plan_ms": baseline / speedup, "speedup": speedup}

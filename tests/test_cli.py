@@ -431,6 +431,21 @@ def test_gains_measures_each_block_and_writes_a_config_fold_reads(tmp_path, caps
     assert build_config(args.config_values, args).regularizer_weights == weights
 
 
+def test_gains_times_a_plan_before_it_is_trained(capsys):
+    argv = ["gains", "mobilenetv2_050", "--image-size", "32", "--rounds", "2", "--round-seconds", "0.005",
+            "--threads", "1", "--plan", "blocks.1.1,blocks.2.0.bn1.act", "--quiet"]
+    assert main([*argv, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["linear_sites"] == ["blocks.1.1.bn1.act", "blocks.1.1.bn2.act", "blocks.2.0.bn1.act"]
+    assert plan["speedup"] > 0 and plan["plan_ms"] == pytest.approx(plan["baseline_ms"] / plan["speedup"])
+    assert plan["estimated_speedup"] > 0
+    assert main(argv) == 0
+    assert re.search(r"the plan \(3 sites linear\) folded: .* ms BN-fused, [\d.]+x measured \([\d.]+x estimated",
+                     capsys.readouterr().out)
+    assert main([*argv, "--alpha-sharing", "block"]) == 2  # a fused block needs one α per site; found before timing
+    assert "a plan takes whole blocks" in one_error_line(capsys.readouterr().err)
+
+
 def test_push_to_local_hub(folded_save, local_hub, capsys, tmp_path):
     out, _ = folded_save
     assert main(["push", str(out), "--repo-id", "test-org/mnv2-folded", "--quiet"]) == 0

@@ -123,6 +123,24 @@ def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
         measure_fold_gains(model)
 
 
+def test_measure_plan_speedup_times_a_plan_before_any_training():
+    model = lf.prepare_model(timm.create_model("mobilenetv2_050", num_classes=10), lf.LayerFoldingConfig())
+    plan = lf.FoldPlan.from_blocks(model, ["blocks.1.1", "blocks.2.0.bn1.act"])  # a block and a fused block
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quick = dict(rounds=3, round_seconds=0.005, warmup=1)
+    timed = lf.measure_plan_speedup(model, plan, 32, **quick)
+    assert set(timed) == {"baseline_ms", "plan_ms", "speedup"} and all(v > 0 for v in timed.values())
+    assert timed["plan_ms"] == pytest.approx(timed["baseline_ms"] / timed["speedup"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
+    with pytest.raises(ValueError, match="not foldable in this model"):
+        lf.measure_plan_speedup(model, lf.FoldPlan(["blocks.1.1.nope"]), 32, **quick)
+    with pytest.raises(ValueError, match="measure_plan_speedup: rounds must be a positive integer"):
+        lf.measure_plan_speedup(model, plan, 32, **{**quick, "rounds": 0})
+    lf.apply_plan(model, plan)
+    with pytest.raises(ValueError, match="plan is not fixed yet"):
+        lf.measure_plan_speedup(model, plan, 32, **quick)
+
+
 def test_timing_takes_the_input_sizes_fold_stats_takes_and_names_bad_arguments(tmp_path):
     model = lf.prepare_model(timm.create_model("test_efficientnet", num_classes=10),
                              lf.LayerFoldingConfig(blend="eager"))
