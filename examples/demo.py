@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> dict:
         cpu = f"CPU ({threads} thread{'s' if threads > 1 else ''})"
         path = trainer.save_folded(
             output, base_model=None, datasets=DATASET_ID, stats_before=stats_before, accuracy=accuracy,
-            model_name="EfficientNet-Lite0, layer-folded on Fashion-MNIST",
+            model_name="EfficientNet-Lite0, layer-folded on Fashion-MNIST", plan_searched=True,
             latency={"before_ms": latency["before"], "after_ms": latency["after"], "batch_size": 1,
                      "dtype": "fp32", "device": cpu, "input_size": list(input_size)},
             eval_results={"dataset": DATASET_ID, "split": "test",

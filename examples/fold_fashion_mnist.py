@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     folded_dir = script.folded_dir or f"{training_args.output_dir}/folded"
     hub_weights = script.weights == "hub"  # the card names timm's weights it started from (and their license)
     path = trainer.save_folded(folded_dir, overwrite=True, datasets="zalando-datasets/fashion_mnist",
+                               plan_searched=True,
                                base_model=(model.pretrained_cfg or {}).get("hf_hub_id") if hub_weights else None)
 
     summary = {"eval_top1": metrics["eval_top1"], "eval_top5": metrics["eval_top5"], "folded_dir": str(path)}

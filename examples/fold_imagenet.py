@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         base_model = (model.pretrained_cfg or {}).get("hf_hub_id") if script.pretrained else None
         summary["folded_dir"] = str(trainer.save_folded(
             folded_dir, overwrite=True, push_to_hub=bool(script.push_folded_to), repo_id=script.push_folded_to,
-            datasets=script.dataset_name, base_model=base_model))
+            datasets=script.dataset_name, base_model=base_model, plan_searched=not script.plan))
     else:  # a search-only run (FSDP recipe, step 1): the next run starts from it with --init_from
         summary["search_run"] = args.output_dir
     if trainer.is_world_process_zero():

@@ -185,6 +185,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
             path = trainer.save_folded(output, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
                                        repo_id=args.repo_id, private=args.private, token=args.token,
                                        base_model=base_model_id, datasets=data.hub_id, accuracy=accuracy,
+                                       plan_searched=None if folded_input else not args.plan,
                                        **({"license": False} if random_weights else {}))
         except PushToHubError as err:
             raise CLIError(str(err), code=1) from None

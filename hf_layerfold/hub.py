@@ -50,7 +50,7 @@ __all__ = ["LayerFoldedModel", "PushToHubError", "is_folded_save", "save_folded"
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
-               "template")
+               "template", "plan_searched")
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "label_offset")
 
 
@@ -277,7 +277,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         **card_fields: ``stats_before`` (FoldStats/dict, when ``model`` is already folded), ``latency``
             (``before_ms``/``after_ms``, ``device``, ``batch_size``, ``dtype``), ``accuracy`` (``before``/``after``
             fractions, ``split``, ``dataset``), ``datasets``, ``license``, ``tags``, ``language``,
-            ``model_name``, ``template`` (a Jinja card template path).
+            ``model_name``, ``template`` (a Jinja card template path), ``plan_searched`` (``True``: the plan came
+            from the α search, ``False``: it was fixed before training; unset: the card says either).
 
     Returns:
         The save directory.
@@ -319,7 +320,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
                        license=license or None,
                        eval_results=eval_results, latency=card_fields.get("latency"),
                        accuracy=card_fields.get("accuracy"), tags=card_fields.get("tags") or (),
-                       language=card_fields.get("language"), template=card_fields.get("template"))
+                       language=card_fields.get("language"), template=card_fields.get("template"),
+                       plan_searched=card_fields.get("plan_searched"))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")

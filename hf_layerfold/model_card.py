@@ -256,7 +256,7 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
                 base_model: str | None = None, datasets: str | list[str] | None = None,
                 license: str | None = None, eval_results: Any = None, latency: Mapping | None = None,
                 accuracy: Mapping | None = None, tags: Sequence[str] = (), language: str | list[str] | None = None,
-                template: str | os.PathLike | None = None) -> ModelCard:
+                template: str | os.PathLike | None = None, plan_searched: bool | None = None) -> ModelCard:
     """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``)."""
     results = eval_results_from(eval_results)
     tags = [tags] if isinstance(tags, str) else list(tags)  # one tag, not one per character
@@ -295,5 +295,6 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
         stats_input="×".join(map(str, input_size[1:])) + " pixels" if input_size else "the model's input size",
         latency=latency_section(latency), accuracy=accuracy_section(accuracy), eval_rows=eval_rows,
         timm_id=("hf-hub:" if is_hub else "local-dir:") + load_id, load_id=load_id,
-        config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION)
+        config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
+        plan_searched=plan_searched)
     return card
