@@ -398,3 +398,16 @@ def test_custom_block_rule_is_one_small_rule():
         assert rel_err(model(x), lf.fold_model(model)(x)) < 1e-5
     finally:
         BLOCK_RULES.pop(TwoConv, None)
+
+
+def test_supported_types_are_listed_before_any_model_is_seen():
+    """The built-in rules register on first use: listing them must not depend on a graph having been built."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("from hf_layerfold.graph import supported_block_types, supported_model_types; "
+            "print(len(supported_block_types()), len(supported_model_types()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert int(out[0]) >= 6 and int(out[1]) >= 3  # InvertedResidual, Bottleneck, ...; EfficientNet, ResNet, ...
