@@ -533,11 +533,13 @@ def proxy_table(proxies: list[tuple[Path, dict]]) -> list[str]:
                             key=top1_loss_points, default=None)
         run = "–" if shown is None else (run_label(shown) if best else f"none (closest: {run_label(shown)})")
         steps = (_steps(ref) if ref else None) or s.get("steps")
-        rows.append([f"`{path.name}`", s.get("seed"), s.get("alpha_sharing", "site"), s.get("start", "pretrained"),
-                     steps, ref and ref["top1_pct"], run,
+        images = "/".join(str(s.get(k) or "all") for k in ("train_size", "test_size"))  # 0: the whole split
+        rows.append([f"`{path.name}`", s.get("seed"), images, s.get("alpha_sharing", "site"),
+                     s.get("start", "pretrained"), steps, ref and ref["top1_pct"], run,
                      _signed(top1_loss_points(shown)) if shown else "–", shown and shown["depth_after"],
                      shown and (shown.get("speedup") or {}).get(cell), cell])
-    return _table(["sweep", "seed", "α sharing", "start", "steps", "reference top-1 %", "fastest run within limit",
+    return _table(["sweep", "seed", "train / test images", "α sharing", "start", "steps", "reference top-1 %",
+                   "fastest run within limit",
                    "its top-1 change (points)", "depth", "speed-up", "speed-up cell"], rows)
 
 

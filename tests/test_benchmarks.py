@@ -122,7 +122,7 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert (tmp_path / "accuracy_sweep.png").stat().st_size > 1000
     text = readme.read_text()
     assert "stale" not in text and "Accuracy vs depth, CPU proxy (1 sweep, CPU" in text  # a CPU sweep: a proxy
-    assert "| `accuracy_sweep.json` | 0 | site |" in md  # its row in the at-a-glance table
+    assert "| `accuracy_sweep.json` | 0 | 256/200 | site |" in md  # its row in the at-a-glance table
     assert text.startswith("intro\n") and text.endswith("outro\n")
 
 
@@ -315,8 +315,10 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
             "prepared_eager 1.19–1.2×)") in bullets
     assert "| direct_launch.forward | direct_launch.backward |" in md and "| 1 | off |" in md  # one column per key
     table = md.split("## CPU-proxy sweeps at a glance")[1].split("\n## ")[0]
-    assert "| `accuracy_sweep_a.json` | 0 | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 |" in table
-    assert "| `accuracy_sweep_b.json` | 1 | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 | 25 |" in table
+    assert ("| `accuracy_sweep_a.json` | 0 | all/all | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 "
+            "|") in table
+    assert ("| `accuracy_sweep_b.json` | 1 | all/all | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 "
+            "| 25 |") in table
     assert "accuracy_sweep_cuda.json" not in table
 
 
