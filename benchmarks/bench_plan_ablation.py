@@ -28,6 +28,7 @@ import torch
 
 import hf_layerfold as lf
 from hf_layerfold.gains import measure_fold_gains
+from hf_layerfold.plan import check_plan
 from hf_layerfold.prepare import site_blocks
 
 from .bench_accuracy_sweep import _cudnn_benchmark, _lite0, latency_cells, parse_plans, time_against_baseline
@@ -48,10 +49,14 @@ def variants(model: torch.nn.Module, plan: list[str], sites: bool = False) -> di
     return out
 
 
-def splits_a_block(model: torch.nn.Module, plan: list[str]) -> bool:
-    """Whether ``plan`` takes some but not all sites of a block: then each site needs its own α."""
-    planned = set(lf.FoldPlan.from_blocks(model, plan).linear_sites)
-    return any(0 < len(planned & set(members)) < len(members) for members in site_blocks(model).values())
+def _takes_whole_groups(model: torch.nn.Module, plan: list[str]) -> bool:
+    """Whether ``plan`` takes every site sharing an α or none (what ``apply_plan`` checks), else it needs one α per
+    site: e.g. one site of a block, under ``alpha_sharing="block"``."""
+    try:
+        check_plan(model, lf.FoldPlan.from_blocks(model, plan))
+    except ValueError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     start = time.perf_counter()
     base = _lite0(argparse.Namespace(alpha_sharing=args.alpha_sharing, max_macs_increase=None))  # as the sweeps
-    if args.alpha_sharing == "block" and (args.sites or splits_a_block(base, plan)):  # single sites: one α each
+    if args.alpha_sharing == "block" and (args.sites or not _takes_whole_groups(base, plan)):  # one α per site
         args.alpha_sharing = "site"
         base = _lite0(argparse.Namespace(alpha_sharing="site", max_macs_increase=None))
     plans = variants(base, plan, args.sites)

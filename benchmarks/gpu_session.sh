@@ -10,10 +10,9 @@
 # point against the control over four proxy seeds, as l002 alone did. Session 16 (no GPU) trained both on the full
 # data on the CPU (batch 64, shorter): l002_f10 lost 0.83 and 1.23 points against its control, l002 0.99 and 1.09,
 # so the proxy had flattered both (EXPERIMENTS.md, "Fused blocks on the full data, on the CPU"); the fused block
-# itself cost nothing measurable. This call trains l002 and l002_f10 on
-# the H100's recipe, never done for either: what the fused block costs there and, timed in the same call, what it
-# buys at cuda b128 224 (its H100 speed-up is unknown; the whole block saves 2.33 of 11.81 ms). Writes
-# accuracy_sweep_cuda.json and log.txt into $OUT.
+# itself cost nothing measurable. This call trains l002 and l002_f10 on the H100's recipe, never done for either:
+# what the fused block costs there and, timed in the same call, what it buys at cuda b128 224 (its H100 speed-up is
+# unknown; the whole block saves 2.33 of 11.81 ms). Writes accuracy_sweep_cuda.json and log.txt into $OUT.
 # Then, as a second call, benchmarks/gpu_ablation.sh times every site of the blocks l002 leaves alone (about 110 s),
 # and benchmarks/gpu_profile_compiled.sh (issue 3) if time is left.
 set -u
@@ -28,6 +27,6 @@ fi
 L002=bn1,blocks.1.1,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2,blocks.5.0,blocks.5.1,blocks.5.2,blocks.5.3
 ONLY=sweep TOTAL_S=$((${END_S:-580} - $(date +%s) + START)) \
 SWEEP_ARGS="--train-size 0 --test-size 0 --input-size 64 --batch-size 256 --steps 1200 --search-steps 500 \
---continue-steps 2400 --lambdas= --plan l002=$L002 --plan l002_f10=$L002,blocks.1.0.bn1.act --logging-steps 100 --latency-budget-s 6 \
---latency-sizes 224 --alpha-sharing block --distill-weight 0.5 --start baseline" bash benchmarks/gpu_all.sh
+--continue-steps 2400 --lambdas= --plan l002=$L002 --plan l002_f10=$L002,blocks.1.0.bn1.act --logging-steps 100 \
+--latency-budget-s 6 --latency-sizes 224 --alpha-sharing block --distill-weight 0.5 --start baseline" bash benchmarks/gpu_all.sh
 echo "[gpu_session] done in $(( $(date +%s) - START )) s" | tee -a "$OUT/log.txt"
