@@ -127,17 +127,15 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
                                    merge_costs=getattr(args, "merge_costs_table", None))
     ramp = getattr(args, "plan_ramp_steps", 0) if plan_blocks is not None else 0
     callbacks = []
-    if plan_blocks is not None:
-        if not ramp:  # every α frozen from the first step: sharing changes nothing, and the plan may name single sites
-            config = replace(config, alpha_sharing="site")
+    if plan_blocks is not None and not ramp:  # one α per site, frozen from the first step
+        model = lf.prepare_with_plan(model, plan_blocks, config)
+        config = model.layerfold_config
+    elif plan_blocks is not None:  # a "search" whose α the schedule sets; the trainer fixes the plan at step `ramp`
         model = lf.prepare_model(model, config)
         wanted = lf.FoldPlan.from_blocks(model, plan_blocks)
-        if ramp:  # a "search" whose α the schedule sets; the trainer fixes the plan from them at step `ramp`
-            check_plan(model, wanted)  # what apply_plan would refuse (part of a shared α group), before training
-            config = replace(config, search_steps=ramp, lambda_reg=0.0)
-            callbacks.append(AlphaRamp(wanted.linear_sites, ramp))
-        else:
-            lf.apply_plan(model, wanted, config)
+        check_plan(model, wanted)  # what apply_plan would refuse (part of a shared α group), before training
+        config = replace(config, search_steps=ramp, lambda_reg=0.0)
+        callbacks.append(AlphaRamp(wanted.linear_sites, ramp))
     targs = training_args(args, f"{scratch}/{label}", args.steps, args.lr)
     eval_collator = ImageClassificationCollator(eval_tf)
     trainer = LayerFoldingTrainer(model, targs, train_dataset=data["train"], eval_dataset=data["test"],

@@ -86,11 +86,9 @@ def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig) -> torch
         lf.apply_plan(model, plan, config)
         logger.info("init_from %s: plan fixed with %d linear sites", script.init_from, len(plan))
     elif script.plan:  # α frozen from the first step: one per site, so a plan may take one site of a block
-        config.alpha_sharing = "site"
-        lf.prepare_model(model, config)
-        plan = lf.FoldPlan.from_blocks(model, [name.strip() for name in script.plan.split(",") if name.strip()])
-        lf.apply_plan(model, plan, config)
-        logger.info("--plan: %d linear sites, no search", len(plan))
+        lf.prepare_with_plan(model, [name.strip() for name in script.plan.split(",") if name.strip()], config)
+        config.alpha_sharing = model.layerfold_config.alpha_sharing  # the trainer's config follows the model
+        logger.info("--plan: %d linear sites, no search", len(model.layerfold_plan))
     return model
 
 

@@ -18,7 +18,7 @@ from .gains import FoldGains, measure_fold_gains, measure_plan_speedup
 from .graph import UnsupportedModelError, register_block_rule, register_model_rule
 from .hub import LayerFoldedModel, PushToHubError, save_folded  # also registers layerfold_net with timm
 from .merge_costs import measure_merge_costs
-from .plan import FoldPlan, apply_plan
+from .plan import FoldPlan, apply_plan, prepare_with_plan
 from .prepare import alpha_parameters, foldable_sites, prepare_model, unique_alphas
 from .stats import FoldStats, fold_stats, projected_stats
 
@@ -59,6 +59,7 @@ __all__ = [
     "measure_merge_costs",
     "measure_plan_speedup",
     "prepare_model",
+    "prepare_with_plan",
     "projected_stats",
     "PushToHubError",
     "save_folded",

@@ -210,24 +210,23 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def _fix_plan(model, spec: str, config):
-    """Prepare ``model`` and fix the plan ``--plan`` names: training is then the fine-tune phase only. Each site gets
-    its own α (frozen at 0 or 1 from the first step, so sharing would change nothing, and a plan may name one site
-    of a block)."""
-    import dataclasses
+    """Prepare ``model`` and fix the plan ``--plan`` names (``prepare_with_plan``: one α per site): training is then
+    the fine-tune phase only. Returns the config the model was prepared with."""
+    from .plan import prepare_with_plan
+    from .prepare import alpha_parameters, select_sites
 
-    from .plan import apply_plan
-    from .prepare import alpha_parameters, prepare_model
-
-    config = dataclasses.replace(config, alpha_sharing="site")
     try:
-        prepare_model(model, config)
-    except ValueError as err:  # no foldable site, an unsupported model
+        select_sites(model, config)  # an unsupported model, or a config that selects no site, said before the plan
+    except ValueError as err:
         raise CLIError(str(err)) from None
-    plan = fixed_plan(spec, model)
-    apply_plan(model, plan, config)
+    plan = fixed_plan(spec, model)  # resolved against the model's sites before the model changes
+    try:
+        prepare_with_plan(model, plan, config)
+    except ValueError as err:  # a site that --target-modules / --exclude-modules leave out
+        raise CLIError(f"--plan {spec}: {err}") from None
     logger.info("--plan: %d of %d sites linear from the first step; no α search (lambda_reg and the search "
                 "settings are unused)", len(plan), len(alpha_parameters(model)))
-    return config
+    return model.layerfold_config
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import copy
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -416,3 +416,29 @@ def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | No
     model.layerfold_plan = plan
     model.layerfold_applied_config = copy.deepcopy(config)  # folding must segment exactly as padding was moved
     return model
+
+
+def prepare_with_plan(model: nn.Module, plan: FoldPlan | list[str],
+                      config: LayerFoldingConfig | None = None) -> nn.Module:
+    """Prepare ``model`` and fix ``plan`` in it (in place), to fine-tune a plan chosen beforehand: no α search.
+
+    ``plan`` is a :class:`FoldPlan` or block and site names (:meth:`FoldPlan.from_blocks`). Every site gets its own
+    α whatever ``config.alpha_sharing`` says: α is frozen at 0 or 1 from the first step, so sharing would change
+    nothing in training, and a plan may then take one site of a block (a fused block). The plan is checked before
+    the model changes. The config the model was prepared with, and the trainer should use, is
+    ``model.layerfold_config``.
+    """
+    from .prepare import is_prepared, prepare_model, select_sites
+
+    if is_prepared(model):
+        raise ValueError("the model is already prepared: fix a plan in it with apply_plan(model, plan)")
+    config = replace(config or LayerFoldingConfig(), alpha_sharing="site")
+    selected = set(select_sites(model, config))  # an unsupported model, or a config that selects no site, first
+    if not isinstance(plan, FoldPlan):
+        plan = FoldPlan.from_blocks(model, plan)
+    check_plan(model, plan)
+    left_out = sorted(set(plan.linear_sites) - selected)
+    if left_out:
+        raise ValueError(f"the plan names site(s) that target_modules / exclude_modules leave out: {left_out}")
+    prepare_model(model, config)
+    return apply_plan(model, plan, config)

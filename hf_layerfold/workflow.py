@@ -159,7 +159,7 @@ def plan_source(spec: str) -> Path | None:
 
 
 def fixed_plan(spec: str, model):
-    """The :class:`~hf_layerfold.FoldPlan` ``fold --plan`` names for ``model`` (prepared): a plan JSON file (or a
+    """The :class:`~hf_layerfold.FoldPlan` ``--plan`` names for ``model`` (prepared or not): a plan JSON file (or a
     folded save's ``layerfold_plan.json``), or comma-separated names, each a block (every site inside it) or one
     site (an inverted residual's expand activation alone makes a fused block)."""
     from .plan import FoldPlan, check_plan

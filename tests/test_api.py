@@ -319,6 +319,25 @@ def test_a_site_name_in_from_blocks_fuses_expand_and_depthwise_exactly():
     assert (before.nonlinear_layers - after.nonlinear_layers, before.depth - after.depth) == (3, 3)
 
 
+def test_prepare_with_plan_gives_each_site_its_own_alpha_and_checks_the_plan_first():
+    config = lf.LayerFoldingConfig(alpha_sharing="block", exclude_modules=["blocks.4.0.bn1.act"])
+    model = lf.prepare_with_plan(small(), ["blocks.1.0.bn1.act", "blocks.2.1"], config)
+    assert model.layerfold_config.alpha_sharing == "site" and config.alpha_sharing == "block"  # the caller's config
+    assert model.layerfold_plan.linear_sites == ("blocks.1.0.bn1.act", "blocks.2.1.bn1.act", "blocks.2.1.bn2.act")
+    assert not any(a.requires_grad for a in lf.alpha_parameters(model).values())  # no search
+    plain = small()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(lf.fold_model(model)(x), model(x), atol=1e-5)
+    for plan, message in ((["blocks.99"], "no foldable site inside"), (["blocks.4.0"], "leave out"),
+                          (lf.FoldPlan(("blocks.0.0.nope",)), "not foldable")):
+        with pytest.raises(ValueError, match=message):
+            lf.prepare_with_plan(plain, plan, config)
+        assert not any(isinstance(m, lf.FoldableActivation) for m in plain.modules())  # the model did not change
+    with pytest.raises(ValueError, match="already prepared"):
+        lf.prepare_with_plan(model, ["blocks.2.1"])
+
+
 def test_apply_plan_fixes_alpha_and_keeps_parameters():
     model = lf.prepare_model(small())
     params_before = {id(p) for p in model.parameters()}
