@@ -19,10 +19,7 @@ set -u
 export OUT=${OUT:?set OUT to the output folder}
 START=$(date +%s)
 mkdir -p "$OUT" || exit 1
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site || exit 1
-fi
+. benchmarks/gpu_wheels.sh
 [ -d .gpudata ] && export HF_LAYERFOLD_FASHION_MNIST_DIR=$PWD/.gpudata
 L002=bn1,blocks.1.1,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2,blocks.5.0,blocks.5.1,blocks.5.2,blocks.5.3
 ONLY=sweep TOTAL_S=$((${END_S:-580} - $(date +%s) + START)) \
