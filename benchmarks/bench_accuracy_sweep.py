@@ -6,7 +6,9 @@ from the λ = 0 run's model (the recipe of ``make demo``). ``--start baseline`` 
 λ = 0 run's trained weights instead of the ImageNet ones: the paper's setting, where Layer Folding compresses a
 network already trained for the task (the λ > 0 runs then train for the λ = 0 run's steps on top of it). A control
 run, ``lambda=0 continued``, then trains the same way at λ = 0, so each λ > 0 row also reports its loss against
-the control (``top1_gap_vs_control_points``): what is left after the extra training alone is accounted for.
+the control (``top1_gap_vs_control_points``): what is left after the extra training alone is accounted for. From
+the ImageNet weights with ``--distill-weight``, the control is ``lambda=0 distilled``: the λ = 0 run's recipe,
+distilled from the λ = 0 model as the folding runs are, so a teacher alone never counts as keeping accuracy.
 
 Each folded model is then timed beside the baseline's BN-fused model (``fold_model`` of the λ = 0 model: same
 weights as the baseline, BatchNorm merged into its convs), interleaved and paired (``harness.time_interleaved``), on
@@ -72,10 +74,13 @@ TARGET_LOSS_POINTS = 0.5
 TARGET_CELL = "cuda b128 224 float32"
 STARTED_FROM_BASELINE = ("the λ > 0 runs and a control ('lambda=0 continued', same recipe at λ = 0) start from the "
                          "λ = 0 run's fine-tuned model; ")
+DISTILLED_FROM_BASELINE = ("the λ > 0 runs distill from the λ = 0 model, and so does a control ('lambda=0 distilled', "
+                           "the λ = 0 recipe with that teacher); ")
 FIXED_PLAN_SHARING = ("The fixed-plan runs (plan=…) prepare the model with one α per site whatever alpha_sharing says: "
                       "their α are frozen at 0 or 1 from the first step, so sharing changes nothing in their training "
                       "and one α per site lets a plan name single sites (a fused block).")
 CONTROL = "lambda=0 continued"  # with --start baseline: the λ > 0 recipe at λ = 0 (what the extra training alone does)
+DISTILLED_CONTROL = "lambda=0 distilled"  # --start pretrained with a teacher: λ = 0 with the same teacher
 
 
 def latency_cells(device: str, train_size: int, sizes: str = "224,train") -> list[dict]:
@@ -245,7 +250,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                  "teacher")}
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
-                              + (STARTED_FROM_BASELINE if args.start == "baseline" else "") +
+                              + (STARTED_FROM_BASELINE if args.start == "baseline"
+                                 else DISTILLED_FROM_BASELINE if args.distill_weight > 0 else "") +
                               "top-1 of the folded model on the test split (percent), gap to the λ = 0 run in "
                               "points, and latency speed-up of the folded model over the BN-fused λ = 0 model, "
                               "timed interleaved on the same device."),
@@ -268,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
         folding = [(f"lambda={lam:g}", lam, None) for lam in lambdas]
         folding += [(f"plan={name}", 0.0, blocks) for name, blocks in plans.items()]
-        control = [(CONTROL, 0.0, None)] * (args.start == "baseline")
+        control = ([(CONTROL, 0.0, None)] if args.start == "baseline"
+                   else [(DISTILLED_CONTROL, 0.0, None)] if args.distill_weight > 0 else [])
         # the control runs last, so a --deadline-s that cuts the sweep short drops it rather than the folding runs
         # (the λ = 0 run still gives each a gap); first only when the folding runs distill from it
         schedule = [("lambda=0", 0.0, None)] + (control + folding if args.teacher == "control" else folding + control)
@@ -287,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
             start_state = baseline_state if not first and args.start == "baseline" else None
             run = run_one(label, lam, data, run_args, scratch, teacher=teacher, start_state=start_state,
                           keep_state=first and args.start == "baseline", plan_blocks=blocks)
-            run["row"]["control"] = label == CONTROL
+            run["row"]["control"] = label in (CONTROL, DISTILLED_CONTROL)
             if blocks is not None:
                 run["row"]["fixed_plan"] = blocks
             run["row"]["steps"] = run_args.steps
@@ -307,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r["row"]["top1_gap_points"] = round(base["top1_pct"] - r["row"]["top1_pct"], 2)
                 if control is not None and folds(r["row"]):
                     r["row"]["top1_gap_vs_control_points"] = round(control["top1_pct"] - r["row"]["top1_pct"], 2)
+                    r["row"]["control_run"] = control["run"]
             result["rows"] = [r["row"] for r in runs]
             result["linear_sites"] = {r["row"]["run"]: r["linear_sites"] for r in runs}
             result["wall_s"] = round(time.perf_counter() - start, 1)

@@ -344,7 +344,7 @@ def plot_accuracy_sweep(data: dict, path: Path) -> bool:
                 label="fixed plan (no search)")
     for r in (r for r in every if r.get("control")):
         ax.plot([r["nonlinear_layers_after"]], [r["top1_pct"]], "gx", markersize=9,
-                label="λ = 0 continued (control)")
+                label=f"{r['run'].replace('lambda=0', 'λ = 0')} (control)")
     for r in every:
         speed = (r.get("speedup") or {}).get(cell)
         label = run_label(r) + (f", ×{speed:.2f}" if speed is not None else "")
@@ -502,7 +502,7 @@ def _proxy_bullet(proxies: list[tuple[Path, dict]]) -> str:
     n = f"{len(proxies)} sweep" + ("s" if len(proxies) > 1 else "")
     return (f"Accuracy vs depth, CPU proxy ({n}, {', '.join(devices)}; speed-ups measured on that "
             f"CPU, not at the target's cell): {kept} of {len(proxies)} sweeps have a folding run within "
-            f"{_limit(proxies[0][1])} point of both λ = 0 and its continued control; one row per sweep in "
+            f"{_limit(proxies[0][1])} point of both λ = 0 and its control; one row per sweep in "
             "RESULTS.md, \"CPU-proxy sweeps at a glance\".")
 
 
@@ -576,7 +576,8 @@ def _vs_control(row: dict) -> str:
     gap = row.get("top1_gap_vs_control_points")
     if gap is None:
         return ""
-    return f" ({'−' if gap > 0 else '+'}{abs(gap):g} points against the continued λ = 0 control)"
+    kind = row.get("control_run", "lambda=0 continued").split()[-1]  # continued, or distilled (same teacher)
+    return f" ({'−' if gap > 0 else '+'}{abs(gap):g} points against the {kind} λ = 0 control)"
 
 
 def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
@@ -639,7 +640,8 @@ def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | Non
     if proxies:
         lines += ["## CPU-proxy sweeps at a glance", "",
                   f"The accuracy sweeps whose speed-ups were measured on the CPU, not at the target's cell. Reference: "
-                  "the continued λ = 0 control where the sweep has one, else λ = 0. The top-1 change is against "
+                  "the λ = 0 control (continued, or distilled from the same teacher) where the sweep has one, else "
+                  "λ = 0. The top-1 change is against "
                   f"whichever of the two is higher; a run counts as within the limit at ≤ {_limit(proxies[0][1])} "
                   "point lost. Full tables per sweep below.", "", *proxy_table(proxies)]
     if readme is not None:

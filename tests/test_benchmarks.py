@@ -126,6 +126,26 @@ def test_accuracy_sweep_quick_run_and_report(tmp_path):
     assert text.startswith("intro\n") and text.endswith("outro\n")
 
 
+def test_a_sweep_from_the_imagenet_weights_with_a_teacher_has_a_distilled_control(tmp_path):
+    """From the ImageNet weights, a folding run that distills from the λ = 0 model is judged against λ = 0 trained
+    with that same teacher, so the teacher alone never counts as accuracy kept."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "accuracy_sweep.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "",
+                           "--distill-weight", "0.5", "--plan", "p1=blocks.1.1", "--latency-sizes", "train",
+                           "--out", str(out)], cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["run"] for r in data["rows"]] == ["lambda=0", "plan=p1", "lambda=0 distilled"]
+    base, fixed, control = data["rows"]
+    assert control["control"] and control["teacher"] == fixed["teacher"] == "lambda=0" and "teacher" not in base
+    assert control["steps"] == fixed["steps"] == base["steps"] and "lambda=0 distilled" in data["description"]
+    assert fixed["top1_gap_vs_control_points"] == round(control["top1_pct"] - fixed["top1_pct"], 2)
+    assert fixed["control_run"] == "lambda=0 distilled"
+    assert "against the distilled λ = 0 control" in report._vs_control(fixed)
+
+
 @pytest.mark.parametrize("spec", ["nameless", "p=", "p=blocks.99"])
 def test_accuracy_sweep_refuses_a_bad_plan_before_training(spec, capsys):
     from benchmarks import bench_accuracy_sweep
