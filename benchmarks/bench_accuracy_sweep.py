@@ -74,7 +74,7 @@ TARGET_LOSS_POINTS = 0.5
 TARGET_CELL = "cuda b128 224 float32"
 STARTED_FROM_BASELINE = ("the λ > 0 runs and a control ('lambda=0 continued', same recipe at λ = 0) start from the "
                          "λ = 0 run's fine-tuned model; ")
-DISTILLED_FROM_BASELINE = ("the λ > 0 runs distill from the λ = 0 model, and so does a control ('lambda=0 distilled', "
+DISTILLED_FROM_LAMBDA0 = ("the λ > 0 runs distill from the λ = 0 model, and so does a control ('lambda=0 distilled', "
                            "the λ = 0 recipe with that teacher); ")
 FIXED_PLAN_SHARING = ("The fixed-plan runs (plan=…) prepare the model with one α per site whatever alpha_sharing says: "
                       "their α are frozen at 0 or 1 from the first step, so sharing changes nothing in their training "
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"benchmark": "accuracy_sweep", "title": "Accuracy against depth on Fashion-MNIST (EfficientNet-Lite0)",
               "description": ("λ sweep of LayerFoldingTrainer from the ImageNet-pretrained EfficientNet-Lite0; "
                               + (STARTED_FROM_BASELINE if args.start == "baseline"
-                                 else DISTILLED_FROM_BASELINE if args.distill_weight > 0 else "") +
+                                 else DISTILLED_FROM_LAMBDA0 if args.distill_weight > 0 else "") +
                               "top-1 of the folded model on the test split (percent), gap to the λ = 0 run in "
                               "points, and latency speed-up of the folded model over the BN-fused λ = 0 model, "
                               "timed interleaved on the same device."),

@@ -325,10 +325,10 @@ def test_prepare_with_plan_gives_each_site_its_own_alpha_and_checks_the_plan_fir
     assert model.layerfold_config.alpha_sharing == "site" and config.alpha_sharing == "block"  # the caller's config
     assert model.layerfold_plan.linear_sites == ("blocks.1.0.bn1.act", "blocks.2.1.bn1.act", "blocks.2.1.bn2.act")
     assert not any(a.requires_grad for a in lf.alpha_parameters(model).values())  # no search
-    plain = small()
     with torch.no_grad():
         x = torch.randn(2, 3, 32, 32)
         assert torch.allclose(lf.fold_model(model)(x), model(x), atol=1e-5)
+    plain = small()
     for plan, message in ((["blocks.99"], "no foldable site inside"), (["blocks.4.0"], "leave out"),
                           (lf.FoldPlan(("blocks.0.0.nope",)), "not foldable")):
         with pytest.raises(ValueError, match=message):
