@@ -35,6 +35,9 @@ stay 0), and the trainer fixes the plan from those α at step N, instead of ever
 ``--teacher control`` (with ``--start baseline`` and ``--distill-weight``) has the λ > 0 and fixed-plan runs
 distill from the control instead of the λ = 0 model: the unfolded network trained as long as they are, the model a
 user would fold and compare against, so the student is not pulled toward a weaker teacher than its reference.
+``--baseline-cache FILE`` stores the λ = 0 run (row and trained weights) in FILE, or reuses it from there when an
+earlier sweep with the same baseline settings stored it (``BASELINE_SETTINGS``; other settings are refused): on a CPU
+the full-data baseline is 20 of a sweep's 50 minutes, and it reproduces to the hundredth anyway.
 ``--folded-steps`` then trains each of those folded networks itself (the control's BN-fused one too) at
 ``--folded-lr``: its merged convs, no BatchNorm, fewer layers, so a step costs less than the planned network's.
 
@@ -53,6 +56,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +68,7 @@ import torch.nn as nn
 import hf_layerfold as lf
 from hf_layerfold.data import load_fashion_mnist
 from hf_layerfold.gains import FoldGains, measure_fold_gains
+from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 
 from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
@@ -186,6 +191,41 @@ def parse_plans(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, 
     return plans
 
 
+# what the λ = 0 run's training depends on: a cached baseline is reused only where all of these match
+BASELINE_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr",
+                     "weight_decay", "regularizer", "alpha_init", "alpha_lr", "threshold", "alpha_sharing",
+                     "max_macs_increase", "bf16", "seed", "device", "quick")
+
+
+def cached_baseline(path: Path, args: argparse.Namespace) -> dict | None:
+    """The λ = 0 run stored in ``path`` by an earlier sweep with the same baseline settings (its row, trajectory and
+    trained weights, and its BN-fused model rebuilt from them), or ``None`` when there is no such file yet."""
+    if not path.exists():
+        return None
+    cached = torch.load(path, weights_only=True)
+    want = {k: getattr(args, k) for k in BASELINE_SETTINGS}
+    differ = {k: (cached["settings"].get(k), v) for k, v in want.items() if cached["settings"].get(k) != v}
+    if differ:
+        raise SystemExit(f"--baseline-cache {path}: its λ = 0 run was trained with other settings "
+                         f"(cached, now): {differ}; give another file")
+    model = load_efficientnet_lite0_imagenet(num_classes=10)
+    model.load_state_dict(cached["state"])
+    config = lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing, max_macs_increase=args.max_macs_increase,
+                                   merge_costs=getattr(args, "merge_costs_table", None))
+    lf.apply_plan(lf.prepare_model(model, config), lf.FoldPlan(), config)
+    log(f"[accuracy_sweep] lambda=0: reused from {path} ({cached['row']['top1_pct']} % top-1)")
+    return {"row": {**cached["row"], "cached_from": path.name}, "trajectory": cached["trajectory"],
+            "linear_sites": [], "state": cached["state"], "folded": lf.fold_model(model.eval())}
+
+
+def save_baseline(path: Path, args: argparse.Namespace, run: dict) -> None:
+    """Store the λ = 0 run for :func:`cached_baseline` (written to a temporary file, then moved into place)."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"settings": {k: getattr(args, k) for k in BASELINE_SETTINGS}, "row": run["row"],
+                "trajectory": run["trajectory"], "state": run["state"]}, tmp)
+    os.replace(tmp, path)
+
+
 def merge_costs_for(args: argparse.Namespace, cell: str) -> dict[str, float]:
     """The merge-cost table of the Lite0 the runs train, measured on ``cell`` (``DEVICE:BATCH:SIZE``), or read from
     a JSON file (a sweep's ``merge_costs``, a saved config's, or the table itself)."""
@@ -227,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
              "site alone), e.g. p1=bn1,blocks.0.0,blocks.1.0.bn1.act; repeatable")
     add("--teacher", default="baseline", choices=["baseline", "control"],
         help="with --distill-weight: distill from the λ = 0 model, or (with --start baseline) from the control")
+    add("--baseline-cache", type=Path, default=None, metavar="FILE",
+        help="reuse the λ = 0 run stored in FILE by an earlier sweep with the same settings, or store it there")
     add("--continue-steps", type=int, default=None,
         help="with --start baseline: training steps of the runs that start from the λ = 0 model (default: --steps)")
     add_run_args(parser)
@@ -292,8 +334,13 @@ def main(argv: list[str] | None = None) -> dict:
             teacher_label = CONTROL if args.teacher == "control" and CONTROL in folded else "lambda=0"
             teacher = folded[teacher_label] if not first and args.distill_weight > 0 else None
             start_state = baseline_state if not first and args.start == "baseline" else None
-            run = run_one(label, lam, data, run_args, scratch, teacher=teacher, start_state=start_state,
-                          keep_state=first and args.start == "baseline", plan_blocks=blocks)
+            run = cached_baseline(args.baseline_cache, args) if first and args.baseline_cache else None
+            if run is None:
+                run = run_one(label, lam, data, run_args, scratch, teacher=teacher, start_state=start_state,
+                              keep_state=first and (args.start == "baseline" or args.baseline_cache is not None),
+                              plan_blocks=blocks)
+                if first and args.baseline_cache:
+                    save_baseline(args.baseline_cache, args, run)
             run["row"]["control"] = label in (CONTROL, DISTILLED_CONTROL)
             if blocks is not None:
                 run["row"]["fixed_plan"] = blocks
@@ -307,7 +354,8 @@ def main(argv: list[str] | None = None) -> dict:
             state = run.pop("state")
             baseline_state = state if first else baseline_state
             runs.append(run)
-            step_s = (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps))
+            step_s = (run["row"]["train_s"] / run_args.steps if "cached_from" in run["row"]
+                      else (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps)))
             base = runs[0]["row"]
             control = next((r["row"] for r in runs if r["row"]["control"]), None)
             for r in runs:

@@ -146,6 +146,31 @@ def test_a_sweep_from_the_imagenet_weights_with_a_teacher_has_a_distilled_contro
     assert "against the distilled λ = 0 control" in report._vs_control(fixed)
 
 
+def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_path):
+    """``--baseline-cache``: the first sweep stores its λ = 0 run, the second reuses it (the plans then train exactly as
+    they did beside the trained one), and a sweep with other baseline settings is refused rather than misled."""
+    root = Path(__file__).resolve().parent.parent
+    cache = tmp_path / "baseline.pt"
+
+    def sweep(name: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "benchmarks.bench_accuracy_sweep", "--quick", "--lambdas", "",
+                               "--start", "baseline", "--continue-steps", "10", "--distill-weight", "0.5", "--plan",
+                               "p1=blocks.1.1", "--latency-sizes", "train", "--baseline-cache", str(cache),
+                               "--out", str(tmp_path / name), *extra], cwd=root,
+                              env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=600)
+
+    first, again = sweep("first.json"), sweep("again.json")
+    assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
+    assert "reused from" in again.stderr and "reused from" not in first.stderr
+    runs = [json.loads((tmp_path / name).read_text())["rows"] for name in ("first.json", "again.json")]
+    assert [r["run"] for r in runs[1]] == ["lambda=0", "plan=p1", "lambda=0 continued"]
+    assert runs[1][0]["cached_from"] == "baseline.pt" and "cached_from" not in runs[0][0]
+    for before, after in zip(*runs, strict=True):
+        assert (before["top1_pct"], before["top5_pct"]) == (after["top1_pct"], after["top5_pct"]), after["run"]
+    other = sweep("other.json", "--seed", "1")
+    assert other.returncode != 0 and "other settings" in other.stderr and "'seed': (0, 1)" in other.stderr
+
+
 @pytest.mark.parametrize("spec", ["nameless", "p=", "p=blocks.99"])
 def test_accuracy_sweep_refuses_a_bad_plan_before_training(spec, capsys):
     from benchmarks import bench_accuracy_sweep
