@@ -38,6 +38,8 @@ user would fold and compare against, so the student is not pulled toward a weake
 ``--baseline-cache FILE`` stores the λ = 0 run (row and trained weights) in FILE, or reuses it from there when an
 earlier sweep with the same baseline settings stored it (``BASELINE_SETTINGS``; other settings are refused): on a CPU
 the full-data baseline is 20 of a sweep's 50 minutes, and it reproduces to the hundredth anyway.
+``--control-from JSON`` likewise takes the control's row from an earlier sweep with the same settings whose λ = 0 run
+came out the same (top-1 and top-5 to the hundredth), instead of training it again; that control is not timed.
 ``--folded-steps`` then trains each of those folded networks itself (the control's BN-fused one too) at
 ``--folded-lr``: its merged convs, no BatchNorm, fewer layers, so a step costs less than the planned network's.
 
@@ -70,7 +72,7 @@ from hf_layerfold.data import load_fashion_mnist
 from hf_layerfold.gains import FoldGains, measure_fold_gains
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 
-from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_one
+from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_config, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
 from .report import folds, top1_loss_points
 
@@ -194,7 +196,7 @@ def parse_plans(parser: argparse.ArgumentParser, specs: list[str]) -> dict[str, 
 # what the λ = 0 run's training depends on: a cached baseline is reused only where all of these match
 BASELINE_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr",
                      "weight_decay", "regularizer", "alpha_init", "alpha_lr", "threshold", "alpha_sharing",
-                     "max_macs_increase", "bf16", "seed", "device", "quick")
+                     "max_macs_increase", "bf16", "seed", "device", "quick", "threads")
 
 
 def cached_baseline(path: Path, args: argparse.Namespace) -> dict | None:
@@ -210,8 +212,7 @@ def cached_baseline(path: Path, args: argparse.Namespace) -> dict | None:
                          f"(cached, now): {differ}; give another file")
     model = load_efficientnet_lite0_imagenet(num_classes=10)
     model.load_state_dict(cached["state"])
-    config = lf.LayerFoldingConfig(alpha_sharing=args.alpha_sharing, max_macs_increase=args.max_macs_increase,
-                                   merge_costs=getattr(args, "merge_costs_table", None))
+    config = run_config(args)  # folded as run_one folds the λ = 0 model: its merge settings, an empty plan
     lf.apply_plan(lf.prepare_model(model, config), lf.FoldPlan(), config)
     log(f"[accuracy_sweep] lambda=0: reused from {path} ({cached['row']['top1_pct']} % top-1)")
     return {"row": {**cached["row"], "cached_from": path.name}, "trajectory": cached["trajectory"],
@@ -224,6 +225,42 @@ def save_baseline(path: Path, args: argparse.Namespace, run: dict) -> None:
     torch.save({"settings": {k: getattr(args, k) for k in BASELINE_SETTINGS}, "row": run["row"],
                 "trajectory": run["trajectory"], "state": run["state"]}, tmp)
     os.replace(tmp, path)
+
+
+# settings that shape only the fixed-plan runs: a control trained under other values is the same computation
+NOT_CONTROL_SETTINGS = ("plan_ramp_steps",)
+
+
+def load_control(path: Path, settings: dict) -> dict:
+    """The control run of the earlier sweep stored in ``path`` (``--control-from``), checked before anything trains:
+    refused unless that sweep's settings match ours (all of them but :data:`NOT_CONTROL_SETTINGS`)."""
+    try:
+        data = json.loads(path.read_text())
+        theirs, rows = data["settings"], {r["run"]: r for r in data["rows"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"--control-from {path}: not a readable sweep JSON ({err})") from None
+    differ = {k: (theirs.get(k), v) for k, v in settings.items()
+              if k not in NOT_CONTROL_SETTINGS and theirs.get(k) != v}
+    if differ:
+        raise SystemExit(f"--control-from {path}: that sweep ran with other settings (there, here): {differ}")
+    control = next((r for r in rows.values() if r.get("control")), None)
+    if control is None or "lambda=0" not in rows:
+        raise SystemExit(f"--control-from {path}: that sweep has no finished λ = 0 run and control to reuse")
+    kept = {k: v for k, v in control.items() if k not in ("speedup", "meets_target", "top1_gap_points")}
+    return {"row": {**kept, "reused_from": path.name}, "baseline_row": rows["lambda=0"],
+            "linear_sites": data.get("linear_sites", {}).get(control["run"], [])}
+
+
+def reuse_control(control: dict, baseline_row: dict) -> dict:
+    """The loaded control as this sweep's run, once its λ = 0 run is known to match ours to the hundredth (top-1 and
+    top-5): then that control is the run this sweep would have trained."""
+    theirs, source = control["baseline_row"], control["row"]["reused_from"]
+    if (theirs["top1_pct"], theirs["top5_pct"]) != (baseline_row["top1_pct"], baseline_row["top5_pct"]):
+        raise SystemExit(f"--control-from {source}: its λ = 0 run ({theirs['top1_pct']} / {theirs['top5_pct']} % "
+                         f"top-1 / top-5) differs from this one's ({baseline_row['top1_pct']} / "
+                         f"{baseline_row['top5_pct']} %), so its control is not this sweep's")
+    log(f"[accuracy_sweep] {control['row']['run']}: reused from {source} ({control['row']['top1_pct']} % top-1)")
+    return {"row": dict(control["row"]), "linear_sites": control["linear_sites"]}
 
 
 def merge_costs_for(args: argparse.Namespace, cell: str) -> dict[str, float]:
@@ -269,6 +306,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="with --distill-weight: distill from the λ = 0 model, or (with --start baseline) from the control")
     add("--baseline-cache", type=Path, default=None, metavar="FILE",
         help="reuse the λ = 0 run stored in FILE by an earlier sweep with the same settings, or store it there")
+    add("--control-from", type=Path, default=None, metavar="JSON",
+        help="take the control from this earlier sweep's JSON instead of training it (refused unless its settings "
+             "and its λ = 0 run match this sweep's); it is not timed again")
     add("--continue-steps", type=int, default=None,
         help="with --start baseline: training steps of the runs that start from the λ = 0 model (default: --steps)")
     add_run_args(parser)
@@ -281,6 +321,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--plan-ramp-steps needs --plan and a value from 1 to below the plans' {plan_steps} steps")
     if args.teacher == "control" and (args.start != "baseline" or not args.distill_weight > 0):
         parser.error("--teacher control needs --start baseline (the control) and --distill-weight > 0")
+    if args.control_from and args.teacher == "control":
+        parser.error("--control-from reuses the control's row, not its weights: it cannot be --teacher control")
     if args.quick:
         args.latency_rounds, args.latency_budget_s, args.input_size = 5, 2.0, 32
     lambdas = [float(v) for v in str(args.lambdas).split(",") if v.strip() and float(v) > 0]
@@ -311,7 +353,23 @@ def main(argv: list[str] | None = None) -> dict:
         args.regularizer_weights = gains.weights(args.latency_min_saving)
         result["fold_gains"] = {**gains.to_dict(), "weights": args.regularizer_weights}
         settings.update(latency_weights=args.latency_weights, latency_min_saving=args.latency_min_saving)
+    reused = load_control(args.control_from, settings) if args.control_from else None
     runs, folded, baseline_state = [], {}, None
+
+    def record() -> None:
+        """Every row's gaps to λ = 0 and to the control, then the JSON rewritten: a cut keeps what finished."""
+        base = runs[0]["row"]
+        control = next((r["row"] for r in runs if r["row"]["control"]), None)
+        for r in runs:
+            r["row"]["top1_gap_points"] = round(base["top1_pct"] - r["row"]["top1_pct"], 2)
+            if control is not None and folds(r["row"]):
+                r["row"]["top1_gap_vs_control_points"] = round(control["top1_pct"] - r["row"]["top1_pct"], 2)
+                r["row"]["control_run"] = control["run"]
+        result["rows"] = [r["row"] for r in runs]
+        result["linear_sites"] = {r["row"]["run"]: r["linear_sites"] for r in runs}
+        result["wall_s"] = round(time.perf_counter() - start, 1)
+        write_json(args.out, result)
+
     step_s = None  # seconds per training step of the last run: a later run's length is estimated from its steps
     with tempfile.TemporaryDirectory(prefix="lf_sweep_") as scratch:
         folding = [(f"lambda={lam:g}", lam, None) for lam in lambdas]
@@ -329,6 +387,10 @@ def main(argv: list[str] | None = None) -> dict:
             elapsed = time.perf_counter() - start
             if args.deadline_s and step_s and elapsed + step_s * (run_args.steps + args.folded_steps) > args.deadline_s:
                 result["skipped"].append(label)
+                continue
+            if label in (CONTROL, DISTILLED_CONTROL) and args.control_from:
+                runs.append(reuse_control(reused, runs[0]["row"]))
+                record()
                 continue
             t0 = time.perf_counter()
             teacher_label = CONTROL if args.teacher == "control" and CONTROL in folded else "lambda=0"
@@ -356,17 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(run)
             step_s = (run["row"]["train_s"] / run_args.steps if "cached_from" in run["row"]
                       else (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps)))
-            base = runs[0]["row"]
-            control = next((r["row"] for r in runs if r["row"]["control"]), None)
-            for r in runs:
-                r["row"]["top1_gap_points"] = round(base["top1_pct"] - r["row"]["top1_pct"], 2)
-                if control is not None and folds(r["row"]):
-                    r["row"]["top1_gap_vs_control_points"] = round(control["top1_pct"] - r["row"]["top1_pct"], 2)
-                    r["row"]["control_run"] = control["run"]
-            result["rows"] = [r["row"] for r in runs]
-            result["linear_sites"] = {r["row"]["run"]: r["linear_sites"] for r in runs}
-            result["wall_s"] = round(time.perf_counter() - start, 1)
-            write_json(args.out, result)
+            record()
     # the BN-fused baseline: the λ = 0 model folded under an empty plan (BatchNorm merged, nothing else)
     if args.device == "cuda":
         torch.backends.cudnn.benchmark = True  # as in the latency suite: each conv shape gets its fastest kernel
@@ -381,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["latency"].append({"cell": key, **timed})
         for row in result["rows"]:
             name = "bn_fused" if row["run"] == "lambda=0" else row["run"]
+            if name not in timed:  # a control reused with --control-from has no model here
+                continue
             row.setdefault("speedup", {})[key] = timed[name]["speedup_vs_bn_fused"]
         mark_targets(result["rows"])  # after every cell: a time limit hit in a later cell keeps the verdict
         log(f"[accuracy_sweep] {key}: " + ", ".join(f"{k} {v['speedup_vs_bn_fused']}x" for k, v in timed.items()))

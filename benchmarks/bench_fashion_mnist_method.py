@@ -118,13 +118,7 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
         model.load_state_dict(start_state)
     original = lf.fold_stats(model, args.input_size)
     train_tf, eval_tf = transforms(model, args.input_size)
-    config = lf.LayerFoldingConfig(alpha_init=args.alpha_init, lambda_reg=lambda_reg, regularizer=args.regularizer,
-                                   threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps,
-                                   max_macs_increase=args.max_macs_increase, alpha_sharing=args.alpha_sharing,
-                                   distill_weight=args.distill_weight if teacher is not None else 0.0,
-                                   distill_temperature=args.distill_temperature,
-                                   regularizer_weights=getattr(args, "regularizer_weights", None),
-                                   merge_costs=getattr(args, "merge_costs_table", None))
+    config = run_config(args, lambda_reg, distill=teacher is not None)
     ramp = getattr(args, "plan_ramp_steps", 0) if plan_blocks is not None else 0
     callbacks = []
     if plan_blocks is not None and not ramp:  # one α per site, frozen from the first step
@@ -185,6 +179,17 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
         state = {k: v.detach().clone() for k, v in planned.state_dict().items() if k not in alpha_keys}
     return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites), "folded": folded,
             "state": state}
+
+
+def run_config(args: argparse.Namespace, lambda_reg: float = 0.0, distill: bool = False) -> lf.LayerFoldingConfig:
+    """The LayerFoldingConfig a run trains (and its model folds) with, from the run settings."""
+    return lf.LayerFoldingConfig(alpha_init=args.alpha_init, lambda_reg=lambda_reg, regularizer=args.regularizer,
+                                 threshold=args.threshold, alpha_lr=args.alpha_lr, search_steps=args.search_steps,
+                                 max_macs_increase=args.max_macs_increase, alpha_sharing=args.alpha_sharing,
+                                 distill_weight=args.distill_weight if distill else 0.0,
+                                 distill_temperature=args.distill_temperature,
+                                 regularizer_weights=getattr(args, "regularizer_weights", None),
+                                 merge_costs=getattr(args, "merge_costs_table", None))
 
 
 RUN_SETTINGS = ("train_size", "test_size", "input_size", "steps", "search_steps", "batch_size", "lr", "weight_decay",

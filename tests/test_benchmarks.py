@@ -169,6 +169,17 @@ def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_pa
         assert (before["top1_pct"], before["top5_pct"]) == (after["top1_pct"], after["top5_pct"]), after["run"]
     other = sweep("other.json", "--seed", "1")
     assert other.returncode != 0 and "other settings" in other.stderr and "'seed': (0, 1)" in other.stderr
+    # --control-from: a third sweep takes the control from the first one's JSON instead of training it
+    third = sweep("third.json", "--control-from", str(tmp_path / "first.json"))
+    assert third.returncode == 0, third.stderr[-2000:]
+    rows = json.loads((tmp_path / "third.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["lambda=0", "plan=p1", "lambda=0 continued"]
+    assert rows[2]["reused_from"] == "first.json" and rows[2]["top1_pct"] == runs[0][2]["top1_pct"]
+    assert "speedup" not in rows[2] and rows[1]["control_run"] == "lambda=0 continued"
+    assert rows[1]["top1_gap_vs_control_points"] == round(rows[2]["top1_pct"] - rows[1]["top1_pct"], 2)
+    longer = sweep("longer.json", "--control-from", str(tmp_path / "first.json"), "--continue-steps", "12")
+    assert longer.returncode != 0 and "'continue_steps': (10, 12)" in longer.stderr  # refused before training
+    assert "training" not in longer.stderr and not (tmp_path / "longer.json").exists()
 
 
 @pytest.mark.parametrize("spec", ["nameless", "p=", "p=blocks.99"])
