@@ -421,7 +421,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
             raise CLIError(f"timing failed ({args.dtype} on {args.device}): {err}", code=1) from None
         try:
             estimate = gains.estimated_speedup(plan.linear_sites)
-        except ValueError:  # the groups alone save more than the whole forward: no estimate
+        except ValueError:  # part of a measured group, or groups saving more than the whole forward: no estimate
             estimate = None
         timed_plan = {"linear_sites": list(plan.linear_sites), **timed_plan, "estimated_speedup": estimate}
     if out is not None:

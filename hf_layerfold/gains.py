@@ -72,7 +72,7 @@ class FoldGains:
                 for owner, g in self.groups.items() for site in g["sites"]}
 
     def estimated_speedup(self, sites: Sequence[str]) -> float:
-        """Baseline latency over the latency left once every α group with a site in ``sites`` is folded, its
+        """Baseline latency over the latency left once the α groups ``sites`` cover are folded, each group's
         saving taken as measured alone: a first guess at a plan's speed-up without timing it. Savings add where the
         folded groups merge into separate convs; groups whose folds merge into one conv save more together, so
         the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low for 18 plans, the stem and
@@ -83,6 +83,11 @@ class FoldGains:
         if unknown:
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "
                              f"{sorted(self.groups)}")
+        part = {owner: sorted(wanted & set(g["sites"])) for owner, g in self.groups.items()
+                if wanted & set(g["sites"]) and not set(g["sites"]) <= wanted}
+        if part:  # e.g. a fused block (one site of two) after a measurement that folded whole blocks
+            raise ValueError(f"these sites are part of an α group each, whose saving was measured with all its sites "
+                             f"folded: {part}; measure with alpha_sharing='site' to estimate such a plan")
         saved = sum(s for owner, s in self.saved_ms().items() if wanted & set(self.groups[owner]["sites"]))
         if saved >= self.baseline_ms:
             raise ValueError(f"the groups of these sites save {saved:.3f} ms of a {self.baseline_ms:.3f} ms baseline "

@@ -96,8 +96,10 @@ def test_weights_follow_the_saving_split_over_a_group_with_mean_one():
 def test_estimated_speedup_adds_the_savings_of_the_groups_a_plan_touches():
     gains = _gains({"a": 2.0, "b": 3.0, "c": -1.0}, {"a": 2, "b": 1, "c": 1})
     assert gains.estimated_speedup([]) == 1.0
-    assert gains.estimated_speedup(["a.s0"]) == pytest.approx(10 / 8)  # one site of a group folds the group
+    assert gains.estimated_speedup(["a.s0", "a.s1"]) == pytest.approx(10 / 8)
     assert gains.estimated_speedup(["a.s0", "a.s1", "b.s0", "c.s0"]) == pytest.approx(10 / 6)
+    with pytest.raises(ValueError, match=r"part of an α group each.*\{'a': \['a.s1'\]\}"):
+        gains.estimated_speedup(["a.s1", "b.s0"])  # a fused block: the group's saving is not this plan's
     with pytest.raises(ValueError, match=r"sites not in this measurement: \['z'\]"):
         gains.estimated_speedup(["z"])
     with pytest.raises(ValueError, match="save 12.000 ms of a 10.000 ms baseline"):
