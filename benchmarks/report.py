@@ -218,6 +218,11 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     if plot:
         lines += [f"![accuracy vs depth]({plot})", ""]
     rows = data.get("rows", [])
+    reused = [f"{r['run']} from `{r['cached_from']}`" for r in rows if r.get("cached_from")]
+    reused += [f"{r['run']} from `{r['reused_from']}`" for r in rows if r.get("reused_from")]
+    if reused:
+        lines += ["Taken from an earlier sweep with the same settings, not trained again here (`--control-from`, "
+                  "`--baseline-cache`): " + "; ".join(reused) + ". A control taken over is not timed again.", ""]
     cells = _speedup_cells(rows)
     vs_control = any("top1_gap_vs_control_points" in r for r in rows)
     steps = len({_steps(r) for r in rows}) > 1  # --continue-steps / --folded-steps: the later runs train longer

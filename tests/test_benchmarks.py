@@ -177,6 +177,10 @@ def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_pa
     assert rows[2]["reused_from"] == "first.json" and rows[2]["top1_pct"] == runs[0][2]["top1_pct"]
     assert "speedup" not in rows[2] and rows[1]["control_run"] == "lambda=0 continued"
     assert rows[1]["top1_gap_vs_control_points"] == round(rows[2]["top1_pct"] - rows[1]["top1_pct"], 2)
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "accuracy_sweep_third.json").write_text((tmp_path / "third.json").read_text())
+    md = report.build_report(tmp_path / "report", readme=None).read_text()  # the report says where they came from
+    assert "lambda=0 from `baseline.pt`; lambda=0 continued from `first.json`" in md
     longer = sweep("longer.json", "--control-from", str(tmp_path / "first.json"), "--continue-steps", "12")
     assert longer.returncode != 0 and "'continue_steps': (10, 12)" in longer.stderr  # refused before training
     assert "training" not in longer.stderr and not (tmp_path / "longer.json").exists()
