@@ -231,15 +231,17 @@ def save_baseline(path: Path, args: argparse.Namespace, run: dict) -> None:
 NOT_CONTROL_SETTINGS = ("plan_ramp_steps",)
 
 
-def load_control(path: Path, settings: dict) -> dict:
+def load_control(path: Path, settings: dict, device: str, quick: bool) -> dict:
     """The control run of the earlier sweep stored in ``path`` (``--control-from``), checked before anything trains:
-    refused unless that sweep's settings match ours (all of them but :data:`NOT_CONTROL_SETTINGS`)."""
+    refused unless that sweep ran on the same kind of device with the same settings (all but
+    :data:`NOT_CONTROL_SETTINGS`)."""
     try:
         data = json.loads(path.read_text())
         theirs, rows = data["settings"], {r["run"]: r for r in data["rows"]}
+        theirs = {**theirs, "device": data["device"]["device"], "quick": data["quick"]}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"--control-from {path}: not a readable sweep JSON ({err})") from None
-    differ = {k: (theirs.get(k), v) for k, v in settings.items()
+    differ = {k: (theirs.get(k), v) for k, v in {**settings, "device": device, "quick": quick}.items()
               if k not in NOT_CONTROL_SETTINGS and theirs.get(k) != v}
     if differ:
         raise SystemExit(f"--control-from {path}: that sweep ran with other settings (there, here): {differ}")
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.regularizer_weights = gains.weights(args.latency_min_saving)
         result["fold_gains"] = {**gains.to_dict(), "weights": args.regularizer_weights}
         settings.update(latency_weights=args.latency_weights, latency_min_saving=args.latency_min_saving)
-    reused = load_control(args.control_from, settings) if args.control_from else None
+    reused = load_control(args.control_from, settings, args.device, args.quick) if args.control_from else None
     runs, folded, baseline_state = [], {}, None
 
     def record() -> None:
@@ -385,12 +387,12 @@ def main(argv: list[str] | None = None) -> dict:
             if run_args is not args:
                 run_args.steps = args.continue_steps
             elapsed = time.perf_counter() - start
-            if args.deadline_s and step_s and elapsed + step_s * (run_args.steps + args.folded_steps) > args.deadline_s:
-                result["skipped"].append(label)
-                continue
-            if label in (CONTROL, DISTILLED_CONTROL) and args.control_from:
+            if label in (CONTROL, DISTILLED_CONTROL) and args.control_from:  # costs no time: never cut
                 runs.append(reuse_control(reused, runs[0]["row"]))
                 record()
+                continue
+            if args.deadline_s and step_s and elapsed + step_s * (run_args.steps + args.folded_steps) > args.deadline_s:
+                result["skipped"].append(label)
                 continue
             t0 = time.perf_counter()
             teacher_label = CONTROL if args.teacher == "control" and CONTROL in folded else "lambda=0"

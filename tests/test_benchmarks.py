@@ -584,3 +584,25 @@ def test_overhead_cells_name_the_launch_route_when_recorded():
         assert report._overhead_cell({**row, "direct_launch": jit}, cpu=False) == "m b64 (JIT launch)"
     assert report._overhead_cell({**row, "direct_launch": {"forward": 1, "backward": 0}}, cpu=False) == \
         "m b64 (partly direct)"
+
+
+def test_control_from_refuses_a_sweep_on_another_device_or_without_a_control(tmp_path):
+    from benchmarks.bench_accuracy_sweep import load_control
+
+    settings = {"seed": 2, "steps": 10, "plan_ramp_steps": 0}
+    rows = [{"run": "lambda=0", "top1_pct": 90.0, "top5_pct": 99.0, "control": False},
+            {"run": "lambda=0 continued", "top1_pct": 91.0, "top5_pct": 99.5, "control": True}]
+    sweep = {"settings": {**settings, "plan_ramp_steps": 300}, "device": {"device": "cuda"}, "quick": False,
+             "rows": rows}
+    path = tmp_path / "cuda.json"
+    path.write_text(json.dumps(sweep))
+    with pytest.raises(SystemExit, match=r"other settings .*'device': \('cuda', 'cpu'\)"):
+        load_control(path, settings, "cpu", False)
+    control = load_control(path, settings, "cuda", False)  # a ramp shapes the plans only, never the control
+    assert control["row"]["top1_pct"] == 91.0 and control["row"]["reused_from"] == "cuda.json"
+    path.write_text(json.dumps({**sweep, "rows": rows[:1]}))
+    with pytest.raises(SystemExit, match="no finished λ = 0 run and control"):
+        load_control(path, settings, "cuda", False)
+    path.write_text("{not json")
+    with pytest.raises(SystemExit, match="not a readable sweep JSON"):
+        load_control(path, settings, "cuda", False)
