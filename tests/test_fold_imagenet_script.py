@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import hf_layerfold as lf
 from hf_layerfold.data import load_fashion_mnist
 from hf_layerfold.hub import LayerFoldedModel, is_folded_save
 
@@ -105,3 +108,33 @@ def test_streamed_size_defaults_to_the_split_info(script, imagefolder, tmp_path)
     script.main(common(imagefolder, out) + ["--streaming", "true", "--num_train_epochs", "1", "--search_steps", "3"])
     state = json.loads((out / "layerfold_state.json").read_text())
     assert state["global_step"] == 5 and state["search_steps"] == 3
+
+
+@pytest.mark.slow
+def test_the_recipe_runs_under_accelerate_launch_on_two_processes(imagefolder, tmp_path):
+    """The README's ``accelerate launch`` command, on 2 CPU processes (gloo) instead of 8 GPUs: a streamed epoch is
+    counted over both processes, the search hands over to the fine-tune, and the folded save computes what the
+    saved planned model computes."""
+    import timm
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp"
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29000 + os.getpid() % 500), str(SCRIPT), *common(imagefolder, out),
+           "--streaming", "true", "--num_train_examples", "40", "--num_train_epochs", "1", "--search_steps", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    state = json.loads((out / "layerfold_state.json").read_text())
+    assert state["global_step"] == 3 and state["search_steps"] == 2  # ceil(40 / (8 per process x 2 processes))
+    assert state["phase"] == "finetune" and state["plan"]["linear_sites"]
+    planned = lf.prepare_model(timm.create_model("mobilenetv2_035", num_classes=1000),
+                               lf.LayerFoldingConfig.from_pretrained(out))
+    lf.apply_plan(planned, lf.FoldPlan.from_dict(state["plan"]))
+    planned.load_state_dict(load_file(out / "model.safetensors"))
+    folded = LayerFoldedModel.from_pretrained(out / "folded")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), planned.eval()(x), rtol=1e-4, atol=1e-4)
