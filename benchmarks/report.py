@@ -527,8 +527,34 @@ def _signed(points: float | None) -> str:
     return "–" if points is None else f"{'−' if points > 0 else '+'}{abs(points):g}"
 
 
-def proxy_table(proxies: list[tuple[Path, dict]]) -> list[str]:
-    """One row per CPU-proxy sweep: its setting, and its fastest run within the limit (else its closest run)."""
+TARGET_GAINS = "fold_gains_cuda_b128.json"  # each Lite0 block's saving alone at the target's cell (H100)
+
+
+def _target_gains(results_dir: Path):
+    """The per-block savings measured at the target's cell, when the results folder has them."""
+    path = Path(results_dir) / TARGET_GAINS
+    if not path.exists():
+        return None
+    from hf_layerfold.gains import FoldGains
+
+    return FoldGains.load(path)
+
+
+def _estimate(gains, data: dict, row: dict | None) -> float | None:
+    """A CPU-run plan's speed-up at the target's cell estimated from ``gains``; None where the file cannot say (no
+    file, or a plan that folds part of a measured block: a fused block)."""
+    sites = (data.get("linear_sites") or {}).get(row["run"]) if row else None
+    if gains is None or not sites:
+        return None
+    try:
+        return round(gains.estimated_speedup(sites), 2)
+    except ValueError:
+        return None
+
+
+def proxy_table(proxies: list[tuple[Path, dict]], gains=None) -> list[str]:
+    """One row per CPU-proxy sweep: its setting, and its fastest run within the limit (else its closest run), with
+    that run's speed-up estimated at the target's cell from ``gains`` (:func:`_target_gains`)."""
     rows = []
     for path, data in proxies:
         s, cell, runs = data.get("settings") or {}, _headline_cell(data), data.get("rows", [])
@@ -542,10 +568,10 @@ def proxy_table(proxies: list[tuple[Path, dict]]) -> list[str]:
         rows.append([f"`{path.name}`", s.get("seed"), images, s.get("alpha_sharing", "site"),
                      s.get("start", "pretrained"), steps, ref and ref["top1_pct"], run,
                      _signed(top1_loss_points(shown)) if shown else "–", shown and shown["depth_after"],
-                     shown and (shown.get("speedup") or {}).get(cell), cell])
+                     shown and (shown.get("speedup") or {}).get(cell), cell, _estimate(gains, data, shown)])
     return _table(["sweep", "seed", "train / test images", "α sharing", "start", "steps", "reference top-1 %",
-                   "fastest run within limit",
-                   "its top-1 change (points)", "depth", "speed-up", "speed-up cell"], rows)
+                   "fastest run within limit", "its top-1 change (points)", "depth", "speed-up", "speed-up cell",
+                   "estimated speed-up at the target's cell"], rows)
 
 
 def folds(row: dict) -> bool:
@@ -648,7 +674,11 @@ def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | Non
                   "the λ = 0 control (continued, or distilled from the same teacher) where the sweep has one, else "
                   "λ = 0. The top-1 change is against "
                   f"whichever of the two is higher; a run counts as within the limit at ≤ {_limit(proxies[0][1])} "
-                  "point lost. Full tables per sweep below.", "", *proxy_table(proxies)]
+                  "point lost. The last column estimates the run's speed-up at the target's cell from each folded "
+                  f"block's saving measured alone there (`{TARGET_GAINS}`: "
+                  "`FoldGains.estimated_speedup`, 0–5 % low for the 18 plans timed on the H100); it is not a "
+                  "measurement, and it is blank where the file lacks the saving (a fused block: part of a block "
+                  "folded). Full tables per sweep below.", "", *proxy_table(proxies, _target_gains(results_dir))]
     if readme is not None:
         update_readme(Path(readme), bullets)
     for path, data in found:

@@ -363,6 +363,11 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
                                               {"model": "m", "batch": 128, "input_size": 224, "ratio_prepared": 0.98,
                                                "ratio_prepared_eager": 1.19}]},
     }
+    files["accuracy_sweep_a.json"]["linear_sites"] = {"lambda=0.02": ["x.s0", "x.s1"]}  # all of block x: 10 / 8
+    files["accuracy_sweep_b.json"]["linear_sites"] = {"lambda=0.04": ["x.s0"]}  # part of it: no estimate
+    files[report.TARGET_GAINS] = {"device": "cuda", "batch_size": 128, "input_size": [3, 224, 224], "dtype": "fp32",
+                                  "channels_last": False, "baseline_ms": 10.0, "noise_ms": 0.01,
+                                  "groups": {"x": {"sites": ["x.s0", "x.s1"], "ms": 8.0}}}
     for name, data in files.items():
         (tmp_path / name).write_text(json.dumps(data))
     md = report.build_report(tmp_path).read_text()
@@ -376,9 +381,9 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
     assert "| direct_launch.forward | direct_launch.backward |" in md and "| 1 | off |" in md  # one column per key
     table = md.split("## CPU-proxy sweeps at a glance")[1].split("\n## ")[0]
     assert ("| `accuracy_sweep_a.json` | 0 | all/all | site | pretrained | 10 | 89 | λ = 0.02 | −0.3 | 31 | 1.2 "
-            "|") in table
+            f"| {cpu} | 1.25 |") in table  # estimated at the target's cell from the block's measured saving
     assert ("| `accuracy_sweep_b.json` | 1 | all/all | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 "
-            "| 25 |") in table
+            f"| 25 | 1.4 | {cpu} | – |") in table
     assert "accuracy_sweep_cuda.json" not in table
 
 
