@@ -74,7 +74,7 @@ from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 
 from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_config, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
-from .report import folds, top1_loss_points
+from .report_sweeps import folds, top1_loss_points
 
 TARGET_SPEEDUP = 1.6
 TARGET_LOSS_POINTS = 0.5

@@ -10,44 +10,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .report_common import device_label, fmt, md_table, pyplot_or_none, save_figure
+from .report_sweeps import (
+    _on_target,
+    _proxy_bullet,
+    _sweep_bullets,
+    accuracy_sweep_section,
+    plot_accuracy_sweep,
+    proxy_section,
+    proxy_sweeps,
+)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CEILINGS_FILE = Path(__file__).resolve().parent / "reference_ceilings.json"
 PLAN_ORDER = ("bn_fused", "lf_dm1", "s1_all", "ir_all", "all")
-
-
-def device_label(info) -> str:
-    """One line naming the device a result was measured on."""
-    if not info:
-        return "device not recorded"
-    if isinstance(info, str):
-        return info
-    if info.get("gpu"):
-        bench = f"cudnn.benchmark={info.get('cudnn_benchmark')}"
-        if "latency_cudnn_benchmark" in info and info["latency_cudnn_benchmark"] != info.get("cudnn_benchmark"):
-            bench += f" (latency: {info['latency_cudnn_benchmark']})"  # a sweep: training and timing differ
-        return (f"GPU {info['gpu']} (CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, torch {info.get('torch')}, "
-                f"{bench}, TF32 conv={info.get('cudnn_allow_tf32')}); host CPU {info.get('cpu')}")
-    threads = info.get("torch_threads")
-    if isinstance(threads, list):
-        threads = "/".join(str(t) for t in threads)
-    return (f"CPU {info.get('cpu', '?')} ({info.get('logical_cpus', '?')} logical cores), torch threads {threads}, "
-            f"torch {info.get('torch', '?')}, timm {info.get('timm', '?')}")
-
-
-def _fmt(v, digits: int = 4) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, bool):
-        return "yes" if v else "**no**"
-    if isinstance(v, float):
-        return f"{v:.2e}" if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5) else f"{v:.{digits}g}"
-    return str(v)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(_fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return lines + [""]
 
 
 def _load_ceilings() -> dict:
@@ -104,7 +80,7 @@ def exactness_section(data: dict) -> list[str]:
         rows.append([arch["arch"], "yes", arch.get("foldable_sites"),
                      f"{arch.get('convs_before')} → {alls[0]['convs_after'] if alls else '?'}",
                      *fp64, err.get("float32"), vs64.get("planned"), vs64.get("folded"), exact])
-    return lines + _table(["architecture", "folds", "sites", "convs (all sites)", "fp64 logits", "fp64 pre-act",
+    return lines + md_table(["architecture", "folds", "sites", "convs (all sites)", "fp64 logits", "fp64 pre-act",
                            "fp32 logits", "fp32 planned vs fp64 truth", "fp32 folded vs fp64 truth", "exact"], rows)
 
 
@@ -146,7 +122,7 @@ def latency_section(data: dict, ceilings: dict, plot: str | None) -> list[str]:
                           p["folded_ms"], p["hand_ms"], p["folded_over_hand"], p.get("folded_over_hand_of_medians"),
                           p["meets_1_03"], p.get("speedup_vs_bn_fused"), p.get("hand_speedup_vs_bn_fused"),
                           ceil.get(plan, {}).get(key), others])
-    lines += _table(["model", "cell", "variant", "convs", "non-lin.", "MMACs", "folded ms", "hand ms", "folded/hand",
+    lines += md_table(["model", "cell", "variant", "convs", "non-lin.", "MMACs", "folded ms", "hand ms", "folded/hand",
                      "of medians", f"≤ {req}", "speed-up vs BN-fused", "hand speed-up", "ceiling", "others"], table)
     misses = [(c["model"], _cell_label(c), p) for c in data.get("cells", []) for p, v in c["plans"].items()
               if not v["meets_1_03"]]
@@ -165,81 +141,10 @@ def fold_time_section(data: dict) -> list[str]:
              "the two phases are timed on their own too.", ""]
     rows = [[r["model"], r["plan"], r["linear_sites"], r["median_s"], r["min_s"], r["max_s"], r["repeats"],
              r["copy_and_apply_plan_s"], r["fold_planned_s"],
-             "–" if r.get("required_s") is None else f"< {r['required_s']} s: {_fmt(r['meets_requirement'])}",
+             "–" if r.get("required_s") is None else f"< {r['required_s']} s: {fmt(r['meets_requirement'])}",
              (r.get("load") or {}).get("other_processes_cores")] for r in data.get("rows", [])]
-    return lines + _table(["model", "plan", "linear sites", "median s", "min s", "max s", "repeats",
+    return lines + md_table(["model", "plan", "linear sites", "median s", "min s", "max s", "repeats",
                            "copy + apply_plan s", "fold planned s", "requirement", "others"], rows)
-
-
-def _speedup_cells(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(c for r in rows for c in (r.get("speedup") or {})))
-
-
-def _headline_cell(data: dict) -> str | None:
-    """A sweep's target cell where it was measured, else its first measured cell (a CPU sweep: 224 px)."""
-    target = (data.get("target") or {}).get("cell")
-    cells = _speedup_cells(data.get("rows", []))
-    return target if target in cells else next(iter(cells), None)
-
-
-def _fold_gains_lines(gains: dict | None) -> list[str]:
-    """The latency-aware weights a sweep trained with: which α groups they push, and what folding each saves."""
-    if not gains:
-        return []
-    from hf_layerfold.gains import FoldGains  # here: the report itself needs no torch
-
-    weights = gains.get("weights") or {}
-    saved = FoldGains.from_dict(gains).saved_ms()
-    pushed = [f"{owner} ({weights[g['sites'][0]]:.2f} per site, saves {saved[owner]:.2f} ms)"
-              for owner, g in gains["groups"].items() if weights.get(g["sites"][0], 0) > 0]
-    cell = f"{gains['device']} b{gains['batch_size']} {'x'.join(map(str, gains['input_size'][1:]))} {gains['dtype']}"
-    noise = (f"two copies of it {2 * gains['noise_ms']:.2f} ms apart (median), a floor on the noise: repeated "
-             "measurements differ by more")
-    return [f"Latency-aware regularizer weights, measured on {cell} (BN-fused baseline {gains['baseline_ms']:.2f} ms; "
-            f"{noise}): weight > 0 for " + (", ".join(pushed) or "no group")
-            + f"; the other {len(gains['groups']) - len(pushed)} groups weigh 0.", ""]
-
-
-def _steps(row: dict) -> str | int | None:
-    """Training steps of a run; ``N + M folded`` when the folded network then trained M steps itself."""
-    return f"{row.get('steps')} + {row['folded_steps']} folded" if row.get("folded_steps") else row.get("steps")
-
-
-def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
-    target = data.get("target") or {}
-    settings = data.get("settings") or {}
-    lines = [f"Device (training and latency): {device_label(data.get('device'))}.", "",
-             str(data.get("description", "")), "",
-             "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
-    for key in ("calls", "caveats"):
-        if data.get(key):
-            lines += [str(data[key]), ""]
-    lines += _fold_gains_lines(data.get("fold_gains"))
-    if plot:
-        lines += [f"![accuracy vs depth]({plot})", ""]
-    rows = data.get("rows", [])
-    reused = [f"{r['run']} from `{r['cached_from']}`" for r in rows if r.get("cached_from")]
-    reused += [f"{r['run']} from `{r['reused_from']}`" for r in rows if r.get("reused_from")]
-    if reused:
-        lines += ["Taken from an earlier sweep with the same settings, not trained again here (`--control-from`, "
-                  "`--baseline-cache`): " + "; ".join(reused) + ". A control taken over is not timed again.", ""]
-    cells = _speedup_cells(rows)
-    vs_control = any("top1_gap_vs_control_points" in r for r in rows)
-    steps = len({_steps(r) for r in rows}) > 1  # --continue-steps / --folded-steps: the later runs train longer
-    table = [[r["run"], *([_steps(r)] if steps else []), r["top1_pct"], r.get("top1_gap_points"),
-              *([r.get("top1_gap_vs_control_points")] if vs_control else []), r["sites_past_threshold"],
-              r["nonlinear_layers_after"], r["depth_after"], r["mmacs_after"],
-              *[(r.get("speedup") or {}).get(c) for c in cells], _fmt(r.get("meets_target"))] for r in rows]
-    lines += _table(["run", *(["steps"] if steps else []), "top-1 %", "loss (points)",
-                     *(["loss vs control"] if vs_control else []), "linear sites", "non-linear layers", "depth",
-                     f"MMACs ({settings.get('input_size', '?')} px)", *[f"speed-up {c}" for c in cells],
-                     "meets target"], table)
-    if target:
-        ok = [r["run"] for r in rows if r.get("meets_target")]
-        lines += [f"Target: ≥ {target.get('speedup')}× speed-up ({target.get('cell')}) at ≤ "
-                  f"{target.get('max_top1_loss_points')} point top-1 loss: " + (", ".join(ok) if ok else "no run")
-                  + " meets it.", ""]
-    return lines
 
 
 SPREAD_ROW_FIELDS = ("direct_launch",)  # small per-row dicts shown as one column per key
@@ -257,7 +162,7 @@ def generic_section(data: dict) -> list[str]:
         cols: list[str] = []
         for r in rows:
             cols += [k for k, v in r.items() if k not in cols and not isinstance(v, dict | list)]
-        lines += _table(cols, [[r.get(c) for c in cols] for r in rows])
+        lines += md_table(cols, [[r.get(c) for c in cols] for r in rows])
     flat = {}
     for k, v in data.items():
         if k in ("benchmark", "device", "rows", "description", "title", "quick"):
@@ -267,35 +172,15 @@ def generic_section(data: dict) -> list[str]:
         elif not isinstance(v, list):
             flat[k] = v
     if flat:
-        lines += _table(["field", "value"], [[k, v] for k, v in flat.items()])
+        lines += md_table(["field", "value"], [[k, v] for k, v in flat.items()])
     return lines
 
 
 # ------------------------------------------------------------------------------------------------ plots
 
 
-def _pyplot():
-    """matplotlib's pyplot on the file-only backend, or None when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
-def _save(plt, fig, data: dict, path: Path, fontsize: int) -> bool:
-    fig.suptitle(device_label(data.get("device"))[:150], fontsize=fontsize)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
-    plt = _pyplot()
+    plt = pyplot_or_none()
     if plt is None:
         return False
     cells = data.get("cells", [])
@@ -329,41 +214,7 @@ def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
         ax.set_ylabel("speed-up vs BN-fused (×: hand-built twin, bar: ANCHORS ceiling)", fontsize=8)
         ax.set_title(model)
         ax.legend(fontsize=8)
-    return _save(plt, fig, data, path, fontsize=8)
-
-
-def plot_accuracy_sweep(data: dict, path: Path) -> bool:
-    plt = _pyplot()
-    if plt is None:
-        return False
-    every = sorted(data.get("rows", []), key=lambda r: r["nonlinear_layers_after"])
-    rows = [r for r in every if not r.get("control") and not r.get("fixed_plan")]
-    if not rows:
-        return False
-    cell = _headline_cell(data) or (data.get("target") or {}).get("cell")
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot([r["nonlinear_layers_after"] for r in rows], [r["top1_pct"] for r in rows], "o-", label="λ sweep")
-    fixed = [r for r in every if r.get("fixed_plan")]
-    if fixed:
-        ax.plot([r["nonlinear_layers_after"] for r in fixed], [r["top1_pct"] for r in fixed], "s", color="tab:orange",
-                label="fixed plan (no search)")
-    for r in (r for r in every if r.get("control")):
-        ax.plot([r["nonlinear_layers_after"]], [r["top1_pct"]], "gx", markersize=9,
-                label=f"{r['run'].replace('lambda=0', 'λ = 0')} (control)")
-    for r in every:
-        speed = (r.get("speedup") or {}).get(cell)
-        label = run_label(r) + (f", ×{speed:.2f}" if speed is not None else "")
-        ax.annotate(label, (r["nonlinear_layers_after"], r["top1_pct"]), textcoords="offset points",
-                    xytext=(4, -12), fontsize=7)
-    base = next((r for r in rows if not folds(r)), None)
-    if base:
-        ax.plot([base["nonlinear_layers_after"]], [base["top1_pct"]], "k*", markersize=12, label="λ = 0 (not folded)")
-    ax.set_xlabel("non-linear layers after folding")
-    ax.set_ylabel("top-1 (%)")
-    weighted = ", latency-weighted λ" if data.get("fold_gains") else ""
-    ax.set_title(f"Fashion-MNIST, EfficientNet-Lite0{weighted} (labels: speed-up, {cell})", fontsize=9)
-    ax.legend(fontsize=8)
-    return _save(plt, fig, data, path, fontsize=7)
+    return save_figure(plt, fig, data, path, fontsize=8)
 
 
 # ------------------------------------------------------------------------------------------------ document
@@ -399,10 +250,10 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
             worst = max(((a["max_rel_err"].get("float64") or 0.0, a["arch"]) for a in ok), default=(None, None))
             exact = sum(_arch_exact(a, data.get("tolerance") or {}) for a in ok)
             bullets.append(f"Exactness (`{path.name}`): {len(ok)}/{len(archs)} architectures fold, {exact} of them "
-                           f"exactly; worst fp64 error {_fmt(worst[0])} ({worst[1]}).")
+                           f"exactly; worst fp64 error {fmt(worst[0])} ({worst[1]}).")
         elif kind == "latency":
             cells = [(c, p, v) for c in data.get("cells", []) for p, v in c["plans"].items()]
-            miss = [f"{c['model']} {_cell_label(c)} {p} ({_fmt(v['folded_over_hand'])})" for c, p, v in cells
+            miss = [f"{c['model']} {_cell_label(c)} {p} ({fmt(v['folded_over_hand'])})" for c, p, v in cells
                     if not v["meets_1_03"]]
             bullets.append(f"Latency (`{path.name}`, {dev}): folded/hand ≤ {data.get('required_folded_over_hand')} "
                            f"in {len(cells) - len(miss)}/{len(cells)} cells" + (f"; over: {', '.join(miss)}."
@@ -412,9 +263,9 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
                 rows = [r for r in data["rows"] if r["model"] == model]
                 slow = max(rows, key=lambda r: r["median_s"])
                 req = slow.get("required_s")
-                bullets.append(f"Fold time (`{path.name}`, one core): {model} ≤ {_fmt(slow['median_s'])} s median "
+                bullets.append(f"Fold time (`{path.name}`, one core): {model} ≤ {fmt(slow['median_s'])} s median "
                                f"(slowest plan {slow['plan']})" + (f", requirement < {req} s: "
-                                                                   f"{_fmt(slow['median_s'] < req)}." if req else "."))
+                                                                   f"{fmt(slow['median_s'] < req)}." if req else "."))
         elif kind == "train_overhead":
             bullets.append(_overhead_bullet(path, data, dev))
         elif kind == "merge_policy" and data.get("rows"):
@@ -452,11 +303,11 @@ def _overhead_bullet(path: Path, data: dict, dev: str) -> str:
     if not variants:
         return f"Training-step cost of the α search (`{path.name}`): no ratios recorded."
     head, others = variants[0], []
-    cells = [f"{_overhead_cell(r, cpu)} {_fmt(r[f'ratio_{head}'])}×" for r in rows if f"ratio_{head}" in r]
+    cells = [f"{_overhead_cell(r, cpu)} {fmt(r[f'ratio_{head}'])}×" for r in rows if f"ratio_{head}" in r]
     met = sum(r[f"ratio_{head}"] <= req for r in rows if f"ratio_{head}" in r) if req is not None else None
     for v in variants[1:]:
         vals = [r[f"ratio_{v}"] for r in rows if r.get(f"ratio_{v}") is not None]
-        others.append(f"{v} {_fmt(min(vals))}–{_fmt(max(vals))}×" if len(set(vals)) > 1 else f"{v} {_fmt(vals[0])}×")
+        others.append(f"{v} {fmt(min(vals))}–{fmt(max(vals))}×" if len(set(vals)) > 1 else f"{v} {fmt(vals[0])}×")
     within = f"; ≤ {req} in {met}/{len(cells)}" if met is not None else ""
     sizes = sorted({r.get("input_size") for r in rows} - {None})
     size = f", {'/'.join(map(str, sizes))} px" if sizes else ""
@@ -472,7 +323,7 @@ def _merge_bullet(path: Path, data: dict, dev: str) -> str:
         if r["cell"] == cell and r["speedup_vs_bn_fused"] > best.get(r["plan"], {}).get("speedup_vs_bn_fused", 0):
             best[r["plan"]] = r
     ranked = sorted(best.values(), key=lambda r: -r["speedup_vs_bn_fused"])
-    plans = ", ".join(f"{r['plan']} {_fmt(r['speedup_vs_bn_fused'])}× ({r['policy']}, depth {r['depth']})"
+    plans = ", ".join(f"{r['plan']} {fmt(r['speedup_vs_bn_fused'])}× ({r['policy']}, depth {r['depth']})"
                       for r in ranked)
     return (f"Merge policy (`{path.name}`, {dev.split(' (')[0]}), fastest policy per plan at {cell}, over the "
             f"BN-fused model: {plans}.")
@@ -482,157 +333,13 @@ def _ablation_bullet(path: Path, data: dict, dev: str) -> str:
     """The first cell timed: the plan, the block its speed-up leans on most, and the block that would add most."""
     cell = data["rows"][0]["cell"]
     rows = {r["variant"]: r["speedup_vs_bn_fused"] for r in data["rows"] if r["cell"] == cell}
-    parts = [f"plan {data.get('plan_name', '')} {_fmt(rows['plan'])}×"]
+    parts = [f"plan {data.get('plan_name', '')} {fmt(rows['plan'])}×"]
     for sign, what, pick in (("-", "without", min), ("+", "with", max)):
         varied = {v[1:]: x for v, x in rows.items() if v.startswith(sign)}
         if varied:
             block = pick(varied, key=varied.get)
-            parts.append(f"{what} {block} {_fmt(varied[block])}×")
+            parts.append(f"{what} {block} {fmt(varied[block])}×")
     return f"Plan ablation (`{path.name}`, {dev.split(' (')[0]}) at {cell}: {', '.join(parts)}."
-
-
-def _on_target(data: dict) -> bool:
-    """A sweep whose speed-ups include the target's cell (the GPU sweeps); the rest are CPU proxies."""
-    cell = _headline_cell(data)
-    return cell is not None and cell == (data.get("target") or {}).get("cell")
-
-
-def proxy_sweeps(found: list[tuple[Path, dict]]) -> list[tuple[Path, dict]]:
-    return [(p, d) for p, d in found if d["benchmark"] == "accuracy_sweep" and not _on_target(d)]
-
-
-def _proxy_bullet(proxies: list[tuple[Path, dict]]) -> str:
-    kept = sum(_fastest_within(d) is not None for _, d in proxies)
-    devices = sorted({device_label(d.get("device")).split(" (")[0] for _, d in proxies})
-    n = f"{len(proxies)} sweep" + ("s" if len(proxies) > 1 else "")
-    return (f"Accuracy vs depth, CPU proxy ({n}, {', '.join(devices)}; speed-ups measured on that "
-            f"CPU, not at the target's cell): {kept} of {len(proxies)} sweeps have a folding run within "
-            f"{_limit(proxies[0][1])} point of both λ = 0 and its control; one row per sweep in "
-            "RESULTS.md, \"CPU-proxy sweeps at a glance\".")
-
-
-def _limit(data: dict) -> float:
-    return (data.get("target") or {}).get("max_top1_loss_points", 0.5)
-
-
-def _fastest_within(data: dict) -> dict | None:
-    """The folding run with the largest headline speed-up among those within the target's accuracy limit."""
-    cell = _headline_cell(data)
-    kept = [r for r in data.get("rows", []) if folds(r) and (top1_loss_points(r) or 0) <= _limit(data)]
-    return max(kept, key=lambda r: (r.get("speedup") or {}).get(cell) or 0, default=None)
-
-
-def _signed(points: float | None) -> str:
-    """A top-1 loss in points as the change it is: 0.55 → −0.55."""
-    return "–" if points is None else f"{'−' if points > 0 else '+'}{abs(points):g}"
-
-
-TARGET_GAINS = "fold_gains_cuda_b128.json"  # each Lite0 block's saving alone at the target's cell (H100)
-
-
-def _target_gains(results_dir: Path):
-    """The per-block savings measured at the target's cell, when the results folder has them."""
-    path = Path(results_dir) / TARGET_GAINS
-    if not path.exists():
-        return None
-    from hf_layerfold.gains import FoldGains
-
-    return FoldGains.load(path)
-
-
-def _estimate(gains, data: dict, row: dict | None) -> float | None:
-    """A CPU-run plan's speed-up at the target's cell estimated from ``gains``; None where the file cannot say (no
-    file, or a plan that folds part of a measured block: a fused block)."""
-    sites = (data.get("linear_sites") or {}).get(row["run"]) if row else None
-    if gains is None or not sites:
-        return None
-    try:
-        return round(gains.estimated_speedup(sites), 2)
-    except ValueError:
-        return None
-
-
-def proxy_table(proxies: list[tuple[Path, dict]], gains=None) -> list[str]:
-    """One row per CPU-proxy sweep: its setting, and its fastest run within the limit (else its closest run), with
-    that run's speed-up estimated at the target's cell from ``gains`` (:func:`_target_gains`)."""
-    rows = []
-    for path, data in proxies:
-        s, cell, runs = data.get("settings") or {}, _headline_cell(data), data.get("rows", [])
-        ref = next((r for r in runs if r.get("control")), None) or next((r for r in runs if not folds(r)), None)
-        best = _fastest_within(data)
-        shown = best or min((r for r in runs if folds(r) and r.get("top1_gap_points") is not None),
-                            key=top1_loss_points, default=None)
-        run = "–" if shown is None else (run_label(shown) if best else f"none (closest: {run_label(shown)})")
-        steps = (_steps(ref) if ref else None) or s.get("steps")
-        images = "/".join(str(s.get(k) or "all") for k in ("train_size", "test_size"))  # 0: the whole split
-        rows.append([f"`{path.name}`", s.get("seed"), images, s.get("alpha_sharing", "site"),
-                     s.get("start", "pretrained"), steps, ref and ref["top1_pct"], run,
-                     _signed(top1_loss_points(shown)) if shown else "–", shown and shown["depth_after"],
-                     shown and (shown.get("speedup") or {}).get(cell), cell, _estimate(gains, data, shown)])
-    return _table(["sweep", "seed", "train / test images", "α sharing", "start", "steps", "reference top-1 %",
-                   "fastest run within limit", "its top-1 change (points)", "depth", "speed-up", "speed-up cell",
-                   "estimated speed-up at the target's cell"], rows)
-
-
-def folds(row: dict) -> bool:
-    """A run that folds: a λ > 0 search, or a fixed plan."""
-    return row["lambda_reg"] > 0 or bool(row.get("fixed_plan"))
-
-
-def run_label(row: dict) -> str:
-    if row.get("control"):
-        return "control"
-    return row["run"].replace("=", " ") if row.get("fixed_plan") else f"λ = {row['lambda_reg']:g}"
-
-
-def top1_loss_points(row: dict) -> float | None:
-    """A run's top-1 loss for the target: against λ = 0 or, where the sweep has one, against the control trained as
-    long as the run (whichever is larger), so extra training alone never counts as keeping accuracy."""
-    gaps = [g for g in (row.get("top1_gap_points"), row.get("top1_gap_vs_control_points")) if g is not None]
-    return max(gaps) if gaps else None
-
-
-def _closest(rows: list[dict], cell: str | None) -> str:
-    """The λ > 0 run with the smallest loss, when none is within the limit."""
-    runs = [r for r in rows if folds(r) and r.get("top1_gap_points") is not None]
-    if not runs:
-        return ""
-    r = min(runs, key=top1_loss_points)
-    gap = r["top1_gap_points"]
-    return (f" (closest: {run_label(r)}, {r['top1_pct']} %, {'−' if gap > 0 else '+'}{abs(gap):g} points"
-            f"{_vs_control(r)}, {(r.get('speedup') or {}).get(cell)}× {cell})")
-
-
-def _vs_control(row: dict) -> str:
-    gap = row.get("top1_gap_vs_control_points")
-    if gap is None:
-        return ""
-    kind = row.get("control_run", "lambda=0 continued").split()[-1]  # continued, or distilled (same teacher)
-    return f" ({'−' if gap > 0 else '+'}{abs(gap):g} points against the {kind} λ = 0 control)"
-
-
-def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
-    """The bullet of a sweep measured at the target's cell: its fastest run within the limit, and the verdict."""
-    target, rows, cell, limit = data.get("target") or {}, data.get("rows", []), _headline_cell(data), _limit(data)
-    base = next((r for r in rows if not folds(r)), None)
-    if base is None:
-        return []
-    if not any(folds(r) for r in rows):  # a time-boxed call that kept only the reference runs
-        control = next((r for r in rows if r.get("control")), None)
-        skipped = data.get("skipped") or []
-        return [f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % top-1"
-                + (f", its control {control['top1_pct']} % after {control.get('steps')} more steps" if control else "")
-                + "; no folding run finished" + (f" (skipped by `--deadline-s`: {', '.join(skipped)})" if skipped
-                                                 else "") + "."]
-    best = _fastest_within(data)
-    within = (f"the fastest run within {limit} point, {run_label(best)}, reaches {best['top1_pct']} %"
-              f"{_vs_control(best)} at depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× "
-              f"({cell})" if best
-              else f"no folding run stays within {limit} point" + _closest(rows, cell))
-    met = _fmt(any(r.get("meets_target") for r in rows))
-    return [f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % top-1 at "
-            f"depth {base['depth_after']}; {within}; target ≥ {target.get('speedup')}× ({target.get('cell')}): "
-            f"{met}."]
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -667,18 +374,7 @@ def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | Non
     found = load_results(results_dir)
     bullets = summary(found)
     lines += bullets
-    proxies = proxy_sweeps(found)
-    if proxies:
-        lines += ["## CPU-proxy sweeps at a glance", "",
-                  f"The accuracy sweeps whose speed-ups were measured on the CPU, not at the target's cell. Reference: "
-                  "the λ = 0 control (continued, or distilled from the same teacher) where the sweep has one, else "
-                  "λ = 0. The top-1 change is against "
-                  f"whichever of the two is higher; a run counts as within the limit at ≤ {_limit(proxies[0][1])} "
-                  "point lost. The last column estimates the run's speed-up at the target's cell from each folded "
-                  f"block's saving measured alone there (`{TARGET_GAINS}`: "
-                  "`FoldGains.estimated_speedup`, 0–5 % low for the 18 plans timed on the H100); it is not a "
-                  "measurement, and it is blank where the file lacks the saving (a fused block: part of a block "
-                  "folded). Full tables per sweep below.", "", *proxy_table(proxies, _target_gains(results_dir))]
+    lines += proxy_section(proxy_sweeps(found), results_dir)
     if readme is not None:
         update_readme(Path(readme), bullets)
     for path, data in found:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
-from benchmarks import report  # noqa: E402
+from benchmarks import report, report_sweeps  # noqa: E402
 
 
 def _finite_positive(value) -> bool:
@@ -143,7 +143,7 @@ def test_a_sweep_from_the_imagenet_weights_with_a_teacher_has_a_distilled_contro
     assert control["steps"] == fixed["steps"] == base["steps"] and "lambda=0 distilled" in data["description"]
     assert fixed["top1_gap_vs_control_points"] == round(control["top1_pct"] - fixed["top1_pct"], 2)
     assert fixed["control_run"] == "lambda=0 distilled"
-    assert "against the distilled λ = 0 control" in report._vs_control(fixed)
+    assert "against the distilled λ = 0 control" in report_sweeps._vs_control(fixed)
 
 
 def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_path):
@@ -300,7 +300,7 @@ def test_plan_ablation_times_the_plan_each_block_away_from_it_and_stores_the_fol
     assert set(FoldGains.load(gains_path).groups) == {"bn1.act"} | {f"blocks.{b}.bn1.act" for b in blocks}
     bullet = report.summary([(tmp_path / "a.json", data)])[0]
     assert bullet.startswith("- Plan ablation (`a.json`, ")
-    assert f"plan p {report._fmt(rows['plan']['speedup_vs_bn_fused'])}×" in bullet
+    assert f"plan p {report.fmt(rows['plan']['speedup_vs_bn_fused'])}×" in bullet
 
 
 def test_plan_ablation_sites_adds_each_site_of_the_untouched_blocks_alone():
@@ -365,9 +365,9 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
     }
     files["accuracy_sweep_a.json"]["linear_sites"] = {"lambda=0.02": ["x.s0", "x.s1"]}  # all of block x: 10 / 8
     files["accuracy_sweep_b.json"]["linear_sites"] = {"lambda=0.04": ["x.s0"]}  # part of it: no estimate
-    files[report.TARGET_GAINS] = {"device": "cuda", "batch_size": 128, "input_size": [3, 224, 224], "dtype": "fp32",
-                                  "channels_last": False, "baseline_ms": 10.0, "noise_ms": 0.01,
-                                  "groups": {"x": {"sites": ["x.s0", "x.s1"], "ms": 8.0}}}
+    files[report_sweeps.TARGET_GAINS] = {"device": "cuda", "batch_size": 128, "input_size": [3, 224, 224],
+                                         "dtype": "fp32", "channels_last": False, "baseline_ms": 10.0,
+                                         "noise_ms": 0.01, "groups": {"x": {"sites": ["x.s0", "x.s1"], "ms": 8.0}}}
     for name, data in files.items():
         (tmp_path / name).write_text(json.dumps(data))
     md = report.build_report(tmp_path).read_text()
