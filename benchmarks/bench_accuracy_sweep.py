@@ -234,22 +234,26 @@ NOT_CONTROL_SETTINGS = ("plan_ramp_steps",)
 def load_control(path: Path, settings: dict, device: str, quick: bool) -> dict:
     """The control run of the earlier sweep stored in ``path`` (``--control-from``), checked before anything trains:
     refused unless that sweep ran on the same kind of device with the same settings (all but
-    :data:`NOT_CONTROL_SETTINGS`)."""
+    :data:`NOT_CONTROL_SETTINGS`, whichever sweep recorded them)."""
     try:
         data = json.loads(path.read_text())
-        theirs, rows = data["settings"], {r["run"]: r for r in data["rows"]}
-        theirs = {**theirs, "device": data["device"]["device"], "quick": data["quick"]}
+        rows = {r["run"]: r for r in data["rows"]}
+        theirs = {**data["settings"], "device": data["device"]["device"], "quick": data["quick"]}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise SystemExit(f"--control-from {path}: not a readable sweep JSON ({err})") from None
-    differ = {k: (theirs.get(k), v) for k, v in {**settings, "device": device, "quick": quick}.items()
-              if k not in NOT_CONTROL_SETTINGS and theirs.get(k) != v}
+    ours = {**settings, "device": device, "quick": quick}
+    differ = {k: (theirs.get(k), ours.get(k)) for k in sorted(set(theirs) | set(ours))
+              if k not in NOT_CONTROL_SETTINGS and theirs.get(k) != ours.get(k)}
     if differ:
         raise SystemExit(f"--control-from {path}: that sweep ran with other settings (there, here): {differ}")
     control = next((r for r in rows.values() if r.get("control")), None)
-    if control is None or "lambda=0" not in rows:
+    base = rows.get("lambda=0", {})
+    if control is None or "top1_pct" not in base or "top5_pct" not in base:
         raise SystemExit(f"--control-from {path}: that sweep has no finished λ = 0 run and control to reuse")
-    kept = {k: v for k, v in control.items() if k not in ("speedup", "meets_target", "top1_gap_points")}
-    return {"row": {**kept, "reused_from": path.name}, "baseline_row": rows["lambda=0"],
+    # its timing describes the machine it trained on, not this sweep; a control reused before names where it trained
+    kept = {k: v for k, v in control.items()
+            if k not in ("speedup", "meets_target", "top1_gap_points", "train_s", "others_cores")}
+    return {"row": {**kept, "reused_from": control.get("reused_from") or path.name}, "baseline_row": base,
             "linear_sites": data.get("linear_sites", {}).get(control["run"], [])}
 
 
@@ -387,8 +391,8 @@ def main(argv: list[str] | None = None) -> dict:
             if run_args is not args:
                 run_args.steps = args.continue_steps
             elapsed = time.perf_counter() - start
-            if label in (CONTROL, DISTILLED_CONTROL) and args.control_from:  # costs no time: never cut
-                runs.append(reuse_control(reused, runs[0]["row"]))
+            if label in (CONTROL, DISTILLED_CONTROL) and reused is not None:  # costs no time: never cut
+                runs.append(reused)
                 record()
                 continue
             if args.deadline_s and step_s and elapsed + step_s * (run_args.steps + args.folded_steps) > args.deadline_s:
@@ -418,6 +422,8 @@ def main(argv: list[str] | None = None) -> dict:
             state = run.pop("state")
             baseline_state = state if first else baseline_state
             runs.append(run)
+            if first and reused is not None:  # the λ = 0 run must match the reused control's, before more training
+                reused = reuse_control(reused, run["row"])
             step_s = (run["row"]["train_s"] / run_args.steps if "cached_from" in run["row"]
                       else (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps)))
             record()

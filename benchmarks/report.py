@@ -2,7 +2,8 @@
 
 Any JSON with a ``benchmark`` field is shown, whoever wrote it (a GPU run committed later, the training suites):
 known kinds get their own tables, others the generic ``rows`` / key-value rendering described in README.md.
-Needs only the standard library, plus matplotlib for the plots (skipped if it is missing).
+Needs only the standard library, plus matplotlib for the plots (skipped if it is missing) and hf_layerfold for
+the latency-aware parts (a sweep's regularizer weights, the CPU-proxy table's estimated speed-ups).
 """
 
 from __future__ import annotations

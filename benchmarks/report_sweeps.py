@@ -152,21 +152,28 @@ def _signed(points: float | None) -> str:
 TARGET_GAINS = "fold_gains_cuda_b128.json"  # each Lite0 block's saving alone at the target's cell (H100)
 
 
-def _target_gains(results_dir: Path):
-    """The per-block savings measured at the target's cell, when the results folder has them."""
+def _target_gains(results_dir: Path, cell: str | None):
+    """The per-block savings measured at the target's ``cell`` (e.g. ``cuda b128 224 float32``), when the results
+    folder has them for that cell; None otherwise (no file, another cell, or a file that does not read)."""
     path = Path(results_dir) / TARGET_GAINS
     if not path.exists():
         return None
-    from hf_layerfold.gains import FoldGains
+    from hf_layerfold.gains import FoldGains  # here: only this column needs hf_layerfold (and torch)
 
-    return FoldGains.load(path)
+    try:
+        gains = FoldGains.load(path)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(gains.dtype, gains.dtype)
+    measured = f"{gains.device} b{gains.batch_size} {gains.input_size[-1]} {dtype}"
+    return gains if measured == cell and not gains.channels_last else None
 
 
 def _estimate(gains, data: dict, row: dict | None) -> float | None:
     """A CPU-run plan's speed-up at the target's cell estimated from ``gains``; None where the file cannot say (no
     file, or a plan that folds part of a measured block: a fused block)."""
     sites = (data.get("linear_sites") or {}).get(row["run"]) if row else None
-    if gains is None or not sites:
+    if gains is None or sites is None:
         return None
     try:
         return round(gains.estimated_speedup(sites), 2)
@@ -270,4 +277,5 @@ def proxy_section(proxies: list[tuple[Path, dict]], results_dir: Path) -> list[s
             f"block's saving measured alone there (`{TARGET_GAINS}`: "
             "`FoldGains.estimated_speedup`, 0–5 % low for the 18 plans timed on the H100); it is not a "
             "measurement, and it is blank where the file lacks the saving (a fused block: part of a block "
-            "folded). Full tables per sweep below.", "", *proxy_table(proxies, _target_gains(results_dir))]
+            "folded). Full tables per sweep below.", "",
+            *proxy_table(proxies, _target_gains(results_dir, (proxies[0][1].get("target") or {}).get("cell")))]

@@ -592,11 +592,11 @@ def test_overhead_cells_name_the_launch_route_when_recorded():
 
 
 def test_control_from_refuses_a_sweep_on_another_device_or_without_a_control(tmp_path):
-    from benchmarks.bench_accuracy_sweep import load_control
+    from benchmarks.bench_accuracy_sweep import load_control, reuse_control
 
     settings = {"seed": 2, "steps": 10, "plan_ramp_steps": 0}
     rows = [{"run": "lambda=0", "top1_pct": 90.0, "top5_pct": 99.0, "control": False},
-            {"run": "lambda=0 continued", "top1_pct": 91.0, "top5_pct": 99.5, "control": True}]
+            {"run": "lambda=0 continued", "top1_pct": 91.0, "top5_pct": 99.5, "control": True, "train_s": 9.0}]
     sweep = {"settings": {**settings, "plan_ramp_steps": 300}, "device": {"device": "cuda"}, "quick": False,
              "rows": rows}
     path = tmp_path / "cuda.json"
@@ -605,6 +605,14 @@ def test_control_from_refuses_a_sweep_on_another_device_or_without_a_control(tmp
         load_control(path, settings, "cpu", False)
     control = load_control(path, settings, "cuda", False)  # a ramp shapes the plans only, never the control
     assert control["row"]["top1_pct"] == 91.0 and control["row"]["reused_from"] == "cuda.json"
+    assert "train_s" not in control["row"]  # the other sweep's timing is not this one's
+    with pytest.raises(SystemExit, match=r"its λ = 0 run \(90.0 / 99.0 % top-1 / top-5\) differs"):
+        reuse_control(control, {"top1_pct": 90.0, "top5_pct": 99.1})
+    assert reuse_control(control, {"top1_pct": 90.0, "top5_pct": 99.0})["row"]["top1_pct"] == 91.0
+    with pytest.raises(SystemExit, match=r"'merge_costs': \('cpu:1:64', None\)"):  # recorded there only
+        path.write_text(json.dumps({**sweep, "settings": {**settings, "merge_costs": "cpu:1:64"}}))
+        load_control(path, settings, "cuda", False)
+    path.write_text(json.dumps(sweep))
     path.write_text(json.dumps({**sweep, "rows": rows[:1]}))
     with pytest.raises(SystemExit, match="no finished λ = 0 run and control"):
         load_control(path, settings, "cuda", False)

@@ -124,7 +124,7 @@ def test_the_recipe_runs_under_accelerate_launch_on_two_processes(imagefolder, t
            "--main_process_port", str(29000 + os.getpid() % 500), str(SCRIPT), *common(imagefolder, out),
            "--streaming", "true", "--num_train_examples", "40", "--num_train_epochs", "1", "--search_steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH")]))}
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     state = json.loads((out / "layerfold_state.json").read_text())

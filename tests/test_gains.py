@@ -93,7 +93,7 @@ def test_weights_follow_the_saving_split_over_a_group_with_mean_one():
     assert FoldGains.from_dict({**gains.to_dict(), "weights": w, "saved_ms": {}}) == gains  # a sweep's fold_gains
 
 
-def test_estimated_speedup_adds_the_savings_of_the_groups_a_plan_touches():
+def test_estimated_speedup_adds_the_savings_of_the_groups_a_plan_folds_whole():
     gains = _gains({"a": 2.0, "b": 3.0, "c": -1.0}, {"a": 2, "b": 1, "c": 1})
     assert gains.estimated_speedup([]) == 1.0
     assert gains.estimated_speedup(["a.s0", "a.s1"]) == pytest.approx(10 / 8)
