@@ -57,8 +57,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import io
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +69,7 @@ import torch.nn as nn
 
 import hf_layerfold as lf
 from hf_layerfold.data import load_fashion_mnist
+from hf_layerfold.files import write_bytes_atomic
 from hf_layerfold.gains import FoldGains, measure_fold_gains
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 
@@ -220,11 +221,11 @@ def cached_baseline(path: Path, args: argparse.Namespace) -> dict | None:
 
 
 def save_baseline(path: Path, args: argparse.Namespace, run: dict) -> None:
-    """Store the λ = 0 run for :func:`cached_baseline` (written to a temporary file, then moved into place)."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Store the λ = 0 run for :func:`cached_baseline`, atomically (an interrupted sweep leaves no half file)."""
+    buffer = io.BytesIO()
     torch.save({"settings": {k: getattr(args, k) for k in BASELINE_SETTINGS}, "row": run["row"],
-                "trajectory": run["trajectory"], "state": run["state"]}, tmp)
-    os.replace(tmp, path)
+                "trajectory": run["trajectory"], "state": run["state"]}, buffer)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 # settings that shape only the fixed-plan runs: a control trained under other values is the same computation
