@@ -39,7 +39,9 @@ user would fold and compare against, so the student is not pulled toward a weake
 earlier sweep with the same baseline settings stored it (``BASELINE_SETTINGS``; other settings are refused): on a CPU
 the full-data baseline is 20 of a sweep's 50 minutes, and it reproduces to the hundredth anyway.
 ``--control-from JSON`` likewise takes the control's row from an earlier sweep with the same settings whose λ = 0 run
-came out the same (top-1 and top-5 to the hundredth), instead of training it again; that control is not timed.
+came out the same (top-1 and top-5 to the hundredth), instead of training it again; that control is not timed. Other
+settings are refused before anything trains; a λ = 0 run that comes out different (another GPU model's numerics, say)
+trains the control here after all, and the JSON says why (``control_not_reused``).
 ``--folded-steps`` then trains each of those folded networks itself (the control's BN-fused one too) at
 ``--folded-lr``: its merged convs, no BatchNorm, fewer layers, so a step costs less than the planned network's.
 
@@ -258,15 +260,21 @@ def load_control(path: Path, settings: dict, device: str, quick: bool) -> dict:
             "linear_sites": data.get("linear_sites", {}).get(control["run"], [])}
 
 
-def reuse_control(control: dict, baseline_row: dict) -> dict:
-    """The loaded control as this sweep's run, once its λ = 0 run is known to match ours to the hundredth (top-1 and
-    top-5): then that control is the run this sweep would have trained."""
+def control_mismatch(control: dict, baseline_row: dict) -> str | None:
+    """Why the loaded control is not the run this sweep would have trained (its λ = 0 run differs from ours to the
+    hundredth, top-1 or top-5: e.g. another GPU model's numerics), or None when it is."""
     theirs, source = control["baseline_row"], control["row"]["reused_from"]
-    if (theirs["top1_pct"], theirs["top5_pct"]) != (baseline_row["top1_pct"], baseline_row["top5_pct"]):
-        raise SystemExit(f"--control-from {source}: its λ = 0 run ({theirs['top1_pct']} / {theirs['top5_pct']} % "
-                         f"top-1 / top-5) differs from this one's ({baseline_row['top1_pct']} / "
-                         f"{baseline_row['top5_pct']} %), so its control is not this sweep's")
-    log(f"[accuracy_sweep] {control['row']['run']}: reused from {source} ({control['row']['top1_pct']} % top-1)")
+    if (theirs["top1_pct"], theirs["top5_pct"]) == (baseline_row["top1_pct"], baseline_row["top5_pct"]):
+        return None
+    return (f"--control-from {source}: its λ = 0 run ({theirs['top1_pct']} / {theirs['top5_pct']} % top-1 / top-5) "
+            f"differs from this one's ({baseline_row['top1_pct']} / {baseline_row['top5_pct']} %), so its control "
+            "is not this sweep's")
+
+
+def reuse_control(control: dict) -> dict:
+    """The loaded control as this sweep's run, once :func:`control_mismatch` found nothing."""
+    log(f"[accuracy_sweep] {control['row']['run']}: reused from {control['row']['reused_from']} "
+        f"({control['row']['top1_pct']} % top-1)")
     return {"row": dict(control["row"]), "linear_sites": control["linear_sites"]}
 
 
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="reuse the λ = 0 run stored in FILE by an earlier sweep with the same settings, or store it there")
     add("--control-from", type=Path, default=None, metavar="JSON",
         help="take the control from this earlier sweep's JSON instead of training it (refused unless its settings "
-             "and its λ = 0 run match this sweep's); it is not timed again")
+             "match this sweep's; trained after all if its λ = 0 run does not match this one's); it is not timed")
     add("--continue-steps", type=int, default=None,
         help="with --start baseline: training steps of the runs that start from the λ = 0 model (default: --steps)")
     add_run_args(parser)
@@ -424,7 +432,11 @@ def main(argv: list[str] | None = None) -> dict:
             baseline_state = state if first else baseline_state
             runs.append(run)
             if first and reused is not None:  # the λ = 0 run must match the reused control's, before more training
-                reused = reuse_control(reused, run["row"])
+                why = control_mismatch(reused, run["row"])
+                if why:  # not a user error known before training: the control trains here after all
+                    log(f"[accuracy_sweep] {why}; it trains here instead")
+                    result["control_not_reused"] = why
+                reused = None if why else reuse_control(reused)
             step_s = (run["row"]["train_s"] / run_args.steps if "cached_from" in run["row"]
                       else (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps)))
             record()
