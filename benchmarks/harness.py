@@ -23,6 +23,7 @@ import torch.nn as nn
 from timm.models import _efficientnet_blocks as eb
 
 import hf_layerfold as lf
+from hf_layerfold.files import write_text_atomic
 from hf_layerfold.layers import PaddedConv2d
 from hf_layerfold.padding import chain_padding
 
@@ -115,24 +116,9 @@ def device_info(device: str = "cpu") -> dict:
     return info
 
 
-def device_label(info: dict) -> str:
-    """One line naming the device of a result (used in every table heading)."""
-    if not info:
-        return "device not recorded"
-    if info.get("gpu"):
-        return f"{info['gpu']} (CUDA {info.get('cuda')}, torch {info.get('torch')}; host CPU {info.get('cpu')})"
-    threads = info.get("torch_threads")
-    return (f"CPU {info.get('cpu', '?')}, {info.get('logical_cpus', '?')} logical cores, torch threads "
-            f"{threads}, torch {info.get('torch', '?')}")
-
-
 def write_json(path: str | os.PathLike, data: dict) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    """``data`` as indented JSON, written atomically: a run cut short leaves the last whole version."""
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ models, plans

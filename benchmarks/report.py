@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hf_layerfold.files import write_text_atomic
+
 from .report_common import device_label, fmt, md_table, pyplot_or_none, save_figure
 from .report_sweeps import (
     _on_target,
@@ -356,9 +358,7 @@ def update_readme(readme: Path, bullets: list[str]) -> bool:
     head, rest = text.split(README_START, 1)
     _, tail = rest.split(README_END, 1)
     block = "\n".join([README_START, "", *[b for b in bullets if b], "", README_END])
-    tmp = readme.with_suffix(".md.tmp")
-    tmp.write_text(head + block + tail)
-    tmp.replace(readme)
+    write_text_atomic(readme, head + block + tail)
     return True
 
 
@@ -395,7 +395,7 @@ def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | Non
         else:
             lines += generic_section(data)
     out = results_dir / "RESULTS.md"
-    out.write_text("\n".join(lines).rstrip() + "\n")
+    write_text_atomic(out, "\n".join(lines).rstrip() + "\n")
     return out
 
 
