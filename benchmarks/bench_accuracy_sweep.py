@@ -400,9 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
             if run_args is not args:
                 run_args.steps = args.continue_steps
             elapsed = time.perf_counter() - start
-            if label in (CONTROL, DISTILLED_CONTROL) and reused is not None:  # costs no time: never cut
-                runs.append(reused)
-                record()
+            if label in (CONTROL, DISTILLED_CONTROL) and reused is not None:  # recorded with the λ = 0 run
                 continue
             if args.deadline_s and step_s and elapsed + step_s * (run_args.steps + args.folded_steps) > args.deadline_s:
                 result["skipped"].append(label)
@@ -437,6 +435,8 @@ def main(argv: list[str] | None = None) -> dict:
                     log(f"[accuracy_sweep] {why}; it trains here instead")
                     result["control_not_reused"] = why
                 reused = None if why else reuse_control(reused)
+                if reused is not None:  # costs no time: recorded at once, so a sweep cut short keeps its gaps
+                    runs.append(reused)
             step_s = (run["row"]["train_s"] / run_args.steps if "cached_from" in run["row"]
                       else (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps)))
             record()
