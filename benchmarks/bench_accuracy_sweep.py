@@ -48,8 +48,9 @@ trains the control here after all, and the JSON says why (``control_not_reused``
 Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): ≥ 1.6× CUDA batch-128 speed-up at
 ≤ 0.5 point top-1 loss against the λ = 0 run (and against the control, when there is one). A ``--deadline-s``
 lets a time-boxed GPU session keep what it has: the JSON is rewritten after every run, and runs that would not
-fit are listed as skipped. The control runs after the folding runs (unless they distill from it), so a cut drops
-the control, not the runs the sweep is for.
+fit are listed as skipped. The control trains after the folding runs (unless they distill from it), so a cut drops
+the control, not the runs the sweep is for; a control reused with ``--control-from`` costs no time and is recorded
+right after the λ = 0 run.
 
 ``python -m benchmarks.bench_accuracy_sweep --out benchmarks/results/accuracy_sweep.json``
 """

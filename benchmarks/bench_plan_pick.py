@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.input_size, args.rounds, args.budget_s = 32, 2, 1.0
     plans = parse_plans(parser, args.plan)
+    if "bn_fused" in plans:
+        parser.error("--plan bn_fused=...: that name is the BN-fused baseline every plan is timed against")
     torch.set_num_threads(1)
     start = time.perf_counter()
     base = _lite0(argparse.Namespace(alpha_sharing="site", max_macs_increase=None))  # as the sweeps fold plans

@@ -61,7 +61,10 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
         lines += ["Taken from an earlier sweep with the same settings, not trained again here (`--control-from`, "
                   "`--baseline-cache`): " + "; ".join(reused) + ". A control taken over is not timed again.", ""]
     if data.get("control_not_reused"):
-        lines += [f"The control was trained here after all: {data['control_not_reused']}.", ""]
+        what = ("it was then skipped by `--deadline-s`" if any(r in data.get("skipped", []) for r in
+                                                                ("lambda=0 continued", "lambda=0 distilled"))
+                else "it was trained here after all")
+        lines += [f"The control was not reused ({data['control_not_reused']}); {what}.", ""]
     cells = _speedup_cells(rows)
     vs_control = any("top1_gap_vs_control_points" in r for r in rows)
     steps = len({_steps(r) for r in rows}) > 1  # --continue-steps / --folded-steps: the later runs train longer
