@@ -22,14 +22,18 @@ mkdir -p "$OUT" || exit 1
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 F=blocks.1.0.bn1.act,blocks.1.1.bn1.act  # the fused blocks 1.0 and 1.1
 FE=$F,blocks.2.0.bn1.act,blocks.2.1.bn1.act  # fused_early
+S123=$FE,blocks.3.0.bn1.act,blocks.3.1.bn1.act,blocks.3.2.bn1.act  # the fused blocks of stages 1-3
 # candidates, most accurate first (loss against the control on the CPU's full-data recipe, seeds 2 / 3)
 CANDIDATES=(
   "f10_f11=$F"                                                                    # -0.10 / -0.30
   "fused_early=$FE"                                                               # -0.21 / -0.45
+  "fused_s123=$S123"                                                              # -0.27 / -0.78
+  "fused_s123_b41_b42=$S123,blocks.4.1,blocks.4.2"                                # -0.32 / -0.74
   "early_f10_f11=bn1,$F,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2"   # -0.48 / -0.85
   "fused_early_b00=bn1,blocks.0.0,$FE"                                            # -0.70 / -1.15
 )
-FALLBACK="--plan ${CANDIDATES[1]} --plan ${CANDIDATES[2]}"  # if the timing fails: fused_early and early_f10_f11
+FALLBACK="--plan ${CANDIDATES[3]} --plan ${CANDIDATES[1]}"  # if the timing fails: the fastest of them near 0.5, and
+# fused_early (these two at least tell what fused blocks keep on the H100 recipe)
 timeout -k 5 60 python3 -m benchmarks.bench_plan_pick --device cuda --max-plans 2 --budget-s 10 \
   ${CANDIDATES[@]/#/--plan=} --out "$OUT/plan_pick_cuda.json" --args-out "$OUT/picked_plans.txt" 2>&1 \
   | tee -a "$OUT/log.txt" | { grep -v Warning || true; }
