@@ -30,6 +30,7 @@ CANDIDATES=(
   "fused_s123=$S123"                                                              # -0.27 / -0.78
   "fused_s123_b41_b42=$S123,blocks.4.1,blocks.4.2"                                # -0.32 / -0.74
   "early_f10_f11=bn1,$F,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2"   # -0.48 / -0.85
+  "fused_s123_s45=$S123,blocks.4.1,blocks.4.2,blocks.5.0,blocks.5.1,blocks.5.2,blocks.5.3"  # -0.54 / -0.85
   "fused_early_b00=bn1,blocks.0.0,$FE"                                            # -0.70 / -1.15
 )
 FALLBACK="--plan ${CANDIDATES[3]} --plan ${CANDIDATES[1]}"  # if the timing fails: the fastest of them near 0.5, and
