@@ -522,8 +522,11 @@ def test_interrupted_fold_leaves_nothing(sig, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     argv = [a for a in TINY_FOLD if a != "--quiet"]
     argv[argv.index("--max-steps") + 1] = "100000"
+    # a Ctrl-C as at a terminal: a suite started in the background (`cmd &`) runs with SIGINT ignored, which the
+    # child would inherit, and Python then installs no KeyboardInterrupt handler
     proc = subprocess.Popen([sys.executable, "-m", "hf_layerfold.cli", *argv, "--output-dir", str(out)],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 90
         seen = ""
