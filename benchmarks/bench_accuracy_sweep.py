@@ -102,6 +102,13 @@ def latency_cells(device: str, train_size: int, sizes: str = "224,train") -> lis
     return [{"batch": 1, "input_size": s, "dtype": torch.float32, "channels_last": False} for s in sizes]
 
 
+def cell_key(device: str, cell: dict) -> str:
+    """A latency cell's name in the JSON, e.g. ``cuda b128 224 float32`` (the target's, ``TARGET_CELL``)."""
+    dtype = str(cell["dtype"]).removeprefix("torch.")
+    layout = " channels_last" if cell["channels_last"] else ""
+    return f"{device} b{cell['batch']} {cell['input_size']} {dtype}{layout}"
+
+
 def time_against_baseline(models: dict[str, nn.Module], device: str, cell: dict, rounds: int,
                           budget_s: float) -> dict[str, dict]:
     """Latency of every model and its paired speed-up over ``models["bn_fused"]`` in one interleaved run."""
@@ -434,9 +441,9 @@ def main(argv: list[str] | None = None) -> dict:
                 why = control_mismatch(reused, run["row"])
                 if why:  # not a user error known before training: the control trains here after all
                     log(f"[accuracy_sweep] {why}; it trains here instead")
-                    result["control_not_reused"] = why
-                reused = None if why else reuse_control(reused)
-                if reused is not None:  # costs no time: recorded at once, so a sweep cut short keeps its gaps
+                    result["control_not_reused"], reused = why, None
+                else:  # costs no time: recorded at once, so a sweep cut short keeps its gaps
+                    reused = reuse_control(reused)
                     runs.append(reused)
             step_s = (run["row"]["train_s"] / run_args.steps if "cached_from" in run["row"]
                       else (time.perf_counter() - t0) / (run_args.steps + (0 if first else args.folded_steps)))
@@ -450,8 +457,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["latency"] = []
     for cell in latency_cells(args.device, args.input_size, args.latency_sizes):
         timed = time_against_baseline(models, args.device, cell, args.latency_rounds, args.latency_budget_s)
-        key = f"{args.device} b{cell['batch']} {cell['input_size']} {str(cell['dtype']).replace('torch.', '')}"
-        key += " channels_last" if cell["channels_last"] else ""
+        key = cell_key(args.device, cell)
         result["latency"].append({"cell": key, **timed})
         for row in result["rows"]:
             name = "bn_fused" if row["run"] == "lambda=0" else row["run"]

@@ -31,7 +31,7 @@ from hf_layerfold.gains import measure_fold_gains
 from hf_layerfold.plan import check_plan
 from hf_layerfold.prepare import site_blocks
 
-from .bench_accuracy_sweep import _cudnn_benchmark, _lite0, latency_cells, parse_plans, time_against_baseline
+from .bench_accuracy_sweep import _cudnn_benchmark, _lite0, cell_key, latency_cells, parse_plans, time_against_baseline
 from .harness import RESULTS_DIR, device_info, log, write_json
 
 
@@ -99,8 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
         models[variant] = lf.fold_model(base, lf.FoldPlan.from_blocks(base, blocks))
         stats[variant] = lf.fold_stats(models[variant], args.input_size)
     for cell in cells:
-        key = f"{args.device} b{cell['batch']} {cell['input_size']} {str(cell['dtype']).removeprefix('torch.')}" + (
-            " channels_last" if cell["channels_last"] else "")
+        key = cell_key(args.device, cell)
         with _cudnn_benchmark(args.device):
             timed = time_against_baseline(models, args.device, cell, args.rounds, args.budget_s)
         for variant, st in stats.items():

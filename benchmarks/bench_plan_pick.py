@@ -27,6 +27,7 @@ from .bench_accuracy_sweep import (
     TARGET_SPEEDUP,
     _cudnn_benchmark,
     _lite0,
+    cell_key,
     latency_cells,
     parse_plans,
     time_against_baseline,
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     cell = latency_cells(args.device, args.input_size, str(args.input_size))[0]
     if args.quick:
         cell = dict(cell, batch=2)
-    key = f"{args.device} b{cell['batch']} {cell['input_size']} {str(cell['dtype']).removeprefix('torch.')}"
+    key = cell_key(args.device, cell)
     models = {"bn_fused": lf.fold_model(base, lf.FoldPlan())}
     stats = {}
     for name, sites in plans.items():
