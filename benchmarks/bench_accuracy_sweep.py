@@ -50,7 +50,8 @@ Speed-up = BN-fused baseline latency / folded latency. The target (issue 5e): 鈮
 lets a time-boxed GPU session keep what it has: the JSON is rewritten after every run, and runs that would not
 fit are listed as skipped. The control trains after the folding runs (unless they distill from it), so a cut drops
 the control, not the runs the sweep is for; a control reused with ``--control-from`` costs no time and is recorded
-right after the 位 = 0 run.
+right after the 位 = 0 run, and one that cannot be reused trains right after it (it was asked for: a cut then drops
+a folding run rather than every run's gap to the control).
 
 ``python -m benchmarks.bench_accuracy_sweep --out benchmarks/results/accuracy_sweep.json``
 """
@@ -401,8 +402,9 @@ def main(argv: list[str] | None = None) -> dict:
                    else [(DISTILLED_CONTROL, 0.0, None)] if args.distill_weight > 0 else [])
         # the control runs last, so a --deadline-s that cuts the sweep short drops it rather than the folding runs
         # (the 位 = 0 run still gives each a gap); first only when the folding runs distill from it
-        schedule = [("lambda=0", 0.0, None)] + (control + folding if args.teacher == "control" else folding + control)
-        for label, lam, blocks in schedule:
+        pending = [("lambda=0", 0.0, None)] + (control + folding if args.teacher == "control" else folding + control)
+        while pending:
+            label, lam, blocks = pending.pop(0)
             first = label == "lambda=0"  # the 位 > 0 runs and the control build on this one
             run_args = args if first or args.continue_steps is None else copy.copy(args)
             if run_args is not args:
@@ -439,9 +441,11 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append(run)
             if first and reused is not None:  # the 位 = 0 run must match the reused control's, before more training
                 why = control_mismatch(reused, run["row"])
-                if why:  # not a user error known before training: the control trains here after all
-                    log(f"[accuracy_sweep] {why}; it trains here instead")
+                if why:  # not a user error known before training: the control trains here after all, and next,
+                    # since it was asked for: a deadline then cuts a folding run, not every run's gap to the control
+                    log(f"[accuracy_sweep] {why}; it trains here instead, before the folding runs")
                     result["control_not_reused"], reused = why, None
+                    pending = control + [entry for entry in pending if entry not in control]
                 else:  # costs no time: recorded at once, so a sweep cut short keeps its gaps
                     reused = reuse_control(reused)
                     runs.append(reused)

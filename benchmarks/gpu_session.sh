@@ -9,8 +9,9 @@
 # (bench_plan_pick, under a minute), then trains the two it picks (those reaching 1.6x, in this order, else the
 # fastest) on the H100 recipe from the 1200-step baseline (59 s), 2400 steps each (~120 s), and times them. The
 # control (94.5 % three times on the H100) is taken from session 13's sweep when this λ = 0 run matches that one to
-# the hundredth; otherwise it trains last (~130 s) if the deadline leaves room (about 10 s to spare by session 13's
-# timings), and the JSON says why it was not reused.
+# the hundredth; otherwise it trains right after the baseline (~130 s; likely on an H200, whose numerics need not be
+# the H100's), so that if the deadline is short (about 10 s to spare by session 13's timings) it drops the second
+# plan rather than both plans' gaps to the control, and the JSON says why it was not reused.
 # Writes plan_pick_cuda.json, accuracy_sweep_cuda.json and log.txt into $OUT. If the lease has about three minutes
 # left after this, benchmarks/gpu_ablation.sh stores every single site's saving on the same cell (~120 s).
 set -u

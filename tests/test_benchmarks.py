@@ -191,10 +191,13 @@ def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_pa
     assert fourth.returncode == 0, fourth.stderr[-2000:]
     data = json.loads((tmp_path / "fourth.json").read_text())
     assert "differs from this one's" in data["control_not_reused"] and "it trains here instead" in fourth.stderr
-    control = data["rows"][2]
+    # it was asked for, so it trains next: a deadline then cuts a folding run, not every folding run's gap to it
+    assert [r["run"] for r in data["rows"]] == ["lambda=0", "lambda=0 continued", "plan=p1"]
+    control = data["rows"][1]
     assert "reused_from" not in control and control["top1_pct"] == runs[0][2]["top1_pct"] and "speedup" in control
+    assert data["rows"][2]["top1_pct"] == runs[0][1]["top1_pct"]  # the order changes no run
     assert "it was trained here after all" in "\n".join(report_sweeps.accuracy_sweep_section(data, None))
-    cut = {**data, "rows": data["rows"][:2], "skipped": ["lambda=0 continued"]}  # a deadline dropped it instead
+    cut = {**data, "rows": data["rows"][::2], "skipped": ["lambda=0 continued"]}  # a deadline dropped it instead
     assert "it was then skipped by `--deadline-s`" in "\n".join(report_sweeps.accuracy_sweep_section(cut, None))
     longer = sweep("longer.json", "--control-from", str(tmp_path / "first.json"), "--continue-steps", "12")
     assert longer.returncode != 0 and "'continue_steps': (10, 12)" in longer.stderr  # refused before training
