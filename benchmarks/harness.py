@@ -34,7 +34,7 @@ PLAN_HELP = {
     "bn_fused": "no site linear: BatchNorm folded into the convs (fold_model with the empty plan)",
     "lf_dm1": "published Layer Folding MobileNetV2-1.0 plan: blocks 1.1, 2.1, 3.1, 3.2, 4.0",
     "s1_all": "every site inside a stride-1 InvertedResidual block",
-    "ir_all": "every site inside any InvertedResidual block (the shapes of ANCHORS.md's 'all')",
+    "ir_all": "every site inside any InvertedResidual block (the shapes of the reference ceilings' 'all')",
     "all": "every foldable site (stem and depthwise-separable block included)",
 }
 

@@ -96,8 +96,9 @@ def latency_section(data: dict, ceilings: dict, plot: str | None) -> list[str]:
              f"round (required ≤ {req}); *of medians*: ratio of the two medians. *A/A*: a second copy of the "
              "hand-built BN-fused net against the first — the noise floor of both ratios in that cell. *speed-up*: "
              "BN-fused / folded latency (paired the same way); *hand speed-up*: the same for the hand-built twin, "
-             "i.e. the structural ceiling of the plan measured on this device; *ceiling*: ANCHORS.md's structural "
-             "ceiling for the same cell, measured elsewhere (its `all` = this suite's `ir_all`). *others*: CPU "
+             "i.e. the structural ceiling of the plan measured on this device; *ceiling*: the structural "
+             "ceiling for the same cell in `reference_ceilings.json`, measured elsewhere (the team's shared "
+             "ANCHORS.md; its `all` = this suite's `ir_all`). *others*: CPU "
              "cores kept busy by other processes during the cell; above ~0.2 the absolute latencies are inflated "
              "(a 2-thread run then competes for the cores) and only the paired ratios are meaningful.", ""]
     if plot:
@@ -214,7 +215,7 @@ def plot_latency(data: dict, ceilings: dict, path: Path) -> bool:
                     ax.plot([x], [h], "wx", markeredgecolor="k", markersize=6)
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xticks(range(len(plans)), plans)
-        ax.set_ylabel("speed-up vs BN-fused (×: hand-built twin, bar: ANCHORS ceiling)", fontsize=8)
+        ax.set_ylabel("speed-up vs BN-fused (×: hand-built twin, bar: reference ceiling)", fontsize=8)
         ax.set_title(model)
         ax.legend(fontsize=8)
     return save_figure(plt, fig, data, path, fontsize=8)

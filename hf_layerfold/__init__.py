@@ -4,7 +4,8 @@ Learn which activations of a pre-trained CNN can become linear, then fold the ne
 fewer, larger convs::
 
     import timm, hf_layerfold as lf
-    model = lf.prepare_model(timm.create_model("mobilenetv2_100"), lf.LayerFoldingConfig(lambda_reg=0.25))
+    model = lf.prepare_model(timm.create_model("mobilenetv2_100", pretrained=True),
+                             lf.LayerFoldingConfig(lambda_reg=0.25))
     ...  # fine-tune (LayerFoldingTrainer), α moves toward 1 on sites that can go
     folded = lf.fold_model(model)  # plan = sites with α ≥ threshold
 """
@@ -43,6 +44,7 @@ __all__ = [
     "LayerFoldedNet",
     "LayerFoldingConfig",
     "LayerFoldingTrainer",
+    "PushToHubError",
     "UnsupportedModelError",
     "add_shortcut_tap",
     "alpha_parameters",
@@ -61,10 +63,9 @@ __all__ = [
     "prepare_model",
     "prepare_with_plan",
     "projected_stats",
-    "PushToHubError",
-    "save_folded",
     "register_block_rule",
     "register_model_rule",
     "register_op",
+    "save_folded",
     "unique_alphas",
 ]

@@ -96,11 +96,13 @@ the network exactly into fewer, larger convolutions.
   {PROG} gains      what folding each block saves on a device: latency-aware regularizer weights for fold
   {PROG} push       upload an existing folded save to the Hugging Face Hub
 
-Example:
+Examples:
   {PROG} fold --model {LITE0_ALIAS} --dataset {FASHION_MNIST} --image-size 64 --epochs 1 \\
       --train-size 2000 --lambda-reg 0.5 --alpha-lr 0.05 --output-dir outputs/lite0-folded
   {PROG} benchmark outputs/lite0-folded --device cpu --batch-sizes 1,32
 """
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (cuda when available, else cpu)"
 
 EXIT_CODES = """\
 Exit codes (every error is one "hf-layerfold: error: ..." line on stderr):
@@ -145,7 +147,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
 
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads; unset: torch's choice")
-        p.add_argument("--quiet", action="store_true", help="no progress bars (nor per-step training logs)")
+        p.add_argument("--quiet", action="store_true",
+                       help="no progress bars" + (" nor per-step training logs" if p.prog.endswith(" fold") else ""))
         p.add_argument("--verbose", action="store_true", help="debug logging")
 
     fold = sub.add_parser(
@@ -154,7 +157,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         description="Prepare a pre-trained CNN for Layer Folding, fine-tune it on a dataset (phase 1 learns which "
                     "activations can become linear, phase 2 fine-tunes with that plan fixed; --plan fixes one and "
                     "skips phase 1), fold it exactly into "
-                    "a shallower network and save it (model.safetensors, config.json, model card).")
+                    "a shallower network and save it (model.safetensors, config.json, layerfold_config.json, "
+                    "layerfold_plan.json and a model card).")
     io = fold.add_argument_group("model, data and output")
     io.add_argument("--config", metavar="FILE", help="YAML/JSON file with LayerFoldingConfig fields (and training "
                     "options); command-line flags override it")
@@ -191,7 +195,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     train.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay (never applied to α)")
     train.add_argument("--warmup-steps", type=NON_NEGATIVE, default=0, help="lr warm-up steps (a float < 1: a ratio)")
     train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
-    train.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    train.add_argument("--device", default="auto", help=DEVICE_HELP)
     train.add_argument("--num-workers", type=COUNT, default=0, help="dataloader worker processes")
     train.add_argument("--logging-steps", type=POSITIVE_INT, default=10,
                        help="log loss, α and projected depth every N steps")
@@ -200,7 +204,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="skip the α search and fine-tune with this plan fixed from the first step: "
                             "comma-separated blocks (every site inside) and single sites (an inverted residual's "
                             "expand activation alone makes a fused block), e.g. bn1,blocks.1.1,blocks.1.0.bn1.act; "
-                            "or a plan JSON file (layerfold_plan.json) or a folded save whose plan to reuse (in a "
+                            "or a plan JSON file (layerfold_plan.json), or a folded save, whose plan is reused (in a "
                             "--config file: the names as a list)")
     common(fold)
     add_config_flags(fold)
@@ -219,7 +223,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                           help="evaluate on a random subset of this many images")
     evaluate.add_argument("--image-size", type=POSITIVE_INT, default=None, help="resolution; unset: the model's config")
     evaluate.add_argument("--batch-size", type=POSITIVE_INT, default=64, help="batch size")
-    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
     evaluate.add_argument("--num-workers", type=COUNT, default=0, help="dataloader worker processes")
     evaluate.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                           help="pre-trained weights for a timm model name")
@@ -237,7 +241,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     bench.add_argument("model", help="folded-model directory or Hub id")
     bench.add_argument("--base-model", default=None, help="timm name of the base; unset: the save's "
                        "base_architecture")
-    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--device", default="cpu", help=DEVICE_HELP + " (the device to time on)")
     bench.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,128")
     bench.add_argument("--dtype", choices=DTYPES, default="fp32", help="model and input dtype")
     bench.add_argument("--channels-last", action="store_true", help="channels_last memory format")
@@ -259,13 +263,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                f"  {PROG} gains {LITE0_ALIAS} --device cuda --batch-size 128 --plan bn1,blocks.1.1,blocks.1.0.bn1.act"
                f"\n  {PROG} fold --model {LITE0_ALIAS} --plan bn1,blocks.1.1,blocks.1.0.bn1.act ...")
     gains.add_argument("model", help=f"timm model name (weights are not loaded) or {LITE0_ALIAS!r}")
-    gains.add_argument("--device", default="cpu", help="cpu or cuda: the device the folded model will run on")
+    gains.add_argument("--device", default="cpu", help=DEVICE_HELP + " (the device the folded model will run on)")
     gains.add_argument("--batch-size", type=POSITIVE_INT, default=1, help="batch size to time at")
     gains.add_argument("--dtype", choices=DTYPES, default="fp32", help="model and input dtype")
     gains.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     gains.add_argument("--image-size", type=POSITIVE_INT, default=None, help="resolution; unset: the model's")
     gains.add_argument("--rounds", type=POSITIVE_INT, default=7, help="interleaved timing rounds (median is used)")
-    gains.add_argument("--round-seconds", type=POSITIVE, default=0.25, help="forwards per model per round, in seconds")
+    gains.add_argument("--round-seconds", type=POSITIVE, default=0.25,
+                       help="seconds spent running each model per round (merge-cost timing uses at most 0.05)")
     gains.add_argument("--measure-merge-costs", action="store_true",
                        help="also time every conv and every merge a plan could make, and write that table "
                             "(merge_costs) into --output: fold then splits each run where this device is fastest")

@@ -16,8 +16,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import LayerFoldingConfig
+from .config import ALPHA_SHARING, BLEND_BACKENDS, REGULARIZERS, LayerFoldingConfig
 from .workflow import CLIError
+
+FIELD_CHOICES = {"regularizer": REGULARIZERS, "alpha_sharing": ALPHA_SHARING, "blend": BLEND_BACKENDS}
 
 
 def _config_field_help() -> dict[str, str]:
@@ -72,7 +74,10 @@ def add_config_flags(parser: argparse.ArgumentParser, title: str = "Layer Foldin
             kwargs.update(nargs="+", metavar="PATTERN")
         elif base in (int, float, str):
             kwargs["type"] = _optional(base) if optional else base
-            kwargs["metavar"] = base.__name__.upper() + ("|none" if optional else "")
+            # a field with a fixed set of values shows them; the config itself still checks (one error style)
+            choices = FIELD_CHOICES.get(field.name)
+            kwargs["metavar"] = ("{" + ",".join(choices) + "}" if choices
+                                 else base.__name__.upper() + ("|none" if optional else ""))
         elif typing.get_origin(base) is dict:  # the config reads JSON text or a JSON file itself
             kwargs["metavar"] = "JSON|FILE"
         else:  # a field type this generator does not know: take JSON

@@ -83,7 +83,8 @@ class LayerFoldingConfig:
             run; a few seconds of compiling on the first CPU step), ``"eager"`` (fused autograd functions, works
             everywhere), ``"triton"`` (hand-written CUDA kernels that move the bytes an in-place ReLU6 moves) or
             ``"compile"`` (``torch.compile``: BatchNorm and the blend after it as one compiled region where timm
-            pairs them, else the blend alone; needs inductor: a C++ compiler on CPU, Triton on GPU).
+            pairs them, else the blend alone; needs inductor: a C++ compiler on CPU, Triton on GPU). Only ReLU,
+            ReLU6 and Hardtanh sites take the fast paths; other activations (SiLU, ...) always blend eagerly.
     """
 
     alpha_init: float = 0.0
