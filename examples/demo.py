@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -157,6 +158,21 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(previous)
 
 
+def environment() -> dict:
+    """What the demo's figures depend on besides its flags (``DEMO_JSON`` records it beside them)."""
+    import transformers
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
+            "transformers": transformers.__version__, "hf_layerfold": hf_layerfold.__version__}
+
+
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     output = Path(args.output_dir).expanduser().absolute()
@@ -259,7 +275,8 @@ def run(args: argparse.Namespace) -> dict:
             "after": {"accuracy": folded_acc, **stats_after.to_dict(), "latency_ms": latency["after"],
                       "large_batch_latency_ms": large and large["after"]},
             "linear_sites": list(folded.layerfold_plan.linear_sites), "fold_max_abs_diff": fold_err,
-            "reload_max_abs_diff": reload_diff, "wall_time_s": wall}
+            "reload_max_abs_diff": reload_diff, "wall_time_s": wall, "settings": vars(args),
+            "environment": environment()}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_layerfold.hub import LayerFoldedModel, is_folded_save
 
@@ -37,6 +38,8 @@ def test_demo_tiny_run(demo, tmp_path, capsys):
     assert result["reload_max_abs_diff"] == 0.0  # timm.create_model("local-dir:...") gives identical outputs
     assert result["fold_max_abs_diff"] < 1e-3  # the fold is exact up to float rounding
     assert is_folded_save(out) and Path(result["path"]) == out
+    # what DEMO_JSON stores beside the figures: the flags and the environment they were measured in
+    assert result["settings"]["image_size"] == 32 and result["environment"]["torch"] == torch.__version__
     assert sorted(p.name for p in out.parent.iterdir()) == ["folded"]  # training scratch removed
     before, after = result["before"], result["after"]
     assert before["accuracy"]["images"] == after["accuracy"]["images"] == 32  # both measured on the same subset
