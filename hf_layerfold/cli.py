@@ -145,10 +145,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def common(p: argparse.ArgumentParser) -> None:
+    def common(p: argparse.ArgumentParser, trains: bool = False) -> None:
         p.add_argument("--threads", type=POSITIVE_INT, default=None, help="torch CPU threads; unset: torch's choice")
         p.add_argument("--quiet", action="store_true",
-                       help="no progress bars" + (" nor per-step training logs" if p.prog.endswith(" fold") else ""))
+                       help="no progress bars" + (" nor per-step training logs" if trains else ""))
         p.add_argument("--verbose", action="store_true", help="debug logging")
 
     fold = sub.add_parser(
@@ -206,7 +206,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                             "expand activation alone makes a fused block), e.g. bn1,blocks.1.1,blocks.1.0.bn1.act; "
                             "or a plan JSON file (layerfold_plan.json), or a folded save, whose plan is reused (in a "
                             "--config file: the names as a list)")
-    common(fold)
+    common(fold, trains=True)
     add_config_flags(fold)
     fold.set_defaults(func=cmd_fold)
 
