@@ -48,7 +48,7 @@ def accuracy_sweep_section(data: dict, plot: str | None) -> list[str]:
     lines = [f"Device (training and latency): {device_label(data.get('device'))}.", "",
              str(data.get("description", "")), "",
              "Settings: " + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".", ""]
-    for key in ("calls", "caveats", "control_added_after_run"):
+    for key in ("calls", "caveats", "control_added_after_run", "note"):
         if data.get(key):
             lines += [str(data[key]), ""]
     lines += _fold_gains_lines(data.get("fold_gains"))
