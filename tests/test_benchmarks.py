@@ -197,6 +197,8 @@ def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_pa
     assert "reused_from" not in control and control["top1_pct"] == runs[0][2]["top1_pct"] and "speedup" in control
     assert data["rows"][2]["top1_pct"] == runs[0][1]["top1_pct"]  # the order changes no run
     assert "it was trained here after all" in "\n".join(report_sweeps.accuracy_sweep_section(data, None))
+    noted = {**data, "note": "what this sweep tried differently"}  # a hand-written note is shown, not dropped
+    assert "what this sweep tried differently" in "\n".join(report_sweeps.accuracy_sweep_section(noted, None))
     cut = {**data, "rows": data["rows"][::2], "skipped": ["lambda=0 continued"]}  # a deadline dropped it instead
     assert "it was then skipped by `--deadline-s`" in "\n".join(report_sweeps.accuracy_sweep_section(cut, None))
     longer = sweep("longer.json", "--control-from", str(tmp_path / "first.json"), "--continue-steps", "12")
