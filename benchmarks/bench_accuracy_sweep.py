@@ -401,7 +401,8 @@ def main(argv: list[str] | None = None) -> dict:
         control = ([(CONTROL, 0.0, None)] if args.start == "baseline"
                    else [(DISTILLED_CONTROL, 0.0, None)] if args.distill_weight > 0 else [])
         # the control runs last, so a --deadline-s that cuts the sweep short drops it rather than the folding runs
-        # (the λ = 0 run still gives each a gap); first only when the folding runs distill from it
+        # (the λ = 0 run still gives each a gap); first when the folding runs distill from it, and right after the
+        # λ = 0 run when a --control-from control turns out not to be reusable (below)
         pending = [("lambda=0", 0.0, None)] + (control + folding if args.teacher == "control" else folding + control)
         while pending:
             label, lam, blocks = pending.pop(0)

@@ -1,7 +1,7 @@
 """Layer-fold an ImageNet-pretrained EfficientNet-Lite0 while fine-tuning it on Fashion-MNIST, on a CPU.
 
 Run it with ``make demo`` (or ``python examples/demo.py --help``). The defaults are sized to finish well within
-15 minutes on 2 CPU cores (1.8 min on an idle 2-core AMD EPYC, ``benchmarks/results/demo_cpu.json``; up to 5.6 min
+15 minutes on 2 CPU cores (1.8 min on a 2-core AMD EPYC, ``benchmarks/results/demo_cpu.json``; up to 5.6 min
 on a 2-core Xeon shared with other jobs); the flags lift every bound (subset sizes, resolution, epochs, ...).
 ``DEMO_JSON=FILE`` writes what it measured, with its flags and environment, to FILE.
 
@@ -277,7 +277,7 @@ def run(args: argparse.Namespace) -> dict:
             "after": {"accuracy": folded_acc, **stats_after.to_dict(), "latency_ms": latency["after"],
                       "large_batch_latency_ms": large and large["after"]},
             "linear_sites": list(folded.layerfold_plan.linear_sites), "fold_max_abs_diff": fold_err,
-            "reload_max_abs_diff": reload_diff, "wall_time_s": wall, "settings": vars(args),
+            "reload_max_abs_diff": reload_diff, "wall_time_s": wall, "settings": dict(vars(args)),
             "environment": environment()}
 
 

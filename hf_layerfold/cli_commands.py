@@ -236,7 +236,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args.model, data.num_classes, pretrained=args.pretrained)
     result = evaluate_model(model, data.eval, image_size=args.image_size, batch_size=args.batch_size,
                             device=args.device, num_workers=args.num_workers, progress=not args.quiet)
-    result.update(model=args.model, dataset=args.dataset, split=data.eval_split)
+    result.update(model=args.model, dataset=args.dataset, split=data.eval_split, device=args.device)
     if args.json:
         print(json.dumps(result))
     else:
@@ -374,7 +374,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
     if not 0 <= args.min_saving < 1:
         raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
     out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
-    args.device = str(torch_device(args.device))  # "auto" resolved: the saved gains name the device they ran on
+    args.device = str(torch_device(args.device))  # "auto" resolved: the logs and --json name the device timed on
     arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
     if is_folded_dir(Path(arch).expanduser()):
         raise CLIError(f"{arch} is a folded save: it has no folds left to time; gains takes the timm name of its "
