@@ -67,6 +67,7 @@ from hf_layerfold.hub import is_folded_save
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 from hf_layerfold.trainer import LayerFoldingTrainer
 from hf_layerfold.workflow import (
+    cpu_model_name,
     evaluate_model,
     fmt_count,
     format_table,
@@ -164,13 +165,7 @@ def environment() -> dict:
     """What the demo's figures depend on besides its flags (``DEMO_JSON`` records it beside them)."""
     import transformers
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_model_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
             "transformers": transformers.__version__, "hf_layerfold": hf_layerfold.__version__}
 

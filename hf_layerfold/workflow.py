@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import difflib
 import logging
+import platform
 import random
 import re
 import statistics
@@ -351,6 +352,17 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
     if total == 0:
         raise CLIError("the evaluation dataset is empty")
     return {"top1": top1 / total, "top5": top5 / total, "images": total}
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name, for the record beside a timing (``/proc/cpuinfo`` where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, batch_size: int = 1,
