@@ -34,7 +34,7 @@ from .cli_commands import (  # the commands (and PROG) used to live here: still 
 )
 from .cli_config import add_config_flags, build_config, read_mapping_file  # noqa: F401  (build_config: re-exported)
 from .config import LayerFoldingConfig
-from .workflow import DTYPES, FASHION_MNIST, LITE0_ALIAS, CLIError
+from .workflow import DTYPES, FASHION_MNIST, LITE0_ALIAS, CLIError, torch_device
 
 # The LayerFoldingConfig fields that decide what a fold makes (gains takes these; the others only shape training).
 FOLD_SHAPE_FIELDS = ("target_modules", "exclude_modules", "alpha_sharing", "max_kernel_size", "max_macs_increase",
@@ -370,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 build_parser()[0].print_help(sys.stderr)
                 return 2
             _setup_logging(args.verbose, args.quiet)
+            if getattr(args, "device", None):  # "auto" resolved once: results and logs name the device used
+                args.device = str(torch_device(args.device))
             if not args.threads:
                 return int(args.func(args) or 0)
             import torch

@@ -37,7 +37,6 @@ from .workflow import (
     plan_source,
     set_input_size,
     suggest_model_names,
-    torch_device,
     training_arguments,
 )
 
@@ -121,7 +120,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         raise CLIError("--push-to-hub needs --repo-id (e.g. your-org/mobilenetv2-folded)")
     if args.repo_id:
         _check_repo_id(args.repo_id)
-    device = str(torch_device(args.device))
+    device = args.device  # resolved by main (cli.py)
     folded_input = model_kind(args.model) == "folded"  # a folded save trains on as itself: no search, no plan
     if args.plan and folded_input:
         raise CLIError(f"--plan applies to an unfolded model; {args.model} is already folded with its own plan")
@@ -231,7 +230,6 @@ def _fix_plan(model, spec: str, config):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     model_kind(args.model)
-    args.device = str(torch_device(args.device))  # "auto" resolved: the result names the device used
     data = load_data(args.dataset, eval_size=args.limit, seed=args.seed, need_train=False, eval_split=args.split)
     model = load_model(args.model, data.num_classes, pretrained=args.pretrained)
     result = evaluate_model(model, data.eval, image_size=args.image_size, batch_size=args.batch_size,
@@ -263,7 +261,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from .stats import fold_stats
 
     sizes = _parse_batch_sizes(args.batch_sizes)
-    args.device = str(torch_device(args.device))  # "auto" resolved: timings name the device they ran on
     if model_kind(args.model) != "folded":  # before anything is loaded (a timm name would download weights)
         raise CLIError(f"{args.model} is not a folded save; benchmark compares a folded save (directory or Hub id) "
                        "with its base model")
@@ -374,7 +371,6 @@ def cmd_gains(args: argparse.Namespace) -> int:
     if not 0 <= args.min_saving < 1:
         raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
     out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
-    args.device = str(torch_device(args.device))  # "auto" resolved: the logs and --json name the device timed on
     arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
     if is_folded_dir(Path(arch).expanduser()):
         raise CLIError(f"{arch} is a folded save: it has no folds left to time; gains takes the timm name of its "
