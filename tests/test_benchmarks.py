@@ -510,6 +510,28 @@ def test_plan_pick_prefers_the_fast_enough_in_order_then_the_fastest(tmp_path):
     assert json.loads((tmp_path / "pick.json").read_text())["rows"][0]["speedup_vs_bn_fused"] > 0
 
 
+def test_plan_estimate_adds_measured_whole_blocks_and_bounds_fused_ones(tmp_path):
+    from benchmarks import estimate_plan_gains as est
+
+    out = tmp_path / "est.json"
+    result = est.main(["--plan", "whole=bn1,blocks.4.1", "--plan", "fused=blocks.1.0.bn1.act", "--out", str(out)])
+    gains = json.loads((Path(est.RESULTS_DIR) / "fold_gains_cuda_b128.json").read_text())
+    base, groups = gains["baseline_ms"], gains["groups"]
+    whole, fused = result["rows"]
+    # whole groups: exactly their measured savings, summed; nothing to bound
+    expected = 2 * base - groups["bn1.act"]["ms"] - groups["blocks.4.1.bn1.act"]["ms"]
+    assert whole["saving_ms"] == pytest.approx(expected, abs=2e-3)
+    assert whole["speedup_estimate"] == whole["speedup_convs_only"] == pytest.approx(base / (base - expected), 2e-3)
+    # a fused block: its conv part alone is the lower bound, and it saves less than the whole block measured
+    block = next(b for b in result["blocks"] if b["block"] == "blocks.1.0")
+    assert 1 < fused["speedup_convs_only"] < fused["speedup_estimate"]
+    assert block["fused_conv_part_ms"] < block["fused_estimate_ms"] < block["whole_ms_measured"]
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    with pytest.raises(SystemExit, match="expand activation"):
+        est.main(["--plan", "x=blocks.1.0.bn2.act", "--out", str(tmp_path / "no.json")])
+    assert not (tmp_path / "no.json").exists()
+
+
 def test_gpu_ablation_times_the_single_sites_around_l002(tmp_path):
     run = next(line.split() for line in _python_calls(tmp_path, "gpu_ablation.sh") if "bench_plan_ablation" in line)
     assert "--sites" in run and run[run.index("--plan") + 1].startswith("l002=bn1,blocks.1.1,")
