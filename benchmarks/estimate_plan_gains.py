@@ -1,16 +1,16 @@
 """Estimated cuda batch-128 speed-up of plans with fused blocks, from what an H100 measured, before a GPU times them.
 
 No GPU has timed a fused block (an inverted residual with only its expand activation linear, so its expand and
-depthwise convs merge into one dense conv). Two H100 files bound what one saves at cuda b128 224 fp32:
+depthwise convs merge into one dense conv). Two H100 files give an estimate of what one saves at cuda b128 224 fp32:
 ``merge_costs`` in ``merge_policy_cuda.json`` times every conv and every merge of them as a lone conv on that cell
 (the fused block's dense conv among them), and ``fold_gains_cuda_b128.json`` times each block folded whole. A whole
 fold saves its convs' time minus the merged conv's (the *conv part*, from the first file) and its two activations
-(and a residual add); the rest of each block's measured saving is fitted as one cost per activation element over all
-blocks (each block's miss is stored). A fused block saves its expand and depthwise convs minus their merged conv, and
-its first activation at that cost. Whole blocks keep their measured saving; savings add (they did within 0.05 ms for
-whole blocks, and a little above the sum for the stem with ``blocks.0.0``). *Convs only* counts a fused block's conv
-part alone, as if removing its activation saved nothing. These are estimates, not timings: ``bench_plan_pick`` times
-the candidates on the GPU itself.
+(and a residual add); the rest of each block's measured saving is fitted, by least squares through zero over the
+inverted residuals, as one cost per activation element (each block's miss is stored). A fused block saves its expand
+and depthwise convs minus their merged conv, and its first activation at that cost. Whole blocks keep their measured
+saving, and savings add (they did within 0.05 ms for whole blocks; the stem and ``blocks.0.0`` save about 0.5 ms
+more together than alone, which is not added). *Convs only* counts a fused block's conv part alone, as if removing
+its activation saved nothing. These are estimates, not timings: ``bench_plan_pick`` times plans on the GPU itself.
 
 ``python -m benchmarks.estimate_plan_gains --plan fused_early=blocks.1.0.bn1.act,... --plan l002_b00=bn1,...``
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import timm
@@ -28,6 +29,7 @@ import hf_layerfold as lf
 
 from .bench_accuracy_sweep import parse_plans
 from .harness import RESULTS_DIR, log, write_json
+from .report_common import device_label
 
 CELL = "cuda b128 224 fp32"
 BATCH = 128
@@ -72,21 +74,31 @@ def fit_activation_cost(parts: dict[str, dict]) -> float:
     return sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
 
 
+def check_plan(plan: list[str], costs: dict[str, float], whole_ms: dict[str, float]) -> None:
+    """Every entry is a group the fold gains timed whole, or the expand activation of an inverted residual whose convs
+    the merge costs timed, and no block is named both ways."""
+    for entry in plan:
+        block = entry.removesuffix(".bn1.act")
+        fused = block != entry and f"{block}.conv_pw>{block}.conv_dw" in costs
+        if entry not in whole_ms and not fused:
+            raise SystemExit(f"--plan entry {entry!r}: only whole groups ({', '.join(whole_ms)}) or an inverted "
+                             f"residual's expand activation (e.g. blocks.1.0.bn1.act) can be estimated")
+        if fused and block in plan:
+            raise SystemExit(f"--plan names {block!r} both whole and fused ({entry!r}); give one")
+
+
 def estimate(plan: list[str], parts: dict[str, dict], whole_ms: dict[str, float], rate: float) -> tuple[float, float]:
-    """(estimated saving, the same with fused blocks counted by their conv part only) in ms, for a plan of block
-    names and expand-activation sites."""
+    """(estimated saving, the same with fused blocks counted by their conv part only) in ms, for a plan that
+    :func:`check_plan` passed."""
     saving = convs = 0.0
     for entry in plan:
         if entry in whole_ms:
             saving += whole_ms[entry]
             convs += whole_ms[entry]
-        elif entry.endswith(".bn1.act") and entry[: -len(".bn1.act")] in parts:
-            p = parts[entry[: -len(".bn1.act")]]
+        else:
+            p = parts[entry.removesuffix(".bn1.act")]
             saving += p["conv_fused_ms"] + rate * p["act1_elems"]
             convs += p["conv_fused_ms"]
-        else:
-            raise SystemExit(f"--plan entry {entry!r}: only whole groups ({', '.join(whole_ms)}) or an inverted "
-                             f"residual's expand activation (e.g. blocks.1.0.bn1.act) can be estimated")
     return saving, convs
 
 
@@ -96,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="blocks folded whole and expand-activation sites, as bench_accuracy_sweep --plan")
     parser.add_argument("--merge-policy", type=Path, default=RESULTS_DIR / "merge_policy_cuda.json")
     parser.add_argument("--fold-gains", type=Path, default=RESULTS_DIR / "fold_gains_cuda_b128.json")
-    parser.add_argument("--out", default=str(RESULTS_DIR / "plan_estimate_cuda_b128.json"))
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "plan_estimate_cuda_b128.json")
     args = parser.parse_args(argv)
     plans = parse_plans(parser, args.plan)
     try:
@@ -104,11 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
         costs, base_ms = policy["merge_costs"][CELL], gains["baseline_ms"]
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"needs the H100's {CELL} merge costs and fold gains: {err}") from None
-    if (gains.get("batch_size"), gains.get("dtype")) != (BATCH, "fp32"):
+    if (gains.get("batch_size"), gains.get("dtype"), gains.get("channels_last"), gains.get("input_size")) != (
+            BATCH, "fp32", False, [3, 224, 224]):
         raise SystemExit(f"{args.fold_gains}: fold gains of another cell, not {CELL}")
     # each group named as a plan names it: a block, or "bn1" for the stem
     whole_ms = {(k[: -len(".bn1.act")] if k.startswith("blocks.") else k[: -len(".act")]): base_ms - v["ms"]
                 for k, v in gains["groups"].items()}
+    for sites in plans.values():
+        check_plan(sites, costs, whole_ms)
     model = lf.prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=10), lf.LayerFoldingConfig())
     parts = block_parts(costs, whole_ms, activation_numel(model, 224))
     rate = fit_activation_cost(parts)
@@ -127,8 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "speedup_estimate": round(base_ms / (base_ms - saving), 3),
                      "speedup_convs_only": round(base_ms / (base_ms - convs), 3)})
     result = {"benchmark": "plan_estimate", "title": f"Estimated, not timed: plans with fused blocks at {CELL}",
-              "description": " ".join(__doc__.split("\n\n")[1].split()), "device": policy.get("device"),
-              "cell": CELL, "sources": [str(args.merge_policy.name), str(args.fold_gains.name)],
+              "description": " ".join(__doc__.split("\n\n")[1].split()),
+              "device": f"none (an estimate from measurements on {device_label(policy.get('device'))})",
+              "cell": CELL,
+              "argv": list(sys.argv[1:] if argv is None else argv),
+              "sources": [args.merge_policy.name, args.fold_gains.name],
               "bn_fused_ms": round(base_ms, 3), "activation_ms_per_1e9_elements": round(rate * 1e9, 3),
               "blocks": blocks, "rows": rows}
     write_json(args.out, result)

@@ -510,7 +510,7 @@ def test_plan_pick_prefers_the_fast_enough_in_order_then_the_fastest(tmp_path):
     assert json.loads((tmp_path / "pick.json").read_text())["rows"][0]["speedup_vs_bn_fused"] > 0
 
 
-def test_plan_estimate_adds_measured_whole_blocks_and_bounds_fused_ones(tmp_path):
+def test_plan_estimate_adds_measured_whole_blocks_and_estimates_fused_ones(tmp_path):
     from benchmarks import estimate_plan_gains as est
 
     out = tmp_path / "est.json"
@@ -518,17 +518,27 @@ def test_plan_estimate_adds_measured_whole_blocks_and_bounds_fused_ones(tmp_path
     gains = json.loads((Path(est.RESULTS_DIR) / "fold_gains_cuda_b128.json").read_text())
     base, groups = gains["baseline_ms"], gains["groups"]
     whole, fused = result["rows"]
-    # whole groups: exactly their measured savings, summed; nothing to bound
+    # whole groups: exactly their measured savings, summed
     expected = 2 * base - groups["bn1.act"]["ms"] - groups["blocks.4.1.bn1.act"]["ms"]
     assert whole["saving_ms"] == pytest.approx(expected, abs=2e-3)
     assert whole["speedup_estimate"] == whole["speedup_convs_only"] == pytest.approx(base / (base - expected), 2e-3)
-    # a fused block: its conv part alone is the lower bound, and it saves less than the whole block measured
-    block = next(b for b in result["blocks"] if b["block"] == "blocks.1.0")
-    assert 1 < fused["speedup_convs_only"] < fused["speedup_estimate"]
-    assert block["fused_conv_part_ms"] < block["fused_estimate_ms"] < block["whole_ms_measured"]
+    # the fit: each whole block's saving is its conv part + fitted activations + miss, and the misses are orthogonal
+    # to the activation elements (least squares through zero); blocks.1.0's expand output is 96 x 112 x 112
+    rate = result["activation_ms_per_1e9_elements"] / 1e9
+    blocks = {b["block"]: b for b in result["blocks"]}
+    assert len(blocks) == 15 and "blocks.0.0" not in blocks
+    for b in blocks.values():
+        assert b["conv_part_ms"] + b["activations_fit_ms"] + b["residual_ms"] == pytest.approx(b["whole_ms_measured"],
+                                                                                               abs=2e-3)
+    assert sum(b["residual_ms"] * b["activations_fit_ms"] for b in blocks.values()) == pytest.approx(0, abs=1e-2)
+    b10 = blocks["blocks.1.0"]
+    assert b10["fused_estimate_ms"] == pytest.approx(b10["fused_conv_part_ms"] + rate * 96 * 112 * 112 * 128, abs=2e-3)
+    assert fused["saving_ms"] == pytest.approx(b10["fused_estimate_ms"], abs=2e-3)
+    assert fused["speedup_convs_only"] == pytest.approx(base / (base - b10["fused_conv_part_ms"]), abs=2e-3)
     assert json.loads(out.read_text())["rows"] == result["rows"]
-    with pytest.raises(SystemExit, match="expand activation"):
-        est.main(["--plan", "x=blocks.1.0.bn2.act", "--out", str(tmp_path / "no.json")])
+    for bad, match in (("blocks.1.0.bn2.act", "expand activation"), ("blocks.1.0,blocks.1.0.bn1.act", "both")):
+        with pytest.raises(SystemExit, match=match):
+            est.main(["--plan", f"x={bad}", "--out", str(tmp_path / "no.json")])
     assert not (tmp_path / "no.json").exists()
 
 
