@@ -112,16 +112,17 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     plans = parse_plans(parser, args.plan)
     try:
-        policy, gains = (json.loads(p.read_text()) for p in (args.merge_policy, args.fold_gains))
-        costs, base_ms = policy["merge_costs"][CELL], gains["baseline_ms"]
+        policy = json.loads(args.merge_policy.read_text())
+        costs, gains = policy["merge_costs"][CELL], lf.FoldGains.load(args.fold_gains)
     except (OSError, ValueError, KeyError) as err:
         raise SystemExit(f"needs the H100's {CELL} merge costs and fold gains: {err}") from None
-    if (gains.get("batch_size"), gains.get("dtype"), gains.get("channels_last"), gains.get("input_size")) != (
-            BATCH, "fp32", False, [3, 224, 224]):
+    if (gains.device, gains.batch_size, gains.dtype, gains.channels_last, gains.input_size) != (
+            "cuda", BATCH, "fp32", False, (3, 224, 224)):
         raise SystemExit(f"{args.fold_gains}: fold gains of another cell, not {CELL}")
+    base_ms = gains.baseline_ms
     # each group named as a plan names it: a block, or "bn1" for the stem
-    whole_ms = {(k[: -len(".bn1.act")] if k.startswith("blocks.") else k[: -len(".act")]): base_ms - v["ms"]
-                for k, v in gains["groups"].items()}
+    whole_ms = {(k.removesuffix(".bn1.act") if k.startswith("blocks.") else k.removesuffix(".act")): ms
+                for k, ms in gains.saved_ms().items()}
     for sites in plans.values():
         check_plan(sites, costs, whole_ms)
     model = lf.prepare_model(timm.create_model("tf_efficientnet_lite0", num_classes=10), lf.LayerFoldingConfig())
