@@ -14,6 +14,7 @@ from pathlib import Path
 from hf_layerfold.files import write_text_atomic
 
 from .report_common import device_label, fmt, md_table, pyplot_or_none, save_figure
+from .report_plans import plan_seed_section
 from .report_sweeps import (
     _on_target,
     _proxy_bullet,
@@ -377,6 +378,7 @@ def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | Non
     bullets = summary(found)
     lines += bullets
     lines += proxy_section(proxy_sweeps(found), results_dir)
+    lines += plan_seed_section(found, results_dir)
     if readme is not None:
         update_readme(Path(readme), bullets)
     for path, data in found:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
-from benchmarks import report, report_sweeps  # noqa: E402
+from benchmarks import report, report_plans, report_sweeps  # noqa: E402
 
 
 def _finite_positive(value) -> bool:
@@ -405,6 +405,42 @@ def test_report_summary_one_bullet_per_kind_and_a_proxy_table(tmp_path):
     assert ("| `accuracy_sweep_b.json` | 1 | all/all | site | pretrained | 10 | 88 | none (closest: λ = 0.04) | −1 "
             f"| 25 | 1.4 | {cpu} | – |") in table
     assert "accuracy_sweep_cuda.json" not in table
+
+
+def _plan_sweep(seed: int, plan_top1: float, control_top1: float = 93.0, **settings) -> dict:
+    """A CPU sweep with λ = 0 (92.5 %), its control and one fixed plan `p1` (blocks a, b)."""
+    rows = [{"run": "lambda=0", "lambda_reg": 0.0, "top1_pct": 92.5, "top1_gap_points": 0.0},
+            {"run": "lambda=0 continued", "lambda_reg": 0.0, "top1_pct": control_top1, "control": True,
+             "top1_gap_points": round(92.5 - control_top1, 2)},
+            {"run": "plan=p1", "lambda_reg": 0.0, "top1_pct": plan_top1, "fixed_plan": ["b", "a"],
+             "sites_past_threshold": 4, "depth_after": 40, "top1_gap_points": round(92.5 - plan_top1, 2),
+             "top1_gap_vs_control_points": round(control_top1 - plan_top1, 2)}]
+    return {"benchmark": "accuracy_sweep", "device": {"device": "cpu", "cpu": "Test CPU"},
+            "settings": {"seed": seed, "steps": 2000, "train_size": 0, **settings},
+            "target": {"speedup": 1.6, "max_top1_loss_points": 0.5, "cell": "cuda b128 224 float32"}, "rows": rows}
+
+
+def test_report_gathers_each_fixed_plan_over_its_seeds(tmp_path):
+    """One row per plan and recipe trained on two seeds or more: each seed's loss against its own control, their mean
+    and standard error, the seeds within the limit, and the estimated speed-up of the same blocks; a plan seen on one
+    seed only, and a seed seen twice, add no row or no entry."""
+    files = {"s2.json": _plan_sweep(2, 92.7), "s3.json": _plan_sweep(3, 92.3),  # −0.3, −0.7 against 93.0
+             "s3_again.json": _plan_sweep(3, 93.0),  # the same seed again: the first file's run counts
+             "s4.json": _plan_sweep(4, 92.9, control_top1=92.4),  # control below λ = 0: judged against λ = 0
+             "short2.json": _plan_sweep(2, 92.0, steps=400), "short3.json": _plan_sweep(3, 92.8, steps=400),
+             "other.json": _plan_sweep(2, 90.0, steps=800),  # a recipe with one seed: no row
+             "quick.json": {**_plan_sweep(5, 80.0), "quick": True},
+             "plan_estimate_cuda_b128.json": {"rows": [{"plan": "x", "sites": ["a", "b"], "speedup_estimate": 1.7}]}}
+    for name, data in files.items():
+        (tmp_path / name).write_text(json.dumps(data))
+    section = "\n".join(report_plans.plan_seed_section(report.load_results(tmp_path), tmp_path))
+    # losses 0.3, 0.7 and 92.5 − 92.9 = −0.4 (a gain): mean 0.2, standard deviation 0.5567, ÷ √3
+    assert "| R1 | `p1` | 4 | 40 | 2, 3, 4 | −0.3 / −0.7 / +0.4 | −0.2 | 0.32 | 2 of 3 | 1.7 |" in section
+    assert "| R2 | `p1` | 4 | 40 | 2, 3 | −1 / −0.2 | −0.6 | 0.40 | 1 of 2 | 1.7 |" in section  # fewer runs: second
+    assert "| recipe | steps |" in section and "| R1 | 2000 |" in section and "| R2 | 400 |" in section
+    assert "R3" not in section and "800" not in section  # the 800-step recipe has one seed: no row
+    one_recipe = [(p, d) for p, d in report.load_results(tmp_path) if d.get("settings", {}).get("steps") == 2000]
+    assert "The recipes differ" not in "\n".join(report_plans.plan_seed_section(one_recipe, tmp_path))
 
 
 def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(tmp_path):
