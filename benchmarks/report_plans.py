@@ -26,7 +26,7 @@ def plan_seed_groups(sweeps: list[tuple[Path, dict]]) -> list[dict]:
     """Each (recipe, plan) with its top-1 loss per seed (:func:`top1_loss_points`: against the higher of λ = 0 and
     the control), for the fixed plans of non-quick sweeps; a seed seen twice keeps its first file's run (by name)."""
     groups: dict[tuple, dict] = {}
-    for path, data in sorted(sweeps, key=lambda pd: pd[0].name):
+    for _, data in sorted(sweeps, key=lambda pd: pd[0].name):
         if data.get("benchmark") != "accuracy_sweep" or data.get("quick"):
             continue
         key, settings = _recipe(data)
@@ -38,10 +38,8 @@ def plan_seed_groups(sweeps: list[tuple[Path, dict]]) -> list[dict]:
             blocks = tuple(sorted(row["fixed_plan"]))
             group = groups.setdefault((key, row["run"], blocks), {
                 "plan": row["run"].removeprefix("plan="), "blocks": list(blocks), "settings": settings,
-                "sites": row.get("sites_past_threshold"), "depth": row.get("depth_after"), "losses": {},
-                "files": {}})
-            if seed not in group["losses"]:
-                group["losses"][seed], group["files"][seed] = loss, path.name
+                "sites": row.get("sites_past_threshold"), "depth": row.get("depth_after"), "losses": {}})
+            group["losses"].setdefault(seed, loss)
     return list(groups.values())
 
 
@@ -68,8 +66,35 @@ def _estimates(results_dir: Path) -> dict[tuple, float]:
             if r.get("sites") and r.get("speedup_estimate")}
 
 
+def _shown(sweeps: list[tuple[Path, dict]]) -> list[dict]:
+    return [g for g in plan_seed_groups(sweeps) if len(g["losses"]) > 1]
+
+
+def plan_seed_bullet(sweeps: list[tuple[Path, dict]], results_dir: Path) -> str | None:
+    """The README's line on the table: how many plans held the limit on every seed, and of those the one estimated
+    fastest at the target's cell."""
+    groups = _shown(sweeps)
+    if not groups:
+        return None
+    limit = _limit(next(d for _, d in sweeps if d.get("benchmark") == "accuracy_sweep"))
+    estimates = _estimates(results_dir)
+    held = [g for g in groups if max(g["losses"].values()) <= limit]
+    devices = ", ".join(sorted({str(g["settings"]["device"]) for g in groups}))
+    line = (f"Fixed plans across seeds ({devices} sweeps; RESULTS.md, \"Fixed plans across seeds\"): {len(held)} of "
+            f"{len(groups)} plans trained on two seeds or more lost at most {limit} point to the control on every seed")
+    rated = [g for g in held if tuple(g["blocks"]) in estimates]
+    if rated:
+        best = max(rated, key=lambda g: estimates[tuple(g["blocks"])])
+        mean = statistics.mean(best["losses"].values())
+        line += (f"; of these, the one estimated fastest at the target's cell is `{best['plan']}` "
+                 f"({estimates[tuple(best['blocks'])]}× estimated, not timed; {_signed(round(mean, 2))} point on "
+                 f"average over {len(best['losses'])} seeds)")
+    return line + "."
+
+
 def plan_seed_section(sweeps: list[tuple[Path, dict]], results_dir: Path) -> list[str]:
-    groups = [g for g in plan_seed_groups(sweeps) if len(g["losses"]) > 1]
+    """The table, grouped by recipe (most runs first, each by mean loss), and a legend of what tells recipes apart."""
+    groups = _shown(sweeps)
     if not groups:
         return []
     limit = _limit(next(d for _, d in sweeps if d.get("benchmark") == "accuracy_sweep"))

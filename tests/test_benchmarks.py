@@ -441,6 +441,14 @@ def test_report_gathers_each_fixed_plan_over_its_seeds(tmp_path):
     assert "R3" not in section and "800" not in section  # the 800-step recipe has one seed: no row
     one_recipe = [(p, d) for p, d in report.load_results(tmp_path) if d.get("settings", {}).get("steps") == 2000]
     assert "The recipes differ" not in "\n".join(report_plans.plan_seed_section(one_recipe, tmp_path))
+    assert report_plans.plan_seed_bullet(report.load_results(tmp_path), tmp_path) == (
+        'Fixed plans across seeds (cpu sweeps; RESULTS.md, "Fixed plans across seeds"): 0 of 2 plans trained on two '
+        "seeds or more lost at most 0.5 point to the control on every seed.")
+    held = [(p, d) for p, d in one_recipe if p.name in ("s2.json", "s4.json")]  # −0.3 and +0.4: within 0.5
+    assert report_plans.plan_seed_bullet(held, tmp_path).endswith(
+        "1 of 1 plans trained on two seeds or more lost at most 0.5 point to the control on every seed; of these, the "
+        "one estimated fastest at the target's cell is `p1` (1.7× estimated, not timed; +0.05 point on average over "
+        "2 seeds).")
 
 
 def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(tmp_path):
