@@ -244,7 +244,7 @@ def load_results(results_dir: Path) -> list[tuple[Path, dict]]:
     return sorted(found, key=lambda pd: (rank.get(pd[1]["benchmark"], len(ORDER)), pd[0].name))
 
 
-def summary(found: list[tuple[Path, dict]], results_dir: Path | None = None) -> list[str]:
+def summary(found: list[tuple[Path, dict]]) -> list[str]:
     """A few bullets read from the results (no number here is typed in by hand)."""
     bullets = []
     for path, data in found:
@@ -282,7 +282,7 @@ def summary(found: list[tuple[Path, dict]], results_dir: Path | None = None) -> 
     proxies = proxy_sweeps(found)
     if proxies:
         bullets.append(_proxy_bullet(proxies))
-    seeds = plan_seed_bullet(found, results_dir) if results_dir is not None else None
+    seeds = plan_seed_bullet(found)
     if seeds:
         bullets.append(seeds)
     return [f"- {b}" for b in bullets] + [""] if bullets else []
@@ -378,10 +378,10 @@ def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | Non
              "folder; every number below is read from them. Every table names the device it was measured on. "
              "See `benchmarks/README.md` for what each benchmark measures.", ""]
     found = load_results(results_dir)
-    bullets = summary(found, results_dir)
+    bullets = summary(found)
     lines += bullets
     lines += proxy_section(proxy_sweeps(found), results_dir)
-    lines += plan_seed_section(found, results_dir)
+    lines += plan_seed_section(found)
     if readme is not None:
         update_readme(Path(readme), bullets)
     for path, data in found:

@@ -12,117 +12,129 @@ from pathlib import Path
 from .report_common import md_table
 from .report_sweeps import _limit, _signed, top1_loss_points
 
-PLAN_ESTIMATE = "plan_estimate_cuda_b128.json"  # estimate_plan_gains.py: each plan's speed-up at the target's cell
+# Settings that later sweeps record and earlier ones did not: an earlier sweep ran at the value the option was added
+# with (the behaviour before it existed), so a missing setting reads as that value and does not split a recipe.
+SETTING_DEFAULTS = {"teacher": "baseline", "plan_ramp_steps": 0, "folded_steps": 0, "folded_lr": 3e-4,
+                    "continue_steps": None, "start": "pretrained", "distill_weight": 0.0, "distill_temperature": 2.0,
+                    "alpha_sharing": "site"}
+NO_CONTROL = "*"  # marks a seed whose sweep had no control: its loss is against λ = 0 alone
 
 
 def _recipe(data: dict) -> tuple[str, dict]:
     """What a run learns from, seed aside: the device kind and the sweep's settings (a key and the settings)."""
-    settings = {k: v for k, v in (data.get("settings") or {}).items() if k != "seed"}
-    settings["device"] = (data.get("device") or {}).get("device", "?")
+    settings = {**SETTING_DEFAULTS, **{k: v for k, v in (data.get("settings") or {}).items() if k != "seed"}}
+    device = data.get("device")
+    settings["device"] = device.get("device", "?") if isinstance(device, dict) else str(device or "?")
     return json.dumps(settings, sort_keys=True, default=str), settings
 
 
-def plan_seed_groups(sweeps: list[tuple[Path, dict]]) -> list[dict]:
+def plan_seed_groups(found: list[tuple[Path, dict]]) -> list[dict]:
     """Each (recipe, plan) with its top-1 loss per seed (:func:`top1_loss_points`: against the higher of λ = 0 and
-    the control), for the fixed plans of non-quick sweeps; a seed seen twice keeps its first file's run (by name)."""
+    the control), for the fixed plans of non-quick sweeps that name their seed; a seed seen twice keeps its first
+    file's run (by name)."""
     groups: dict[tuple, dict] = {}
-    for _, data in sorted(sweeps, key=lambda pd: pd[0].name):
-        if data.get("benchmark") != "accuracy_sweep" or data.get("quick"):
+    for _, data in sorted(found, key=lambda pd: pd[0].name):
+        seed = (data.get("settings") or {}).get("seed")
+        if data.get("benchmark") != "accuracy_sweep" or data.get("quick") or seed is None:
             continue
         key, settings = _recipe(data)
-        seed = (data.get("settings") or {}).get("seed")
-        for row in data.get("rows", []):
+        rows = data.get("rows") or []
+        controlled = any(r.get("control") for r in rows)
+        for row in rows:
             loss = top1_loss_points(row)
             if not row.get("fixed_plan") or loss is None:
                 continue
             blocks = tuple(sorted(row["fixed_plan"]))
             group = groups.setdefault((key, row["run"], blocks), {
-                "plan": row["run"].removeprefix("plan="), "blocks": list(blocks), "settings": settings,
-                "sites": row.get("sites_past_threshold"), "depth": row.get("depth_after"), "losses": {}})
-            group["losses"].setdefault(seed, loss)
-    return list(groups.values())
+                "plan": row["run"].removeprefix("plan="), "blocks": blocks, "recipe": key, "settings": settings,
+                "limit": _limit(data), "sites": row.get("sites_past_threshold"), "depth": row.get("depth_after"),
+                "losses": {}, "controlled": {}})
+            if seed not in group["losses"]:
+                group["losses"][seed], group["controlled"][seed] = loss, controlled
+    return [g for g in groups.values() if len(g["losses"]) > 1]
 
 
-def _varying(groups: list[dict]) -> list[str]:
-    """The settings whose values differ between the recipes shown: what tells them apart."""
-    keys = sorted({k for g in groups for k in g["settings"]})
-    return [k for k in keys if len({json.dumps(g["settings"].get(k), default=str) for g in groups}) > 1]
+def _estimates(found: list[tuple[Path, dict]], cell: str) -> dict[tuple, dict]:
+    """The plan-estimate file's rows by plan (its sorted blocks), when that file estimates the target's ``cell``."""
+    want = cell.replace("float32", "fp32")
+    for _, data in found:
+        if data.get("benchmark") == "plan_estimate" and data.get("cell") == want:
+            return {tuple(sorted(r["sites"])): r for r in data.get("rows", []) if r.get("sites")}
+    return {}
+
+
+def _target_cell(found: list[tuple[Path, dict]]) -> str:
+    return next(((d.get("target") or {}).get("cell") for _, d in found if (d.get("target") or {}).get("cell")), "")
+
+
+def _estimate(estimates: dict, group: dict) -> str:
+    row = estimates.get(group["blocks"])
+    return f"{row['speedup_estimate']}× ({row['speedup_convs_only']}×)" if row else "–"
 
 
 def _setting(settings: dict, key: str):
+    """A legend cell: the whole split for a size of 0, a dash for a setting not set."""
     value = settings.get(key)
     if key in ("train_size", "test_size") and value == 0:
-        return "all"  # 0: the whole split
+        return "all"
     return "–" if value is None else value
 
 
-def _estimates(results_dir: Path) -> dict[tuple, float]:
-    """Estimated speed-ups at the target's cell by plan (its sorted blocks), where the estimate file is there."""
-    try:
-        data = json.loads((Path(results_dir) / PLAN_ESTIMATE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {tuple(sorted(r["sites"])): r["speedup_estimate"] for r in data.get("rows", [])
-            if r.get("sites") and r.get("speedup_estimate")}
-
-
-def _shown(sweeps: list[tuple[Path, dict]]) -> list[dict]:
-    return [g for g in plan_seed_groups(sweeps) if len(g["losses"]) > 1]
-
-
-def plan_seed_bullet(sweeps: list[tuple[Path, dict]], results_dir: Path) -> str | None:
-    """The README's line on the table: how many plans held the limit on every seed, and of those the one estimated
-    fastest at the target's cell."""
-    groups = _shown(sweeps)
+def plan_seed_bullet(found: list[tuple[Path, dict]]) -> str | None:
+    """The README's line on the table: how many rows held the limit on every seed, and of those with an estimate
+    the one estimated fastest at the target's cell (with its convs-only figure: the estimate's weaker part)."""
+    groups = plan_seed_groups(found)
     if not groups:
         return None
-    limit = _limit(next(d for _, d in sweeps if d.get("benchmark") == "accuracy_sweep"))
-    estimates = _estimates(results_dir)
-    held = [g for g in groups if max(g["losses"].values()) <= limit]
+    held = [g for g in groups if max(g["losses"].values()) <= g["limit"]]
     devices = ", ".join(sorted({str(g["settings"]["device"]) for g in groups}))
     line = (f"Fixed plans across seeds ({devices} sweeps; RESULTS.md, \"Fixed plans across seeds\"): {len(held)} of "
-            f"{len(groups)} plans trained on two seeds or more lost at most {limit} point to the control on every seed")
-    rated = [g for g in held if tuple(g["blocks"]) in estimates]
+            f"{len(groups)} rows (a plan under one recipe, two seeds or more) lost at most "
+            f"{groups[0]['limit']} point on every seed, against the higher of λ = 0 and the control")
+    estimates = _estimates(found, _target_cell(found))
+    rated = [g for g in held if g["blocks"] in estimates]
     if rated:
-        best = max(rated, key=lambda g: estimates[tuple(g["blocks"])])
-        mean = statistics.mean(best["losses"].values())
-        line += (f"; of these, the one estimated fastest at the target's cell is `{best['plan']}` "
-                 f"({estimates[tuple(best['blocks'])]}× estimated, not timed; {_signed(round(mean, 2))} point on "
-                 f"average over {len(best['losses'])} seeds)")
+        best = max(rated, key=lambda g: estimates[g["blocks"]]["speedup_estimate"])
+        row, mean = estimates[best["blocks"]], statistics.mean(best["losses"].values())
+        line += (f"; of those with an estimate, the one estimated fastest at the target's cell is `{best['plan']}`: "
+                 f"{row['speedup_estimate']}× ({row['speedup_convs_only']}× counting its fused blocks' convs "
+                 f"alone), not timed; {_signed(round(mean, 2))} point on average over {len(best['losses'])} seeds")
     return line + "."
 
 
-def plan_seed_section(sweeps: list[tuple[Path, dict]], results_dir: Path) -> list[str]:
+def plan_seed_section(found: list[tuple[Path, dict]]) -> list[str]:
     """The table, grouped by recipe (most runs first, each by mean loss), and a legend of what tells recipes apart."""
-    groups = _shown(sweeps)
+    groups = plan_seed_groups(found)
     if not groups:
         return []
-    limit = _limit(next(d for _, d in sweeps if d.get("benchmark") == "accuracy_sweep"))
-    estimates = _estimates(results_dir)
+    estimates = _estimates(found, _target_cell(found))
     recipes: dict[str, list[dict]] = {}
     for g in groups:
-        recipes.setdefault(json.dumps(g["settings"], sort_keys=True, default=str), []).append(g)
-    ordered = sorted(recipes.values(), key=lambda gs: -sum(len(g["losses"]) for g in gs))  # most runs first
-    varying = _varying([gs[0] for gs in ordered])
+        recipes.setdefault(g["recipe"], []).append(g)
+    ordered = sorted(recipes.values(), key=lambda gs: -sum(len(g["losses"]) for g in gs))
+    keys = sorted({k for gs in ordered for k in gs[0]["settings"]})
+    varying = [k for k in keys if len({json.dumps(gs[0]["settings"].get(k), default=str) for gs in ordered}) > 1]
     rows, legend = [], []
     for number, recipe_groups in enumerate(ordered, 1):
         legend.append([f"R{number}", *(_setting(recipe_groups[0]["settings"], k) for k in varying)])
         for g in sorted(recipe_groups, key=lambda g: statistics.mean(g["losses"].values())):
-            seeds = sorted(g["losses"], key=lambda s: (s is None, s))
+            seeds = sorted(g["losses"])
             losses = [g["losses"][s] for s in seeds]
             mean, se = statistics.mean(losses), statistics.stdev(losses) / len(losses) ** 0.5
+            per_seed = " / ".join(_signed(g["losses"][s]) + ("" if g["controlled"][s] else NO_CONTROL) for s in seeds)
             rows.append([f"R{number}", f"`{g['plan']}`", g["sites"], g["depth"], ", ".join(map(str, seeds)),
-                         " / ".join(_signed(v) for v in losses), _signed(round(mean, 2)), f"{se:.2f}",
-                         f"{sum(v <= limit for v in losses)} of {len(losses)}",
-                         estimates.get(tuple(g["blocks"]), "–")])
+                         per_seed, _signed(round(mean, 2)), f"{se:.2f}",
+                         f"{sum(v <= g['limit'] for v in losses)} of {len(losses)}", _estimate(estimates, g)])
     return ["## Fixed plans across seeds", "",
-            "Each fixed plan trained with the same recipe on two seeds or more (each seed with its own λ = 0 run "
-            "and control; from the sweeps below). Top-1 change against the higher of λ = 0 and the control, per "
-            "seed in the order listed; mean, and the standard error of that mean (standard deviation over the "
-            f"seeds ÷ √n); how many seeds stay within {limit} point. The last column is the speed-up at the "
-            f"target's cell *estimated* in `{PLAN_ESTIMATE}` for the same blocks, not a measurement; blank where "
-            "it has no such plan. Recipes, most runs first:", "",
+            "Each fixed plan trained with the same recipe on two seeds or more (from the sweeps below). Per seed, "
+            "its top-1 change against that seed's λ = 0 run or, where the sweep has one, its control trained as "
+            f"long, whichever is higher ({NO_CONTROL}: no control in that sweep, against λ = 0 alone); the seeds "
+            "in the order listed. Then the mean, the standard error of that mean (standard deviation over the "
+            "seeds ÷ √n), and how many seeds stay within the target's limit. The last column is the speed-up at "
+            "the target's cell *estimated* (not measured) for the same blocks by `estimate_plan_gains.py`, and in "
+            "brackets with the fused blocks' convs alone, as if their activation saved nothing. Recipes, most "
+            "runs first:", "",
             *md_table(["recipe", "plan", "linear sites", "depth", "seeds", "top-1 change per seed (points)", "mean",
-                       "standard error", "within limit", "estimated speed-up at the target's cell"], rows), "",
-            *(["The recipes differ in these settings (the rest are the same in all; – is a setting not set, or not "
-               "recorded by an older sweep):", "", *md_table(["recipe", *varying], legend), ""] if varying else [])]
+                       "standard error", "within limit", "estimated speed-up at the target's cell"], rows),
+            *(["The recipes differ in these settings (the rest are the same in all; – is a setting not set):", "",
+               *md_table(["recipe", *varying], legend)] if varying else [])]
