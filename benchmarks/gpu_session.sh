@@ -26,18 +26,21 @@ FE=$F,blocks.2.0.bn1.act,blocks.2.1.bn1.act  # fused_early
 S123=$FE,blocks.3.0.bn1.act,blocks.3.1.bn1.act,blocks.3.2.bn1.act  # the fused blocks of stages 1-3
 S5=blocks.5.0,blocks.5.1,blocks.5.2,blocks.5.3
 # candidates (loss against the control on the CPU's full-data recipe): first the most accurate plan estimated above
-# 1.6x (seeds 4 / 5, where fused_s123_b41_b42 was level with it), then the rest most accurate first (seeds 2 / 3).
+# 1.6x (seeds 4-7; level with fused_s123_b41_b42 on seeds 4 / 5), then the rest most accurate first (seeds 2 / 3;
+# fused_s123_s45 ahead of early_f10_f11, level on those seeds, for its estimated margin; session 22 measured it on
+# seeds 4 / 5 too). Over the seeds each has (RESULTS.md, "Fixed plans across seeds"): fused_s12_s45 -0.29 (seeds
+# 4-7), fused_s123_b41_b42 -0.35 (2-5), fused_s123_s45 -0.51 (2-5); each 3, 3 and 2 of 4 seeds within 0.5.
 # Estimated at cuda b128 from the H100's conv costs (results/plan_estimate_cuda_b128.json): fused_s12_s45 1.67x (by
 # 0.07x, within the estimate's doubt), fused_s123_s45 1.78x, fused_s123_b41_b42 1.58x, the rest below. If the timings
 # bear that out, the two trained are fused_s12_s45 and fused_s123_s45; fused_s123_b41_b42 only if it times >= 1.6x.
 CANDIDATES=(
-  "fused_s12_s45=$FE,blocks.4.1,blocks.4.2,$S5"                                   # seeds 4 / 5: -0.08 / -0.20
+  "fused_s12_s45=$FE,blocks.4.1,blocks.4.2,$S5"                                   # 4-7: -0.08/-0.20/-0.51/-0.37
   "f10_f11=$F"                                                                    # -0.10 / -0.30
   "fused_early=$FE"                                                               # -0.21 / -0.45
   "fused_s123=$S123"                                                              # -0.27 / -0.78
   "fused_s123_b41_b42=$S123,blocks.4.1,blocks.4.2"                                # -0.32 / -0.74 (4 / 5: -0.20 / -0.14)
+  "fused_s123_s45=$S123,blocks.4.1,blocks.4.2,$S5"                                # -0.54 / -0.85 (4 / 5: -0.21 / -0.44)
   "early_f10_f11=bn1,$F,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2"   # -0.48 / -0.85
-  "fused_s123_s45=$S123,blocks.4.1,blocks.4.2,$S5"                                # -0.54 / -0.85
   "fused_early_b00=bn1,blocks.0.0,$FE"                                            # -0.70 / -1.15
 )
 FALLBACK="--plan ${CANDIDATES[0]} --plan ${CANDIDATES[4]}"  # if the timing fails: the most accurate plan estimated
