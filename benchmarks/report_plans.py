@@ -59,7 +59,8 @@ def _estimates(found: list[tuple[Path, dict]], cell: str) -> dict[tuple, dict]:
     want = cell.replace("float32", "fp32")
     for _, data in found:
         if data.get("benchmark") == "plan_estimate" and data.get("cell") == want:
-            return {tuple(sorted(r["sites"])): r for r in data.get("rows", []) if r.get("sites")}
+            return {tuple(sorted(r["sites"])): r for r in data.get("rows") or []
+                    if r.get("sites") and r.get("speedup_estimate") and r.get("speedup_convs_only")}
     return {}
 
 
