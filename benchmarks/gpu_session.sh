@@ -2,7 +2,7 @@
 # The next lent GPU session's one device command (a lease has 15 minutes in all; this ends inside 600 s). From the
 # repo root on the GPU machine, `.whl/` and `.gpudata/` carried (`make gpu-carry` fills them here):
 #   bash benchmarks/gpu_session.sh        (run's timeout_s 600, carry [".whl", ".gpudata"])
-# Issue 5. Sessions 15-21 had no GPU and trained fixed plans on the full data on the CPU (EXPERIMENTS.md): whole early
+# Issue 5. Sessions 15-22 had no GPU and trained fixed plans on the full data on the CPU (EXPERIMENTS.md): whole early
 # blocks cost the most accuracy, fused blocks (only an inverted residual's expand activation linear, so its expand
 # and depthwise convs merge into one dense conv) little; what fused blocks save at cuda b128 224 is not measured.
 # So this call first times the CPU-screened candidates below, most accurate first, on a random Lite0 at that cell
