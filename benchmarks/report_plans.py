@@ -9,7 +9,7 @@ import json
 import statistics
 from pathlib import Path
 
-from .report_common import md_table
+from .report_common import device_label, md_table
 from .report_sweeps import _limit, _signed, top1_loss_points
 
 # Settings that later sweeps record and earlier ones did not: an earlier sweep ran at the value the option was added
@@ -64,6 +64,27 @@ def _estimates(found: list[tuple[Path, dict]], cell: str) -> dict[tuple, dict]:
     return {}
 
 
+def _timings(found: list[tuple[Path, dict]], cell: str) -> dict[tuple, tuple[float, str, str]]:
+    """Plans timed on the target's ``cell`` before training (``bench_plan_pick``, a measurement, where the estimate
+    is a sum of lone savings): speed-up, device and file by plan (its sorted blocks); the first file by name wins."""
+    timed: dict[tuple, tuple[float, str, str]] = {}
+    for path, data in sorted(found, key=lambda pd: pd[0].name):
+        if data.get("benchmark") != "plan_pick" or data.get("quick") or data.get("cell") not in (
+                cell, cell.replace("float32", "fp32")):
+            continue
+        info = data.get("device")
+        gpu = (info.get("gpu") if isinstance(info, dict) else None) or device_label(info)
+        for row in data.get("rows") or []:
+            if row.get("sites") and row.get("speedup_vs_bn_fused"):
+                timed.setdefault(tuple(sorted(row["sites"])), (row["speedup_vs_bn_fused"], gpu, path.name))
+    return timed
+
+
+def _timed(timings: dict, group: dict) -> str:
+    found = timings.get(group["blocks"])
+    return f"{found[0]}× ({found[1].removeprefix('NVIDIA ')})" if found else "–"
+
+
 def _target_cell(found: list[tuple[Path, dict]]) -> str:
     return next(((d.get("target") or {}).get("cell") for _, d in found if (d.get("target") or {}).get("cell")), "")
 
@@ -82,8 +103,9 @@ def _setting(settings: dict, key: str):
 
 
 def plan_seed_bullet(found: list[tuple[Path, dict]]) -> str | None:
-    """The README's line on the table: how many rows held the limit on every seed, and of those with an estimate
-    the one estimated fastest at the target's cell (with its convs-only figure: the estimate's weaker part)."""
+    """The README's line on the table: how many rows held the limit on every seed, and of those the fastest timed at
+    the target's cell or, where none was timed, the one estimated fastest there (with its convs-only figure: the
+    estimate's weaker part)."""
     groups = plan_seed_groups(found)
     if not groups:
         return None
@@ -92,9 +114,17 @@ def plan_seed_bullet(found: list[tuple[Path, dict]]) -> str | None:
     line = (f"Fixed plans across seeds ({devices} sweeps; RESULTS.md, \"Fixed plans across seeds\"): {len(held)} of "
             f"{len(groups)} rows (a plan under one recipe, two seeds or more) lost at most "
             f"{groups[0]['limit']} point on every seed, against the higher of λ = 0 and the control")
-    estimates = _estimates(found, _target_cell(found))
+    cell = _target_cell(found)
+    estimates, timings = _estimates(found, cell), _timings(found, cell)
     rated = [g for g in held if g["blocks"] in estimates]
-    if rated:
+    timed = [g for g in held if g["blocks"] in timings]
+    if timed:
+        best = max(timed, key=lambda g: timings[g["blocks"]][0])
+        speedup, gpu, name = timings[best["blocks"]]
+        mean = statistics.mean(best["losses"].values())
+        line += (f"; of those timed at the target's cell, the fastest is `{best['plan']}`: {speedup}× ({gpu}, "
+                 f"`{name}`); {_signed(round(mean, 2))} point on average over {len(best['losses'])} seeds")
+    elif rated:
         best = max(rated, key=lambda g: estimates[g["blocks"]]["speedup_estimate"])
         row, mean = estimates[best["blocks"]], statistics.mean(best["losses"].values())
         line += (f"; of those with an estimate, the one estimated fastest at the target's cell is `{best['plan']}`: "
@@ -108,7 +138,8 @@ def plan_seed_section(found: list[tuple[Path, dict]]) -> list[str]:
     groups = plan_seed_groups(found)
     if not groups:
         return []
-    estimates = _estimates(found, _target_cell(found))
+    cell = _target_cell(found)
+    estimates, timings = _estimates(found, cell), _timings(found, cell)
     recipes: dict[str, list[dict]] = {}
     for g in groups:
         recipes.setdefault(g["recipe"], []).append(g)
@@ -125,7 +156,8 @@ def plan_seed_section(found: list[tuple[Path, dict]]) -> list[str]:
             per_seed = " / ".join(_signed(g["losses"][s]) + ("" if g["controlled"][s] else NO_CONTROL) for s in seeds)
             rows.append([f"R{number}", f"`{g['plan']}`", g["sites"], g["depth"], ", ".join(map(str, seeds)),
                          per_seed, _signed(round(mean, 2)), f"{se:.2f}",
-                         f"{sum(v <= g['limit'] for v in losses)} of {len(losses)}", _estimate(estimates, g)])
+                         f"{sum(v <= g['limit'] for v in losses)} of {len(losses)}", _estimate(estimates, g),
+                         _timed(timings, g)])
     return ["## Fixed plans across seeds", "",
             "Each fixed plan trained with the same recipe on two seeds or more (from the sweeps below). Per seed, "
             "its top-1 change against that seed's λ = 0 run or, where the sweep has one, its control trained as "
@@ -133,9 +165,12 @@ def plan_seed_section(found: list[tuple[Path, dict]]) -> list[str]:
             "in the order listed. Then the mean, the standard error of that mean (standard deviation over the "
             "seeds ÷ √n), and how many seeds stay within the target's limit. The last column is the speed-up at "
             "the target's cell *estimated* (not measured) for the same blocks by `estimate_plan_gains.py`, and in "
-            "brackets with the fused blocks' convs alone, as if their activation saved nothing. Recipes, most "
-            "runs first:", "",
+            "brackets with the fused blocks' convs alone, as if their activation saved nothing; the one after it the "
+            "speed-up *measured* there (on the GPU named) where the same blocks were timed before training "
+            "(`bench_plan_pick`, on random weights: latency does not depend on them). Recipes, most runs first:",
+            "",
             *md_table(["recipe", "plan", "linear sites", "depth", "seeds", "top-1 change per seed (points)", "mean",
-                       "standard error", "within limit", "estimated speed-up at the target's cell"], rows),
+                       "standard error", "within limit", "estimated speed-up at the target's cell",
+                       "timed at the target's cell"], rows),
             *(["The recipes differ in these settings (the rest are the same in all; – is a setting not set):", "",
                *md_table(["recipe", *varying], legend)] if varying else [])]

@@ -251,22 +251,24 @@ def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
     base = next((r for r in rows if not folds(r)), None)
     if base is None:
         return []
+    head = f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % top-1"
+    control = next((r for r in rows if r.get("control")), None)
     if not any(folds(r) for r in rows):  # a time-boxed call that kept only the reference runs
-        control = next((r for r in rows if r.get("control")), None)
         skipped = data.get("skipped") or []
-        return [f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % top-1"
-                + (f", its control {control['top1_pct']} % after {control.get('steps')} more steps" if control else "")
+        return [head + (f", its control {control['top1_pct']} % after {control.get('steps')} more steps" if control
+                        else "")
                 + "; no folding run finished" + (f" (skipped by `--deadline-s`: {', '.join(skipped)})" if skipped
                                                  else "") + "."]
+    head += f" at depth {base['depth_after']}"
+    if control and control.get("reused_from"):  # trained by an earlier sweep (perhaps on another GPU), not here
+        head += f", its control {control['top1_pct']} % (taken from `{control['reused_from']}`, not trained again)"
     best = _fastest_within(data)
     within = (f"the fastest run within {limit} point, {run_label(best)}, reaches {best['top1_pct']} %"
               f"{_vs_control(best)} at depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× "
               f"({cell})" if best
               else f"no folding run stays within {limit} point" + _closest(rows, cell))
     met = fmt(any(r.get("meets_target") for r in rows))
-    return [f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % top-1 at "
-            f"depth {base['depth_after']}; {within}; target ≥ {target.get('speedup')}× ({target.get('cell')}): "
-            f"{met}."]
+    return [f"{head}; {within}; target ≥ {target.get('speedup')}× ({target.get('cell')}): {met}."]
 
 
 def proxy_section(proxies: list[tuple[Path, dict]], results_dir: Path) -> list[str]:

@@ -439,14 +439,19 @@ def test_report_gathers_each_fixed_plan_over_its_seeds(tmp_path):
              "other.json": _plan_sweep(2, 90.0, steps=800),  # a recipe with one seed: no row
              "plan_estimate_cuda_b128.json": estimate,
              "plan_estimate_a_cpu.json": {**estimate, "cell": "cpu b1 224 fp32",  # another cell: not used
-                                          "rows": [{**estimate["rows"][0], "speedup_estimate": 9.9}]}}
+                                          "rows": [{**estimate["rows"][0], "speedup_estimate": 9.9}]},
+             "plan_pick_cuda.json": {"benchmark": "plan_pick", "cell": "cuda b128 224 float32",
+                                     "device": {"device": "cuda", "gpu": "NVIDIA Test GPU"},
+                                     "rows": [{"plan": "y", "sites": ["b", "a"], "speedup_vs_bn_fused": 1.72}]},
+             "plan_pick_quick.json": {"benchmark": "plan_pick", "cell": "cuda b128 224 float32", "quick": True,
+                                      "rows": [{"plan": "y", "sites": ["a", "b"], "speedup_vs_bn_fused": 9.9}]}}
     for name, data in files.items():
         (tmp_path / name).write_text(json.dumps(data))
     found = report.load_results(tmp_path)
     section = "\n".join(report_plans.plan_seed_section(found))
     # losses 0.3, 0.7, 92.5 − 92.9 = −0.4 and 92.5 − 92.6 = −0.1 (gains): mean 0.125, standard deviation 0.479, ÷ √4
-    assert ("| R1 | `p1` | 4 | 40 | 2, 3, 4, 5 | −0.3 / −0.7 / +0.4 / +0.1* | −0.12 | 0.24 | 3 of 4 | 1.7× (1.3×) |"
-            in section)
+    assert ("| R1 | `p1` | 4 | 40 | 2, 3, 4, 5 | −0.3 / −0.7 / +0.4 / +0.1* | −0.12 | 0.24 | 3 of 4 | 1.7× (1.3×) "
+            "| 1.72× (Test GPU) |" in section)  # measured beside the estimate; the quick timing is not used
     assert "| R2 | `p1` | 4 | 40 | 2, 3 | −1 / −0.2 | −0.6 | 0.40 | 1 of 2 | 1.7× (1.3×) |" in section  # fewer runs
     assert "| recipe | steps |" in section and "| R1 | 2000 |" in section and "| R2 | 400 |" in section
     assert "R3" not in section and "800" not in section  # the 800-step recipe has one seed: no row
@@ -456,6 +461,10 @@ def test_report_gathers_each_fixed_plan_over_its_seeds(tmp_path):
         'Fixed plans across seeds (cpu sweeps; RESULTS.md, "Fixed plans across seeds"): 0 of 2 rows (a plan under one '
         "recipe, two seeds or more) lost at most 0.5 point on every seed, against the higher of λ = 0 and the control.")
     held = [(p, d) for p, d in found if p.name in ("s2.json", "s4.json", "plan_estimate_cuda_b128.json")]
+    timed = [*held, *[(p, d) for p, d in found if p.name.startswith("plan_pick")]]
+    assert report_plans.plan_seed_bullet(timed).endswith(  # a timing, where there is one, comes before the estimate
+        "of those timed at the target's cell, the fastest is `p1`: 1.72× (NVIDIA Test GPU, `plan_pick_cuda.json`); "
+        "+0.05 point on average over 2 seeds.")
     assert report_plans.plan_seed_bullet(held).endswith(  # −0.3 and +0.4: within 0.5
         "1 of 1 rows (a plan under one recipe, two seeds or more) lost at most 0.5 point on every seed, against the "
         "higher of λ = 0 and the control; of those with an estimate, the one estimated fastest at the target's cell "
@@ -466,7 +475,8 @@ def test_report_gathers_each_fixed_plan_over_its_seeds(tmp_path):
 
 def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(tmp_path):
     """A time-boxed GPU sweep that kept only λ = 0 and its control said "no folding run stays within 0.5 point",
-    as if one had been measured; a merge-policy file had no bullet, though its speed-ups decide which plan to train."""
+    as if one had been measured; a merge-policy file had no bullet, though its speed-ups decide which plan to train.
+    A control taken over from an earlier sweep is named as such beside the verdict it decides."""
     cuda = "cuda b128 224 float32"
     sweep = _sweep(cuda, 0, [("lambda=0", 0.0, 93.92, 0.0, None, 49, 1.0, False),
                              ("control", 0.0, 94.5, -0.58, None, 49, 1.0, False)])
@@ -478,9 +488,19 @@ def test_report_names_a_gpu_sweep_cut_short_and_each_plans_fastest_merge_policy(
                                            ("p2", "dense", 28, 1.528), ("p2", "measured", 29, 1.53)]]
              + [{"cell": "cuda b128 224 bf16 channels_last", "plan": "p2", "policy": "dense", "depth": 28,
                  "mmacs": 1.0, "median_ms": 1.0, "speedup_vs_bn_fused": 9.9}]}
+    reused = _sweep(cuda, 0, [("lambda=0", 0.0, 93.92, 0.0, None, 49, 1.0, False),
+                              ("control", 0.0, 94.5, -0.58, None, 49, None, None),
+                              ("plan=p1", 0.0, 94.31, -0.39, 0.19, 33, 1.693, True)])
+    reused["rows"][1]["reused_from"] = "earlier.json"
+    reused["rows"][2]["fixed_plan"] = ["a", "b"]
     (tmp_path / "accuracy_sweep_cuda_cut.json").write_text(json.dumps(sweep))
+    (tmp_path / "accuracy_sweep_cuda_reused.json").write_text(json.dumps(reused))
     (tmp_path / "merge_policy_cuda.json").write_text(json.dumps(merge))
     bullets = report.summary(report.load_results(tmp_path))
+    assert ("- Accuracy vs depth (`accuracy_sweep_cuda_reused.json`, GPU Test GPU): λ = 0 reaches 93.92 % top-1 at "
+            "depth 49, its control 94.5 % (taken from `earlier.json`, not trained again); the fastest run within 0.5 "
+            "point, plan p1, reaches 94.31 % (−0.19 points against the continued λ = 0 control) at depth 33 and "
+            "1.693× (cuda b128 224 float32); target ≥ 1.6× (cuda b128 224 float32): yes.") in bullets
     assert ("- Accuracy vs depth (`accuracy_sweep_cuda_cut.json`, GPU Test GPU): λ = 0 reaches 93.92 % top-1, its "
             "control 94.5 % after 10 more steps; no folding run finished (skipped by `--deadline-s`: plan=p1, "
             "plan=p2).") in bullets
