@@ -12,7 +12,8 @@ OUT=${OUT:?set OUT to the output folder}
 mkdir -p "$OUT" || exit 1  # every step writes (and logs) into it: without it each step's redirection fails, unrun
 LATENCY_S=${LATENCY_S:-90}
 OVERHEAD_S=${OVERHEAD_S:-70}  # per model
-OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants
+OVERHEAD_ARGS=${OVERHEAD_ARGS:-}  # e.g. --no-compile-variants: ~20 s a model on an H200; with the compile
+# variants (whole-model and regional torch.compile) a cold machine needs more than 65 s a model (session 23)
 PROFILE_S=${PROFILE_S:-150}
 TESTS_S=${TESTS_S:-180}
 TOTAL_S=${TOTAL_S:-570}  # the sweep gets what is left of this
