@@ -42,6 +42,8 @@ the full-data baseline is 20 of a sweep's 50 minutes, and it reproduces to the h
 came out the same (top-1 and top-5 to the hundredth), instead of training it again; that control is not timed. Other
 settings are refused before anything trains; a λ = 0 run that comes out different (another GPU model's numerics, say)
 trains the control here after all, and the JSON says why (``control_not_reused``).
+``--control-first`` trains the control right after the λ = 0 run rather than last, so that a ``--deadline-s`` cuts a
+folding run rather than every folding run's gap to the control (a time-boxed GPU call with a seed of its own).
 ``--folded-steps`` then trains each of those folded networks itself (the control's BN-fused one too) at
 ``--folded-lr``: its merged convs, no BatchNorm, fewer layers, so a step costs less than the planned network's.
 
@@ -333,6 +335,9 @@ def main(argv: list[str] | None = None) -> dict:
     add("--control-from", type=Path, default=None, metavar="JSON",
         help="take the control from this earlier sweep's JSON instead of training it (refused unless its settings "
              "match this sweep's; trained after all if its λ = 0 run does not match this one's); it is not timed")
+    add("--control-first", action="store_true",
+        help="train the control right after the λ = 0 run, not last: a --deadline-s then cuts a folding run "
+             "rather than the control every folding run is judged against")
     add("--continue-steps", type=int, default=None,
         help="with --start baseline: training steps of the runs that start from the λ = 0 model (default: --steps)")
     add_run_args(parser)
@@ -401,9 +406,10 @@ def main(argv: list[str] | None = None) -> dict:
         control = ([(CONTROL, 0.0, None)] if args.start == "baseline"
                    else [(DISTILLED_CONTROL, 0.0, None)] if args.distill_weight > 0 else [])
         # the control runs last, so a --deadline-s that cuts the sweep short drops it rather than the folding runs
-        # (the λ = 0 run still gives each a gap); first when the folding runs distill from it, and right after the
-        # λ = 0 run when a --control-from control turns out not to be reusable (below)
-        pending = [("lambda=0", 0.0, None)] + (control + folding if args.teacher == "control" else folding + control)
+        # (the λ = 0 run still gives each a gap); first when the folding runs distill from it or --control-first
+        # asks, and right after the λ = 0 run when a --control-from control turns out not to be reusable (below)
+        first_control = args.teacher == "control" or args.control_first
+        pending = [("lambda=0", 0.0, None)] + (control + folding if first_control else folding + control)
         while pending:
             label, lam, blocks = pending.pop(0)
             first = label == "lambda=0"  # the λ > 0 runs and the control build on this one

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next lent GPU session's second device command (about 120 s): which single sites of the blocks that l002 leaves
+# A second device command for a lent GPU session (about 120 s; session 23 ran it on an H200): which single sites of the blocks that l002 leaves
 # non-linear buy speed at cuda b128 224 fp32, a fused block (its expand activation alone linear) beside the whole
 # block, and every site's fold gain alone on that cell. From the repo root:
 #   bash benchmarks/gpu_ablation.sh        (run's timeout_s 175, carry [".whl"]: it imports datasets)

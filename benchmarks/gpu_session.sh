@@ -7,8 +7,10 @@
 # (results/accuracy_sweep_cuda_block_from_baseline_fused_plans_h200.json): fused_s12_s45 1.693x at -0.19 point and
 # fused_s123_s45 1.806x at -0.35 against the control, which came from session 13's H100 sweep (its λ = 0 run matched
 # to the hundredth). That is one seed, and on the CPU's recipe the two lost 0.29 and 0.51 point on average over four
-# seeds. So this call trains both again on another seed, with a control of that seed trained here: data ~15 s,
-# baseline 56 s, control ~130 s, plans ~113 s each (session 23's H200 and session 13's H100), then the latency.
+# seeds. So this call trains both again on another seed, with a control of that seed trained here right after the
+# baseline (--control-first: if the deadline is short it cuts the second plan, not the control both are judged
+# against): wheels and imports ~40 s, data ~15 s, baseline 56 s, control ~130 s, plans ~113 s each (session 23's
+# H200 and session 13's H100), then the latency.
 # Writes accuracy_sweep_cuda.json and log.txt into $OUT. If the lease has about three minutes left after this,
 # benchmarks/gpu_profile_compiled.sh (issue 3, ~170 s) is the next.
 set -u
@@ -23,8 +25,8 @@ FE=blocks.1.0.bn1.act,blocks.1.1.bn1.act,blocks.2.0.bn1.act,blocks.2.1.bn1.act  
 S3=blocks.3.0.bn1.act,blocks.3.1.bn1.act,blocks.3.2.bn1.act  # stage 3's fused blocks
 S45=blocks.4.1,blocks.4.2,blocks.5.0,blocks.5.1,blocks.5.2,blocks.5.3  # whole blocks
 PLANS="--plan fused_s12_s45=$FE,$S45 --plan fused_s123_s45=$FE,$S3,$S45"
-# the control of seed 0 was trained on the H100 (session 13); any other seed trains its own here
-CONTROL=
+# the control of seed 0 was trained on the H100 (session 13); any other seed trains its own here, first
+CONTROL=--control-first
 [ "$SEED" = 0 ] && CONTROL="--control-from benchmarks/results/accuracy_sweep_cuda_block_from_baseline_l002_b00.json"
 KILL_S=5 ONLY=sweep TOTAL_S=$((${END_S:-580} - $(date +%s) + START)) \
 SWEEP_ARGS="--train-size 0 --test-size 0 --input-size 64 --batch-size 256 --steps 1200 --search-steps 500 \

@@ -102,6 +102,18 @@ def _setting(settings: dict, key: str):
     return "–" if value is None else value
 
 
+def _recipes(groups: list[dict]) -> list[list[dict]]:
+    """The groups by recipe, most runs first: recipe ``R1`` is the first, as the section numbers them."""
+    recipes: dict[str, list[dict]] = {}
+    for g in groups:
+        recipes.setdefault(g["recipe"], []).append(g)
+    return sorted(recipes.values(), key=lambda gs: -sum(len(g["losses"]) for g in gs))
+
+
+def _recipe_label(groups: list[dict], group: dict) -> str:
+    return next(f"R{n}" for n, gs in enumerate(_recipes(groups), 1) if gs[0]["recipe"] == group["recipe"])
+
+
 def plan_seed_bullet(found: list[tuple[Path, dict]]) -> str | None:
     """The README's line on the table: how many rows held the limit on every seed, and of those the fastest timed at
     the target's cell or, where none was timed, the one estimated fastest there (with its convs-only figure: the
@@ -122,12 +134,14 @@ def plan_seed_bullet(found: list[tuple[Path, dict]]) -> str | None:
         best = max(timed, key=lambda g: timings[g["blocks"]][0])
         speedup, gpu, name = timings[best["blocks"]]
         mean = statistics.mean(best["losses"].values())
-        line += (f"; of those timed at the target's cell, the fastest is `{best['plan']}`: {speedup}× ({gpu}, "
-                 f"`{name}`); {_signed(round(mean, 2))} point on average over {len(best['losses'])} seeds")
+        line += (f"; of those timed at the target's cell, the fastest is `{best['plan']}` (recipe "
+                 f"{_recipe_label(groups, best)}): {speedup}× ({gpu}, `{name}`); {_signed(round(mean, 2))} point on "
+                 f"average over {len(best['losses'])} seeds")
     elif rated:
         best = max(rated, key=lambda g: estimates[g["blocks"]]["speedup_estimate"])
         row, mean = estimates[best["blocks"]], statistics.mean(best["losses"].values())
-        line += (f"; of those with an estimate, the one estimated fastest at the target's cell is `{best['plan']}`: "
+        line += (f"; of those with an estimate, the one estimated fastest at the target's cell is `{best['plan']}` "
+                 f"(recipe {_recipe_label(groups, best)}): "
                  f"{row['speedup_estimate']}× ({row['speedup_convs_only']}× counting its fused blocks' convs "
                  f"alone), not timed; {_signed(round(mean, 2))} point on average over {len(best['losses'])} seeds")
     return line + "."
@@ -140,10 +154,7 @@ def plan_seed_section(found: list[tuple[Path, dict]]) -> list[str]:
         return []
     cell = _target_cell(found)
     estimates, timings = _estimates(found, cell), _timings(found, cell)
-    recipes: dict[str, list[dict]] = {}
-    for g in groups:
-        recipes.setdefault(g["recipe"], []).append(g)
-    ordered = sorted(recipes.values(), key=lambda gs: -sum(len(g["losses"]) for g in gs))
+    ordered = _recipes(groups)
     keys = sorted({k for gs in ordered for k in gs[0]["settings"]})
     varying = [k for k in keys if len({json.dumps(gs[0]["settings"].get(k), default=str) for gs in ordered}) > 1]
     rows, legend = [], []

@@ -196,6 +196,12 @@ def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_pa
     control = data["rows"][1]
     assert "reused_from" not in control and control["top1_pct"] == runs[0][2]["top1_pct"] and "speedup" in control
     assert data["rows"][2]["top1_pct"] == runs[0][1]["top1_pct"]  # the order changes no run
+    # --control-first: a control of its own (a GPU call on another seed) trains next too, for the same reason
+    fifth = sweep("fifth.json", "--control-first")
+    assert fifth.returncode == 0, fifth.stderr[-2000:]
+    rows = json.loads((tmp_path / "fifth.json").read_text())["rows"]
+    assert [r["run"] for r in rows] == ["lambda=0", "lambda=0 continued", "plan=p1"]
+    assert [r["top1_pct"] for r in rows] == [runs[0][i]["top1_pct"] for i in (0, 2, 1)]  # the same runs
     assert "it was trained here after all" in "\n".join(report_sweeps.accuracy_sweep_section(data, None))
     noted = {**data, "note": "what this sweep tried differently"}  # a hand-written note is shown, not dropped
     assert "what this sweep tried differently" in "\n".join(report_sweeps.accuracy_sweep_section(noted, None))
@@ -443,15 +449,17 @@ def test_report_gathers_each_fixed_plan_over_its_seeds(tmp_path):
              "plan_pick_cuda.json": {"benchmark": "plan_pick", "cell": "cuda b128 224 float32",
                                      "device": {"device": "cuda", "gpu": "NVIDIA Test GPU"},
                                      "rows": [{"plan": "y", "sites": ["b", "a"], "speedup_vs_bn_fused": 1.72}]},
-             "plan_pick_quick.json": {"benchmark": "plan_pick", "cell": "cuda b128 224 float32", "quick": True,
-                                      "rows": [{"plan": "y", "sites": ["a", "b"], "speedup_vs_bn_fused": 9.9}]}}
+             "plan_pick_a_quick.json": {"benchmark": "plan_pick", "cell": "cuda b128 224 float32", "quick": True,
+                                        "rows": [{"plan": "y", "sites": ["a", "b"], "speedup_vs_bn_fused": 9.9}]},
+             "plan_pick_a_cpu.json": {"benchmark": "plan_pick", "cell": "cpu b1 224 float32",  # another cell
+                                      "rows": [{"plan": "y", "sites": ["a", "b"], "speedup_vs_bn_fused": 8.8}]}}
     for name, data in files.items():
         (tmp_path / name).write_text(json.dumps(data))
     found = report.load_results(tmp_path)
     section = "\n".join(report_plans.plan_seed_section(found))
     # losses 0.3, 0.7, 92.5 − 92.9 = −0.4 and 92.5 − 92.6 = −0.1 (gains): mean 0.125, standard deviation 0.479, ÷ √4
     assert ("| R1 | `p1` | 4 | 40 | 2, 3, 4, 5 | −0.3 / −0.7 / +0.4 / +0.1* | −0.12 | 0.24 | 3 of 4 | 1.7× (1.3×) "
-            "| 1.72× (Test GPU) |" in section)  # measured beside the estimate; the quick timing is not used
+            "| 1.72× (Test GPU) |" in section)  # measured beside the estimate; quick or other-cell timings unused
     assert "| R2 | `p1` | 4 | 40 | 2, 3 | −1 / −0.2 | −0.6 | 0.40 | 1 of 2 | 1.7× (1.3×) |" in section  # fewer runs
     assert "| recipe | steps |" in section and "| R1 | 2000 |" in section and "| R2 | 400 |" in section
     assert "R3" not in section and "800" not in section  # the 800-step recipe has one seed: no row
@@ -463,12 +471,13 @@ def test_report_gathers_each_fixed_plan_over_its_seeds(tmp_path):
     held = [(p, d) for p, d in found if p.name in ("s2.json", "s4.json", "plan_estimate_cuda_b128.json")]
     timed = [*held, *[(p, d) for p, d in found if p.name.startswith("plan_pick")]]
     assert report_plans.plan_seed_bullet(timed).endswith(  # a timing, where there is one, comes before the estimate
-        "of those timed at the target's cell, the fastest is `p1`: 1.72× (NVIDIA Test GPU, `plan_pick_cuda.json`); "
-        "+0.05 point on average over 2 seeds.")
+        "of those timed at the target's cell, the fastest is `p1` (recipe R1): 1.72× (NVIDIA Test GPU, "
+        "`plan_pick_cuda.json`); +0.05 point on average over 2 seeds.")
     assert report_plans.plan_seed_bullet(held).endswith(  # −0.3 and +0.4: within 0.5
         "1 of 1 rows (a plan under one recipe, two seeds or more) lost at most 0.5 point on every seed, against the "
         "higher of λ = 0 and the control; of those with an estimate, the one estimated fastest at the target's cell "
-        "is `p1`: 1.7× (1.3× counting its fused blocks' convs alone), not timed; +0.05 point on average over 2 seeds.")
+        "is `p1` (recipe R1): 1.7× (1.3× counting its fused blocks' convs alone), not timed; +0.05 point on average "
+        "over 2 seeds.")
     assert report_plans.plan_seed_bullet(held[:2]).endswith("on every seed, against the higher of λ = 0 and the "
                                                             "control.")  # no estimate file: no estimate named
 
@@ -516,6 +525,7 @@ def test_gpu_session_trains_both_timed_plans_on_another_seed_in_time(tmp_path, m
 
     from benchmarks import bench_accuracy_sweep
 
+    monkeypatch.delenv("SEED", raising=False)
     calls = _python_calls(tmp_path, "gpu_session.sh")
     steps = [line.split() for line in calls if line.startswith("-m benchmarks.")]
     assert [s[1] for s in steps] == ["benchmarks.bench_accuracy_sweep"]
@@ -523,11 +533,12 @@ def test_gpu_session_trains_both_timed_plans_on_another_seed_in_time(tmp_path, m
     plans = [sweep[i + 1] for i, arg in enumerate(sweep) if arg == "--plan"]
     assert [p.split("=")[0] for p in plans] == ["fused_s12_s45", "fused_s123_s45"]
     assert bench_accuracy_sweep.parse_plans(argparse.ArgumentParser(), plans)  # each names real sites
-    assert sweep[sweep.index("--seed") + 1] == "1" and "--control-from" not in sweep  # its own control trains
+    assert sweep[sweep.index("--seed") + 1] == "1" and "--control-from" not in sweep  # its own control trains,
+    assert "--control-first" in sweep  # before the plans: a short deadline cuts a plan, not both plans' reference
     assert sweep[sweep.index("--steps") + 1] == "1200" and sweep[sweep.index("--continue-steps") + 1] == "2400"
-    # data ~15 s, baseline 56 s, control 132 s (session 13), two plans 114 s each (session 23); the deadline
-    # already leaves 70 s for the latency
-    assert int(sweep[sweep.index("--deadline-s") + 1]) >= 15 + 56 + 132 + 2 * 114
+    # after the wheels and imports (~40 s on the GPU, none here): data ~15 s, baseline 56 s, control 132 s (session
+    # 13), two plans 114 s each (session 23); the deadline already leaves 70 s for the latency
+    assert int(sweep[sweep.index("--deadline-s") + 1]) - 40 >= 15 + 56 + 132 + 2 * 114
 
     root = Path(__file__).resolve().parent.parent
     bin_dir = tmp_path / "seed0" / "bin"
@@ -542,7 +553,7 @@ def test_gpu_session_trains_both_timed_plans_on_another_seed_in_time(tmp_path, m
     assert proc.returncode == 0, proc.stderr
     sweep = next(line.split() for line in (tmp_path / "seed0" / "calls").read_text().splitlines()
                  if "bench_accuracy_sweep" in line)
-    assert sweep[sweep.index("--seed") + 1] == "0" and "--control-from" in sweep
+    assert sweep[sweep.index("--seed") + 1] == "0" and "--control-from" in sweep and "--control-first" not in sweep
 
     # the sweep's settings are those of the sweep its control comes from: it gets past load_control to training
     class Trains(Exception):
