@@ -255,8 +255,9 @@ def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
     control = next((r for r in rows if r.get("control")), None)
     if not any(folds(r) for r in rows):  # a time-boxed call that kept only the reference runs
         skipped = data.get("skipped") or []
-        return [head + (f", its control {control['top1_pct']} % after {control.get('steps')} more steps" if control
-                        else "")
+        reused = f" (taken from `{control['reused_from']}`)" if control and control.get("reused_from") else ""
+        return [head + (f", its control {control['top1_pct']} % after {control.get('steps')} more steps{reused}"
+                        if control else "")
                 + "; no folding run finished" + (f" (skipped by `--deadline-s`: {', '.join(skipped)})" if skipped
                                                  else "") + "."]
     head += f" at depth {base['depth_after']}"
