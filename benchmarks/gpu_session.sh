@@ -6,8 +6,8 @@
 # (results/plan_pick_cuda_b128_h200.json) and trained the two picked on the H100 recipe, seed 0
 # (results/accuracy_sweep_cuda_block_from_baseline_fused_plans_h200.json): fused_s12_s45 1.693x at -0.19 point and
 # fused_s123_s45 1.806x at -0.35 against the control, which came from session 13's H100 sweep (its λ = 0 run matched
-# to the hundredth). That is one seed, and on the CPU's recipe the two lost 0.29 and 0.51 point on average over four
-# seeds. So this call trains both again on another seed, with a control of that seed trained here right after the
+# to the hundredth). That is one seed; on the CPU's recipe the two lost 0.27 (six seeds) and 0.51 (four) point on
+# average. So this call trains both again on another seed, with a control of that seed trained here right after the
 # baseline (--control-first: if the deadline is short it cuts the second plan, not the control both are judged
 # against): wheels and imports ~40 s, data ~15 s, baseline 56 s, control ~130 s, plans ~113 s each (session 23's
 # H200 and session 13's H100), then the latency.
