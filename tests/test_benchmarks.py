@@ -149,7 +149,8 @@ def test_a_sweep_from_the_imagenet_weights_with_a_teacher_has_a_distilled_contro
 
 def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_path):
     """``--baseline-cache``: the first sweep stores its λ = 0 run, the second reuses it (the plans then train exactly as
-    they did beside the trained one), and a sweep with other baseline settings is refused rather than misled."""
+    they did beside the trained one), and a sweep with other baseline settings is refused rather than misled. With
+    it, ``--control-from`` and ``--control-first``: a control taken over or trained right after λ = 0."""
     root = Path(__file__).resolve().parent.parent
     cache = tmp_path / "baseline.pt"
 
@@ -196,17 +197,17 @@ def test_a_cached_baseline_gives_the_same_sweep_without_training_it_again(tmp_pa
     control = data["rows"][1]
     assert "reused_from" not in control and control["top1_pct"] == runs[0][2]["top1_pct"] and "speedup" in control
     assert data["rows"][2]["top1_pct"] == runs[0][1]["top1_pct"]  # the order changes no run
+    assert "it was trained here after all" in "\n".join(report_sweeps.accuracy_sweep_section(data, None))
+    noted = {**data, "note": "what this sweep tried differently"}  # a hand-written note is shown, not dropped
+    assert "what this sweep tried differently" in "\n".join(report_sweeps.accuracy_sweep_section(noted, None))
+    cut = {**data, "rows": data["rows"][::2], "skipped": ["lambda=0 continued"]}  # a deadline dropped it instead
+    assert "it was then skipped by `--deadline-s`" in "\n".join(report_sweeps.accuracy_sweep_section(cut, None))
     # --control-first: a control of its own (a GPU call on another seed) trains next too, for the same reason
     fifth = sweep("fifth.json", "--control-first")
     assert fifth.returncode == 0, fifth.stderr[-2000:]
     rows = json.loads((tmp_path / "fifth.json").read_text())["rows"]
     assert [r["run"] for r in rows] == ["lambda=0", "lambda=0 continued", "plan=p1"]
     assert [r["top1_pct"] for r in rows] == [runs[0][i]["top1_pct"] for i in (0, 2, 1)]  # the same runs
-    assert "it was trained here after all" in "\n".join(report_sweeps.accuracy_sweep_section(data, None))
-    noted = {**data, "note": "what this sweep tried differently"}  # a hand-written note is shown, not dropped
-    assert "what this sweep tried differently" in "\n".join(report_sweeps.accuracy_sweep_section(noted, None))
-    cut = {**data, "rows": data["rows"][::2], "skipped": ["lambda=0 continued"]}  # a deadline dropped it instead
-    assert "it was then skipped by `--deadline-s`" in "\n".join(report_sweeps.accuracy_sweep_section(cut, None))
     longer = sweep("longer.json", "--control-from", str(tmp_path / "first.json"), "--continue-steps", "12")
     assert longer.returncode != 0 and "'continue_steps': (10, 12)" in longer.stderr  # refused before training
     assert "training" not in longer.stderr and not (tmp_path / "longer.json").exists()
