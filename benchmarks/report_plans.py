@@ -54,11 +54,15 @@ def plan_seed_groups(found: list[tuple[Path, dict]]) -> list[dict]:
     return [g for g in groups.values() if len(g["losses"]) > 1]
 
 
+def _cell_names(cell: str) -> tuple[str, str]:
+    """The target's cell as the sweeps name it (``… float32``) and as the latency tools do (``… fp32``)."""
+    return cell, cell.replace("float32", "fp32")
+
+
 def _estimates(found: list[tuple[Path, dict]], cell: str) -> dict[tuple, dict]:
     """The plan-estimate file's rows by plan (its sorted blocks), when that file estimates the target's ``cell``."""
-    want = cell.replace("float32", "fp32")
     for _, data in found:
-        if data.get("benchmark") == "plan_estimate" and data.get("cell") == want:
+        if data.get("benchmark") == "plan_estimate" and data.get("cell") in _cell_names(cell):
             return {tuple(sorted(r["sites"])): r for r in data.get("rows") or []
                     if r.get("sites") and r.get("speedup_estimate") and r.get("speedup_convs_only")}
     return {}
@@ -69,8 +73,7 @@ def _timings(found: list[tuple[Path, dict]], cell: str) -> dict[tuple, tuple[flo
     is a sum of lone savings): speed-up, device and file by plan (its sorted blocks); the first file by name wins."""
     timed: dict[tuple, tuple[float, str, str]] = {}
     for path, data in sorted(found, key=lambda pd: pd[0].name):
-        if data.get("benchmark") != "plan_pick" or data.get("quick") or data.get("cell") not in (
-                cell, cell.replace("float32", "fp32")):
+        if data.get("benchmark") != "plan_pick" or data.get("quick") or data.get("cell") not in _cell_names(cell):
             continue
         info = data.get("device")
         gpu = (info.get("gpu") if isinstance(info, dict) else None) or device_label(info)

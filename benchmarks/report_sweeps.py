@@ -253,16 +253,16 @@ def _sweep_bullets(path: Path, data: dict, dev: str) -> list[str]:
         return []
     head = f"Accuracy vs depth (`{path.name}`, {dev.split(' (')[0]}): λ = 0 reaches {base['top1_pct']} % top-1"
     control = next((r for r in rows if r.get("control")), None)
+    # a control trained by an earlier sweep (perhaps on another GPU), not here
+    reused = (f" (taken from `{control['reused_from']}`, not trained again)" if control and control.get("reused_from")
+              else "")
     if not any(folds(r) for r in rows):  # a time-boxed call that kept only the reference runs
         skipped = data.get("skipped") or []
-        reused = f" (taken from `{control['reused_from']}`)" if control and control.get("reused_from") else ""
         return [head + (f", its control {control['top1_pct']} % after {control.get('steps')} more steps{reused}"
                         if control else "")
                 + "; no folding run finished" + (f" (skipped by `--deadline-s`: {', '.join(skipped)})" if skipped
                                                  else "") + "."]
-    head += f" at depth {base['depth_after']}"
-    if control and control.get("reused_from"):  # trained by an earlier sweep (perhaps on another GPU), not here
-        head += f", its control {control['top1_pct']} % (taken from `{control['reused_from']}`, not trained again)"
+    head += f" at depth {base['depth_after']}" + (f", its control {control['top1_pct']} %{reused}" if reused else "")
     best = _fastest_within(data)
     within = (f"the fastest run within {limit} point, {run_label(best)}, reaches {best['top1_pct']} %"
               f"{_vs_control(best)} at depth {best['depth_after']} and {(best.get('speedup') or {}).get(cell)}× "
