@@ -6,8 +6,8 @@
 The training set streams from the Hub (``timm/imagenet-1k-wds``, webdataset shards: each rank reads its own
 shards, nothing is downloaded up front). Every ``LayerFoldingConfig`` field (``--lambda_reg``, ``--search_epochs``,
 ``--distill_weight`` ...) and every ``TrainingArguments`` field is a flag. ``--init_from`` starts from a saved
-search run (α learned): the plan is fixed from the threshold and training is the fine-tune phase only, which is
-the second half of the FSDP recipe in examples/README.md.
+search run (α learned): the plan is fixed from the threshold and training is the fine-tune phase only (the two-run
+recipe in examples/README.md).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
         summary["folded_dir"] = str(trainer.save_folded(
             folded_dir, overwrite=True, push_to_hub=bool(script.push_folded_to), repo_id=script.push_folded_to,
             datasets=script.dataset_name, base_model=base_model, plan_searched=not script.plan))
-    else:  # a search-only run (FSDP recipe, step 1): the next run starts from it with --init_from
+    else:  # a search-only run (two-run recipe, step 1): the next run starts from it with --init_from
         summary["search_run"] = args.output_dir
     if trainer.is_world_process_zero():
         print(json.dumps(summary, indent=2))

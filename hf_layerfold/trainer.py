@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
 
 from .config import LayerFoldingConfig
@@ -73,6 +74,23 @@ def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
         ranked = preds.reshape(len(preds), -1)[:, :5]
     hits = ranked == labels[:, None]
     return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
+
+
+def sharded_alpha_error(n_alphas: int, fsdp: bool, zero3: bool) -> str | None:
+    """Why a model with α cannot train under parameter sharding, or ``None`` when nothing is sharded or it has no α.
+
+    FSDP (1 and 2) refuses 0-dim parameters such as α outright, with advice (make α 1-D) that would not be enough:
+    FSDP and DeepSpeed ZeRO-3 keep only each process's shard of a parameter between forward passes, and that is
+    where the regularizer, the logs and the plan read α. Failing here names the way that works instead.
+    """
+    if n_alphas == 0 or not (fsdp or zero3):
+        return None
+    scheme = "FSDP" if fsdp else "DeepSpeed ZeRO-3"
+    refuses = " (and FSDP refuses 0-dim parameters such as α)" if fsdp else ""
+    return (f"LayerFoldingTrainer does not support {scheme} for a model with α parameters (this one has {n_alphas}): "
+            f"{scheme} keeps only each process's shard of a parameter between forward passes, where the α "
+            f"regularizer, the logs and the plan read α{refuses}. Launch with DDP instead (accelerate launch "
+            "--multi_gpu): these CNNs fit on one device. See examples/README.md.")
 
 
 class _LayerFoldingCallback(TrainerCallback):
@@ -128,7 +146,8 @@ class LayerFoldingTrainer(Trainer):
     search the soft-α network, not the threshold plan, and only fine-tune evaluations count for
     ``load_best_model_at_end`` — and ``eval_loss`` is plain cross-entropy (no label smoothing, distillation or
     regularizer). The teacher stays outside accelerate (not wrapped, compiled or optimized), in eval mode on
-    ``args.device``. A second ``train()`` of a model whose plan is fixed is a fine-tune only.
+    ``args.device``. A second ``train()`` of a model whose plan is fixed is a fine-tune only. Distributed training
+    is DDP: FSDP and DeepSpeed ZeRO-3 are refused for a model with α (:func:`sharded_alpha_error` says why).
     """
 
     def __init__(
@@ -182,6 +201,9 @@ class LayerFoldingTrainer(Trainer):
                              eval_dataset=eval_dataset, compute_metrics=compute_metrics, **kwargs)
         finally:
             args.label_smoothing_factor = self._label_smoothing
+        error = sharded_alpha_error(len(site_alphas), self.is_fsdp_enabled, is_deepspeed_zero3_enabled())
+        if error:
+            raise ValueError(error)
         self.label_smoother = None
         if args.label_names is None:
             self.label_names = ["labels"]  # timm's forward(x) names no label argument
@@ -299,12 +321,11 @@ class LayerFoldingTrainer(Trainer):
         self._search_steps = resolve_search_steps(self.layerfold_config, self._phase, self._resumed_search_steps,
                                                   sized=has_length(dataloader), steps_per_epoch=steps_per_epoch,
                                                   max_steps=max_steps)
-        if self._phase == SEARCH and self._search_steps < max_steps and (self.is_fsdp_enabled or
-                                                                         self.is_deepspeed_enabled):
+        if self._phase == SEARCH and self._search_steps < max_steps and self.is_deepspeed_enabled:
             raise ValueError(
-                "fixing the plan mid-run swaps conv modules, which FSDP / DeepSpeed cannot follow. Run the search "
-                f"alone (search_steps >= max_steps={max_steps}), then apply_plan and fine-tune in a second run "
-                "(see examples/README.md)")
+                "fixing the plan mid-run swaps conv modules, which DeepSpeed cannot follow. Run the search alone "
+                f"(search_steps >= max_steps={max_steps}), then apply_plan and fine-tune in a second run (see "
+                "examples/README.md)")
         if self._phase == SEARCH:
             logger.info("Layer Folding: search phase for %d steps, then fine-tune for %d",
                         min(self._search_steps, max_steps), max(max_steps - self._search_steps, 0))
@@ -339,7 +360,7 @@ class LayerFoldingTrainer(Trainer):
 
     def _finish_search_at_end(self) -> None:
         if (self._phase == SEARCH and self._search_steps is not None and self.state.global_step >= self._search_steps
-                and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)):
+                and not self.is_deepspeed_enabled):
             self._end_search()
 
     @property

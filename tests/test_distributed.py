@@ -257,6 +257,35 @@ def test_ddp_streaming_set_is_read_by_shard_on_each_process(tmp_path):
     assert r1["control_batches"] == []
 
 
+
+def test_sharding_schemes_are_refused_with_the_reason_and_the_way_that_works():
+    """FSDP and ZeRO-3 are refused before training, naming DDP. What the refusal rests on, checked on this torch:
+    FSDP2's ``fully_shard`` (one gloo process) rejects a prepared model's 0-dim α. (accelerate enables FSDP on GPUs
+    only, so the trainer's own check is reached through its pure function here.)"""
+    import timm
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import hf_layerfold as lf
+    from hf_layerfold.trainer import sharded_alpha_error
+
+    assert sharded_alpha_error(34, fsdp=False, zero3=False) is None  # DDP, one process
+    assert sharded_alpha_error(0, fsdp=True, zero3=False) is None  # a folded model has no α
+    fsdp, zero3 = sharded_alpha_error(34, fsdp=True, zero3=False), sharded_alpha_error(34, fsdp=False, zero3=True)
+    assert "does not support FSDP" in fsdp and "has 34" in fsdp and "0-dim" in fsdp and "--multi_gpu" in fsdp
+    assert "does not support DeepSpeed ZeRO-3" in zero3 and "0-dim" not in zero3 and "--multi_gpu" in zero3
+
+    model = lf.prepare_model(timm.create_model("mobilenetv2_035", num_classes=10), lf.LayerFoldingConfig())
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{29600 + os.getpid() % 300}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(ValueError, match="scalar parameters"):
+            fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+    finally:
+        dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     if sys.argv[2:] == ["stream"]:
         _stream_worker(Path(sys.argv[1]))

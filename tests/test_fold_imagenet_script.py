@@ -78,7 +78,8 @@ def test_search_run_then_init_from_fine_tunes_its_plan(script, imagefolder, tmp_
     search = tmp_path / "search"
     script.main(common(imagefolder, search) + ["--streaming", "false", "--max_steps", "4", "--search_steps", "4"])
     searched = json.loads((search / "layerfold_state.json").read_text())
-    # without FSDP the trainer fixes the plan when a search that covers all steps ends (FSDP leaves it to run 2)
+    # without DeepSpeed the trainer fixes the plan when a search that covers all steps ends (DeepSpeed leaves
+    # it to run 2)
     assert searched["phase"] == "finetune" and searched["search_steps"] == searched["global_step"] == 4
     assert searched["plan"]["linear_sites"]
 
