@@ -18,6 +18,10 @@ them alike; the reported ratio is the median over rounds of the per-round ratio.
   ``ratio_prepared_compile_blend_vs_timm_regional`` on CUDA).
 * with ``--whole-compile``: ``timm_compiled`` and ``prepared_compiled``, both models under ``torch.compile`` (what
   ``TrainingArguments(torch_compile=True)`` does); their ratio is the α cost for users who compile.
+  ``--compile-mode reduce-overhead`` compiles both with CUDA graphs (``torch_compile_mode``), which takes the
+  per-site host time out of the step. ``--channel-alpha`` adds ``prepared_compiled_channel_alpha``: the prepared
+  model compiled with each α broadcast per channel (:class:`ChannelAlphaSite`), so that inductor can sum α's
+  gradient inside the BatchNorm backward's per-channel reductions instead of in a pass of its own.
 
 ``python -m benchmarks.bench_train_overhead --out benchmarks/results/train_overhead.json``
 """
@@ -117,8 +121,34 @@ def prepared_copy(base: nn.Module, blend: str) -> nn.Module:
     return lf.prepare_model(copy.deepcopy(base), lf.LayerFoldingConfig(alpha_init=0.3, blend=blend))
 
 
+class ChannelAlphaSite(lf.FoldableActivation):
+    """A searching site that, under an outer ``torch.compile``, broadcasts α to ``(1, C, 1, 1)``.
+
+    The output is the same. In the backward, autograd then sums ``g·(x − act(x))`` per channel first, over the
+    range of the BatchNorm backward's own reductions, and adds the C partial sums afterwards. With a scalar α,
+    inductor computes that sum in a kernel of its own and writes the BatchNorm output to memory for it. On a CPU
+    (session 20) the per-channel form gave one fused kernel per site, but a slower one; it has not run on a GPU.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fixed is None and x.dim() == 4 and torch.compiler.is_compiling():
+            alpha = self.alpha.to(x.dtype).reshape(1, 1, 1, 1).expand(1, x.shape[1], 1, 1)
+            return torch.lerp(self.act(x), x, alpha)
+        return super().forward(x)
+
+
+def channel_alpha_copy(prepared: nn.Module) -> nn.Module:
+    """A copy of a prepared model whose sites are :class:`ChannelAlphaSite` (same parameters and state dict)."""
+    model = copy.deepcopy(prepared)
+    for m in model.modules():
+        if type(m) is lf.FoldableActivation:
+            m.__class__ = ChannelAlphaSite
+    return model
+
+
 def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: int, warmup: int,
-        budget_s: float, device: str, whole_compile: bool = False, compile_variants: bool = True) -> dict:
+        budget_s: float, device: str, whole_compile: bool = False, compile_variants: bool = True,
+        compile_mode: str | None = None, channel_alpha: bool = False) -> dict:
     torch.set_num_threads(threads)
     rows = []
     for name in models:
@@ -150,9 +180,11 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
             compile_s["timm_regional"] = round(time.perf_counter() - t0, 1)
             variants["timm_regional"] = regional
         if whole_compile:
-            variants["timm_compiled"] = torch.compile(copy.deepcopy(base))
-            variants["prepared_compiled"] = torch.compile(copy.deepcopy(variants["prepared"]))
-            for key in ("timm_compiled", "prepared_compiled"):
+            compiled = {"timm_compiled": copy.deepcopy(base), "prepared_compiled": copy.deepcopy(variants["prepared"])}
+            if channel_alpha:
+                compiled["prepared_compiled_channel_alpha"] = channel_alpha_copy(variants["prepared"])
+            for key, model in compiled.items():
+                variants[key] = torch.compile(model, mode=compile_mode)
                 t0 = time.perf_counter()
                 train_step(variants[key], make_optimizer(variants[key]), x, y)
                 compile_s[key] = round(time.perf_counter() - t0, 1)
@@ -161,11 +193,12 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
             samples = time_steps(variants, x, y, rounds, warmup, budget_s)
         stats = {k: summarize(v) for k, v in samples.items()}
         row = {"model": name, "batch": batch, "input_size": size, "threads": threads,
+               **({"compile_mode": compile_mode} if whole_compile and compile_mode else {}),
                "sites": len(lf.alpha_parameters(variants["prepared"])), "rounds": len(samples["timm"]),
                **{f"{k}_ms": v["median_ms"] for k, v in stats.items()}}
         pairs = [("prepared", "timm"), ("prepared_eager", "timm"), ("prepared_compile_blend", "timm"),
                  ("prepared_compile_blend" if device != "cpu" else "prepared", "timm_regional"),
-                 ("prepared_compiled", "timm_compiled")]
+                 ("prepared_compiled", "timm_compiled"), ("prepared_compiled_channel_alpha", "timm_compiled")]
         for variant, reference in pairs:
             if variant in samples and reference in samples:
                 key = variant if reference in ("timm", "timm_compiled") else f"{variant}_vs_{reference}"
@@ -194,11 +227,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget-s", type=float, default=240.0, help="wall-time cap per model")
     parser.add_argument("--whole-compile", action="store_true",
                         help="also time both models under torch.compile (slow to compile on CPU)")
+    parser.add_argument("--compile-mode", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                        help="torch.compile mode of the --whole-compile variants (reduce-overhead: CUDA graphs)")
+    parser.add_argument("--channel-alpha", action="store_true",
+                        help="with --whole-compile, also the prepared model compiled with α broadcast per channel")
     parser.add_argument("--no-compile-variants", action="store_true",
                         help="skip blend='compile' and its compiled timm twin (they compile for a minute or more)")
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="first wait up to this many seconds for other processes to go quiet")
     args = parser.parse_args(argv)
+    if (args.compile_mode or args.channel_alpha) and not args.whole_compile:
+        parser.error("--compile-mode and --channel-alpha apply to the --whole-compile variants: add --whole-compile")
     waited = None
     if args.wait_idle > 0:
         from .run import wait_for_idle
@@ -212,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     for i, threads in enumerate(thread_counts):
         for model in models:  # the JSON is rewritten after every row: a time-boxed call keeps what it measured
             rows += run((model,), args.batch, size, threads, rounds, args.warmup, args.budget_s, args.device,
-                        args.whole_compile, not args.no_compile_variants)["rows"]
+                        args.whole_compile, not args.no_compile_variants, args.compile_mode,
+                        args.channel_alpha)["rows"]
             last = i == len(thread_counts) - 1 and model == models[-1]
             data = _result(args, rows, thread_counts, waited, complete=last)
             write_json(args.out, data)
@@ -230,7 +271,8 @@ def _result(args: argparse.Namespace, rows: list[dict], thread_counts: list[int]
                             "phase vs the same timm model without α; ratio = median of per-round ratios "
                             "(interleaved); prepared uses the default blend='auto' (Triton on CUDA, torch.compile "
                             "regions on CPU); prepared_compile_blend uses blend='compile'; prepared_compiled compares "
-                            f"two models under torch.compile. Required: ratio ≤ {REQUIRED_RATIO}."),
+                            "two models under torch.compile (prepared_compiled_channel_alpha: α broadcast per "
+                            f"channel). Required: ratio ≤ {REQUIRED_RATIO}."),
             "device": device, "quick": args.quick, "required_ratio": REQUIRED_RATIO,
             "idle_wait": waited, **result}
 

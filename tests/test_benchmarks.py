@@ -637,6 +637,40 @@ def test_gpu_ablation_times_the_single_sites_around_l002(tmp_path):
 # ------------------------------------------------------------------------------------------------ review fixes
 
 
+def test_gpu_overhead_measures_issue_3s_open_cells_in_time_with_arguments_the_benchmarks_take(tmp_path, monkeypatch):
+    """Issue 3's prepared GPU call: the eager step at batch 128 and 64, a profile, then whole-model compile with and
+    without per-channel α and with CUDA graphs; every benchmark command parses, and the limits fit the call."""
+    from benchmarks import bench_train_overhead as bto
+
+    calls = [line.split() for line in _python_calls(tmp_path, "gpu_overhead.sh") if line.startswith("-m ")]
+    assert [c[1] for c in calls] == ["benchmarks.bench_train_overhead"] * 2 + ["benchmarks.profile_step"] + [
+        "benchmarks.bench_train_overhead"] * 2
+    assert [c[c.index("--batch") + 1] for c in calls] == ["128", "64", "64", "64", "64"]
+    compiled, graphs = calls[3], calls[4]
+    assert "--channel-alpha" in compiled and "--compile-mode" not in compiled
+    assert graphs[graphs.index("--compile-mode") + 1] == "reduce-overhead"
+    seen = []
+    monkeypatch.setattr(bto, "run", lambda *args: seen.append(args) or {"rows": []})
+    for call in (calls[0], calls[1], compiled, graphs):
+        bto.main(call[2:])
+    assert [(a[8], a[10], a[11]) for a in seen] == [(False, None, False), (False, None, False),
+                                                    (True, None, True), (True, "reduce-overhead", False)]
+    log = (tmp_path / "out" / "log.txt").read_text()
+    limits = [int(n) for n in re.findall(r"\(limit (\d+) s\)", log)]  # a step starts only if its limit is left
+    assert len(limits) == 5 and "skipped" not in log  # (here each returns at once)
+    assert 15 + sum(limits[:4]) <= 580  # ~15 s of imports, then all but the CUDA-graph step at their limits
+
+    monkeypatch.setenv("END_S", "100")  # a late start: the steps that no longer fit are skipped, not cut short
+    log_path = tmp_path / "out" / "log.txt"
+    log_path.unlink()
+    (tmp_path / "calls.txt").unlink()
+    (tmp_path / "bin").rename(tmp_path / "bin_used")
+    _python_calls(tmp_path, "gpu_overhead.sh")
+    log = log_path.read_text()
+    assert log.count("skipped") == 2 and "profile of a batch-64 step (limit 90 s)" in log
+    assert "compiled whole, batch 64, with per-channel α skipped: 100 s left, it needs 230" in log
+
+
 def _python_calls(tmp_path: Path, script: str) -> list[str]:
     """The ``python3`` command lines that ``benchmarks/<script>`` runs (with :func:`_fake_python`); it must exit 0."""
     bin_dir, calls = _fake_python(tmp_path)
@@ -694,6 +728,39 @@ def test_train_overhead_times_the_variants_in_a_fresh_random_order_each_round(mo
     assert all(sorted(r) == sorted(models) for r in rounds)
     after_timm = [r[r.index("timm") + 1] for r in rounds if r.index("timm") < 2]
     assert len(set(rounds)) >= 4 and len(set(after_timm)) == 2
+
+
+def test_channel_alpha_variant_computes_the_same_under_compile_through_a_per_channel_alpha():
+    """``--channel-alpha`` (a GPU experiment): the compiled graph broadcasts α per channel, and output and every
+    gradient (α's included) are the plain site's, in float64."""
+    import torch
+
+    import hf_layerfold as lf
+    from benchmarks.bench_train_overhead import ChannelAlphaSite, channel_alpha_copy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5),
+                              lf.FoldableActivation(torch.nn.ReLU6(), "s", 0.3, blend="eager"),
+                              torch.nn.Conv2d(5, 4, 1)).double()
+    chan = channel_alpha_copy(net)
+    assert type(chan[2]) is ChannelAlphaSite and type(net[2]) is lf.FoldableActivation
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64) * 3
+    results = []
+    for model in (net, torch.compile(chan, backend=record)):
+        out = model(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    assert len(graphs) == 1 and "expand" in graphs[0]
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-12, atol=1e-12)
+    for got, want in zip(results[1][1], results[0][1], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert chan[2].alpha.grad.abs() > 0
 
 
 def test_train_overhead_json_is_written_after_every_row_and_names_every_thread_count(tmp_path, monkeypatch):
