@@ -8,6 +8,7 @@ Fashion-MNIST (the IDX reader and its Hub fallback) lives in ``fashion_mnist.py`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -164,12 +165,13 @@ def _pick_column(columns: Sequence[str], candidates: Sequence[str]) -> str | Non
     return None
 
 
-def detect_columns(dataset: AnyDataset) -> tuple[str, str]:
+def detect_columns(dataset: AnyDataset, *, require_label: bool = True) -> tuple[str, str | None]:
     """Return ``(image_column, label_column)`` so callers need not know each dataset's naming convention.
 
     Names are matched against :data:`IMAGE_COLUMN_CANDIDATES` / :data:`LABEL_COLUMN_CANDIDATES` (exact, then
     case-insensitive); failing that, a lone ``Image`` / ``ClassLabel`` feature is used. For a dict of splits,
-    the ``train`` (else first) split is inspected.
+    the ``train`` (else first) split is inspected. With ``require_label=False`` a set without a label column (a
+    test set to predict on) gives ``None`` for it.
     """
     columns = _column_names_of(dataset)
     features = _features_of(dataset) or {}
@@ -181,7 +183,7 @@ def detect_columns(dataset: AnyDataset) -> tuple[str, str]:
     if label is None:
         typed = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)]
         label = typed[0] if len(typed) == 1 else None
-    if image is None or label is None:
+    if image is None or (label is None and require_label):
         which = " and ".join(kind for kind, col in (("image", image), ("label", label)) if col is None)
         raise ValueError(
             f"Could not find the {which} column. Columns found: {columns}. Image column names looked for: "
@@ -278,6 +280,21 @@ def build_collator(model: Any, dataset: AnyDataset, *, is_training: bool,
     transform = build_transforms(model, is_training=is_training, input_size=input_size)
     image_mode = "L" if input_channels(model) == 1 else "RGB"
     return ImageClassificationCollator(transform, image_column, label_column, image_mode, num_classes)
+
+
+def collator_for_split(collator: Any, dataset: Any) -> Any:
+    """``collator`` fitted to a set handed to ``evaluate`` / ``predict``, which may name its columns differently from
+    the set the collator was built for: columns re-detected (no label column: unlabelled batches), the labels checked
+    against the head, the transform kept. Anything but a ``datasets`` split read by this library's collator is
+    returned as it is."""
+    if not isinstance(collator, ImageClassificationCollator) or not isinstance(dataset, HF_SPLITS):
+        return collator
+    image, label = detect_columns(dataset, require_label=False)
+    if (image, label) == (collator.image_column, collator.label_column):
+        return collator
+    if label is not None and collator.num_classes is not None:
+        check_labels(dataset, label, collator.num_classes)
+    return dataclasses.replace(collator, image_column=image, label_column=label)
 
 
 def prepare_datasets(

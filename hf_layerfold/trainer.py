@@ -26,7 +26,14 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
 
 from .config import LayerFoldingConfig
-from .data import HF_DATASETS, check_dataset_labels, dataset_label_names, eval_collators, prepare_datasets
+from .data import (
+    HF_DATASETS,
+    check_dataset_labels,
+    collator_for_split,
+    dataset_label_names,
+    eval_collators,
+    prepare_datasets,
+)
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
 from .phases import (
     FINETUNE,
@@ -91,6 +98,25 @@ def sharded_alpha_error(n_alphas: int, fsdp: bool, zero3: bool) -> str | None:
             f"{scheme} keeps only each process's shard of a parameter between forward passes, where the α "
             f"regularizer, the logs and the plan read α{refuses}. Launch with DDP instead (accelerate launch "
             "--multi_gpu): these CNNs fit on one device. See examples/README.md.")
+
+
+def _checkpoint_through_timm(model: nn.Module, args: TrainingArguments) -> None:
+    """``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5.x renamed it) for a timm
+    model: Trainer would call transformers' ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``,
+    which timm models lack, and fail at the start of ``train()``. timm's own ``set_grad_checkpointing`` recomputes
+    each block in the backward instead; the argument is then turned off so that Trainer does not try its own."""
+    names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if hasattr(args, n)]
+    if not any(getattr(args, n) for n in names) or any(
+            hasattr(model, f"{n}_enable") for n in ("activation_checkpointing", "gradient_checkpointing")):
+        return
+    if not hasattr(model, "set_grad_checkpointing"):
+        raise ValueError(f"{names[0]}=True: {type(model).__name__} has neither transformers' {names[0]}_enable nor "
+                         "timm's set_grad_checkpointing; turn it off")
+    model.set_grad_checkpointing(True)
+    for name in names:
+        setattr(args, name, False)
+    logger.info("LayerFoldingTrainer turns activation checkpointing on with timm's set_grad_checkpointing "
+                "(every block; checkpointing kwargs are not used)")
 
 
 class _LayerFoldingCallback(TrainerCallback):
@@ -190,6 +216,7 @@ class LayerFoldingTrainer(Trainer):
                                               user_collator=user_collator, input_size=input_size)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args, train_dataset)
+        _checkpoint_through_timm(model, args)
         self._input_size = input_size
         self._label_names = dataset_label_names(train_dataset if train_dataset is not None else eval_dataset)
 
@@ -443,7 +470,10 @@ class LayerFoldingTrainer(Trainer):
 
     def get_eval_dataloader(self, eval_dataset: Any = None):
         key = eval_dataset if isinstance(eval_dataset, str) else None  # a name: an entry of a dict of eval sets
-        with self._collator(self._eval_collators.get(key, self._eval_collators.get(None))):
+        collator = self._eval_collators.get(key, self._eval_collators.get(None))
+        if eval_dataset is not None and key is None:  # a set handed to evaluate(): its own column names
+            collator = collator_for_split(collator, eval_dataset)
+        with self._collator(collator):
             return super().get_eval_dataloader(eval_dataset)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
@@ -460,7 +490,7 @@ class LayerFoldingTrainer(Trainer):
         return None, logits.detach(), None
 
     def get_test_dataloader(self, test_dataset: Any):
-        with self._collator(self._eval_collators.get(None)):
+        with self._collator(collator_for_split(self._eval_collators.get(None), test_dataset)):
             return super().get_test_dataloader(test_dataset)
 
     @contextlib.contextmanager
@@ -503,6 +533,12 @@ class LayerFoldingTrainer(Trainer):
             results = self._eval_results(kwargs.get("datasets"))
             if results is not None:
                 kwargs["eval_results"] = results
+        if self._phase == SEARCH:
+            past = len(FoldPlan.from_model(model, threshold=self.layerfold_config.threshold))
+            logger.warning("save_folded during the search phase: the model is folded with the threshold plan (%d of "
+                           "%d sites past %s); every other site keeps its original activation rather than its "
+                           "blend at the current α, so the folded model computes a network that was not "
+                           "fine-tuned", past, len(self._alphas), self.layerfold_config.threshold)
         path = output_dir
         if self.args.should_save:  # a model still searching is folded (on a copy) with the threshold plan
             path = save_folded(model, output_dir, **kwargs)

@@ -309,6 +309,64 @@ def test_predict_on_unlabelled_batches(tmp_path, fashion):
     assert default.label_ids is None and default.predictions.shape == (5, 10)
 
 
+def test_sets_handed_to_evaluate_and_predict_are_read_by_their_own_column_names(tmp_path, fashion):
+    """The trainer's collators were built for its training and eval sets; a set handed to evaluate() or predict()
+    that names its columns otherwise used to fail with a bare KeyError inside the collator."""
+    trainer = LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                                  eval_dataset=fashion["test"], layerfold_config=lf.LayerFoldingConfig(**CFG),
+                                  input_size=SIZE)
+    test = fashion["test"].select(range(8))
+    renamed = test.rename_columns({"image": "img", "label": "labels"})
+    want, got = trainer.evaluate(test), trainer.evaluate(renamed)
+    assert got["eval_top1"] == want["eval_top1"] and got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
+    unlabelled = trainer.predict(renamed.remove_columns("labels"))
+    assert unlabelled.label_ids is None
+    np.testing.assert_allclose(unlabelled.predictions, trainer.predict(test).predictions, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"Could not find the image column\. Columns found: \['label'\]"):
+        trainer.evaluate(test.remove_columns("image"))
+    with pytest.raises(ValueError, match="range over \\[10, 10\\], but the model has num_classes=10"):  # as built
+        trainer.evaluate(renamed.cast_column("labels", datasets.Value("int64")).map(lambda e: {"labels": 10}))
+
+
+# transformers 5.x renamed gradient_checkpointing (kept as a deprecated alias) to activation_checkpointing
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
+
+
+def test_gradient_checkpointing_of_a_timm_model_goes_through_timm(tmp_path, fashion):
+    """Trainer turns checkpointing on with transformers' gradient_checkpointing_enable, which a timm model lacks
+    (train() failed at its start); timm's own switch recomputes each block and trains to the same losses."""
+    config = lf.LayerFoldingConfig(**{**CFG, "search_steps": 2})
+    plain = make_trainer(tmp_path / "plain", fashion, config=config,
+                         train_args=args_for(tmp_path / "plain", max_steps=4))
+    ckpt = make_trainer(tmp_path / "ckpt", fashion, config=config,
+                        train_args=args_for(tmp_path / "ckpt", max_steps=4, **{CHECKPOINTING: True}))
+    assert ckpt.model.grad_checkpointing and not plain.model.grad_checkpointing
+    assert not ckpt.args.gradient_checkpointing and not getattr(ckpt.args, "activation_checkpointing", False)
+    want, got = train_logs(plain), train_logs(ckpt)
+    assert [got[s]["phase"] for s in sorted(got)] == [0, 0, 1, 1] and ckpt.phase == "finetune"
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
+
+
+def test_save_folded_while_searching_warns_and_an_empty_plan_says_so_on_the_card(baseline, tmp_path, fashion, caplog):
+    """Mid-search the threshold plan is folded, not the soft-α network: the trainer says so. With no site past the
+    threshold the card used to say Layer Folding made some activations linear."""
+    trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "alpha_init": 0.0}))
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
+        path = trainer.save_folded(tmp_path / "folded")
+    assert "save_folded during the search phase" in caplog.text and "(0 of 9 sites past 0.8)" in caplog.text
+    card = " ".join((path / "README.md").read_text().split())
+    assert "No activation was removed" in card and "each removed activation" not in card
+    before = lf.fold_stats(tiny_model(), (3, SIZE, SIZE))
+    after = lf.fold_stats(LayerFoldedModel.from_pretrained(path), (3, SIZE, SIZE))
+    assert after.depth == before.depth and after.nonlinear_layers == before.nonlinear_layers
+    planned = baseline[0].save_folded(tmp_path / "planned")  # fine-tuned after its plan: no warning, the usual card
+    assert caplog.text.count("save_folded during the search phase") == 1
+    card = " ".join((planned / "README.md").read_text().split())
+    assert "No activation was removed" not in card and "each removed activation let the linear layers" in card
+
+
 def test_a_second_train_logs_only_its_own_micro_batches(tmp_path, fashion):
     """Steps after the last log of one train() must not leak into the next train()'s task_loss."""
     trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 2}),
