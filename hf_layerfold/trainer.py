@@ -471,8 +471,8 @@ class LayerFoldingTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset: Any = None):
         key = eval_dataset if isinstance(eval_dataset, str) else None  # a name: an entry of a dict of eval sets
         collator = self._eval_collators.get(key, self._eval_collators.get(None))
-        if eval_dataset is not None and key is None:  # a set handed to evaluate(): its own column names
-            collator = collator_for_split(collator, eval_dataset)
+        if key is None and eval_dataset is not None and eval_dataset is not self.eval_dataset:
+            collator = collator_for_split(collator, eval_dataset)  # another set handed to evaluate(): its columns
         with self._collator(collator):
             return super().get_eval_dataloader(eval_dataset)
 
