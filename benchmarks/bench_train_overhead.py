@@ -18,8 +18,8 @@ them alike; the reported ratio is the median over rounds of the per-round ratio.
   ``ratio_prepared_compile_blend_vs_timm_regional`` on CUDA).
 * with ``--whole-compile``: ``timm_compiled`` and ``prepared_compiled``, both models under ``torch.compile`` (what
   ``TrainingArguments(torch_compile=True)`` does); their ratio is the α cost for users who compile.
-  ``--compile-mode reduce-overhead`` compiles both with CUDA graphs (``torch_compile_mode``), which takes the
-  per-site host time out of the step. ``--channel-alpha`` adds ``prepared_compiled_channel_alpha``: the prepared
+  ``--compile-mode reduce-overhead`` compiles both with CUDA graphs (``torch_compile_mode``), which should take
+  the per-site host time out of the step. ``--channel-alpha`` adds ``prepared_compiled_channel_alpha``: the prepared
   model compiled with each α broadcast per channel (:class:`ChannelAlphaSite`), so that inductor can sum α's
   gradient inside the BatchNorm backward's per-channel reductions instead of in a pass of its own.
 

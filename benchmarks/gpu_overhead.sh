@@ -9,7 +9,8 @@
 #   2. one batch-64 step profiled, and one site's host time (the H100's figures were 276 µs against ReLU6's 70 µs;
 #      the H200's were never measured) (~40 s)
 #   3. both models compiled whole at batch 64, beside the prepared model compiled with α broadcast per channel
-#      (--channel-alpha): does inductor's separate α-gradient pass explain the H100's compiled 1.37x? (~3 min)
+#      (--channel-alpha): does inductor's separate α-gradient pass explain the H100's compiled 1.37x? (three
+#      compiles at ~45 s each on the H100, then the timing: ~3 min; its JSON is written only at the end)
 #   4. both compiled with CUDA graphs (--compile-mode reduce-overhead): what is left at batch 64 once the host
 #      time per site is gone? (~2 min)
 # Writes train_overhead_cuda_b128.json, train_overhead_cuda_b64.json, profile_step_b64.json,
@@ -37,19 +38,19 @@ step() {
 log "start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
 python3 -c "import torch, timm, triton; print('torch', torch.__version__, 'timm', timm.__version__, 'triton',
 triton.__version__)" 2>&1 | tee -a "$OUT/log.txt"
-EAGER="-m benchmarks.bench_train_overhead --device cuda --models mobilenetv2_100 --input-size 224 --threads 1
+OVERHEAD="-m benchmarks.bench_train_overhead --device cuda --models mobilenetv2_100 --input-size 224 --threads 1
 --no-compile-variants"
 for batch in 128 64; do
   # shellcheck disable=SC2086
-  step 60 "eager step, batch $batch" $EAGER --batch $batch --rounds 40 --budget-s 20 \
+  step 60 "eager step, batch $batch" $OVERHEAD --batch $batch --rounds 40 --budget-s 20 \
     --out "$OUT/train_overhead_cuda_b$batch.json"
 done
 step 90 "profile of a batch-64 step" -m benchmarks.profile_step --device cuda --batch 64 --steps 5 --warmup 3 \
   --site-rounds 10 --out "$OUT/profile_step_b64.json"
 # shellcheck disable=SC2086
-step 230 "compiled whole, batch 64, with per-channel α" $EAGER --batch 64 --rounds 30 --budget-s 25 --whole-compile \
+step 270 "compiled whole, batch 64, with per-channel α" $OVERHEAD --batch 64 --rounds 30 --budget-s 25 --whole-compile \
   --channel-alpha --out "$OUT/train_overhead_cuda_b64_compiled.json"
 # shellcheck disable=SC2086
-step 150 "compiled whole with CUDA graphs, batch 64" $EAGER --batch 64 --rounds 30 --budget-s 20 --whole-compile \
+step 150 "compiled whole with CUDA graphs, batch 64" $OVERHEAD --batch 64 --rounds 30 --budget-s 20 --whole-compile \
   --compile-mode reduce-overhead --out "$OUT/train_overhead_cuda_b64_cudagraphs.json"
 log "done in $(($(date +%s) - START)) s"

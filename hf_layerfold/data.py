@@ -282,16 +282,22 @@ def build_collator(model: Any, dataset: AnyDataset, *, is_training: bool,
     return ImageClassificationCollator(transform, image_column, label_column, image_mode, num_classes)
 
 
-def collator_for_split(collator: Any, dataset: Any) -> Any:
-    """``collator`` fitted to a set handed to ``evaluate`` / ``predict``, which may name its columns differently from
-    the set the collator was built for: columns re-detected (no label column: unlabelled batches), the labels checked
-    against the head, the transform kept. Anything but a ``datasets`` split read by this library's collator is
-    returned as it is."""
-    if not isinstance(collator, ImageClassificationCollator) or not isinstance(dataset, HF_SPLITS):
+def collator_for_split(collator: ImageClassificationCollator, dataset: Any, *,
+                       require_label: bool) -> ImageClassificationCollator:
+    """The trainer's own ``collator`` fitted to a set handed to ``evaluate`` (``require_label``) or ``predict``, when
+    that set lacks a column the collator reads: columns re-detected (for ``predict``, no label column means
+    unlabelled batches), labels checked against the head, the transform kept. Other sets and anything but a
+    ``datasets`` split are returned as they are."""
+    if not isinstance(dataset, HF_SPLITS):
         return collator
-    image, label = detect_columns(dataset, require_label=False)
-    if (image, label) == (collator.image_column, collator.label_column):
+    columns = _column_names_of(dataset)
+    if collator.image_column in columns and (collator.label_column in columns or not require_label):
         return collator
+    try:
+        image, label = detect_columns(dataset, require_label=require_label)
+    except ValueError as err:
+        raise ValueError(f"{err} (For a set handed to evaluate() or predict(), pass that collator as "
+                         "LayerFoldingTrainer(eval_data_collator=...).)") from None
     if label is not None and collator.num_classes is not None:
         check_labels(dataset, label, collator.num_classes)
     return dataclasses.replace(collator, image_column=image, label_column=label)
@@ -359,8 +365,11 @@ def eval_collators(model: Any, eval_dataset: Any, train_dataset: Any, *, given: 
 
         return default_data_collator
 
-    if isinstance(eval_dataset, Mapping):  # a dict of sets, a DatasetDict too: Trainer evaluates each by name
-        return {name: one(dataset) for name, dataset in eval_dataset.items()}
+    if isinstance(eval_dataset, Mapping):  # a dict of sets, a DatasetDict too: Trainer evaluates each by name;
+        # key None serves sets handed to evaluate / predict (deterministic: not the training collator)
+        collators = {name: one(dataset) for name, dataset in eval_dataset.items()}
+        reference = train_dataset if train_dataset is not None else next(iter(eval_dataset.values()), None)
+        return {**collators, None: None if reference is None else one(reference)}
     reference = eval_dataset if eval_dataset is not None else train_dataset
     return {None: None if reference is None else one(reference)}
 

@@ -95,28 +95,49 @@ def sharded_alpha_error(n_alphas: int, fsdp: bool, zero3: bool) -> str | None:
     scheme = "FSDP" if fsdp else "DeepSpeed ZeRO-3"
     refuses = " (and FSDP refuses 0-dim parameters such as α)" if fsdp else ""
     return (f"LayerFoldingTrainer does not support {scheme} for a model with α parameters (this one has {n_alphas}): "
-            f"{scheme} keeps only each process's shard of a parameter between forward passes, where the α "
-            f"regularizer, the logs and the plan read α{refuses}. Launch with DDP instead (accelerate launch "
+            f"{scheme} keeps only each process's shard of a parameter between forward passes, which is when the "
+            f"α regularizer, the logs and the plan read α{refuses}. Launch with DDP instead (accelerate launch "
             "--multi_gpu): these CNNs fit on one device. See examples/README.md.")
 
 
-def _checkpoint_through_timm(model: nn.Module, args: TrainingArguments) -> None:
-    """``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5.x renamed it) for a timm
-    model: Trainer would call transformers' ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``,
-    which timm models lack, and fail at the start of ``train()``. timm's own ``set_grad_checkpointing`` recomputes
-    each block in the backward instead; the argument is then turned off so that Trainer does not try its own."""
-    names = [n for n in ("activation_checkpointing", "gradient_checkpointing") if hasattr(args, n)]
-    if not any(getattr(args, n) for n in names) or any(
-            hasattr(model, f"{n}_enable") for n in ("activation_checkpointing", "gradient_checkpointing")):
-        return
+_CHECKPOINTING = ("activation_checkpointing", "gradient_checkpointing")  # transformers 5.x name, then the old one
+
+
+def _checkpointing_through_timm(model: nn.Module, args: TrainingArguments) -> bool:
+    """Whether ``activation_checkpointing=True`` (``gradient_checkpointing`` before transformers 5.x) must go through
+    timm: Trainer calls transformers' ``activation_checkpointing_enable`` / ``gradient_checkpointing_enable``, which
+    timm models lack (``train()`` failed at its start); timm's ``set_grad_checkpointing`` recomputes each block in the
+    backward instead. Raises when the model has neither."""
+    names = [n for n in _CHECKPOINTING if hasattr(args, n)]
+    if not any(getattr(args, n) for n in names) or any(hasattr(model, f"{n}_enable") for n in _CHECKPOINTING):
+        return False
     if not hasattr(model, "set_grad_checkpointing"):
         raise ValueError(f"{names[0]}=True: {type(model).__name__} has neither transformers' {names[0]}_enable nor "
                          "timm's set_grad_checkpointing; turn it off")
+    return True
+
+
+@contextlib.contextmanager
+def _timm_checkpointing(model: nn.Module, args: TrainingArguments):
+    """During ``train()``: timm's checkpointing on and the argument hidden from Trainer, restored afterwards (the
+    caller's ``TrainingArguments`` may serve another trainer)."""
+    if not _checkpointing_through_timm(model, args):
+        yield
+        return
+    saved = {n: getattr(args, n) for n in (*_CHECKPOINTING, *(f"{n}_kwargs" for n in _CHECKPOINTING))
+             if hasattr(args, n)}
+    if any(v for n, v in saved.items() if n.endswith("_kwargs")):
+        logger.warning("timm's set_grad_checkpointing checkpoints every block with its own settings: the "
+                       "checkpointing kwargs are not used")
     model.set_grad_checkpointing(True)
-    for name in names:
-        setattr(args, name, False)
-    logger.info("LayerFoldingTrainer turns activation checkpointing on with timm's set_grad_checkpointing "
-                "(every block; checkpointing kwargs are not used)")
+    for name in _CHECKPOINTING:
+        if name in saved:
+            setattr(args, name, False)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
 
 
 class _LayerFoldingCallback(TrainerCallback):
@@ -214,9 +235,11 @@ class LayerFoldingTrainer(Trainer):
             check_dataset_labels(eval_dataset, int(num_classes))
         self._eval_collators = eval_collators(model, eval_dataset, train_dataset, given=eval_data_collator,
                                               user_collator=user_collator, input_size=input_size)
+        self._own_eval_collators = eval_data_collator is None and user_collator is None
+        self._built_eval_set = eval_dataset  # the set those collators read (fitted to no other)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args, train_dataset)
-        _checkpoint_through_timm(model, args)
+        _checkpointing_through_timm(model, args)  # a model that cannot checkpoint fails here, not in train()
         self._input_size = input_size
         self._label_names = dataset_label_names(train_dataset if train_dataset is not None else eval_dataset)
 
@@ -462,8 +485,9 @@ class LayerFoldingTrainer(Trainer):
                                                                     self._phase, self.layerfold_config)
         else:
             self._phase = initial_phase(self._model())
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval)
+        with _timm_checkpointing(self._model(), self.args):
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                 ignore_keys_for_eval=ignore_keys_for_eval)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation data
@@ -471,8 +495,8 @@ class LayerFoldingTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset: Any = None):
         key = eval_dataset if isinstance(eval_dataset, str) else None  # a name: an entry of a dict of eval sets
         collator = self._eval_collators.get(key, self._eval_collators.get(None))
-        if key is None and eval_dataset is not None and eval_dataset is not self.eval_dataset:
-            collator = collator_for_split(collator, eval_dataset)  # another set handed to evaluate(): its columns
+        if key is None and eval_dataset is not None and eval_dataset is not self._built_eval_set:
+            collator = self._fitted(collator, eval_dataset, require_label=True)  # another set handed to evaluate()
         with self._collator(collator):
             return super().get_eval_dataloader(eval_dataset)
 
@@ -490,8 +514,15 @@ class LayerFoldingTrainer(Trainer):
         return None, logits.detach(), None
 
     def get_test_dataloader(self, test_dataset: Any):
-        with self._collator(collator_for_split(self._eval_collators.get(None), test_dataset)):
+        with self._collator(self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)):
             return super().get_test_dataloader(test_dataset)
+
+    def _fitted(self, collator: Any, dataset: Any, *, require_label: bool) -> Any:
+        """A collator the trainer built, fitted to the columns of a set handed to evaluate / predict; a collator of
+        the user's is theirs to fit."""
+        if not self._own_eval_collators or collator is None:
+            return collator
+        return collator_for_split(collator, dataset, require_label=require_label)
 
     @contextlib.contextmanager
     def _collator(self, collator: Any):

@@ -639,7 +639,7 @@ def test_gpu_ablation_times_the_single_sites_around_l002(tmp_path):
 
 def test_gpu_overhead_measures_issue_3s_open_cells_in_time_with_arguments_the_benchmarks_take(tmp_path, monkeypatch):
     """Issue 3's prepared GPU call: the eager step at batch 128 and 64, a profile, then whole-model compile with and
-    without per-channel α and with CUDA graphs; every benchmark command parses, and the limits fit the call."""
+    without per-channel α and with CUDA graphs; every bench_train_overhead command parses, and the limits fit."""
     from benchmarks import bench_train_overhead as bto
 
     calls = [line.split() for line in _python_calls(tmp_path, "gpu_overhead.sh") if line.startswith("-m ")]
@@ -668,7 +668,7 @@ def test_gpu_overhead_measures_issue_3s_open_cells_in_time_with_arguments_the_be
     _python_calls(tmp_path, "gpu_overhead.sh")
     log = log_path.read_text()
     assert log.count("skipped") == 2 and "profile of a batch-64 step (limit 90 s)" in log
-    assert "compiled whole, batch 64, with per-channel α skipped: 100 s left, it needs 230" in log
+    assert "compiled whole, batch 64, with per-channel α skipped: 100 s left, it needs 270" in log
 
 
 def _python_calls(tmp_path: Path, script: str) -> list[str]:

@@ -257,11 +257,10 @@ def test_ddp_streaming_set_is_read_by_shard_on_each_process(tmp_path):
     assert r1["control_batches"] == []
 
 
-
 def test_sharding_schemes_are_refused_with_the_reason_and_the_way_that_works():
     """FSDP and ZeRO-3 are refused before training, naming DDP. What the refusal rests on, checked on this torch:
-    FSDP2's ``fully_shard`` (one gloo process) rejects a prepared model's 0-dim α. (accelerate enables FSDP on GPUs
-    only, so the trainer's own check is reached through its pure function here.)"""
+    FSDP2's ``fully_shard`` (one gloo process) rejects a prepared model's 0-dim α. (The trainer's wiring is tested
+    in test_trainer.py.)"""
     import timm
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh

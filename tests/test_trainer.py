@@ -324,6 +324,8 @@ def test_sets_handed_to_evaluate_and_predict_are_read_by_their_own_column_names(
     np.testing.assert_allclose(unlabelled.predictions, trainer.predict(test).predictions, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"Could not find the image column\. Columns found: \['label'\]"):
         trainer.evaluate(test.remove_columns("image"))
+    with pytest.raises(ValueError, match=r"Could not find the label column.*eval_data_collator"):
+        trainer.evaluate(test.remove_columns("label"))  # no accuracy without labels: said, not silently dropped
     with pytest.raises(ValueError, match="range over \\[10, 10\\], but the model has num_classes=10"):  # as built
         trainer.evaluate(renamed.cast_column("labels", datasets.Value("int64")).map(lambda e: {"labels": 10}))
 
@@ -334,19 +336,23 @@ CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in Tra
 
 
 def test_gradient_checkpointing_of_a_timm_model_goes_through_timm(tmp_path, fashion):
-    """Trainer turns checkpointing on with transformers' gradient_checkpointing_enable, which a timm model lacks
-    (train() failed at its start); timm's own switch recomputes each block and trains to the same losses."""
+    """Trainer turns checkpointing on with transformers' activation_checkpointing_enable, which a timm model lacks
+    (train() failed at its start); timm's own switch recomputes each block and trains to the same losses. The
+    caller's arguments are left as they were."""
     config = lf.LayerFoldingConfig(**{**CFG, "search_steps": 2})
     plain = make_trainer(tmp_path / "plain", fashion, config=config,
                          train_args=args_for(tmp_path / "plain", max_steps=4))
-    ckpt = make_trainer(tmp_path / "ckpt", fashion, config=config,
-                        train_args=args_for(tmp_path / "ckpt", max_steps=4, **{CHECKPOINTING: True}))
-    assert ckpt.model.grad_checkpointing and not plain.model.grad_checkpointing
-    assert not ckpt.args.gradient_checkpointing and not getattr(ckpt.args, "activation_checkpointing", False)
+    args = args_for(tmp_path / "ckpt", max_steps=4, **{CHECKPOINTING: True})
+    ckpt = make_trainer(tmp_path / "ckpt", fashion, config=config, train_args=args)
     want, got = train_logs(plain), train_logs(ckpt)
+    assert ckpt.model.grad_checkpointing and not plain.model.grad_checkpointing and getattr(args, CHECKPOINTING)
     assert [got[s]["phase"] for s in sorted(got)] == [0, 0, 1, 1] and ckpt.phase == "finetune"
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
+    # the recomputation is real, and (as for any checkpointed BatchNorm) it updates running statistics twice
+    block_bn, stem_bn = ckpt.model.blocks[1][0].bn1, ckpt.model.bn1
+    assert int(block_bn.num_batches_tracked) == 2 * int(plain.model.blocks[1][0].bn1.num_batches_tracked) == 8
+    assert int(stem_bn.num_batches_tracked) == int(plain.model.bn1.num_batches_tracked) == 4
 
 
 def test_save_folded_while_searching_warns_and_an_empty_plan_says_so_on_the_card(baseline, tmp_path, fashion, caplog):
@@ -365,6 +371,20 @@ def test_save_folded_while_searching_warns_and_an_empty_plan_says_so_on_the_card
     assert caplog.text.count("save_folded during the search phase") == 1
     card = " ".join((planned / "README.md").read_text().split())
     assert "No activation was removed" not in card and "each removed activation let the linear layers" in card
+
+
+def test_a_sharding_scheme_is_refused_before_training_unless_the_model_has_no_alpha(tmp_path, fashion, monkeypatch):
+    """accelerate turns FSDP on only on GPUs, and DeepSpeed is not installed here; ZeRO-3 is reported on
+    (transformers' switch) so that the trainer's own check runs on a CPU. A folded model has no α and is not
+    refused."""
+    import hf_layerfold.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(ValueError, match=r"does not support DeepSpeed ZeRO-3 for a model with α parameters \(this "
+                                         r"one has 9\).*accelerate launch --multi_gpu"):
+        make_trainer(tmp_path, fashion)
+    folded = lf.fold_model(lf.prepare_model(tiny_model(), lf.LayerFoldingConfig()))
+    assert make_trainer(tmp_path, fashion, model=folded).phase == "folded"
 
 
 def test_a_second_train_logs_only_its_own_micro_batches(tmp_path, fashion):
@@ -429,6 +449,11 @@ def test_eval_sets_by_name_of_any_kind(tmp_path, fashion):
     assert {"eval_fm_top1", "eval_ready_top1", "eval_fm_top5", "eval_ready_top5"} <= set(metrics)
     first8 = trainer.evaluate(eval_dataset=fashion["test"].select(range(8)))
     assert metrics["eval_ready_top1"] == first8["eval_top1"]
+    # a set handed to predict gets the deterministic collator (it used to get the augmenting training one)
+    twice = [trainer.predict(fashion["test"].select(range(8))).predictions for _ in range(2)]
+    np.testing.assert_array_equal(twice[0], twice[1])
+    renamed = trainer.predict(fashion["test"].select(range(8)).rename_columns({"image": "img", "label": "labels"}))
+    np.testing.assert_allclose(renamed.predictions, twice[0], rtol=1e-6, atol=1e-7)
 
 
 def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collators(tmp_path, fashion, caplog):
