@@ -282,13 +282,12 @@ def build_collator(model: Any, dataset: AnyDataset, *, is_training: bool,
     return ImageClassificationCollator(transform, image_column, label_column, image_mode, num_classes)
 
 
-def collator_for_split(collator: ImageClassificationCollator, dataset: Any, *,
-                       require_label: bool) -> ImageClassificationCollator:
+def collator_for_split(collator: Any, dataset: Any, *, require_label: bool) -> Any:
     """The trainer's own ``collator`` fitted to a set handed to ``evaluate`` (``require_label``) or ``predict``, when
     that set lacks a column the collator reads: columns re-detected (for ``predict``, no label column means
-    unlabelled batches), labels checked against the head, the transform kept. Other sets and anything but a
-    ``datasets`` split are returned as they are."""
-    if not isinstance(dataset, HF_SPLITS):
+    unlabelled batches), labels checked against the head, the transform kept. Returned as it is for a set that has
+    its columns, for anything but a ``datasets`` split, and when it is not this library's collator."""
+    if not isinstance(collator, ImageClassificationCollator) or not isinstance(dataset, HF_SPLITS):
         return collator
     columns = _column_names_of(dataset)
     if collator.image_column in columns and (collator.label_column in columns or not require_label):

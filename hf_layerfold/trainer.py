@@ -520,9 +520,7 @@ class LayerFoldingTrainer(Trainer):
     def _fitted(self, collator: Any, dataset: Any, *, require_label: bool) -> Any:
         """A collator the trainer built, fitted to the columns of a set handed to evaluate / predict; a collator of
         the user's is theirs to fit."""
-        if not self._own_eval_collators or collator is None:
-            return collator
-        return collator_for_split(collator, dataset, require_label=require_label)
+        return collator_for_split(collator, dataset, require_label=require_label) if self._own_eval_collators else collator
 
     @contextlib.contextmanager
     def _collator(self, collator: Any):
