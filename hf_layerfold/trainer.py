@@ -520,7 +520,9 @@ class LayerFoldingTrainer(Trainer):
     def _fitted(self, collator: Any, dataset: Any, *, require_label: bool) -> Any:
         """A collator the trainer built, fitted to the columns of a set handed to evaluate / predict; a collator of
         the user's is theirs to fit."""
-        return collator_for_split(collator, dataset, require_label=require_label) if self._own_eval_collators else collator
+        if not self._own_eval_collators:
+            return collator
+        return collator_for_split(collator, dataset, require_label=require_label)
 
     @contextlib.contextmanager
     def _collator(self, collator: Any):
