@@ -44,10 +44,38 @@ def _unwrap_timm(model: Any) -> Any:
 
 
 def input_channels(model: Any) -> int:
-    """Input channels the model's data config asks for (3 unless a 1-channel model is configured)."""
+    """Input channels the model takes: its ``in_chans`` (timm records it; the data config keeps the pretrained 3
+    channels for a model built with ``in_chans=1``), else what its data config says."""
     import timm.data
 
-    return int(timm.data.resolve_model_data_config(_unwrap_timm(model))["input_size"][0])
+    inner = _unwrap_timm(model)
+    chans = getattr(inner, "in_chans", None)
+    if isinstance(chans, int) and chans > 0:
+        return chans
+    return int(timm.data.resolve_model_data_config(inner)["input_size"][0])
+
+
+def model_input_shape(model: Any, input_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """``(channels, height, width)`` for ``model`` from an ``input_size`` as :func:`input_shape` takes it; a channel
+    count the model does not take is refused."""
+    channels = input_channels(model)
+    shape = input_shape(input_size, channels)
+    if shape[0] != channels:
+        raise ValueError(f"input_size {input_size!r} has {shape[0]} channels, but the model takes {channels}")
+    return shape
+
+
+def per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    """A data config's mean or std for ``channels`` inputs: the pretrained RGB values averaged for a 1-channel
+    model (timm's ``in_chans=1`` sums the first conv's RGB weights, so the one channel stands for all three)."""
+    values = tuple(float(v) for v in values)
+    if len(values) == channels:
+        return values
+    if channels == 1:
+        return (sum(values) / len(values),)
+    if len(values) == 1:
+        return values * channels
+    raise ValueError(f"the model's data config has {len(values)} {name} values for a {channels}-channel input")
 
 
 def build_transforms(
@@ -66,8 +94,9 @@ def build_transforms(
     import timm.data  # local import: keeps `import hf_layerfold.data` light for dataset-only users
 
     cfg = dict(timm.data.resolve_model_data_config(_unwrap_timm(model)))
-    if input_size is not None:
-        cfg["input_size"] = input_shape(input_size, channels=int(cfg["input_size"][0]))
+    cfg["input_size"] = model_input_shape(model, input_size if input_size is not None else cfg["input_size"][1:])
+    channels = cfg["input_size"][0]
+    cfg.update(mean=per_channel(cfg["mean"], channels, "mean"), std=per_channel(cfg["std"], channels, "std"))
     return timm.data.create_transform(**cfg, is_training=is_training)
 
 

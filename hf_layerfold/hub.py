@@ -27,6 +27,7 @@ from timm.data import resolve_data_config
 from timm.models import PretrainedCfg
 
 from .activation import FoldableActivation
+from .collate import model_input_shape, per_channel
 from .config import LayerFoldingConfig
 from .fold import fold_model
 from .folded_model import CONFIG_NAME, LayerFoldedModel
@@ -179,6 +180,11 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
     cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__ and k not in _SOURCE_KEYS}
     cfg.update(overlay or {})
     cfg.update(resolve_data_config({}, pretrained_cfg=cfg))  # input size, interpolation, mean, std, crop
+    # timm keeps the pretrained 3 channels (and RGB mean / std) in the config of an in_chans=1 model
+    given = (overlay or {}).get("input_size")
+    cfg["input_size"] = model_input_shape(net, given if given is not None else cfg["input_size"][1:])
+    channels = cfg["input_size"][0]
+    cfg.update(mean=per_channel(cfg["mean"], channels, "mean"), std=per_channel(cfg["std"], channels, "std"))
     if net.num_classes != source.get("num_classes"):
         cfg.pop("label_descriptions", None)
     first = net.model_args["features"][0] if net.model_args["features"] else {}

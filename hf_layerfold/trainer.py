@@ -25,6 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
 
+from .collate import model_input_shape
 from .config import LayerFoldingConfig
 from .data import (
     HF_DATASETS,
@@ -240,6 +241,8 @@ class LayerFoldingTrainer(Trainer):
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args, train_dataset)
         _checkpointing_through_timm(model, args)  # a model that cannot checkpoint fails here, not in train()
+        if input_size is not None:
+            model_input_shape(model, input_size)  # a wrong size or channel count fails here, not at save_folded
         self._input_size = input_size
         self._label_names = dataset_label_names(train_dataset if train_dataset is not None else eval_dataset)
 
@@ -557,9 +560,7 @@ class LayerFoldingTrainer(Trainer):
         if self._label_names is not None and len(self._label_names) == getattr(model, "num_classes", -1):
             kwargs.setdefault("label_names", self._label_names)
         if self._input_size is not None:
-            size = self._input_size
-            size = (3, size, size) if isinstance(size, int) else tuple(size)
-            kwargs.setdefault("pretrained_cfg_overlay", {"input_size": size if len(size) == 3 else (3, *size)})
+            kwargs.setdefault("pretrained_cfg_overlay", {"input_size": model_input_shape(model, self._input_size)})
         if "eval_results" not in kwargs:
             results = self._eval_results(kwargs.get("datasets"))
             if results is not None:

@@ -185,9 +185,10 @@ def set_input_size(model, image_size: int | None) -> None:
     """Record the resolution the model is trained / evaluated at in its ``pretrained_cfg`` (transforms read it)."""
     if image_size is None:
         return
+    from .collate import input_channels
+
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    channels = int((cfg.get("input_size") or (3,))[0])
-    cfg["input_size"] = (channels, image_size, image_size)
+    cfg["input_size"] = (input_channels(model), image_size, image_size)
     cfg.pop("test_input_size", None)
     model.pretrained_cfg = cfg
 
@@ -195,8 +196,10 @@ def set_input_size(model, image_size: int | None) -> None:
 def model_input_size(model, image_size: int | None = None) -> tuple[int, int, int]:
     import timm.data
 
-    size = tuple(timm.data.resolve_model_data_config(model)["input_size"])
-    return (size[0], image_size, image_size) if image_size else size
+    from .collate import input_channels
+
+    size = tuple(timm.data.resolve_model_data_config(model)["input_size"])  # (3, ...) for an in_chans=1 model
+    return (input_channels(model), *((image_size, image_size) if image_size else size[1:]))
 
 
 # ----------------------------------------------------------------------------------------------------------

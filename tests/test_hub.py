@@ -186,6 +186,24 @@ def test_config_json_is_a_timm_config(saved, planned, folded):
     assert lf.FoldPlan.load(saved) == planned.layerfold_plan
 
 
+def test_a_one_channel_model_saves_a_one_channel_config(tmp_path):
+    """timm keeps the pretrained (3, H, W) and RGB mean / std in the config of an ``in_chans=1`` model: the save
+    failed counting its MACs on 3 channels. It now writes one channel, and the reload preprocesses a gray image."""
+    from hf_layerfold.collate import build_transforms
+
+    torch.manual_seed(0)
+    model = lf.prepare_model(timm.create_model("mobilenetv2_035", num_classes=4, in_chans=1), lf.LayerFoldingConfig())
+    lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["blocks.1.1"]))
+    path = lf.save_folded(model, tmp_path / "gray")
+    pcfg = json.loads((path / "config.json").read_text())["pretrained_cfg"]
+    assert pcfg["input_size"] == [1, 224, 224] and len(pcfg["mean"]) == len(pcfg["std"]) == 1
+    loaded = LayerFoldedModel.from_pretrained(path).eval()
+    x = build_transforms(loaded, is_training=False)(Image.new("L", (40, 30), 90)).unsqueeze(0)
+    assert x.shape == (1, 1, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
 def test_transformers_auto_model_and_pipeline(saved, folded, x):
     from transformers import AutoModel, AutoModelForImageClassification, pipeline
 

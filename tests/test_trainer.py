@@ -387,6 +387,34 @@ def test_a_sharding_scheme_is_refused_before_training_unless_the_model_has_no_al
     assert make_trainer(tmp_path, fashion, model=folded).phase == "folded"
 
 
+def test_a_one_channel_model_trains_on_grayscale_and_saves_its_size(tmp_path, fashion):
+    """timm keeps the pretrained 3 channels in the data config of an ``in_chans=1`` model: the collator fed it RGB
+    (a conv error at the first step) and save_folded wrote 3 channels; a size with a channel count the model does
+    not take is refused at construction, and a numpy side is a side."""
+    import timm
+
+    model = timm.create_model("mobilenetv2_035", pretrained=False, num_classes=10, in_chans=1)
+    trainer = LayerFoldingTrainer(model, args_for(tmp_path, max_steps=2), train_dataset=fashion["train"],
+                                  eval_dataset=fashion["test"], input_size=np.int64(SIZE),
+                                  layerfold_config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 1}))
+    batch = trainer.get_train_dataloader().collate_fn([fashion["train"][i] for i in range(2)])
+    assert batch["pixel_values"].shape == (2, 1, SIZE, SIZE)
+    mean = next(t for t in trainer.data_collator.transform.transforms if type(t).__name__ == "Normalize").mean
+    assert len(mean) == 1 and float(mean[0]) == pytest.approx(sum((0.485, 0.456, 0.406)) / 3)
+    trainer.train()
+    path = trainer.save_folded(tmp_path / "folded")
+    saved = json.loads((path / "config.json").read_text())["pretrained_cfg"]
+    assert saved["input_size"] == [1, SIZE, SIZE] and len(saved["mean"]) == len(saved["std"]) == 1
+    folded = LayerFoldedModel.from_pretrained(path).eval()
+    planned = trainer.model.eval()
+    x = torch.randn(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), planned(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"input_size \(1, 40, 48\) has 1 channels, but the model takes 3"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                            input_size=(1, 40, 48))
+
+
 def test_a_second_train_logs_only_its_own_micro_batches(tmp_path, fashion):
     """Steps after the last log of one train() must not leak into the next train()'s task_loss."""
     trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 2}),
