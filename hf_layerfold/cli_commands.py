@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 def _check_output_dir(path: Path, overwrite: bool) -> None:
     """``--output-dir`` must be new, empty, or an earlier folded save (replaced only with ``--overwrite``); a
     directory holding anything else is never replaced, with ``--overwrite`` or without."""
-    from .hub import check_not_working_directory
+    from .hub import check_not_working_directory, foreign_entries
 
     try:
         check_not_working_directory(path)
@@ -72,6 +72,10 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
     if not is_folded_dir(path):
         raise CLIError(f"output directory {path} holds files that are not a folded-model save; choose another "
                        "--output-dir (--overwrite replaces only an earlier folded save)")
+    extra = foreign_entries(path)
+    if extra:
+        raise CLIError(f"output directory {path} holds a folded model and also {extra}, which a save does not write; "
+                       "choose another --output-dir (--overwrite replaces only an earlier folded save)")
     if not overwrite:
         raise CLIError(f"output directory {path} already holds a folded model; pass --overwrite to replace it")
 

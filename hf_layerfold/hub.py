@@ -28,6 +28,7 @@ from timm.models import PretrainedCfg
 
 from .activation import FoldableActivation
 from .collate import model_input_shape, per_channel
+from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig
 from .fold import fold_model
 from .folded_model import CONFIG_NAME, LayerFoldedModel
@@ -41,7 +42,7 @@ from .model_card import (
     render_card,
     split_hub_ref,
 )
-from .plan import FoldPlan, applied_plan, apply_plan, iter_runs, run_pad_rules, segment_model
+from .plan import PLAN_NAME, FoldPlan, applied_plan, apply_plan, iter_runs, run_pad_rules, segment_model
 from .prepare import is_prepared
 from .stats import FoldStats, fold_stats
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
@@ -76,6 +77,13 @@ def is_folded_save(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and data.get("architecture") == ARCHITECTURE and "layerfold" in data
 
 
+def foreign_entries(path: str | os.PathLike) -> list[str]:
+    """Names in a folded save's directory that :func:`save_folded` does not write (a user's notes, a ``.git``):
+    replacing the save would delete them."""
+    own = {WEIGHTS_NAME, CONFIG_NAME, LAYERFOLD_CONFIG_NAME, PLAN_NAME, CARD_NAME}
+    return sorted(entry.name for entry in Path(path).iterdir() if entry.name not in own)
+
+
 def check_not_working_directory(target: Path) -> None:
     """A save swaps its folder in by renames: never the working directory or one above it."""
     cwd, resolved = Path.cwd().resolve(), Path(target).resolve()
@@ -102,6 +110,10 @@ def _check_target(target: Path, overwrite: bool) -> None:
     if any(target.iterdir()) and not is_folded_save(target):
         raise FileExistsError(f"{target} is a non-empty directory that is not a folded-model save; refusing to "
                               "replace it (pass overwrite=True to replace the whole directory)")
+    extra = foreign_entries(target)
+    if extra:
+        raise FileExistsError(f"{target} holds a folded save and also {extra}, which a save does not write; refusing "
+                              "to replace it (pass overwrite=True to replace the whole directory, those included)")
 
 
 def _sync_files(folder: Path) -> None:
@@ -265,7 +277,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     Args:
         model: a ``LayerFoldedNet``, or a prepared (plan = sites whose α reached the threshold) or planned model.
         save_directory: written atomically (a temporary directory next to it, then renamed). A previous save
-            there is replaced; any other non-empty directory is refused unless ``overwrite=True``.
+            there is replaced; any other non-empty directory, a previous save among other files included, is
+            refused unless ``overwrite=True`` (which replaces the whole directory).
         push_to_hub / repo_id / private / token / commit_message / endpoint: one ``upload_folder`` commit to
             ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.

@@ -506,10 +506,17 @@ def test_fold_with_a_fixed_plan_skips_the_search(folded_save, tmp_path, capsys):
     assert "--plan applies to an unfolded model" in one_error_line(capsys.readouterr().err)
 
 
-def test_fold_refuses_to_overwrite(folded_save, capsys):
+def test_fold_refuses_to_overwrite(folded_save, capsys, tmp_path):
     out, _ = folded_save
     assert main([*TINY_FOLD, "--output-dir", str(out)]) == 2
     assert "pass --overwrite" in one_error_line(capsys.readouterr().err)
+    # a folded save with the user's own files beside it is never replaced, --overwrite or not (it deleted them)
+    kept = tmp_path / "kept"
+    shutil.copytree(out, kept)
+    (kept / "NOTES.md").write_text("keep me")
+    assert main([*TINY_FOLD, "--output-dir", str(kept), "--overwrite"]) == 2
+    assert "also ['NOTES.md'], which a save does not write" in one_error_line(capsys.readouterr().err)
+    assert (kept / "NOTES.md").read_text() == "keep me" and is_folded_save(kept)
 
 
 # ----------------------------------------------------------------------------------------------------------

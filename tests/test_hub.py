@@ -349,6 +349,19 @@ def test_refuses_a_foreign_non_empty_directory(tmp_path, folded, monkeypatch):
     assert is_folded_save(target) and not (target / "notes.txt").exists()
 
 
+def test_a_previous_save_holding_other_files_is_not_replaced_without_overwrite(tmp_path, folded):
+    """Replacing a folded save used to delete whatever else its folder held (a .git, notes) without overwrite."""
+    target = save_folded(folded, tmp_path / "save")
+    (target / "NOTES.md").write_text("keep me")
+    (target / ".git").mkdir()
+    with pytest.raises(FileExistsError, match=r"also \['.git', 'NOTES.md'\], which a save does not write"):
+        save_folded(folded, target)
+    assert (target / "NOTES.md").read_text() == "keep me" and (target / ".git").is_dir() and is_folded_save(target)
+    (target / "NOTES.md").unlink()
+    (target / ".git").rmdir()
+    save_folded(folded, target)  # a save alone is replaced as before
+
+
 def test_replaces_a_previous_save_atomically(tmp_path, folded, monkeypatch):
     target = tmp_path / "folded"
     save_folded(folded, target, label_names=LABELS)
