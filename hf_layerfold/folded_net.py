@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
+from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from timm.models import _efficientnet_blocks as eb
 from timm.models import checkpoint_seq
 
@@ -51,12 +52,25 @@ register_op(nn.AvgPool2d, "avgpool",
             lambda s: nn.AvgPool2d(s["kernel_size"], s["stride"], s["padding"], ceil_mode=s["ceil_mode"],
                                    count_include_pad=s["count_include_pad"]))
 register_op(nn.Dropout, "dropout", lambda m: {"p": m.p}, lambda s: nn.Dropout(s["p"]))
+# timm's TF-"same" pools pad by the input's size at run time (resnet*d shortcuts at output_stride 16 or 8)
+register_op(AvgPool2dSame, "avgpool_same",
+            lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "ceil_mode": m.ceil_mode,
+                       "count_include_pad": m.count_include_pad},
+            lambda s: AvgPool2dSame(s["kernel_size"], s["stride"], ceil_mode=s["ceil_mode"],
+                                    count_include_pad=s["count_include_pad"]))
+register_op(MaxPool2dSame, "maxpool_same",
+            lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "dilation": m.dilation,
+                       "ceil_mode": m.ceil_mode},
+            lambda s: MaxPool2dSame(s["kernel_size"], s["stride"], dilation=s["dilation"], ceil_mode=s["ceil_mode"]))
 
 
 def op_spec(module: nn.Module) -> dict:
     """Spec of a kept module (a registered op or an activation); anything else raises, naming what is keepable."""
     for cls in type(module).__mro__:
         if cls in OP_SPECS:
+            if type(module).forward is not cls.forward:  # a subclass that computes otherwise: not that op
+                raise ValueError(f"a folded model cannot keep a {type(module).__name__}: it subclasses "
+                                 f"{cls.__name__} but has a forward of its own; {keepable_hint()}")
             return OP_SPECS[cls](module)
     try:
         return activation_spec(module)

@@ -1,5 +1,6 @@
 """Folded == planned, image borders included: every block type under every α pattern, and real timm models."""
 
+import copy
 import itertools
 import random
 
@@ -141,6 +142,38 @@ def test_timm_models_under_random_plans(name, dtype):
     plan = lf.FoldPlan(tuple(s for s in sites if rng.random() < 0.5))
     assert 0 < len(plan) < len(sites)
     _check(model, plan, dtype, sizes=(32, 23))
+
+
+@pytest.mark.parametrize("output_stride", [16, 8])
+def test_deep_stem_resnet_at_a_smaller_output_stride_keeps_its_same_padded_shortcut_pools(output_stride):
+    """resnet*d shortcuts average-pool with timm's TF-"same" pool once their stride becomes a dilation; it was kept
+    as a plain average pool (a subclass), so the folded net failed at every input size. A subclass of a keepable op
+    with a forward of its own is now refused instead of kept as its parent."""
+    import json
+
+    torch.manual_seed(0)
+    model = tiny_resnet(resnet.BasicBlock, stem_type="deep", avg_down=True, output_stride=output_stride)
+    model = lf.prepare_model(randomize_bn(model).double().eval())
+    assert any(type(m).__name__ == "AvgPool2dSame" for m in model.modules())
+    rng = random.Random(output_stride)
+    sites = lf.foldable_sites(model)
+    for plan in (lf.FoldPlan(tuple(sites)), lf.FoldPlan(tuple(s for s in sites if rng.random() < 0.5))):
+        _check(copy.deepcopy(model), plan, torch.float64, sizes=(32, 23))
+    folded = lf.fold_model(model)  # the threshold plan: every site linear (α = 0 nowhere reaches it: none)
+    rebuilt = lf.LayerFoldedNet(**json.loads(json.dumps(folded.model_args))).double()  # the pools survive JSON
+    rebuilt.load_state_dict(folded.state_dict())
+    x = torch.randn(1, 3, 29, 35, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), folded(x))
+
+    class MyPool(torch.nn.AvgPool2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(ValueError, match="cannot keep a MyPool: it subclasses AvgPool2d but has a forward of its own"):
+        from hf_layerfold.folded_net import op_spec
+
+        op_spec(MyPool(2))
 
 
 def test_caller_model_untouched_and_folded_is_smaller():
