@@ -199,7 +199,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     train.add_argument("--num-workers", type=COUNT, default=0, help="dataloader worker processes")
     train.add_argument("--logging-steps", type=POSITIVE_INT, default=10,
                        help="log loss, α and projected depth every N steps")
-    train.add_argument("--seed", type=int, default=0, help="seed of weights init, data order and subsets")
+    train.add_argument("--seed", type=COUNT, default=0, help="seed of weights init, data order and subsets")
     train.add_argument("--plan", metavar="NAMES|FILE", default=None,
                        help="skip the α search and fine-tune with this plan fixed from the first step: "
                             "comma-separated blocks (every site inside) and single sites (an inverted residual's "
@@ -227,7 +227,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     evaluate.add_argument("--num-workers", type=COUNT, default=0, help="dataloader worker processes")
     evaluate.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=True,
                           help="pre-trained weights for a timm model name")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    evaluate.add_argument("--seed", type=COUNT, default=0, help="seed of the --limit subset")
     evaluate.add_argument("--json", action="store_true", help="print the result as one JSON line")
     common(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)

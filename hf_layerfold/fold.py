@@ -106,8 +106,13 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
     """A new, shallower network computing what the planned ``model`` computes (the caller's model is untouched).
 
     ``model`` may be a plain timm model (BatchNorm is fused, nothing else changes), a prepared model (the plan
-    defaults to the sites whose α reached the threshold, applied to a copy), or a planned model.
+    defaults to the sites whose α reached the threshold, applied to a copy), or a planned model. BatchNorm folds
+    with its running statistics, so the folded network computes what ``model`` computes in eval mode, whatever
+    mode it is in (its mode is left as it was).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fold_model takes a torch.nn.Module (a timm model, prepared or planned), got "
+                        f"{type(model).__name__}; build the model first, e.g. timm.create_model(name)")
     if isinstance(model, LayerFoldedNet):
         raise ValueError("the model is already folded (a LayerFoldedNet): there is nothing left to fold")
     if is_prepared(model):

@@ -166,6 +166,8 @@ def test_invalid_config_value_in_subprocess():
     (["evaluate", "x", "--num-workers", "-1"], "argument --num-workers: must be an integer >= 0, got '-1'"),
     (["benchmark", "x", "--rounds", "0"], "argument --rounds: must be an integer > 0, got '0'"),
     (["gains", "x", "--threads", "-1"], "argument --threads: must be an integer > 0, got '-1'"),
+    (["fold", "--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),  # (it blamed the dataset)
+    (["evaluate", "x", "--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
     (["benchmark", "mobilenetv2_050"], "mobilenetv2_050 is not a folded save"),
     (["fold", "--push-to-hub", "--repo-id", "bad repo"], "--repo-id 'bad repo' is not a valid Hub repo id"),
     (["push", "x", "--repo-id", "a/b/c"], "--repo-id 'a/b/c' is not a valid Hub repo id"),
