@@ -185,7 +185,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
         if data.hub_id:
             accuracy["dataset"] = data.hub_id
         try:
-            path = trainer.save_folded(output, overwrite=args.overwrite, push_to_hub=args.push_to_hub,
+            # _check_output_dir asked for --overwrite already; the save itself still refuses files added since
+            path = trainer.save_folded(output, overwrite=False, push_to_hub=args.push_to_hub,
                                        repo_id=args.repo_id, private=args.private, token=args.token,
                                        base_model=base_model_id, datasets=data.hub_id, accuracy=accuracy,
                                        plan_searched=None if folded_input else not args.plan,
@@ -277,7 +278,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
     if not timm.is_model(arch):
         raise CLIError(f"unknown base model {arch!r}{suggest_model_names(arch)}")
-    base = timm.create_model(arch, pretrained=False, num_classes=folded.num_classes).eval()
+    base = timm.create_model(arch, pretrained=False, num_classes=folded.num_classes,
+                             in_chans=getattr(folded, "in_chans", 3)).eval()
     input_size = model_input_size(folded, args.image_size)
     models = {f"base ({arch})": base, "base, BN fused": fold_model(base), "layer-folded": folded}
     stats = {name: fold_stats(m, input_size) for name, m in models.items()}

@@ -65,7 +65,12 @@ def model_input_shape(model: Any, input_size: int | Sequence[int]) -> tuple[int,
     return shape
 
 
-def per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+def image_mode(model: Any) -> str:
+    """The PIL mode images are converted to for ``model``: gray for a 1-channel model, else RGB."""
+    return "L" if input_channels(model) == 1 else "RGB"
+
+
+def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
     """A data config's mean or std for ``channels`` inputs: the pretrained RGB values averaged for a 1-channel
     model (timm's ``in_chans=1`` sums the first conv's RGB weights, so the one channel stands for all three)."""
     values = tuple(float(v) for v in values)
@@ -75,7 +80,21 @@ def per_channel(values: Sequence[float], channels: int, name: str) -> tuple[floa
         return (sum(values) / len(values),)
     if len(values) == 1:
         return values * channels
-    raise ValueError(f"the model's data config has {len(values)} {name} values for a {channels}-channel input")
+    raise ValueError(f"the model's data config has {len(values)} {name} values for a {channels}-channel input; give "
+                     f"{channels} in its pretrained_cfg (save_folded: pretrained_cfg_overlay={{'{name}': ...}})")
+
+
+def fit_channels(model: Any, cfg: Mapping[str, Any], input_size: int | Sequence[int] | None = None) -> dict:
+    """A timm data config (``input_size``, ``mean``, ``std``, ...) made to fit ``model``'s input channels: timm
+    keeps the pretrained ``(3, H, W)`` and RGB statistics in the config of a model built with ``in_chans=1``.
+    ``input_size`` (as :func:`input_shape` takes it) replaces the config's."""
+    cfg = dict(cfg)
+    cfg["input_size"] = model_input_shape(model, input_size if input_size is not None else cfg["input_size"][1:])
+    channels = cfg["input_size"][0]
+    cfg.update(mean=_per_channel(cfg["mean"], channels, "mean"), std=_per_channel(cfg["std"], channels, "std"))
+    if cfg.get("test_input_size") is not None:
+        cfg["test_input_size"] = (channels, *tuple(cfg["test_input_size"])[-2:])
+    return cfg
 
 
 def build_transforms(
@@ -93,10 +112,7 @@ def build_transforms(
     """
     import timm.data  # local import: keeps `import hf_layerfold.data` light for dataset-only users
 
-    cfg = dict(timm.data.resolve_model_data_config(_unwrap_timm(model)))
-    cfg["input_size"] = model_input_shape(model, input_size if input_size is not None else cfg["input_size"][1:])
-    channels = cfg["input_size"][0]
-    cfg.update(mean=per_channel(cfg["mean"], channels, "mean"), std=per_channel(cfg["std"], channels, "std"))
+    cfg = fit_channels(model, timm.data.resolve_model_data_config(_unwrap_timm(model)), input_size)
     return timm.data.create_transform(**cfg, is_training=is_training)
 
 

@@ -19,7 +19,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .collate import ImageClassificationCollator, build_transforms, input_channels
+from .collate import ImageClassificationCollator, build_transforms, image_mode
 from .fashion_mnist import (  # re-exported: hf_layerfold.data is where users look for datasets
     FASHION_MNIST_DEFAULT_DIR,
     FASHION_MNIST_DIR_ENV,
@@ -278,8 +278,7 @@ def build_collator(model: Any, dataset: AnyDataset, *, is_training: bool,
     if num_classes is not None:
         check_labels(dataset, label_column, num_classes)
     transform = build_transforms(model, is_training=is_training, input_size=input_size)
-    image_mode = "L" if input_channels(model) == 1 else "RGB"
-    return ImageClassificationCollator(transform, image_column, label_column, image_mode, num_classes)
+    return ImageClassificationCollator(transform, image_column, label_column, image_mode(model), num_classes)
 
 
 def collator_for_split(collator: Any, dataset: Any, *, require_label: bool) -> Any:
@@ -290,7 +289,7 @@ def collator_for_split(collator: Any, dataset: Any, *, require_label: bool) -> A
     if not isinstance(collator, ImageClassificationCollator) or not isinstance(dataset, HF_SPLITS):
         return collator
     columns = _column_names_of(dataset)
-    if collator.image_column in columns and (collator.label_column in columns or not require_label):
+    if collator.image_column in columns and collator.label_column in columns:
         return collator
     try:
         image, label = detect_columns(dataset, require_label=require_label)

@@ -27,7 +27,7 @@ from timm.data import resolve_data_config
 from timm.models import PretrainedCfg
 
 from .activation import FoldableActivation
-from .collate import model_input_shape, per_channel
+from .collate import fit_channels
 from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig
 from .fold import fold_model
@@ -77,11 +77,15 @@ def is_folded_save(path: str | os.PathLike) -> bool:
     return isinstance(data, dict) and data.get("architecture") == ARCHITECTURE and "layerfold" in data
 
 
+# What an OS adds to a folder it shows, and what `hf download --local-dir` adds beside a save: not the user's work
+_INCIDENTAL = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".gitattributes", ".cache"})
+
+
 def foreign_entries(path: str | os.PathLike) -> list[str]:
     """Names in a folded save's directory that :func:`save_folded` does not write (a user's notes, a ``.git``):
-    replacing the save would delete them."""
-    own = {WEIGHTS_NAME, CONFIG_NAME, LAYERFOLD_CONFIG_NAME, PLAN_NAME, CARD_NAME}
-    return sorted(entry.name for entry in Path(path).iterdir() if entry.name not in own)
+    replacing the save would delete them. Files an OS or a Hub download leaves there do not count."""
+    own = {WEIGHTS_NAME, CONFIG_NAME, LAYERFOLD_CONFIG_NAME, PLAN_NAME, CARD_NAME} | _INCIDENTAL
+    return sorted(e.name for e in Path(path).iterdir() if e.name not in own and not e.name.startswith("._"))
 
 
 def check_not_working_directory(target: Path) -> None:
@@ -192,11 +196,7 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
     cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__ and k not in _SOURCE_KEYS}
     cfg.update(overlay or {})
     cfg.update(resolve_data_config({}, pretrained_cfg=cfg))  # input size, interpolation, mean, std, crop
-    # timm keeps the pretrained 3 channels (and RGB mean / std) in the config of an in_chans=1 model
-    given = (overlay or {}).get("input_size")
-    cfg["input_size"] = model_input_shape(net, given if given is not None else cfg["input_size"][1:])
-    channels = cfg["input_size"][0]
-    cfg.update(mean=per_channel(cfg["mean"], channels, "mean"), std=per_channel(cfg["std"], channels, "std"))
+    cfg = fit_channels(net, cfg, (overlay or {}).get("input_size"))  # an in_chans=1 model: one channel
     if net.num_classes != source.get("num_classes"):
         cfg.pop("label_descriptions", None)
     first = net.model_args["features"][0] if net.model_args["features"] else {}

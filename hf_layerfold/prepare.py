@@ -69,6 +69,9 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     The model keeps its class, parameters and state-dict keys; α parameters are added as
     ``<site>.alpha``. The config is kept on ``model.layerfold_config``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"prepare_model takes a torch.nn.Module (a timm model), got {type(model).__name__}; build "
+                        "the model first, e.g. timm.create_model(name)")
     config = config or LayerFoldingConfig()
     if isinstance(model, LayerFoldedNet):
         raise ValueError("the model is already folded (a LayerFoldedNet): fine-tune it as it is, or prepare the "

@@ -120,8 +120,8 @@ def _checkpointing_through_timm(model: nn.Module, args: TrainingArguments) -> bo
 
 @contextlib.contextmanager
 def _timm_checkpointing(model: nn.Module, args: TrainingArguments):
-    """During ``train()``: timm's checkpointing on and the argument hidden from Trainer, restored afterwards (the
-    caller's ``TrainingArguments`` may serve another trainer)."""
+    """During ``train()``: timm's checkpointing on and the argument hidden from Trainer; both restored afterwards
+    (the caller's ``TrainingArguments`` may serve another trainer, and the trained model recomputes no more)."""
     if not _checkpointing_through_timm(model, args):
         yield
         return
@@ -130,6 +130,7 @@ def _timm_checkpointing(model: nn.Module, args: TrainingArguments):
     if any(v for n, v in saved.items() if n.endswith("_kwargs")):
         logger.warning("timm's set_grad_checkpointing checkpoints every block with its own settings: the "
                        "checkpointing kwargs are not used")
+    was_on = bool(getattr(model, "grad_checkpointing", False))
     model.set_grad_checkpointing(True)
     for name in _CHECKPOINTING:
         if name in saved:
@@ -137,6 +138,7 @@ def _timm_checkpointing(model: nn.Module, args: TrainingArguments):
     try:
         yield
     finally:
+        model.set_grad_checkpointing(was_on)
         for name, value in saved.items():
             setattr(args, name, value)
 

@@ -329,6 +329,7 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from .collate import image_mode
     from .data import ImageClassificationCollator, build_transforms, check_labels, detect_columns
 
     image_column, label_column = detect_columns(dataset)
@@ -336,9 +337,8 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
         check_labels(dataset, label_column, int(model.num_classes))
     except ValueError as err:
         raise CLIError(str(err)) from None
-    channels = model_input_size(model)[0]
     collator = ImageClassificationCollator(build_transforms(model, is_training=False, input_size=image_size),
-                                           image_column, label_column, "L" if channels == 1 else "RGB")
+                                           image_column, label_column, image_mode(model))
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
     dev = torch_device(device)
     model = model.to(dev).eval()

@@ -281,8 +281,9 @@ def test_unsupported_model_names_supported_blocks():
     for call in (lf.prepare_model, lf.fold_model):
         with pytest.raises(ValueError, match="already folded"):
             call(folded)
-    with pytest.raises(TypeError, match=r"takes a torch\.nn\.Module .*got str; build the model first"):
-        lf.fold_model("resnet18")  # (an AttributeError from deep inside before)
+    for call in (lf.prepare_model, lf.fold_model):  # (an AttributeError from deep inside before)
+        with pytest.raises(TypeError, match=r"takes a torch\.nn\.Module .*got str; build the model first"):
+            call("resnet18")
 
 
 def test_plan_from_model_json_and_unknown_sites(tmp_path):

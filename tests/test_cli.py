@@ -16,7 +16,7 @@ import pytest
 import timm
 import torch
 
-import hf_layerfold  # noqa: F401  (registers layerfold_net with timm)
+import hf_layerfold as lf  # (also registers layerfold_net with timm)
 from hf_layerfold import LayerFoldingConfig
 from hf_layerfold.cli import CLIError, build_config, main, parse_args
 from hf_layerfold.hub import LayerFoldedModel, is_folded_save
@@ -410,6 +410,17 @@ def test_benchmark_on_cpu(folded_save, capsys):
     assert main(["benchmark", str(out), "--rounds", "1", "--warmup", "1", "--threads", "1", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "bs 1 speed-up" in table and "layer-folded" in table and "1.00x" in table  # base row vs itself
+
+
+def test_benchmark_builds_a_one_channel_base_for_a_one_channel_save(tmp_path, capsys):
+    """The base model was built with 3 input channels and timed on the save's 1-channel input (a traceback)."""
+    model = lf.prepare_model(timm.create_model("mobilenetv2_050", num_classes=4, in_chans=1), lf.LayerFoldingConfig())
+    lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["blocks.1.1"]))
+    save = lf.save_folded(model, tmp_path / "gray", pretrained_cfg_overlay={"input_size": (1, 32, 32)})
+    assert main(["benchmark", str(save), "--device", "cpu", "--batch-sizes", "1", "--rounds", "1", "--warmup", "1",
+                 "--threads", "1", "--json", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["input_size"] == [1, 32, 32] and all(v > 0 for v in result["latency_ms"]["1"].values())
 
 
 def test_gains_measures_each_block_and_writes_a_config_fold_reads(tmp_path, capsys):

@@ -159,7 +159,7 @@ def test_deep_stem_resnet_at_a_smaller_output_stride_keeps_its_same_padded_short
     sites = lf.foldable_sites(model)
     for plan in (lf.FoldPlan(tuple(sites)), lf.FoldPlan(tuple(s for s in sites if rng.random() < 0.5))):
         _check(copy.deepcopy(model), plan, torch.float64, sizes=(32, 23))
-    folded = lf.fold_model(model)  # the threshold plan: every site linear (α = 0 nowhere reaches it: none)
+    folded = lf.fold_model(model)  # the threshold plan: empty (every α is 0), pools and all kept
     rebuilt = lf.LayerFoldedNet(**json.loads(json.dumps(folded.model_args))).double()  # the pools survive JSON
     rebuilt.load_state_dict(folded.state_dict())
     x = torch.randn(1, 3, 29, 35, dtype=torch.float64)

@@ -359,6 +359,8 @@ def test_a_previous_save_holding_other_files_is_not_replaced_without_overwrite(t
     assert (target / "NOTES.md").read_text() == "keep me" and (target / ".git").is_dir() and is_folded_save(target)
     (target / "NOTES.md").unlink()
     (target / ".git").rmdir()
+    for incidental in (".DS_Store", "._config.json", ".gitattributes"):  # an OS's or a Hub download's, not the user's
+        (target / incidental).write_text("x")
     save_folded(folded, target)  # a save alone is replaced as before
 
 

