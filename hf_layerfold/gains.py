@@ -71,14 +71,14 @@ class FoldGains:
         return {site: saved[owner] / len(g["sites"]) * sites / total
                 for owner, g in self.groups.items() for site in g["sites"]}
 
-    def estimated_speedup(self, sites: Sequence[str]) -> float:
-        """Baseline latency over the latency left once the α groups ``sites`` cover are folded, each group's
-        saving taken as measured alone: a first guess at a plan's speed-up without timing it. Savings add where the
-        folded groups merge into separate convs; groups whose folds merge into one conv save more together, so
-        the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low for 18 plans, the stem and
-        first block folded together accounting for most of it). Time the plan before relying on it
-        (``benchmarks/bench_plan_ablation.py`` times a plan and its neighbours)."""
-        wanted = set(sites)
+    def estimated_speedup(self, sites: FoldPlan | Sequence[str]) -> float:
+        """Baseline latency over the latency left once the α groups ``sites`` (site names, or a ``FoldPlan``) cover
+        are folded, each group's saving taken as measured alone: a first guess at a plan's speed-up without timing
+        it. Savings add where the folded groups merge into separate convs; groups whose folds merge into one conv
+        save more together, so the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low
+        for 18 plans, the stem and first block folded together accounting for most of it). Time the plan before
+        relying on it (``benchmarks/bench_plan_ablation.py`` times a plan and its neighbours)."""
+        wanted = set(sites.linear_sites if isinstance(sites, FoldPlan) else sites)
         unknown = wanted - {s for g in self.groups.values() for s in g["sites"]}
         if unknown:
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "

@@ -97,6 +97,7 @@ def test_estimated_speedup_adds_the_savings_of_the_groups_a_plan_folds_whole():
     gains = _gains({"a": 2.0, "b": 3.0, "c": -1.0}, {"a": 2, "b": 1, "c": 1})
     assert gains.estimated_speedup([]) == 1.0
     assert gains.estimated_speedup(["a.s0", "a.s1"]) == pytest.approx(10 / 8)
+    assert gains.estimated_speedup(lf.FoldPlan(("a.s0", "a.s1"))) == pytest.approx(10 / 8)  # a plan as it is
     assert gains.estimated_speedup(["a.s0", "a.s1", "b.s0", "c.s0"]) == pytest.approx(10 / 6)
     with pytest.raises(ValueError, match=r"part of an α group each.*\{'a': \['a.s1'\]\}"):
         gains.estimated_speedup(["a.s1", "b.s0"])  # a fused block: the group's saving is not this plan's
