@@ -13,7 +13,7 @@ from .folded_net import LayerFoldedNet, conv_spec, op_spec
 from .graph import ConvNode, build_graph
 from .padding import static_chain_padding
 from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, run_pad_rules, segment_model
-from .prepare import is_prepared
+from .prepare import is_prepared, require_module
 
 State = dict[str, torch.Tensor]
 
@@ -110,9 +110,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
     with its running statistics, so the folded network computes what ``model`` computes in eval mode, whatever
     mode it is in (its mode is left as it was).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"fold_model takes a torch.nn.Module (a timm model, prepared or planned), got "
-                        f"{type(model).__name__}; build the model first, e.g. timm.create_model(name)")
+    require_module(model, "fold_model")
     if isinstance(model, LayerFoldedNet):
         raise ValueError("the model is already folded (a LayerFoldedNet): there is nothing left to fold")
     if is_prepared(model):

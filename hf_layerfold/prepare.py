@@ -63,15 +63,20 @@ def select_sites(model: nn.Module, config: LayerFoldingConfig) -> list[str]:
     return chosen
 
 
+def require_module(model: object, caller: str) -> None:
+    """A model name or path handed where a module is expected fails here, naming what to pass (not deep inside)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller} takes a torch.nn.Module (a timm model, prepared or planned), got "
+                        f"{type(model).__name__}; build the model first, e.g. timm.create_model(name)")
+
+
 def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) -> nn.Module:
     """Wrap every selected candidate activation in a ``FoldableActivation`` (in place; returns the model).
 
     The model keeps its class, parameters and state-dict keys; α parameters are added as
     ``<site>.alpha``. The config is kept on ``model.layerfold_config``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"prepare_model takes a torch.nn.Module (a timm model), got {type(model).__name__}; build "
-                        "the model first, e.g. timm.create_model(name)")
+    require_module(model, "prepare_model")
     config = config or LayerFoldingConfig()
     if isinstance(model, LayerFoldedNet):
         raise ValueError("the model is already folded (a LayerFoldedNet): fine-tune it as it is, or prepare the "

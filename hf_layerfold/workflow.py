@@ -196,10 +196,10 @@ def set_input_size(model, image_size: int | None) -> None:
 def model_input_size(model, image_size: int | None = None) -> tuple[int, int, int]:
     import timm.data
 
-    from .collate import input_channels
+    from .collate import model_input_shape
 
     size = tuple(timm.data.resolve_model_data_config(model)["input_size"])  # (3, ...) for an in_chans=1 model
-    return (input_channels(model), *((image_size, image_size) if image_size else size[1:]))
+    return model_input_shape(model, image_size if image_size else size[1:])
 
 
 # ----------------------------------------------------------------------------------------------------------
