@@ -33,6 +33,7 @@ from .cli_commands import (  # the commands (and PROG) used to live here: still 
     cmd_push,
 )
 from .cli_config import add_config_flags, build_config, read_mapping_file  # noqa: F401  (build_config: re-exported)
+from .collate import ImageReadError
 from .config import LayerFoldingConfig
 from .workflow import DTYPES, FASHION_MNIST, LITE0_ALIAS, CLIError, torch_device
 
@@ -385,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CLIError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return err.code
-        except UnidentifiedImageError as err:  # a corrupt file in the user's dataset, met by any command
+        except (ImageReadError, UnidentifiedImageError) as err:  # a broken file in the user's dataset, any command
             print(f"{PROG}: error: a dataset image cannot be read: {err}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:

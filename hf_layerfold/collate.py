@@ -116,19 +116,40 @@ def build_transforms(
     return timm.data.create_transform(**cfg, is_training=is_training)
 
 
+class ImageReadError(OSError):
+    """An image of the dataset cannot be decoded (truncated, corrupt, not an image); the message names its file."""
+
+
+def _open(source: Any, name: str) -> Image.Image:
+    """``Image.open`` + ``load``: a broken file fails here, named, not later inside a transform. A URL (a dataset's
+    remote file) is read through ``datasets``' file system, as its ``Image`` feature would."""
+    try:
+        if isinstance(source, str) and "://" in source:
+            import datasets
+
+            image = datasets.Image().decode_example({"path": source, "bytes": None})
+        else:
+            image = Image.open(source)
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated, corrupt and unknown files
+        raise ImageReadError(f"cannot read image {name}: {err}") from err
+    return image
+
+
 def _to_pil(value: Any) -> Image.Image:
     """Coerce what ``datasets`` may hand out (PIL, {'bytes','path'} dict, bytes, path, array, nested lists) to a
     PIL image of 8-bit pixels."""
     if isinstance(value, Mapping):
+        name = value.get("path") or "(encoded bytes without a file name)"
         if value.get("bytes") is not None:
-            return _to_pil(Image.open(io.BytesIO(value["bytes"])))
+            return _to_pil(_open(io.BytesIO(value["bytes"]), name))
         if value.get("path") is not None:
-            return _to_pil(Image.open(value["path"]))
+            return _to_pil(_open(value["path"], name))
         raise ValueError("Image dict has neither 'bytes' nor 'path'.")
     if isinstance(value, bytes | bytearray | memoryview):
-        return _to_pil(Image.open(io.BytesIO(bytes(value))))
+        return _to_pil(_open(io.BytesIO(bytes(value)), "(encoded bytes without a file name)"))
     if isinstance(value, str | os.PathLike):
-        return _to_pil(Image.open(value))
+        return _to_pil(_open(value, os.fspath(value)))
     if isinstance(value, Image.Image):
         if value.mode in _WIDE_MODES:  # 16-bit or float pixels: scaled by their range (a convert would clip)
             return _to_pil(np.asarray(value))
@@ -153,8 +174,10 @@ _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """8-bit pixels from any numeric array: floats in [0, 1] times 255; integers past 255 (16-bit images) scaled
-    by 255/65535 (or by 255/max beyond that); other values kept; then rounded and clipped to 0..255."""
+    """8-bit pixels from any numeric array, then rounded and clipped to 0..255. 16-bit integers (``I;16`` images)
+    are scaled by 255/65535 whatever their values, so every image of a 16-bit set gets the same scale. Where the
+    dtype does not say the range, each array's own maximum does: floats in [0, 1] times 255, wider integers past
+    255 scaled by 255/65535 (or by 255/max beyond that), other values kept."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
@@ -164,6 +187,8 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     high = float(array.max()) if array.size else 0.0
     if np.issubdtype(array.dtype, np.floating):
         scale = 255.0 if high <= 1.0 else 1.0
+    elif array.dtype.itemsize == 2:
+        scale = 255.0 / 65535.0
     else:
         scale = 1.0 if high <= 255 else 255.0 / max(high, 65535.0)
     return np.clip(np.rint(array * scale), 0, 255).astype(np.uint8)  # rounded: 0.2 * 255 is 50.999…
@@ -176,10 +201,12 @@ class ImageClassificationCollator:
     Decoding + augmentation run here so they happen in DataLoader workers; the class holds only the
     transform and column names, hence it pickles. Use with ``Trainer(..., data_collator=collator)`` and
     ``TrainingArguments(remove_unused_columns=False)`` so the raw image column reaches it. Images are
-    converted to ``image_mode`` first (grayscale datasets feed 3-channel ImageNet models).
-    ``label_column=None``, or examples without that column (``predict`` on a test set), collate unlabeled data
-    (no "labels" key). With ``num_classes`` each label is checked
-    against the head as it is collated: the only check streaming data without a ``ClassLabel`` feature gets.
+    converted to ``image_mode`` first (grayscale datasets feed 3-channel ImageNet models). A ``pixel_values``
+    column of float arrays (an image processor's or ``with_transform``'s output) is model input already: stacked
+    as it is, not transformed again. ``label_column=None``, or examples without that column (``predict`` on a
+    test set), collate unlabeled data (no "labels" key). With ``num_classes`` each label is checked against the
+    head as it is collated: the only check streaming data without a ``ClassLabel`` feature gets (and data from a
+    ``with_transform`` function). A broken image file raises :class:`ImageReadError` naming it.
     """
 
     transform: Callable[[Image.Image], torch.Tensor]
@@ -193,6 +220,10 @@ class ImageClassificationCollator:
             raise ValueError("Cannot collate an empty batch.")
         pixels = []
         for example in examples:
+            ready = self._ready_pixels(example[self.image_column])
+            if ready is not None:
+                pixels.append(ready)
+                continue
             image = _to_pil(example[self.image_column])
             if image.mode != self.image_mode:
                 image = image.convert(self.image_mode)
@@ -209,11 +240,32 @@ class ImageClassificationCollator:
         return batch
 
 
+    def _ready_pixels(self, value: Any) -> torch.Tensor | None:
+        """A ``pixel_values`` float array as the tensor it is (re-reading it as 8-bit pixels would clip the
+        normalized values: a dark, wrong image that still trains), its channels checked; ``None`` for an image."""
+        if self.image_column != "pixel_values" or isinstance(value, Image.Image | Mapping | bytes | str):
+            return None
+        if isinstance(value, list | tuple):
+            value = np.asarray(value)
+        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return None
+        channels = len(Image.new(self.image_mode, (1, 1)).getbands())
+        if value.ndim != 3 or value.shape[0] != channels:
+            raise ValueError(f"pixel_values of shape {tuple(value.shape)}: the model takes ({channels}, H, W) "
+                             "inputs; give it model-ready arrays of that shape, or images in an 'image' column")
+        return value.float()
+
+
 def _class_id(value: Any, column: str, num_classes: int | None) -> int:
     """An example's label as a class id, refused with its value and column when it is not one the head has (on
     a GPU it would otherwise surface as a device-side assert inside the loss)."""
     if isinstance(value, torch.Tensor | np.ndarray) and value.ndim == 0:
         value = value.item()
+    if isinstance(value, list | tuple | torch.Tensor | np.ndarray):
+        raise ValueError(f"Label {value!r} in column {column!r} is a list: multi-label data is not supported; "
+                         "LayerFoldingTrainer trains single-label classification (one integer class id per image).")
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id; map class names to ids "
                          "first (dataset.class_encode_column or cast_column to ClassLabel).")

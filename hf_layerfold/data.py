@@ -19,7 +19,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .collate import ImageClassificationCollator, build_transforms, image_mode
+from .collate import ImageClassificationCollator, ImageReadError, build_transforms, image_mode
 from .fashion_mnist import (  # re-exported: hf_layerfold.data is where users look for datasets
     FASHION_MNIST_DEFAULT_DIR,
     FASHION_MNIST_DIR_ENV,
@@ -44,8 +44,10 @@ __all__ = [
     "IMAGE_COLUMN_CANDIDATES",
     "LABEL_COLUMN_CANDIDATES",
     "ImageClassificationCollator",
+    "ImageReadError",
     "build_transforms",
     "check_labels",
+    "defer_decoding",
     "detect_columns",
     "label_names_of",
     "load_fashion_mnist",
@@ -95,6 +97,8 @@ def load_image_dataset(
     ``streaming=True`` for large ones). Extra ``kwargs`` go to ``datasets.load_dataset``.
     """
     if isinstance(source, datasets.DatasetDict | datasets.IterableDatasetDict):
+        if split is not None and split not in source:
+            raise ValueError(f"Unknown split {split!r}; the dataset has {list(source)}.")
         return source[split] if split is not None else source
     if isinstance(source, datasets.Dataset | datasets.IterableDataset):
         return source
@@ -136,12 +140,23 @@ def _first_split(dataset: AnyDataset) -> datasets.Dataset | datasets.IterableDat
     return dataset
 
 
+def _transformed(dataset: AnyDataset) -> bool:
+    """A split with a ``with_transform`` / ``set_transform`` function: its examples are what the function returns
+    (often ``pixel_values`` and ``labels``), not what its features describe."""
+    ds = _first_split(dataset)
+    return isinstance(ds, datasets.Dataset) and ds.format.get("type") == "custom"
+
+
 def _features_of(dataset: AnyDataset) -> datasets.Features | None:
-    return _first_split(dataset).features
+    return None if _transformed(dataset) else _first_split(dataset).features
 
 
 def _column_names_of(dataset: AnyDataset) -> list[str]:
     ds = _first_split(dataset)
+    if _transformed(ds):
+        if len(ds) == 0:
+            raise ValueError("Cannot detect columns: the dataset is empty.")
+        return list(ds[0])  # what the transform returns
     if ds.features is not None:
         return list(ds.features)
     if ds.column_names is not None:
@@ -239,11 +254,18 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
             logger.warning("Cannot check labels of a streaming dataset without a ClassLabel feature.")
         return None
 
+    if _transformed(dataset):
+        return None  # a transform's labels exist only per example: the collator checks each one
     if label_column not in dataset.column_names:
         raise ValueError(f"Label column {label_column!r} not in dataset columns {dataset.column_names}.")
     if len(dataset) == 0:
         return None
     labels = label_array(dataset, label_column)
+    if pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type) or pa.types.is_fixed_size_list(
+            labels.type):
+        raise ValueError(f"Label column {label_column!r} holds a list per example ({labels.type}): multi-label "
+                         "data is not supported; LayerFoldingTrainer trains single-label classification (one "
+                         "integer class id per image).")
     if not pa.types.is_integer(labels.type):
         raise ValueError(
             f"Label column {label_column!r} has type {labels.type}, expected integer class ids. "
@@ -301,6 +323,22 @@ def collator_for_split(collator: Any, dataset: Any, *, require_label: bool) -> A
     return dataclasses.replace(collator, image_column=image, label_column=label)
 
 
+def defer_decoding(dataset: Any) -> Any:
+    """A map-style ``dataset`` with its ``Image`` columns left encoded, for the collator to decode (in DataLoader
+    workers, as ``datasets`` would): a truncated or corrupt file then fails naming its path, where ``datasets``' own
+    decoding names none. A dict of splits is handled split by split. Returned as it is: anything else, a streaming
+    split (its files may be remote, read through ``datasets``' own file system), a split with a transform of its
+    own, and an ``Image`` feature that converts to a mode of its own."""
+    if isinstance(dataset, Mapping):
+        return type(dataset)({name: defer_decoding(split) for name, split in dataset.items()})
+    if not isinstance(dataset, datasets.Dataset) or _transformed(dataset):
+        return dataset
+    for column, feature in dataset.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode and feature.mode is None:
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
 def prepare_datasets(
     model: Any,
     train: AnyDataset,
@@ -318,7 +356,8 @@ def prepare_datasets(
     Detects columns, validates labels against the model's head before any compute is spent, and builds
     timm transforms (augmenting for train, deterministic for eval). A ``DatasetDict`` passed as ``train``
     supplies its ``train`` split and, if ``eval`` is None, its ``validation`` or ``test`` split.
-    Datasets are returned unchanged; all per-example work happens in the collators.
+    The datasets come back with their images left encoded (:func:`defer_decoding`); all per-example work happens
+    in the collators.
     """
     if isinstance(train, datasets.DatasetDict | datasets.IterableDatasetDict):
         splits = train
@@ -339,7 +378,7 @@ def prepare_datasets(
         raise ValueError("The training set is empty (0 rows); check the split name and any filtering.")
     train_collator = collator_for(train, is_training=True)
     eval_collator = collator_for(eval, is_training=False) if eval is not None else None
-    return train, eval, train_collator, eval_collator
+    return defer_decoding(train), defer_decoding(eval), train_collator, eval_collator
 
 
 def eval_collators(model: Any, eval_dataset: Any, train_dataset: Any, *, given: Any, user_collator: Any,

@@ -120,6 +120,15 @@ def _check_target(target: Path, overwrite: bool) -> None:
                               "to replace it (pass overwrite=True to replace the whole directory, those included)")
 
 
+def _followed(target: Path) -> Path:
+    """Where a save to ``target`` goes: a symbolic link to a directory (an output folder kept on another disk) is
+    followed, so the save lands there and the link stays; the swap renames happen beside the real folder. A
+    dangling link is left as given (refused by ``_check_target`` unless ``overwrite``)."""
+    if target.is_symlink() and target.is_dir():
+        return target.resolve()
+    return target
+
+
 def _sync_files(folder: Path) -> None:
     """Flush every file of the new save to disk before it replaces the old one: after a crash the folder holds
     either the old save or the whole new one, never a renamed folder of unwritten files."""
@@ -276,9 +285,10 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
 
     Args:
         model: a ``LayerFoldedNet``, or a prepared (plan = sites whose α reached the threshold) or planned model.
-        save_directory: written atomically (a temporary directory next to it, then renamed). A previous save
-            there is replaced; any other non-empty directory, a previous save among other files included, is
-            refused unless ``overwrite=True`` (which replaces the whole directory).
+        save_directory: written atomically (a temporary directory next to it, then renamed; a symbolic link to
+            a directory is followed and kept). A previous save there is replaced; any other non-empty directory,
+            a previous save among other files included, is refused unless ``overwrite=True`` (which replaces the
+            whole directory).
         push_to_hub / repo_id / private / token / commit_message / endpoint: one ``upload_folder`` commit to
             ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
@@ -309,7 +319,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     unknown = sorted(set(card_fields) - set(CARD_FIELDS))
     if unknown:
         raise TypeError(f"save_folded got unknown argument(s) {unknown}; card fields: {list(CARD_FIELDS)}")
-    target = Path(save_directory).expanduser().absolute()
+    given = Path(save_directory).expanduser().absolute()
+    target = _followed(given)
     _check_target(target, overwrite)
     if base_model is not None:
         _base_model_ref(base_model)  # validate card inputs before any work
@@ -333,7 +344,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
                  "global_pool": net.model_args["global_pool"], **({"label_names": labels} if labels else {}),
                  "model_args": {**model_args, "layerfold": block}, "pretrained_cfg": pretrained_cfg,
                  "layerfold": block}
-    card = render_card(block, load_id=repo_id or str(target), is_hub=bool(repo_id),
+    card = render_card(block, load_id=repo_id or str(given), is_hub=bool(repo_id),
                        title=card_fields.get("model_name") or (repo_id or target.name).split("/")[-1],
                        base_model=block.get("base_model"), datasets=card_fields.get("datasets"),
                        license=license or None,
@@ -361,7 +372,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     if push_to_hub:
         _push(target, repo_id, private=private, token=token, endpoint=endpoint,
               commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
-    return target
+    return given
 
 
 def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, endpoint: str | None,

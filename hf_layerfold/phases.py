@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .config import LayerFoldingConfig
+from .config import CONFIG_NAME, LayerFoldingConfig
 from .files import write_text_atomic
 from .folded_net import LayerFoldedNet
 from .plan import FoldPlan, applied_plan, apply_plan
@@ -41,8 +41,8 @@ def resolve_search_steps(config: LayerFoldingConfig, phase: str, resumed: int | 
 
     A resumed run keeps its checkpoint's length (``resumed``), so the plan is fixed at the same step.
     """
-    if phase == FINETUNE and resumed is None:
-        return 0
+    if phase == FINETUNE:  # the search is over (or there was none): its length is only a record
+        return 0 if resumed is None else resumed
     if config.search_steps is not None:
         steps = int(config.search_steps)
     elif config.search_epochs is not None:
@@ -91,12 +91,36 @@ class PhaseState:
                    plan=None if plan is None else FoldPlan.from_dict(plan))
 
 
+# Fields a resumed run may change: the search length is the checkpoint's anyway (see resolve_search_steps), α starts
+# from the checkpoint's values, and the blend backend computes the same function.
+RESUME_MAY_DIFFER = frozenset({"search_steps", "search_epochs", "alpha_init", "blend"})
+
+
+def check_resumed_config(checkpoint: str | os.PathLike, config: LayerFoldingConfig) -> None:
+    """Refuse to resume a run under another ``LayerFoldingConfig`` than the one its checkpoint records: other sites
+    fail to load (or load half), and other knobs (λ, threshold, ...) silently make another run."""
+    path = Path(checkpoint) / CONFIG_NAME
+    if not path.is_file():
+        return
+    saved = json.loads(path.read_text())
+    current = json.loads(config.to_json_string())
+    differ = sorted(name for name in set(saved) | set(current)
+                    if name not in RESUME_MAY_DIFFER and saved.get(name) != current.get(name))
+    if differ:
+        pairs = "; ".join(f"{name}: {saved.get(name)!r} there, {current.get(name)!r} here" for name in differ)
+        raise ValueError(f"{checkpoint} was trained with another LayerFoldingConfig ({pairs}). To continue that "
+                         "run, build the trainer with layerfold_config=LayerFoldingConfig.from_pretrained("
+                         f"{str(checkpoint)!r}) (a plain model is prepared with it); to train differently, start a new "
+                         "run from its weights instead of resuming.")
+
+
 def restore_phase(checkpoint: str | os.PathLike, model: nn.Module, phase: str,
                   config: LayerFoldingConfig) -> tuple[str, int | None]:
     """Bring ``model`` to the checkpoint's phase before its weights load: ``(phase, resumed search steps)``.
 
     A fine-tune checkpoint re-applies its plan (the planned model has the same state-dict keys); a checkpoint
-    from another kind of run, or a model planned differently, is refused instead of silently mixed.
+    from another kind of run, a model planned differently, or another config (:func:`check_resumed_config`) is
+    refused instead of silently mixed.
     """
     state = PhaseState.read(checkpoint)
     if state is None:
@@ -106,15 +130,18 @@ def restore_phase(checkpoint: str | os.PathLike, model: nn.Module, phase: str,
         if phase != state.phase:
             raise ValueError(f"{checkpoint} is from a {state.phase!r} run; resume it into the same kind of model "
                              f"(this one is in the {phase!r} phase)")
+        check_resumed_config(checkpoint, config)
         return phase, None
     current = applied_plan(model)
     if state.phase == FINETUNE:
         if current is not None and current != state.plan:
             raise ValueError(f"the model already has a different plan than {checkpoint}; resume into a fresh "
                              "(prepared, unplanned) model")
+        check_resumed_config(checkpoint, config)
         apply_plan(model, state.plan, config)
         return FINETUNE, state.search_steps
     if current is not None:
         raise ValueError(f"{checkpoint} is from the search phase but the model already has a plan; resume into a "
                          "fresh (prepared, unplanned) model")
+    check_resumed_config(checkpoint, config)
     return SEARCH, state.search_steps

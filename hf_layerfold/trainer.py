@@ -32,6 +32,7 @@ from .data import (
     check_dataset_labels,
     collator_for_split,
     dataset_label_names,
+    defer_decoding,
     eval_collators,
     prepare_datasets,
 )
@@ -72,9 +73,10 @@ def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
     first; with one id per row top-5 equals top-1).
     """
     preds, labels = eval_pred.predictions, eval_pred.label_ids
-    if isinstance(preds, tuple | list):
-        preds = preds[0]
-    preds, labels = np.asarray(preds), np.asarray(labels).reshape(-1)
+    if isinstance(labels, list | tuple):  # eval_do_concat_batches=False: one entry per batch
+        preds = np.concatenate([np.asarray(_first_output(p)) for p in preds])
+        labels = np.concatenate([np.asarray(batch).reshape(-1) for batch in labels])
+    preds, labels = np.asarray(_first_output(preds)), np.asarray(labels).reshape(-1)
     if np.issubdtype(preds.dtype, np.floating):
         k = min(5, preds.shape[-1])
         ranked = np.argsort(-preds, axis=-1, kind="stable")[:, :k]
@@ -82,6 +84,11 @@ def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
         ranked = preds.reshape(len(preds), -1)[:, :5]
     hits = ranked == labels[:, None]
     return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
+
+
+def _first_output(outputs: Any) -> Any:
+    """The logits of a model that returns several outputs (Trainer hands them over as a tuple or list)."""
+    return outputs[0] if isinstance(outputs, tuple | list) else outputs
 
 
 def sharded_alpha_error(n_alphas: int, fsdp: bool, zero3: bool) -> str | None:
@@ -123,7 +130,7 @@ def _timm_checkpointing(model: nn.Module, args: TrainingArguments):
     """During ``train()``: timm's checkpointing on and the argument hidden from Trainer; both restored afterwards
     (the caller's ``TrainingArguments`` may serve another trainer, and the trained model recomputes no more)."""
     if not _checkpointing_through_timm(model, args):
-        yield
+        yield {}
         return
     saved = {n: getattr(args, n) for n in (*_CHECKPOINTING, *(f"{n}_kwargs" for n in _CHECKPOINTING))
              if hasattr(args, n)}
@@ -136,10 +143,24 @@ def _timm_checkpointing(model: nn.Module, args: TrainingArguments):
         if name in saved:
             setattr(args, name, False)
     try:
-        yield
+        yield saved
     finally:
         model.set_grad_checkpointing(was_on)
         for name, value in saved.items():
+            setattr(args, name, value)
+
+
+@contextlib.contextmanager
+def _caller_values(args: TrainingArguments, values: dict[str, Any]):
+    """The caller's values of arguments ``train()`` hides from Trainer, put back while a checkpoint is written (its
+    ``training_args.bin`` records the run as asked for), then hidden again."""
+    hidden = {n: getattr(args, n) for n in values}
+    for name, value in values.items():
+        setattr(args, name, value)
+    try:
+        yield
+    finally:
+        for name, value in hidden.items():
             setattr(args, name, value)
 
 
@@ -154,6 +175,9 @@ class _LayerFoldingCallback(TrainerCallback):
         for alpha in self.trainer._alpha_params:
             if not alpha.requires_grad:
                 alpha.grad = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._forget_search_best(state)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         clamp_alphas_(self.trainer._alpha_params)
@@ -176,8 +200,9 @@ class LayerFoldingTrainer(Trainer):
         teacher_model: a frozen teacher for distillation (used when ``distill_weight > 0``); it gets the same
             ``pixel_values`` as the student.
         train_dataset / eval_dataset: ``datasets`` objects with an image and a label column (collators are built
-            with :func:`hf_layerfold.data.prepare_datasets` unless ``data_collator`` is given) or any dataset
-            yielding ``{"pixel_values", "labels"}`` batches through your ``data_collator``; ``eval_dataset`` may
+            with :func:`hf_layerfold.data.prepare_datasets` unless ``data_collator`` is given; a ``with_transform``
+            returning ``pixel_values`` and ``labels`` works too) or any dataset yielding ``{"pixel_values",
+            "labels"}`` batches through your ``data_collator``; ``eval_dataset`` may
             be a dict of such sets (each evaluated under its name). A streaming training set is split between
             processes by shard (``dispatch_batches=False`` unless you set it).
         eval_data_collator: collator for evaluation / prediction (default: for ``datasets`` splits the
@@ -228,6 +253,10 @@ class LayerFoldingTrainer(Trainer):
         reg_weights = None if not site_alphas else site_regularizer_weights(list(site_alphas),
                                                                             config.regularizer_weights)
         num_classes = getattr(model, "num_classes", None)
+        if num_classes == 0:
+            raise ValueError(f"{type(model).__name__} has no classifier (num_classes=0): its outputs are pooled "
+                             "features, not class logits. Create it with num_classes=<the dataset's classes>, or "
+                             "add a head with model.reset_classifier(num_classes).")
         user_collator = data_collator
         if data_collator is None and isinstance(train_dataset, HF_DATASETS):
             train_dataset, picked_eval, data_collator, _ = prepare_datasets(model, train_dataset, input_size=input_size)
@@ -239,6 +268,8 @@ class LayerFoldingTrainer(Trainer):
         self._eval_collators = eval_collators(model, eval_dataset, train_dataset, given=eval_data_collator,
                                               user_collator=user_collator, input_size=input_size)
         self._own_eval_collators = eval_data_collator is None and user_collator is None
+        if self._own_eval_collators:
+            eval_dataset = defer_decoding(eval_dataset)  # decoded by those collators, which name a broken file
         self._built_eval_set = eval_dataset  # the set those collators read (fitted to no other)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args, train_dataset)
@@ -273,6 +304,7 @@ class LayerFoldingTrainer(Trainer):
         self._phase = initial_phase(model)
         self._search_steps: int | None = None
         self._resumed_search_steps: int | None = None
+        self._hidden_args: dict[str, Any] = {}  # what train() hides from Trainer (see _timm_checkpointing)
         self._stats = torch.zeros(4, device=self.args.device)  # Σ task, Σ λ·R, Σ distill, micro-batches
         self.add_callback(_LayerFoldingCallback(self))
 
@@ -413,6 +445,18 @@ class LayerFoldingTrainer(Trainer):
             return False
         return super()._determine_best_metric(metrics, trial)
 
+    def _forget_search_best(self, state: Any) -> None:
+        """The same rule for a best checkpoint restored with the trainer state: a search-only run (the search took
+        all its steps) could record a search-phase best, which a resumed run that goes on to fine-tune must not
+        load at its end."""
+        best = state.best_global_step
+        ends_planned = self._phase == FINETUNE or (self._phase == SEARCH and self._search_steps is not None
+                                                   and self._search_steps < state.max_steps)
+        if best and ends_planned and self._search_steps is not None and best <= self._search_steps:
+            logger.info("forgetting the best checkpoint of the search phase (step %d): only fine-tune evaluations "
+                        "count for load_best_model_at_end", best)
+            state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+
     def _finish_search_at_end(self) -> None:
         if (self._phase == SEARCH and self._search_steps is not None and self.state.global_step >= self._search_steps
                 and not self.is_deepspeed_enabled):
@@ -490,9 +534,17 @@ class LayerFoldingTrainer(Trainer):
                                                                     self._phase, self.layerfold_config)
         else:
             self._phase = initial_phase(self._model())
-        with _timm_checkpointing(self._model(), self.args):
-            return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                                 ignore_keys_for_eval=ignore_keys_for_eval)
+        with _timm_checkpointing(self._model(), self.args) as hidden:
+            self._hidden_args = hidden
+            try:
+                return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                                     ignore_keys_for_eval=ignore_keys_for_eval)
+            finally:
+                self._hidden_args = {}
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        with _caller_values(self.args, self._hidden_args):
+            super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation data
@@ -502,6 +554,7 @@ class LayerFoldingTrainer(Trainer):
         collator = self._eval_collators.get(key, self._eval_collators.get(None))
         if key is None and eval_dataset is not None and eval_dataset is not self._built_eval_set:
             collator = self._fitted(collator, eval_dataset, require_label=True)  # another set handed to evaluate()
+            eval_dataset = self._deferred(eval_dataset)
         with self._collator(collator):
             return super().get_eval_dataloader(eval_dataset)
 
@@ -520,7 +573,11 @@ class LayerFoldingTrainer(Trainer):
 
     def get_test_dataloader(self, test_dataset: Any):
         with self._collator(self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)):
-            return super().get_test_dataloader(test_dataset)
+            return super().get_test_dataloader(self._deferred(test_dataset))
+
+    def _deferred(self, dataset: Any) -> Any:
+        """A set handed to evaluate / predict, its images left for the trainer's own collator to decode."""
+        return defer_decoding(dataset) if self._own_eval_collators else dataset
 
     def _fitted(self, collator: Any, dataset: Any, *, require_label: bool) -> Any:
         """A collator the trainer built, fitted to the columns of a set handed to evaluate / predict; a collator of

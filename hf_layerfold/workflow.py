@@ -330,7 +330,7 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
     from tqdm.auto import tqdm
 
     from .collate import image_mode
-    from .data import ImageClassificationCollator, build_transforms, check_labels, detect_columns
+    from .data import ImageClassificationCollator, build_transforms, check_labels, defer_decoding, detect_columns
 
     image_column, label_column = detect_columns(dataset)
     try:
@@ -339,7 +339,7 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
         raise CLIError(str(err)) from None
     collator = ImageClassificationCollator(build_transforms(model, is_training=False, input_size=image_size),
                                            image_column, label_column, image_mode(model))
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
+    loader = DataLoader(defer_decoding(dataset), batch_size=batch_size, collate_fn=collator, num_workers=num_workers)
     dev = torch_device(device)
     model = model.to(dev).eval()
     top1 = top5 = total = 0

@@ -1,6 +1,7 @@
 """The ``hf-layerfold`` command line: help, one-line errors, a real fold → evaluate → benchmark → push, Ctrl-C."""
 
 import dataclasses
+import io
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import hub_server  # tests/ is on sys.path (rootdir-relative, no __init__.py)
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import hf_layerfold as lf  # (also registers layerfold_net with timm)
 from hf_layerfold import LayerFoldingConfig
@@ -566,9 +568,21 @@ def test_interrupted_fold_leaves_nothing(sig, tmp_path):
 
 
 def test_an_unreadable_image_is_one_line(tmp_path, capsys):
+    """Not an image, and a truncated JPEG (which used to end in a traceback naming no file): one line, the file
+    named."""
     for split in ("train", "validation"):
         for label in ("a", "b"):  # two classes: imagefolder gives a label column
             (tmp_path / split / label).mkdir(parents=True)
             (tmp_path / split / label / "1.png").write_bytes(b"not a png")
     assert main(["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", str(tmp_path), "--quiet"]) == 2
     assert "a dataset image cannot be read" in one_error_line(capsys.readouterr().err)
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, "JPEG")
+    for label in ("a", "b"):
+        (tmp_path / "validation" / label / "1.png").unlink()
+        (tmp_path / "validation" / label / "1.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    assert main(["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", str(tmp_path), "--split",
+                 "validation", "--image-size", "32", "--quiet"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert re.search("image file is truncated|Truncated File Read", line)
+    assert str(tmp_path / "validation" / "a" / "1.jpg") in line

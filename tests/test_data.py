@@ -465,7 +465,8 @@ def test_prepare_datasets(fashion_small: datasets.DatasetDict, small_model: torc
     train, evalset, train_collator, eval_collator = hd.prepare_datasets(
         small_model, fashion_small, input_size=48
     )
-    assert train is fashion_small["train"] and evalset is fashion_small["test"]
+    assert len(train) == len(fashion_small["train"]) and len(evalset) == len(fashion_small["test"])
+    assert train.features["image"] == evalset.features["image"] == datasets.Image(decode=False)  # the collator's
     assert (train_collator.image_column, train_collator.label_column) == ("image", "label")
     assert eval_collator is not None
     batch = eval_collator([evalset[i] for i in range(3)])
@@ -530,3 +531,81 @@ def test_local_imagefolder_errors_say_what_is_missing(tmp_path):
     with pytest.raises(ValueError, match="Unknown split") as info:
         load_image_dataset(tmp_path / "ds", split="validation")
     assert "holds no images" not in str(info.value)
+
+
+def test_16_bit_images_share_one_scale() -> None:
+    """The scale used to come from each image's own maximum: a dark 16-bit image (brightest pixel 255) came out
+    white, one a step brighter black."""
+    from hf_layerfold.collate import _to_pil
+
+    for make in (lambda v: Image.fromarray(np.full((4, 4), v, np.uint16)), lambda v: np.full((4, 4), v, np.uint16)):
+        assert [int(np.asarray(_to_pil(make(v))).max()) for v in (255, 256, 65535)] == [1, 1, 255]
+
+
+def test_model_ready_pixel_values_pass_through(small_model: torch.nn.Module) -> None:
+    """A pixel_values column (an image processor's output) used to be re-read as 8-bit pixels and transformed
+    again: negative values clipped, a dark image that still trained."""
+    pixels = torch.randn(4, 3, 16, 16)
+    ds = datasets.Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": [0, 1, 2, 3]})
+    collator = hd.prepare_datasets(small_model, ds)[2]
+    assert (collator.image_column, collator.label_column) == ("pixel_values", "labels")
+    torch.testing.assert_close(collator([ds[i] for i in range(4)])["pixel_values"], pixels)  # Python lists
+    torch.testing.assert_close(collator(list(ds.with_format("torch")))["pixel_values"], pixels)
+    with pytest.raises(ValueError, match=r"pixel_values of shape \(1, 16, 16\): the model takes \(3, H, W\)"):
+        collator([{"pixel_values": np.zeros((1, 16, 16), np.float32), "labels": 0}])
+
+
+@needs_fashion
+def test_a_with_transform_dataset_is_read_by_what_its_transform_returns(
+    fashion_small: datasets.DatasetDict, small_model: torch.nn.Module
+) -> None:
+    """The transformers tutorials' pattern: columns were detected from the features (image, label), and training
+    failed at its first batch with KeyError: 'image'."""
+    tf = hd.build_transforms(small_model, is_training=False, input_size=16)
+
+    def to_inputs(batch: dict, shift: int = 0) -> dict:
+        return {"pixel_values": [tf(im.convert("RGB")) for im in batch["image"]],
+                "labels": [label + shift for label in batch["label"]]}
+
+    source = fashion_small["test"].select(range(4))
+    ds = source.with_transform(to_inputs)
+    train, _, collator, _ = hd.prepare_datasets(small_model, ds)
+    assert train is ds and (collator.image_column, collator.label_column) == ("pixel_values", "labels")
+    batch = collator([ds[i] for i in range(4)])
+    torch.testing.assert_close(batch["pixel_values"], torch.stack([ds[i]["pixel_values"] for i in range(4)]))
+    assert batch["labels"].tolist() == [source[i]["label"] for i in range(4)]
+    shifted = source.with_transform(lambda b: to_inputs(b, shift=10))
+    collator = hd.prepare_datasets(small_model, shifted)[2]  # labels exist only per example: checked as collated
+    with pytest.raises(ValueError, match="outside the model's classes 0..9"):
+        collator([shifted[0]])
+
+
+def test_a_truncated_image_is_named(tmp_path: Path, small_model: torch.nn.Module) -> None:
+    """datasets decodes an Image column itself and named no file; the collator decodes it instead."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, "JPEG")
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "0.jpg").write_bytes(buffer.getvalue())
+    broken = tmp_path / "b" / "1.jpg"
+    broken.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    train, _, collator, _ = hd.prepare_datasets(small_model, hd.load_image_dataset(tmp_path, split="train"))
+    paths = [train[i]["image"]["path"] for i in range(len(train))]
+    assert collator([train[paths.index(str(tmp_path / "a" / "0.jpg"))]])["pixel_values"].shape == (1, 3, 224, 224)
+    truncated = f"cannot read image {broken}: (image file is truncated|Truncated File Read)"
+    with pytest.raises(hd.ImageReadError, match=truncated):
+        collator([train[paths.index(str(broken))]])
+
+
+def test_refusals_of_unknown_splits_and_multi_label_data() -> None:
+    image = np.zeros((4, 4), np.uint8)
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [image], "label": [0]})})
+    for source in (splits, datasets.IterableDatasetDict({"train": splits["train"].to_iterable_dataset()})):
+        with pytest.raises(ValueError, match=r"Unknown split 'validation'; the dataset has \['train'\]"):
+            hd.load_image_dataset(source, split="validation")
+    multi = datasets.Dataset.from_dict({"image": [image], "labels": [[0, 3]]})
+    with pytest.raises(ValueError, match="holds a list per example .*multi-label data is not supported"):
+        hd.check_labels(multi, "labels", 10)
+    collator = hd.ImageClassificationCollator(lambda im: torch.zeros(3, 2, 2), num_classes=10)
+    with pytest.raises(ValueError, match="multi-label data is not supported"):
+        collator([{"image": image, "label": [0, 3]}])  # a stream's labels, met as they are collated

@@ -382,6 +382,26 @@ def test_replaces_a_previous_save_atomically(tmp_path, folded, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folded"]  # no .tmp / .old directories left
 
 
+def test_a_symlinked_save_directory_is_followed_and_kept(tmp_path, folded, x):
+    """An output folder linked to another disk: the save used to replace the link with a folder of its own,
+    leaving the linked disk empty."""
+    real, link = tmp_path / "disk" / "folded", tmp_path / "folded"
+    real.mkdir(parents=True)
+    link.symlink_to(real, target_is_directory=True)
+    for labels in (LABELS, LABELS[::-1]):  # a first save into the empty folder, then one replacing it
+        assert save_folded(folded, link, label_names=labels) == link
+        assert link.is_symlink() and json.loads((real / "config.json").read_text())["label_names"] == labels
+    assert sorted(p.name for p in real.parent.iterdir()) == ["folded"]  # the swap's folders went beside it
+    torch.testing.assert_close(_out(LayerFoldedModel.from_pretrained(link), x), _out(folded, x))
+    (real / "NOTES.md").write_text("keep me")  # the checks see the linked folder's files
+    with pytest.raises(FileExistsError, match=r"also \['NOTES.md'\]"):
+        save_folded(folded, link)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="exists and is not a directory"):
+        save_folded(folded, dangling)
+
+
 def test_missing_or_corrupt_weights_name_the_file(tmp_path, folded):
     path = save_folded(folded, tmp_path / "folded")
     weights = path / "model.safetensors"

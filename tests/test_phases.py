@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import timm
@@ -27,7 +28,7 @@ def prepared(seed: int = 0) -> torch.nn.Module:
     return lf.prepare_model(model, lf.LayerFoldingConfig())
 
 
-def test_search_length_rules():
+def test_search_length_rules(caplog):
     cfg = lf.LayerFoldingConfig
     kwargs = dict(sized=True, steps_per_epoch=8, max_steps=20)
     assert resolve_search_steps(cfg(search_steps=3), SEARCH, None, **kwargs) == 3
@@ -35,6 +36,9 @@ def test_search_length_rules():
     assert resolve_search_steps(cfg(), SEARCH, None, **kwargs) == 10  # half of training
     assert resolve_search_steps(cfg(search_steps=3), FINETUNE, None, **kwargs) == 0  # planned: no search
     assert resolve_search_steps(cfg(search_steps=3), FINETUNE, 7, **kwargs) == 7  # the checkpoint's length wins
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.phases"):  # a fixed-plan run (no search) resumed:
+        assert resolve_search_steps(cfg(search_steps=3), FINETUNE, 0, **kwargs) == 0  # no warning that 0 ≠ 3
+    assert not caplog.text
     with pytest.raises(ValueError, match="search_epochs needs a training set with a length"):
         resolve_search_steps(cfg(search_epochs=1.0), SEARCH, None, sized=False, steps_per_epoch=0, max_steps=20)
 

@@ -344,10 +344,12 @@ def test_gradient_checkpointing_of_a_timm_model_goes_through_timm(tmp_path, fash
     config = lf.LayerFoldingConfig(**{**CFG, "search_steps": 2})
     plain = make_trainer(tmp_path / "plain", fashion, config=config,
                          train_args=args_for(tmp_path / "plain", max_steps=4))
-    args = args_for(tmp_path / "ckpt", max_steps=4, **{CHECKPOINTING: True})
+    args = args_for(tmp_path / "ckpt", max_steps=4, save_strategy="steps", save_steps=4, **{CHECKPOINTING: True})
     ckpt = make_trainer(tmp_path / "ckpt", fashion, config=config, train_args=args)
     want, got = train_logs(plain), train_logs(ckpt)
     assert not ckpt.model.grad_checkpointing and getattr(args, CHECKPOINTING)  # both as they were after train()
+    saved = torch.load(tmp_path / "ckpt" / "checkpoint-4" / "training_args.bin", weights_only=False)
+    assert getattr(saved, CHECKPOINTING)  # a checkpoint records the run as asked for, not as hidden from Trainer
     assert [got[s]["phase"] for s in sorted(got)] == [0, 0, 1, 1] and ckpt.phase == "finetune"
     for step in want:
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
@@ -435,6 +437,9 @@ def test_compute_metrics_accepts_logits_and_ranked_ids():
     assert compute_metrics(EvalPrediction(ranked, labels)) == {"top1": 1.0, "top5": 1.0}
     argmax = np.array([1, 0])  # preprocess_logits_for_metrics=argmax: one id per row
     assert compute_metrics(EvalPrediction(argmax, labels)) == {"top1": 0.5, "top5": 0.5}
+    # eval_do_concat_batches=False: one array per batch (the first batch's logits were compared with every label)
+    batches = EvalPrediction([logits[:1], logits[1:]], [labels[:1], labels[1:]])
+    assert compute_metrics(batches) == compute_metrics(EvalPrediction(logits, labels))
 
 
 def test_save_folded_loads_back_and_matches(baseline, tmp_path):
@@ -466,6 +471,39 @@ def test_best_model_at_end_is_a_fine_tune_checkpoint(tmp_path, fashion):
     alphas = lf.alpha_parameters(trainer.model)
     assert {v.item() for v in alphas.values()} <= {0.0, 1.0}
     assert {site for site, v in alphas.items() if v.item() == 1.0} == set(plan.linear_sites)
+
+
+def test_a_search_best_is_forgotten_when_a_resumed_run_fine_tunes(tmp_path, fashion):
+    """A search-only run records a search-phase best; resumed for longer, the run fine-tunes and used to load that
+    soft-α checkpoint into its planned network at the end."""
+    def args(max_steps):
+        return args_for(tmp_path, max_steps=max_steps, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                        save_steps=2, load_best_model_at_end=True, metric_for_best_model="top1")
+
+    config = lf.LayerFoldingConfig(**{**CFG, "search_steps": 4})
+    first = make_trainer(tmp_path, fashion, config=config, train_args=args(4))
+    first.train()
+    assert first.state.best_global_step in (2, 4) and first.phase == "finetune"  # the search took every step
+    resumed = make_trainer(tmp_path, fashion, config=config, train_args=args(8))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.state.best_global_step in (6, 8)
+    alphas = lf.alpha_parameters(resumed.model)
+    assert {site for site, v in alphas.items() if v.item() == 1.0} == set(applied_plan(resumed.model).linear_sites)
+    assert {v.item() for v in alphas.values()} <= {0.0, 1.0}
+
+
+def test_resume_refuses_another_config(baseline, fashion, tmp_path):
+    """The checkpoint's layerfold_config.json was never read: a trainer built without the run's config resumed it
+    under the defaults (another λ, threshold, regularizer) silently, and other sites failed in transformers'
+    loading code."""
+    out = baseline[3]
+    for changed, said in (({"lambda_reg": 0.3}, "lambda_reg: 0.05 there, 0.3 here"),
+                          ({"exclude_modules": ["blocks.0.0.bn1.act"]}, r"exclude_modules: \[\] there, \['blocks")):
+        trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, **changed}))
+        with pytest.raises(ValueError, match=f"another LayerFoldingConfig \\({said}.*from_pretrained"):
+            trainer.train(resume_from_checkpoint=str(out / "checkpoint-8"))
+    same = lf.LayerFoldingConfig.from_pretrained(out / "checkpoint-4")  # what the error advises
+    assert make_trainer(tmp_path, fashion, config=same).layerfold_config == baseline[0].layerfold_config
 
 
 def test_eval_sets_by_name_of_any_kind(tmp_path, fashion):
