@@ -63,7 +63,7 @@ import torch
 import hf_layerfold  # noqa: F401  (registers the layerfold_net architecture with timm)
 from hf_layerfold import LayerFoldingConfig, fold_model, fold_stats
 from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
-from hf_layerfold.hub import is_folded_save
+from hf_layerfold.hub import check_save_target
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 from hf_layerfold.trainer import LayerFoldingTrainer
 from hf_layerfold.workflow import (
@@ -92,8 +92,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--batch-size", type=int, default=32, help="batch size")
     add("--lr", type=float, default=1e-3, help="learning rate of the weights")
     add("--lambda-reg", type=float, default=0.1, help="weight λ of the α regularizer")
-    add("--search-epochs", type=float, default=0.5,
-        help="epochs of the α search; the rest of --epochs fine-tunes with the plan fixed")
+    add("--search-epochs", type=float, default=None,
+        help="epochs of the α search; the rest of the run fine-tunes with the plan fixed (default: 0.5, or half of "
+             "--max-steps when that is given)")
     add("--regularizer", default="l1", help="'l1' = Σ(1−α) or 'paper' = Σ|1−α²| (its gradient is 0 at α=0)")
     add("--alpha-lr", type=float, default=0.05, help="learning rate of α")
     add("--threshold", type=float, default=0.9, help="α at which a site becomes linear")
@@ -172,9 +173,10 @@ def environment() -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
-    output = Path(args.output_dir).expanduser().absolute()
-    if output.exists() and any(output.iterdir()) and not is_folded_save(output):
-        raise SystemExit(f"demo.py: error: {output} holds other files; pick another --output-dir")
+    try:  # what the save at the end would refuse, refused before the training
+        output = check_save_target(args.output_dir)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise SystemExit(f"demo.py: error: {err}; pick another --output-dir") from None
 
     data = load_fashion_mnist(train_size=args.train_size, test_size=args.test_size, seed=args.seed)
     print(f"Fashion-MNIST: {len(data['train'])} train / {len(data['test'])} test images at "
@@ -184,7 +186,8 @@ def run(args: argparse.Namespace) -> dict:
                                      alpha_lr=args.alpha_lr, threshold=args.threshold, distill_weight=distill,
                                      max_macs_increase=None if args.max_macs_increase < 0 else args.max_macs_increase,
                                      distill_temperature=2.0,
-                                     search_epochs=None if args.max_steps else args.search_epochs)
+                                     search_epochs=(0.5 if args.search_epochs is None and not args.max_steps
+                                                    else args.search_epochs))
     input_size = (3, args.image_size, args.image_size)
     eval_kw = dict(image_size=args.image_size, batch_size=128, progress=not args.quiet)
 

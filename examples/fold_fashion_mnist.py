@@ -7,7 +7,8 @@
 
 Every ``LayerFoldingConfig`` field and every ``TrainingArguments`` field is a flag (``--help``). Fashion-MNIST is
 read from the Debian package ``dataset-fashion-mnist`` (offline) or else the Hub. The folded model and its card
-are written to ``--folded_dir`` (default ``<output_dir>/folded``).
+are written to ``--folded_dir`` (default ``<output_dir>/folded``). A single ``.json`` argument holds the flags
+instead (HfArgumentParser's convention).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import timm
 import timm.data
@@ -24,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 import hf_layerfold as lf
 from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
+from hf_layerfold.hub import check_save_target
 from hf_layerfold.trainer import LayerFoldingTrainer
 
 logger = logging.getLogger("fold_fashion_mnist")
@@ -51,8 +54,11 @@ TRAINING_DEFAULTS = dict(output_dir="outputs/fold_fashion_mnist", num_train_epoc
 FOLDING_DEFAULTS = dict(lambda_reg=0.5, regularizer="l1", alpha_lr=0.05, threshold=0.9)
 
 
+LITE0 = "tf_efficientnet_lite0"  # the model whose ImageNet weights come bundled ("auto")
+
+
 def load_model(name: str, weights: str) -> torch.nn.Module:
-    if weights == "auto" and name == "tf_efficientnet_lite0":
+    if weights == "auto" and name == LITE0:
         from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 
         return load_efficientnet_lite0_imagenet(num_classes=10)
@@ -70,10 +76,21 @@ def collators(model: torch.nn.Module, size: int, crop_scale: float) -> tuple:
             ImageClassificationCollator(timm.data.create_transform(**cfg, is_training=False)))
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> tuple[ScriptArguments, lf.LayerFoldingConfig, TrainingArguments]:
+    """Flags, or one ``.json`` file of them (HfArgumentParser's convention), over this script's defaults."""
     parser = HfArgumentParser((ScriptArguments, lf.LayerFoldingConfig, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_dict({**TRAINING_DEFAULTS, **FOLDING_DEFAULTS, **json.loads(Path(argv[0]).read_text())})
     parser.set_defaults(**TRAINING_DEFAULTS, **FOLDING_DEFAULTS)
-    script, config, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    script, config, training_args = parse(argv)
+    # checked before training: a folder the save would refuse (or replace a run's files in) would lose the run
+    folded_dir = check_save_target(script.folded_dir or f"{training_args.output_dir}/folded",
+                                   beside=[training_args.output_dir])
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 
@@ -86,11 +103,11 @@ def main(argv: list[str] | None = None) -> dict:
                                   layerfold_config=config, input_size=script.input_size)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
-    folded_dir = script.folded_dir or f"{training_args.output_dir}/folded"
     hub_weights = script.weights == "hub"  # the card names timm's weights it started from (and their license)
-    path = trainer.save_folded(folded_dir, overwrite=True, datasets="zalando-datasets/fashion_mnist",
-                               plan_searched=True,
-                               base_model=(model.pretrained_cfg or {}).get("hf_hub_id") if hub_weights else None)
+    random_weights = script.weights == "none" or (script.weights == "auto" and script.model_name != LITE0)
+    path = trainer.save_folded(folded_dir, datasets="zalando-datasets/fashion_mnist", plan_searched=True,
+                               base_model=(model.pretrained_cfg or {}).get("hf_hub_id") if hub_weights else None,
+                               **({"license": False} if random_weights else {}))  # timm's cfg names one regardless
 
     summary = {"eval_top1": metrics["eval_top1"], "eval_top5": metrics["eval_top5"], "folded_dir": str(path)}
     if trainer.is_world_process_zero():

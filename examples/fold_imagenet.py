@@ -7,7 +7,7 @@ The training set streams from the Hub (``timm/imagenet-1k-wds``, webdataset shar
 shards, nothing is downloaded up front). Every ``LayerFoldingConfig`` field (``--lambda_reg``, ``--search_epochs``,
 ``--distill_weight`` ...) and every ``TrainingArguments`` field is a flag. ``--init_from`` starts from a saved
 search run (α learned): the plan is fixed from the threshold and training is the fine-tune phase only (the two-run
-recipe in examples/README.md).
+recipe in examples/README.md). A single ``.json`` argument holds the flags instead (HfArgumentParser's convention).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 import hf_layerfold as lf
 from hf_layerfold.data import load_image_dataset
+from hf_layerfold.hub import check_repo_id, check_save_target
 from hf_layerfold.trainer import LayerFoldingTrainer
 
 logger = logging.getLogger("fold_imagenet")
@@ -92,12 +93,24 @@ def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig) -> torch
     return model
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse(argv: list[str] | None) -> tuple[ScriptArguments, lf.LayerFoldingConfig, TrainingArguments]:
+    """Flags, or one ``.json`` file of them (HfArgumentParser's convention), over this script's defaults."""
     parser = HfArgumentParser((ScriptArguments, lf.LayerFoldingConfig, TrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_dict({**TRAINING_DEFAULTS, **FOLDING_DEFAULTS, **json.loads(Path(argv[0]).read_text())})
     parser.set_defaults(**TRAINING_DEFAULTS, **FOLDING_DEFAULTS)
-    script, config, args = parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    script, config, args = parse(argv)
     if script.init_from and script.plan:
         raise ValueError("--init_from and --plan both fix the plan: give one of them")
+    # what the end of the run needs, checked before it starts: a bad folder or repo id would lose the training
+    folded_dir = check_save_target(script.folded_dir or f"{args.output_dir}/folded", beside=[args.output_dir])
+    if script.push_folded_to:
+        check_repo_id(script.push_folded_to, "--push_folded_to")
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 
@@ -134,12 +147,13 @@ def main(argv: list[str] | None = None) -> dict:
     trainer.save_model()  # the planned model + layerfold_state.json (an --init_from source, and resumable)
     summary = {k: v for k, v in metrics.items() if k.startswith("eval_top")}
     if trainer.phase == "finetune":
-        folded_dir = script.folded_dir or f"{args.output_dir}/folded"
-        # the weights it started from: the card's base_model and, through it, their license
+        # the weights it started from: the card's base_model and, through it, their license (random weights: none)
         base_model = (model.pretrained_cfg or {}).get("hf_hub_id") if script.pretrained else None
+        local_data = Path(script.dataset_name).expanduser().exists()  # a path is no Hub metadata
         summary["folded_dir"] = str(trainer.save_folded(
-            folded_dir, overwrite=True, push_to_hub=bool(script.push_folded_to), repo_id=script.push_folded_to,
-            datasets=script.dataset_name, base_model=base_model, plan_searched=not script.plan))
+            folded_dir, push_to_hub=bool(script.push_folded_to), repo_id=script.push_folded_to,
+            datasets=None if local_data else script.dataset_name, base_model=base_model,
+            plan_searched=not script.plan, **({} if script.pretrained else {"license": False})))
     else:  # a search-only run (two-run recipe, step 1): the next run starts from it with --init_from
         summary["search_run"] = args.output_dir
     if trainer.is_world_process_zero():

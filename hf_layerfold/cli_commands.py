@@ -234,9 +234,12 @@ def _fix_plan(model, spec: str, config):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    model_kind(args.model)
+    kind = model_kind(args.model)
     data = load_data(args.dataset, eval_size=args.limit, seed=args.seed, need_train=False, eval_split=args.split)
-    model = load_model(args.model, data.num_classes, pretrained=args.pretrained)
+    # a pretrained model keeps its own head: one made for the dataset would be untrained, its accuracy chance
+    random_weights = kind == "base" and not args.pretrained
+    model = load_model(args.model, data.num_classes if random_weights else None, pretrained=args.pretrained)
+    _check_classes(model, args.model, data)
     result = evaluate_model(model, data.eval, image_size=args.image_size, batch_size=args.batch_size,
                             device=args.device, num_workers=args.num_workers, progress=not args.quiet)
     result.update(model=args.model, dataset=args.dataset, split=data.eval_split, device=args.device)
@@ -246,6 +249,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{args.model} on {args.dataset} [{data.eval_split}], {result['images']} images: "
               f"top-1 {result['top1']:.2%}, top-5 {result['top5']:.2%}")
     return 0
+
+
+def _check_classes(model, name: str, data) -> None:
+    """The model must predict the dataset's classes, with the same ids: else its accuracy means nothing."""
+    if model.num_classes != data.num_classes:
+        raise CLIError(f"{name} predicts {model.num_classes} classes, the dataset has {data.num_classes}: its head "
+                       "was not trained on these classes. Evaluate a model fine-tuned on them (the output of "
+                       "hf-layerfold fold), or pass --no-pretrained for a random-weights baseline.")
+    names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
+    if not names or not data.label_names or list(names) == list(data.label_names):
+        return
+    if sorted(names) == sorted(data.label_names):
+        raise CLIError(f"{name} and the dataset have the same classes in another order (model: {list(names)}; "
+                       f"dataset: {list(data.label_names)}): class ids would be compared across different classes. "
+                       "Give the dataset its classes in the model's order (e.g. imagefolder folders named by class "
+                       "id).")
+    logger.warning("the model's class names %s are not the dataset's %s: the accuracy compares class ids",
+                   list(names)[:5], list(data.label_names)[:5])
 
 
 def _parse_batch_sizes(text: str) -> list[int]:

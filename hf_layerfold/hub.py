@@ -105,6 +105,23 @@ def check_repo_id(repo_id: str, name: str = "repo_id") -> None:
         raise ValueError(f"{name} {repo_id!r} is not a valid Hub repo id (org/name): {err}") from None
 
 
+def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = False,
+                      beside: Sequence[str | os.PathLike] = ()) -> Path:
+    """Refuse, before any work, what :func:`save_folded` would refuse at its end (a script calls this before
+    training, so a long run is not lost to a bad ``--folded_dir``). ``beside``: directories the run writes itself
+    (Trainer's ``output_dir``): the save may go inside one, never be one or above one, which its checkpoints would
+    fill before the save. Returns the directory the save will write (a symbolic link followed)."""
+    target = _followed(Path(save_directory).expanduser().absolute())
+    for other in beside:
+        other = Path(other).expanduser().absolute().resolve()
+        if target.resolve() == other or target.resolve() in other.parents:
+            raise FileExistsError(f"the folded model's directory {save_directory} is {other} or one above it, where "
+                                  "the run writes its checkpoints; save it into a directory of its own (e.g. "
+                                  f"{other / 'folded'})")
+    _check_target(target, overwrite)
+    return target
+
+
 def _check_target(target: Path, overwrite: bool) -> None:
     check_not_working_directory(target)
     if overwrite or not (target.exists() or target.is_symlink()):
@@ -320,8 +337,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     if unknown:
         raise TypeError(f"save_folded got unknown argument(s) {unknown}; card fields: {list(CARD_FIELDS)}")
     given = Path(save_directory).expanduser().absolute()
-    target = _followed(given)
-    _check_target(target, overwrite)
+    target = check_save_target(given, overwrite=overwrite)
     if base_model is not None:
         _base_model_ref(base_model)  # validate card inputs before any work
     latency_section(card_fields.get("latency"))

@@ -555,7 +555,11 @@ class LayerFoldingTrainer(Trainer):
         if key is None and eval_dataset is not None and eval_dataset is not self._built_eval_set:
             collator = self._fitted(collator, eval_dataset, require_label=True)  # another set handed to evaluate()
             eval_dataset = self._deferred(eval_dataset)
-        with self._collator(collator):
+        if key is not None:
+            read = self.eval_dataset[key]
+        else:
+            read = eval_dataset if eval_dataset is not None else self.eval_dataset
+        with self._collator(collator), self._dispatched(read):
             return super().get_eval_dataloader(eval_dataset)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
@@ -572,8 +576,26 @@ class LayerFoldingTrainer(Trainer):
         return None, logits.detach(), None
 
     def get_test_dataloader(self, test_dataset: Any):
-        with self._collator(self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)):
+        with self._collator(self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)), \
+                self._dispatched(test_dataset):
             return super().get_test_dataloader(self._deferred(test_dataset))
+
+    @contextlib.contextmanager
+    def _dispatched(self, dataset: Any):
+        """A streaming set evaluated by several processes is read by rank 0 and its batches dispatched. The
+        ``dispatch_batches=False`` a streaming training set gets (see ``_adjust_args``) would have every process
+        read the whole set, or a share of its shards, and the metrics then count the padding that evens out the
+        processes' last batches (or wait forever on a process with fewer batches)."""
+        config = self.accelerator.dataloader_config
+        if (self.accelerator.num_processes == 1 or not isinstance(dataset, datasets.IterableDataset)
+                or config.dispatch_batches is not False):
+            yield
+            return
+        config.dispatch_batches = True
+        try:
+            yield
+        finally:
+            config.dispatch_batches = False
 
     def _deferred(self, dataset: Any) -> Any:
         """A set handed to evaluate / predict, its images left for the trainer's own collator to decode."""

@@ -396,6 +396,22 @@ def test_evaluate_on_an_imagefolder(folded_save, tmp_path, capsys):
     assert (from_folder["top1"], from_folder["top5"]) == (direct["top1"], direct["top5"])  # the same 20 images
 
 
+def test_evaluate_refuses_a_head_not_trained_on_the_dataset_classes(capsys):
+    """A pretrained model used to get a fresh head for the dataset's classes: its accuracy was chance, unsaid."""
+    from types import SimpleNamespace
+
+    from hf_layerfold.cli_commands import _check_classes
+
+    assert main(["evaluate", "lite0-imagenet", "--limit", "10", "--quiet"]) == 2
+    assert "lite0-imagenet predicts 1000 classes, the dataset has 10" in one_error_line(capsys.readouterr().err)
+    data = SimpleNamespace(num_classes=3, label_names=["cat", "dog", "owl"])
+    model = SimpleNamespace(num_classes=3, pretrained_cfg={"label_names": ["dog", "cat", "owl"]})
+    with pytest.raises(CLIError, match="same classes in another order"):
+        _check_classes(model, "m", data)
+    model.pretrained_cfg["label_names"] = ["cat", "dog", "owl"]
+    _check_classes(model, "m", data)  # the same classes, the same ids
+
+
 def test_benchmark_on_cpu(folded_save, capsys):
     out, _ = folded_save
     threads = torch.get_num_threads()

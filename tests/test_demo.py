@@ -1,6 +1,7 @@
 """``examples/demo.py`` end to end in a tiny configuration: baseline, fold, table, save, reload check."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,17 @@ def test_demo_tiny_run(demo, tmp_path, capsys):
     net = LayerFoldedModel.from_pretrained(out)
     assert net.pretrained_cfg["input_size"] == [3, 32, 32]
     assert len(net.layerfold_info["plan"]["linear_sites"]) == len(result["linear_sites"])
+
+
+def test_an_output_dir_the_save_would_refuse_is_refused_before_training(demo, tmp_path):
+    """The check at the start let through a folded save holding other files (refused only by the save, after the
+    whole training) and a file (a NotADirectoryError traceback)."""
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "config.json").write_text(json.dumps({"architecture": "layerfold_net", "layerfold": {}}))
+    (save / "notes.txt").write_text("keep me")
+    (tmp_path / "afile.txt").write_text("x")
+    for target, said in ((save, r"also \['notes.txt'\]"), (tmp_path / "afile.txt", "is not a directory")):
+        with pytest.raises(SystemExit, match=f"demo.py: error: .*{said}.*pick another --output-dir"):
+            demo.main(["--output-dir", str(target), "--quiet"])
+    assert (save / "notes.txt").read_text() == "keep me"

@@ -90,12 +90,12 @@ def _stream_worker(out: Path) -> None:
     import datasets
     import timm
     import torch
-    from transformers import TrainingArguments
+    from transformers import EvalPrediction, TrainingArguments
 
     import hf_layerfold as lf
-    from hf_layerfold.data import load_fashion_mnist
+    from hf_layerfold.data import build_collator, load_fashion_mnist
     from hf_layerfold.plan import applied_plan
-    from hf_layerfold.trainer import LayerFoldingTrainer
+    from hf_layerfold.trainer import LayerFoldingTrainer, compute_metrics
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -118,6 +118,16 @@ def _stream_worker(out: Path) -> None:
     trainer = make_trainer(None)  # the trainer picks dispatch_batches=False for a streaming set
     trainer.train()
     rank = trainer.args.process_index
+    # A streaming eval set of one shard (fewer than processes): with that setting every process read all of it and
+    # the metrics counted the padding of the last batches (16 labels for these 10 images).
+    test = load_fashion_mnist(train_size=STREAM_ROWS, test_size=10, seed=0)["test"]
+    counted = []
+    trainer.compute_metrics = lambda pred: counted.append(len(pred.label_ids)) or compute_metrics(pred)
+    streamed = trainer.evaluate(test.to_iterable_dataset(num_shards=1))
+    batch = build_collator(trainer.model, test, is_training=False, input_size=SIZE)([t for t in test])
+    with torch.no_grad():
+        local = compute_metrics(EvalPrediction(trainer.model.eval()(batch["pixel_values"]).numpy(),
+                                               batch["labels"].numpy()))
     plan = applied_plan(trainer.model)
     collator = trainer.data_collator
     folded = trainer.save_folded(out / "stream_folded")
@@ -127,7 +137,8 @@ def _stream_worker(out: Path) -> None:
             "plan": None if plan is None else plan.to_dict(),
             "alphas": {k: v.item() for k, v in lf.alpha_parameters(trainer.model).items()},
             "weights_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
-            "log_phases": [e["phase"] for e in trainer.state.log_history if "loss" in e], "folded": str(folded)}
+            "log_phases": [e["phase"] for e in trainer.state.log_history if "loss" in e], "folded": str(folded),
+            "eval_counted": counted, "eval_top1": streamed["eval_top1"], "local_top1": local["top1"]}
 
     # Control: batches dispatched from rank 0, which then reads (and decodes) every shard; one pass, no training.
     control = make_trainer(True)
@@ -225,6 +236,9 @@ def test_ddp_streaming_set_is_read_by_shard_on_each_process(tmp_path):
     r0, r1 = (json.loads((tmp_path / f"stream{r}.json").read_text()) for r in (0, 1))
     assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
     assert r0["dispatch"] is False and r1["dispatch"] is False
+    # a streaming eval set is dispatched from rank 0: each image counted once, the metric as one process gets it
+    assert r0["eval_counted"] == r1["eval_counted"] == [10]
+    assert r0["eval_top1"] == r1["eval_top1"] == r0["local_top1"]
 
     # (a) Each rank collated its own examples: whole shards, disjoint, together every row the 5 steps consumed.
     per_shard = STREAM_ROWS // STREAM_SHARDS

@@ -72,6 +72,37 @@ def test_streamed_run_turns_epochs_into_steps_and_saves_a_folded_model(script, i
     assert is_folded_save(folded)
     model = LayerFoldedModel.from_pretrained(folded)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    config = json.loads((folded / "config.json").read_text())
+    card = (folded / "README.md").read_text()
+    # random weights carry timm's pretrained cfg, license included, and a local folder is no Hub dataset: neither
+    # reaches the card's metadata (they used to: license apache-2.0, datasets: the folder's path)
+    assert "license" not in config["pretrained_cfg"] and "license:" not in card and str(imagefolder) not in card
+
+
+def test_what_the_end_of_a_run_needs_is_checked_before_it_starts(script, imagefolder, tmp_path):
+    """--folded_dir used to be saved with overwrite=True (a folder of the user's files, a file, the run's own
+    output_dir: replaced after the run), and a malformed --push_folded_to failed only after the whole training."""
+    out, mine = tmp_path / "run", tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for extra, error, said in (
+            (["--folded_dir", str(mine)], FileExistsError, "non-empty directory that is not a folded-model save"),
+            (["--folded_dir", str(out)], FileExistsError, "where the run writes its checkpoints"),
+            (["--folded_dir", str(tmp_path)], FileExistsError, "where the run writes its checkpoints"),
+            (["--push_folded_to", "not a valid/repo id!"], ValueError, "--push_folded_to 'not a valid/repo id!'")):
+        with pytest.raises(error, match=said):
+            script.main(common(imagefolder, out) + ["--streaming", "false", "--max_steps", "2", *extra])
+        assert not out.exists()  # refused before any training
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
+def test_one_json_file_holds_the_flags(script, tmp_path):
+    """HfArgumentParser's convention, over the script's own defaults."""
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"model_name": "resnet18", "lambda_reg": 0.5, "output_dir": str(tmp_path / "o")}))
+    args, config, training = script.parse([str(path)])
+    assert (args.model_name, config.lambda_reg, training.output_dir) == ("resnet18", 0.5, str(tmp_path / "o"))
+    assert (config.regularizer, training.lr_scheduler_type.value) == ("l1", "cosine")  # the script's defaults
 
 
 def test_search_run_then_init_from_fine_tunes_its_plan(script, imagefolder, tmp_path):

@@ -1,0 +1,56 @@
+"""``examples/fold_fashion_mnist.py`` in a tiny configuration, and the checks it runs before training."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_layerfold.hub import LayerFoldedModel
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fold_fashion_mnist.py"
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("fold_fashion_mnist", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def tiny(out: Path, *extra: str) -> list[str]:
+    return ["--model_name", "mobilenetv2_035", "--weights", "none", "--train_size", "20", "--test_size", "10",
+            "--input_size", "32", "--max_steps", "2", "--per_device_train_batch_size", "8", "--use_cpu", "true",
+            "--lambda_reg", "5", "--alpha_lr", "1.0", "--output_dir", str(out), *extra]
+
+
+def test_a_tiny_run_saves_a_folded_model_without_a_license_for_random_weights(script, tmp_path):
+    summary = script.main(tiny(tmp_path / "run"))
+    folded = Path(summary["folded_dir"])
+    assert folded == tmp_path / "run" / "folded"
+    assert LayerFoldedModel.from_pretrained(folded)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    config = json.loads((folded / "config.json").read_text())
+    assert "license" not in config["pretrained_cfg"] and "license:" not in (folded / "README.md").read_text()
+
+
+def test_a_folded_dir_holding_other_files_is_refused_before_training(script, tmp_path):
+    """The save used overwrite=True: a folder of the user's files (or a file) was replaced after the run."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (tmp_path / "results.csv").write_text("a,b\n")
+    for target, said in ((mine, "not a folded-model save"), (tmp_path / "results.csv", "is not a directory")):
+        with pytest.raises(FileExistsError, match=said):
+            script.main(tiny(tmp_path / "run", "--folded_dir", str(target)))
+    assert not (tmp_path / "run").exists()  # nothing trained
+    assert (mine / "notes.txt").read_text() == "keep me" and (tmp_path / "results.csv").read_text() == "a,b\n"
