@@ -239,7 +239,6 @@ class ImageClassificationCollator:
             batch["labels"] = torch.as_tensor(labels, dtype=torch.long)
         return batch
 
-
     def _ready_pixels(self, value: Any) -> torch.Tensor | None:
         """A ``pixel_values`` float array as the tensor it is (re-reading it as 8-bit pixels would clip the
         normalized values: a dark, wrong image that still trains), its channels checked; ``None`` for an image."""

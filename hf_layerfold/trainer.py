@@ -449,10 +449,10 @@ class LayerFoldingTrainer(Trainer):
         """The same rule for a best checkpoint restored with the trainer state: a search-only run (the search took
         all its steps) could record a search-phase best, which a resumed run that goes on to fine-tune must not
         load at its end."""
-        best = state.best_global_step
-        ends_planned = self._phase == FINETUNE or (self._phase == SEARCH and self._search_steps is not None
-                                                   and self._search_steps < state.max_steps)
-        if best and ends_planned and self._search_steps is not None and best <= self._search_steps:
+        best, search = state.best_global_step, self._search_steps
+        if search is None or not best or best > search:
+            return
+        if self._phase == FINETUNE or (self._phase == SEARCH and search < state.max_steps):  # the run ends planned
             logger.info("forgetting the best checkpoint of the search phase (step %d): only fine-tune evaluations "
                         "count for load_best_model_at_end", best)
             state.best_metric = state.best_global_step = state.best_model_checkpoint = None

@@ -1,4 +1,8 @@
+import contextlib
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +22,20 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             m.weight.data.copy_(torch.rand(n, generator=gen) + 0.5)
             m.bias.data.copy_(torch.rand(n, generator=gen) - 0.5)
     return model
+
+
+@contextlib.contextmanager
+def example_module(name: str):
+    """``examples/<name>.py`` imported as a module, registered in ``sys.modules`` while in use (its dataclasses look
+    their module up while being defined)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import example_module
 
 from hf_layerfold.hub import LayerFoldedModel
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "fold_fashion_mnist.py"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("fold_fashion_mnist", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    try:
-        spec.loader.exec_module(module)
+    with example_module("fold_fashion_mnist") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def tiny(out: Path, *extra: str) -> list[str]:
