@@ -340,9 +340,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from huggingface_hub import HfApi
-
-    from . import __version__
+    from .hub import SAVE_FILES, PushToHubError, _push, foreign_entries
 
     folder = Path(args.save_dir).expanduser().absolute()
     _check_repo_id(args.repo_id)
@@ -350,27 +348,40 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise CLIError(f"save directory {args.save_dir} does not exist")
     if not is_folded_dir(folder):
         raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
+    others = foreign_entries(folder)
+    if others:
+        logger.warning("not pushing %s: only the save's own files go to the Hub", others)
     with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
         staged = Path(tmp) / folder.name
-        shutil.copytree(folder, staged)
+        staged.mkdir()
+        for name in SAVE_FILES:
+            if (folder / name).is_file():
+                shutil.copy2(folder / name, staged / name)
         card = staged / "README.md"
-        if card.is_file():  # the card's loading snippets name the path it was saved at: point them at the repo
-            text = card.read_text()
-            saved_at = re.search(r'"local-dir:([^"]+)"', text)
-            if saved_at:  # (where it was saved, which need not be where it is now)
-                text = text.replace(f'"local-dir:{saved_at[1]}"', f'"hf-hub:{args.repo_id}"')
-                text = text.replace(f'"{saved_at[1]}"', f'"{args.repo_id}"')
-            card.write_text(text)
-        api = HfApi(token=args.token, library_name="hf_layerfold", library_version=__version__)
+        if card.is_file():
+            card.write_text(_card_for_repo(card.read_text(), args.repo_id))
         try:
-            repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo.repo_id, folder_path=staged,
-                                       commit_message=args.commit_message)
-        except Exception as err:
-            raise CLIError(f"pushing {args.save_dir} to {args.repo_id!r} failed: {type(err).__name__}: {err}",
-                           code=1) from None
-    print(f"pushed {args.save_dir} to {commit.commit_url or args.repo_id}")
+            url = _push(staged, args.repo_id, private=args.private, token=args.token, endpoint=None,
+                        commit_message=args.commit_message, keep_note=False)
+        except PushToHubError as err:
+            raise CLIError(f"pushing {args.save_dir} to {args.repo_id!r} failed: {err.__cause__.__class__.__name__}: "
+                           f"{err.__cause__}", code=1) from None
+    print(f"pushed {args.save_dir} to {url or args.repo_id}")
     return 0
+
+
+def _card_for_repo(text: str, repo_id: str) -> str:
+    """The card's loading snippets pointed at ``repo_id``: they name the path the model was saved at (which need not
+    be where it is now), or the repo it was saved for, if another."""
+    saved_at = re.search(r'"local-dir:((?:[^"\\]|\\.)+)"', text)  # (the path as the card quotes it)
+    if saved_at:
+        text = text.replace(f'"local-dir:{saved_at[1]}"', f'"hf-hub:{repo_id}"')
+        return text.replace(f'"{saved_at[1]}"', f'"{repo_id}"')
+    saved_for = re.search(r'"hf-hub:([^"@]+)"', text)
+    if saved_for and saved_for[1] != repo_id:
+        text = text.replace(f'"hf-hub:{saved_for[1]}"', f'"hf-hub:{repo_id}"')
+        return text.replace(f'"{saved_for[1]}"', f'"{repo_id}"')
+    return text
 
 
 def _gains_output(path: str | None) -> Path | None:

@@ -43,16 +43,35 @@ def _unwrap_timm(model: Any) -> Any:
     return model
 
 
+def pretrained_cfg_of(model: Any) -> dict:
+    """The ``pretrained_cfg`` that describes ``model``'s preprocessing and classes. A transformers ``TimmWrapper*``
+    keeps the checkpoint's in its ``config`` (its ``timm_model`` has only the architecture's defaults: for a folded
+    save, 224 px and ImageNet statistics whatever was saved), and the class names in ``config.id2label``."""
+    config = getattr(model, "config", None)
+    if not (hasattr(model, "timm_model") and isinstance(getattr(config, "pretrained_cfg", None), Mapping)):
+        return dict(getattr(_unwrap_timm(model), "pretrained_cfg", None) or {})
+    cfg = dict(config.pretrained_cfg)
+    names = getattr(config, "id2label", None) or {}
+    if len(names) == getattr(config, "num_labels", -1):
+        cfg["label_names"] = [names[i] for i in range(len(names))]
+    return cfg
+
+
+def data_config(model: Any) -> dict:
+    """timm's data config (input size, interpolation, mean, std, crop) from :func:`pretrained_cfg_of`."""
+    import timm.data
+
+    return timm.data.resolve_data_config({}, pretrained_cfg=pretrained_cfg_of(model), model=_unwrap_timm(model))
+
+
 def input_channels(model: Any) -> int:
     """Input channels the model takes: its ``in_chans`` (timm records it; the data config keeps the pretrained 3
     channels for a model built with ``in_chans=1``), else what its data config says."""
-    import timm.data
-
     inner = _unwrap_timm(model)
     chans = getattr(inner, "in_chans", None)
     if isinstance(chans, int) and chans > 0:
         return chans
-    return int(timm.data.resolve_model_data_config(inner)["input_size"][0])
+    return int(data_config(model)["input_size"][0])
 
 
 def model_input_shape(model: Any, input_size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -105,14 +124,14 @@ def build_transforms(
 ) -> Callable[[Image.Image], torch.Tensor]:
     """Build the timm preprocessing the model expects (mean/std, interpolation, crop), optionally resized.
 
-    Uses the model's ``pretrained_cfg`` through ``timm.data.resolve_model_data_config``, so it works for timm
-    models, any object with a ``pretrained_cfg`` dict, and transformers' ``TimmWrapper*`` (through its
-    ``timm_model``).
+    Uses the model's ``pretrained_cfg`` through ``timm.data.resolve_data_config``, so it works for timm
+    models, any object with a ``pretrained_cfg`` dict, and transformers' ``TimmWrapper*`` (the checkpoint's
+    config: :func:`pretrained_cfg_of`).
     ``input_size`` overrides the resolution, e.g. 64 to train small models on 28x28 Fashion-MNIST quickly.
     """
     import timm.data  # local import: keeps `import hf_layerfold.data` light for dataset-only users
 
-    cfg = fit_channels(model, timm.data.resolve_model_data_config(_unwrap_timm(model)), input_size)
+    cfg = fit_channels(model, data_config(model), input_size)
     return timm.data.create_transform(**cfg, is_training=is_training)
 
 

@@ -64,8 +64,9 @@ class LayerFoldedModel:
         if scheme in ("hf-hub", "local-dir") and rest:
             name = rest
         local = Path(name).expanduser()
-        if scheme == "local-dir" or local.exists() or local.is_absolute() or name.startswith((".", "~")) \
-                or name.count("/") > 1:
+        hub = scheme == "hf-hub" and rest  # said outright: never a local folder of that name
+        if not hub and (scheme == "local-dir" or local.exists() or local.is_absolute() or name.startswith((".", "~"))
+                        or name.split("@", 1)[0].count("/") > 1):  # (a revision may hold "/": refs/pr/3)
             if not local.is_dir():
                 raise FileNotFoundError(f"{local} is not a directory holding a folded-model save")
             data = _read_config(local / CONFIG_NAME)
@@ -115,6 +116,11 @@ class LayerFoldedModel:
                     commit_message: str | None = None, endpoint: str | None = None, **save_kwargs: Any) -> str:
         """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL."""
         from .hub import _push, save_folded
+
+        given = sorted({"push_to_hub", "repo_id", "overwrite"} & set(save_kwargs))
+        if given:  # save_folded would push (publicly, with its own message) before this push, or save elsewhere
+            raise TypeError(f"LayerFoldedModel.push_to_hub takes no {given}: it saves to a temporary folder and "
+                            "pushes once, with its own repo_id, private, token and commit_message")
 
         with tempfile.TemporaryDirectory() as tmp:
             path = save_folded(model, Path(tmp) / "folded", repo_id=repo_id, **save_kwargs)

@@ -11,10 +11,12 @@ after ``import hf_layerfold`` (which registers ``layerfold_net`` with timm).
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import os
 import re
 import shutil
+import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -27,7 +29,7 @@ from timm.data import resolve_data_config
 from timm.models import PretrainedCfg
 
 from .activation import FoldableActivation
-from .collate import fit_channels
+from .collate import fit_channels, pretrained_cfg_of
 from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig
 from .fold import fold_model
@@ -81,10 +83,13 @@ def is_folded_save(path: str | os.PathLike) -> bool:
 _INCIDENTAL = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".gitattributes", ".cache"})
 
 
+SAVE_FILES = (WEIGHTS_NAME, CONFIG_NAME, LAYERFOLD_CONFIG_NAME, PLAN_NAME, CARD_NAME)  # what a save writes
+
+
 def foreign_entries(path: str | os.PathLike) -> list[str]:
     """Names in a folded save's directory that :func:`save_folded` does not write (a user's notes, a ``.git``):
     replacing the save would delete them. Files an OS or a Hub download leaves there do not count."""
-    own = {WEIGHTS_NAME, CONFIG_NAME, LAYERFOLD_CONFIG_NAME, PLAN_NAME, CARD_NAME} | _INCIDENTAL
+    own = set(SAVE_FILES) | _INCIDENTAL
     return sorted(e.name for e in Path(path).iterdir() if e.name not in own and not e.name.startswith("._"))
 
 
@@ -103,6 +108,9 @@ def check_repo_id(repo_id: str, name: str = "repo_id") -> None:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"{name} {repo_id!r} is not a valid Hub repo id (org/name): {err}") from None
+    if "/" not in repo_id:  # the Hub would put it under the token's user, and the card's snippets would not resolve
+        raise ValueError(f"{name} {repo_id!r} has no namespace: give it as org/name (your user or organization name "
+                         "first), which the model card's loading snippets then name")
 
 
 def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = False,
@@ -155,9 +163,14 @@ def _sync_files(folder: Path) -> None:
 
 
 def _swap_in(tmp: Path, target: Path) -> None:
-    """Move the finished save into place: the old one is renamed away first and deleted only once the new is in."""
+    """Move the finished save into place. Where the OS can exchange two paths in one step (Linux ``renameat2``), a
+    reader sees the old save or the new one, never none; elsewhere the old one is renamed away first and deleted
+    only once the new is in."""
     if not (target.exists() or target.is_symlink()):
         os.rename(tmp, target)
+        return
+    if _exchange(tmp, target):  # tmp now holds the old save
+        _remove(tmp)
         return
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     os.rename(target, old)
@@ -166,10 +179,27 @@ def _swap_in(tmp: Path, target: Path) -> None:
     except BaseException:
         os.rename(old, target)
         raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically with Linux's ``renameat2(RENAME_EXCHANGE)``; False where that is not available
+    (another OS, an old kernel or C library, a file system without it)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
     else:
-        old.unlink()
+        path.unlink(missing_ok=True)
 
 
 def _base_copy(planned: nn.Module) -> nn.Module:
@@ -203,6 +233,9 @@ def _fold(model: nn.Module) -> tuple[LayerFoldedNet, nn.Module | None]:
 def _label_list(label_names: Any, num_classes: int) -> list[str] | None:
     if label_names is None:
         return None
+    if isinstance(label_names, str | bytes):
+        raise TypeError(f"label_names must be a list of class names or a dict of id -> name, got the string "
+                        f"{label_names!r}")
     if isinstance(label_names, Mapping):
         ids = sorted(int(k) for k in label_names)
         if ids != list(range(num_classes)):
@@ -214,10 +247,12 @@ def _label_list(label_names: Any, num_classes: int) -> list[str] | None:
     return names
 
 
-def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] | None) -> tuple[dict, list | None]:
-    """A loadable pretrained_cfg (no weight source of the base model) and the label names to write at the root."""
-    source = dict(getattr(net, "pretrained_cfg", None) or {})
-    if labels is None and len(source.get("label_names") or ()) == net.num_classes:
+def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] | None,
+                source: Mapping) -> tuple[dict, list | None]:
+    """A loadable pretrained_cfg (no weight source of the base model) and the label names to write at the root;
+    ``source``: the model's pretrained_cfg (:func:`~hf_layerfold.collate.pretrained_cfg_of`)."""
+    source = dict(source)
+    if labels is None and source.get("label_names") and len(source["label_names"]) == net.num_classes:
         labels = list(source["label_names"])
     cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__ and k not in _SOURCE_KEYS}
     cfg.update(overlay or {})
@@ -231,6 +266,22 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
                classifier="classifier" if net.num_classes > 0 else None, label_names=None)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if v is not None}
     return cfg, labels
+
+
+def _check_overlay(overlay: Mapping | None) -> None:
+    """Only preprocessing fields timm's ``PretrainedCfg`` knows (a typo'd key made a save timm could not load, the
+    error blaming the weights); no weight source (these weights are the save's own); labels through
+    ``label_names``."""
+    if not overlay:
+        return
+    known = set(PretrainedCfg.__dataclass_fields__) - set(_SOURCE_KEYS) - {"label_names", "num_classes",
+                                                                           "architecture"}
+    if "label_names" in overlay:
+        raise ValueError("pretrained_cfg_overlay: pass class names as save_folded(label_names=...)")
+    unknown = sorted(set(overlay) - known)
+    if unknown:
+        raise ValueError(f"pretrained_cfg_overlay has key(s) {unknown} that a save cannot record (a weight source, "
+                         f"the class count, or a field timm's PretrainedCfg does not have); known: {sorted(known)}")
 
 
 def _base_model_ref(base_model: str) -> str | None:
@@ -343,15 +394,17 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     latency_section(card_fields.get("latency"))
     accuracy_section(card_fields.get("accuracy"))
     eval_results_from(eval_results)
+    _check_overlay(pretrained_cfg_overlay)
 
     net, planned = _fold(model)
+    source_cfg = pretrained_cfg_of(model) if hasattr(model, "timm_model") else (net.pretrained_cfg or {})
     labels = _label_list(label_names, net.num_classes)
-    pretrained_cfg, labels = _export_cfg(net, pretrained_cfg_overlay, labels)
+    pretrained_cfg, labels = _export_cfg(net, pretrained_cfg_overlay, labels, source_cfg)
     block = _layerfold_block(net, planned, config, base_model, pretrained_cfg["input_size"],
                              card_fields.get("stats_before"))
     license = card_fields.get("license")
     if license is None:
-        license = (net.pretrained_cfg or {}).get("license")
+        license = source_cfg.get("license")
     pretrained_cfg.pop("license", None)  # the license of these weights (False: none)
     if license:
         pretrained_cfg["license"] = license
@@ -398,9 +451,14 @@ def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, en
 
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token,
                 library_name="hf_layerfold", library_version=__version__)
+    present = [name for name in SAVE_FILES if (directory / name).is_file()]
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message)
+        # only the save's own files; and one a previous push left (a folded net has no layerfold_config.json)
+        # is deleted, or the repo would hold a file its config.json contradicts
+        commit = api.upload_folder(repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message,
+                                   allow_patterns=present,
+                                   delete_patterns=[n for n in SAVE_FILES if n not in present] or None)
     except Exception as err:
         where = f"; the local save is intact at {directory}" if keep_note else ""
         raise PushToHubError(f"pushing the folded model to {repo_id!r} failed ({type(err).__name__}: {err}){where}",

@@ -104,6 +104,11 @@ def split_hub_ref(ref: str) -> tuple[str | None, str | None]:
     return (match["repo"], match["revision"]) if match else (None, None)
 
 
+def _in_quotes(text: str) -> str:
+    """``text`` as it goes between the double quotes of the card's Python snippets (a path may hold ``"`` or ``\\``)."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
 def unmerged_sites(info: Mapping[str, Any]) -> list[str]:
     """Removed activations that no merge row of ``info["folds"]`` accounts for: where a merge was split (by
     ``max_kernel_size``, ``max_macs_increase`` or ``merge_costs``) the activation is gone, but the convolutions on
@@ -294,7 +299,8 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
         has_before=bool(info.get("stats_before")), stats=stats_rows(info.get("stats_before"), info["stats_after"]),
         stats_input="×".join(map(str, input_size[1:])) + " pixels" if input_size else "the model's input size",
         latency=latency_section(latency), accuracy=accuracy_section(accuracy), eval_rows=eval_rows,
-        timm_id=("hf-hub:" if is_hub else "local-dir:") + load_id, load_id=load_id,
+        timm_id=_in_quotes(("hf-hub:" if is_hub else "local-dir:") + load_id), load_id=_in_quotes(load_id),
+        one_channel=bool(input_size) and input_size[0] == 1,
         config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
         plan_searched=plan_searched)
     return card

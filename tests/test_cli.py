@@ -496,6 +496,15 @@ def test_push_to_local_hub(folded_save, local_hub, capsys, tmp_path):
     card = local_hub.repos["test-org/moved"].files["README.md"].decode()
     assert 'create_model("hf-hub:test-org/moved"' in card and 'from_pretrained("test-org/moved")' in card
     assert str(out) not in card and str(moved) not in card
+    # a card written for another repo is pointed at this one; files beside the save are not published
+    (moved / "secret.env").write_text("TOKEN=x")
+    assert main(["push", str(moved), "--repo-id", "test-org/final", "--quiet"]) == 0
+    files = local_hub.repos["test-org/final"].files
+    assert "secret.env" not in files and "model.safetensors" in files
+    (moved / "README.md").write_text(files["README.md"].decode())  # as downloaded: it names test-org/final
+    assert main(["push", str(moved), "--repo-id", "test-org/again", "--quiet"]) == 0
+    card = local_hub.repos["test-org/again"].files["README.md"].decode()
+    assert 'from_pretrained("test-org/again")' in card and "test-org/final" not in card
 
 
 def test_fold_fine_tunes_a_folded_save_as_it_is(folded_save, tmp_path, capsys):

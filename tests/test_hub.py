@@ -2,6 +2,8 @@
 
 import copy
 import json
+import shutil
+from pathlib import Path
 
 import hub_server  # tests/ is on sys.path (rootdir-relative, no __init__.py)
 import numpy as np
@@ -109,6 +111,18 @@ def test_push_then_load_from_hub(local_hub, tmp_path, planned, folded, x):
     assert f'pipeline("image-classification", model="{REPO}")' in card.text
 
 
+def test_a_push_replaces_what_a_previous_push_wrote(local_hub, tmp_path, planned, folded):
+    """A folded net's save has no layerfold_config.json: the one a previous push of the planned model left stayed
+    in the repo, contradicting config.json. Files of the user's in the repo are kept."""
+    save_folded(planned, tmp_path / "a", push_to_hub=True, repo_id=REPO, **SAVE_KW)
+    local_hub.api().upload_file(path_or_fileobj=b"mine", path_in_repo="NOTES.md", repo_id=REPO)
+    assert "layerfold_config.json" in local_hub.repos[REPO].files
+    save_folded(folded, tmp_path / "b", push_to_hub=True, repo_id=REPO, **SAVE_KW)
+    assert set(local_hub.repos[REPO].files) == {".gitattributes", "NOTES.md"} | SAVE_FILES - {"layerfold_config.json"}
+    with pytest.raises(TypeError, match=r"takes no \['push_to_hub'\]"):  # it used to push publicly first
+        LayerFoldedModel.push_to_hub(folded, REPO, private=True, push_to_hub=True)
+
+
 def test_failed_push_keeps_the_local_save(local_hub, tmp_path, folded, x):
     target = tmp_path / "folded"
     local_hub.fail_next_commit = True
@@ -197,6 +211,8 @@ def test_a_one_channel_model_saves_a_one_channel_config(tmp_path):
     path = lf.save_folded(model, tmp_path / "gray")
     pcfg = json.loads((path / "config.json").read_text())["pretrained_cfg"]
     assert pcfg["input_size"] == [1, 224, 224] and len(pcfg["mean"]) == len(pcfg["std"]) == 1
+    card = (path / "README.md").read_text()  # transformers' pipeline converts images to RGB: not offered
+    assert "pipeline(" not in card and "This model takes one-channel (grayscale) images" in card
     loaded = LayerFoldedModel.from_pretrained(path).eval()
     x = build_transforms(loaded, is_training=False)(Image.new("L", (40, 30), 90)).unsqueeze(0)
     assert x.shape == (1, 1, 224, 224)
@@ -223,6 +239,23 @@ def test_transformers_auto_model_and_pipeline(saved, folded, x):
     assert {p["label"] for p in predictions} == set(LABELS)
     for p in predictions:
         assert abs(p["score"] - float(probs[LABELS.index(p["label"])])) < 1e-5
+
+
+def test_a_transformers_model_re_saves_and_preprocesses_as_its_checkpoint(saved, tmp_path):
+    """The wrapper's timm_model carries layerfold_net's defaults (224 px, ImageNet statistics): a re-save wrote those
+    and dropped the labels and license, and build_transforms preprocessed at 224 px."""
+    from transformers import AutoModelForImageClassification
+
+    from hf_layerfold.collate import build_transforms
+
+    wrapper = AutoModelForImageClassification.from_pretrained(saved)
+    again = json.loads((save_folded(wrapper, tmp_path / "again") / "config.json").read_text())
+    first = json.loads((saved / "config.json").read_text())
+    assert again["pretrained_cfg"] == first["pretrained_cfg"] and again["label_names"] == LABELS
+    assert again["pretrained_cfg"]["license"] == "apache-2.0"
+    image = _image()
+    torch.testing.assert_close(build_transforms(wrapper, is_training=False)(image),
+                               build_transforms(LayerFoldedModel.from_pretrained(saved), is_training=False)(image))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,6 +433,63 @@ def test_a_symlinked_save_directory_is_followed_and_kept(tmp_path, folded, x):
     dangling.symlink_to(tmp_path / "nowhere")
     with pytest.raises(FileExistsError, match="exists and is not a directory"):
         save_folded(folded, dangling)
+
+
+def test_hub_names_are_read_as_hub_names(tmp_path, saved, monkeypatch):
+    """``hf-hub:org/name`` loaded a local folder org/name when there was one; a revision holding "/" was taken for
+    a local path."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(saved, tmp_path / "test-org" / "x")
+    assert LayerFoldedModel.from_pretrained("test-org/x").pretrained_cfg["source"] == "local-dir"
+    for name in ("hf-hub:test-org/x", "test-org/not-here@refs/pr/1"):
+        with pytest.raises(Exception) as err:  # offline: the Hub is asked, not the folder
+            LayerFoldedModel.from_pretrained(name)
+        assert "not a directory holding a folded-model save" not in str(err.value)
+        assert "offline" in str(err.value).lower() or "LocalEntryNotFound" in type(err.value).__name__
+
+
+def test_save_arguments_are_checked_before_any_work(tmp_path, folded):
+    with pytest.raises(ValueError, match="'folded' has no namespace: give it as org/name"):
+        save_folded(folded, tmp_path / "a", push_to_hub=True, repo_id="folded")
+    with pytest.raises(ValueError, match=r"key\(s\) \['crop_percentage'\].*known: \["):  # timm could not load it
+        save_folded(folded, tmp_path / "a", pretrained_cfg_overlay={"crop_percentage": 1.0})
+    with pytest.raises(ValueError, match=r"save_folded\(label_names=...\)"):
+        save_folded(folded, tmp_path / "a", pretrained_cfg_overlay={"label_names": LABELS})
+    with pytest.raises(TypeError, match="got the string 'cats'"):
+        save_folded(folded, tmp_path / "a", label_names="cats")
+    assert not (tmp_path / "a").exists()
+
+
+def test_a_headless_model_and_a_quoted_path_save(tmp_path, x):
+    """num_classes=0 failed with KeyError 'label_names'; a path holding '"' made the card's snippets invalid Python."""
+    import ast
+
+    torch.manual_seed(0)
+    model = lf.prepare_with_plan(timm.create_model("mobilenetv2_035", num_classes=0), ["blocks.1.1"],
+                                 lf.LayerFoldingConfig()).eval()
+    path = save_folded(model, tmp_path / 'my "best" model')
+    torch.testing.assert_close(_out(LayerFoldedModel.from_pretrained(path), x), _out(model, x))
+    lines = [ln for ln in (path / "README.md").read_text().splitlines() if "from_pretrained(" in ln
+             or "create_model(" in ln]
+    assert len(lines) >= 3 and all(ast.parse(ln.strip()) for ln in lines)
+    assert str(path) in ast.literal_eval(lines[-1].split("from_pretrained(")[1].rstrip(")"))
+
+
+def test_a_replaced_save_is_exchanged_in_one_step():
+    """Linux: renameat2(RENAME_EXCHANGE), so a reader never finds no save between the two renames."""
+    import tempfile
+
+    from hf_layerfold import hub
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        a.mkdir()
+        b.mkdir()
+        (a / "f").write_text("a")
+        (b / "f").write_text("b")
+        if not hub._exchange(a, b):
+            pytest.skip("no renameat2 exchange on this system")
+        assert (a / "f").read_text() == "b" and (b / "f").read_text() == "a"
 
 
 def test_missing_or_corrupt_weights_name_the_file(tmp_path, folded):
