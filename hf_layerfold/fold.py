@@ -66,7 +66,8 @@ class _Folder:
             w, groups = add_shortcut_tap(w, groups, sc_w, offset)
         template = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[-2:]), stride=stride, groups=groups,
                              bias=True, device="meta")
-        return conv_spec(template, rules), {"weight": w.to(self.dtype), "bias": b.to(self.dtype)}
+        # (copied: in float64 a conv that merged with nothing would otherwise share the caller's weight storage)
+        return conv_spec(template, rules), {"weight": w.to(self.dtype, copy=True), "bias": b.to(self.dtype, copy=True)}
 
     def items(self, items: list) -> tuple[list[dict], State]:
         specs: list[dict] = []
@@ -144,7 +145,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
         net = LayerFoldedNet(
             features, pre_logits, num_classes=num_classes,
             num_features=num_features, head_hidden_size=getattr(model, "head_hidden_size", num_features),
-            global_pool=getattr(model.get_submodule(graph.pool), "pool_type", "avg") or "avg",
+            global_pool=getattr(model.get_submodule(graph.pool), "pool_type", "avg"),  # '' (no pooling) kept
             drop_rate=graph.drop_rate, in_chans=getattr(model, "in_chans", 3),
         )
     state = _prefixed("features.", fstate)

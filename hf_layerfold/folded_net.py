@@ -140,11 +140,20 @@ class LayerFoldedNet(nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.features = build_sequence(features)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=not pre_logits)
         self.pre_logits = build_sequence(pre_logits or [])
-        self.flatten = nn.Flatten(1) if pre_logits else nn.Identity()
-        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self._set_head(global_pool, num_classes)
         self.grad_checkpointing = False
+
+    def _set_head(self, global_pool: str, num_classes: int) -> None:
+        """Pooling, flatten and classifier as timm builds them: the pool flattens when the classifier follows it
+        directly (no ``pre_logits`` convs), never when it passes through (``''``: the feature map comes out); the
+        classifier takes what the pool gives (``catavgmax`` doubles it) or what the ``pre_logits`` convs give."""
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool,
+                                                flatten=bool(global_pool) and not len(self.pre_logits))
+        self.flatten = nn.Flatten(1) if len(self.pre_logits) and global_pool else nn.Identity()
+        if not len(self.pre_logits) and self.num_features:
+            self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """As timm models do (timm's ``--grad-checkpointing``, transformers' ``gradient_checkpointing_enable``)."""
@@ -174,9 +183,8 @@ class LayerFoldedNet(nn.Module):
         return self.classifier
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=not len(self.pre_logits))
-            self.model_args["global_pool"] = global_pool
+        if global_pool is None:
+            global_pool = self.global_pool.pool_type
         self.num_classes = num_classes
-        self.model_args["num_classes"] = num_classes
-        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.model_args.update(num_classes=num_classes, global_pool=global_pool)
+        self._set_head(global_pool, num_classes)

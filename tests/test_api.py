@@ -394,6 +394,25 @@ def test_folded_net_rebuilds_from_its_spec_alone():
     assert torch.equal(folded.forward_head(feats, pre_logits=True), feats.amax((2, 3)))
 
 
+@pytest.mark.parametrize("pool", ["", "catavgmax"])
+def test_folded_heads_are_timm_heads(pool):
+    """global_pool='' (the feature map out) became average pooling, flattened; a reset to catavgmax sized the
+    classifier for half its input."""
+    torch.manual_seed(0)  # (timm itself cannot classify unpooled features: no classifier with '')
+    base = randomize_bn(timm.create_model("mobilenetv2_050", num_classes=4 if pool else 0, global_pool=pool)).eval()
+    folded = lf.fold_model(lf.prepare_with_plan(base, ["blocks.1.1"], lf.LayerFoldingConfig()))
+    x = torch.randn(2, 3, 33, 33)
+    with torch.no_grad():
+        assert rel_err(base.eval()(x), folded(x)) < 1e-5 and folded(x).shape == base(x).shape
+        rebuilt = lf.LayerFoldedNet(**json.loads(json.dumps(folded.model_args)))
+        rebuilt.load_state_dict(folded.state_dict())  # (a catavgmax classifier takes twice the features)
+        assert torch.equal(rebuilt.eval()(x), folded(x))
+        for num_classes, other in ((0, ""), (5, "catavgmax"), (3, "avg")):
+            base.reset_classifier(num_classes, other)
+            folded.reset_classifier(num_classes, other)
+            assert folded(x).shape == base(x).shape
+
+
 def test_custom_block_rule_is_one_small_rule():
     from hf_layerfold.graph import BLOCK_RULES, ActNode, ConvNode, register_block_rule
 

@@ -191,6 +191,16 @@ def test_caller_model_untouched_and_folded_is_smaller():
     assert any(True for _ in iter_nodes(graph.features))
 
 
+def test_a_float64_fold_shares_no_storage_with_the_caller():
+    """A conv that merges with nothing and has no BatchNorm (MobileNetV3's head conv) was handed over by reference
+    in float64: training the folded net changed the caller's model."""
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=4).double().eval()
+    folded = lf.fold_model(model)
+    ours = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    assert not any(p.untyped_storage().data_ptr() in ours for p in folded.parameters())
+
+
 def test_compute_limited_merging_is_exact_and_never_adds_macs():
     torch.manual_seed(0)
     model = randomize_bn(timm.create_model("mobilenetv2_100", num_classes=10)).double().eval()
