@@ -239,7 +239,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # a pretrained model keeps its own head: one made for the dataset would be untrained, its accuracy chance
     random_weights = kind == "base" and not args.pretrained
     model = load_model(args.model, data.num_classes if random_weights else None, pretrained=args.pretrained)
-    _check_classes(model, args.model, data)
+    _check_classes(model, args.model, data, base=kind == "base")
     result = evaluate_model(model, data.eval, image_size=args.image_size, batch_size=args.batch_size,
                             device=args.device, num_workers=args.num_workers, progress=not args.quiet)
     result.update(model=args.model, dataset=args.dataset, split=data.eval_split, device=args.device)
@@ -251,12 +251,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_classes(model, name: str, data) -> None:
-    """The model must predict the dataset's classes, with the same ids: else its accuracy means nothing."""
-    if model.num_classes != data.num_classes:
+def _check_classes(model, name: str, data, *, base: bool = False) -> None:
+    """The model must predict the dataset's classes, with the same ids: else its accuracy means nothing. A dataset
+    without class names (integer labels) counts as many classes as its largest label says: it may cover only some
+    of the model's."""
+    counted = data.label_names is None
+    if model.num_classes < data.num_classes or (model.num_classes != data.num_classes and not counted):
+        hint = ", or pass --no-pretrained for a random-weights baseline" if base else ""
         raise CLIError(f"{name} predicts {model.num_classes} classes, the dataset has {data.num_classes}: its head "
                        "was not trained on these classes. Evaluate a model fine-tuned on them (the output of "
-                       "hf-layerfold fold), or pass --no-pretrained for a random-weights baseline.")
+                       f"hf-layerfold fold){hint}.")
     names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     if not names or not data.label_names or list(names) == list(data.label_names):
         return

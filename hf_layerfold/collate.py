@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import operator
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 
 def input_shape(input_size: int | Sequence[int], channels: int) -> tuple[int, int, int]:
@@ -52,8 +53,9 @@ def pretrained_cfg_of(model: Any) -> dict:
         return dict(getattr(_unwrap_timm(model), "pretrained_cfg", None) or {})
     cfg = dict(config.pretrained_cfg)
     names = getattr(config, "id2label", None) or {}
-    if len(names) == getattr(config, "num_labels", -1):
-        cfg["label_names"] = [names[i] for i in range(len(names))]
+    listed = [str(names[i]) for i in range(len(names))] if len(names) == getattr(config, "num_labels", -1) else []
+    if listed and not all(re.fullmatch(r"LABEL_\d+", n) for n in listed):  # (transformers' placeholders: none)
+        cfg["label_names"] = listed
     return cfg
 
 
@@ -149,7 +151,9 @@ def _open(source: Any, name: str) -> Image.Image:
             image = datasets.Image().decode_example({"path": source, "bytes": None})
         else:
             image = Image.open(source)
-        image.load()
+            image.load()
+            if image.getexif().get(ExifTags.Base.Orientation) is not None:  # upright, as datasets' Image decodes
+                image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated, corrupt and unknown files
         raise ImageReadError(f"cannot read image {name}: {err}") from err
     return image
@@ -193,10 +197,10 @@ _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
-    """8-bit pixels from any numeric array, then rounded and clipped to 0..255. 16-bit integers (``I;16`` images)
-    are scaled by 255/65535 whatever their values, so every image of a 16-bit set gets the same scale. Where the
-    dtype does not say the range, each array's own maximum does: floats in [0, 1] times 255, wider integers past
-    255 scaled by 255/65535 (or by 255/max beyond that), other values kept."""
+    """8-bit pixels from any numeric array, then rounded and clipped to 0..255. Unsigned 16-bit integers (``I;16``
+    images) are scaled by 255/65535 whatever their values, so every image of a 16-bit set gets the same scale.
+    Where the dtype does not say the range, each array's own maximum does: floats in [0, 1] times 255, other
+    integers past 255 scaled by 255/65535 (or by 255/max beyond that), other values kept."""
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:
@@ -206,7 +210,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     high = float(array.max()) if array.size else 0.0
     if np.issubdtype(array.dtype, np.floating):
         scale = 255.0 if high <= 1.0 else 1.0
-    elif array.dtype.itemsize == 2:
+    elif array.dtype == np.uint16:
         scale = 255.0 / 65535.0
     else:
         scale = 1.0 if high <= 255 else 255.0 / max(high, 65535.0)
@@ -267,13 +271,15 @@ class ImageClassificationCollator:
             value = np.asarray(value)
         if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
             value = torch.from_numpy(value)
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            return None
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim != 3:
+            return None  # (a float image in HW or HWC layout is an image: transformed as the others)
         channels = len(Image.new(self.image_mode, (1, 1)).getbands())
-        if value.ndim != 3 or value.shape[0] != channels:
+        if value.shape[0] == channels:
+            return value.float()
+        if value.shape[0] in (1, 3, 4) and value.shape[-1] not in (1, 3, 4):  # channel-first, other channels
             raise ValueError(f"pixel_values of shape {tuple(value.shape)}: the model takes ({channels}, H, W) "
                              "inputs; give it model-ready arrays of that shape, or images in an 'image' column")
-        return value.float()
+        return None
 
 
 def _class_id(value: Any, column: str, num_classes: int | None) -> int:

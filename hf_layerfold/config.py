@@ -173,6 +173,8 @@ class LayerFoldingConfig:
                 raise bad(name, "must be a list of site-name patterns")
             elif isinstance(value, tuple):
                 setattr(self, name, list(value))
+        if self.exclude_modules is None:  # (None and [] mean the same: no exclusion)
+            self.exclude_modules = []
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

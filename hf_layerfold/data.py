@@ -356,8 +356,7 @@ def prepare_datasets(
     Detects columns, validates labels against the model's head before any compute is spent, and builds
     timm transforms (augmenting for train, deterministic for eval). A ``DatasetDict`` passed as ``train``
     supplies its ``train`` split and, if ``eval`` is None, its ``validation`` or ``test`` split.
-    The datasets come back with their images left encoded (:func:`defer_decoding`); all per-example work happens
-    in the collators.
+    Datasets are returned unchanged; all per-example work happens in the collators.
     """
     if isinstance(train, datasets.DatasetDict | datasets.IterableDatasetDict):
         splits = train
@@ -378,7 +377,7 @@ def prepare_datasets(
         raise ValueError("The training set is empty (0 rows); check the split name and any filtering.")
     train_collator = collator_for(train, is_training=True)
     eval_collator = collator_for(eval, is_training=False) if eval is not None else None
-    return defer_decoding(train), defer_decoding(eval), train_collator, eval_collator
+    return train, eval, train_collator, eval_collator
 
 
 def eval_collators(model: Any, eval_dataset: Any, train_dataset: Any, *, given: Any, user_collator: Any,

@@ -102,12 +102,13 @@ def check_resumed_config(checkpoint: str | os.PathLike, config: LayerFoldingConf
     path = Path(checkpoint) / CONFIG_NAME
     if not path.is_file():
         return
-    saved = json.loads(path.read_text())
+    # both through the dataclass: a field added since the checkpoint was written takes its default, and validate()
+    # normalises representations (a tuple, a pattern string, a weights file)
+    saved = json.loads(LayerFoldingConfig.from_pretrained(path).to_json_string())
     current = json.loads(config.to_json_string())
-    differ = sorted(name for name in set(saved) | set(current)
-                    if name not in RESUME_MAY_DIFFER and saved.get(name) != current.get(name))
+    differ = sorted(name for name in current if name not in RESUME_MAY_DIFFER and saved[name] != current[name])
     if differ:
-        pairs = "; ".join(f"{name}: {saved.get(name)!r} there, {current.get(name)!r} here" for name in differ)
+        pairs = "; ".join(f"{name}: {saved[name]!r} there, {current[name]!r} here" for name in differ)
         raise ValueError(f"{checkpoint} was trained with another LayerFoldingConfig ({pairs}). To continue that "
                          "run, build the trainer with layerfold_config=LayerFoldingConfig.from_pretrained("
                          f"{str(checkpoint)!r}) (a plain model is prepared with it); to train differently, start a new "

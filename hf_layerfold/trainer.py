@@ -268,8 +268,7 @@ class LayerFoldingTrainer(Trainer):
         self._eval_collators = eval_collators(model, eval_dataset, train_dataset, given=eval_data_collator,
                                               user_collator=user_collator, input_size=input_size)
         self._own_eval_collators = eval_data_collator is None and user_collator is None
-        if self._own_eval_collators:
-            eval_dataset = defer_decoding(eval_dataset)  # decoded by those collators, which name a broken file
+        self._own_train_collator = user_collator is None
         self._built_eval_set = eval_dataset  # the set those collators read (fitted to no other)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args, train_dataset)
@@ -549,18 +548,39 @@ class LayerFoldingTrainer(Trainer):
     # ------------------------------------------------------------------------------------------------
     # Evaluation data
 
+    def get_train_dataloader(self):
+        with self._swapped("train_dataset", self._own_train_collator):
+            return super().get_train_dataloader()
+
     def get_eval_dataloader(self, eval_dataset: Any = None):
         key = eval_dataset if isinstance(eval_dataset, str) else None  # a name: an entry of a dict of eval sets
         collator = self._eval_collators.get(key, self._eval_collators.get(None))
         if key is None and eval_dataset is not None and eval_dataset is not self._built_eval_set:
             collator = self._fitted(collator, eval_dataset, require_label=True)  # another set handed to evaluate()
-            eval_dataset = self._deferred(eval_dataset)
         if key is not None:
             read = self.eval_dataset[key]
         else:
             read = eval_dataset if eval_dataset is not None else self.eval_dataset
-        with self._collator(collator), self._dispatched(read):
+        if eval_dataset is not None and key is None:
+            eval_dataset = self._deferred(eval_dataset)
+        with self._collator(collator), self._dispatched(read), \
+                self._swapped("eval_dataset", self._own_eval_collators):
             return super().get_eval_dataloader(eval_dataset)
+
+    @contextlib.contextmanager
+    def _swapped(self, name: str, own: bool):
+        """While a dataloader is built: the set ``name`` with its images left for the trainer's own collator to
+        decode (:func:`~hf_layerfold.data.defer_decoding`: a broken file is then named). The attribute itself keeps
+        the set as it was given (a callback reading ``trainer.train_dataset[i]`` sees decoded images)."""
+        given = getattr(self, name)
+        if not own or given is None:
+            yield
+            return
+        setattr(self, name, defer_decoding(given))
+        try:
+            yield
+        finally:
+            setattr(self, name, given)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None):

@@ -410,6 +410,10 @@ def test_evaluate_refuses_a_head_not_trained_on_the_dataset_classes(capsys):
         _check_classes(model, "m", data)
     model.pretrained_cfg["label_names"] = ["cat", "dog", "owl"]
     _check_classes(model, "m", data)  # the same classes, the same ids
+    # integer labels without names: their count is the largest label + 1, so they may cover some of the classes
+    _check_classes(model, "m", SimpleNamespace(num_classes=2, label_names=None))
+    with pytest.raises(CLIError, match=r"predicts 3 classes, the dataset has 4: .*fold\)\.$"):  # (no base hint)
+        _check_classes(model, "m", SimpleNamespace(num_classes=4, label_names=None))
 
 
 def test_benchmark_on_cpu(folded_save, capsys):

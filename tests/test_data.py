@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 
 from hf_layerfold import data as hd
 
@@ -465,8 +465,7 @@ def test_prepare_datasets(fashion_small: datasets.DatasetDict, small_model: torc
     train, evalset, train_collator, eval_collator = hd.prepare_datasets(
         small_model, fashion_small, input_size=48
     )
-    assert len(train) == len(fashion_small["train"]) and len(evalset) == len(fashion_small["test"])
-    assert train.features["image"] == evalset.features["image"] == datasets.Image(decode=False)  # the collator's
+    assert train is fashion_small["train"] and evalset is fashion_small["test"]
     assert (train_collator.image_column, train_collator.label_column) == ("image", "label")
     assert eval_collator is not None
     batch = eval_collator([evalset[i] for i in range(3)])
@@ -589,12 +588,34 @@ def test_a_truncated_image_is_named(tmp_path: Path, small_model: torch.nn.Module
         (tmp_path / label / "0.jpg").write_bytes(buffer.getvalue())
     broken = tmp_path / "b" / "1.jpg"
     broken.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    train, _, collator, _ = hd.prepare_datasets(small_model, hd.load_image_dataset(tmp_path, split="train"))
+    folder = hd.load_image_dataset(tmp_path, split="train")
+    _, _, collator, _ = hd.prepare_datasets(small_model, folder)
+    train = hd.defer_decoding(folder)  # what LayerFoldingTrainer hands its own collators
+    assert train.features["image"] == datasets.Image(decode=False) and folder.features["image"].decode
     paths = [train[i]["image"]["path"] for i in range(len(train))]
     assert collator([train[paths.index(str(tmp_path / "a" / "0.jpg"))]])["pixel_values"].shape == (1, 3, 224, 224)
     truncated = f"cannot read image {broken}: (image file is truncated|Truncated File Read)"
     with pytest.raises(hd.ImageReadError, match=truncated):
         collator([train[paths.index(str(broken))]])
+
+
+def test_the_collator_decodes_as_datasets_does(small_model: torch.nn.Module) -> None:
+    """An EXIF-rotated JPEG (a phone's photo) comes out upright, as datasets' Image feature gives it; 16-bit signed
+    arrays and float images in HWC layout under a pixel_values name are images, not model input."""
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # rotated 90°
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(buffer, "JPEG", exif=exif)
+    ds = datasets.Dataset.from_dict({"image": [{"bytes": buffer.getvalue(), "path": None}]},
+                                    features=datasets.Features({"image": datasets.Image()}))
+    from hf_layerfold.collate import _to_pil, _to_uint8
+
+    assert ds[0]["image"].size == _to_pil(hd.defer_decoding(ds)[0]["image"]).size == (20, 40)
+    assert _to_uint8(np.full((2, 2), 200, np.int16)).max() == 200  # only unsigned 16-bit is scaled by 65535
+    collator = hd.ImageClassificationCollator(hd.build_transforms(small_model, is_training=False, input_size=16),
+                                              image_column="pixel_values", label_column=None)
+    hwc = np.random.default_rng(0).random((20, 24, 3), dtype=np.float32)
+    assert collator([{"pixel_values": hwc}])["pixel_values"].shape == (1, 3, 16, 16)  # transformed as an image
 
 
 def test_refusals_of_unknown_splits_and_multi_label_data() -> None:

@@ -256,6 +256,10 @@ def test_a_transformers_model_re_saves_and_preprocesses_as_its_checkpoint(saved,
     image = _image()
     torch.testing.assert_close(build_transforms(wrapper, is_training=False)(image),
                                build_transforms(LayerFoldedModel.from_pretrained(saved), is_training=False)(image))
+    from hf_layerfold.collate import pretrained_cfg_of
+
+    wrapper.config.id2label = {i: f"LABEL_{i}" for i in range(4)}  # transformers' placeholders are no class names
+    assert "label_names" not in pretrained_cfg_of(wrapper)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 
 import datasets
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from timm.models import efficientnet
 from timm.models._efficientnet_builder import decode_arch_def
 from transformers import EvalPrediction, TrainerCallback, TrainingArguments
@@ -504,6 +506,41 @@ def test_resume_refuses_another_config(baseline, fashion, tmp_path):
             trainer.train(resume_from_checkpoint=str(out / "checkpoint-8"))
     same = lf.LayerFoldingConfig.from_pretrained(out / "checkpoint-4")  # what the error advises
     assert make_trainer(tmp_path, fashion, config=same).layerfold_config == baseline[0].layerfold_config
+
+
+def test_the_trainer_decodes_for_its_own_collators_only(tmp_path, fashion):
+    """Images are left encoded for the trainer's collators, which name a broken file; a user's eval collator still
+    gets PIL images (it got {'bytes', 'path'} dicts), and so does a callback reading trainer.train_dataset."""
+    seen = []
+
+    def user_collator(examples):
+        seen.append(type(examples[0]["image"]))
+        return deterministic([{"image": e["image"].convert("L"), "label": e["label"]} for e in examples])
+
+    deterministic = prepare_datasets(tiny_model(), fashion["train"], fashion["test"], input_size=SIZE)[3]
+    splits = datasets.DatasetDict(train=fashion["train"], validation=fashion["test"].select(range(8)))
+    trainer = LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=splits,
+                                  eval_data_collator=user_collator, input_size=SIZE)
+    trainer.evaluate()
+    assert seen and all(issubclass(t, Image.Image) for t in seen)
+    assert isinstance(trainer.train_dataset[0]["image"], Image.Image)
+    loader = trainer.get_train_dataloader()  # the training set, for the trainer's own collator: left encoded
+    assert loader.dataset.features["image"] == datasets.Image(decode=False)
+    assert isinstance(trainer.train_dataset[0]["image"], Image.Image)
+
+
+def test_an_older_checkpoint_config_resumes(baseline, fashion, tmp_path):
+    """A layerfold_config.json written before a field existed was refused ('None there'), even with the config the
+    error advised."""
+    out = tmp_path / "old"
+    shutil.copytree(baseline[3] / "checkpoint-8", out)
+    saved = json.loads((out / "layerfold_config.json").read_text())
+    del saved["alpha_sharing"], saved["blend"]
+    (out / "layerfold_config.json").write_text(json.dumps(saved))
+    from hf_layerfold.phases import check_resumed_config
+
+    check_resumed_config(out, lf.LayerFoldingConfig.from_pretrained(out))
+    check_resumed_config(out, baseline[0].layerfold_config)
 
 
 def test_eval_sets_by_name_of_any_kind(tmp_path, fashion):
