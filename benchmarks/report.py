@@ -254,8 +254,13 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
             ok = [a for a in archs if a.get("supported")]
             worst = max(((a["max_rel_err"].get("float64") or 0.0, a["arch"]) for a in ok), default=(None, None))
             exact = sum(_arch_exact(a, data.get("tolerance") or {}) for a in ok)
+            flagged = sum(not a.get("all_within_tolerance", True) for a in ok)
             bullets.append(f"Exactness (`{path.name}`): {len(ok)}/{len(archs)} architectures fold, {exact} of them "
-                           f"exactly; worst fp64 error {fmt(worst[0])} ({worst[1]}).")
+                           f"exactly (fp64 ≤ {fmt((data.get('tolerance') or {}).get('float64', 1e-10))}, and the fp32 "
+                           "folded model no further from the fp64 result than the fp32 planned model); worst fp64 "
+                           f"error {fmt(worst[0])} ({worst[1]}). In fp32 alone, {flagged} of them exceed the file's "
+                           "fixed tolerance between folded and planned model (`all_within_tolerance`: rounding of "
+                           "the planned model itself, see RESULTS.md).")
         elif kind == "latency":
             cells = [(c, p, v) for c in data.get("cells", []) for p, v in c["plans"].items()]
             miss = [f"{c['model']} {_cell_label(c)} {p} ({fmt(v['folded_over_hand'])})" for c, p, v in cells
