@@ -261,6 +261,9 @@ def _check_classes(model, name: str, data, *, base: bool = False) -> None:
         raise CLIError(f"{name} predicts {model.num_classes} classes, the dataset has {data.num_classes}: its head "
                        "was not trained on these classes. Evaluate a model fine-tuned on them (the output of "
                        f"hf-layerfold fold){hint}.")
+    if counted and model.num_classes != data.num_classes:
+        logger.warning("the dataset's labels are integers up to %d and name no classes: taking them as the first %d "
+                       "of %s's %d class ids", data.num_classes - 1, data.num_classes, name, model.num_classes)
     names = (getattr(model, "pretrained_cfg", None) or {}).get("label_names")
     if not names or not data.label_names or list(names) == list(data.label_names):
         return

@@ -152,7 +152,7 @@ def _open(source: Any, name: str) -> Image.Image:
         else:
             image = Image.open(source)
             image.load()
-            if image.getexif().get(ExifTags.Base.Orientation) is not None:  # upright, as datasets' Image decodes
+            if image.getexif().get(ExifTags.Base.Orientation) not in (None, 1):  # upright, as datasets decodes
                 image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated, corrupt and unknown files
         raise ImageReadError(f"cannot read image {name}: {err}") from err
@@ -210,7 +210,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     high = float(array.max()) if array.size else 0.0
     if np.issubdtype(array.dtype, np.floating):
         scale = 255.0 if high <= 1.0 else 1.0
-    elif array.dtype == np.uint16:
+    elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # (either byte order: I;16 and I;16B)
         scale = 255.0 / 65535.0
     else:
         scale = 1.0 if high <= 255 else 255.0 / max(high, 65535.0)
@@ -272,14 +272,14 @@ class ImageClassificationCollator:
         if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim != 3:
-            return None  # (a float image in HW or HWC layout is an image: transformed as the others)
+            return None  # (a float image in HW layout is an image: transformed as the others)
         channels = len(Image.new(self.image_mode, (1, 1)).getbands())
-        if value.shape[0] == channels:
+        if value.shape[0] == channels:  # channel-first, as image processors give it
             return value.float()
-        if value.shape[0] in (1, 3, 4) and value.shape[-1] not in (1, 3, 4):  # channel-first, other channels
-            raise ValueError(f"pixel_values of shape {tuple(value.shape)}: the model takes ({channels}, H, W) "
-                             "inputs; give it model-ready arrays of that shape, or images in an 'image' column")
-        return None
+        if value.shape[-1] in (1, 3, 4) and value.shape[0] not in (1, 3, 4) and value.min() >= 0:
+            return None  # pixels in HWC layout (floats in [0, 1] or [0, 255]): an image
+        raise ValueError(f"pixel_values of shape {tuple(value.shape)}: the model takes ({channels}, H, W) inputs; "
+                         "give it model-ready (normalized) arrays of that shape, or images in an 'image' column")
 
 
 def _class_id(value: Any, column: str, num_classes: int | None) -> int:

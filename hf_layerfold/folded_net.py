@@ -153,7 +153,10 @@ class LayerFoldedNet(nn.Module):
         self.flatten = nn.Flatten(1) if len(self.pre_logits) and global_pool else nn.Identity()
         if not len(self.pre_logits) and self.num_features:
             self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
-        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        like = next(self.features.parameters(), None)  # a new head on the net's device and dtype, as timm's
+        kw = {} if like is None or like.device.type == "meta" else {"device": like.device, "dtype": like.dtype}
+        self.classifier = nn.Linear(self.head_hidden_size, num_classes, **kw) if num_classes > 0 else nn.Identity()
+        self.classifier.train(self.training)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """As timm models do (timm's ``--grad-checkpointing``, transformers' ``gradient_checkpointing_enable``)."""

@@ -104,7 +104,10 @@ def check_resumed_config(checkpoint: str | os.PathLike, config: LayerFoldingConf
         return
     # both through the dataclass: a field added since the checkpoint was written takes its default, and validate()
     # normalises representations (a tuple, a pattern string, a weights file)
-    saved = json.loads(LayerFoldingConfig.from_pretrained(path).to_json_string())
+    try:
+        saved = json.loads(LayerFoldingConfig.from_pretrained(path).to_json_string())
+    except (ValueError, OSError) as err:  # a newer version's field, a value no longer valid, a weights file gone
+        raise ValueError(f"cannot resume from {checkpoint}: its {CONFIG_NAME} does not load ({err})") from err
     current = json.loads(config.to_json_string())
     differ = sorted(name for name in current if name not in RESUME_MAY_DIFFER and saved[name] != current[name])
     if differ:

@@ -29,6 +29,7 @@ from .collate import model_input_shape
 from .config import LayerFoldingConfig
 from .data import (
     HF_DATASETS,
+    ImageClassificationCollator,
     check_dataset_labels,
     collator_for_split,
     dataset_label_names,
@@ -268,7 +269,6 @@ class LayerFoldingTrainer(Trainer):
         self._eval_collators = eval_collators(model, eval_dataset, train_dataset, given=eval_data_collator,
                                               user_collator=user_collator, input_size=input_size)
         self._own_eval_collators = eval_data_collator is None and user_collator is None
-        self._own_train_collator = user_collator is None
         self._built_eval_set = eval_dataset  # the set those collators read (fitted to no other)
         args = args if args is not None else TrainingArguments(output_dir="tmp_trainer")
         self._adjust_args(args, train_dataset)
@@ -549,7 +549,7 @@ class LayerFoldingTrainer(Trainer):
     # Evaluation data
 
     def get_train_dataloader(self):
-        with self._swapped("train_dataset", self._own_train_collator):
+        with self._swapped("train_dataset", self.data_collator):
             return super().get_train_dataloader()
 
     def get_eval_dataloader(self, eval_dataset: Any = None):
@@ -561,19 +561,20 @@ class LayerFoldingTrainer(Trainer):
             read = self.eval_dataset[key]
         else:
             read = eval_dataset if eval_dataset is not None else self.eval_dataset
-        if eval_dataset is not None and key is None:
-            eval_dataset = self._deferred(eval_dataset)
-        with self._collator(collator), self._dispatched(read), \
-                self._swapped("eval_dataset", self._own_eval_collators):
+        collator = collator if collator is not None else self.data_collator
+        if eval_dataset is not None and key is None and isinstance(collator, ImageClassificationCollator):
+            eval_dataset = defer_decoding(eval_dataset)
+        with self._collator(collator), self._dispatched(read), self._swapped("eval_dataset", collator):
             return super().get_eval_dataloader(eval_dataset)
 
     @contextlib.contextmanager
-    def _swapped(self, name: str, own: bool):
-        """While a dataloader is built: the set ``name`` with its images left for the trainer's own collator to
-        decode (:func:`~hf_layerfold.data.defer_decoding`: a broken file is then named). The attribute itself keeps
+    def _swapped(self, name: str, collator: Any):
+        """While a dataloader is built: the set ``name`` with its images left for ``collator`` to decode, when it is
+        an :class:`~hf_layerfold.data.ImageClassificationCollator` (:func:`~hf_layerfold.data.defer_decoding`: a
+        broken file is then named; any other collator gets what ``datasets`` decodes). The attribute itself keeps
         the set as it was given (a callback reading ``trainer.train_dataset[i]`` sees decoded images)."""
         given = getattr(self, name)
-        if not own or given is None:
+        if not isinstance(collator, ImageClassificationCollator) or given is None:
             yield
             return
         setattr(self, name, defer_decoding(given))
@@ -596,9 +597,12 @@ class LayerFoldingTrainer(Trainer):
         return None, logits.detach(), None
 
     def get_test_dataloader(self, test_dataset: Any):
-        with self._collator(self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)), \
-                self._dispatched(test_dataset):
-            return super().get_test_dataloader(self._deferred(test_dataset))
+        collator = self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)
+        collator = collator if collator is not None else self.data_collator
+        if isinstance(collator, ImageClassificationCollator):
+            test_dataset = defer_decoding(test_dataset)  # decoded by the collator, which names a broken file
+        with self._collator(collator), self._dispatched(test_dataset):
+            return super().get_test_dataloader(test_dataset)
 
     @contextlib.contextmanager
     def _dispatched(self, dataset: Any):
@@ -616,10 +620,6 @@ class LayerFoldingTrainer(Trainer):
             yield
         finally:
             config.dispatch_batches = False
-
-    def _deferred(self, dataset: Any) -> Any:
-        """A set handed to evaluate / predict, its images left for the trainer's own collator to decode."""
-        return defer_decoding(dataset) if self._own_eval_collators else dataset
 
     def _fitted(self, collator: Any, dataset: Any, *, require_label: bool) -> Any:
         """A collator the trainer built, fitted to the columns of a set handed to evaluate / predict; a collator of

@@ -411,6 +411,8 @@ def test_folded_heads_are_timm_heads(pool):
             base.reset_classifier(num_classes, other)
             folded.reset_classifier(num_classes, other)
             assert folded(x).shape == base(x).shape
+        folded.double().reset_classifier(2)  # the new head in the net's dtype, as timm makes it
+        assert folded(x.double()).dtype == torch.float64
 
 
 def test_custom_block_rule_is_one_small_rule():

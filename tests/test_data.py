@@ -612,10 +612,14 @@ def test_the_collator_decodes_as_datasets_does(small_model: torch.nn.Module) -> 
 
     assert ds[0]["image"].size == _to_pil(hd.defer_decoding(ds)[0]["image"]).size == (20, 40)
     assert _to_uint8(np.full((2, 2), 200, np.int16)).max() == 200  # only unsigned 16-bit is scaled by 65535
+    assert _to_uint8(np.full((2, 2), 257 * 100, ">u2")).max() == 100  # in either byte order (I;16B)
+    assert _to_uint8(np.full((2, 2), 100, ">u2")).max() == 0
     collator = hd.ImageClassificationCollator(hd.build_transforms(small_model, is_training=False, input_size=16),
                                               image_column="pixel_values", label_column=None)
     hwc = np.random.default_rng(0).random((20, 24, 3), dtype=np.float32)
     assert collator([{"pixel_values": hwc}])["pixel_values"].shape == (1, 3, 16, 16)  # transformed as an image
+    with pytest.raises(ValueError, match=r"pixel_values of shape \(20, 24, 3\): the model takes \(3, H, W\)"):
+        collator([{"pixel_values": (hwc - 0.5) / 0.25}])  # normalized channels-last: not pixels, not model input
 
 
 def test_refusals_of_unknown_splits_and_multi_label_data() -> None:

@@ -527,6 +527,10 @@ def test_the_trainer_decodes_for_its_own_collators_only(tmp_path, fashion):
     loader = trainer.get_train_dataloader()  # the training set, for the trainer's own collator: left encoded
     assert loader.dataset.features["image"] == datasets.Image(decode=False)
     assert isinstance(trainer.train_dataset[0]["image"], Image.Image)
+    # this library's collator, passed in by the user (as the examples do), decodes too
+    theirs = LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                                 data_collator=deterministic, input_size=SIZE)
+    assert theirs.get_train_dataloader().dataset.features["image"] == datasets.Image(decode=False)
 
 
 def test_an_older_checkpoint_config_resumes(baseline, fashion, tmp_path):
@@ -541,6 +545,9 @@ def test_an_older_checkpoint_config_resumes(baseline, fashion, tmp_path):
 
     check_resumed_config(out, lf.LayerFoldingConfig.from_pretrained(out))
     check_resumed_config(out, baseline[0].layerfold_config)
+    (out / "layerfold_config.json").write_text(json.dumps({**saved, "a_later_field": 1}))  # a newer version's
+    with pytest.raises(ValueError, match=f"cannot resume from {out}: its layerfold_config.json does not load"):
+        check_resumed_config(out, baseline[0].layerfold_config)
 
 
 def test_eval_sets_by_name_of_any_kind(tmp_path, fashion):
