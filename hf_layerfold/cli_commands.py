@@ -126,10 +126,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
         _check_repo_id(args.repo_id)
     device = args.device  # resolved by main (cli.py)
     folded_input = model_kind(args.model) == "folded"  # a folded save trains on as itself: no search, no plan
-    if args.plan and folded_input:
+    if args.plan is not None and folded_input:
         raise CLIError(f"--plan applies to an unfolded model; {args.model} is already folded with its own plan")
-    if args.plan:
-        plan_source(args.plan)  # a missing plan file is refused before the data loads
+    if args.plan is not None:
+        plan_source(args.plan)  # a missing plan file (or an empty --plan) is refused before the data loads
     data = load_data(args.dataset, train_size=args.train_size, eval_size=args.eval_size, seed=args.seed,
                      eval_split=args.eval_split)
     if folded_input:
@@ -140,7 +140,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     else:
         model = create_base_model(args.model, data.num_classes, pretrained=args.pretrained)
     set_input_size(model, args.image_size)
-    if args.plan:
+    if args.plan is not None:
         config = _fix_plan(model, args.plan, config)
     teacher = None
     if args.teacher:
@@ -301,7 +301,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     info = getattr(folded, "layerfold_info", None)
     if info is None:
         raise CLIError(f"{args.model} is not a folded model; benchmark compares a folded save with its base model")
-    arch = args.base_model or info.get("base_architecture")
+    recorded = info.get("base_architecture")
+    if args.base_model and recorded and args.base_model.split(".")[0] != recorded.split(".")[0]:  # (tags aside)
+        raise CLIError(f"{args.model} was folded from {recorded}, not {args.base_model}: a speed-up against another "
+                       "architecture means nothing (--base-model is for saves that do not name their base)")
+    arch = args.base_model or recorded
     if not arch:
         raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
     if not timm.is_model(arch):
@@ -426,7 +430,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
         prepare_model(model, config)
     except (UnsupportedModelError, ValueError) as err:
         raise CLIError(str(err)) from None
-    plan = fixed_plan(args.plan, model) if args.plan else None  # refused now, not after the timing
+    plan = fixed_plan(args.plan, model) if args.plan is not None else None  # refused now (an empty one too)
     input_size = model_input_size(model, args.image_size)
     if args.measure_merge_costs:  # first: each group's fold below then merges as the table says
         from .merge_costs import measure_merge_costs

@@ -11,12 +11,14 @@ LayerMerge do with their own cost tables).
 from __future__ import annotations
 
 import json
+import math
 import operator
 import os
 import statistics
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch.nn as nn
 
@@ -78,6 +80,8 @@ class FoldGains:
         save more together, so the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low
         for 18 plans, the stem and first block folded together accounting for most of it). Time the plan before
         relying on it (``benchmarks/bench_plan_ablation.py`` times a plan and its neighbours)."""
+        if isinstance(sites, str):  # one name would be read as its characters
+            raise TypeError(f"estimated_speedup takes a FoldPlan or a list of site names, got the string {sites!r}")
         wanted = set(sites.linear_sites if isinstance(sites, FoldPlan) else sites)
         unknown = wanted - {s for g in self.groups.values() for s in g["sites"]}
         if unknown:
@@ -109,7 +113,25 @@ class FoldGains:
         if missing:
             raise ValueError(f"not a fold-gains measurement (what measure_fold_gains or `hf-layerfold gains --json` "
                              f"writes): it lacks {missing}")
-        return cls(**{k: v for k, v in data.items() if k in known} | {"input_size": tuple(data["input_size"])})
+        gains = cls(**{k: v for k, v in data.items() if k in known} | {"input_size": tuple(data["input_size"])})
+        gains._check_values()
+        return gains
+
+    def _check_values(self) -> None:
+        """Numbers where numbers belong: a file edited by hand failed later, in ``weights()``, with a TypeError."""
+        def ms(value: Any) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+                and value >= 0
+
+        bad = [] if ms(self.baseline_ms) and self.baseline_ms > 0 else [f"baseline_ms={self.baseline_ms!r}"]
+        if not isinstance(self.groups, dict):
+            bad.append(f"groups={self.groups!r} (a mapping of α owner to {{'sites': [...], 'ms': ...}})")
+        else:
+            bad += [f"groups[{owner!r}]" for owner, g in self.groups.items()
+                    if not (isinstance(g, dict) and ms(g.get("ms")) and isinstance(g.get("sites"), list)
+                            and all(isinstance(s, str) for s in g["sites"]))]
+        if bad:
+            raise ValueError(f"not a readable fold-gains measurement: {', '.join(bad[:5])}")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FoldGains:
@@ -194,9 +216,10 @@ def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None 
                              for owner, sites in groups.items()})
 
 
-def measure_plan_speedup(model: nn.Module, plan: FoldPlan, input_size: int | Sequence[int] | None = None, *,
-                         batch_size: int = 1, device: str = "cpu", dtype: str = "fp32", channels_last: bool = False,
-                         rounds: int = 7, round_seconds: float = 0.25, warmup: int = 3) -> dict[str, float]:
+def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
+                         input_size: int | Sequence[int] | None = None, *, batch_size: int = 1,
+                         device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, rounds: int = 7,
+                         round_seconds: float = 0.25, warmup: int = 3) -> dict[str, float]:
     """What ``plan`` would buy on this device, before any training: the prepared (not yet planned) ``model``
     folded with it, timed beside the BN-fused model in rounds of a fresh random order. Returns ``speedup``, the
     median over rounds of the paired ratio (drift of a shared machine cancels), ``baseline_ms`` (the BN-fused
@@ -209,6 +232,10 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan, input_size: int | Seq
     input_size = timing_input_size(model, input_size, "measure_plan_speedup", "the sites, the α sharing and "
                                    "max_macs_increase decide the fold", "pass the plan instead",
                                    batch_size=batch_size, dtype=dtype, rounds=rounds)
+    if not isinstance(plan, FoldPlan):  # site names, as estimated_speedup and prepare_with_plan take them
+        if isinstance(plan, str):
+            raise TypeError(f"measure_plan_speedup takes a FoldPlan or a list of site names, got the string {plan!r}")
+        plan = FoldPlan(tuple(plan))
     check_plan(model, plan)
     ms = latency_samples({"bn_fused": fold_model(model, FoldPlan()), "plan": fold_model(model, plan)}, input_size,
                          batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last,

@@ -41,6 +41,21 @@ def mergeable_spans(model: nn.Module) -> list[list[ConvNode]]:
     return spans
 
 
+def check_merge_costs(model: nn.Module) -> None:
+    """Every conv and every merge a plan of this prepared model could ask for has a cost in its config's
+    ``merge_costs``. A table measured for another model failed only when the plan was fixed, after the search; one
+    measured for another config (fewer sites, a smaller ``max_kernel_size``) silently stopped merges it lacked."""
+    costs = model.layerfold_config.merge_costs
+    if costs is None:
+        return
+    missing = [key for key in (span_key(s[0].conv, s[-1].conv) for s in mergeable_spans(model)) if key not in costs]
+    if missing:
+        raise ValueError(f"merge_costs lacks {len(missing)} of the convs and merges this model and config can make "
+                         f"(e.g. {missing[:3]}): it was measured for another model or config (sites, "
+                         "max_kernel_size); measure it again with measure_merge_costs (or `hf-layerfold gains "
+                         "--measure-merge-costs`) on this model and config")
+
+
 def _input_sizes(model: nn.Module, names: set[str], input_size: Sequence[int]) -> dict[str, tuple[int, int]]:
     """Height and width of each named conv's input for one image of ``input_size`` (on a copy, in eval mode)."""
     probe = copy.deepcopy(model).eval().float().cpu()

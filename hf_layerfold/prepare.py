@@ -93,7 +93,14 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     if config.blend in ("compile", "auto"):  # BatchNorm + blend as one compiled region ("auto": on CPU; fused.py)
         fuse_batchnorm_blends(model)
     model.layerfold_config = config
+    _check_merge_costs(model)
     return model
+
+
+def _check_merge_costs(model: nn.Module) -> None:
+    from .merge_costs import check_merge_costs  # (merge_costs reads this module's sites)
+
+    check_merge_costs(model)
 
 
 def check_keepable_modules(model: nn.Module) -> None:
@@ -201,4 +208,5 @@ def ensure_prepared(model: nn.Module, config: LayerFoldingConfig | Mapping | Non
                        "α are kept and the config follows them", shared, config.alpha_sharing)
         config = dataclasses.replace(config, alpha_sharing=shared)
     model.layerfold_config = config
+    _check_merge_costs(model)
     return config

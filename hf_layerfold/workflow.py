@@ -126,6 +126,8 @@ def model_kind(name: str) -> str:
         return "folded"
     if name == LITE0_ALIAS or name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
         return "base"
+    if local.exists():
+        raise CLIError(f"{name} is a file; give a folded-save directory, a Hub id or a timm model name")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise CLIError(f"model directory {name} does not exist")
     if split_hub_ref(name)[0] is not None:  # a Hub id (optionally @revision) of a folded model
@@ -150,6 +152,8 @@ def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = 
 def plan_source(spec: str) -> Path | None:
     """The file or folded save ``fold --plan`` reads, or ``None`` when ``spec`` is a list of block and site names;
     a path that does not exist is refused here, before any data is loaded."""
+    if not spec.strip():  # (Path("") is the working directory)
+        raise CLIError("--plan is empty: name at least one block or site (e.g. blocks.1.1), or give a plan file")
     path = Path(spec).expanduser()
     if path.exists():
         return path

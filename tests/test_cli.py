@@ -177,9 +177,13 @@ def test_invalid_config_value_in_subprocess():
     (["fold", "--output-dir", ".."], "is the current directory or one above it"),
     (["fold", "--bogus", "1"], "unrecognized arguments: --bogus 1 (see 'hf-layerfold fold --help')"),
     (["fold", "--plan", "./no/plan.json"], "--plan ./no/plan.json: no such file or directory"),
+    (["fold", "--plan", ""], "--plan is empty: name at least one block or site"),  # (was silently no plan)
+    (["gains", "mobilenetv2_050", "--plan", " "], "--plan is empty"),
+    (["benchmark", "notes.txt"], "notes.txt is a file; give a folded-save directory"),  # (said: does not exist)
 ])
 def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # fold's default output dir stays inside tmp_path
+    (tmp_path / "notes.txt").write_text("x")
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert expected in one_error_line(captured.err)
@@ -431,6 +435,9 @@ def test_benchmark_on_cpu(folded_save, capsys):
     assert stats["base, BN fused"]["depth"] == stats[names[0]]["depth"] > stats["layer-folded"]["depth"]
     assert main(["benchmark", str(out), "--rounds", "1", "--warmup", "1", "--threads", "1", "--quiet"]) == 0
     table = capsys.readouterr().out
+    # another base architecture than the save's: a speed-up against it used to be printed
+    assert main(["benchmark", str(out), "--base-model", "resnet10t", "--quiet"]) == 2
+    assert "was folded from mobilenetv2_050, not resnet10t" in one_error_line(capsys.readouterr().err)
     assert "bs 1 speed-up" in table and "layer-folded" in table and "1.00x" in table  # base row vs itself
 
 

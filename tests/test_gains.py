@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -105,6 +106,19 @@ def test_estimated_speedup_adds_the_savings_of_the_groups_a_plan_folds_whole():
         gains.estimated_speedup(["z"])
     with pytest.raises(ValueError, match="save 12.000 ms of a 10.000 ms baseline"):
         _gains({"a": 6.0, "b": 6.0}, {"a": 1, "b": 1}).estimated_speedup(["a.s0", "b.s0"])
+    with pytest.raises(TypeError, match="got the string 'a.s0'"):  # (it was read as the characters a . s 0)
+        gains.estimated_speedup("a.s0")
+
+
+def test_a_hand_edited_measurement_is_refused_when_read(tmp_path):
+    """Fields of the wrong type loaded, then failed in weights() with a TypeError or AttributeError."""
+    good = _gains({"a": 2.0}, {"a": 1}).to_dict()
+    for bad, said in (({"groups": [1, 2]}, "groups=[1, 2]"), ({"baseline_ms": "fast"}, "baseline_ms='fast'"),
+                      ({"baseline_ms": float("nan")}, "baseline_ms=nan"),
+                      ({"groups": {"a": {"sites": ["a.s0"], "ms": -1}}}, "groups['a']")):
+        (tmp_path / "g.json").write_text(json.dumps({**good, **bad}))
+        with pytest.raises(ValueError, match=f"not a readable fold-gains measurement: {re.escape(said)}"):
+            FoldGains.load(tmp_path / "g.json")
 
 
 def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
@@ -137,6 +151,8 @@ def test_measure_plan_speedup_times_a_plan_before_any_training():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
     with pytest.raises(ValueError, match="not foldable in this model"):
         lf.measure_plan_speedup(model, lf.FoldPlan(["blocks.1.1.nope"]), 32, **quick)
+    by_names = lf.measure_plan_speedup(model, list(plan.linear_sites), 32, **quick)  # names, as elsewhere
+    assert by_names["speedup"] > 0
     with pytest.raises(ValueError, match="measure_plan_speedup: rounds must be a positive integer"):
         lf.measure_plan_speedup(model, plan, 32, **{**quick, "rounds": 0})
     lf.apply_plan(model, plan)

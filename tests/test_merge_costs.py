@@ -83,9 +83,17 @@ def test_bad_tables_and_models_are_refused():
         lf.LayerFoldingConfig(merge_costs={"conv_stem": -1.0})
     with pytest.raises(ValueError, match="merge_costs=.*not a JSON object nor a JSON file"):
         lf.LayerFoldingConfig(merge_costs="missing-costs.json")
-    model = _prepared(merge_costs={"conv_stem": 1.0})  # measured for another model
-    with pytest.raises(ValueError, match="no entry for conv .*measure_merge_costs"):
-        lf.apply_plan(model, lf.FoldPlan(tuple(lf.foldable_sites(model))))
+    # measured for another model: refused when the model is prepared, not when the plan is fixed after the search
+    with pytest.raises(ValueError, match=r"merge_costs lacks \d+ of the convs and merges .*measure_merge_costs"):
+        _prepared(merge_costs={"conv_stem": 1.0})
+    # measured for another config (fewer sites): the merges it lacks were silently never made
+    partial = lf.measure_merge_costs(_prepared(target_modules=["blocks.1.*"]), (3, 32, 32), rounds=1,
+                                     round_seconds=0.001, warmup=0)
+    with pytest.raises(ValueError, match="measured for another model or config"):
+        _prepared(merge_costs=partial)
+    gains_config = json.dumps({"lambda_reg": 0.1, "merge_costs": None})  # gains --output without merge costs
+    with pytest.raises(ValueError, match="holds a config whose merge_costs is null"):
+        lf.LayerFoldingConfig(merge_costs=gains_config)
     with pytest.raises(ValueError, match="needs a prepared model"):
         lf.measure_merge_costs(timm.create_model("mobilenetv2_050"), (3, 32, 32))
     planned = lf.apply_plan(_prepared(), lf.FoldPlan())
