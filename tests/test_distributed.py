@@ -281,7 +281,7 @@ def test_sharding_schemes_are_refused_with_the_reason_and_the_way_that_works():
     from torch.distributed.fsdp import fully_shard
 
     import hf_layerfold as lf
-    from hf_layerfold.trainer import sharded_alpha_error
+    from hf_layerfold.trainer_args import sharded_alpha_error
 
     assert sharded_alpha_error(34, fsdp=False, zero3=False) is None  # DDP, one process
     assert sharded_alpha_error(0, fsdp=True, zero3=False) is None  # a folded model has no α

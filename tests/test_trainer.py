@@ -25,7 +25,8 @@ from hf_layerfold.layers import PaddedConv2d
 from hf_layerfold.losses import alpha_regularizer, distillation_loss
 from hf_layerfold.plan import applied_plan
 from hf_layerfold.prepare import is_prepared
-from hf_layerfold.trainer import ALPHA_GROUP, STATE_NAME, LayerFoldingTrainer, compute_metrics, warn_on_few_shards
+from hf_layerfold.trainer import ALPHA_GROUP, STATE_NAME, LayerFoldingTrainer, compute_metrics
+from hf_layerfold.trainer_args import warn_on_few_shards
 
 SIZE = 32
 LOG_KEYS = {"loss", "task_loss", "reg_loss", "alpha_mean", "sites_past_threshold", "projected_nonlinear_layers",
