@@ -494,6 +494,20 @@ class LayerFoldingTrainer(Trainer):
         finally:
             setattr(self, name, given)
 
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        """Trainer's loop (``evaluate`` and ``predict``), on rank 0's BatchNorm statistics on every process."""
+        self._sync_buffers()
+        return super().evaluation_loop(*args, **kwargs)
+
+    def _sync_buffers(self) -> None:
+        """Under DDP each process's BatchNorm keeps the running statistics of its own last batches (DDP copies rank
+        0's buffers only at the start of a training forward): an evaluation would mix two models, neither quite
+        the one rank 0 saves and folds. Every process takes rank 0's buffers first."""
+        if self.accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+            return
+        for buffer in self._model().buffers():
+            torch.distributed.broadcast(buffer.data, src=0)
+
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None):
         """Trainer's step for labelled batches; unlabelled ones (``predict`` on a test set) call the timm model on

@@ -138,7 +138,8 @@ def _stream_worker(out: Path) -> None:
             "alphas": {k: v.item() for k, v in lf.alpha_parameters(trainer.model).items()},
             "weights_sum": float(sum(p.detach().double().sum() for p in trainer.model.parameters())),
             "log_phases": [e["phase"] for e in trainer.state.log_history if "loss" in e], "folded": str(folded),
-            "eval_counted": counted, "eval_top1": streamed["eval_top1"], "local_top1": local["top1"]}
+            "eval_counted": counted, "eval_top1": streamed["eval_top1"], "local_top1": local["top1"],
+            "buffers_sum": float(sum(b.detach().double().sum() for b in trainer.model.buffers()))}
 
     # Control: batches dispatched from rank 0, which then reads (and decodes) every shard; one pass, no training.
     control = make_trainer(True)
@@ -238,6 +239,8 @@ def test_ddp_streaming_set_is_read_by_shard_on_each_process(tmp_path):
     assert r0["dispatch"] is False and r1["dispatch"] is False
     # a streaming eval set is dispatched from rank 0: each image counted once, the metric as one process gets it
     assert r0["eval_counted"] == r1["eval_counted"] == [10]
+    # each rank's BatchNorm kept its own last batches' statistics: evaluation takes rank 0's (the saved model's)
+    assert r0["buffers_sum"] == r1["buffers_sum"]
     assert r0["eval_top1"] == r1["eval_top1"] == r0["local_top1"]
 
     # (a) Each rank collated its own examples: whole shards, disjoint, together every row the 5 steps consumed.
