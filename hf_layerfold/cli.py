@@ -240,8 +240,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         epilog=f"Examples:\n  {PROG} benchmark outputs/lite0-folded --device cpu --batch-sizes 1,32\n"
                f"  {PROG} benchmark me/lite0-folded --device cuda --batch-sizes 1,128 --dtype bf16 --channels-last")
     bench.add_argument("model", help="folded-model directory or Hub id")
-    bench.add_argument("--base-model", default=None, help="timm name of the base; unset: the save's "
-                       "base_architecture")
+    bench.add_argument("--base-model", default=None, help="timm name of the base, for a save that does not name a "
+                       "timm architecture it was folded from (unset: the save's base_architecture)")
     bench.add_argument("--device", default="cpu", help=DEVICE_HELP + " (the device to time on)")
     bench.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes, e.g. 1,128")
     bench.add_argument("--dtype", choices=DTYPES, default="fp32", help="model and input dtype")
@@ -354,7 +354,8 @@ def _option_tokens(parser: argparse.ArgumentParser, values: dict, path: str) -> 
             elif value:
                 tokens.append(flag)
         elif key in LIST_OPTIONS and isinstance(value, list) and all(isinstance(v, str) for v in value):
-            tokens.append(f"{flag}={','.join(value)}")  # plan: [bn1, blocks.1.1] is --plan=bn1,blocks.1.1
+            if value:  # plan: [bn1, blocks.1.1] is --plan=bn1,blocks.1.1; an empty list, like null, is unset
+                tokens.append(f"{flag}={','.join(value)}")
         elif isinstance(value, dict | list):
             raise CLIError(f"config file {path}: {key} takes one value, got {value!r}")
         elif value is not None:  # null: unset

@@ -302,7 +302,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if info is None:
         raise CLIError(f"{args.model} is not a folded model; benchmark compares a folded save with its base model")
     recorded = info.get("base_architecture")
-    if args.base_model and recorded and args.base_model.split(".")[0] != recorded.split(".")[0]:  # (tags aside)
+    if args.base_model and recorded and timm.is_model(recorded) and _arch(args.base_model) != _arch(recorded):
         raise CLIError(f"{args.model} was folded from {recorded}, not {args.base_model}: a speed-up against another "
                        "architecture means nothing (--base-model is for saves that do not name their base)")
     arch = args.base_model or recorded
@@ -348,6 +348,16 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
           f"input {'x'.join(map(str, input_size))}; median of {args.rounds} rounds")
     print(format_table(header, rows))
     return 0
+
+
+def _arch(name: str) -> str:
+    """The timm architecture a model name builds: the Lite0 alias resolved, a pretrained tag and a deprecated name
+    (``tf_efficientnet_b0_ap`` builds ``tf_efficientnet_b0``) mapped to it."""
+    from timm.models import _registry
+
+    name = "tf_efficientnet_lite0" if name == LITE0_ALIAS else name
+    name = _registry._deprecated_models.get(name) or name
+    return name.split(".")[0]
 
 
 def cmd_push(args: argparse.Namespace) -> int:
@@ -426,6 +436,8 @@ def cmd_gains(args: argparse.Namespace) -> int:
                        "base architecture")
     check_model_name(arch)  # a folded save has no folds left to time: only base models
     model = create_base_model(arch, pretrained=False)  # latency does not depend on the weights
+    if args.measure_merge_costs:  # a table given as well is replaced by the measurement: not checked
+        config.merge_costs = None
     try:
         prepare_model(model, config)
     except (UnsupportedModelError, ValueError) as err:

@@ -23,9 +23,9 @@ def _mapping_from_text(text: str, name: str = "regularizer_weights") -> object:
     stripped = text.strip()
     data = json.loads(stripped if stripped.startswith("{") else Path(text).expanduser().read_text())
     if isinstance(data, dict) and name in data:
-        if data[name] is None and len(data) > 1:  # a whole config without this table: not "no table" silently
-            raise ValueError(f"it holds a config whose {name} is null (e.g. `hf-layerfold gains --output` without "
-                             f"{'--measure-merge-costs' if name == 'merge_costs' else 'a measurement'})")
+        if name == "merge_costs" and data[name] is None and len(data) > 1:  # not "no table", silently
+            raise ValueError("it holds a config whose merge_costs is null (e.g. `hf-layerfold gains --output` "
+                             "without --measure-merge-costs)")
         return data[name]
     if isinstance(data, dict) and {"groups", "baseline_ms"} <= set(data):
         if name == "merge_costs":

@@ -232,7 +232,7 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
     input_size = timing_input_size(model, input_size, "measure_plan_speedup", "the sites, the α sharing and "
                                    "max_macs_increase decide the fold", "pass the plan instead",
                                    batch_size=batch_size, dtype=dtype, rounds=rounds)
-    if not isinstance(plan, FoldPlan):  # site names, as estimated_speedup and prepare_with_plan take them
+    if not isinstance(plan, FoldPlan):  # site names, as estimated_speedup takes them (FoldPlan.from_blocks: blocks)
         if isinstance(plan, str):
             raise TypeError(f"measure_plan_speedup takes a FoldPlan or a list of site names, got the string {plan!r}")
         plan = FoldPlan(tuple(plan))

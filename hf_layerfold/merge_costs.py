@@ -18,18 +18,21 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from .config import LayerFoldingConfig
 from .gains import timing_input_size
 from .graph import ConvNode
 from .plan import FoldPlan, Run, iter_runs, merged_shape, run_kernel_stride, segment_model, span_key
 from .prepare import foldable_sites
 
 
-def mergeable_spans(model: nn.Module) -> list[list[ConvNode]]:
+def mergeable_spans(model: nn.Module, config: LayerFoldingConfig | None = None,
+                    sites: Sequence[str] | None = None) -> list[list[ConvNode]]:
     """Every span of convs a plan could merge under the model's config: the contiguous pieces, within
-    ``max_kernel_size``, of the runs that would form were every foldable site linear (single convs included)."""
-    config = model.layerfold_config
+    ``max_kernel_size``, of the runs that would form were every foldable site linear (single convs included).
+    ``config`` and ``sites`` default to the prepared model's; given, the model need not be prepared yet."""
+    config = config if config is not None else model.layerfold_config
     unlimited = dataclasses.replace(config, max_kernel_size=10**9, max_macs_increase=None, merge_costs=None)
-    seg = segment_model(model, FoldPlan(tuple(foldable_sites(model))), unlimited)
+    seg = segment_model(model, FoldPlan(tuple(sites if sites is not None else foldable_sites(model))), unlimited)
     spans = []
     for run in [*iter_runs(seg.items), *iter_runs(seg.pre_logits)]:
         for start in range(len(run.convs)):
@@ -41,14 +44,16 @@ def mergeable_spans(model: nn.Module) -> list[list[ConvNode]]:
     return spans
 
 
-def check_merge_costs(model: nn.Module) -> None:
-    """Every conv and every merge a plan of this prepared model could ask for has a cost in its config's
-    ``merge_costs``. A table measured for another model failed only when the plan was fixed, after the search; one
-    measured for another config (fewer sites, a smaller ``max_kernel_size``) silently stopped merges it lacked."""
-    costs = model.layerfold_config.merge_costs
+def check_merge_costs(model: nn.Module, config: LayerFoldingConfig, sites: Sequence[str] | None = None) -> None:
+    """Every conv and every merge a plan of ``model`` under ``config`` could ask for has a cost in
+    ``config.merge_costs`` (``sites``: the sites it will have, for a model not prepared yet). A table measured for
+    another model failed only when the plan was fixed, after the search; one measured for another config (fewer
+    sites, a smaller ``max_kernel_size``) silently stopped merges it lacked."""
+    costs = config.merge_costs
     if costs is None:
         return
-    missing = [key for key in (span_key(s[0].conv, s[-1].conv) for s in mergeable_spans(model)) if key not in costs]
+    spans = mergeable_spans(model, config, sites)
+    missing = [key for key in (span_key(s[0].conv, s[-1].conv) for s in spans) if key not in costs]
     if missing:
         raise ValueError(f"merge_costs lacks {len(missing)} of the convs and merges this model and config can make "
                          f"(e.g. {missing[:3]}): it was measured for another model or config (sites, "

@@ -84,8 +84,10 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     if any(isinstance(m, FoldableActivation) for m in model.modules()):
         raise ValueError("model is already prepared for layer folding")
     check_keepable_modules(model)
+    sites = select_sites(model, config)
+    _check_merge_costs(model, config, sites)  # before the model changes: a refused table leaves it as it was
     device = next((p.device for p in model.parameters()), None)
-    for site in select_sites(model, config):
+    for site in sites:
         act = model.get_submodule(site)
         model.set_submodule(site, FoldableActivation(act, site, config.alpha_init, config.blend).to(device))
     if config.alpha_sharing == "block":
@@ -93,14 +95,13 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     if config.blend in ("compile", "auto"):  # BatchNorm + blend as one compiled region ("auto": on CPU; fused.py)
         fuse_batchnorm_blends(model)
     model.layerfold_config = config
-    _check_merge_costs(model)
     return model
 
 
-def _check_merge_costs(model: nn.Module) -> None:
+def _check_merge_costs(model: nn.Module, config: LayerFoldingConfig, sites: list[str] | None = None) -> None:
     from .merge_costs import check_merge_costs  # (merge_costs reads this module's sites)
 
-    check_merge_costs(model)
+    check_merge_costs(model, config, sites)
 
 
 def check_keepable_modules(model: nn.Module) -> None:
@@ -207,6 +208,6 @@ def ensure_prepared(model: nn.Module, config: LayerFoldingConfig | Mapping | Non
         logger.warning("the model was prepared with alpha_sharing=%r, layerfold_config says %r; the model's "
                        "α are kept and the config follows them", shared, config.alpha_sharing)
         config = dataclasses.replace(config, alpha_sharing=shared)
+    _check_merge_costs(model, config)  # before the model takes this config
     model.layerfold_config = config
-    _check_merge_costs(model)
     return config

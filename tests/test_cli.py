@@ -190,6 +190,13 @@ def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatc
     assert not (tmp_path / "outputs").exists()
 
 
+def test_an_empty_plan_list_in_a_config_file_is_no_plan(tmp_path):
+    """``plan: []`` (like ``plan: null``) leaves the search on; it became an empty --plan, refused as such."""
+    (tmp_path / "c.yaml").write_text("plan: []\nthreshold: 0.7\n")
+    args = parse_args(["fold", "--config", str(tmp_path / "c.yaml")])
+    assert args.plan is None
+
+
 def test_bad_config_files(tmp_path, capsys):
     bad_type, unknown, broken = tmp_path / "a.yaml", tmp_path / "b.json", tmp_path / "c.yaml"
     bad_type.write_text("threshold: high\n")

@@ -84,8 +84,12 @@ def test_bad_tables_and_models_are_refused():
     with pytest.raises(ValueError, match="merge_costs=.*not a JSON object nor a JSON file"):
         lf.LayerFoldingConfig(merge_costs="missing-costs.json")
     # measured for another model: refused when the model is prepared, not when the plan is fixed after the search
+    model = randomize_bn(timm.create_model("mobilenetv2_050", num_classes=10)).double().eval()
     with pytest.raises(ValueError, match=r"merge_costs lacks \d+ of the convs and merges .*measure_merge_costs"):
-        _prepared(merge_costs={"conv_stem": 1.0})
+        lf.prepare_model(model, lf.LayerFoldingConfig(merge_costs={"conv_stem": 1.0}))
+    assert not any(isinstance(m, lf.FoldableActivation) for m in model.modules())  # refused before any change
+    assert not hasattr(model, "layerfold_config")
+    lf.prepare_model(model, lf.LayerFoldingConfig())  # so a retry works
     # measured for another config (fewer sites): the merges it lacks were silently never made
     partial = lf.measure_merge_costs(_prepared(target_modules=["blocks.1.*"]), (3, 32, 32), rounds=1,
                                      round_seconds=0.001, warmup=0)
