@@ -306,6 +306,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model} was folded from {recorded}, not {args.base_model}: a speed-up against another "
                        "architecture means nothing (--base-model is for saves that do not name their base)")
     arch = args.base_model or recorded
+    arch = "tf_efficientnet_lite0" if arch == LITE0_ALIAS else arch
     if not arch:
         raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
     if not timm.is_model(arch):
@@ -353,11 +354,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def _arch(name: str) -> str:
     """The timm architecture a model name builds: the Lite0 alias resolved, a pretrained tag and a deprecated name
     (``tf_efficientnet_b0_ap`` builds ``tf_efficientnet_b0``) mapped to it."""
-    from timm.models import _registry
+    import timm.models
 
     name = "tf_efficientnet_lite0" if name == LITE0_ALIAS else name
-    name = _registry._deprecated_models.get(name) or name
-    return name.split(".")[0]
+    try:
+        deprecated = timm.models.get_deprecated_models()
+    except AttributeError:  # (a timm without it: names are compared as they are)
+        deprecated = {}
+    return (deprecated.get(name) or name).split(".")[0]
 
 
 def cmd_push(args: argparse.Namespace) -> int:

@@ -23,9 +23,10 @@ def _mapping_from_text(text: str, name: str = "regularizer_weights") -> object:
     stripped = text.strip()
     data = json.loads(stripped if stripped.startswith("{") else Path(text).expanduser().read_text())
     if isinstance(data, dict) and name in data:
-        if name == "merge_costs" and data[name] is None and len(data) > 1:  # not "no table", silently
-            raise ValueError("it holds a config whose merge_costs is null (e.g. `hf-layerfold gains --output` "
-                             "without --measure-merge-costs)")
+        if data[name] is None and len(data) > 1:  # a whole config without the table asked for: not "none", silently
+            source = ("`hf-layerfold gains --output` without --measure-merge-costs" if name == "merge_costs" else
+                      "a run's layerfold_config.json that used no weights; `hf-layerfold gains --output` writes them")
+            raise ValueError(f"it holds a config whose {name} is null (e.g. {source})")
         return data[name]
     if isinstance(data, dict) and {"groups", "baseline_ms"} <= set(data):
         if name == "merge_costs":

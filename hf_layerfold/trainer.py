@@ -502,11 +502,20 @@ class LayerFoldingTrainer(Trainer):
     def _sync_buffers(self) -> None:
         """Under DDP each process's BatchNorm keeps the running statistics of its own last batches (DDP copies rank
         0's buffers only at the start of a training forward): an evaluation would mix two models, neither quite
-        the one rank 0 saves and folds. Every process takes rank 0's buffers first."""
-        if self.accelerator.num_processes == 1 or not torch.distributed.is_initialized():
+        the one rank 0 saves and folds. Every process takes rank 0's buffers first, one broadcast per dtype, once
+        training has wrapped the model (on its device: NCCL takes no CPU tensors; before that the ranks hold what
+        they loaded) and unless ``ddp_broadcast_buffers=False`` asked for per-process buffers."""
+        if not isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel) or \
+                self.args.ddp_broadcast_buffers is False:
             return
+        groups: dict[tuple, list[torch.Tensor]] = {}
         for buffer in self._model().buffers():
-            torch.distributed.broadcast(buffer.data, src=0)
+            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
+        for buffers in groups.values():
+            flat = torch.cat([b.detach().reshape(-1) for b in buffers])
+            torch.distributed.broadcast(flat, src=0)
+            for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+                b.data.copy_(value.view_as(b))
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None):

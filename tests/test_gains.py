@@ -48,6 +48,9 @@ def test_weights_given_as_text_are_json_or_a_json_file(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="must map site names"):
         lf.LayerFoldingConfig(regularizer_weights=str(tmp_path / "list.json"))
+    run_config = lf.LayerFoldingConfig(lambda_reg=0.1).save_pretrained(tmp_path / "run")  # a run without weights
+    with pytest.raises(ValueError, match="holds a config whose regularizer_weights is null"):  # not "uniform"
+        lf.LayerFoldingConfig(regularizer_weights=str(run_config))
 
 
 def test_weighted_regularizer_matches_its_definition():
