@@ -305,8 +305,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     if args.base_model and recorded and timm.is_model(recorded) and _arch(args.base_model) != _arch(recorded):
         raise CLIError(f"{args.model} was folded from {recorded}, not {args.base_model}: a speed-up against another "
                        "architecture means nothing (--base-model is for saves that do not name their base)")
-    arch = args.base_model or recorded
-    arch = "tf_efficientnet_lite0" if arch == LITE0_ALIAS else arch
+    arch = _timm_name(args.base_model or recorded)
     if not arch:
         raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
     if not timm.is_model(arch):
@@ -351,12 +350,17 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _timm_name(name: str) -> str:
+    """The timm model name behind a CLI model name (the Lite0 alias names bundled tf_efficientnet_lite0 weights)."""
+    return "tf_efficientnet_lite0" if name == LITE0_ALIAS else name
+
+
 def _arch(name: str) -> str:
     """The timm architecture a model name builds: the Lite0 alias resolved, a pretrained tag and a deprecated name
     (``tf_efficientnet_b0_ap`` builds ``tf_efficientnet_b0``) mapped to it."""
     import timm.models
 
-    name = "tf_efficientnet_lite0" if name == LITE0_ALIAS else name
+    name = _timm_name(name)
     try:
         deprecated = timm.models.get_deprecated_models()
     except AttributeError:  # (a timm without it: names are compared as they are)
@@ -434,7 +438,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
     if not 0 <= args.min_saving < 1:
         raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
     out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
-    arch = "tf_efficientnet_lite0" if args.model == LITE0_ALIAS else args.model
+    arch = _timm_name(args.model)
     if is_folded_dir(Path(arch).expanduser()):
         raise CLIError(f"{arch} is a folded save: it has no folds left to time; gains takes the timm name of its "
                        "base architecture")

@@ -273,7 +273,7 @@ class ImageClassificationCollator:
             value = torch.from_numpy(value)
         if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.ndim != 3:
             return None  # (a float image in HW layout is an image: transformed as the others)
-        channels = len(Image.new(self.image_mode, (1, 1)).getbands())
+        channels = Image.getmodebands(self.image_mode)
         if value.shape[0] == channels:  # channel-first, as image processors give it
             return value.float()
         if value.shape[-1] in (1, 3, 4) and value.shape[0] not in (1, 3, 4) and value.min() >= 0:

@@ -30,6 +30,13 @@ from .plan import FoldPlan, applied_plan
 from .prepare import is_prepared
 
 
+def _site_names(sites: FoldPlan | Sequence[str], who: str) -> tuple[str, ...]:
+    """The linear sites of a ``FoldPlan`` or a list of site names; a bare string (read as its characters) refused."""
+    if isinstance(sites, str):
+        raise TypeError(f"{who} takes a FoldPlan or a list of site names, got the string {sites!r}")
+    return tuple(sites.linear_sites if isinstance(sites, FoldPlan) else sites)
+
+
 def alpha_groups(model: nn.Module) -> dict[str, list[str]]:
     """α owner → the sites that read that α, in network order (one site per group unless α is shared)."""
     groups: dict[str, list[str]] = {}
@@ -80,9 +87,7 @@ class FoldGains:
         save more together, so the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low
         for 18 plans, the stem and first block folded together accounting for most of it). Time the plan before
         relying on it (``benchmarks/bench_plan_ablation.py`` times a plan and its neighbours)."""
-        if isinstance(sites, str):  # one name would be read as its characters
-            raise TypeError(f"estimated_speedup takes a FoldPlan or a list of site names, got the string {sites!r}")
-        wanted = set(sites.linear_sites if isinstance(sites, FoldPlan) else sites)
+        wanted = set(_site_names(sites, "estimated_speedup"))
         unknown = wanted - {s for g in self.groups.values() for s in g["sites"]}
         if unknown:
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "
@@ -232,10 +237,7 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
     input_size = timing_input_size(model, input_size, "measure_plan_speedup", "the sites, the α sharing and "
                                    "max_macs_increase decide the fold", "pass the plan instead",
                                    batch_size=batch_size, dtype=dtype, rounds=rounds)
-    if not isinstance(plan, FoldPlan):  # site names, as estimated_speedup takes them (FoldPlan.from_blocks: blocks)
-        if isinstance(plan, str):
-            raise TypeError(f"measure_plan_speedup takes a FoldPlan or a list of site names, got the string {plan!r}")
-        plan = FoldPlan(tuple(plan))
+    plan = FoldPlan(_site_names(plan, "measure_plan_speedup"))  # (blocks: FoldPlan.from_blocks)
     check_plan(model, plan)
     ms = latency_samples({"bn_fused": fold_model(model, FoldPlan()), "plan": fold_model(model, plan)}, input_size,
                          batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last,

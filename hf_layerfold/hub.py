@@ -397,7 +397,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     _check_overlay(pretrained_cfg_overlay)
 
     net, planned = _fold(model)
-    source_cfg = pretrained_cfg_of(model) if hasattr(model, "timm_model") else (net.pretrained_cfg or {})
+    source_cfg = pretrained_cfg_of(model)  # (a transformers wrapper's checkpoint config, else the model's own)
     labels = _label_list(label_names, net.num_classes)
     pretrained_cfg, labels = _export_cfg(net, pretrained_cfg_overlay, labels, source_cfg)
     block = _layerfold_block(net, planned, config, base_model, pretrained_cfg["input_size"],

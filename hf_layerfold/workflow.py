@@ -198,11 +198,9 @@ def set_input_size(model, image_size: int | None) -> None:
 
 
 def model_input_size(model, image_size: int | None = None) -> tuple[int, int, int]:
-    import timm.data
+    from .collate import data_config, model_input_shape
 
-    from .collate import model_input_shape
-
-    size = tuple(timm.data.resolve_model_data_config(model)["input_size"])  # (3, ...) for an in_chans=1 model
+    size = tuple(data_config(model)["input_size"])  # (3, ...) for an in_chans=1 model: the channels come from it
     return model_input_shape(model, image_size if image_size else size[1:])
 
 
