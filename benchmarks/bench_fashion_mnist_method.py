@@ -175,8 +175,8 @@ def run_one(label: str, lambda_reg: float, data, args: argparse.Namespace, scrat
             raise ValueError(f"{label}: a run with linear sites cannot start another as a plain timm model (α still "
                              f"learns at λ = 0: the task loss alone took {len(plan)} site(s) past the threshold, "
                              f"{list(plan.linear_sites)}; try another --seed or a higher --threshold)")
-        alpha_keys = {f"{site}.alpha" for site in lf.alpha_parameters(planned)}
-        state = {k: v.detach().clone() for k, v in planned.state_dict().items() if k not in alpha_keys}
+        site_keys = {f"{site}.{key}" for site in lf.alpha_parameters(planned) for key in ("alpha", "_extra_state")}
+        state = {k: v.detach().clone() for k, v in planned.state_dict().items() if k not in site_keys}
     return {"row": row, "trajectory": trajectory, "linear_sites": list(plan.linear_sites), "folded": folded,
             "state": state}
 

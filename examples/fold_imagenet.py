@@ -80,9 +80,13 @@ def steps_per_epoch(script: ScriptArguments, args: TrainingArguments, train) -> 
 
 def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig) -> torch.nn.Module:
     model = timm.create_model(script.model_name, pretrained=script.pretrained and not script.init_from)
-    if script.init_from:  # a prepared model's state dict: keys are those of timm plus <site>.alpha
+    if script.init_from:  # a prepared model's state dict: timm's keys plus each site's α and phase
         lf.prepare_model(model, config)
-        model.load_state_dict(load_file(str(Path(script.init_from) / "model.safetensors")))
+        state = load_file(str(Path(script.init_from) / "model.safetensors"))
+        recorded = lf.FoldPlan.from_state_dict(state)  # a run that reached its fine-tune phase: its plan
+        if recorded is not None:
+            lf.apply_plan(model, recorded, config)
+        model.load_state_dict(state)
         plan = lf.FoldPlan.from_model(model, threshold=config.threshold)
         lf.apply_plan(model, plan, config)
         logger.info("init_from %s: plan fixed with %d linear sites", script.init_from, len(plan))

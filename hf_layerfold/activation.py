@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import re
 import warnings
 
 import torch
@@ -135,6 +136,27 @@ def compiled_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Ten
     return _compiled_clamp_blend(x, alpha, bounds.to(x.dtype))
 
 
+_PHASES = (None, "nonlinear", "linear")  # FoldableActivation.fixed, as its state-dict entry counts it
+_PHASE_WORDS = {None: "searching (no plan applied)", "nonlinear": "kept non-linear by a plan",
+                "linear": "made linear by a plan"}
+_PLAN_ADVICE = ("apply the plan the weights record before loading them, apply_plan(model, "
+                "FoldPlan.from_state_dict(state_dict)), so the sites are frozen and the padding moved as they expect")
+_EXTRA_STATE = "._extra_state"
+
+
+def _decode_phase(value: object) -> str | None:
+    code = int(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else -1
+    return _PHASES[code] if 0 <= code < len(_PHASES) else "unknown"
+
+
+def recorded_phases(state_dict) -> dict[str, str | None]:
+    """Site → the phase a prepared model's state dict records for it (``None`` searching, ``"nonlinear"``,
+    ``"linear"``)."""
+    phases = {key[: -len(_EXTRA_STATE)]: _decode_phase(value) for key, value in state_dict.items()
+              if key.endswith(_EXTRA_STATE)}
+    return {site: phase for site, phase in phases.items() if phase != "unknown"}
+
+
 class FoldableActivation(nn.Module):
     """``(1 − α)·act(x) + α·x`` with one scalar α per site.
 
@@ -233,6 +255,35 @@ class FoldableActivation(nn.Module):
             self.alpha.fill_(1.0 if linear else 0.0)
         self.alpha.requires_grad_(False)
         self.fixed = "linear" if linear else "nonlinear"
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The site's phase in the state dict (0 searching, 1 kept non-linear, 2 linear): planned weights loaded
+        into a searching model (or the reverse) would compute another function, the moved padding missing."""
+        return torch.tensor(_PHASES.index(self.fixed), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        """Checked in ``_load_from_state_dict``, where a mismatch can join the other loading errors."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key, seen = prefix + _EXTRA_STATE[1:], len(missing_keys)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in missing_keys[seen:]:  # a state dict written before sites recorded their phase: nothing to check
+            missing_keys.remove(key)
+        if key not in state_dict:
+            return
+        recorded = _decode_phase(state_dict[key])
+        if recorded == self.fixed:
+            return
+        earlier = next((i for i, msg in enumerate(error_msgs) if msg.endswith(_PLAN_ADVICE)), None)
+        if earlier is None:  # one message for the whole model: the first site, and how many more disagree
+            error_msgs.append(f"site {self.site!r} is {_PHASE_WORDS.get(self.fixed)} here but "
+                              f"{_PHASE_WORDS.get(recorded, 'of an unknown phase')} in the state dict (1 site "
+                              f"disagrees): {_PLAN_ADVICE}")
+        else:
+            error_msgs[earlier] = re.sub(r"\((\d+) sites? disagrees?\)",
+                                         lambda m: f"({int(m[1]) + 1} sites disagree)", error_msgs[earlier], count=1)
 
     @property
     def is_linear(self) -> bool:

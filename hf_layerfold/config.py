@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,10 +124,12 @@ class LayerFoldingConfig:
             value = getattr(self, name)
             if value is None and name in _OPTIONAL_FIELDS:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise bad(name, "must be a finite number" + (" (or None)" if name in _OPTIONAL_FIELDS else ""))
             if integer and int(value) != value:
                 raise bad(name, "must be a whole number")
+            if type(value) not in (int, float):  # a NumPy scalar (a sweep over np.arange): a plain number in JSON
+                setattr(self, name, int(value) if integer or isinstance(value, numbers.Integral) else float(value))
         if not isinstance(self.fold_residual, bool):
             raise bad("fold_residual", "must be true or false")
         if not 0.0 <= self.alpha_init <= 1.0:
@@ -166,8 +171,10 @@ class LayerFoldingConfig:
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
                 raise bad(name, f"must map {what} to numbers")
             for key, number in value.items():
-                if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < math.inf:
+                if isinstance(number, bool) or not isinstance(number, numbers.Real) or not 0 <= number < math.inf:
                     raise bad(name, f"the value of {key!r} must be a finite number >= 0")
+            if any(type(number) not in (int, float) for number in value.values()):  # NumPy scalars: plain floats
+                setattr(self, name, {key: float(number) for key, number in value.items()})
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
@@ -177,6 +184,13 @@ class LayerFoldingConfig:
                 raise bad(name, "must be a list of site-name patterns")
             elif isinstance(value, tuple):
                 setattr(self, name, list(value))
+            for pattern in getattr(self, name) or []:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as err:
+                        raise bad(name, f"the pattern {pattern!r} is not a valid regular expression ({err})") \
+                            from None
         if self.exclude_modules is None:  # (None and [] mean the same: no exclusion)
             self.exclude_modules = []
 
@@ -185,6 +199,8 @@ class LayerFoldingConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerFoldingConfig:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a LayerFoldingConfig is a mapping of its fields, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -208,8 +224,19 @@ class LayerFoldingConfig:
             raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # (JSONDecodeError, and UnicodeDecodeError for a binary file)
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
+
+
+def as_config(config: LayerFoldingConfig | Mapping | None) -> LayerFoldingConfig:
+    """The config to use: a ``LayerFoldingConfig``, a mapping of its fields (checked), or ``None`` (the defaults)."""
+    if config is None:
+        return LayerFoldingConfig()
+    if isinstance(config, Mapping):
+        return LayerFoldingConfig.from_dict(dict(config))
+    if not isinstance(config, LayerFoldingConfig):
+        raise TypeError(f"expected a LayerFoldingConfig (or a dict of its fields), got {type(config).__name__}")
+    return config

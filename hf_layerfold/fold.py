@@ -12,7 +12,7 @@ from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, 
 from .folded_net import LayerFoldedNet, conv_spec, op_spec
 from .graph import ConvNode, build_graph
 from .padding import static_chain_padding
-from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, run_pad_rules, segment_model
+from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, run_pad_rules, segment_model
 from .prepare import is_prepared, require_module
 
 State = dict[str, torch.Tensor]
@@ -114,6 +114,8 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
     require_module(model, "fold_model")
     if isinstance(model, LayerFoldedNet):
         raise ValueError("the model is already folded (a LayerFoldedNet): there is nothing left to fold")
+    if plan is not None:
+        plan = as_plan(plan, "fold_model")
     if is_prepared(model):
         current = applied_plan(model)
         if current is None:
@@ -153,7 +155,20 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
     state.update(_prefixed("classifier.", {k: v.detach().clone() for k, v in classifier.state_dict().items()}))
     net.load_state_dict(state, strict=True, assign=True)
     net.pretrained_cfg = copy.deepcopy(getattr(model, "pretrained_cfg", {}) or {})
+    base_arch = net.pretrained_cfg.get("architecture")
     net.pretrained_cfg["architecture"] = "layerfold_net"
     net.layerfold_plan = plan
+    net.layerfold_info = _provenance(model, net, base_arch)
     net.eval()
     return net
+
+
+def _provenance(planned: nn.Module, net: LayerFoldedNet, base_arch: str | None) -> dict:
+    """What a save of ``net`` alone can still say about its origin (its card names the base architecture and
+    lists the merges)."""
+    from .model_card import fold_rows  # (the card reads the plan's segmentation, as folding does)
+
+    info: dict = {"base_architecture": base_arch} if base_arch else {}
+    if is_prepared(planned):
+        info["folds"] = fold_rows(planned, net)
+    return info

@@ -43,7 +43,10 @@ def _read_config(path: Path) -> dict:
 
 def _load_weights(path: Path) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"missing weights file {path}")
+        sharded = path.with_name(path.name.replace(".safetensors", ".safetensors.index.json")).is_file()
+        raise FileNotFoundError(f"missing weights file {path}" + (
+            " (this folder holds a sharded save: re-save the model in one file, e.g. save_pretrained with a "
+            "max_shard_size above its size, or save_folded)" if sharded else ""))
     try:
         return safetensors.torch.load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own SafetensorError / OSError on bad files
@@ -102,8 +105,13 @@ class LayerFoldedModel:
             raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
         cfg = {**data.get("pretrained_cfg", {}), **source}  # as timm records it: where the weights came from
-        if data.get("label_names"):
-            cfg["label_names"] = data["label_names"]
+        labels = data.get("label_names")
+        if labels:
+            if not isinstance(labels, list) or len(labels) != net.num_classes:
+                raise ValueError(f"config.json of {source.get('file') or source.get('hf_hub_id')} has "
+                                 f"{len(labels) if isinstance(labels, list) else repr(labels)} label_names for "
+                                 f"{net.num_classes} classes; it must name each class once, in order")
+            cfg["label_names"] = labels
         net.pretrained_cfg = net.default_cfg = cfg
         if "plan" in info:
             net.layerfold_plan = FoldPlan.from_dict(info["plan"])

@@ -123,6 +123,19 @@ def build_sequence(specs: list[dict]) -> nn.Sequential:
     return nn.Sequential(*[build_layer(s) for s in specs])
 
 
+def _taking_channels(features: list[dict], in_chans: int) -> list[dict]:
+    """The spec with its first conv taking ``in_chans`` channels: ``timm.create_model(..., in_chans=1)`` on a save
+    of an RGB model asks for that, and timm's loader then sums the saved kernels over their input channels (a
+    grayscale image then gives what the RGB model gives on that image in three equal channels)."""
+    first = features[0] if features else {}
+    if first.get("type") != "conv" or first.get("in") == in_chans:
+        return features
+    if first.get("groups") != 1:
+        raise ValueError(f"in_chans={in_chans}: the folded net's first conv is grouped ({first.get('groups')} "
+                         f"groups of {first.get('in')} input channels) and cannot take another channel count")
+    return [{**first, "in": in_chans}, *features[1:]]
+
+
 class LayerFoldedNet(nn.Module):
     """A folded CNN with timm's model interface (``forward_features``, ``forward_head``, ``reset_classifier``)."""
 
@@ -130,6 +143,7 @@ class LayerFoldedNet(nn.Module):
                  num_features: int = 0, head_hidden_size: int | None = None, global_pool: str = "avg",
                  drop_rate: float = 0.0, in_chans: int = 3, layerfold: dict | None = None, **kwargs) -> None:
         super().__init__()
+        features = _taking_channels(features, in_chans)
         self.model_args = dict(features=features, pre_logits=list(pre_logits or []), num_classes=num_classes,
                                num_features=num_features, head_hidden_size=head_hidden_size,
                                global_pool=global_pool, drop_rate=drop_rate, in_chans=in_chans)

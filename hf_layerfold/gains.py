@@ -26,15 +26,8 @@ from .activation import FoldableActivation
 from .collate import input_shape
 from .files import write_text_atomic
 from .fold import fold_model
-from .plan import FoldPlan, applied_plan
+from .plan import FoldPlan, applied_plan, as_plan
 from .prepare import is_prepared
-
-
-def _site_names(sites: FoldPlan | Sequence[str], who: str) -> tuple[str, ...]:
-    """The linear sites of a ``FoldPlan`` or a list of site names; a bare string (read as its characters) refused."""
-    if isinstance(sites, str):
-        raise TypeError(f"{who} takes a FoldPlan or a list of site names, got the string {sites!r}")
-    return tuple(sites.linear_sites if isinstance(sites, FoldPlan) else sites)
 
 
 def alpha_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -87,7 +80,7 @@ class FoldGains:
         save more together, so the guess errs low there (EfficientNet-Lite0 at batch 128 on an H100: 0-5 % low
         for 18 plans, the stem and first block folded together accounting for most of it). Time the plan before
         relying on it (``benchmarks/bench_plan_ablation.py`` times a plan and its neighbours)."""
-        wanted = set(_site_names(sites, "estimated_speedup"))
+        wanted = set(as_plan(sites, "estimated_speedup").linear_sites)
         unknown = wanted - {s for g in self.groups.values() for s in g["sites"]}
         if unknown:
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "
@@ -237,7 +230,7 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
     input_size = timing_input_size(model, input_size, "measure_plan_speedup", "the sites, the α sharing and "
                                    "max_macs_increase decide the fold", "pass the plan instead",
                                    batch_size=batch_size, dtype=dtype, rounds=rounds)
-    plan = FoldPlan(_site_names(plan, "measure_plan_speedup"))  # (blocks: FoldPlan.from_blocks)
+    plan = as_plan(plan, "measure_plan_speedup")  # (blocks: FoldPlan.from_blocks)
     check_plan(model, plan)
     ms = latency_samples({"bn_fused": fold_model(model, FoldPlan()), "plan": fold_model(model, plan)}, input_size,
                          batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import numbers
 import os
 import re
 import shutil
@@ -31,7 +32,7 @@ from timm.models import PretrainedCfg
 from .activation import FoldableActivation
 from .collate import fit_channels, pretrained_cfg_of
 from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
-from .config import LayerFoldingConfig
+from .config import LayerFoldingConfig, as_config
 from .fold import fold_model
 from .folded_model import CONFIG_NAME, LayerFoldedModel
 from .folded_net import LayerFoldedNet
@@ -44,7 +45,16 @@ from .model_card import (
     render_card,
     split_hub_ref,
 )
-from .plan import PLAN_NAME, FoldPlan, applied_plan, apply_plan, iter_runs, run_pad_rules, segment_model
+from .plan import (
+    PLAN_NAME,
+    FoldPlan,
+    applied_plan,
+    apply_plan,
+    follow_applied_config,
+    iter_runs,
+    run_pad_rules,
+    segment_model,
+)
 from .prepare import is_prepared
 from .stats import FoldStats, fold_stats
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
@@ -221,6 +231,7 @@ def _base_copy(planned: nn.Module) -> nn.Module:
 def _fold(model: nn.Module) -> tuple[LayerFoldedNet, nn.Module | None]:
     """(folded net, planned source model or None) for a LayerFoldedNet, a prepared/planned or a plain timm model."""
     model = getattr(model, "timm_model", model)  # a transformers TimmWrapper
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the same parameters
     if isinstance(model, LayerFoldedNet):
         return model, None
     if not isinstance(model, nn.Module):
@@ -256,6 +267,10 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
         labels = list(source["label_names"])
     cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__ and k not in _SOURCE_KEYS}
     cfg.update(overlay or {})
+    if "input_size" in (overlay or {}):  # the base model's test-time size belongs to its own training size
+        for key in ("test_input_size", "test_crop_pct"):
+            if key not in overlay:
+                cfg.pop(key, None)
     cfg.update(resolve_data_config({}, pretrained_cfg=cfg))  # input size, interpolation, mean, std, crop
     cfg = fit_channels(net, cfg, (overlay or {}).get("input_size"))  # an in_chans=1 model: one channel
     if net.num_classes != source.get("num_classes"):
@@ -282,6 +297,12 @@ def _check_overlay(overlay: Mapping | None) -> None:
     if unknown:
         raise ValueError(f"pretrained_cfg_overlay has key(s) {unknown} that a save cannot record (a weight source, "
                          f"the class count, or a field timm's PretrainedCfg does not have); known: {sorted(known)}")
+    for key in ("mean", "std"):
+        value = overlay.get(key)
+        if value is not None and (isinstance(value, str) or not isinstance(value, Sequence)
+                                  or not all(isinstance(v, numbers.Real) for v in value)):
+            raise ValueError(f"pretrained_cfg_overlay[{key!r}] must give one number per input channel, e.g. "
+                             f"(0.5, 0.5, 0.5); got {value!r}")
 
 
 def _base_model_ref(base_model: str) -> str | None:
@@ -318,10 +339,11 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
         config = getattr(planned, "layerfold_config", None)
     if config is None:
         config = info.get("config")
-    if isinstance(config, LayerFoldingConfig):
+    if config is not None:  # (a mapping is validated); the fold fields its plan was applied with, recorded
+        config = as_config(config)
+        if planned is not None:
+            config = follow_applied_config(planned, config, "save_folded")
         config = config.to_dict()
-    elif config is not None:
-        config = LayerFoldingConfig.from_dict(dict(config)).to_dict()  # validates
     before = _stats_dict(stats_before)
     if before is None and planned is not None:
         before = fold_stats(_base_copy(planned), tuple(input_size)).to_dict()

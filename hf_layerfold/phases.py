@@ -50,6 +50,9 @@ def resolve_search_steps(config: LayerFoldingConfig, phase: str, resumed: int | 
             raise ValueError("search_epochs needs a training set with a length; set search_steps instead "
                              "(e.g. for a streaming dataset)")
         steps = int(round(config.search_epochs * steps_per_epoch))
+        if steps == 0 and config.search_epochs > 0:
+            logger.warning("search_epochs=%s is less than half an optimizer step (%d per epoch): no search; the "
+                           "plan is fixed before the first step", config.search_epochs, steps_per_epoch)
     else:
         steps = max_steps // 2
     if resumed is not None:
@@ -84,11 +87,24 @@ class PhaseState:
         path = Path(checkpoint) / STATE_NAME
         if not path.is_file():
             return None
-        state = json.loads(path.read_text())
-        plan = state.get("plan")
-        return cls(phase=state.get("phase"), search_steps=state.get("search_steps"),
-                   global_step=int(state.get("global_step") or 0),
-                   plan=None if plan is None else FoldPlan.from_dict(plan))
+        try:
+            state = json.loads(path.read_text())
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
+            if state.get("phase") not in PHASE_IDS:
+                raise ValueError(f"phase {state.get('phase')!r} is none of {sorted(PHASE_IDS)}")
+            if state["phase"] == FINETUNE and state.get("plan") is None:
+                raise ValueError("a fine-tune phase without its plan")
+            search_steps = state.get("search_steps")
+            if search_steps is not None and (isinstance(search_steps, bool) or not isinstance(search_steps, int)):
+                raise ValueError(f"search_steps {search_steps!r} is not a whole number")
+            plan = state.get("plan")
+            return cls(phase=state["phase"], search_steps=search_steps,
+                       global_step=int(state.get("global_step") or 0),
+                       plan=None if plan is None else FoldPlan.from_dict(plan))
+        except (ValueError, TypeError) as err:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            raise ValueError(f"cannot resume from {checkpoint}: its {STATE_NAME} is not readable ({err}); it is "
+                             "what LayerFoldingTrainer writes beside each checkpoint") from None
 
 
 # Fields a resumed run may change: the search length is the checkpoint's anyway (see resolve_search_steps), α starts

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch.nn as nn
 
-from .activation import FoldableActivation
-from .config import LayerFoldingConfig
+from .activation import FoldableActivation, recorded_phases
+from .config import LayerFoldingConfig, as_config
 from .files import write_text_atomic
 from .fold_math import composed_groups
 from .graph import ActNode, ConvNode, ResidualNode, build_graph
@@ -20,6 +21,8 @@ from .layers import PaddedConv2d
 from .padding import PadRule, effective_kernel, pad_rule_of, static_chain_padding
 
 PLAN_NAME = "layerfold_plan.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,18 @@ class FoldPlan:
                              f"({len(known)} in all); a single site is named like {single!r}")
         return cls(tuple(chosen))
 
+    @classmethod
+    def from_state_dict(cls, state_dict: Mapping) -> FoldPlan | None:
+        """The plan a planned model's state dict records (each site's ``_extra_state``), or ``None`` for the state
+        dict of a searching model: apply it before loading such weights (``load_state_dict`` refuses them into a
+        model without that plan)."""
+        phases = recorded_phases(state_dict)
+        if not phases or set(phases.values()) == {None}:
+            return None
+        if None in phases.values():
+            raise ValueError("the state dict mixes searching and planned sites; it is not one model's")
+        return cls(tuple(site for site, phase in phases.items() if phase == "linear"))
+
     def __len__(self) -> int:
         return len(self.linear_sites)
 
@@ -89,8 +104,11 @@ class FoldPlan:
         return cls(tuple(sites))
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the plan to ``path``: a JSON file, or ``layerfold_plan.json`` inside a folder (one that exists, or
+        a path ending in a separator)."""
+        folder = str(path).endswith(("/", os.sep))
         path = Path(path)
-        if path.is_dir():
+        if folder or path.is_dir():
             path = path / PLAN_NAME
         write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
@@ -359,6 +377,44 @@ def iter_kept(items: list):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def as_plan(plan: FoldPlan | Sequence[str], who: str) -> FoldPlan:
+    """A ``FoldPlan``, or site names made into one; a bare string (it would be read as its characters) refused."""
+    if isinstance(plan, FoldPlan):
+        return plan
+    if isinstance(plan, str) or not isinstance(plan, Sequence | set | frozenset):
+        got = f"the string {plan!r}" if isinstance(plan, str) else repr(plan)
+        raise TypeError(f"{who} takes a FoldPlan or a list of site names, got {got}")
+    return FoldPlan(tuple(plan))
+
+
+def require_unfolded(model: object, who: str) -> None:
+    """A module that is not yet folded; a folded net (nothing left to plan or fold) named as such."""
+    from .folded_net import LayerFoldedNet
+    from .prepare import require_module
+
+    require_module(model, who)
+    if isinstance(model, LayerFoldedNet):
+        raise ValueError(f"{who}: the model is already folded (a LayerFoldedNet); it takes the prepared or planned "
+                         "network the fold came from")
+
+
+FOLD_FIELDS = ("max_kernel_size", "max_macs_increase", "merge_costs", "fold_residual")  # how runs merge
+
+
+def follow_applied_config(model: nn.Module, config: LayerFoldingConfig, who: str) -> LayerFoldingConfig:
+    """``config`` with the fold fields (:data:`FOLD_FIELDS`) of the config ``model``'s plan was applied with: its
+    padding was moved for those runs, so its folds follow them whatever another config says (a warning names
+    the fields that differed)."""
+    applied = getattr(model, "layerfold_applied_config", None)
+    differ = [] if applied is None else [f for f in FOLD_FIELDS if getattr(config, f) != getattr(applied, f)]
+    if not differ:
+        return config
+    logger.warning("%s: the model's plan was applied with other %s (%s); the model is folded as its plan was "
+                   "applied, and the config follows it", who, ", ".join(differ),
+                   ", ".join(f"{f}={getattr(applied, f)!r}" for f in differ if f != "merge_costs"))
+    return replace(config, **{f: getattr(applied, f) for f in differ})
+
+
 def applied_plan(model: nn.Module) -> FoldPlan | None:
     return getattr(model, "layerfold_plan", None)
 
@@ -392,6 +448,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | No
     """
     from .prepare import is_prepared
 
+    require_unfolded(model, "apply_plan")
+    plan = as_plan(plan, "apply_plan")
     if not is_prepared(model):
         raise ValueError("apply_plan needs a prepared model: call hf_layerfold.prepare_model(model, config) first")
     current = applied_plan(model)
@@ -415,6 +473,9 @@ def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | No
             m.fix(m.site in linear)
     model.layerfold_plan = plan
     model.layerfold_applied_config = copy.deepcopy(config)  # folding must segment exactly as padding was moved
+    own = getattr(model, "layerfold_config", None)
+    if own is not None and any(getattr(own, f) != getattr(config, f) for f in FOLD_FIELDS):
+        model.layerfold_config = replace(own, **{f: getattr(config, f) for f in FOLD_FIELDS})  # what a save records
     return model
 
 
@@ -430,9 +491,10 @@ def prepare_with_plan(model: nn.Module, plan: FoldPlan | list[str],
     """
     from .prepare import is_prepared, prepare_model, select_sites
 
+    require_unfolded(model, "prepare_with_plan")
     if is_prepared(model):
         raise ValueError("the model is already prepared: fix a plan in it with apply_plan(model, plan)")
-    config = replace(config or LayerFoldingConfig(), alpha_sharing="site")
+    config = replace(as_config(config), alpha_sharing="site")
     selected = set(select_sites(model, config))  # an unsupported model, or a config that selects no site, first
     if not isinstance(plan, FoldPlan):
         plan = FoldPlan.from_blocks(model, plan)

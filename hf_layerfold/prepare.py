@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch.nn as nn
 
 from .activation import FoldableActivation
-from .config import LayerFoldingConfig
+from .config import LayerFoldingConfig, as_config
 from .folded_net import LayerFoldedNet, keepable_hint, op_spec
 from .fused import fuse_batchnorm_blends
 from .graph import (
@@ -22,6 +22,7 @@ from .graph import (
     model_candidate_acts,
     supported_block_types,
 )
+from .plan import follow_applied_config
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def candidate_sites(model: nn.Module) -> list[str]:
 
 def foldable_sites(model: nn.Module) -> list[str]:
     """Names of the sites a prepared model learns α for (or, unprepared, the sites it could learn)."""
+    require_module(model, "foldable_sites")
     prepared = [m.site for m in model.modules() if isinstance(m, FoldableActivation)]
     return prepared if prepared else candidate_sites(model)
 
@@ -73,11 +75,12 @@ def require_module(model: object, caller: str) -> None:
 def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) -> nn.Module:
     """Wrap every selected candidate activation in a ``FoldableActivation`` (in place; returns the model).
 
-    The model keeps its class, parameters and state-dict keys; α parameters are added as
-    ``<site>.alpha``. The config is kept on ``model.layerfold_config``.
+    The model keeps its class, parameters and state-dict keys; α parameters are added as ``<site>.alpha``, and
+    each site's phase (searching, or its plan's choice) as ``<site>._extra_state``, so planned weights refuse to
+    load into a model without that plan. The config is kept on ``model.layerfold_config``.
     """
     require_module(model, "prepare_model")
-    config = config or LayerFoldingConfig()
+    config = as_config(config)
     if isinstance(model, LayerFoldedNet):
         raise ValueError("the model is already folded (a LayerFoldedNet): fine-tune it as it is, or prepare the "
                          "unfolded network it came from")
@@ -87,6 +90,11 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     sites = select_sites(model, config)
     _check_merge_costs(model, config, sites)  # before the model changes: a refused table leaves it as it was
     device = next((p.device for p in model.parameters()), None)
+    hooked = [s for s in sites if _has_hooks(model.get_submodule(s))]
+    if hooked:
+        logger.warning("%d activation(s) carry hooks (%s): prepare_model replaces them with FoldableActivation "
+                       "modules, which do not run them; register the hooks on the new modules "
+                       "(model.get_submodule(site)) after preparing", len(hooked), ", ".join(hooked[:3]))
     for site in sites:
         act = model.get_submodule(site)
         model.set_submodule(site, FoldableActivation(act, site, config.alpha_init, config.blend).to(device))
@@ -96,6 +104,11 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
         fuse_batchnorm_blends(model)
     model.layerfold_config = config
     return model
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return any(getattr(module, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                                         "_backward_pre_hooks"))
 
 
 def _check_merge_costs(model: nn.Module, config: LayerFoldingConfig, sites: list[str] | None = None) -> None:
@@ -173,7 +186,10 @@ def alpha_sharing_of(model: nn.Module) -> str:
 
 
 def unique_alphas(alphas) -> list[nn.Parameter]:
-    """Each α once (for optimizer groups: shared α appear under several sites)."""
+    """Each α once (for optimizer groups: shared α appear under several sites); takes the α or
+    ``alpha_parameters``' mapping of site to α."""
+    if isinstance(alphas, Mapping):
+        alphas = alphas.values()
     return list({id(a): a for a in alphas}.values())
 
 
@@ -188,8 +204,8 @@ def ensure_prepared(model: nn.Module, config: LayerFoldingConfig | Mapping | Non
     α exist already) and the returned config follows it. A folded net has nothing to prepare: the config only
     carries the loss knobs.
     """
-    if isinstance(config, Mapping):
-        config = LayerFoldingConfig.from_dict(dict(config))
+    if config is not None:
+        config = as_config(config)
     if isinstance(model, LayerFoldedNet):
         return config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
     if not is_prepared(model):
@@ -208,6 +224,7 @@ def ensure_prepared(model: nn.Module, config: LayerFoldingConfig | Mapping | Non
         logger.warning("the model was prepared with alpha_sharing=%r, layerfold_config says %r; the model's "
                        "α are kept and the config follows them", shared, config.alpha_sharing)
         config = dataclasses.replace(config, alpha_sharing=shared)
+    config = follow_applied_config(model, config, "layerfold_config")
     _check_merge_costs(model, config)  # before the model takes this config
     model.layerfold_config = config
     return config

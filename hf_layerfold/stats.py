@@ -16,7 +16,7 @@ from .activation import FoldableActivation
 from .collate import input_shape
 from .folded_net import LayerFoldedNet
 from .graph import ActNode, ConvNode, ResidualNode, build_graph
-from .plan import FoldPlan, ResidualItem, Run, check_plan, segment_model
+from .plan import FoldPlan, ResidualItem, Run, as_plan, check_plan, require_unfolded, segment_model
 
 
 @dataclass
@@ -24,7 +24,7 @@ class FoldStats:
     nonlinear_layers: int
     depth: int
     convs: int
-    params: int
+    params: int | None  # None where not counted (projected_stats folds nothing)
     macs: int | None = None
 
     def to_dict(self) -> dict:
@@ -124,11 +124,11 @@ def projected_stats(model: nn.Module, plan: FoldPlan | None = None) -> FoldStats
 
     ``plan`` defaults to the plan applied to the model, else the sites whose α reached the threshold.
     """
+    require_unfolded(model, "projected_stats")
     if plan is None:  # (not `plan or ...`: an empty FoldPlan is falsy, and asks for the unfolded network)
         plan = getattr(model, "layerfold_plan", None)
-    if plan is None:
-        plan = FoldPlan.from_model(model)
+    plan = FoldPlan.from_model(model) if plan is None else as_plan(plan, "projected_stats")
     check_plan(model, plan)
     seg = segment_model(model, plan)
     counts = _segment_counts(seg.items + seg.pre_logits)
-    return FoldStats(*counts, params=0, macs=None)
+    return FoldStats(*counts, params=None, macs=None)

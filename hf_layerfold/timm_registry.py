@@ -41,6 +41,10 @@ def layerfold_net(pretrained: bool = False, **kwargs: Any) -> LayerFoldedNet:
             "layerfold_net is rebuilt from a saved folded checkpoint: create it with "
             "timm.create_model('hf-hub:<org>/<name>') or timm.create_model('local-dir:<path>') "
             "(after `import hf_layerfold`), not from the bare architecture name")
+    unsupported = sorted(k for k in ("features_only", "out_indices", "feature_cfg") if kwargs.get(k))
+    if unsupported:  # (timm would build the net, then fail to wrap it, and the weights would be blamed)
+        raise ValueError(f"layerfold_net does not support {', '.join(unsupported)}: a folded net is a classifier "
+                         "(forward_features gives the last feature map; num_classes=0 drops the classifier)")
     try:
         return build_model_with_cfg(LayerFoldedNet, ARCHITECTURE, pretrained, **kwargs)
     except Exception as err:  # safetensors raises its own error type on a corrupt file

@@ -193,7 +193,8 @@ def set_input_size(model, image_size: int | None) -> None:
 
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg["input_size"] = (input_channels(model), image_size, image_size)
-    cfg.pop("test_input_size", None)
+    cfg.pop("test_input_size", None)  # the base model's test-time size and crop belong to its own training size
+    cfg.pop("test_crop_pct", None)
     model.pretrained_cfg = cfg
 
 

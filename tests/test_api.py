@@ -53,7 +53,7 @@ def test_prepare_wraps_candidates_and_keeps_outputs():
     sites = lf.foldable_sites(model)
     assert len(sites) == 34  # every activation of MobileNetV2 except the head's
     assert all(isinstance(model.get_submodule(s), lf.FoldableActivation) for s in sites)
-    assert set(model.state_dict()) == keys | {f"{s}.alpha" for s in sites}
+    assert set(model.state_dict()) == keys | {f"{s}.alpha" for s in sites} | {f"{s}._extra_state" for s in sites}
     assert torch.allclose(model(x), ref, atol=1e-6)  # α = 0 is the original activation
     assert all(p.dim() == 0 and float(p.detach()) == 0.0 for p in lf.alpha_parameters(model).values())
     with pytest.raises(ValueError, match="already prepared"):
@@ -454,3 +454,17 @@ def test_supported_types_are_listed_before_any_model_is_seen():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split()
     assert int(out[0]) >= 6 and int(out[1]) >= 3  # InvertedResidual, Bottleneck, ...; EfficientNet, ResNet, ...
+
+
+def test_config_takes_numpy_numbers_and_names_a_bad_pattern():
+    np = pytest.importorskip("numpy")
+    config = lf.LayerFoldingConfig(lambda_reg=np.float32(0.5), max_kernel_size=np.int64(5),
+                                   regularizer_weights={"bn1.act": np.float32(2)})
+    assert json.loads(config.to_json_string())["max_kernel_size"] == 5  # plain numbers again
+    assert type(config.lambda_reg) is float and type(config.regularizer_weights["bn1.act"]) is float
+    with pytest.raises(ValueError, match=r"exclude_modules=.*the pattern 're:\(' is not a valid regular expression"):
+        lf.LayerFoldingConfig(exclude_modules=["re:("])
+    with pytest.raises(ValueError, match="a mapping of its fields, got NoneType"):
+        lf.LayerFoldingConfig.from_dict(None)
+    model = lf.prepare_model(small(), {"lambda_reg": 0.1})  # a dict of fields, as the trainer takes it
+    assert model.layerfold_config.lambda_reg == 0.1

@@ -220,6 +220,37 @@ def test_a_one_channel_model_saves_a_one_channel_config(tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
 
 
+def test_an_rgb_save_loads_for_gray_images_as_timm_adapts_checkpoints(saved, folded):
+    """``in_chans=1`` built a net claiming one channel with a three-channel first conv; timm's loader now sums the
+    saved kernels over their channels, so a gray image gives what the RGB net gives on it in three equal channels."""
+    gray = timm.create_model(f"local-dir:{saved}", pretrained=True, in_chans=1).eval()
+    g = torch.randn(1, 1, 48, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(gray(g), _out(folded, g.expand(1, 3, 48, 48)), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="does not support features_only"):
+        timm.create_model(f"local-dir:{saved}", pretrained=True, features_only=True)
+
+
+def test_a_save_keeps_only_what_fits_the_model(tmp_path, planned, folded):
+    resnet = lf.prepare_model(timm.create_model("resnet10t", num_classes=4), lf.LayerFoldingConfig())
+    lf.apply_plan(resnet, lf.FoldPlan.from_blocks(resnet, ["layer1.0"]))
+    path = save_folded(resnet, tmp_path / "r", pretrained_cfg_overlay={"input_size": (3, 32, 32)})
+    pcfg = json.loads((path / "config.json").read_text())["pretrained_cfg"]
+    assert "test_input_size" not in pcfg and "test_crop_pct" not in pcfg  # (224 px and 0.95: the base model's)
+    with pytest.raises(ValueError, match=r"pretrained_cfg_overlay\['mean'\] must give one number per input channel"):
+        save_folded(folded, tmp_path / "m", pretrained_cfg_overlay={"mean": 0.5})
+    config = json.loads((path / "config.json").read_text())
+    (tmp_path / "bad").mkdir()
+    shutil.copy(path / "model.safetensors", tmp_path / "bad")
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, "label_names": ["a", "b"]}))
+    with pytest.raises(ValueError, match="has 2 label_names for 4 classes"):
+        LayerFoldedModel.from_pretrained(tmp_path / "bad")
+    compiled = save_folded(torch.compile(folded), tmp_path / "c", **SAVE_KW)  # the wrapper's own net is saved
+    assert lf.FoldPlan.load(compiled) == planned.layerfold_plan
+    card = (save_folded(folded, tmp_path / "n", **SAVE_KW) / "README.md").read_text()
+    assert "A **layer-folded** `mobilenetv2_050`" in card and "What was folded" in card  # fold_model's record
+
+
 def test_transformers_auto_model_and_pipeline(saved, folded, x):
     from transformers import AutoModel, AutoModelForImageClassification, pipeline
 

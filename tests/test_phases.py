@@ -105,3 +105,19 @@ def test_concurrent_atomic_writes_of_one_file_do_not_clash(tmp_path):
         list(pool.map(writer, texts))  # re-raises any writer's error
     assert target.read_text() in texts.values()
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_a_search_shorter_than_half_a_step_warns(caplog):
+    config = lf.LayerFoldingConfig(search_epochs=0.01)
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold"):
+        assert resolve_search_steps(config, SEARCH, None, sized=True, steps_per_epoch=16, max_steps=32) == 0
+    assert "less than half an optimizer step" in caplog.text
+
+
+@pytest.mark.parametrize("text, why", [("{", "not readable"), ("[]", "not a JSON object"),
+                                       ('{"phase": "fine-tune"}', "phase 'fine-tune' is none of"),
+                                       ('{"phase": "finetune", "plan": null}', "without its plan")])
+def test_an_unreadable_state_file_is_named(tmp_path, text, why):
+    (tmp_path / STATE_NAME).write_text(text)
+    with pytest.raises(ValueError, match=f"cannot resume from {tmp_path}: its {STATE_NAME} .*{why}"):
+        PhaseState.read(tmp_path)

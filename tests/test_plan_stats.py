@@ -13,6 +13,7 @@ import hf_layerfold as lf
 from hf_layerfold.graph import ConvNode
 from hf_layerfold.padding import effective_kernel
 from hf_layerfold.plan import _merge_cost, merged_shape
+from hf_layerfold.prepare import ensure_prepared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,3 +94,73 @@ def test_an_int_or_default_input_size_follows_the_models_channels():
     assert lf.fold_stats(lf.fold_model(model), 32).macs > 0
     model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 24, 24)}
     assert "conv_stem" in lf.measure_merge_costs(model, rounds=1, round_seconds=0.001, warmup=0)
+
+
+def test_planned_weights_refuse_to_load_into_a_model_without_that_plan():
+    planned = _prepared()
+    lf.apply_plan(planned, lf.FoldPlan.from_blocks(planned, ["blocks.1.0"]))
+    state = planned.state_dict()
+    with pytest.raises(RuntimeError, match=r"searching \(no plan applied\) here but kept non-linear by a plan in the "
+                                           r"state dict \(34 sites disagree\): apply the plan the weights record"):
+        _prepared().load_state_dict(state, strict=False)  # loaded, it would miss the moved padding at the borders
+    other = _prepared()
+    lf.apply_plan(other, lf.FoldPlan.from_blocks(other, ["blocks.2.0"]))
+    with pytest.raises(RuntimeError, match=r"kept non-linear by a plan here but made linear by a plan in the state "
+                                           r"dict \(4 sites"):
+        other.load_state_dict(state)
+    same = _prepared()
+    assert lf.FoldPlan.from_state_dict(same.state_dict()) is None  # a searching model's: no plan
+    lf.apply_plan(same, lf.FoldPlan.from_state_dict(state))
+    assert same.layerfold_plan == planned.layerfold_plan
+    same.load_state_dict(state)
+    x = torch.randn(1, 3, 40, 40)
+    assert torch.equal(same.eval()(x), planned.eval()(x))
+    older = {k: v for k, v in _prepared().state_dict().items() if not k.endswith("._extra_state")}
+    assert not _prepared().load_state_dict(older).missing_keys  # written before sites recorded their phase
+
+
+def test_the_config_a_plan_was_applied_with_decides_the_fold_and_is_what_a_save_records(tmp_path, caplog):
+    model = _prepared()
+    sites = lf.foldable_sites(model)
+    lf.apply_plan(model, sites, lf.LayerFoldingConfig(max_kernel_size=3))  # site names: a plan as well
+    assert model.layerfold_config.max_kernel_size == 3
+    assert lf.fold_stats(lf.fold_model(model), 32).depth == lf.projected_stats(model).depth
+    with caplog.at_level("WARNING"):
+        path = lf.save_folded(model, tmp_path / "a", config=lf.LayerFoldingConfig(lambda_reg=0.5))
+    assert "max_kernel_size" in caplog.text
+    saved = lf.LayerFoldingConfig.from_pretrained(path)
+    assert (saved.max_kernel_size, saved.lambda_reg) == (3, 0.5)
+    replanned = lf.apply_plan(_prepared(), lf.FoldPlan.load(path), saved)
+    assert lf.projected_stats(replanned).depth == lf.projected_stats(model).depth
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # what LayerFoldingTrainer(model, layerfold_config=...) does with it
+        assert ensure_prepared(model, lf.LayerFoldingConfig(lambda_reg=0.1)).max_kernel_size == 3
+    assert "plan was applied with other max_kernel_size" in caplog.text
+
+
+def test_plan_functions_take_site_names_and_name_what_they_refuse(tmp_path):
+    model = _prepared()
+    sites = lf.foldable_sites(model)[:3]
+    assert lf.projected_stats(model, sites) == lf.projected_stats(model, lf.FoldPlan(sites))
+    assert lf.projected_stats(model, sites).params is None  # counted by fold_stats, not projected
+    assert lf.fold_stats(lf.fold_model(model, sites)).depth == lf.projected_stats(model, sites).depth
+    with pytest.raises(TypeError, match="a FoldPlan or a list of site names, got the string 'bn1.act'"):
+        lf.apply_plan(model, "bn1.act")
+    for call in (lambda: lf.apply_plan("mobilenetv2_050", sites), lambda: lf.foldable_sites("mobilenetv2_050")):
+        with pytest.raises(TypeError, match="takes a torch.nn.Module"):
+            call()
+    folded = lf.fold_model(model)
+    for call in (lambda: lf.projected_stats(folded), lambda: lf.prepare_with_plan(folded, [])):
+        with pytest.raises(ValueError, match="already folded"):
+            call()
+    assert lf.unique_alphas(lf.alpha_parameters(model)) == list(lf.alpha_parameters(model).values())
+    lf.FoldPlan(sites).save(f"{tmp_path}/new/")  # a path ending in a separator is a folder
+    assert lf.FoldPlan.load(tmp_path / "new" / "layerfold_plan.json") == lf.FoldPlan(sites)
+
+
+def test_hooks_on_a_replaced_activation_are_named(caplog):
+    model = timm.create_model("resnet10t", num_classes=3)
+    model.get_submodule("conv1.5").register_forward_hook(lambda *a: None)
+    with caplog.at_level("WARNING"):
+        lf.prepare_model(model)
+    assert "carry hooks (conv1.5)" in caplog.text
