@@ -15,13 +15,14 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import re
 import signal
 import sys
 import threading
 import typing
 from collections.abc import Sequence
 
-from PIL import UnidentifiedImageError
+from PIL.Image import DecompressionBombError, UnidentifiedImageError
 
 from .cli_commands import (  # the commands (and PROG) used to live here: still importable from this module
     PROG,
@@ -387,12 +388,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except CLIError as err:
             print(f"{PROG}: error: {err}", file=sys.stderr)
             return err.code
-        except (ImageReadError, UnidentifiedImageError) as err:  # a broken file in the user's dataset, any command
-            print(f"{PROG}: error: a dataset image cannot be read: {err}", file=sys.stderr)
+        except (ImageReadError, UnidentifiedImageError, DecompressionBombError) as err:  # the user's dataset
+            print(f"{PROG}: error: a dataset image cannot be read: {_worker_message(err)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
+
+
+def _worker_message(err: BaseException) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch then re-raises it in the main process
+    with the worker's traceback in the message."""
+    text = str(err)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.splitlines() if line.strip()][-1]
+    return last.split(": ", 1)[1] if re.match(r"[\w.]+(Error|Exception): ", last) else last
 
 
 @contextlib.contextmanager

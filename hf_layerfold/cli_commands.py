@@ -11,6 +11,7 @@ import argparse
 import errno
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -23,6 +24,7 @@ from .workflow import (
     LITE0_ALIAS,
     CLIError,
     check_model_name,
+    check_weights_choice,
     create_base_model,
     evaluate_model,
     fixed_plan,
@@ -63,6 +65,8 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
         except OSError as err:  # a full disk is the environment's (1), a read-only place the user's choice (2)
             raise CLIError(f"cannot write to --output-dir {path}: {err.strerror or err}",
                            code=1 if err.errno == errno.ENOSPC else 2) from None
+    if path.is_symlink() and not path.exists():
+        raise CLIError(f"--output-dir {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if not path.exists():
         return
     if not path.is_dir():
@@ -95,8 +99,21 @@ def _scratch_dir(output: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.train-", dir=output.parent))
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record is logged: a handler keeping the stream of its first
+    ``main()`` call wrote to a closed one once the caller had replaced it (main() inside a longer-lived process)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     root = logging.getLogger("hf_layerfold")
     if not root.handlers:
@@ -124,7 +141,11 @@ def cmd_fold(args: argparse.Namespace) -> int:
         raise CLIError("--push-to-hub needs --repo-id (e.g. your-org/mobilenetv2-folded)")
     if args.repo_id:
         _check_repo_id(args.repo_id)
+    check_weights_choice(args.model, args.pretrained)
     device = args.device  # resolved by main (cli.py)
+    if device.startswith("cuda:") and device != "cuda:0":  # Trainer trains on its own device (LOCAL_RANK's)
+        raise CLIError(f"fold --device {device}: training runs on the first visible GPU; choose the GPU with "
+                       f"CUDA_VISIBLE_DEVICES={device.split(':')[1]} and --device cuda")
     folded_input = model_kind(args.model) == "folded"  # a folded save trains on as itself: no search, no plan
     if args.plan is not None and folded_input:
         raise CLIError(f"--plan applies to an unfolded model; {args.model} is already folded with its own plan")
@@ -144,7 +165,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         config = _fix_plan(model, args.plan, config)
     teacher = None
     if args.teacher:
-        teacher = load_model(args.teacher, data.num_classes, pretrained=True)
+        teacher = load_model(args.teacher, pretrained=True, weights_hint=False)  # with its own head
         if int(getattr(teacher, "num_classes", data.num_classes)) != data.num_classes:
             raise CLIError(f"teacher {args.teacher!r} has {teacher.num_classes} classes, the dataset "
                            f"{data.num_classes}")
@@ -270,8 +291,8 @@ def _check_classes(model, name: str, data, *, base: bool = False) -> None:
     if sorted(names) == sorted(data.label_names):
         raise CLIError(f"{name} and the dataset have the same classes in another order (model: {list(names)}; "
                        f"dataset: {list(data.label_names)}): class ids would be compared across different classes. "
-                       "Give the dataset its classes in the model's order (e.g. imagefolder folders named by class "
-                       "id).")
+                       "Give the dataset its classes in the model's order (imagefolder folders sort by name as "
+                       "text: e.g. 00_coat, 01_dress, ...).")
     logger.warning("the model's class names %s are not the dataset's %s: the accuracy compares class ids",
                    list(names)[:5], list(data.label_names)[:5])
 
@@ -314,7 +335,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                              in_chans=getattr(folded, "in_chans", 3)).eval()
     input_size = model_input_size(folded, args.image_size)
     models = {f"base ({arch})": base, "base, BN fused": fold_model(base), "layer-folded": folded}
-    stats = {name: fold_stats(m, input_size) for name, m in models.items()}
+    try:
+        stats = {name: fold_stats(m, input_size) for name, m in models.items()}
+    except RuntimeError as err:  # counting MACs runs one image: out of memory at a huge --image-size
+        raise CLIError(f"counting the models' MACs at {'x'.join(map(str, input_size))} failed: {err}", code=1) \
+            from None
     results: dict[int, dict[str, float]] = {}
     for bs in sizes:
         logger.info("timing batch size %d on %s (%s%s)", bs, args.device, args.dtype,
@@ -368,6 +393,21 @@ def _arch(name: str) -> str:
     return (deprecated.get(name) or name).split(".")[0]
 
 
+def _check_complete_save(folder: Path, name: str) -> None:
+    """Every file ``save_folded`` writes is there (only a folded net's save has no layerfold_config.json) and the
+    weights load into the structure config.json describes: a push deletes what the save lacks from the repo."""
+    from .hub import SAVE_FILES, LayerFoldedModel
+
+    missing = sorted(n for n in set(SAVE_FILES) - {"layerfold_config.json"} if not (folder / n).is_file())
+    if missing:
+        raise CLIError(f"{name} is an incomplete folded save (no {', '.join(missing)}); pushing it would remove those "
+                       "files from the repo: save the model again with save_folded or `hf-layerfold fold`")
+    try:
+        LayerFoldedModel.from_pretrained(folder)
+    except Exception as err:  # a truncated or edited file: the repo would hold a model that does not load
+        raise CLIError(f"{name} does not load as a folded model ({type(err).__name__}: {err}); not pushed") from None
+
+
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import SAVE_FILES, PushToHubError, _push, foreign_entries
 
@@ -377,6 +417,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         raise CLIError(f"save directory {args.save_dir} does not exist")
     if not is_folded_dir(folder):
         raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
+    _check_complete_save(folder, args.save_dir)  # a push replaces the repo's files with the save's
     others = foreign_entries(folder)
     if others:
         logger.warning("not pushing %s: only the save's own files go to the Hub", others)

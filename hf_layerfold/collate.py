@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import ExifTags, Image, ImageOps
 
 
@@ -156,6 +157,9 @@ def _open(source: Any, name: str) -> Image.Image:
                 image = ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for truncated, corrupt and unknown files
         raise ImageReadError(f"cannot read image {name}: {err}") from err
+    except Image.DecompressionBombError as err:
+        raise ImageReadError(f"cannot read image {name}: {err} (raise PIL.Image.MAX_IMAGE_PIXELS if the image is "
+                             "genuine)") from err
     return image
 
 
@@ -297,3 +301,12 @@ def _class_id(value: Any, column: str, num_classes: int | None) -> int:
         raise ValueError(f"Label {value} in column {column!r} is outside the model's classes 0..{num_classes - 1}; "
                          "use a model with a matching head (num_classes=...) or filter/remap the labels.")
     return int(value)
+
+
+def as_input_of(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Images in the dtype of the model's weights (a ``.bfloat16()`` or float64 model, a folded save reloaded in
+    its saved dtype): the collators make float32. Under autocast the weights stay float32 and nothing changes."""
+    weight = next(model.parameters(), None)
+    if weight is None or not weight.is_floating_point() or not pixel_values.is_floating_point():
+        return pixel_values
+    return pixel_values.to(weight.dtype)

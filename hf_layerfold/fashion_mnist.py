@@ -239,4 +239,17 @@ def load_fashion_mnist(
             "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
             "t10k-labels-idx1-ubyte.gz, or go online (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."
         ) from exc
-    return datasets.DatasetDict({split: _subset_dataset(hub[split], sizes[split], seed) for split in sizes})
+    return datasets.DatasetDict({split: _subset_dataset(_local_names(hub[split]), sizes[split], seed)
+                                 for split in sizes})
+
+
+def _local_names(split):
+    """The Hub copy names class 0 "T - shirt / top": the local files' names (same ids, same order) instead, so a
+    model's label names do not depend on which source was found."""
+    import datasets
+
+    label = split.features.get("label")
+    if not isinstance(label, datasets.ClassLabel) or label.num_classes != len(FASHION_MNIST_LABELS) \
+            or label.names == FASHION_MNIST_LABELS:
+        return split
+    return split.cast_column("label", datasets.ClassLabel(names=FASHION_MNIST_LABELS))

@@ -9,11 +9,11 @@ import torch.nn as nn
 
 from .activation import FoldableActivation
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
-from .folded_net import LayerFoldedNet, conv_spec, op_spec
+from .folded_net import LayerFoldedNet, conv_spec, op_spec, pool_type_of
 from .graph import ConvNode, build_graph
 from .padding import static_chain_padding
 from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, run_pad_rules, segment_model
-from .prepare import is_prepared, require_module
+from .prepare import check_foldable, is_prepared, require_module
 
 State = dict[str, torch.Tensor]
 
@@ -129,6 +129,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
         if plan is not None and len(plan):
             raise ValueError("plan names sites but the model is not prepared; call prepare_model first")
         plan = FoldPlan()
+    check_foldable(model)  # (a plain model has not been checked by prepare_model)
     was_training = model.training
     model.eval()
     try:
@@ -140,14 +141,15 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
         classifier = model.get_submodule(graph.classifier)
     finally:
         model.train(was_training)
-    num_features = getattr(model, "num_features", 0)
+    # (a custom family may not say its width: the classifier's input is the pooled features)
+    num_features = getattr(model, "num_features", None) or getattr(classifier, "in_features", 0)
     # (a headless model, num_classes=0, has an Identity classifier: no out_features to fall back on)
     num_classes = model.num_classes if hasattr(model, "num_classes") else classifier.out_features
     with torch.device("meta"):  # no weight init: every tensor is assigned below
         net = LayerFoldedNet(
             features, pre_logits, num_classes=num_classes,
             num_features=num_features, head_hidden_size=getattr(model, "head_hidden_size", num_features),
-            global_pool=getattr(model.get_submodule(graph.pool), "pool_type", "avg"),  # '' (no pooling) kept
+            global_pool=pool_type_of(model.get_submodule(graph.pool)),  # '' (no pooling) kept
             drop_rate=graph.drop_rate, in_chans=getattr(model, "in_chans", 3),
         )
     state = _prefixed("features.", fstate)

@@ -123,6 +123,20 @@ def build_sequence(specs: list[dict]) -> nn.Sequential:
     return nn.Sequential(*[build_layer(s) for s in specs])
 
 
+def pool_type_of(pool: nn.Module) -> str:
+    """The timm ``global_pool`` name of a model's pooling module (``""``: none): what a folded net rebuilds it
+    from. A pool it cannot rebuild is refused: folding it as an average pool gave other outputs."""
+    if isinstance(pool, SelectAdaptivePool2d):
+        return pool.pool_type
+    if isinstance(pool, nn.Identity):
+        return ""
+    size = getattr(pool, "output_size", None)
+    if size in (1, (1, 1)) and isinstance(pool, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d):
+        return "avg" if isinstance(pool, nn.AdaptiveAvgPool2d) else "max"
+    raise ValueError(f"the model's pooling {type(pool).__name__} cannot be rebuilt in a folded net; supported: "
+                     "timm's SelectAdaptivePool2d, nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1), nn.Identity")
+
+
 def _taking_channels(features: list[dict], in_chans: int) -> list[dict]:
     """The spec with its first conv taking ``in_chans`` channels: ``timm.create_model(..., in_chans=1)`` on a save
     of an RGB model asks for that, and timm's loader then sums the saved kernels over their input channels (a

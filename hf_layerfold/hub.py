@@ -267,6 +267,9 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
         labels = list(source["label_names"])
     cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__ and k not in _SOURCE_KEYS}
     cfg.update(overlay or {})
+    if not cfg.get("input_size"):  # (a custom model family without timm's pretrained_cfg)
+        raise ValueError("the model has no pretrained_cfg to record its preprocessing from: pass "
+                         "pretrained_cfg_overlay={'input_size': (3, H, W), 'mean': (...), 'std': (...)}")
     if "input_size" in (overlay or {}):  # the base model's test-time size belongs to its own training size
         for key in ("test_input_size", "test_crop_pct"):
             if key not in overlay:

@@ -12,10 +12,11 @@ import torch.nn as nn
 
 from .activation import FoldableActivation
 from .config import LayerFoldingConfig, as_config
-from .folded_net import LayerFoldedNet, keepable_hint, op_spec
+from .folded_net import LayerFoldedNet, keepable_hint, op_spec, pool_type_of
 from .fused import fuse_batchnorm_blends
 from .graph import (
     BLOCK_RULES,
+    ConvNode,
     UnsupportedModelError,
     build_graph,
     lookup_rule,
@@ -134,6 +135,39 @@ def check_keepable_modules(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be folded: a folded network could not keep {', '.join(unkeepable[:4])}"
             f"{f' and {len(unkeepable) - 4} more' if len(unkeepable) > 4 else ''}; {keepable_hint()}")
+    check_foldable(model)
+
+
+def check_foldable(model: nn.Module) -> None:
+    """Every conv of the graph is an ``nn.Conv2d`` with zero padding, its BatchNorm keeps running statistics
+    (folding uses them), and the pooling is one a folded net rebuilds: a model that breaks one of these failed only
+    in ``fold_model``, after training (or folded wrongly), and a custom rule naming the wrong module failed deep
+    inside it."""
+    from .graph import iter_nodes
+
+    graph = build_graph(model)
+    try:
+        pool_type_of(model.get_submodule(graph.pool))
+    except ValueError as err:
+        raise UnsupportedModelError(f"{type(model).__name__} cannot be folded: {err}") from None
+    for node in iter_nodes([*graph.features, *graph.pre_logits]):
+        if not isinstance(node, ConvNode):
+            continue
+        conv = model.get_submodule(node.conv)
+        problem = None
+        if not isinstance(conv, nn.Conv2d):
+            problem = f"{node.conv} is a {type(conv).__name__}, where the model's graph expects a Conv2d"
+        elif conv.padding_mode != "zeros":
+            problem = f"{node.conv} has padding_mode={conv.padding_mode!r} (only 'zeros' folds)"
+        elif node.bn is not None:
+            bn = model.get_submodule(node.bn)
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                problem = f"{node.bn} is a {type(bn).__name__}, where the model's graph expects a BatchNorm"
+            elif bn.running_mean is None or bn.running_var is None:
+                problem = (f"{node.bn} keeps no running statistics (track_running_stats=False); folding BatchNorm "
+                           "into a conv uses them")
+        if problem:
+            raise UnsupportedModelError(f"{type(model).__name__} cannot be folded: {problem}")
 
 
 def site_blocks(model: nn.Module) -> dict[str, list[str]]:

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
 
-from .collate import model_input_shape
+from .collate import as_input_of, model_input_shape
 from .config import LayerFoldingConfig
 from .data import (
     HF_DATASETS,
@@ -289,7 +289,7 @@ class LayerFoldingTrainer(Trainer):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
         if labels is None:
             raise ValueError("LayerFoldingTrainer needs batches with 'labels' (image classification)")
-        logits = _logits(model(pixel_values))
+        logits = _logits(model(as_input_of(model, pixel_values)))
         if not model.training:  # evaluation: plain cross-entropy
             loss = F.cross_entropy(logits.float(), labels)
             return (loss, {"logits": logits}) if return_outputs else loss
@@ -299,7 +299,7 @@ class LayerFoldingTrainer(Trainer):
         loss, distill = task, task.new_zeros(())
         if self.teacher_model is not None:
             with torch.no_grad():
-                teacher_logits = _logits(self.teacher_model(pixel_values))
+                teacher_logits = _logits(self.teacher_model(as_input_of(self.teacher_model, pixel_values)))
             distill = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
             loss = (1.0 - cfg.distill_weight) * task + cfg.distill_weight * distill
         reg = task.new_zeros(())
@@ -527,7 +527,7 @@ class LayerFoldingTrainer(Trainer):
             return None, None, None
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            logits = _logits(model(inputs["pixel_values"]))
+            logits = _logits(model(as_input_of(model, inputs["pixel_values"])))
         return None, logits.detach(), None
 
     def get_test_dataloader(self, test_dataset: Any):

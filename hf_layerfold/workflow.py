@@ -88,13 +88,23 @@ def check_model_name(name: str) -> bool:
     return remote
 
 
-def create_base_model(name: str, num_classes: int | None = None, *, pretrained: bool = True):
+def check_weights_choice(name: str, pretrained: bool) -> None:
+    """``lite0-imagenet`` names its bundled weights: random weights are asked for by the timm name."""
+    if name == LITE0_ALIAS and not pretrained:
+        raise CLIError(f"{LITE0_ALIAS} is EfficientNet-Lite0 with its bundled ImageNet weights; for random weights "
+                       "use the timm name tf_efficientnet_lite0")
+
+
+def create_base_model(name: str, num_classes: int | None = None, *, pretrained: bool = True,
+                      weights_hint: bool = True):
     """An unfolded timm model to fold: ``lite0-imagenet`` (bundled ImageNet EfficientNet-Lite0 weights) or a timm
     name (``mobilenetv2_100``, ``resnet50.a1_in1k``, ``hf-hub:org/name``, ``local-dir:/path``)."""
     import timm
 
     if name == LITE0_ALIAS:
         from .pretrained import load_efficientnet_lite0_imagenet
+
+        check_weights_choice(name, pretrained)
 
         try:
             return load_efficientnet_lite0_imagenet(num_classes=1000 if num_classes is None else num_classes)
@@ -105,7 +115,7 @@ def create_base_model(name: str, num_classes: int | None = None, *, pretrained: 
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as err:  # a download (offline, no such repo, auth) or a checkpoint that does not load
-        hint = " (pass --no-pretrained for random weights)" if pretrained and not remote else ""
+        hint = " (pass --no-pretrained for random weights)" if pretrained and not remote and weights_hint else ""
         raise CLIError(f"cannot create model {name!r}: {type(err).__name__}: {err}{hint}",
                        code=failure_code(err)) from None
 
@@ -118,6 +128,8 @@ def model_kind(name: str) -> str:
     from .model_card import split_hub_ref
 
     local = Path(name.split(":", 1)[1] if name.startswith("local-dir:") else name).expanduser()
+    if not name.strip():  # (Path("") is the working directory)
+        raise CLIError("the model name is empty: give a timm model name, a folded save or a Hub id")
     if local.is_dir():
         if not is_folded_dir(local):
             if name.startswith("local-dir:"):
@@ -136,12 +148,13 @@ def model_kind(name: str) -> str:
                    f"nor {LITE0_ALIAS!r}{suggest_model_names(name)}")
 
 
-def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = True):
-    """Any model the CLI can evaluate: a folded save (directory or Hub id) or an unfolded base model."""
+def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = True, weights_hint: bool = True):
+    """Any model the CLI can evaluate: a folded save (directory or Hub id) or an unfolded base model (``num_classes``
+    given: with a new head of that size; ``weights_hint``: suggest --no-pretrained when its weights fail)."""
     from .hub import LayerFoldedModel
 
     if model_kind(name) == "base":
-        return create_base_model(name, num_classes, pretrained=pretrained)
+        return create_base_model(name, num_classes, pretrained=pretrained, weights_hint=weights_hint)
     try:
         return LayerFoldedModel.from_pretrained(name)
     except Exception as err:  # offline, no such repo, a corrupt save
@@ -154,7 +167,12 @@ def plan_source(spec: str) -> Path | None:
     a path that does not exist is refused here, before any data is loaded."""
     if not spec.strip():  # (Path("") is the working directory)
         raise CLIError("--plan is empty: name at least one block or site (e.g. blocks.1.1), or give a plan file")
+    from .plan import PLAN_NAME
+
     path = Path(spec).expanduser()
+    if path.is_dir() and not (path / PLAN_NAME).is_file():
+        raise CLIError(f"--plan {spec} is a folder without {PLAN_NAME}: give a plan JSON file, a folded save, or "
+                       "comma-separated block and site names")
     if path.exists():
         return path
     if spec.endswith((".json", "/")) or spec.startswith((".", "/", "~")) or "/" in spec:
@@ -242,10 +260,12 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     )
 
     try:
-        if source == FASHION_MNIST:
+        if source == FASHION_MNIST:  # stratified subsets of train and test; an eval split of train is cut below
             splits, hub_id = load_fashion_mnist(train_size=train_size, test_size=eval_size, seed=seed), \
                 FASHION_MNIST_HUB_ID
-            train_size = eval_size = None  # already stratified-subsampled
+            train_size = None
+            if eval_split != "train":
+                eval_size = None
         else:
             splits = load_image_dataset(source)
             hub_id = None if Path(source).expanduser().exists() else source
@@ -291,9 +311,17 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     if num_classes is None:
         labels = reference.select_columns([label_column]).with_format("arrow")[:][label_column]
         num_classes = int(max(labels.to_pylist()) + 1)
+    names = label_names_of(reference, label_column)
+    if names and all(n.isdigit() for n in names) and names != sorted(names, key=int):
+        i = next(i for i, (a, b) in enumerate(zip(names, sorted(names, key=int))) if a != b)
+        logger.warning("the class names are numbers ordered as text (%s, ...): class id %d is the class named %r; "
+                       "name folders with leading zeros (00, 01, ..., 10) to keep their numeric order",
+                       ", ".join(names[:5]), i, names[i])
+    logger.debug("dataset %s: %d classes (%s%s)", source, num_classes, ", ".join(map(str, (names or [])[:10])),
+                ", ..." if names and len(names) > 10 else "")
     train = _subset(train, train_size, seed) if need_train else None
     evaluation = _subset(evaluation, eval_size, seed)
-    return DataSplits(train, evaluation, chosen, num_classes, label_names_of(reference, label_column), hub_id)
+    return DataSplits(train, evaluation, chosen, num_classes, names, hub_id)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,12 +335,19 @@ def resolve_device(name: str):
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"invalid device {name!r}: {err}") from None
+    if device.type not in ("cpu", "cuda"):  # training and timing go through CPU or CUDA code paths only
+        raise ValueError(f"invalid device {name!r}: supported devices are cpu, cuda, cuda:N and auto")
+    if device.type == "cpu" and device.index not in (None, 0):
+        raise ValueError(f"invalid device {name!r}: there is one CPU device, cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"invalid device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def torch_device(name: str):
@@ -332,7 +367,7 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .collate import image_mode
+    from .collate import as_input_of, image_mode
     from .data import ImageClassificationCollator, build_transforms, check_labels, defer_decoding, detect_columns
 
     image_column, label_column = detect_columns(dataset)
@@ -348,7 +383,7 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
     top1 = top5 = total = 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
-            logits = model(batch["pixel_values"].to(dev))
+            logits = model(as_input_of(model, batch["pixel_values"].to(dev)))
             labels = batch["labels"].to(dev)
             ranked = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             hits = ranked == labels[:, None]

@@ -180,10 +180,18 @@ def test_invalid_config_value_in_subprocess():
     (["fold", "--plan", ""], "--plan is empty: name at least one block or site"),  # (was silently no plan)
     (["gains", "mobilenetv2_050", "--plan", " "], "--plan is empty"),
     (["benchmark", "notes.txt"], "notes.txt is a file; give a folded-save directory"),  # (said: does not exist)
+    (["evaluate", "x", "--device", "meta"], "supported devices are cpu, cuda, cuda:N and auto"),  # (ran on CPU)
+    (["gains", "mobilenetv2_050", "--device", "mps"], "supported devices are cpu, cuda, cuda:N and auto"),
+    (["fold", "--model", "lite0-imagenet", "--no-pretrained"], "for random weights use the timm name"),
+    (["evaluate", ""], "the model name is empty"),  # (took the working directory)
+    (["fold", "--plan", "adir"], "--plan adir is a folder without layerfold_plan.json"),  # (said: no such file)
+    (["fold", "--output-dir", "dangling"], "is a symbolic link to"),  # (trained, then failed to save)
 ])
 def test_user_mistakes_are_one_line(argv, expected, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # fold's default output dir stays inside tmp_path
     (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert expected in one_error_line(captured.err)
@@ -525,6 +533,29 @@ def test_push_to_local_hub(folded_save, local_hub, capsys, tmp_path):
     assert 'from_pretrained("test-org/again")' in card and "test-org/final" not in card
 
 
+def test_push_refuses_an_incomplete_or_broken_save(folded_save, local_hub, capsys, tmp_path):
+    """A push deletes from the repo what the save lacks: a save without weights emptied the repo's model."""
+    out, _ = folded_save
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    (broken / "model.safetensors").unlink()
+    assert main(["push", str(broken), "--repo-id", "test-org/kept", "--quiet"]) == 2
+    assert "incomplete folded save (no model.safetensors)" in one_error_line(capsys.readouterr().err)
+    (broken / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes()[:1000])
+    assert main(["push", str(broken), "--repo-id", "test-org/kept", "--quiet"]) == 2
+    assert "does not load as a folded model" in one_error_line(capsys.readouterr().err)
+    assert "test-org/kept" not in local_hub.repos
+
+
+def test_fold_refuses_a_teacher_with_another_head(folded_save, tmp_path, capsys):
+    """The teacher keeps its own head: a timm checkpoint's 1000 classes were replaced by a random 10-class head."""
+    timm.models.save_for_hf(timm.create_model("mobilenetv2_050"), tmp_path / "imagenet", safe_serialization=True)
+    teacher = f"local-dir:{tmp_path / 'imagenet'}"
+    argv = [*TINY_FOLD, "--teacher", teacher, "--distill-weight", "0.5", "--output-dir", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert f"teacher {teacher!r} has 1000 classes, the dataset 10" in one_error_line(capsys.readouterr().err)
+
+
 def test_fold_fine_tunes_a_folded_save_as_it_is(folded_save, tmp_path, capsys):
     """``fold --model <folded save>``: no search and no new plan; the merged convs train and the save keeps the
     original plan and base network in its card."""
@@ -629,3 +660,27 @@ def test_an_unreadable_image_is_one_line(tmp_path, capsys):
     line = one_error_line(capsys.readouterr().err)
     assert re.search("image file is truncated|Truncated File Read", line)
     assert str(tmp_path / "validation" / "a" / "1.jpg") in line
+
+
+def test_what_a_worker_raised_and_an_oversized_image_are_one_line(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from hf_layerfold.cli import _worker_message
+    from hf_layerfold.collate import ImageReadError, _open
+
+    wrapped = ImageReadError("Caught ImageReadError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                             "call last):\n  File \"x.py\", line 1, in f\nhf_layerfold.collate.ImageReadError: cannot "
+                             "read image a/1.png: truncated\n")
+    assert _worker_message(wrapped) == "cannot read image a/1.png: truncated"
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 1000)  # 4096 px is then over twice the limit: a "bomb"
+    with pytest.raises(ImageReadError, match=r"big\.png: .*raise PIL\.Image\.MAX_IMAGE_PIXELS"):
+        _open(str(tmp_path / "big.png"), str(tmp_path / "big.png"))
+
+
+def test_an_eval_split_of_fashion_mnist_train_is_cut_to_the_eval_size():
+    """``evaluate --split train --limit 16`` evaluated all 60000 training images."""
+    from hf_layerfold.workflow import load_data
+
+    data = load_data("fashion-mnist", eval_size=16, need_train=False, eval_split="train")
+    assert len(data.eval) == 16

@@ -211,9 +211,8 @@ def test_cli_error_for_missing_fashion_mnist_names_the_file_and_the_hub_failure(
 
 
 def test_missing_folder_falls_back_to_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    features = datasets.Features(
-        {"image": datasets.Image(), "label": datasets.ClassLabel(names=hd.FASHION_MNIST_LABELS)}
-    )
+    hub_names = ["T - shirt / top", *hd.FASHION_MNIST_LABELS[1:]]  # as the Hub dataset's card names class 0
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=hub_names)})
     image = Image.new("L", (28, 28))
 
     def fake_hub(name: str) -> datasets.DatasetDict:
@@ -234,6 +233,7 @@ def test_missing_folder_falls_back_to_hub(tmp_path: Path, monkeypatch: pytest.Mo
     ds = hd.load_fashion_mnist(data_dir=str(folder), train_size=20, seed=3)
     assert (ds["train"].num_rows, ds["test"].num_rows) == (20, 20)
     assert sorted(ds["train"]["label"][:]) == sorted(list(range(10)) * 2)
+    assert ds["test"].features["label"].names == hd.FASHION_MNIST_LABELS  # whichever source was found
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from conftest import randomize_bn
+from conftest import randomize_bn, rel_err
 
 import hf_layerfold as lf
 from hf_layerfold.graph import ActNode, ConvNode, ModelGraph, register_model_rule
@@ -151,3 +151,78 @@ def test_wrapped_models_name_the_model_to_pass(wrap):
         lf.prepare_model(wrapped)
     with pytest.raises(lf.UnsupportedModelError, match=rf"model\.{attr}"):
         lf.fold_model(wrapped)
+
+
+class _MaxPoolNet(_SharedActNet):
+    """A custom family pooling by maximum, with no ``num_features`` (the README's rule example needs none)."""
+
+    def __init__(self, pool: nn.Module):
+        super().__init__()
+        self.global_pool = pool
+        del self.num_features
+
+    def forward(self, x):
+        x = self.act(self.b1(self.c1(x)))
+        x = self.act(self.b2(self.c2(x)))
+        return self.fc(self.global_pool(self.c3(x)).flatten(1))
+
+
+@register_model_rule(_MaxPoolNet)
+def _max_pool_rule(model):
+    return _shared_act_rule(model)
+
+
+def test_a_custom_pool_is_rebuilt_or_refused_not_averaged(tmp_path):
+    """``nn.AdaptiveMaxPool2d`` was folded into average pooling (0.35 off, no warning)."""
+    torch.manual_seed(0)
+    model = randomize_bn(_MaxPoolNet(nn.AdaptiveMaxPool2d(1))).double().eval()
+    x = torch.randn(2, 3, 12, 12, dtype=torch.double)
+    lf.prepare_model(model, lf.LayerFoldingConfig(blend="eager"))
+    lf.apply_plan(model, lf.FoldPlan(["act"]))
+    folded = lf.fold_model(model)
+    assert folded.global_pool.pool_type == "max"
+    assert rel_err(folded(x), model(x)) < 1e-12
+    with pytest.raises(ValueError, match="no pretrained_cfg to record its preprocessing from"):
+        lf.save_folded(model, tmp_path / "no-cfg")  # (timm's AssertionError from its data config)
+    saved = lf.save_folded(model, tmp_path / "cfg", pretrained_cfg_overlay={"input_size": (3, 12, 12)})
+    assert rel_err(lf.LayerFoldedModel.from_pretrained(saved)(x), model(x)) < 1e-12
+    with pytest.raises(lf.UnsupportedModelError, match="pooling AdaptiveAvgPool2d cannot be rebuilt"):
+        lf.prepare_model(_MaxPoolNet(nn.AdaptiveAvgPool2d(2)))  # refused before training, not at the fold
+
+
+def test_what_cannot_fold_is_refused_before_training():
+    from functools import partial
+
+    from timm.layers import BatchNormAct2d
+
+    no_stats = timm.create_model("mobilenetv2_035", num_classes=4,
+                                 norm_layer=partial(BatchNormAct2d, track_running_stats=False))
+    with pytest.raises(lf.UnsupportedModelError, match=r"bn1 keeps no running statistics"):
+        lf.prepare_model(no_stats)
+    with pytest.raises(lf.UnsupportedModelError, match=r"bn1 keeps no running statistics"):
+        lf.fold_model(no_stats)  # plain BatchNorm fusion: the same check
+    reflect = timm.create_model("resnet10t", num_classes=4)
+    reflect.conv1[0].padding_mode = "reflect"
+    with pytest.raises(lf.UnsupportedModelError, match=r"conv1.0 has padding_mode='reflect'"):
+        lf.prepare_model(reflect)
+
+
+def test_a_model_in_float64_trains_and_evaluates_on_float32_batches(tmp_path):
+    """The collators make float32 images: a ``.bfloat16()`` / float64 model (or a save reloaded in its dtype)
+    failed at its first conv."""
+    from transformers import TrainingArguments
+
+    from hf_layerfold.collate import as_input_of
+    from hf_layerfold.fashion_mnist import load_fashion_mnist
+    from hf_layerfold.workflow import evaluate_model
+
+    data = load_fashion_mnist(train_size=8, test_size=8, seed=0)
+    model = timm.create_model("mobilenetv2_035", num_classes=10).double()
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = lf.LayerFoldingTrainer(model, args, train_dataset=data["train"], eval_dataset=data["test"],
+                                     input_size=32)
+    trainer.train()
+    assert "eval_top1" in trainer.evaluate()
+    assert 0 <= evaluate_model(model, data["test"], image_size=32, batch_size=8, progress=False)["top1"] <= 1
+    assert as_input_of(model, torch.zeros(1, 3).long()).dtype == torch.long  # not images: untouched
