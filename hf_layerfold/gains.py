@@ -51,6 +51,7 @@ class FoldGains:
     baseline_ms: float
     groups: dict[str, dict] = field(default_factory=dict)  # owner → {"sites": [...], "ms": folded latency}
     noise_ms: float = 0.0  # half the median gap between two timed copies of the baseline: a floor on the noise
+    model: str | None = None  # the architecture measured (its pretrained_cfg's, else its class name)
 
     def saved_ms(self) -> dict[str, float]:
         """Owner → milliseconds its fold saves (negative: folding it alone makes the model slower)."""
@@ -122,6 +123,8 @@ class FoldGains:
                 and value >= 0
 
         bad = [] if ms(self.baseline_ms) and self.baseline_ms > 0 else [f"baseline_ms={self.baseline_ms!r}"]
+        if self.model is not None and not isinstance(self.model, str):
+            bad.append(f"model={self.model!r}")
         if not isinstance(self.groups, dict):
             bad.append(f"groups={self.groups!r} (a mapping of α owner to {{'sites': [...], 'ms': ...}})")
         else:
@@ -208,7 +211,8 @@ def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None 
         ratios[owner] = statistics.median(t / r for t, r in zip(ms[owner], reference))
     baseline = statistics.median(baselines)
     noise = statistics.median(abs(r - 1) for r in twin_ratios) / 2
-    return FoldGains(device=device, batch_size=batch_size, input_size=input_size, dtype=dtype,
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+    return FoldGains(device=device, batch_size=batch_size, input_size=input_size, dtype=dtype, model=arch,
                      channels_last=channels_last, baseline_ms=baseline, noise_ms=baseline * noise,
                      groups={owner: {"sites": sites, "ms": baseline * ratios[owner]}
                              for owner, sites in groups.items()})

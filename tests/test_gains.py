@@ -135,6 +135,7 @@ def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
     assert list(gains.groups) == list(groups) and len(groups) == 18  # stem, 17 blocks: 34 sites
     assert all(gains.groups[o]["sites"] == sites for o, sites in groups.items())
     assert gains.baseline_ms > 0 and gains.noise_ms >= 0 and all(g["ms"] > 0 for g in gains.groups.values())
+    assert gains.model == "mobilenetv2_050"  # what was measured, in the file
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
     gains.save(tmp_path / "g.json")
     assert FoldGains.from_dict(json.loads((tmp_path / "g.json").read_text())) == gains
