@@ -304,3 +304,46 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
         config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
         plan_searched=plan_searched)
     return card
+
+
+def training_run_card(repo_id: str, arch: str | None, num_classes: int, phase: str, linear_sites: int | None,
+                      sites: int) -> str:
+    """The card of a ``LayerFoldingTrainer`` run pushed by Trainer (``push_to_hub=True``): prepared or planned
+    weights, not the folded model, and how to rebuild them."""
+    state = ("its search for the activations that can go was under way" if linear_sites is None else
+             f"its plan makes {linear_sites} of {sites} activation sites linear")
+    name = arch or "<the timm architecture>"
+    return f"""---
+library_name: hf_layerfold
+tags:
+- layer-folding
+- timm
+- image-classification
+---
+
+# A LayerFoldingTrainer run ({phase} phase)
+
+The weights of a `{name}` prepared for Layer Folding: {state}. This is not the folded model.
+`layerfold_state.json` holds the phase and the plan, `layerfold_config.json` the config. To rebuild the model:
+
+```python
+from pathlib import Path
+
+import timm
+from huggingface_hub import snapshot_download
+from safetensors.torch import load_file
+
+import hf_layerfold as lf
+
+folder = Path(snapshot_download("{repo_id}"))
+model = lf.prepare_model(timm.create_model("{name}", num_classes={num_classes}),
+                         lf.LayerFoldingConfig.from_pretrained(folder))
+state = load_file(folder / "model.safetensors")
+plan = lf.FoldPlan.from_state_dict(state)
+if plan is not None:
+    lf.apply_plan(model, plan)
+model.load_state_dict(state)
+```
+
+The folded model is published by `trainer.save_folded(push_to_hub=True, repo_id=...)`.
+"""

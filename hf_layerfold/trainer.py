@@ -12,21 +12,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import EvalPrediction, get_last_checkpoint, has_length
+from transformers.trainer_utils import get_last_checkpoint, has_length
 
 from .collate import as_input_of, model_input_shape
-from .config import LayerFoldingConfig
+from .config import CONFIG_NAME, LayerFoldingConfig
 from .data import (
     HF_DATASETS,
     ImageClassificationCollator,
@@ -37,7 +37,10 @@ from .data import (
     eval_collators,
     prepare_datasets,
 )
+from .files import write_text_atomic
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
+from .metrics import BatchedTopK, check_metric_name, compute_metrics
+from .model_card import training_run_card
 from .phases import (
     FINETUNE,
     FOLDED,
@@ -72,31 +75,7 @@ ALPHA_GROUP = "layerfold_alpha"  # marks the optimizer param group that holds α
 _LOCAL_BUILDERS = frozenset({"imagefolder", "webdataset", "parquet", "arrow", "csv", "json", "text", "generator"})
 
 __all__ = ["ALPHA_GROUP", "LayerFoldingTrainer", "STATE_NAME", "compute_metrics"]
-
-
-def compute_metrics(eval_pred: EvalPrediction) -> dict[str, float]:
-    """Top-1 / top-5 accuracy as fractions in [0, 1] (``evaluate()`` reports them as eval_top1 / eval_top5).
-
-    ``predictions`` may be logits ``(N, C)`` or already-ranked class ids ``(N, k)`` or ``(N,)`` (integers, best
-    first; with one id per row top-5 equals top-1).
-    """
-    preds, labels = eval_pred.predictions, eval_pred.label_ids
-    if isinstance(labels, list | tuple):  # eval_do_concat_batches=False: one entry per batch
-        preds = np.concatenate([np.asarray(_first_output(p)) for p in preds])
-        labels = np.concatenate([np.asarray(batch).reshape(-1) for batch in labels])
-    preds, labels = np.asarray(_first_output(preds)), np.asarray(labels).reshape(-1)
-    if np.issubdtype(preds.dtype, np.floating):
-        k = min(5, preds.shape[-1])
-        ranked = np.argsort(-preds, axis=-1, kind="stable")[:, :k]
-    else:  # class ids: (N, k), or (N,) from an argmax in preprocess_logits_for_metrics
-        ranked = preds.reshape(len(preds), -1)[:, :5]
-    hits = ranked == labels[:, None]
-    return {"top1": float(hits[:, 0].mean()), "top5": float(hits.any(axis=1).mean())}
-
-
-def _first_output(outputs: Any) -> Any:
-    """The logits of a model that returns several outputs (Trainer hands them over as a tuple or list)."""
-    return outputs[0] if isinstance(outputs, tuple | list) else outputs
+_default_metrics = compute_metrics  # (the constructor's argument of that name shadows it)
 
 
 class _LayerFoldingCallback(TrainerCallback):
@@ -113,12 +92,15 @@ class _LayerFoldingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._forget_search_best(state)
+        self.trainer._trained = False
+        self.trainer._stats.zero_()  # (auto_find_batch_size restarts here after a batch that ran out of memory)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         clamp_alphas_(self.trainer._alpha_params)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._finish_search_at_end()
+        self.trainer._trained = True
 
 
 class LayerFoldingTrainer(Trainer):
@@ -212,6 +194,14 @@ class LayerFoldingTrainer(Trainer):
         self._input_size = input_size
         self._label_names = dataset_label_names(train_dataset if train_dataset is not None else eval_dataset)
 
+        if args.label_names is not None and list(args.label_names) != ["labels"]:
+            raise ValueError(f"label_names={args.label_names}: LayerFoldingTrainer's batches name the labels 'labels', "
+                             "whatever the dataset's column is called; leave label_names unset")
+        if args.batch_eval_metrics and compute_metrics is _default_metrics:
+            compute_metrics = BatchedTopK()  # the same metrics, counted batch by batch
+        if not hasattr(model, "main_input_name"):  # what Trainer reads for include_for_metrics=["inputs"]
+            model.main_input_name = "pixel_values"
+
         # Trainer reads model.config for label smoothing, which a timm model has not: smoothing is applied here.
         self._label_smoothing = float(args.label_smoothing_factor)
         args.label_smoothing_factor = 0.0
@@ -239,6 +229,8 @@ class LayerFoldingTrainer(Trainer):
         self._resumed_search_steps: int | None = None
         self._hidden_args: dict[str, Any] = {}  # what train() hides from Trainer (see trainer_args.timm_checkpointing)
         self._stats = torch.zeros(4, device=self.args.device)  # Σ task, Σ λ·R, Σ distill, micro-batches
+        self._own_evals: list[tuple[int, bool, dict]] = []  # (step, after train() ended, metrics)
+        self._trained = False
         self.add_callback(_LayerFoldingCallback(self))
 
     # ------------------------------------------------------------------------------------------------
@@ -246,6 +238,12 @@ class LayerFoldingTrainer(Trainer):
 
     def _model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def hyperparameter_search(self, *args: Any, **kwargs: Any):
+        """Not supported: a search builds each trial's model with ``model_init``, which this trainer does not take
+        (its model is prepared, and its α registered, once)."""
+        raise NotImplementedError("LayerFoldingTrainer does not support hyperparameter_search (it needs model_init); "
+                                  "run one trainer per setting instead")
 
     # ------------------------------------------------------------------------------------------------
     # Optimizer: α in its own group
@@ -352,6 +350,7 @@ class LayerFoldingTrainer(Trainer):
         (soft α) loaded into the planned network would be a model nobody evaluated, its α disagreeing with the
         plan. So while a search that ends mid-run is going on, no evaluation counts as best."""
         if self._phase == SEARCH and self._search_steps is not None and self._search_steps < self.state.max_steps:
+            check_metric_name(self.args.metric_for_best_model, metrics)  # a typo fails now, not after the search
             return False
         return super()._determine_best_metric(metrics, trial)
 
@@ -424,6 +423,28 @@ class LayerFoldingTrainer(Trainer):
                        applied_plan(self._model())).write(output_dir, self.layerfold_config)
         super().save_model(output_dir, _internal_call=_internal_call)
 
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer copies only transformers' files from a checkpoint to the folder it pushes: the phase, plan and
+        config go too, or the pushed weights could not be rebuilt."""
+        if self.args.should_save:
+            for name in (STATE_NAME, CONFIG_NAME):
+                if (Path(checkpoint_folder) / name).is_file():
+                    shutil.copy(Path(checkpoint_folder) / name, Path(self.args.output_dir) / name)
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """Trainer's card reads ``model.config``, which a timm model has not (``push_to_hub`` failed there): a card
+        saying what the pushed weights are and how to rebuild them instead."""
+        if not self.is_world_process_zero():
+            return
+        model = self._model()
+        plan = applied_plan(model)
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        repo = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
+        text = training_run_card(repo, arch, int(getattr(model, "num_classes", 0)), self._phase,
+                                 None if plan is None else len(plan), len(self._alphas))
+        write_text_atomic(Path(self.args.output_dir) / "README.md", text)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None):
         """Trainer's ``train``; on resume the checkpoint's phase and plan are restored before its weights."""
@@ -475,8 +496,25 @@ class LayerFoldingTrainer(Trainer):
         collator = collator if collator is not None else self.data_collator
         if eval_dataset is not None and key is None and isinstance(collator, ImageClassificationCollator):
             eval_dataset = defer_decoding(eval_dataset)
-        with self._collator(collator), self._dispatched(read), self._swapped("eval_dataset", collator):
+        with self._collator(collator), self._dispatched(read), self._swapped("eval_dataset", collator), \
+                self._uncached(eval_dataset is not None and key is None):
             return super().get_eval_dataloader(eval_dataset)
+
+    @contextlib.contextmanager
+    def _uncached(self, other_set: bool):
+        """With persistent workers Trainer caches one eval loader under "eval" and handed it out for any set given
+        to ``evaluate``: another set gets a loader of its own, and the cache keeps the eval set's."""
+        cache = getattr(self, "_eval_dataloaders", None)
+        if not other_set or not isinstance(cache, dict):
+            yield
+            return
+        kept = cache.pop("eval", None)
+        try:
+            yield
+        finally:
+            cache.pop("eval", None)
+            if kept is not None:
+                cache["eval"] = kept
 
     @contextlib.contextmanager
     def _swapped(self, name: str, collator: Any):
@@ -612,8 +650,28 @@ class LayerFoldingTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         return Path(path)
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Trainer's ``evaluate``; what it measured on the trainer's own eval set is kept for the model card."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if eval_dataset is None and metric_key_prefix == "eval" and "eval_top1" in metrics:
+            self._own_evals.append((self.state.global_step, self._trained, metrics))
+        return metrics
+
+    def _carded_metrics(self) -> dict | None:
+        """The evaluation that describes the model being saved: one made after training, else, when training ended
+        by loading its best checkpoint, that checkpoint's, else the last (on the trainer's eval set only: a set
+        handed to ``evaluate`` is another dataset)."""
+        evals = self._own_evals or [(e.get("step"), False, e) for e in self.state.log_history if "eval_top1" in e]
+        after = [m for _, trained, m in evals if trained]
+        if after:
+            return after[-1]
+        best = self.state.best_global_step if self.args.load_best_model_at_end else None
+        at_best = [m for step, _, m in evals if best and step == best]
+        return at_best[-1] if at_best else (evals[-1][2] if evals else None)
+
     def _eval_results(self, dataset_ids: Any) -> dict | None:
-        metrics = next((entry for entry in reversed(self.state.log_history) if "eval_top1" in entry), None)
+        metrics = self._carded_metrics()
         if metrics is None:
             return None
         dataset = dataset_ids if isinstance(dataset_ids, str) else (dataset_ids or [None])[0]

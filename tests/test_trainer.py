@@ -755,3 +755,77 @@ def test_folded_model_fine_tunes_checkpoints_resumes_and_saves(baseline, fashion
         torch.testing.assert_close(net(x), trainer.model.eval()(x), rtol=1e-5, atol=1e-5)
     assert net.layerfold_plan == applied_plan(planned)
     assert net.layerfold_config == config  # a fresh fold records no config of its own: the trainer's is carded
+
+
+def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
+    """Trainer's own push (``push_to_hub=True``) sent only model.safetensors during training and failed at the end
+    in its model card, which reads ``model.config``."""
+    import hub_server
+
+    with hub_server.running_local_hub(tmp_path / "hf_home") as hub:
+        args = args_for(tmp_path / "run", max_steps=8, save_strategy="steps", save_steps=4, push_to_hub=True,
+                        hub_model_id="test-org/lf-run", hub_strategy="every_save", hub_token=hub_server.DEFAULT_TOKEN)
+        trainer = make_trainer(tmp_path, fashion, train_args=args, config=lf.LayerFoldingConfig(**{**CFG,
+                                                                                                    "search_steps": 4}))
+        trainer.train()
+        files = hub.repos["test-org/lf-run"].files
+        assert {"model.safetensors", STATE_NAME, "layerfold_config.json"} <= set(files)  # pushed at each save
+        trainer.push_to_hub()
+        files = hub.repos["test-org/lf-run"].files
+        card = files["README.md"].decode()
+        assert "A LayerFoldingTrainer run (finetune phase)" in card and 'snapshot_download("test-org/lf-run")' in card
+        state = safetensors.torch.load(files["model.safetensors"])
+        rebuilt = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig.from_dict(json.loads(
+            files["layerfold_config.json"])))
+        lf.apply_plan(rebuilt, lf.FoldPlan.from_state_dict(state))
+        rebuilt.load_state_dict(state)
+        assert rebuilt.layerfold_plan == applied_plan(trainer.model)
+
+
+def test_trainer_arguments_it_cannot_follow_are_named(tmp_path, fashion):
+    with pytest.raises(ValueError, match=r"label_names=\['label'\]: LayerFoldingTrainer's batches name the labels"):
+        make_trainer(tmp_path, fashion, train_args=args_for(tmp_path, max_steps=2, label_names=["label"]))
+    with pytest.raises(NotImplementedError, match="does not support hyperparameter_search"):
+        make_trainer(tmp_path, fashion).hyperparameter_search(n_trials=2)
+    typo = args_for(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=2, metric_for_best_model="accuracy")
+    trainer = make_trainer(tmp_path, fashion, train_args=typo)  # the search takes 6 steps: the typo fails at step 2
+    with pytest.raises(KeyError, match="metric_for_best_model='accuracy': the evaluation has no 'eval_accuracy'"):
+        trainer.train()
+    assert trainer.state.global_step == 2
+
+
+def test_batched_metrics_and_inputs_for_metrics_match_the_default(tmp_path, fashion):
+    plain = make_trainer(tmp_path, fashion).evaluate()
+    batched = make_trainer(tmp_path, fashion, train_args=args_for(tmp_path, per_device_eval_batch_size=5,
+                                                                  batch_eval_metrics=True)).evaluate()
+    assert (batched["eval_top1"], batched["eval_top5"]) == (plain["eval_top1"], plain["eval_top5"])
+    seen = []
+    with_inputs = make_trainer(tmp_path, fashion, train_args=args_for(tmp_path, include_for_metrics=["inputs"]),
+                               compute_metrics=lambda p: seen.append(p.inputs.shape) or compute_metrics(p))
+    assert with_inputs.evaluate()["eval_top1"] == plain["eval_top1"] and seen[0][1:] == (3, SIZE, SIZE)
+
+
+def test_the_card_gets_the_evaluation_of_the_model_it_folds(tmp_path, fashion):
+    """After ``load_best_model_at_end`` the card got the last evaluation, of a model that was not kept; an
+    ``evaluate(other_set)`` got carded under the eval set's name."""
+    args = args_for(tmp_path, max_steps=12, eval_strategy="steps", eval_steps=3, save_strategy="steps", save_steps=3,
+                    load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=False)
+    trainer = make_trainer(tmp_path, fashion, train_args=args)
+    trainer.train()
+    best = trainer.state.best_global_step
+    at_best = next(e for e in trainer.state.log_history if e.get("step") == best and "eval_top1" in e)
+    trainer.evaluate(fashion["train"].select(range(16)))  # another set: not what the card describes
+    assert trainer._eval_results("zalando-datasets/fashion_mnist")["metrics"]["top1"] == at_best["eval_top1"]
+    after = trainer.evaluate()  # an evaluation after training, on the eval set: the card takes it
+    assert trainer._eval_results("zalando-datasets/fashion_mnist")["metrics"]["top1"] == after["eval_top1"]
+
+
+def test_persistent_workers_evaluate_the_set_they_are_given(tmp_path, fashion):
+    """Trainer caches one eval loader under "eval" with persistent workers and handed it out for any set."""
+    args = args_for(tmp_path, dataloader_num_workers=1, dataloader_persistent_workers=True)
+    trainer = make_trainer(tmp_path, fashion, train_args=args)
+    own = trainer.evaluate()
+    other = fashion["train"].select(range(16))
+    alone = make_trainer(tmp_path, fashion).evaluate(other)
+    assert trainer.evaluate(other)["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-5)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(own["eval_loss"], rel=1e-5)  # its own loader kept
