@@ -139,8 +139,14 @@ def compiled_clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Ten
 _PHASES = (None, "nonlinear", "linear")  # FoldableActivation.fixed, as its state-dict entry counts it
 _PHASE_WORDS = {None: "searching (no plan applied)", "nonlinear": "kept non-linear by a plan",
                 "linear": "made linear by a plan"}
-_PLAN_ADVICE = ("apply the plan the weights record before loading them, apply_plan(model, "
-                "FoldPlan.from_state_dict(state_dict)), so the sites are frozen and the padding moved as they expect")
+_PLAN_ADVICE = {  # (where the weights come from, the model they are loaded into) -> what to do
+    "planned": "apply the plan the weights record before loading them, apply_plan(model, "
+               "FoldPlan.from_state_dict(state_dict)), so the sites are frozen and the padding moved as they expect",
+    "searching": "these are a searching model's weights: load them into a prepared model without a plan, then "
+                 "apply_plan",
+    "replanned": "the weights come from another plan: load them into a freshly prepared model with "
+                 "apply_plan(model, FoldPlan.from_state_dict(state_dict)) applied first",
+}
 _EXTRA_STATE = "._extra_state"
 
 
@@ -276,11 +282,13 @@ class FoldableActivation(nn.Module):
         recorded = _decode_phase(state_dict[key])
         if recorded == self.fixed:
             return
-        earlier = next((i for i, msg in enumerate(error_msgs) if msg.endswith(_PLAN_ADVICE)), None)
+        earlier = next((i for i, msg in enumerate(error_msgs) if msg.endswith(tuple(_PLAN_ADVICE.values()))), None)
         if earlier is None:  # one message for the whole model: the first site, and how many more disagree
+            advice = _PLAN_ADVICE["searching" if recorded is None else "planned" if self.fixed is None else
+                                  "replanned"]
             error_msgs.append(f"site {self.site!r} is {_PHASE_WORDS.get(self.fixed)} here but "
                               f"{_PHASE_WORDS.get(recorded, 'of an unknown phase')} in the state dict (1 site "
-                              f"disagrees): {_PLAN_ADVICE}")
+                              f"disagrees): {advice}")
         else:
             error_msgs[earlier] = re.sub(r"\((\d+) sites? disagrees?\)",
                                          lambda m: f"({int(m[1]) + 1} sites disagree)", error_msgs[earlier], count=1)

@@ -197,7 +197,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     train.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.0, help="AdamW weight decay (never applied to α)")
     train.add_argument("--warmup-steps", type=NON_NEGATIVE, default=0, help="lr warm-up steps (a float < 1: a ratio)")
     train.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no", help="autocast dtype")
-    train.add_argument("--device", default="auto", help=DEVICE_HELP)
+    train.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available, else cpu); pick the "
+                       "GPU with CUDA_VISIBLE_DEVICES")
     train.add_argument("--num-workers", type=COUNT, default=0, help="dataloader worker processes")
     train.add_argument("--logging-steps", type=POSITIVE_INT, default=10,
                        help="log loss, α and projected depth every N steps")
@@ -374,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 2
             _setup_logging(args.verbose, args.quiet)
             if getattr(args, "device", None):  # "auto" resolved once: results and logs name the device used
-                args.device = str(torch_device(args.device))
+                args.device = str(torch_device(args.device, timing=args.command in ("benchmark", "gains")))
             if not args.threads:
                 return int(args.func(args) or 0)
             import torch

@@ -404,8 +404,22 @@ def _check_complete_save(folder: Path, name: str) -> None:
                        "files from the repo: save the model again with save_folded or `hf-layerfold fold`")
     try:
         LayerFoldedModel.from_pretrained(folder)
+    except ValueError as err:
+        if "unknown layer type" not in str(err):  # (an op registered by the user's code, not in this process)
+            raise CLIError(f"{name} does not load as a folded model ({err}); not pushed") from None
+        logger.warning("%s uses an op this process has not registered (%s): its structure is not checked", name, err)
+        _check_weights_file(folder / "model.safetensors", name)
     except Exception as err:  # a truncated or edited file: the repo would hold a model that does not load
         raise CLIError(f"{name} does not load as a folded model ({type(err).__name__}: {err}); not pushed") from None
+
+
+def _check_weights_file(path: Path, name: str) -> None:
+    import safetensors.torch
+
+    try:
+        safetensors.torch.load_file(str(path))
+    except Exception as err:  # safetensors' own error type for a truncated file
+        raise CLIError(f"{name}: its weights file does not load ({type(err).__name__}: {err}); not pushed") from None
 
 
 def cmd_push(args: argparse.Namespace) -> int:

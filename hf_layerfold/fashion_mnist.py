@@ -239,7 +239,7 @@ def load_fashion_mnist(
             "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
             "t10k-labels-idx1-ubyte.gz, or go online (unset HF_HUB_OFFLINE / HF_DATASETS_OFFLINE)."
         ) from exc
-    return datasets.DatasetDict({split: _subset_dataset(_local_names(hub[split]), sizes[split], seed)
+    return datasets.DatasetDict({split: _local_names(_subset_dataset(hub[split], sizes[split], seed))
                                  for split in sizes})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -103,7 +104,7 @@ def _prefixed(prefix: str, state: State) -> State:
     return {prefix + k: v for k, v in state.items()}
 
 
-def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet:
+def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -> LayerFoldedNet:
     """A new, shallower network computing what the planned ``model`` computes (the caller's model is untouched).
 
     ``model`` may be a plain timm model (BatchNorm is fused, nothing else changes), a prepared model (the plan
@@ -150,7 +151,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
             features, pre_logits, num_classes=num_classes,
             num_features=num_features, head_hidden_size=getattr(model, "head_hidden_size", num_features),
             global_pool=pool_type_of(model.get_submodule(graph.pool)),  # '' (no pooling) kept
-            drop_rate=graph.drop_rate, in_chans=getattr(model, "in_chans", 3),
+            drop_rate=graph.drop_rate, in_chans=_input_channels(model, features),
         )
     state = _prefixed("features.", fstate)
     state.update(_prefixed("pre_logits.", pstate))
@@ -163,6 +164,12 @@ def fold_model(model: nn.Module, plan: FoldPlan | None = None) -> LayerFoldedNet
     net.layerfold_info = _provenance(model, net, base_arch)
     net.eval()
     return net
+
+
+def _input_channels(model: nn.Module, features: list[dict]) -> int:
+    """What the folded net takes: its first conv's input channels (a custom family may have no ``in_chans``)."""
+    first = features[0] if features else {}
+    return first["in"] if first.get("type") == "conv" else getattr(model, "in_chans", 3)
 
 
 def _provenance(planned: nn.Module, net: LayerFoldedNet, base_arch: str | None) -> dict:

@@ -142,8 +142,8 @@ def _taking_channels(features: list[dict], in_chans: int) -> list[dict]:
     of an RGB model asks for that, and timm's loader then sums the saved kernels over their input channels (a
     grayscale image then gives what the RGB model gives on that image in three equal channels)."""
     first = features[0] if features else {}
-    if first.get("type") != "conv" or first.get("in") == in_chans:
-        return features
+    if first.get("type") != "conv" or first.get("in") == in_chans or first.get("in") != 3:
+        return features  # (timm adapts RGB kernels only; a save's own channel count is its first conv's)
     if first.get("groups") != 1:
         raise ValueError(f"in_chans={in_chans}: the folded net's first conv is grouped ({first.get('groups')} "
                          f"groups of {first.get('in')} input channels) and cannot take another channel count")

@@ -6,7 +6,7 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from .layers import PaddedConv2d
 from .padding import PadRule, effective_kernel, pad_rule_of, static_chain_padding
 
 PLAN_NAME = "layerfold_plan.json"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "timm_model.")
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,9 @@ class FoldPlan:
         dict of a searching model: apply it before loading such weights (``load_state_dict`` refuses them into a
         model without that plan)."""
         phases = recorded_phases(state_dict)
+        for wrapper in _WRAPPER_PREFIXES:  # the state dict of a wrapped model: DDP, torch.compile, TimmWrapper
+            if phases and all(site.startswith(wrapper) for site in phases):
+                phases = {site[len(wrapper):]: phase for site, phase in phases.items()}
         if not phases or set(phases.values()) == {None}:
             return None
         if None in phases.values():
@@ -381,7 +385,7 @@ def as_plan(plan: FoldPlan | Sequence[str], who: str) -> FoldPlan:
     """A ``FoldPlan``, or site names made into one; a bare string (it would be read as its characters) refused."""
     if isinstance(plan, FoldPlan):
         return plan
-    if isinstance(plan, str) or not isinstance(plan, Sequence | set | frozenset):
+    if isinstance(plan, str) or not isinstance(plan, Iterable):
         got = f"the string {plan!r}" if isinstance(plan, str) else repr(plan)
         raise TypeError(f"{who} takes a FoldPlan or a list of site names, got {got}")
     return FoldPlan(tuple(plan))
@@ -439,12 +443,15 @@ def check_plan(model: nn.Module, plan: FoldPlan) -> None:
                          "alpha_sharing='block' a plan takes whole blocks (FoldPlan.from_blocks, or from_model)")
 
 
-def apply_plan(model: nn.Module, plan: FoldPlan, config: LayerFoldingConfig | None = None) -> nn.Module:
-    """Fix the plan in a prepared model (in place): α = 1 on plan sites, 0 elsewhere, all frozen.
+def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
+               config: LayerFoldingConfig | None = None) -> nn.Module:
+    """Fix the plan (a ``FoldPlan`` or site names) in a prepared model (in place): α = 1 on plan sites, 0
+    elsewhere, all frozen.
 
     Each run of convs that will merge gets its zero padding moved to its first conv, so that the planned
     model and the folded model compute the same function everywhere, image borders included. Parameters
-    keep their identity (an optimizer built earlier keeps working).
+    keep their identity (an optimizer built earlier keeps working). ``config`` (default: the model's) decides how
+    runs merge; its fold fields (:data:`FOLD_FIELDS`) become those of ``model.layerfold_config``.
     """
     from .prepare import is_prepared
 

@@ -94,11 +94,16 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     hooked = [s for s in sites if _has_hooks(model.get_submodule(s))]
     if hooked:
         logger.warning("%d activation(s) carry hooks (%s): prepare_model replaces them with FoldableActivation "
-                       "modules, which do not run them; register the hooks on the new modules "
-                       "(model.get_submodule(site)) after preparing", len(hooked), ", ".join(hooked[:3]))
+                       "modules and does not carry the hooks over (the blend runs the activation on some paths "
+                       "only); register them on the new modules (model.get_submodule(site)) after preparing",
+                       len(hooked), ", ".join(hooked[:3]))
     for site in sites:
         act = model.get_submodule(site)
-        model.set_submodule(site, FoldableActivation(act, site, config.alpha_init, config.blend).to(device))
+        wrapped = FoldableActivation(act, site, config.alpha_init, config.blend).to(device)
+        if site in hooked:  # the copy inside would fire them on some paths and not others
+            for name in _HOOK_DICTS:
+                getattr(wrapped.act, name, {}).clear()
+        model.set_submodule(site, wrapped)
     if config.alpha_sharing == "block":
         share_alpha_by_block(model)
     if config.blend in ("compile", "auto"):  # BatchNorm + blend as one compiled region ("auto": on CPU; fused.py)
@@ -107,9 +112,11 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) ->
     return model
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
 def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                                         "_backward_pre_hooks"))
+    return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
 def _check_merge_costs(model: nn.Module, config: LayerFoldingConfig, sites: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -119,7 +120,7 @@ def _is_alpha(model: nn.Module, p: torch.Tensor) -> bool:
     return any(p is m.alpha for m in model.modules() if isinstance(m, FoldableActivation))
 
 
-def projected_stats(model: nn.Module, plan: FoldPlan | None = None) -> FoldStats:
+def projected_stats(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -> FoldStats:
     """Non-linear layers, depth and convs the model would have once folded with ``plan`` (no folding done).
 
     ``plan`` defaults to the plan applied to the model, else the sites whose α reached the threshold.

@@ -328,9 +328,11 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
 # Evaluation and latency
 
 
-def resolve_device(name: str):
+def resolve_device(name: str, *, timing: bool = False):
     """The ``torch.device`` named by ``name`` (``"auto"``: CUDA when available, else CPU), for library callers:
-    a ``RuntimeError`` when it names CUDA on a machine without it, a ``ValueError`` for a malformed name."""
+    a ``RuntimeError`` when it names a device this machine lacks, a ``ValueError`` for a malformed or unsupported
+    name. Timing (``timing=True``) takes CPU and CUDA only, whose clocks it synchronises; evaluation and training
+    also take another accelerator torch has here (``mps``, ``xpu``)."""
     import torch
 
     if name == "auto":
@@ -339,23 +341,26 @@ def resolve_device(name: str):
         device = torch.device(name)
     except RuntimeError as err:
         raise ValueError(f"invalid device {name!r}: {err}") from None
-    if device.type not in ("cpu", "cuda"):  # training and timing go through CPU or CUDA code paths only
-        raise ValueError(f"invalid device {name!r}: supported devices are cpu, cuda, cuda:N and auto")
+    others = () if timing else ("mps", "xpu")
+    if device.type not in ("cpu", "cuda", *others):
+        raise ValueError(f"invalid device {name!r}: supported devices are cpu, cuda, cuda:N and auto"
+                         + ("" if timing else " (and mps or xpu where torch has them)"))
     if device.type == "cpu" and device.index not in (None, 0):
         raise ValueError(f"invalid device {name!r}: there is one CPU device, cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available on this machine")
+    backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, device.type, None)
+    if device.type != "cpu" and not (backend is not None and backend.is_available()):
+        raise RuntimeError(f"device {name!r} requested but {device.type.upper()} is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"invalid device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
-def torch_device(name: str):
+def torch_device(name: str, *, timing: bool = False):
     """:func:`resolve_device` for the CLI's ``--device`` flag: its failures as one-line ``CLIError`` s."""
     try:
-        return resolve_device(name)
-    except RuntimeError:
-        raise CLIError(f"--device {name} but CUDA is not available on this machine") from None
+        return resolve_device(name, timing=timing)
+    except RuntimeError as err:
+        raise CLIError(f"--device {name} but {str(err).split(' requested but ', 1)[-1]}") from None
     except ValueError as err:
         raise CLIError(f"invalid --device {name!r}: {str(err).split(': ', 1)[-1]}") from None
 
@@ -429,7 +434,7 @@ def latency_samples(models: Mapping[str, Any], input_size: Sequence[int], *, bat
     """
     import torch
 
-    dev = resolve_device(device)  # a library call: ValueError / RuntimeError, not the CLI's --device message
+    dev = resolve_device(device, timing=True)  # a library call: ValueError / RuntimeError, not the CLI's message
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(batch_size, *input_size, device=dev, dtype=torch_dtype).contiguous(memory_format=fmt)

@@ -245,6 +245,11 @@ def test_a_save_keeps_only_what_fits_the_model(tmp_path, planned, folded):
     (tmp_path / "bad" / "config.json").write_text(json.dumps({**config, "label_names": ["a", "b"]}))
     with pytest.raises(ValueError, match="has 2 label_names for 4 classes"):
         LayerFoldedModel.from_pretrained(tmp_path / "bad")
+    (tmp_path / "sharded").mkdir()  # what transformers' save_pretrained(max_shard_size=...) leaves
+    shutil.copy(path / "config.json", tmp_path / "sharded")
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="holds a sharded save: re-save the model in one file"):
+        LayerFoldedModel.from_pretrained(tmp_path / "sharded")
     compiled = save_folded(torch.compile(folded), tmp_path / "c", **SAVE_KW)  # the wrapper's own net is saved
     assert lf.FoldPlan.load(compiled) == planned.layerfold_plan
     card = (save_folded(folded, tmp_path / "n", **SAVE_KW) / "README.md").read_text()

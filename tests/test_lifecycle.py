@@ -226,3 +226,36 @@ def test_a_model_in_float64_trains_and_evaluates_on_float32_batches(tmp_path):
     assert "eval_top1" in trainer.evaluate()
     assert 0 <= evaluate_model(model, data["test"], image_size=32, batch_size=8, progress=False)["top1"] <= 1
     assert as_input_of(model, torch.zeros(1, 3).long()).dtype == torch.long  # not images: untouched
+
+
+class _GrayNet(_SharedActNet):
+    """One input channel and no ``in_chans`` attribute."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 8, 3, padding=1)
+
+
+@register_model_rule(_GrayNet)
+def _gray_rule(model):
+    return _shared_act_rule(model)
+
+
+def test_a_custom_model_folds_with_the_channels_its_first_conv_takes():
+    torch.manual_seed(0)
+    model = randomize_bn(_GrayNet()).double().eval()
+    x = torch.randn(2, 1, 12, 12, dtype=torch.double)
+    folded = lf.fold_model(model)
+    assert folded.in_chans == 1 and rel_err(folded(x), model(x)) < 1e-12
+
+
+def test_a_rule_naming_the_wrong_module_is_refused_by_name():
+    class Wrong(_SharedActNet):
+        pass
+
+    @register_model_rule(Wrong)
+    def _wrong(model):
+        return ModelGraph([ConvNode("b1", "c1"), ActNode("act"), ConvNode("c2", "b2")], "global_pool", "fc")
+
+    with pytest.raises(lf.UnsupportedModelError, match="b1 is a BatchNorm2d, where the model's graph expects a Conv2d"):
+        lf.prepare_model(Wrong())

@@ -164,3 +164,27 @@ def test_hooks_on_a_replaced_activation_are_named(caplog):
     with caplog.at_level("WARNING"):
         lf.prepare_model(model)
     assert "carry hooks (conv1.5)" in caplog.text
+
+
+def test_state_dict_phases_read_through_wrappers_and_name_each_direction():
+    planned = _prepared()
+    lf.apply_plan(planned, lf.FoldPlan.from_blocks(planned, ["blocks.1.0"]))
+    state = planned.state_dict()
+    wrapped = {f"module._orig_mod.{k}": v for k, v in state.items()}  # DDP around torch.compile
+    assert lf.FoldPlan.from_state_dict(wrapped) == planned.layerfold_plan
+    mixed = {**_prepared().state_dict(), "blocks.1.0.bn1.act._extra_state": torch.tensor(2, dtype=torch.uint8)}
+    with pytest.raises(ValueError, match="mixes searching and planned sites"):
+        lf.FoldPlan.from_state_dict(mixed)
+    with pytest.raises(RuntimeError, match="these are a searching model's weights: load them into a prepared model "
+                                           "without a plan"):
+        planned.load_state_dict(_prepared().state_dict())
+
+
+def test_hooks_of_a_replaced_activation_do_not_fire_half_the_time():
+    model = timm.create_model("resnet10t", num_classes=3)
+    calls = []
+    model.get_submodule("conv1.2").register_forward_hook(lambda *a: calls.append(1))
+    lf.prepare_model(model, lf.LayerFoldingConfig(blend="eager"))
+    lf.apply_plan(model, [])  # every site kept non-linear: the copy inside runs its activation
+    model.eval()(torch.randn(1, 3, 32, 32))
+    assert calls == []  # not carried over (as the warning says), rather than run on some paths only

@@ -47,3 +47,29 @@ def test_library_timing_on_missing_cuda_raises_a_plain_error(monkeypatch, capsys
     assert main(["gains", "resnet10t", "--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == ("hf-layerfold: error: --device cuda but CUDA is not available on "
                                               "this machine")
+
+
+def test_devices_are_checked_against_this_machine(monkeypatch, capsys, tmp_path):
+    from hf_layerfold.workflow import resolve_device
+
+    with pytest.raises(ValueError, match="there is one CPU device"):
+        resolve_device("cpu:1")
+    with pytest.raises(ValueError, match="supported devices are cpu, cuda, cuda:N and auto$"):
+        resolve_device("mps", timing=True)  # timing synchronises CPU and CUDA clocks only
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+    monkeypatch.chdir(tmp_path)
+    assert main(["fold", "--device", "cuda:1"]) == 2  # Trainer trains on the first visible GPU
+    assert "CUDA_VISIBLE_DEVICES=1 and --device cuda" in capsys.readouterr().err
+
+
+def test_class_folders_named_by_numbers_out_of_order_are_warned(tmp_path, caplog):
+    for label in range(12):
+        (tmp_path / "test" / str(label)).mkdir(parents=True)
+        Image.new("L", (8, 8), label).save(tmp_path / "test" / str(label) / "a.png")
+    with caplog.at_level("WARNING"):
+        data = load_data(str(tmp_path), need_train=False)
+    assert data.label_names[:4] == ["0", "1", "10", "11"]  # as datasets orders them: as text
+    assert "class id 2 is the class named '10'" in caplog.text
