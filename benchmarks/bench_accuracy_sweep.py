@@ -78,6 +78,7 @@ from hf_layerfold.data import load_fashion_mnist
 from hf_layerfold.files import write_bytes_atomic
 from hf_layerfold.gains import FoldGains, measure_fold_gains
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
+from hf_layerfold.workflow import resolve_device
 
 from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_config, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json
@@ -343,6 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
     add_run_args(parser)
     args = parser.parse_args(argv)
     apply_quick(args)
+    try:  # before any training: a missing GPU failed only at the latency timing, after the whole sweep
+        resolve_device(args.device, timing=True)
+    except (RuntimeError, ValueError) as err:
+        parser.error(str(err))
     if args.continue_steps is not None and (args.start != "baseline" or args.continue_steps <= args.search_steps):
         parser.error("--continue-steps needs --start baseline and more steps than --search-steps")
     plan_steps = args.continue_steps if args.start == "baseline" and args.continue_steps else args.steps

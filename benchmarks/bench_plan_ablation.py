@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [dict(c, batch=2) for c in cells]
     cells = cells if args.bf16 or args.device == "cpu" else cells[:1]
     result = {"benchmark": "plan_ablation", "title": f"One block away from the plan {name}", "quick": args.quick,
-              "description": __doc__.split("\n\n")[1].replace("\n", " "), "device": device_info(args.device),
+              "description": __doc__.split("\n\n")[1].replace("\n", " "),
+              "device": {**device_info(args.device), "latency_cudnn_benchmark": args.device == "cuda"},  # (timing's)
               "plan_name": name, "plan": plan, "alpha_sharing": args.alpha_sharing, "rows": []}
     models = {"bn_fused": lf.fold_model(base, lf.FoldPlan())}
     stats = {}

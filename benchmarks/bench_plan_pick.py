@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
     speedups = {name: timed[name]["speedup_vs_bn_fused"] for name in plans}
     picked = pick(speedups, args.min_speedup, args.max_plans)
     result = {"benchmark": "plan_pick", "title": "Candidate plans timed before training", "quick": args.quick,
-              "description": __doc__.split("\n\n")[1].replace("\n", " "), "device": device_info(args.device),
+              "description": __doc__.split("\n\n")[1].replace("\n", " "),
+              "device": {**device_info(args.device), "latency_cudnn_benchmark": args.device == "cuda"},  # (timing's)
               "cell": key, "min_speedup": args.min_speedup, "picked": picked,
               "bn_fused_ms": timed["bn_fused"]["median_ms"],
               "rows": [{"plan": name, "sites": plans[name], "depth": stats[name].depth,

@@ -414,5 +414,19 @@ def build_report(results_dir: str | Path = RESULTS_DIR, readme: str | Path | Non
     return out
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=(
+        "Write RESULTS.md and the plots from the JSON files of a results folder; for the committed folder, also the "
+        "results block of README.md."))
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR), help="the folder of result JSON files "
+                        "(default: benchmarks/results, whose summary also goes into README.md)")
+    args = parser.parse_args(argv)
+    results = Path(args.results_dir)
+    committed = results.resolve() == Path(RESULTS_DIR).resolve()
+    print(build_report(results, readme=Path(__file__).resolve().parent.parent / "README.md" if committed else None))
+
+
 if __name__ == "__main__":
-    print(build_report(readme=Path(__file__).resolve().parent.parent / "README.md"))
+    main()

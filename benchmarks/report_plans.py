@@ -49,8 +49,9 @@ def plan_seed_groups(found: list[tuple[Path, dict]]) -> list[dict]:
                 "plan": row["run"].removeprefix("plan="), "blocks": blocks, "recipe": key, "settings": settings,
                 "limit": _limit(data), "sites": row.get("sites_past_threshold"), "depth": row.get("depth_after"),
                 "losses": {}, "controlled": {}})
-            if seed not in group["losses"]:
-                group["losses"][seed], group["controlled"][seed] = loss, controlled
+            if seed not in group["losses"]:  # (a gap to a control may come from another file's control)
+                group["losses"][seed] = loss
+                group["controlled"][seed] = controlled or row.get("top1_gap_vs_control_points") is not None
     return [g for g in groups.values() if len(g["losses"]) > 1]
 
 

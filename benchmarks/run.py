@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
                         help=f"comma list of {', '.join(ENGINE + tuple(EXTERNAL))} (the report always runs)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="tiny model, small inputs, few repeats (smoke test)")
-    parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--results-dir", default=None, help="where the JSON files and RESULTS.md go (default: "
+                        "benchmarks/results, whose summary also goes into README.md; with --quick, "
+                        "outputs/benchmarks-quick: a smoke test never replaces the committed results)")
     parser.add_argument("--models", default=None, help="latency / fold-time models (comma list)")
     parser.add_argument("--archs", default=None, help="exactness architectures (comma list)")
     parser.add_argument("--input-size", type=int, default=None, help="latency input size (default 224; quick 64)")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     unknown = sorted(set(only) - set(ENGINE) - set(EXTERNAL) - {"report"})
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(ENGINE + tuple(EXTERNAL))}")
-    results = Path(args.results_dir)
+    results = Path(args.results_dir if args.results_dir is not None else
+                   ROOT / ("outputs/benchmarks-quick" if args.quick else "benchmarks/results"))
     results.mkdir(parents=True, exist_ok=True)
     models = tuple(args.models.split(",")) if args.models else (QUICK_MODELS if args.quick else None)
     size = args.input_size or (64 if args.quick else 224)

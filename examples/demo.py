@@ -1,8 +1,8 @@
 """Layer-fold an ImageNet-pretrained EfficientNet-Lite0 while fine-tuning it on Fashion-MNIST, on a CPU.
 
 Run it with ``make demo`` (or ``python examples/demo.py --help``). The defaults are sized to finish well within
-15 minutes on 2 CPU cores (1.8 min on a 2-core AMD EPYC, ``benchmarks/results/demo_cpu.json``; up to 5.6 min
-on a 2-core Xeon shared with other jobs); the flags lift every bound (subset sizes, resolution, epochs, ...).
+15 minutes on 2 CPU cores (1.8 min on a 2-core AMD EPYC, ``benchmarks/results/demo_cpu.json``); the flags lift every
+bound (subset sizes, resolution, epochs, ...).
 ``DEMO_JSON=FILE`` writes what it measured, with its flags and environment, to FILE.
 
 What happens:
@@ -25,22 +25,15 @@ same starting weights, same data, same number of steps, so the accuracy differen
 With ``--no-baseline`` the baseline run is skipped (about half the time, no distillation): the before column then
 shows the original architecture's structure and latency, and no before accuracy.
 
-Why these defaults (measured with this script, 1 thread, 3000 training images, 64 px, 2 epochs; only the first
-result below is kept as a file, ``benchmarks/results/demo_cpu.json``, the others are earlier runs on a 2-core Xeon):
-the ``l1`` regularizer pushes every α with a constant force (the paper's Σ|1−α²| has no gradient at α = 0, so
-nothing moves in a short run). ``max_macs_increase=0`` keeps folding from merging a 1x1 expansion and a depthwise
-conv into one large dense conv: that merge removes depth but multiplies MACs, which a CPU pays for. With both, λ =
-0.1 (the default) removed 21 of 32 activations: top-1 84.2% → 82.7%, MACs 31.35 → 30.10 M, depth 49 → 43, 1.10x
-faster at batch 1 and 1.11x at batch 32 on a 2-core AMD EPYC (1.8 min; torch 2.14.1, timm 1.0.31, transformers
-5.24), and 1.07-1.09x / 1.08-1.11x over three runs on the Xeon (1.9-2.4 min each). The same defaults had measured
-83.5% → 83.4% and 1.15x in an earlier environment (older package versions); that commit gives 84.2% → 82.7% in this
-one, so the change is the environment's (a top-1 on 1000 test images has a binomial standard error of about 1.2
-points). Also from that earlier environment: λ = 0.4 removed 30 of 32 at 76.0%, depth 49 → 39, 1.30x / 1.27x faster.
-Without the MACs limit (``--max-macs-increase -1``) λ = 0.4 reached depth 19 at 77.0% but ran no faster on the CPU
-(0.86x-1.3x at batch 1 across runs), and λ = 0.1 kept 81.8% but ran 2.3x slower at batch 1. Deep merging is for
-hardware where depth, not MACs, bounds latency: on an H100 it gave 1.05x-3.76x at batch 128, 224 px, depending on λ
-(``benchmarks/results/accuracy_sweep_cuda.json``); ``hf-layerfold benchmark --device cuda`` measures a saved model
-there.
+Why these defaults: the ``l1`` regularizer pushes every α with a constant force (the paper's Σ|1−α²| has no gradient
+at α = 0, so nothing moves in a short run). ``max_macs_increase=0`` keeps folding from merging a 1x1 expansion and a
+depthwise conv into one large dense conv: that merge removes depth but multiplies MACs, which a CPU pays for. With
+both, λ = 0.1 (the default) removed 21 of 32 activations: top-1 84.2% → 82.7%, MACs 31.35 → 30.10 M, depth
+49 → 43, 1.10x faster at batch 1 and 1.11x at batch 32 on a 2-core AMD EPYC (1 thread, 3000 training images,
+64 px, 2 epochs; ``benchmarks/results/demo_cpu.json``; a top-1 on 1000 test images has a binomial standard error of
+about 1.2 points). Deep merging is for hardware where depth, not MACs, bounds latency: on an H100 it gave
+1.05x-3.76x at batch 128, 224 px, depending on λ (``benchmarks/results/accuracy_sweep_cuda.json``);
+``hf-layerfold benchmark --device cuda`` measures a saved model there.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -565,6 +566,7 @@ def test_gpu_session_trains_both_timed_plans_on_another_seed_in_time(tmp_path, m
 
     monkeypatch.setattr(bench_accuracy_sweep, "load_fashion_mnist", lambda **kw: None)
     monkeypatch.setattr(bench_accuracy_sweep, "run_one", train)
+    monkeypatch.setattr(bench_accuracy_sweep, "resolve_device", lambda *a, **kw: None)  # (its argv names cuda)
     threads = torch.get_num_threads()
     argv = sweep[sweep.index("benchmarks.bench_accuracy_sweep") + 1:]
     try:
@@ -886,3 +888,15 @@ def test_control_from_refuses_a_sweep_on_another_device_or_without_a_control(tmp
     path.write_text("{not json")
     with pytest.raises(SystemExit, match="not a readable sweep JSON"):
         load_control(path, settings, "cuda", False)
+
+
+def test_report_writes_where_it_is_told_and_leaves_the_readme(tmp_path):
+    """``python -m benchmarks.report`` took no arguments and always rewrote the committed results and README."""
+    from benchmarks import report
+
+    root = Path(__file__).resolve().parent.parent
+    shutil.copy(root / "benchmarks" / "results" / "fold_time.json", tmp_path)
+    readme = (root / "README.md").read_text()
+    report.main(["--results-dir", str(tmp_path)])
+    assert "fold_time.json" in (tmp_path / "RESULTS.md").read_text()
+    assert (root / "README.md").read_text() == readme
