@@ -9,15 +9,12 @@ Given a model that is already folded (a ``LayerFoldedNet``), training is a plain
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -29,11 +26,8 @@ from .collate import as_input_of, model_input_shape
 from .config import CONFIG_NAME, LayerFoldingConfig
 from .data import (
     HF_DATASETS,
-    ImageClassificationCollator,
     check_dataset_labels,
-    collator_for_split,
     dataset_label_names,
-    defer_decoding,
     eval_collators,
     prepare_datasets,
 )
@@ -67,6 +61,7 @@ from .trainer_args import (
     sharded_alpha_error,
     timm_checkpointing,
 )
+from .trainer_data import TrainerData, logits_of
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +98,7 @@ class _LayerFoldingCallback(TrainerCallback):
         self.trainer._trained = True
 
 
-class LayerFoldingTrainer(Trainer):
+class LayerFoldingTrainer(TrainerData, Trainer):
     """``transformers.Trainer`` for Layer Folding of a bare timm model (prepared here if it is not yet).
 
     Args:
@@ -287,7 +282,7 @@ class LayerFoldingTrainer(Trainer):
         pixel_values, labels = inputs["pixel_values"], inputs.get("labels")
         if labels is None:
             raise ValueError("LayerFoldingTrainer needs batches with 'labels' (image classification)")
-        logits = _logits(model(as_input_of(model, pixel_values)))
+        logits = logits_of(model(as_input_of(model, pixel_values)))
         if not model.training:  # evaluation: plain cross-entropy
             loss = F.cross_entropy(logits.float(), labels)
             return (loss, {"logits": logits}) if return_outputs else loss
@@ -297,7 +292,7 @@ class LayerFoldingTrainer(Trainer):
         loss, distill = task, task.new_zeros(())
         if self.teacher_model is not None:
             with torch.no_grad():
-                teacher_logits = _logits(self.teacher_model(as_input_of(self.teacher_model, pixel_values)))
+                teacher_logits = logits_of(self.teacher_model(as_input_of(self.teacher_model, pixel_values)))
             distill = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
             loss = (1.0 - cfg.distill_weight) * task + cfg.distill_weight * distill
         reg = task.new_zeros(())
@@ -478,139 +473,6 @@ class LayerFoldingTrainer(Trainer):
             super()._save_checkpoint(model, trial)
 
     # ------------------------------------------------------------------------------------------------
-    # Evaluation data
-
-    def get_train_dataloader(self):
-        with self._swapped("train_dataset", self.data_collator):
-            return super().get_train_dataloader()
-
-    def get_eval_dataloader(self, eval_dataset: Any = None):
-        key = eval_dataset if isinstance(eval_dataset, str) else None  # a name: an entry of a dict of eval sets
-        collator = self._eval_collators.get(key, self._eval_collators.get(None))
-        if key is None and eval_dataset is not None and eval_dataset is not self._built_eval_set:
-            collator = self._fitted(collator, eval_dataset, require_label=True)  # another set handed to evaluate()
-        if key is not None:
-            read = self.eval_dataset[key]
-        else:
-            read = eval_dataset if eval_dataset is not None else self.eval_dataset
-        collator = collator if collator is not None else self.data_collator
-        if eval_dataset is not None and key is None and isinstance(collator, ImageClassificationCollator):
-            eval_dataset = defer_decoding(eval_dataset)
-        with self._collator(collator), self._dispatched(read), self._swapped("eval_dataset", collator), \
-                self._uncached(eval_dataset is not None and key is None):
-            return super().get_eval_dataloader(eval_dataset)
-
-    @contextlib.contextmanager
-    def _uncached(self, other_set: bool):
-        """With persistent workers Trainer caches one eval loader under "eval" and handed it out for any set given
-        to ``evaluate``: another set gets a loader of its own, and the cache keeps the eval set's."""
-        cache = getattr(self, "_eval_dataloaders", None)
-        if not other_set or not isinstance(cache, dict):
-            yield
-            return
-        kept = cache.pop("eval", None)
-        try:
-            yield
-        finally:
-            cache.pop("eval", None)
-            if kept is not None:
-                cache["eval"] = kept
-
-    @contextlib.contextmanager
-    def _swapped(self, name: str, collator: Any):
-        """While a dataloader is built: the set ``name`` with its images left for ``collator`` to decode, when it is
-        an :class:`~hf_layerfold.data.ImageClassificationCollator` (:func:`~hf_layerfold.data.defer_decoding`: a
-        broken file is then named; any other collator gets what ``datasets`` decodes). The attribute itself keeps
-        the set as it was given (a callback reading ``trainer.train_dataset[i]`` sees decoded images)."""
-        given = getattr(self, name)
-        if not isinstance(collator, ImageClassificationCollator) or given is None:
-            yield
-            return
-        setattr(self, name, defer_decoding(given))
-        try:
-            yield
-        finally:
-            setattr(self, name, given)
-
-    def evaluation_loop(self, *args: Any, **kwargs: Any):
-        """Trainer's loop (``evaluate`` and ``predict``), on rank 0's BatchNorm statistics on every process."""
-        self._sync_buffers()
-        return super().evaluation_loop(*args, **kwargs)
-
-    def _sync_buffers(self) -> None:
-        """Under DDP each process's BatchNorm keeps the running statistics of its own last batches (DDP copies rank
-        0's buffers only at the start of a training forward): an evaluation would mix two models, neither quite
-        the one rank 0 saves and folds. Every process takes rank 0's buffers first, one broadcast per dtype, once
-        training has wrapped the model (on its device: NCCL takes no CPU tensors; before that the ranks hold what
-        they loaded) and unless ``ddp_broadcast_buffers=False`` asked for per-process buffers."""
-        if not isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel) or \
-                self.args.ddp_broadcast_buffers is False:
-            return
-        groups: dict[tuple, list[torch.Tensor]] = {}
-        for buffer in self._model().buffers():
-            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
-        for buffers in groups.values():
-            flat = torch.cat([b.detach().reshape(-1) for b in buffers])
-            torch.distributed.broadcast(flat, src=0)
-            for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
-                b.data.copy_(value.view_as(b))
-
-    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
-                        ignore_keys: list[str] | None = None):
-        """Trainer's step for labelled batches; unlabelled ones (``predict`` on a test set) call the timm model on
-        ``pixel_values`` (Trainer would call ``model(**inputs)``, which a timm ``forward(x)`` refuses)."""
-        if inputs.get("labels") is not None:
-            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
-        if prediction_loss_only:
-            return None, None, None
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            logits = _logits(model(as_input_of(model, inputs["pixel_values"])))
-        return None, logits.detach(), None
-
-    def get_test_dataloader(self, test_dataset: Any):
-        collator = self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)
-        collator = collator if collator is not None else self.data_collator
-        if isinstance(collator, ImageClassificationCollator):
-            test_dataset = defer_decoding(test_dataset)  # decoded by the collator, which names a broken file
-        with self._collator(collator), self._dispatched(test_dataset):
-            return super().get_test_dataloader(test_dataset)
-
-    @contextlib.contextmanager
-    def _dispatched(self, dataset: Any):
-        """A streaming set evaluated by several processes is read by rank 0 and its batches dispatched. The
-        ``dispatch_batches=False`` a streaming training set gets (``trainer_args.adjust_args``) would have every
-        process read the whole set, or a share of its shards, and the metrics then count the padding that evens out
-        the processes' last batches (or wait forever on a process with fewer batches)."""
-        config = self.accelerator.dataloader_config
-        if (self.accelerator.num_processes == 1 or not isinstance(dataset, datasets.IterableDataset)
-                or config.dispatch_batches is not False):
-            yield
-            return
-        config.dispatch_batches = True
-        try:
-            yield
-        finally:
-            config.dispatch_batches = False
-
-    def _fitted(self, collator: Any, dataset: Any, *, require_label: bool) -> Any:
-        """A collator the trainer built, fitted to the columns of a set handed to evaluate / predict; a collator of
-        the user's is theirs to fit."""
-        if not self._own_eval_collators:
-            return collator
-        return collator_for_split(collator, dataset, require_label=require_label)
-
-    @contextlib.contextmanager
-    def _collator(self, collator: Any):
-        saved = self.data_collator
-        if collator is not None:
-            self.data_collator = collator
-        try:
-            yield
-        finally:
-            self.data_collator = saved
-
-    # ------------------------------------------------------------------------------------------------
     # Export
 
     def save_folded(self, output_dir: str | os.PathLike | None = None, **kwargs: Any) -> Path:
@@ -684,12 +546,3 @@ class LayerFoldingTrainer(Trainer):
             logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
             return None
         return {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
-
-
-def _logits(outputs: Any) -> torch.Tensor:
-    """timm returns a tensor; transformers wrappers return an output object with ``.logits``."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping) and "logits" in outputs:
-        return outputs["logits"]
-    return outputs.logits if hasattr(outputs, "logits") else outputs[0]
