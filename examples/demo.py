@@ -167,7 +167,7 @@ def environment() -> dict:
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     try:  # what the save at the end would refuse, refused before the training
-        output = check_save_target(args.output_dir)
+        output = check_save_target(args.output_dir, replace_hint="remove it first, or choose another --output-dir")
     except (FileExistsError, NotADirectoryError) as err:
         raise SystemExit(f"demo.py: error: {err}; pick another --output-dir") from None
 
@@ -257,7 +257,12 @@ def run(args: argparse.Namespace) -> dict:
     print(f"\nplan: {len(folded.layerfold_plan)} of {len(hf_layerfold.alpha_parameters(planned))} activations "
           f"removed; latency speed-up {latency['before'] / latency['after']:.2f}x at batch 1"
           + (f", {large['before'] / large['after']:.2f}x at batch {args.large_batch}" if large else ""))
-    print(f"folded vs. planned (trained) model: max |diff| {fold_err:.2e} (float rounding of the exact fold)")
+    if trainer.phase == "search":  # the search was longer than the run: the plan was never fixed and fine-tuned
+        print(f"training ended in the search phase (--search-epochs longer than the run): the folded model is the "
+              f"threshold plan of a model trained with soft α, max |diff| {fold_err:.2e} from it; lengthen the run "
+              "or shorten --search-epochs")
+    else:
+        print(f"folded vs. planned (trained) model: max |diff| {fold_err:.2e} (float rounding of the exact fold)")
     print(f"reloaded via timm.create_model('local-dir:{path}'): max |diff| {reload_diff:.1e} (identical)")
     print(f"saved: {', '.join(sorted(p.name for p in Path(path).iterdir()))}")
     wall = time.perf_counter() - start

@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> dict:
     script, config, training_args = parse(argv)
     # checked before training: a folder the save would refuse (or replace a run's files in) would lose the run
     folded_dir = check_save_target(script.folded_dir or f"{training_args.output_dir}/folded",
-                                   beside=[training_args.output_dir])
+                                   beside=[training_args.output_dir],
+                                   replace_hint="remove it first, or choose another --folded_dir")
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 

@@ -25,8 +25,9 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_layerfold as lf
-from hf_layerfold.data import load_image_dataset
-from hf_layerfold.hub import check_repo_id, check_save_target
+from hf_layerfold.data import detect_columns, load_image_dataset, num_labels_of
+from hf_layerfold.hub import check_repo_id, check_save_target, is_folded_save
+from hf_layerfold.phases import PhaseState
 from hf_layerfold.trainer import LayerFoldingTrainer
 
 logger = logging.getLogger("fold_imagenet")
@@ -42,6 +43,8 @@ class ScriptArguments:
     train_split: str = field(default="train")
     eval_split: str = field(default="validation")
     shuffle_buffer: int = field(default=10_000, metadata={"help": "streaming shuffle buffer (examples)"})
+    num_classes: int | None = field(default=None, metadata={
+        "help": "classes of the head (default: the training set's ClassLabel count, else the model's own)"})
     num_train_examples: int | None = field(default=None, metadata={
         "help": "training-set size, to turn epochs into steps when streaming (default: the dataset card's)"})
     max_eval_samples: int | None = field(default=None, metadata={"help": "evaluate on the first N examples"})
@@ -78,13 +81,47 @@ def steps_per_epoch(script: ScriptArguments, args: TrainingArguments, train) -> 
     return math.ceil(n / per_step)
 
 
-def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig) -> torch.nn.Module:
-    model = timm.create_model(script.model_name, pretrained=script.pretrained and not script.init_from)
+def head_size(script: ScriptArguments, train) -> dict:
+    """``num_classes`` for timm: the flag, else the training set's class count (a local imagefolder of 10 classes
+    trained a 1000-way head), else nothing (the model's own)."""
+    if script.num_classes is not None:
+        return {"num_classes": script.num_classes}
+    try:
+        classes = num_labels_of(train, detect_columns(train)[1])
+    except ValueError:  # no recognizable label column: the trainer names what it found
+        classes = None
+    return {} if classes is None else {"num_classes": classes}
+
+
+def check_init_source(source: Path, config: lf.LayerFoldingConfig) -> None:
+    """What ``--init_from`` can start from: a run's save with the sites, sharing and threshold this run uses."""
+    if is_folded_save(source):
+        raise ValueError(f"--init_from {source} is a folded save; give the run's output_dir (its planned or "
+                         "searching model.safetensors), or fine-tune the folded model as it is")
+    if not (source / "layerfold_config.json").is_file():
+        return
+    saved = lf.LayerFoldingConfig.from_pretrained(source)
+    differ = [f"{name}: {getattr(saved, name)!r} there, {getattr(config, name)!r} here"
+              for name in ("target_modules", "exclude_modules", "alpha_sharing")
+              if getattr(saved, name) != getattr(config, name)]
+    if differ:
+        raise ValueError(f"--init_from {source} was trained with other sites ({'; '.join(differ)}): give the same "
+                         "flags, or start from lf.LayerFoldingConfig.from_pretrained of that folder")
+
+
+def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig, train) -> torch.nn.Module:
+    model = timm.create_model(script.model_name, pretrained=script.pretrained and not script.init_from,
+                              **head_size(script, train))
     if script.init_from:  # a prepared model's state dict: timm's keys plus each site's α and phase
+        source = Path(script.init_from)
+        check_init_source(source, config)
         lf.prepare_model(model, config)
-        state = load_file(str(Path(script.init_from) / "model.safetensors"))
+        state = load_file(str(source / "model.safetensors"))
         recorded = lf.FoldPlan.from_state_dict(state)  # a run that reached its fine-tune phase: its plan
         if recorded is not None:
+            logger.warning("init_from %s: its plan was fixed when it ended (a search that took every step ends "
+                           "planned): that plan is reused and --threshold does not apply; to choose the plan "
+                           "again, start from one of its checkpoints saved before the plan was fixed", source)
             lf.apply_plan(model, recorded, config)
         model.load_state_dict(state)
         plan = lf.FoldPlan.from_model(model, threshold=config.threshold)
@@ -95,6 +132,12 @@ def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig) -> torch
         config.alpha_sharing = model.layerfold_config.alpha_sharing  # the trainer's config follows the model
         logger.info("--plan: %d linear sites, no search", len(model.layerfold_plan))
     return model
+
+
+def searched(init_from: str | None) -> bool:
+    """Whether the plan came from a search: an ``--init_from`` run of a fixed ``--plan`` searched nothing."""
+    state = PhaseState.read(init_from) if init_from else None
+    return state is None or state.search_steps != 0
 
 
 def parse(argv: list[str] | None) -> tuple[ScriptArguments, lf.LayerFoldingConfig, TrainingArguments]:
@@ -112,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
     if script.init_from and script.plan:
         raise ValueError("--init_from and --plan both fix the plan: give one of them")
     # what the end of the run needs, checked before it starts: a bad folder or repo id would lose the training
-    folded_dir = check_save_target(script.folded_dir or f"{args.output_dir}/folded", beside=[args.output_dir])
+    folded_dir = check_save_target(script.folded_dir or f"{args.output_dir}/folded", beside=[args.output_dir],
+                                   replace_hint="remove it first, or choose another --folded_dir")
     if script.push_folded_to:
         check_repo_id(script.push_folded_to, "--push_folded_to")
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING,
@@ -137,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
     if script.init_from or script.plan:
         config.search_steps = 0
 
-    model = build_model(script, config)
+    model = build_model(script, config, train)
     teacher = None
     if config.distill_weight > 0:
         if not script.teacher_model_name:
@@ -157,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary["folded_dir"] = str(trainer.save_folded(
             folded_dir, push_to_hub=bool(script.push_folded_to), repo_id=script.push_folded_to,
             datasets=None if local_data else script.dataset_name, base_model=base_model,
-            plan_searched=not script.plan, **({} if script.pretrained else {"license": False})))
+            plan_searched=not script.plan and searched(script.init_from),
+            **({} if script.pretrained else {"license": False})))
     else:  # a search-only run (two-run recipe, step 1): the next run starts from it with --init_from
         summary["search_run"] = args.output_dir
     if trainer.is_world_process_zero():

@@ -124,11 +124,12 @@ def check_repo_id(repo_id: str, name: str = "repo_id") -> None:
 
 
 def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = False,
-                      beside: Sequence[str | os.PathLike] = ()) -> Path:
+                      beside: Sequence[str | os.PathLike] = (), replace_hint: str = "pass overwrite=True") -> Path:
     """Refuse, before any work, what :func:`save_folded` would refuse at its end (a script calls this before
     training, so a long run is not lost to a bad ``--folded_dir``). ``beside``: directories the run writes itself
     (Trainer's ``output_dir``): the save may go inside one, never be one or above one, which its checkpoints would
-    fill before the save. Returns the directory the save will write (a symbolic link followed)."""
+    fill before the save. ``replace_hint``: how the caller's user replaces a directory (a script without an
+    overwrite flag says so). Returns the directory the save will write (a symbolic link followed)."""
     target = _followed(Path(save_directory).expanduser().absolute())
     for other in beside:
         other = Path(other).expanduser().absolute().resolve()
@@ -136,23 +137,23 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
             raise FileExistsError(f"the folded model's directory {save_directory} is {other} or one above it, where "
                                   "the run writes its checkpoints; save it into a directory of its own (e.g. "
                                   f"{other / 'folded'})")
-    _check_target(target, overwrite)
+    _check_target(target, overwrite, replace_hint)
     return target
 
 
-def _check_target(target: Path, overwrite: bool) -> None:
+def _check_target(target: Path, overwrite: bool, hint: str = "pass overwrite=True") -> None:
     check_not_working_directory(target)
     if overwrite or not (target.exists() or target.is_symlink()):
         return
     if not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory; pass overwrite=True to replace it")
+        raise FileExistsError(f"{target} exists and is not a directory; {hint} to replace it")
     if any(target.iterdir()) and not is_folded_save(target):
         raise FileExistsError(f"{target} is a non-empty directory that is not a folded-model save; refusing to "
-                              "replace it (pass overwrite=True to replace the whole directory)")
+                              f"replace it ({hint} to replace the whole directory)")
     extra = foreign_entries(target)
     if extra:
         raise FileExistsError(f"{target} holds a folded save and also {extra}, which a save does not write; refusing "
-                              "to replace it (pass overwrite=True to replace the whole directory, those included)")
+                              f"to replace it ({hint} to replace the whole directory, those included)")
 
 
 def _followed(target: Path) -> Path:

@@ -65,8 +65,9 @@ def test_streamed_run_turns_epochs_into_steps_and_saves_a_folded_model(script, i
     folded = out / "folded"
     assert is_folded_save(folded)
     model = LayerFoldedModel.from_pretrained(folded)
-    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)  # the folder's classes (a 1000-way head before)
     config = json.loads((folded / "config.json").read_text())
+    assert config["label_names"][:2] == ["Ankle boot", "Bag"]  # imagefolder's (sorted) class names, carded
     card = (folded / "README.md").read_text()
     # random weights carry timm's pretrained cfg, license included, and a local folder is no Hub dataset: neither
     # reaches the card's metadata (they used to: license apache-2.0, datasets: the folder's path)
@@ -115,6 +116,11 @@ def test_search_run_then_init_from_fine_tunes_its_plan(script, imagefolder, tmp_
     assert state["phase"] == "finetune" and state["search_steps"] == 0 and state["global_step"] == 2
     assert state["plan"] == searched["plan"]  # the plan comes from the search run's α
     assert is_folded_save(tuned / "folded")
+    with pytest.raises(ValueError, match="is a folded save; give the run's output_dir"):
+        script.main(common(imagefolder, tmp_path / "x") + ["--max_steps", "2", "--init_from", str(tuned / "folded")])
+    with pytest.raises(ValueError, match=r"trained with other sites \(alpha_sharing: 'site' there, 'block' here"):
+        script.main(common(imagefolder, tmp_path / "x") + ["--max_steps", "2", "--init_from", str(search),
+                                                           "--alpha_sharing", "block"])
 
 
 def test_a_fixed_plan_skips_the_search(script, imagefolder, tmp_path):
@@ -127,6 +133,9 @@ def test_a_fixed_plan_skips_the_search(script, imagefolder, tmp_path):
     assert is_folded_save(out / "folded")
     with pytest.raises(ValueError, match="give one of them"):
         script.main(common(imagefolder, out) + ["--plan", "blocks.1.1", "--init_from", str(out)])
+    again = tmp_path / "again"  # a run started from a fixed plan's run: no search behind its card either
+    script.main(common(imagefolder, again) + ["--streaming", "false", "--max_steps", "1", "--init_from", str(out)])
+    assert "chosen before training (a fixed plan, not searched)" in (again / "folded" / "README.md").read_text()
 
 
 def test_streamed_size_defaults_to_the_split_info(script, imagefolder, tmp_path):
@@ -156,7 +165,7 @@ def test_the_recipe_runs_under_accelerate_launch_on_two_processes(imagefolder, t
     state = json.loads((out / "layerfold_state.json").read_text())
     assert state["global_step"] == 3 and state["search_steps"] == 2  # ceil(40 / (8 per process x 2 processes))
     assert state["phase"] == "finetune" and state["plan"]["linear_sites"]
-    planned = lf.prepare_model(timm.create_model("mobilenetv2_035", num_classes=1000),
+    planned = lf.prepare_model(timm.create_model("mobilenetv2_035", num_classes=10),
                                lf.LayerFoldingConfig.from_pretrained(out))
     lf.apply_plan(planned, lf.FoldPlan.from_dict(state["plan"]))
     planned.load_state_dict(load_file(out / "model.safetensors"))
