@@ -752,6 +752,9 @@ def patch_hf_client(mp: pytest.MonkeyPatch, url: str, token: str | None, home: P
         module = sys.modules.get(module_name)
         if module is not None and hasattr(module, "ENDPOINT"):
             mp.setattr(module, "ENDPOINT", url)
+    transformers_hub = sys.modules.get("transformers.utils.hub")
+    if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):
+        mp.setattr(transformers_hub, "_hf_api", None)  # transformers' shared HfApi kept the endpoint of its first use
     cache_manager = sys.modules.get("huggingface_hub.utils._cache_manager")
     if cache_manager is not None:
         mp.setattr(cache_manager, "HF_HUB_CACHE", str(hub_cache))  # scan_cache_dir default
