@@ -161,11 +161,6 @@ class _MaxPoolNet(_SharedActNet):
         self.global_pool = pool
         del self.num_features
 
-    def forward(self, x):
-        x = self.act(self.b1(self.c1(x)))
-        x = self.act(self.b2(self.c2(x)))
-        return self.fc(self.global_pool(self.c3(x)).flatten(1))
-
 
 @register_model_rule(_MaxPoolNet)
 def _max_pool_rule(model):
