@@ -90,7 +90,11 @@ def head_size(script: ScriptArguments, train) -> dict:
         classes = num_labels_of(train, detect_columns(train)[1])
     except ValueError:  # no recognizable label column: the trainer names what it found
         classes = None
-    return {} if classes is None else {"num_classes": classes}
+    if classes is None:
+        logger.warning("the training set names no classes (integer labels): the head keeps %s's own size; pass "
+                       "--num_classes for another", script.model_name)
+        return {}
+    return {"num_classes": classes}
 
 
 def check_init_source(source: Path, config: lf.LayerFoldingConfig) -> None:

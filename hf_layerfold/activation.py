@@ -281,6 +281,12 @@ class FoldableActivation(nn.Module):
             return
         recorded = _decode_phase(state_dict[key])
         if recorded == self.fixed:
+            if self.fixed is not None:  # a planned α is implied by its phase: weights planned with α shared by
+                alpha = prefix + "alpha"  # block and per site (prepare_with_plan) load into each other
+                if alpha in missing_keys:
+                    missing_keys.remove(alpha)
+                if alpha in unexpected_keys:
+                    unexpected_keys.remove(alpha)
             return
         earlier = next((i for i, msg in enumerate(error_msgs) if msg.endswith(tuple(_PLAN_ADVICE.values()))), None)
         if earlier is None:  # one message for the whole model: the first site, and how many more disagree

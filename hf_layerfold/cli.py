@@ -374,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 build_parser()[0].print_help(sys.stderr)
                 return 2
             _setup_logging(args.verbose, args.quiet)
-            if getattr(args, "device", None):  # "auto" resolved once: results and logs name the device used
+            if getattr(args, "device", None) is not None:  # "auto" resolved once: results and logs name the device
                 args.device = str(torch_device(args.device, timing=args.command in ("benchmark", "gains")))
             if not args.threads:
                 return int(args.func(args) or 0)

@@ -307,12 +307,13 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
 
 
 def training_run_card(repo_id: str, arch: str | None, num_classes: int, phase: str, linear_sites: int | None,
-                      sites: int) -> str:
+                      sites: int, in_chans: int = 3) -> str:
     """The card of a ``LayerFoldingTrainer`` run pushed by Trainer (``push_to_hub=True``): prepared or planned
     weights, not the folded model, and how to rebuild them."""
     state = ("its search for the activations that can go was under way" if linear_sites is None else
              f"its plan makes {linear_sites} of {sites} activation sites linear")
     name = arch or "<the timm architecture>"
+    channels = f", in_chans={in_chans}" if in_chans != 3 else ""
     return f"""---
 library_name: hf_layerfold
 tags:
@@ -336,7 +337,8 @@ from safetensors.torch import load_file
 import hf_layerfold as lf
 
 folder = Path(snapshot_download("{repo_id}"))
-model = lf.prepare_model(timm.create_model("{name}", num_classes={num_classes}),
+# (with any other arguments the run's model was created with)
+model = lf.prepare_model(timm.create_model("{name}", num_classes={num_classes}{channels}),
                          lf.LayerFoldingConfig.from_pretrained(folder))
 state = load_file(folder / "model.safetensors")
 plan = lf.FoldPlan.from_state_dict(state)

@@ -80,9 +80,11 @@ class FoldPlan:
         dict of a searching model: apply it before loading such weights (``load_state_dict`` refuses them into a
         model without that plan)."""
         phases = recorded_phases(state_dict)
-        for wrapper in _WRAPPER_PREFIXES:  # the state dict of a wrapped model: DDP, torch.compile, TimmWrapper
-            if phases and all(site.startswith(wrapper) for site in phases):
-                phases = {site[len(wrapper):]: phase for site, phase in phases.items()}
+        while phases:  # the state dict of a wrapped model (DDP, torch.compile, TimmWrapper), in any nesting
+            wrapper = next((w for w in _WRAPPER_PREFIXES if all(site.startswith(w) for site in phases)), None)
+            if wrapper is None:
+                break
+            phases = {site[len(wrapper):]: phase for site, phase in phases.items()}
         if not phases or set(phases.values()) == {None}:
             return None
         if None in phases.values():

@@ -32,6 +32,7 @@ from .data import (
     prepare_datasets,
 )
 from .files import write_text_atomic
+from .folded_net import LayerFoldedNet
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
 from .metrics import BatchedTopK, check_metric_name, compute_metrics
 from .model_card import training_run_card
@@ -194,6 +195,9 @@ class LayerFoldingTrainer(TrainerData, Trainer):
                              "whatever the dataset's column is called; leave label_names unset")
         if args.batch_eval_metrics and compute_metrics is _default_metrics:
             compute_metrics = BatchedTopK()  # the same metrics, counted batch by batch
+        if args.push_to_hub and isinstance(model, LayerFoldedNet):  # Trainer's push has no folded spec to send
+            raise ValueError("push_to_hub=True with a folded net would publish weights without their structure: "
+                             "publish it with trainer.save_folded(push_to_hub=True, repo_id=...) after training")
         if not hasattr(model, "main_input_name"):  # what Trainer reads for include_for_metrics=["inputs"]
             model.main_input_name = "pixel_values"
 
@@ -421,7 +425,9 @@ class LayerFoldingTrainer(TrainerData, Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer copies only transformers' files from a checkpoint to the folder it pushes: the phase, plan and
         config go too, or the pushed weights could not be rebuilt."""
-        if self.args.should_save:
+        pushes = (self.is_world_process_zero() and self.args.hub_strategy != "end" and (
+            self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()))
+        if pushes:  # (as Trainer decides: a push still running is not followed by another, nor its files changed)
             for name in (STATE_NAME, CONFIG_NAME):
                 if (Path(checkpoint_folder) / name).is_file():
                     shutil.copy(Path(checkpoint_folder) / name, Path(self.args.output_dir) / name)
@@ -437,7 +443,8 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         repo = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
         text = training_run_card(repo, arch, int(getattr(model, "num_classes", 0)), self._phase,
-                                 None if plan is None else len(plan), len(self._alphas))
+                                 None if plan is None else len(plan), len(self._alphas),
+                                 in_chans=int(getattr(model, "in_chans", 3)))
         write_text_atomic(Path(self.args.output_dir) / "README.md", text)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,

@@ -345,8 +345,10 @@ def resolve_device(name: str, *, timing: bool = False):
     if device.type not in ("cpu", "cuda", *others):
         raise ValueError(f"invalid device {name!r}: supported devices are cpu, cuda, cuda:N and auto"
                          + ("" if timing else " (and mps or xpu where torch has them)"))
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise ValueError(f"invalid device {name!r}: there is one CPU device, cpu")
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise ValueError(f"invalid device {name!r}: there is one CPU device, cpu")
+        return torch.device("cpu")  # (cpu:0 is cpu: what Trainer's use_cpu is decided from)
     backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, device.type, None)
     if device.type != "cpu" and not (backend is not None and backend.is_available()):
         raise RuntimeError(f"device {name!r} requested but {device.type.upper()} is not available on this machine")
@@ -505,5 +507,5 @@ def training_arguments(output_dir: str, *, epochs: float = 1.0, max_steps: int =
         per_device_eval_batch_size=batch_size, learning_rate=lr, weight_decay=weight_decay,
         warmup_steps=warmup_steps, lr_scheduler_type="cosine", seed=seed, dataloader_num_workers=num_workers,
         logging_steps=logging_steps, save_strategy="no", eval_strategy="no", report_to="none",
-        remove_unused_columns=False, use_cpu=device == "cpu", bf16=mixed_precision == "bf16",
+        remove_unused_columns=False, use_cpu=device.startswith("cpu"), bf16=mixed_precision == "bf16",
         fp16=mixed_precision == "fp16", disable_tqdm=not progress)

@@ -74,3 +74,11 @@ def test_activations_removed_where_a_merge_was_split_are_on_the_card(tmp_path):
     assert len(_listed_activations(section)) == len(sites) == 6
     assert "4 of the removed activations sit where a merge was split" in section
     assert "| `layer2` | `0.act1` |" in section and "| `conv1` | `2` |" in section
+
+
+def test_a_training_run_card_rebuilds_the_models_input_channels():
+    from hf_layerfold.model_card import training_run_card
+
+    card = training_run_card("org/run", "mobilenetv2_035", 10, "finetune", 4, 34, in_chans=1)
+    assert 'timm.create_model("mobilenetv2_035", num_classes=10, in_chans=1)' in card  # (its first conv's shape)
+    assert "in_chans" not in training_run_card("org/run", "mobilenetv2_035", 10, "search", None, 34)

@@ -188,3 +188,19 @@ def test_hooks_of_a_replaced_activation_do_not_fire_half_the_time():
     lf.apply_plan(model, [])  # every site kept non-linear: the copy inside runs its activation
     model.eval()(torch.randn(1, 3, 32, 32))
     assert calls == []  # not carried over (as the warning says), rather than run on some paths only
+
+
+def test_planned_weights_load_across_alpha_sharing_and_wrapper_nesting():
+    """A planned α is implied by its phase: weights planned with block-shared α (no α for the sites that share)
+    load into a per-site planned model (``prepare_with_plan``) and back."""
+    block = _prepared(alpha_sharing="block")
+    plan = lf.FoldPlan.from_blocks(block, ["blocks.1.0", "blocks.2.0"])
+    lf.apply_plan(block, plan)
+    per_site = lf.prepare_with_plan(timm.create_model("mobilenetv2_050", num_classes=10), plan,
+                                    lf.LayerFoldingConfig(blend="eager"))
+    per_site.load_state_dict(block.state_dict())
+    x = torch.randn(1, 3, 40, 40)
+    assert torch.equal(per_site.eval()(x), block.eval()(x))
+    block.load_state_dict(per_site.state_dict())
+    nested = {f"_orig_mod.module.{k}": v for k, v in block.state_dict().items()}  # compile around DDP
+    assert lf.FoldPlan.from_state_dict(nested) == plan

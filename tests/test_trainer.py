@@ -782,6 +782,15 @@ def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
         assert rebuilt.layerfold_plan == applied_plan(trainer.model)
 
 
+def test_trainer_push_of_a_folded_net_is_refused(tmp_path, fashion):
+    """Trainer's push would send a folded net's weights without the spec that rebuilds it (no config.json)."""
+    model = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig(**CFG))
+    folded = lf.fold_model(lf.apply_plan(model, lf.FoldPlan()))
+    with pytest.raises(ValueError, match=r"publish it with trainer.save_folded\(push_to_hub=True"):
+        make_trainer(tmp_path, fashion, model=folded, train_args=args_for(tmp_path, push_to_hub=True,
+                                                                          hub_model_id="test-org/x"))
+
+
 def test_trainer_arguments_it_cannot_follow_are_named(tmp_path, fashion):
     with pytest.raises(ValueError, match=r"label_names=\['label'\]: LayerFoldingTrainer's batches name the labels"):
         make_trainer(tmp_path, fashion, train_args=args_for(tmp_path, max_steps=2, label_names=["label"]))

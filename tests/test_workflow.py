@@ -54,6 +54,9 @@ def test_devices_are_checked_against_this_machine(monkeypatch, capsys, tmp_path)
 
     with pytest.raises(ValueError, match="there is one CPU device"):
         resolve_device("cpu:1")
+    assert str(resolve_device("cpu:0")) == "cpu"  # what fold's use_cpu is decided from (cpu:0 trained on a GPU)
+    with pytest.raises(ValueError, match="invalid device ''"):
+        resolve_device("")
     with pytest.raises(ValueError, match="supported devices are cpu, cuda, cuda:N and auto$"):
         resolve_device("mps", timing=True)  # timing synchronises CPU and CUDA clocks only
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
