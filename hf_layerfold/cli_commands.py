@@ -202,7 +202,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
                     len(data.train), len(data.eval), data.eval_split, scratch)
         trainer.train()
         metrics = trainer.evaluate()
-        accuracy = {"after": metrics["eval_top1"], "split": data.eval_split, "metric": "top-1 accuracy"}
+        accuracy = {"after": metrics["eval_top1"], "split": data.eval_split, "metric": "top-1 accuracy",
+                    "images": len(data.eval)}
         if data.hub_id:
             accuracy["dataset"] = data.hub_id
         try:

@@ -195,7 +195,7 @@ def latency_section(latency: Mapping[str, Any] | None) -> dict | None:
 
 
 def accuracy_section(accuracy: Mapping[str, Any] | None) -> dict | None:
-    """``{"before", "after", "split", "dataset"?, "metric"?}`` with fractions in [0, 1] → rows."""
+    """``{"before", "after", "split", "dataset"?, "metric"?, "images"?}`` with fractions in [0, 1] → rows."""
     if not accuracy:
         return None
     _require("accuracy", accuracy, ("split",))
@@ -207,6 +207,8 @@ def accuracy_section(accuracy: Mapping[str, Any] | None) -> dict | None:
             raise ValueError(f"card field 'accuracy' values must be fractions in [0, 1], got {v}")
     metric = accuracy.get("metric", "top-1 accuracy")
     where = f"the `{accuracy['split']}` split" + (f" of `{accuracy['dataset']}`" if accuracy.get("dataset") else "")
+    if accuracy.get("images"):  # a subset is not the split
+        where += f" ({accuracy['images']} images)"
     rows = [{"name": n, "value": f"{v:.2%}"} for n, v in (("Before folding", before), ("After folding", after))
             if v is not None]
     if before is not None and after is not None:

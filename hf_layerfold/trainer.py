@@ -162,6 +162,12 @@ class LayerFoldingTrainer(TrainerData, Trainer):
             raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
         if teacher_model is not None and config.distill_weight == 0:
             logger.warning("teacher_model is given but distill_weight=0: the teacher is not used")
+        teacher_classes = getattr(teacher_model, "num_classes", None)
+        if teacher_classes is not None and config.distill_weight > 0 and teacher_classes != getattr(
+                model, "num_classes", teacher_classes):
+            raise ValueError(f"the teacher predicts {teacher_classes} classes, the model {model.num_classes}: "
+                             "distillation compares their outputs class by class; give a teacher with the model's "
+                             "head (fine-tuned on the same classes)")
         site_alphas = alpha_parameters(model)  # (Trainer moves the model in place: the α objects stay the same)
         reg_weights = None if not site_alphas else site_regularizer_weights(list(site_alphas),
                                                                             config.regularizer_weights)
@@ -552,4 +558,9 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         if dataset is None:
             logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
             return None
-        return {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
+        result = {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
+        try:  # what the figure was measured on, in the card: a subset is not the split
+            result["dataset_name"] = f"{dataset} ({len(self.eval_dataset)} evaluation images)"
+        except TypeError:  # a streaming set: no length
+            pass
+        return result

@@ -82,3 +82,10 @@ def test_a_training_run_card_rebuilds_the_models_input_channels():
     card = training_run_card("org/run", "mobilenetv2_035", 10, "finetune", 4, 34, in_chans=1)
     assert 'timm.create_model("mobilenetv2_035", num_classes=10, in_chans=1)' in card  # (its first conv's shape)
     assert "in_chans" not in training_run_card("org/run", "mobilenetv2_035", 10, "search", None, 34)
+
+
+def test_an_accuracy_measured_on_some_images_says_how_many():
+    from hf_layerfold.model_card import accuracy_section
+
+    section = accuracy_section({"after": 0.5, "split": "test", "dataset": "org/data", "images": 32})
+    assert section["setting"] == "Top-1 accuracy on the `test` split of `org/data` (32 images)."

@@ -782,6 +782,15 @@ def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
         assert rebuilt.layerfold_plan == applied_plan(trainer.model)
 
 
+def test_a_teacher_with_another_head_is_refused(tmp_path, fashion):
+    """It failed at the first step in the distillation loss (1000 against 10 logits)."""
+    teacher = tiny_model()
+    teacher.reset_classifier(1000)
+    with pytest.raises(ValueError, match="the teacher predicts 1000 classes, the model 10"):
+        make_trainer(tmp_path, fashion, teacher_model=teacher,
+                     config=lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.5}))
+
+
 def test_trainer_push_of_a_folded_net_is_refused(tmp_path, fashion):
     """Trainer's push would send a folded net's weights without the spec that rebuilds it (no config.json)."""
     model = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig(**CFG))
@@ -826,7 +835,9 @@ def test_the_card_gets_the_evaluation_of_the_model_it_folds(tmp_path, fashion):
     trainer.evaluate(fashion["train"].select(range(16)))  # another set: not what the card describes
     assert trainer._eval_results("zalando-datasets/fashion_mnist")["metrics"]["top1"] == at_best["eval_top1"]
     after = trainer.evaluate()  # an evaluation after training, on the eval set: the card takes it
-    assert trainer._eval_results("zalando-datasets/fashion_mnist")["metrics"]["top1"] == after["eval_top1"]
+    carded = trainer._eval_results("zalando-datasets/fashion_mnist")
+    assert carded["metrics"]["top1"] == after["eval_top1"]
+    assert carded["dataset_name"] == "zalando-datasets/fashion_mnist (32 evaluation images)"  # a subset, said so
 
 
 def test_persistent_workers_evaluate_the_set_they_are_given(tmp_path, fashion):
