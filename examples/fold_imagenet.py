@@ -97,17 +97,18 @@ def head_size(script: ScriptArguments, train) -> dict:
     return {"num_classes": classes}
 
 
-def check_init_source(source: Path, config: lf.LayerFoldingConfig) -> None:
-    """What ``--init_from`` can start from: a run's save with the sites, sharing and threshold this run uses."""
+def check_init_source(source: Path, config: lf.LayerFoldingConfig, planned: bool) -> None:
+    """What ``--init_from`` can start from: a run's save with the sites this run prepares, and while it was still
+    searching, the same α sharing (a planned α is implied by its phase, so planned weights load either way)."""
     if is_folded_save(source):
         raise ValueError(f"--init_from {source} is a folded save; give the run's output_dir (its planned or "
                          "searching model.safetensors), or fine-tune the folded model as it is")
     if not (source / "layerfold_config.json").is_file():
         return
     saved = lf.LayerFoldingConfig.from_pretrained(source)
+    fields = ("target_modules", "exclude_modules") + (() if planned else ("alpha_sharing",))
     differ = [f"{name}: {getattr(saved, name)!r} there, {getattr(config, name)!r} here"
-              for name in ("target_modules", "exclude_modules", "alpha_sharing")
-              if getattr(saved, name) != getattr(config, name)]
+              for name in fields if getattr(saved, name) != getattr(config, name)]
     if differ:
         raise ValueError(f"--init_from {source} was trained with other sites ({'; '.join(differ)}): give the same "
                          "flags, or start from lf.LayerFoldingConfig.from_pretrained of that folder")
@@ -118,12 +119,14 @@ def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig, train) -
                               **head_size(script, train))
     if script.init_from:  # a prepared model's state dict: timm's keys plus each site's α and phase
         source = Path(script.init_from)
-        check_init_source(source, config)
-        lf.prepare_model(model, config)
+        if is_folded_save(source) or not (source / "model.safetensors").is_file():
+            check_init_source(source, config, planned=False)  # (names a folded save before the missing file)
         state = load_file(str(source / "model.safetensors"))
         recorded = lf.FoldPlan.from_state_dict(state)  # a run that reached its fine-tune phase: its plan
+        check_init_source(source, config, planned=recorded is not None)
+        lf.prepare_model(model, config)
         if recorded is not None:
-            logger.warning("init_from %s: its plan was fixed when it ended (a search that took every step ends "
+            logger.warning("init_from %s: its plan was fixed when it ended (a search as long as its run ends "
                            "planned): that plan is reused and --threshold does not apply; to choose the plan "
                            "again, start from one of its checkpoints saved before the plan was fixed", source)
             lf.apply_plan(model, recorded, config)

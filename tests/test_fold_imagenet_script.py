@@ -118,9 +118,9 @@ def test_search_run_then_init_from_fine_tunes_its_plan(script, imagefolder, tmp_
     assert is_folded_save(tuned / "folded")
     with pytest.raises(ValueError, match="is a folded save; give the run's output_dir"):
         script.main(common(imagefolder, tmp_path / "x") + ["--max_steps", "2", "--init_from", str(tuned / "folded")])
-    with pytest.raises(ValueError, match=r"trained with other sites \(alpha_sharing: 'site' there, 'block' here"):
+    with pytest.raises(ValueError, match=r"trained with other sites \(exclude_modules: \[\] there, \['bn1.act'\] here"):
         script.main(common(imagefolder, tmp_path / "x") + ["--max_steps", "2", "--init_from", str(search),
-                                                           "--alpha_sharing", "block"])
+                                                           "--exclude_modules", "bn1.act"])
 
 
 def test_a_fixed_plan_skips_the_search(script, imagefolder, tmp_path):
