@@ -57,6 +57,7 @@ import hf_layerfold  # noqa: F401  (registers the layerfold_net architecture wit
 from hf_layerfold import LayerFoldingConfig, fold_model, fold_stats
 from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
 from hf_layerfold.hub import check_save_target
+from hf_layerfold.phases import SEARCH
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
 from hf_layerfold.trainer import LayerFoldingTrainer
 from hf_layerfold.workflow import (
@@ -257,7 +258,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"\nplan: {len(folded.layerfold_plan)} of {len(hf_layerfold.alpha_parameters(planned))} activations "
           f"removed; latency speed-up {latency['before'] / latency['after']:.2f}x at batch 1"
           + (f", {large['before'] / large['after']:.2f}x at batch {args.large_batch}" if large else ""))
-    if trainer.phase == "search":  # the search was longer than the run: the plan was never fixed and fine-tuned
+    if trainer.phase == SEARCH:  # the search was longer than the run: the plan was never fixed and fine-tuned
         print(f"training ended in the search phase (--search-epochs longer than the run): the folded model is the "
               f"threshold plan of a model trained with soft α, max |diff| {fold_err:.2e} from it; lengthen the run "
               "or shorten --search-epochs")

@@ -25,9 +25,11 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_layerfold as lf
+from hf_layerfold.config import CONFIG_NAME
 from hf_layerfold.data import detect_columns, load_image_dataset, num_labels_of
 from hf_layerfold.hub import check_repo_id, check_save_target, is_folded_save
 from hf_layerfold.phases import PhaseState
+from hf_layerfold.timm_registry import WEIGHTS_NAME
 from hf_layerfold.trainer import LayerFoldingTrainer
 
 logger = logging.getLogger("fold_imagenet")
@@ -97,13 +99,10 @@ def head_size(script: ScriptArguments, train) -> dict:
     return {"num_classes": classes}
 
 
-def check_init_source(source: Path, config: lf.LayerFoldingConfig, planned: bool) -> None:
-    """What ``--init_from`` can start from: a run's save with the sites this run prepares, and while it was still
-    searching, the same α sharing (a planned α is implied by its phase, so planned weights load either way)."""
-    if is_folded_save(source):
-        raise ValueError(f"--init_from {source} is a folded save; give the run's output_dir (its planned or "
-                         "searching model.safetensors), or fine-tune the folded model as it is")
-    if not (source / "layerfold_config.json").is_file():
+def check_same_sites(source: Path, config: lf.LayerFoldingConfig, planned: bool) -> None:
+    """An ``--init_from`` run prepared the sites this run prepares, and while it was still searching, shared α the
+    same way (a planned α is implied by its phase, so planned weights load either way)."""
+    if not (source / CONFIG_NAME).is_file():
         return
     saved = lf.LayerFoldingConfig.from_pretrained(source)
     fields = ("target_modules", "exclude_modules") + (() if planned else ("alpha_sharing",))
@@ -119,21 +118,23 @@ def build_model(script: ScriptArguments, config: lf.LayerFoldingConfig, train) -
                               **head_size(script, train))
     if script.init_from:  # a prepared model's state dict: timm's keys plus each site's α and phase
         source = Path(script.init_from)
-        if is_folded_save(source) or not (source / "model.safetensors").is_file():
-            check_init_source(source, config, planned=False)  # (names a folded save before the missing file)
-        state = load_file(str(source / "model.safetensors"))
+        if is_folded_save(source):
+            raise ValueError(f"--init_from {source} is a folded save; give the run's output_dir (its planned or "
+                             "searching model.safetensors), or fine-tune the folded model as it is")
+        state = load_file(str(source / WEIGHTS_NAME))
         recorded = lf.FoldPlan.from_state_dict(state)  # a run that reached its fine-tune phase: its plan
-        check_init_source(source, config, planned=recorded is not None)
+        check_same_sites(source, config, planned=recorded is not None)
         lf.prepare_model(model, config)
         if recorded is not None:
             logger.warning("init_from %s: its plan was fixed when it ended (a search as long as its run ends "
                            "planned): that plan is reused and --threshold does not apply; to choose the plan "
                            "again, start from one of its checkpoints saved before the plan was fixed", source)
             lf.apply_plan(model, recorded, config)
-        model.load_state_dict(state)
-        plan = lf.FoldPlan.from_model(model, threshold=config.threshold)
-        lf.apply_plan(model, plan, config)
-        logger.info("init_from %s: plan fixed with %d linear sites", script.init_from, len(plan))
+            model.load_state_dict(state)
+        else:  # a searching run's α: the plan is the sites past this run's threshold
+            model.load_state_dict(state)
+            lf.apply_plan(model, lf.FoldPlan.from_model(model, threshold=config.threshold), config)
+        logger.info("init_from %s: plan fixed with %d linear sites", script.init_from, len(model.layerfold_plan))
     elif script.plan:  # α frozen from the first step: one per site, so a plan may take one site of a block
         lf.prepare_with_plan(model, [name.strip() for name in script.plan.split(",") if name.strip()], config)
         config.alpha_sharing = model.layerfold_config.alpha_sharing  # the trainer's config follows the model

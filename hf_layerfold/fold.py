@@ -130,7 +130,8 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
         if plan is not None and len(plan):
             raise ValueError("plan names sites but the model is not prepared; call prepare_model first")
         plan = FoldPlan()
-    check_foldable(model)  # (a plain model has not been checked by prepare_model)
+    if not is_prepared(model):  # (prepare_model checked a prepared one)
+        check_foldable(model)
     was_training = model.training
     model.eval()
     try:

@@ -100,6 +100,10 @@ def conv_spec(conv: nn.Conv2d, pad_rules: list[PadRule] | None = None) -> dict:
     return spec
 
 
+class UnknownLayerTypeError(ValueError):
+    """A spec names a layer type no op is registered for here (a ``register_op`` of the code that saved it)."""
+
+
 def build_layer(spec: dict) -> nn.Module:
     kind = spec.get("type")
     if kind == "conv":
@@ -116,7 +120,7 @@ def build_layer(spec: dict) -> nn.Module:
         return Residual(build_sequence(spec["branch"]), shortcut)
     if kind in OP_BUILDERS:
         return OP_BUILDERS[kind](spec)
-    raise ValueError(f"unknown layer type {kind!r} in a folded-model spec")
+    raise UnknownLayerTypeError(f"unknown layer type {kind!r} in a folded-model spec")
 
 
 def build_sequence(specs: list[dict]) -> nn.Sequential:

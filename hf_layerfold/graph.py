@@ -50,6 +50,9 @@ class ModelGraph:
     drop_rate: float = 0.0
 
 
+WRAPPER_ATTRS = ("module", "timm_model", "_orig_mod")  # DDP / DataParallel, transformers' TimmWrapper, compile
+
+
 class UnsupportedModelError(ValueError):
     """The model (or one of its blocks) has no folding rule."""
 
@@ -117,7 +120,7 @@ def build_graph(model: nn.Module) -> ModelGraph:
 
     rule = lookup_rule(MODEL_RULES, model)
     if rule is None:
-        for attr in ("module", "timm_model", "_orig_mod"):  # DDP / DataParallel, transformers' TimmWrapper, compile
+        for attr in WRAPPER_ATTRS:
             inner = getattr(model, attr, None)
             if isinstance(inner, nn.Module) and lookup_rule(MODEL_RULES, inner) is not None:
                 raise UnsupportedModelError(

@@ -16,12 +16,11 @@ from .activation import FoldableActivation, recorded_phases
 from .config import LayerFoldingConfig, as_config
 from .files import write_text_atomic
 from .fold_math import composed_groups
-from .graph import ActNode, ConvNode, ResidualNode, build_graph
+from .graph import WRAPPER_ATTRS, ActNode, ConvNode, ResidualNode, build_graph
 from .layers import PaddedConv2d
 from .padding import PadRule, effective_kernel, pad_rule_of, static_chain_padding
 
 PLAN_NAME = "layerfold_plan.json"
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "timm_model.")
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ class FoldPlan:
         model without that plan)."""
         phases = recorded_phases(state_dict)
         while phases:  # the state dict of a wrapped model (DDP, torch.compile, TimmWrapper), in any nesting
-            wrapper = next((w for w in _WRAPPER_PREFIXES if all(site.startswith(w) for site in phases)), None)
+            wrapper = next((w for w in (f"{a}." for a in WRAPPER_ATTRS) if all(s.startswith(w) for s in phases)), None)
             if wrapper is None:
                 break
             phases = {site[len(wrapper):]: phase for site, phase in phases.items()}
@@ -418,7 +417,14 @@ def follow_applied_config(model: nn.Module, config: LayerFoldingConfig, who: str
     logger.warning("%s: the model's plan was applied with other %s (%s); the model is folded as its plan was "
                    "applied, and the config follows it", who, ", ".join(differ),
                    ", ".join(f"{f}={getattr(applied, f)!r}" for f in differ if f != "merge_costs"))
-    return replace(config, **{f: getattr(applied, f) for f in differ})
+    return with_fold_fields(config, applied)
+
+
+def with_fold_fields(config: LayerFoldingConfig, source: LayerFoldingConfig) -> LayerFoldingConfig:
+    """``config`` with ``source``'s :data:`FOLD_FIELDS` (itself when they agree)."""
+    if all(getattr(config, f) == getattr(source, f) for f in FOLD_FIELDS):
+        return config
+    return replace(config, **{f: getattr(source, f) for f in FOLD_FIELDS})
 
 
 def applied_plan(model: nn.Module) -> FoldPlan | None:
@@ -446,7 +452,7 @@ def check_plan(model: nn.Module, plan: FoldPlan) -> None:
 
 
 def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
-               config: LayerFoldingConfig | None = None) -> nn.Module:
+               config: LayerFoldingConfig | Mapping | None = None) -> nn.Module:
     """Fix the plan (a ``FoldPlan`` or site names) in a prepared model (in place): α = 1 on plan sites, 0
     elsewhere, all frozen.
 
@@ -468,7 +474,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
         raise ValueError("a different plan is already applied to this model; apply plans to a fresh copy")
     check_plan(model, plan)
     linear = set(plan.linear_sites)
-    config = config or getattr(model, "layerfold_config", None) or LayerFoldingConfig()
+    config = as_config(config) if config is not None else getattr(model, "layerfold_config", None) or \
+        LayerFoldingConfig()
     seg = segment_model(model, plan, config)
     for run in list(iter_runs(seg.items)) + list(iter_runs(seg.pre_logits)):
         if len(run.convs) < 2:
@@ -483,13 +490,13 @@ def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
     model.layerfold_plan = plan
     model.layerfold_applied_config = copy.deepcopy(config)  # folding must segment exactly as padding was moved
     own = getattr(model, "layerfold_config", None)
-    if own is not None and any(getattr(own, f) != getattr(config, f) for f in FOLD_FIELDS):
-        model.layerfold_config = replace(own, **{f: getattr(config, f) for f in FOLD_FIELDS})  # what a save records
+    if own is not None:
+        model.layerfold_config = with_fold_fields(own, config)  # what a save records
     return model
 
 
-def prepare_with_plan(model: nn.Module, plan: FoldPlan | list[str],
-                      config: LayerFoldingConfig | None = None) -> nn.Module:
+def prepare_with_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
+                      config: LayerFoldingConfig | Mapping | None = None) -> nn.Module:
     """Prepare ``model`` and fix ``plan`` in it (in place), to fine-tune a plan chosen beforehand: no α search.
 
     ``plan`` is a :class:`FoldPlan` or block and site names (:meth:`FoldPlan.from_blocks`). Every site gets its own

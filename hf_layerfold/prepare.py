@@ -73,7 +73,7 @@ def require_module(model: object, caller: str) -> None:
                         f"{type(model).__name__}; build the model first, e.g. timm.create_model(name)")
 
 
-def prepare_model(model: nn.Module, config: LayerFoldingConfig | None = None) -> nn.Module:
+def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None = None) -> nn.Module:
     """Wrap every selected candidate activation in a ``FoldableActivation`` (in place; returns the model).
 
     The model keeps its class, parameters and state-dict keys; α parameters are added as ``<site>.alpha``, and

@@ -431,13 +431,16 @@ class LayerFoldingTrainer(TrainerData, Trainer):
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer copies only transformers' files from a checkpoint to the folder it pushes: the phase, plan and
         config go too, or the pushed weights could not be rebuilt."""
-        pushes = (self.is_world_process_zero() and self.args.hub_strategy != "end" and (
-            self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done()))
-        if pushes:  # (as Trainer decides: a push still running is not followed by another, nor its files changed)
+        if self._trainer_pushes_now():  # (a push still running is not followed by another, nor its files changed)
             for name in (STATE_NAME, CONFIG_NAME):
                 if (Path(checkpoint_folder) / name).is_file():
                     shutil.copy(Path(checkpoint_folder) / name, Path(self.args.output_dir) / name)
         super()._push_from_checkpoint(checkpoint_folder)
+
+    def _trainer_pushes_now(self) -> bool:
+        """What transformers' ``_push_from_checkpoint`` checks before it copies and pushes (transformers 5.x)."""
+        return self.is_world_process_zero() and self.args.hub_strategy != "end" and (
+            self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done())
 
     def create_model_card(self, **kwargs: Any) -> None:
         """Trainer's card reads ``model.config``, which a timm model has not (``push_to_hub`` failed there): a card

@@ -328,11 +328,33 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
 # Evaluation and latency
 
 
+class DeviceError(ValueError):
+    """A device name that is malformed, unsupported here, or names hardware this machine lacks (``missing``:
+    a ``RuntimeError`` as well); ``reason`` says which, without the name."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(self.message(name, reason))
+        self.reason = reason
+
+    @staticmethod
+    def message(name: str, reason: str) -> str:
+        return f"invalid device {name!r}: {reason}"
+
+
+class MissingDeviceError(DeviceError, RuntimeError):
+    """The name is fine; this machine has no such device."""
+
+    @staticmethod
+    def message(name: str, reason: str) -> str:
+        return f"device {name!r} requested but {reason}"
+
+
 def resolve_device(name: str, *, timing: bool = False):
-    """The ``torch.device`` named by ``name`` (``"auto"``: CUDA when available, else CPU), for library callers:
-    a ``RuntimeError`` when it names a device this machine lacks, a ``ValueError`` for a malformed or unsupported
-    name. Timing (``timing=True``) takes CPU and CUDA only, whose clocks it synchronises; evaluation and training
-    also take another accelerator torch has here (``mps``, ``xpu``)."""
+    """The ``torch.device`` named by ``name`` (``"auto"``: CUDA when available, else CPU), for library callers: a
+    :class:`MissingDeviceError` (a ``RuntimeError``) when it names a device this machine lacks, a
+    :class:`DeviceError` (a ``ValueError``) for a malformed or unsupported name. Timing (``timing=True``) takes CPU
+    and CUDA only, whose clocks it synchronises; evaluation and training also take another accelerator torch has
+    here (``mps``, ``xpu``)."""
     import torch
 
     if name == "auto":
@@ -340,20 +362,20 @@ def resolve_device(name: str, *, timing: bool = False):
     try:
         device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"invalid device {name!r}: {err}") from None
+        raise DeviceError(name, str(err)) from None
     others = () if timing else ("mps", "xpu")
     if device.type not in ("cpu", "cuda", *others):
-        raise ValueError(f"invalid device {name!r}: supported devices are cpu, cuda, cuda:N and auto"
-                         + ("" if timing else " (and mps or xpu where torch has them)"))
+        raise DeviceError(name, "supported devices are cpu, cuda, cuda:N and auto"
+                          + ("" if timing else " (and mps or xpu where torch has them)"))
     if device.type == "cpu":
         if device.index not in (None, 0):
-            raise ValueError(f"invalid device {name!r}: there is one CPU device, cpu")
+            raise DeviceError(name, "there is one CPU device, cpu")
         return torch.device("cpu")  # (cpu:0 is cpu: what Trainer's use_cpu is decided from)
     backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, device.type, None)
-    if device.type != "cpu" and not (backend is not None and backend.is_available()):
-        raise RuntimeError(f"device {name!r} requested but {device.type.upper()} is not available on this machine")
+    if backend is None or not backend.is_available():
+        raise MissingDeviceError(name, f"{device.type.upper()} is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"invalid device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise DeviceError(name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -361,10 +383,10 @@ def torch_device(name: str, *, timing: bool = False):
     """:func:`resolve_device` for the CLI's ``--device`` flag: its failures as one-line ``CLIError`` s."""
     try:
         return resolve_device(name, timing=timing)
-    except RuntimeError as err:
-        raise CLIError(f"--device {name} but {str(err).split(' requested but ', 1)[-1]}") from None
-    except ValueError as err:
-        raise CLIError(f"invalid --device {name!r}: {str(err).split(': ', 1)[-1]}") from None
+    except MissingDeviceError as err:
+        raise CLIError(f"--device {name} but {err.reason}") from None
+    except DeviceError as err:
+        raise CLIError(f"invalid --device {name!r}: {err.reason}") from None
 
 
 def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size: int = 64, device: str = "cpu",
