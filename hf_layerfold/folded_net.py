@@ -190,6 +190,12 @@ class LayerFoldedNet(nn.Module):
         self.classifier = nn.Linear(self.head_hidden_size, num_classes, **kw) if num_classes > 0 else nn.Identity()
         self.classifier.train(self.training)
 
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` cannot compile the input-size-dependent padding of merged convs or the head; say
+        what works instead of failing deep inside TorchScript."""
+        raise RuntimeError("a LayerFoldedNet cannot be compiled with torch.jit.script; use torch.jit.trace, "
+                           "torch.export.export or torch.compile")
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """As timm models do (timm's ``--grad-checkpointing``, transformers' ``gradient_checkpointing_enable``)."""
         self.grad_checkpointing = enable

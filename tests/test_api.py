@@ -468,3 +468,9 @@ def test_config_takes_numpy_numbers_and_names_a_bad_pattern():
         lf.LayerFoldingConfig.from_dict(None)
     model = lf.prepare_model(small(), {"lambda_reg": 0.1})  # a dict of fields, as the trainer takes it
     assert model.layerfold_config.lambda_reg == 0.1
+
+
+def test_torchscript_is_refused_by_name():
+    folded = lf.fold_model(lf.prepare_model(small()))
+    with pytest.raises(RuntimeError, match="cannot be compiled with torch.jit.script; use torch.jit.trace"):
+        torch.jit.script(folded)
