@@ -31,9 +31,11 @@ class PadRule:
     def pads(self, height: int, width: int) -> Pads:
         if self.static is not None:
             return self.static
-        # integer ops only (-(-h // s) is ceil(h / s)): a traced or exported model then pads for any input size
-        ph = _nonneg((-(-height // self.stride[0]) - 1) * self.stride[0] + self.kernel[0] - height)
-        pw = _nonneg((-(-width // self.stride[1]) - 1) * self.stride[1] + self.kernel[1] - width)
+        # integer ops only, a traced or exported model then pads for any input size; ceil(h / s) as (h + s - 1) // s
+        # on non-negative numbers, where floor and truncation agree: ONNX divides by truncating, so -(-h // s) gave
+        # ceil(65 / 2) = 32 in an exported model
+        ph = _nonneg(((height + self.stride[0] - 1) // self.stride[0] - 1) * self.stride[0] + self.kernel[0] - height)
+        pw = _nonneg(((width + self.stride[1] - 1) // self.stride[1] - 1) * self.stride[1] + self.kernel[1] - width)
         return pw // 2, pw - pw // 2, ph // 2, ph - ph // 2
 
     def out_size(self, height: int, width: int) -> tuple[int, int]:

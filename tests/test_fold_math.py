@@ -91,3 +91,39 @@ def test_shortcut_tap_absorbs_strided_projection():
     assert torch.allclose(F.conv2d(x, wi, stride=2, padding=1), ref, atol=1e-12)
     with pytest.raises(ValueError, match="does not fit"):
         add_shortcut_tap(w, 1, torch.randn(8, 4, 3, 3, dtype=D), (1, 1))
+
+
+class _TruncatingInt(int):
+    """An int whose ``//`` truncates toward zero, as ONNX's integer Div does in an exported model."""
+
+    def __floordiv__(self, other):
+        return _TruncatingInt(int(int(self) / int(other)))
+
+    def __neg__(self):
+        return _TruncatingInt(-int(self))
+
+    def __add__(self, other):
+        return _TruncatingInt(int(self) + int(other))
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return _TruncatingInt(int(self) - int(other))
+
+    def __rsub__(self, other):
+        return _TruncatingInt(int(other) - int(self))
+
+    def __mul__(self, other):
+        return _TruncatingInt(int(self) * int(other))
+
+    __rmul__ = __mul__
+
+
+def test_same_padding_is_right_under_truncating_division():
+    """A folded TF-'same' model exported to ONNX with dynamic sizes padded wrongly at sizes the strides do not
+    divide (0.2-0.6 off in onnxruntime): ceil was written -(-h // s), which truncating division gets wrong."""
+    from hf_layerfold.padding import PadRule
+
+    rule = PadRule((3, 3), (2, 2), None)
+    for h, w in [(64, 64), (65, 65), (66, 71), (1, 2), (97, 30)]:
+        assert rule.pads(_TruncatingInt(h), _TruncatingInt(w)) == rule.pads(h, w)
