@@ -310,3 +310,11 @@ def as_input_of(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     if weight is None or not weight.is_floating_point() or not pixel_values.is_floating_point():
         return pixel_values
     return pixel_values.to(weight.dtype)
+
+
+def drop_test_size(cfg: dict, keep: Mapping = ()) -> None:
+    """Remove the base model's test-time size and crop from a pretrained_cfg given a new input size (they belong to
+    its own training size: timm's validate.py would evaluate at them), except those ``keep`` sets."""
+    for key in ("test_input_size", "test_crop_pct"):
+        if key not in keep:
+            cfg.pop(key, None)

@@ -30,7 +30,7 @@ from timm.data import resolve_data_config
 from timm.models import PretrainedCfg
 
 from .activation import FoldableActivation
-from .collate import fit_channels, pretrained_cfg_of
+from .collate import drop_test_size, fit_channels, pretrained_cfg_of
 from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig, as_config
 from .fold import fold_model
@@ -271,10 +271,8 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
     if not cfg.get("input_size"):  # (a custom model family without timm's pretrained_cfg)
         raise ValueError("the model has no pretrained_cfg to record its preprocessing from: pass "
                          "pretrained_cfg_overlay={'input_size': (3, H, W), 'mean': (...), 'std': (...)}")
-    if "input_size" in (overlay or {}):  # the base model's test-time size belongs to its own training size
-        for key in ("test_input_size", "test_crop_pct"):
-            if key not in overlay:
-                cfg.pop(key, None)
+    if "input_size" in (overlay or {}):
+        drop_test_size(cfg, keep=overlay)
     cfg.update(resolve_data_config({}, pretrained_cfg=cfg))  # input size, interpolation, mean, std, crop
     cfg = fit_channels(net, cfg, (overlay or {}).get("input_size"))  # an in_chans=1 model: one channel
     if net.num_classes != source.get("num_classes"):
@@ -364,7 +362,8 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
              "base_architecture": base_arch, "base_model": base_model or info.get("base_model"),
              "plan": plan.to_dict(), "config": config, "stats_input_size": list(input_size), "stats_before": before,
              "stats_after": fold_stats(net, tuple(input_size)).to_dict(),
-             "folds": fold_rows(planned, net) if planned is not None and is_prepared(planned) else info.get("folds")}
+             "folds": info.get("folds") or (fold_rows(planned, net) if planned is not None and is_prepared(planned)
+                                            else None)}  # (fold_model recorded them: not segmented again)
     return {k: v for k, v in block.items() if v is not None}
 
 

@@ -88,6 +88,7 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None 
     if any(isinstance(m, FoldableActivation) for m in model.modules()):
         raise ValueError("model is already prepared for layer folding")
     check_keepable_modules(model)
+    check_foldable(model)
     sites = select_sites(model, config)
     _check_merge_costs(model, config, sites)  # before the model changes: a refused table leaves it as it was
     device = next((p.device for p in model.parameters()), None)
@@ -142,7 +143,6 @@ def check_keepable_modules(model: nn.Module) -> None:
         raise UnsupportedModelError(
             f"{type(model).__name__} cannot be folded: a folded network could not keep {', '.join(unkeepable[:4])}"
             f"{f' and {len(unkeepable) - 4} more' if len(unkeepable) > 4 else ''}; {keepable_hint()}")
-    check_foldable(model)
 
 
 def check_foldable(model: nn.Module) -> None:

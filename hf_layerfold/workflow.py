@@ -207,12 +207,11 @@ def set_input_size(model, image_size: int | None) -> None:
     """Record the resolution the model is trained / evaluated at in its ``pretrained_cfg`` (transforms read it)."""
     if image_size is None:
         return
-    from .collate import input_channels
+    from .collate import drop_test_size, input_channels
 
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg["input_size"] = (input_channels(model), image_size, image_size)
-    cfg.pop("test_input_size", None)  # the base model's test-time size and crop belong to its own training size
-    cfg.pop("test_crop_pct", None)
+    drop_test_size(cfg)
     model.pretrained_cfg = cfg
 
 
