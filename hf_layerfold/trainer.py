@@ -233,7 +233,7 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         self._search_steps: int | None = None
         self._resumed_search_steps: int | None = None
         self._hidden_args: dict[str, Any] = {}  # what train() hides from Trainer (see trainer_args.timm_checkpointing)
-        self._stats = torch.zeros(4, device=self.args.device)  # Σ task, Σ λ·R, Σ distill, micro-batches
+        self._stats = torch.zeros(4, device=self.args.device)  # Σ task, Σ λ·R, Σ distill, optimizer steps (weighted)
         self._own_evals: list[tuple[int, bool, dict]] = []  # (step, after train() ended, metrics)
         self._trained = False
         self.add_callback(_LayerFoldingCallback(self))
@@ -309,7 +309,10 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         if self._phase == SEARCH and cfg.lambda_reg > 0:
             reg = cfg.lambda_reg * alpha_regularizer(self._alphas, cfg.regularizer, self._reg_weights)
             loss = loss + reg
-        self._stats += torch.stack([task.detach(), reg.detach(), distill.detach(), torch.ones_like(task)])
+        # Weighted as Trainer weights the logged `loss`: each micro-batch by 1 / (micro-batches in its optimizer step),
+        # so that a window holding the short last step of an epoch averages the terms exactly as it averages `loss`.
+        share = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        self._stats += torch.stack([task.detach(), reg.detach(), distill.detach(), torch.ones_like(task)]) * share
         return (loss, {"logits": logits}) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------------------
@@ -399,7 +402,7 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
         self._stats.zero_()
-        n = max(float(stats[3]), 1.0)
+        n = float(stats[3]) if float(stats[3]) > 0 else 1.0  # (optimizer steps since the last log, summed over processes)
         out = {"task_loss": float(stats[0]) / n, "reg_loss": float(stats[1]) / n}
         if self.teacher_model is not None:
             out["distill_loss"] = float(stats[2]) / n

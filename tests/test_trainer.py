@@ -221,6 +221,17 @@ def test_gradient_accumulation_clamps_and_switches_per_optimizer_step(tmp_path, 
         assert logs[s]["loss"] == pytest.approx(logs[s]["task_loss"] + logs[s]["reg_loss"], rel=1e-5)
 
 
+def test_logged_terms_add_up_when_a_log_spans_a_short_accumulation_window(tmp_path, fashion):
+    """64 images in batches of 4 are 16 micro-batches: with 3 per optimizer step an epoch is 6 steps, the last of one
+    micro-batch. Trainer's `loss` averages steps; the logged terms must average them the same way."""
+    args = args_for(tmp_path, num_train_epochs=2, gradient_accumulation_steps=3, logging_strategy="epoch")
+    logs = train_logs(make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 8}),
+                                   train_args=args))
+    assert sorted(logs) == [6, 12]
+    for s in logs:
+        assert logs[s]["loss"] == pytest.approx(logs[s]["task_loss"] + logs[s]["reg_loss"], rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Phases, logs, checkpoints
 
