@@ -295,6 +295,11 @@ def _class_id(value: Any, column: str, num_classes: int | None) -> int:
         raise ValueError(f"Label {value!r} in column {column!r} is a list: multi-label data is not supported; "
                          "LayerFoldingTrainer trains single-label classification (one integer class id per image).")
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # e.g. webdataset .cls read as text
+            raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id but a number stored as "
+                             f"text: cast the column with "
+                             f"dataset.cast_column({column!r}, datasets.Value('int64')) (class_encode_column would "
+                             "number such labels in text order: '10' before '2').")
         raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id; map class names to ids "
                          "first (dataset.class_encode_column or cast_column to ClassLabel).")
     if num_classes is not None and not 0 <= value < num_classes:

@@ -49,6 +49,7 @@ __all__ = [
     "check_labels",
     "defer_decoding",
     "detect_columns",
+    "integer_labels",
     "label_names_of",
     "load_fashion_mnist",
     "load_image_dataset",
@@ -92,7 +93,8 @@ def load_image_dataset(
     """Turn whatever the user points at into a ``datasets`` object.
 
     ``source`` may be an in-memory dataset (returned as is, or its ``split`` if it is a dict), a local
-    directory in ``imagefolder`` layout (``class_name/xxx.png``, optionally under ``train/``, ``test/``), the
+    directory in ``imagefolder`` layout (``class_name/xxx.png``, optionally under ``train/``, ``test/``) or a local
+    copy of a Hub dataset (webdataset ``.tar`` shards, parquet files: read as ``datasets.load_dataset`` reads it), the
     literal ``"imagefolder"`` with ``data_dir``, or a Hub id such as ``timm/imagenet-1k-wds`` (use
     ``streaming=True`` for large ones). Extra ``kwargs`` go to ``datasets.load_dataset``.
     """
@@ -117,8 +119,14 @@ def load_image_dataset(
         except (FileNotFoundError, ValueError) as err:
             if not isinstance(err, datasets.data_files.EmptyDatasetError) and "corresponds to no data" not in str(err):
                 raise  # e.g. an unknown split: datasets' message names the splits there are
+            try:  # no loose images: a local copy of a Hub dataset (webdataset .tar shards, parquet, ...), whose
+                # builder datasets infers from the files, as it does for the Hub id itself
+                return datasets.load_dataset(str(local), split=split, streaming=streaming, **kwargs)
+            except (FileNotFoundError, ValueError):
+                pass
             raise type(err)(f"{local} holds no images that imagefolder reads (layout: class_name/xxx.png, "
-                            f"optionally under train/ and test/): {err}") from err
+                            f"optionally under train/ and test/) nor data files datasets reads (webdataset .tar "
+                            f"shards, parquet, ...): {err}") from err
     if local.exists():
         raise ValueError(f"{text} is a file; expected a directory in imagefolder layout or a Hub dataset id.")
     if isinstance(source, os.PathLike) or _looks_like_local_path(text):
@@ -190,8 +198,14 @@ def detect_columns(dataset: AnyDataset, *, require_label: bool = True) -> tuple[
     """
     columns = _column_names_of(dataset)
     features = _features_of(dataset) or {}
-    image = _pick_column(columns, IMAGE_COLUMN_CANDIDATES)
-    label = _pick_column(columns, LABEL_COLUMN_CANDIDATES)
+    # Among the conventional names, a column whose declared type fits comes first: an ``Image`` for the image (not
+    # an ``image`` column of file names beside it), integer ids for the label (not a ``class`` column of names
+    # beside a ``target`` of ids); unknown features (streaming, transforms) leave the name order alone.
+    images = [c for c in columns if isinstance(features.get(c), datasets.Image)]
+    ids = [c for c in columns if isinstance(features.get(c), datasets.ClassLabel) or (
+        isinstance(features.get(c), datasets.Value) and pa.types.is_integer(features[c].pa_type))]
+    image = _pick_column(images, IMAGE_COLUMN_CANDIDATES) or _pick_column(columns, IMAGE_COLUMN_CANDIDATES)
+    label = _pick_column(ids, LABEL_COLUMN_CANDIDATES) or _pick_column(columns, LABEL_COLUMN_CANDIDATES)
     if image is None:
         typed = [c for c, f in features.items() if isinstance(f, datasets.Image)]
         image = typed[0] if len(typed) == 1 else None
@@ -228,6 +242,41 @@ def label_names_of(dataset: AnyDataset, label_column: str) -> list[str] | None:
     return list(feature.names) if feature is not None else None
 
 
+def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = ()) -> str:
+    """How to turn labels of ``arrow_type`` into class ids. Numbers stored as text ("0", "1", ..., "10", as
+    webdataset ``cls`` files may give them) are cast to integers: ``class_encode_column`` would number them in text
+    order ("10" before "2"), silently renumbering every class past 9 (an ImageNet head then predicts other ids)."""
+    if (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)) and sample and all(
+            isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in sample):
+        return (f"The labels are numbers stored as text: cast them with "
+                f"dataset.cast_column({label_column!r}, datasets.Value('int64')) (class_encode_column would number "
+                "them in text order: '10' before '2').")
+    hint = (f"Use dataset.class_encode_column({label_column!r}) (class ids in sorted name order) or cast it to "
+            "ClassLabel(names=[...]) in the order you want.")
+    if (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)) and not sample:  # (streaming)
+        hint += (f" Numbers stored as text: dataset.cast_column({label_column!r}, datasets.Value('int64')) (a "
+                 "ClassLabel of them would number them in text order: '10' before '2').")
+    return hint
+
+
+def integer_labels(dataset: datasets.Dataset, label_column: str) -> pa.ChunkedArray:
+    """The label column of a map-style split as Arrow integers; a ``ValueError`` that says what to do for lists
+    (multi-label), other types (class names, floats) and missing labels."""
+    labels = label_array(dataset, label_column)
+    if pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type) or pa.types.is_fixed_size_list(
+            labels.type):
+        raise ValueError(f"Label column {label_column!r} holds a list per example ({labels.type}): multi-label "
+                         "data is not supported; LayerFoldingTrainer trains single-label classification (one "
+                         "integer class id per image).")
+    if not pa.types.is_integer(labels.type):
+        sample = pc.unique(labels.drop_null()).to_pylist()[:10_000] if labels.null_count < len(labels) else []
+        raise ValueError(f"Label column {label_column!r} has type {labels.type}, expected integer class ids. "
+                         f"{encode_hint(label_column, labels.type, sample)}")
+    if labels.null_count:
+        raise ValueError(f"Label column {label_column!r} has {labels.null_count} missing labels.")
+    return labels
+
+
 def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tuple[int, int] | None:
     """Fail before training if labels do not fit a ``num_classes``-way head.
 
@@ -250,6 +299,10 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
                 f"Label column {label_column!r} is a ClassLabel with {declared} classes, but the model has "
                 f"num_classes={num_classes}."
             )
+        feature = (dataset.features or {}).get(label_column)
+        if isinstance(feature, datasets.Value) and not pa.types.is_integer(feature.pa_type):
+            raise ValueError(f"Label column {label_column!r} has type {feature.dtype}, expected integer class ids. "
+                             f"{encode_hint(label_column, feature.pa_type)}")
         if declared is None:
             logger.warning("Cannot check labels of a streaming dataset without a ClassLabel feature.")
         return None
@@ -260,19 +313,7 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
         raise ValueError(f"Label column {label_column!r} not in dataset columns {dataset.column_names}.")
     if len(dataset) == 0:
         return None
-    labels = label_array(dataset, label_column)
-    if pa.types.is_list(labels.type) or pa.types.is_large_list(labels.type) or pa.types.is_fixed_size_list(
-            labels.type):
-        raise ValueError(f"Label column {label_column!r} holds a list per example ({labels.type}): multi-label "
-                         "data is not supported; LayerFoldingTrainer trains single-label classification (one "
-                         "integer class id per image).")
-    if not pa.types.is_integer(labels.type):
-        raise ValueError(
-            f"Label column {label_column!r} has type {labels.type}, expected integer class ids. "
-            "Use dataset.class_encode_column(...) or cast it to ClassLabel."
-        )
-    if labels.null_count:
-        raise ValueError(f"Label column {label_column!r} has {labels.null_count} missing labels.")
+    labels = integer_labels(dataset, label_column)
     stats = pc.min_max(labels)
     low, high = int(stats["min"].as_py()), int(stats["max"].as_py())
     if low < 0 or high >= num_classes:

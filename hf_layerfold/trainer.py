@@ -182,8 +182,8 @@ class LayerFoldingTrainer(TrainerData, Trainer):
             eval_dataset = picked_eval if eval_dataset is None else eval_dataset
         elif num_classes:
             check_dataset_labels(train_dataset, int(num_classes))
-        if user_collator is not None and num_classes:
-            check_dataset_labels(eval_dataset, int(num_classes))
+        if (user_collator is not None or eval_data_collator is not None) and num_classes:
+            check_dataset_labels(eval_dataset, int(num_classes))  # no collator of ours was built for it
         self._eval_collators = eval_collators(model, eval_dataset, train_dataset, given=eval_data_collator,
                                               user_collator=user_collator, input_size=input_size)
         self._own_eval_collators = eval_data_collator is None and user_collator is None
@@ -402,7 +402,7 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         if self.accelerator.num_processes > 1:
             stats = self.accelerator.reduce(stats, reduction="sum")
         self._stats.zero_()
-        n = float(stats[3]) if float(stats[3]) > 0 else 1.0  # (optimizer steps since the last log, summed over processes)
+        n = float(stats[3]) if float(stats[3]) > 0 else 1.0  # optimizer steps since the last log, over processes
         out = {"task_loss": float(stats[0]) / n, "reg_loss": float(stats[1]) / n}
         if self.teacher_model is not None:
             out["distill_loss"] = float(stats[2]) / n

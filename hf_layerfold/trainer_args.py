@@ -115,6 +115,20 @@ def adjust_args(args: TrainingArguments, train_dataset: Any) -> None:
         accel.dispatch_batches = False
     if isinstance(train_dataset, datasets.IterableDataset) and accel.dispatch_batches is False:
         warn_on_few_shards(train_dataset, args.world_size)
+    if isinstance(train_dataset, datasets.IterableDataset) and not _shuffled(train_dataset):
+        logger.warning("the streaming training set is not shuffled: Trainer reads it in file order (a streaming "
+                       "imagefolder: one class after another). Call train_dataset.shuffle(seed=..., buffer_size=...) "
+                       "first (examples/fold_imagenet.py does).")
+
+
+def _shuffled(dataset: datasets.IterableDataset) -> bool:
+    """Whether ``dataset.shuffle`` was called on a streaming set (a shuffle buffer somewhere in its chain)."""
+    node, seen = getattr(dataset, "_ex_iterable", None), 0
+    while node is not None and seen < 64:
+        if type(node).__name__ == "BufferShuffledExamplesIterable":
+            return True
+        node, seen = getattr(node, "ex_iterable", None), seen + 1
+    return False
 
 
 def warn_on_few_shards(dataset: datasets.IterableDataset, world_size: int) -> bool:

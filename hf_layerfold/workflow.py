@@ -252,6 +252,7 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     from .data import (
         DatasetNotAvailableError,
         detect_columns,
+        integer_labels,
         label_names_of,
         load_fashion_mnist,
         load_image_dataset,
@@ -307,9 +308,17 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
         raise CLIError(f"dataset {source!r}: {err}") from None
     reference = train if train is not None else evaluation
     num_classes = num_labels_of(reference, label_column)
-    if num_classes is None:
-        labels = reference.select_columns([label_column]).with_format("arrow")[:][label_column]
-        num_classes = int(max(labels.to_pylist()) + 1)
+    if num_classes is None:  # no ClassLabel: integer ids, counted by the largest (class names, nulls: refused here)
+        import pyarrow.compute as pc
+
+        try:
+            high = pc.max(integer_labels(reference, label_column)).as_py()
+        except ValueError as err:
+            raise CLIError(f"dataset {source!r}: {err}") from None
+        if high is None or high < 0:
+            raise CLIError(f"dataset {source!r}: label column {label_column!r} holds no class id (no rows, or only "
+                           "negative 'unlabelled' ids)")
+        num_classes = int(high) + 1
     names = label_names_of(reference, label_column)
     if names and all(n.isdigit() for n in names) and names != sorted(names, key=int):
         i = next(i for i, (a, b) in enumerate(zip(names, sorted(names, key=int))) if a != b)

@@ -684,3 +684,18 @@ def test_an_eval_split_of_fashion_mnist_train_is_cut_to_the_eval_size():
 
     data = load_data("fashion-mnist", eval_size=16, need_train=False, eval_split="train")
     assert len(data.eval) == 16
+
+
+def test_a_dataset_with_class_names_as_labels_is_a_cli_error_not_a_traceback(tmp_path):
+    """No ClassLabel: the CLI counts classes from the labels, which must be integer ids."""
+    from PIL import Image
+
+    from hf_layerfold.workflow import CLIError, load_data
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    (folder / "metadata.csv").write_text("file_name,label\n0.png,cat\n1.png,dog\n")
+    with pytest.raises(CLIError, match="label.*expected integer class ids.*class_encode_column"):
+        load_data(str(folder), need_train=False)

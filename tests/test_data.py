@@ -634,3 +634,52 @@ def test_refusals_of_unknown_splits_and_multi_label_data() -> None:
     collator = hd.ImageClassificationCollator(lambda im: torch.zeros(3, 2, 2), num_classes=10)
     with pytest.raises(ValueError, match="multi-label data is not supported"):
         collator([{"image": image, "label": [0, 3]}])  # a stream's labels, met as they are collated
+
+
+def test_labels_stored_as_numbers_in_text_are_told_to_be_cast_not_class_encoded() -> None:
+    """class_encode_column numbers '0'..'11' in text order ('10' before '2'): every class past 9 would move."""
+    ds = datasets.Dataset.from_dict({"cls": [str(i) for i in range(12)]})
+    with pytest.raises(ValueError, match=r"numbers stored as text.*cast_column\('cls', datasets.Value\('int64'\)\)"):
+        hd.check_labels(ds, "cls", 12)
+    with pytest.raises(ValueError, match="class_encode_column"):  # class names keep the class_encode advice
+        hd.check_labels(datasets.Dataset.from_dict({"cls": ["cat", "dog"]}), "cls", 2)
+
+
+def test_a_streaming_set_declaring_text_labels_is_refused_before_training() -> None:
+    features = datasets.Features({"image": datasets.Image(), "cls": datasets.Value("string")})
+    images = [Image.new("RGB", (4, 4))] * 2
+    stream = datasets.Dataset.from_dict({"image": images, "cls": ["0", "1"]}, features=features).to_iterable_dataset()
+    with pytest.raises(ValueError, match=r"type string, expected integer class ids.*Value\('int64'\)"):
+        hd.check_labels(stream, "cls", 10)
+
+
+def test_detect_columns_prefers_a_column_whose_type_fits() -> None:
+    """A 'class' column of names beside a 'target' of ids: the ids are the labels; file names beside images too."""
+    ds = datasets.Dataset.from_dict(
+        {"image": ["a.png", "b.png"], "img": [Image.new("RGB", (4, 4))] * 2, "class": ["cat", "dog"],
+         "target": [0, 1]},
+        features=datasets.Features({"image": datasets.Value("string"), "img": datasets.Image(),
+                                    "class": datasets.Value("string"), "target": datasets.Value("int64")}))
+    assert hd.detect_columns(ds) == ("img", "target")
+
+
+def test_a_local_copy_of_a_webdataset_hub_set_loads(tmp_path: Path) -> None:
+    """The timm/imagenet-1k-wds layout (tar shards of key.jpg + key.cls) copied to disk: not an imagefolder."""
+    import tarfile
+
+    def add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    for split in ("train", "validation"):
+        with tarfile.open(tmp_path / f"imagenet1k-{split}-0000.tar", "w") as tar:
+            for i in range(3):
+                jpg = io.BytesIO()
+                Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(jpg, "JPEG")
+                add(tar, f"{split}_{i}.jpg", jpg.getvalue())
+                add(tar, f"{split}_{i}.cls", str(i).encode())
+    splits = hd.load_image_dataset(tmp_path)
+    assert set(splits) == {"train", "validation"} and len(splits["train"]) == 3
+    assert hd.detect_columns(splits["train"]) == ("jpg", "cls")
+    assert hd.check_labels(splits["validation"], "cls", 3) == (0, 2)

@@ -580,6 +580,28 @@ def test_eval_sets_by_name_of_any_kind(tmp_path, fashion):
     np.testing.assert_allclose(renamed.predictions, twice[0], rtol=1e-6, atol=1e-7)
 
 
+def test_eval_labels_beyond_the_head_are_refused_at_init_with_a_given_eval_collator(tmp_path, fashion):
+    """The trainer builds no collator for the eval set then, so nothing else would check it before evaluate()."""
+    eval_collator = prepare_datasets(tiny_model(), fashion["test"], input_size=SIZE)[2]
+    beyond = fashion["test"].select(range(4)).cast_column("label", datasets.Value("int64")).map(lambda e: {"label": 12})
+    with pytest.raises(ValueError, match=r"range over \[12, 12\].*num_classes=10"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                            eval_dataset=beyond, eval_data_collator=eval_collator, input_size=SIZE)
+
+
+def test_an_unshuffled_streaming_train_set_is_warned_about(tmp_path, fashion, caplog):
+    """Trainer reads a stream in file order (a streaming imagefolder: one class after another)."""
+    stream = fashion["train"].to_iterable_dataset(num_shards=2)
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), train_dataset=stream, input_size=SIZE)
+    assert "the streaming training set is not shuffled" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), input_size=SIZE,
+                            train_dataset=stream.shuffle(seed=0, buffer_size=8).map(lambda e: e))
+    assert "not shuffled" not in caplog.text
+
+
 def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collators(tmp_path, fashion, caplog):
     stream = fashion["train"].to_iterable_dataset(num_shards=4)
     args = args_for(tmp_path, max_steps=1)
