@@ -300,6 +300,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     push.add_argument("--private", action="store_true", help="create the repo private")
     push.add_argument("--token", default=None, help="Hub token; unset: HF_TOKEN or the logged-in one")
     push.add_argument("--commit-message", default="Upload layer-folded model (hf_layerfold)", help="commit message")
+    push.add_argument("--revision", default=None, help="branch to push to (created if missing); default: main")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
     common(push)
     push.set_defaults(func=cmd_push)
     return parser, fold

@@ -427,6 +427,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     folder = Path(args.save_dir).expanduser().absolute()
     _check_repo_id(args.repo_id)
+    if args.create_pr and args.revision not in (None, "main"):
+        raise CLIError("--create-pr opens a pull request against the default branch; it cannot take --revision")
     if not folder.exists():
         raise CLIError(f"save directory {args.save_dir} does not exist")
     if not is_folded_dir(folder):
@@ -446,7 +448,8 @@ def cmd_push(args: argparse.Namespace) -> int:
             card.write_text(_card_for_repo(card.read_text(), args.repo_id))
         try:
             url = _push(staged, args.repo_id, private=args.private, token=args.token, endpoint=None,
-                        commit_message=args.commit_message, keep_note=False)
+                        commit_message=args.commit_message, keep_note=False, revision=args.revision,
+                        create_pr=args.create_pr)
         except PushToHubError as err:
             raise CLIError(f"pushing {args.save_dir} to {args.repo_id!r} failed: {err.__cause__.__class__.__name__}: "
                            f"{err.__cause__}", code=1) from None

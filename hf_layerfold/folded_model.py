@@ -15,7 +15,7 @@ from typing import Any
 import safetensors.torch
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
 
 from .config import LayerFoldingConfig
 from .folded_net import LayerFoldedNet
@@ -63,12 +63,14 @@ class LayerFoldedModel:
         """Load a folded model from a save directory or a Hub repo (``org/name``, ``hf-hub:``/``local-dir:``
         prefixes accepted), without the base model. The net carries ``.pretrained_cfg`` and ``.layerfold_info``."""
         name = str(path_or_repo_id)
+        is_path = isinstance(path_or_repo_id, os.PathLike)  # a Path is a folder, never a repo id
         scheme, _, rest = name.partition(":")
         if scheme in ("hf-hub", "local-dir") and rest:
             name = rest
         local = Path(name).expanduser()
         hub = scheme == "hf-hub" and rest  # said outright: never a local folder of that name
-        if not hub and (scheme == "local-dir" or local.exists() or local.is_absolute() or name.startswith((".", "~"))
+        if not hub and (is_path or scheme == "local-dir" or local.exists() or local.is_absolute()
+                        or name.startswith((".", "~"))
                         or name.split("@", 1)[0].count("/") > 1):  # (a revision may hold "/": refs/pr/3)
             if not local.is_dir():
                 raise FileNotFoundError(f"{local} is not a directory holding a folded-model save")
@@ -80,7 +82,13 @@ class LayerFoldedModel:
             kw = dict(revision=revision or tag or None, token=token, cache_dir=cache_dir,
                       local_files_only=local_files_only, library_name="hf_layerfold",
                       endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
-            data = _read_config(Path(hf_hub_download(repo_id, CONFIG_NAME, **kw)))
+            try:
+                data = _read_config(Path(hf_hub_download(repo_id, CONFIG_NAME, **kw)))
+            except (RepositoryNotFoundError, HFValidationError) as err:
+                if hub:
+                    raise
+                raise FileNotFoundError(f"{name!r} is neither a local directory (none at {local.absolute()}) nor a "
+                                        f"Hub repo that can be read ({type(err).__name__})") from err
             try:
                 weights = Path(hf_hub_download(repo_id, WEIGHTS_NAME, **kw))
             except EntryNotFoundError:
@@ -121,17 +129,20 @@ class LayerFoldedModel:
 
     @staticmethod
     def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: str | None = None,
-                    commit_message: str | None = None, endpoint: str | None = None, **save_kwargs: Any) -> str:
+                    commit_message: str | None = None, endpoint: str | None = None, revision: str | None = None,
+                    create_pr: bool = False, **save_kwargs: Any) -> str:
         """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL."""
-        from .hub import _push, save_folded
+        from .hub import _push, check_push_target, save_folded
 
         given = sorted({"push_to_hub", "repo_id", "overwrite"} & set(save_kwargs))
         if given:  # save_folded would push (publicly, with its own message) before this push, or save elsewhere
             raise TypeError(f"LayerFoldedModel.push_to_hub takes no {given}: it saves to a temporary folder and "
                             "pushes once, with its own repo_id, private, token and commit_message")
 
+        check_push_target(revision, create_pr)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_folded(model, Path(tmp) / "folded", repo_id=repo_id, **save_kwargs)
             # the card names the repo, not the temporary path
             return _push(path, repo_id, private=private, token=token, endpoint=endpoint, keep_note=False,
+                         revision=revision, create_pr=create_pr,
                          commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")

@@ -66,6 +66,9 @@ FORMAT_VERSION = 1
 CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
                "template", "plan_searched")
 _SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "label_offset")
+# Where the base model's weights came from: it would describe weights the save does not hold (an overlay may say
+# where the saved ones came from)
+_PROVENANCE_KEYS = ("description", "origin_url", "paper_ids", "paper_name", "notes")
 
 
 class PushToHubError(RuntimeError):
@@ -266,8 +269,9 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
     source = dict(source)
     if labels is None and source.get("label_names") and len(source["label_names"]) == net.num_classes:
         labels = list(source["label_names"])
-    cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__ and k not in _SOURCE_KEYS}
-    cfg.update(overlay or {})
+    cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__
+           and k not in _SOURCE_KEYS + _PROVENANCE_KEYS}
+    cfg.update(overlay or {})  # (which may describe the saved weights)
     if not cfg.get("input_size"):  # (a custom model family without timm's pretrained_cfg)
         raise ValueError("the model has no pretrained_cfg to record its preprocessing from: pass "
                          "pretrained_cfg_overlay={'input_size': (3, H, W), 'mean': (...), 'std': (...)}")
@@ -373,7 +377,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
                 config: LayerFoldingConfig | Mapping | None = None, base_model: str | None = None,
                 eval_results: Any = None, label_names: Sequence[str] | Mapping | None = None,
                 pretrained_cfg_overlay: Mapping | None = None, endpoint: str | None = None,
-                **card_fields: Any) -> Path:
+                revision: str | None = None, create_pr: bool = False, **card_fields: Any) -> Path:
     """Fold (if needed) and save ``model`` as a loadable timm checkpoint with its model card; optionally push it.
 
     Args:
@@ -385,6 +389,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         push_to_hub / repo_id / private / token / commit_message / endpoint: one ``upload_folder`` commit to
             ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
+        revision / create_pr: the branch to commit to (created from the default branch if missing), or open a
+            pull request against the default branch instead of committing (the two do not combine).
         config: the ``LayerFoldingConfig`` used (default: the model's).
         base_model: Hub id (``org/name``, or ``org/name@revision``: the metadata takes the repo id, the card text
             names the revision) of the model that was folded, for the card's ``base_model`` metadata; a bare
@@ -409,6 +415,9 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         raise ValueError("push_to_hub=True needs repo_id (e.g. 'your-org/mobilenetv2-folded')")
     if push_to_hub:
         check_repo_id(repo_id)
+    if (revision is not None or create_pr) and not push_to_hub:
+        raise ValueError("revision= and create_pr= are push settings: pass them with push_to_hub=True")
+    check_push_target(revision, create_pr)
     unknown = sorted(set(card_fields) - set(CARD_FIELDS))
     if unknown:
         raise TypeError(f"save_folded got unknown argument(s) {unknown}; card fields: {list(CARD_FIELDS)}")
@@ -464,14 +473,27 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if push_to_hub:
-        _push(target, repo_id, private=private, token=token, endpoint=endpoint,
-              commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
+        _push(target, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
+              create_pr=create_pr, commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
     return given
 
 
+# Files another model left in a repo that transformers would read instead of what config.json records: an image
+# processor config makes AutoImageProcessor / pipeline preprocess with the previous model's size, mean and std.
+STALE_LOADER_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def check_push_target(revision: str | None, create_pr: bool) -> None:
+    """huggingface_hub opens a pull request against the default branch only: refuse a branch with it up front."""
+    if create_pr and revision not in (None, "main"):
+        raise ValueError(f"create_pr=True opens a pull request against the default branch; it cannot target "
+                         f"revision={revision!r} (push to the branch without create_pr, or leave revision unset)")
+
+
 def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, endpoint: str | None,
-          commit_message: str, keep_note: bool = True) -> str:
-    """``create_repo(exist_ok=True)`` + one ``upload_folder`` commit; returns the commit URL."""
+          commit_message: str, keep_note: bool = True, revision: str | None = None, create_pr: bool = False) -> str:
+    """``create_repo(exist_ok=True)`` + one ``upload_folder`` commit (to ``revision``, created if missing, or as a
+    pull request); returns the commit URL, or the pull request's."""
     from . import __version__
 
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None, token=token,
@@ -479,13 +501,18 @@ def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, en
     present = [name for name in SAVE_FILES if (directory / name).is_file()]
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision is not None and not create_pr:
+            api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
         # only the save's own files; and one a previous push left (a folded net has no layerfold_config.json)
-        # is deleted, or the repo would hold a file its config.json contradicts
+        # is deleted, or the repo would hold a file its config.json contradicts; so is another model's image
+        # processor config, which transformers would preprocess with instead of the saved pretrained_cfg
         commit = api.upload_folder(repo_id=repo.repo_id, folder_path=directory, commit_message=commit_message,
-                                   allow_patterns=present,
-                                   delete_patterns=[n for n in SAVE_FILES if n not in present] or None)
+                                   allow_patterns=present, revision=None if create_pr else revision,
+                                   create_pr=create_pr or None,
+                                   delete_patterns=[*(n for n in SAVE_FILES if n not in present),
+                                                    *STALE_LOADER_FILES])
     except Exception as err:
         where = f"; the local save is intact at {directory}" if keep_note else ""
         raise PushToHubError(f"pushing the folded model to {repo_id!r} failed ({type(err).__name__}: {err}){where}",
                              repo_id, directory if keep_note else None) from err
-    return commit.commit_url
+    return commit.pr_url or commit.commit_url

@@ -511,6 +511,11 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         else:  # (a folded net's own architecture names no base model)
             kwargs.setdefault("config", self.layerfold_config)
             kwargs.setdefault("base_model", (getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
+        if kwargs.get("push_to_hub"):  # what TrainingArguments says about the Hub, as Trainer's own pushes follow it
+            if self.args.hub_private_repo:
+                kwargs.setdefault("private", True)
+            if self.args.hub_token:
+                kwargs.setdefault("token", self.args.hub_token)
         if self._label_names is not None and len(self._label_names) == getattr(model, "num_classes", -1):
             kwargs.setdefault("label_names", self._label_names)
         if self._input_size is not None:

@@ -123,6 +123,27 @@ def test_a_push_replaces_what_a_previous_push_wrote(local_hub, tmp_path, planned
         LayerFoldedModel.push_to_hub(folded, REPO, private=True, push_to_hub=True)
 
 
+def test_a_push_to_a_branch_and_over_another_models_processor_config(local_hub, tmp_path, folded, x):
+    """revision= was refused as an unknown card field; a preprocessor_config.json another model left in the repo made
+    transformers' pipeline preprocess at 224 px with that model's mean / std."""
+    from transformers import AutoImageProcessor
+
+    local_hub.create_repo(REPO)
+    local_hub.api().upload_file(path_or_fileobj=b'{"image_processor_type": "ViTImageProcessor"}',
+                                path_in_repo="preprocessor_config.json", repo_id=REPO)
+    save_folded(folded, tmp_path / "a", push_to_hub=True, repo_id=REPO, revision="folded", **SAVE_KW)
+    assert "preprocessor_config.json" in local_hub.repos[REPO].files  # main untouched
+    assert "preprocessor_config.json" not in local_hub.repos[REPO].resolve("folded").files
+    assert torch.equal(_out(LayerFoldedModel.from_pretrained(REPO, revision="folded"), x), _out(folded, x))
+    assert type(AutoImageProcessor.from_pretrained(REPO, revision="folded")).__name__ == "TimmWrapperImageProcessor"
+    with pytest.raises(ValueError, match="pull request against the default branch"):
+        save_folded(folded, tmp_path / "b", push_to_hub=True, repo_id=REPO, revision="folded", create_pr=True)
+    with pytest.raises(ValueError, match="push settings"):
+        save_folded(folded, tmp_path / "b", revision="folded")
+    with pytest.raises(FileNotFoundError, match="not a directory holding a folded-model save"):  # a Path: a folder
+        LayerFoldedModel.from_pretrained(tmp_path / "missing" / "x")
+
+
 def test_failed_push_keeps_the_local_save(local_hub, tmp_path, folded, x):
     target = tmp_path / "folded"
     local_hub.fail_next_commit = True
@@ -565,3 +586,11 @@ def test_bad_card_fields_fail_before_any_work(tmp_path, folded):
     with pytest.raises(ValueError, match="fractions"):
         save_folded(folded, tmp_path / "c", accuracy={"after": 90.5, "split": "test"})
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_save_does_not_describe_the_base_models_weights_as_its_own(tmp_path, folded):
+    """A base cfg's description / origin_url / paper ids told where the *base* weights came from."""
+    folded.pretrained_cfg = {**folded.pretrained_cfg, "description": "ImageNet weights of the base",
+                             "origin_url": "https://example.org/base", "paper_ids": "arXiv:0000.00000"}
+    saved = json.loads((save_folded(folded, tmp_path / "a", **SAVE_KW) / "config.json").read_text())
+    assert not {"description", "origin_url", "paper_ids"} & set(saved["pretrained_cfg"])

@@ -797,7 +797,8 @@ def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
 
     with hub_server.running_local_hub(tmp_path / "hf_home") as hub:
         args = args_for(tmp_path / "run", max_steps=8, save_strategy="steps", save_steps=4, push_to_hub=True,
-                        hub_model_id="test-org/lf-run", hub_strategy="every_save", hub_token=hub_server.DEFAULT_TOKEN)
+                        hub_model_id="test-org/lf-run", hub_strategy="every_save", hub_token=hub_server.DEFAULT_TOKEN,
+                        hub_private_repo=True)
         trainer = make_trainer(tmp_path, fashion, train_args=args, config=lf.LayerFoldingConfig(**{**CFG,
                                                                                                     "search_steps": 4}))
         trainer.train()
@@ -813,6 +814,9 @@ def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
         lf.apply_plan(rebuilt, lf.FoldPlan.from_state_dict(state))
         rebuilt.load_state_dict(state)
         assert rebuilt.layerfold_plan == applied_plan(trainer.model)
+        # the folded push follows the run's Hub settings (it went public, with the ambient token)
+        trainer.save_folded(tmp_path / "folded", push_to_hub=True, repo_id="test-org/lf-folded")
+        assert hub.repos["test-org/lf-folded"].private and hub.repos["test-org/lf-run"].private
 
 
 def test_a_teacher_with_another_head_is_refused(tmp_path, fashion):
