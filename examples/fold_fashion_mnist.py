@@ -116,6 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
         before, after = block["stats_before"], block["stats_after"]
         summary.update({k: f"{before[k]} -> {after[k]}" for k in ("nonlinear_layers", "depth", "macs")})
         print(json.dumps(summary, indent=2))
+    # Destroy the process group under DDP while the interpreter is still alive: otherwise a gloo worker thread can
+    # release a finished collective's tensors during interpreter shutdown and abort the process (SIGABRT,
+    # "terminate called without an active exception") after the run succeeded. A no-op on one process.
+    trainer.end()
     return summary
 
 
