@@ -128,7 +128,8 @@ class LayerFoldingConfig:
                 raise bad(name, "must be a finite number" + (" (or None)" if name in _OPTIONAL_FIELDS else ""))
             if integer and int(value) != value:
                 raise bad(name, "must be a whole number")
-            if type(value) not in (int, float):  # a NumPy scalar (a sweep over np.arange): a plain number in JSON
+            if type(value) not in (int, float) or (integer and type(value) is float):  # a NumPy scalar (a sweep over
+                # np.arange) a plain number in JSON; a whole-number field given 5.0 (YAML, a division) an int
                 setattr(self, name, int(value) if integer or isinstance(value, numbers.Integral) else float(value))
         if not isinstance(self.fold_residual, bool):
             raise bad("fold_residual", "must be true or false")
@@ -160,6 +161,8 @@ class LayerFoldingConfig:
             raise bad("blend", f"supported: {', '.join(BLEND_BACKENDS)}")
         for name, what in (("regularizer_weights", "site names or patterns"), ("merge_costs", "conv names")):
             value = getattr(self, name)
+            if isinstance(value, os.PathLike):  # a pathlib.Path of a JSON file, as a str path is read
+                value = os.fspath(value)
             if isinstance(value, str):  # from a command line: JSON text or a JSON file
                 try:
                     value = _mapping_from_text(value, name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import operator
 import os
 import statistics
@@ -154,7 +155,7 @@ TIMING_DTYPES = ("fp32", "bf16", "fp16")
 
 def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, who: str, why: str,
                       unplanned_why: str, *, batch_size: int = 1, dtype: str = "fp32",
-                      rounds: int = 1) -> tuple[int, ...]:
+                      rounds: int = 1, warmup: int = 0, round_seconds: float = 1.0) -> tuple[int, ...]:
     """The input size (channels, height, width) to time ``model`` at (default: its pretrained_cfg's; an int or
     (height, width) as ``fold_stats`` takes them), after checking that ``model`` is prepared (``why``: what its
     config decides) and not yet planned (``unplanned_why``), and that the timing arguments are valid."""
@@ -170,6 +171,11 @@ def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, 
             whole = False
         if not whole:
             raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
+        raise ValueError(f"{who}: warmup must be a whole number of passes >= 0, got {warmup!r}")
+    if isinstance(round_seconds, bool) or not isinstance(round_seconds, numbers.Real) or not (
+            math.isfinite(round_seconds) and round_seconds > 0):
+        raise ValueError(f"{who}: round_seconds must be a finite number > 0, got {round_seconds!r}")
     if dtype not in TIMING_DTYPES:
         raise ValueError(f"{who}: dtype {dtype!r} is not supported; supported: {', '.join(TIMING_DTYPES)}")
     if input_size is None:  # its height and width (timm keeps the 3 channels there for an in_chans=1 model)
@@ -192,11 +198,12 @@ def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None 
     nothing, and on a shared CPU a repeated measurement can differ by more (one rotation's cache state is not
     another's). The caller's model is not changed.
     """
-    from .workflow import latency_samples
+    from .workflow import latency_samples, resolve_device
 
     input_size = timing_input_size(model, input_size, "measure_fold_gains", "the sites, the α sharing and "
                                    "max_macs_increase decide each fold", "it folds each group alone",
-                                   batch_size=batch_size, dtype=dtype, rounds=rounds)
+                                   batch_size=batch_size, dtype=dtype, rounds=rounds, warmup=warmup,
+                                   round_seconds=round_seconds)
     groups = alpha_groups(model)
     base, twin = fold_model(model, FoldPlan()), fold_model(model, FoldPlan())
     baselines, twin_ratios, ratios = [], [], {}
@@ -212,7 +219,8 @@ def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None 
     baseline = statistics.median(baselines)
     noise = statistics.median(abs(r - 1) for r in twin_ratios) / 2
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-    return FoldGains(device=device, batch_size=batch_size, input_size=input_size, dtype=dtype, model=arch,
+    return FoldGains(device=str(resolve_device(device, timing=True)),  # "auto": the device that was timed
+                     batch_size=batch_size, input_size=input_size, dtype=dtype, model=arch,
                      channels_last=channels_last, baseline_ms=baseline, noise_ms=baseline * noise,
                      groups={owner: {"sites": sites, "ms": baseline * ratios[owner]}
                              for owner, sites in groups.items()})
@@ -233,7 +241,8 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
 
     input_size = timing_input_size(model, input_size, "measure_plan_speedup", "the sites, the α sharing and "
                                    "max_macs_increase decide the fold", "pass the plan instead",
-                                   batch_size=batch_size, dtype=dtype, rounds=rounds)
+                                   batch_size=batch_size, dtype=dtype, rounds=rounds, warmup=warmup,
+                                   round_seconds=round_seconds)
     plan = as_plan(plan, "measure_plan_speedup")  # (blocks: FoldPlan.from_blocks)
     check_plan(model, plan)
     ms = latency_samples({"bn_fused": fold_model(model, FoldPlan()), "plan": fold_model(model, plan)}, input_size,

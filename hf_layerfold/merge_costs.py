@@ -92,7 +92,8 @@ def measure_merge_costs(model: nn.Module, input_size: int | Sequence[int] | None
 
     input_size = timing_input_size(model, input_size, "measure_merge_costs", "its sites and merge limits decide "
                                    "which merges exist", "it times the merges of every plan",
-                                   batch_size=batch_size, dtype=dtype, rounds=rounds)
+                                   batch_size=batch_size, dtype=dtype, rounds=rounds, warmup=warmup,
+                                   round_seconds=round_seconds)
     spans = mergeable_spans(model)
     sizes = _input_sizes(model, {span[0].conv for span in spans}, input_size)
     timed: dict[tuple, float] = {}

@@ -48,8 +48,10 @@ class FoldPlan:
         """Sites whose learned α reached ``threshold`` (default: the model's config threshold)."""
         if threshold is None:
             threshold = getattr(model, "layerfold_config", LayerFoldingConfig()).threshold
+        # (compared in α's own dtype, as the trainer's sites_past_threshold counts: float(α) of a float32 α that
+        # equals float32(threshold), e.g. alpha_init=threshold=0.9, is 0.89999998 < 0.9)
         return cls(tuple(m.site for m in model.modules()
-                         if isinstance(m, FoldableActivation) and float(m.alpha.detach()) >= threshold))
+                         if isinstance(m, FoldableActivation) and bool(m.alpha.detach() >= threshold)))
 
     @classmethod
     def from_blocks(cls, model: nn.Module, blocks: list[str]) -> FoldPlan:
@@ -476,6 +478,9 @@ def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
     linear = set(plan.linear_sites)
     config = as_config(config) if config is not None else getattr(model, "layerfold_config", None) or \
         LayerFoldingConfig()
+    from .merge_costs import check_merge_costs  # (a table lacking merges would silently stop them, as in prepare_model)
+
+    check_merge_costs(model, config)
     seg = segment_model(model, plan, config)
     for run in list(iter_runs(seg.items)) + list(iter_runs(seg.pre_logits)):
         if len(run.convs) < 2:

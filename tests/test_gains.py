@@ -135,7 +135,9 @@ def test_measure_fold_gains_times_every_group_of_a_real_model(tmp_path):
     assert list(gains.groups) == list(groups) and len(groups) == 18  # stem, 17 blocks: 34 sites
     assert all(gains.groups[o]["sites"] == sites for o, sites in groups.items())
     assert gains.baseline_ms > 0 and gains.noise_ms >= 0 and all(g["ms"] > 0 for g in gains.groups.values())
-    assert gains.model == "mobilenetv2_050"  # what was measured, in the file
+    assert gains.model == "mobilenetv2_050" and gains.device == "cpu"  # what was measured, in the file
+    assert measure_fold_gains(model, (3, 16, 16), rounds=1, round_seconds=0.001, warmup=0, device="auto").device \
+        == ("cuda" if torch.cuda.is_available() else "cpu")  # the device timed, not "auto"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the caller's model is untouched
     gains.save(tmp_path / "g.json")
     assert FoldGains.from_dict(json.loads((tmp_path / "g.json").read_text())) == gains
@@ -176,7 +178,10 @@ def test_timing_takes_the_input_sizes_fold_stats_takes_and_names_bad_arguments(t
                          ({"rounds": 0}, "rounds must be a positive integer"),
                          ({"dtype": "float32"}, "dtype 'float32' is not supported; supported: fp32, bf16, fp16"),
                          ({"input_size": (1, 3, 24, 24)}, r"input_size must be \(channels, height, width\)"),
-                         ({"input_size": (3, 0, 24)}, "input_size must be")):
+                         ({"input_size": (3, 0, 24)}, "input_size must be"),
+                         ({"warmup": 1.5}, "warmup must be a whole number of passes >= 0, got 1.5"),
+                         ({"warmup": -1}, "warmup must be"),
+                         ({"round_seconds": float("nan")}, "round_seconds must be a finite number > 0, got nan")):
             with pytest.raises(ValueError, match=f"{measure.__name__}: {why}"):
                 measure(model, **{"input_size": (3, 24, 24), **quick, **bad})
     assert "conv_stem" in lf.measure_merge_costs(model, 24, batch_size=np.int64(2), **quick)  # numpy ints are ints

@@ -71,6 +71,7 @@ def test_measured_costs_cover_every_conv_and_round_trip(tmp_path):
     assert lf.LayerFoldingConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     (tmp_path / "costs.json").write_text(json.dumps({"merge_costs": costs}))  # a saved config holding them
     assert lf.LayerFoldingConfig(merge_costs=str(tmp_path / "costs.json")).merge_costs == costs
+    assert lf.LayerFoldingConfig(merge_costs=tmp_path / "costs.json").merge_costs == costs  # a Path, as a str
     planned, folded = _fold_all_linear(_prepared(alpha_sharing="block", merge_costs=costs))
     _assert_exact(planned, folded)
     save = lf.save_folded(planned, tmp_path / "save")  # the card names the table; config.json keeps it whole
@@ -95,6 +96,8 @@ def test_bad_tables_and_models_are_refused():
                                      round_seconds=0.001, warmup=0)
     with pytest.raises(ValueError, match="measured for another model or config"):
         _prepared(merge_costs=partial)
+    with pytest.raises(ValueError, match="measured for another model or config"):  # the config apply_plan is given
+        lf.apply_plan(_prepared(), lf.FoldPlan(), lf.LayerFoldingConfig(merge_costs=partial))
     gains_config = json.dumps({"lambda_reg": 0.1, "merge_costs": None})  # gains --output without merge costs
     with pytest.raises(ValueError, match="holds a config whose merge_costs is null"):
         lf.LayerFoldingConfig(merge_costs=gains_config)

@@ -205,3 +205,15 @@ def test_planned_weights_load_across_alpha_sharing_and_wrapper_nesting():
     block.load_state_dict(per_site.state_dict())
     nested = {f"_orig_mod.module.{k}": v for k, v in block.state_dict().items()}  # compile around DDP
     assert lf.FoldPlan.from_state_dict(nested) == plan
+
+
+def test_an_alpha_equal_to_the_threshold_is_past_it_as_the_trainer_counts():
+    """float(float32(0.9)) is 0.89999998 < 0.9: the plan left out sites the trainer's log counted as past."""
+    model = lf.prepare_model(timm.create_model("resnet10t"), lf.LayerFoldingConfig(alpha_init=0.9, threshold=0.9))
+    alphas = torch.stack(list(lf.alpha_parameters(model).values()))
+    assert len(lf.FoldPlan.from_model(model)) == int((alphas >= 0.9).sum()) == len(alphas) > 0
+
+
+def test_whole_number_fields_given_as_floats_are_saved_as_integers():
+    config = lf.LayerFoldingConfig(max_kernel_size=5.0, search_steps=10.0)
+    assert type(config.max_kernel_size) is int and config.to_dict()["search_steps"] == 10
