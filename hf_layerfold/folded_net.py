@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
+from timm.layers.eca import EcaModule
 from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
+from timm.layers.squeeze_excite import SEModule
 from timm.models import _efficientnet_blocks as eb
 from timm.models import checkpoint_seq
 
@@ -41,6 +43,36 @@ register_op(eb.SqueezeExcite, "se",
             lambda m: {"channels": m.conv_reduce.in_channels, "rd_channels": m.conv_reduce.out_channels,
                        "act": activation_spec(m.act1), "gate": activation_spec(m.gate)},
             _se_build)
+
+
+def _timm_se_spec(m: SEModule) -> dict:
+    if not isinstance(m.bn, nn.Identity):
+        raise ValueError("a folded model cannot keep an SEModule with a norm layer")
+    return {"channels": m.fc1.in_channels, "rd_channels": m.fc1.out_channels, "bias": m.fc1.bias is not None,
+            "add_maxpool": m.add_maxpool, "act": activation_spec(m.act), "gate": activation_spec(m.gate)}
+
+
+def _timm_se_build(spec: dict) -> nn.Module:
+    se = SEModule(spec["channels"], rd_channels=spec["rd_channels"], bias=spec["bias"], add_maxpool=spec["add_maxpool"])
+    se.act, se.gate = build_activation(spec["act"]), build_activation(spec["gate"])
+    return se
+
+
+def _eca_spec(m: EcaModule) -> dict:
+    if m.conv2 is not None:
+        raise ValueError("a folded model cannot keep an EcaModule with use_mlp=True")
+    return {"kernel_size": m.conv.kernel_size[0], "gate": activation_spec(m.gate)}
+
+
+def _eca_build(spec: dict) -> nn.Module:
+    eca = EcaModule(kernel_size=spec["kernel_size"])
+    eca.gate = build_activation(spec["gate"])
+    return eca
+
+
+# the SE / ECA attention of seresnet*, seresnext*, ecaresnet* (timm.layers, not the EfficientNet-block SqueezeExcite)
+register_op(SEModule, "timm_se", _timm_se_spec, _timm_se_build)
+register_op(EcaModule, "timm_eca", _eca_spec, _eca_build)
 register_op(nn.MaxPool2d, "maxpool",
             lambda m: {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
                        "dilation": m.dilation, "ceil_mode": m.ceil_mode},

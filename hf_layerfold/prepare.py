@@ -87,8 +87,8 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None 
                          "unfolded network it came from")
     if any(isinstance(m, FoldableActivation) for m in model.modules()):
         raise ValueError("model is already prepared for layer folding")
+    check_foldable(model)  # (first: a GroupNorm ResNet is named by its bn1, not by the shortcut norms kept as ops)
     check_keepable_modules(model)
-    check_foldable(model)
     sites = select_sites(model, config)
     _check_merge_costs(model, config, sites)  # before the model changes: a refused table leaves it as it was
     device = next((p.device for p in model.parameters()), None)

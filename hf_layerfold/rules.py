@@ -36,7 +36,9 @@ def conv_bn_act(parent: nn.Module, path: str, conv: str, bn: str | None = None) 
     """A conv, the BatchNorm after it, and the activation timm's ``BatchNormAct2d`` carries, if any."""
     conv_mod = getattr(parent, conv)
     if not isinstance(conv_mod, nn.Conv2d):
-        raise UnsupportedModelError(f"{_join(path, conv)} is a {type(conv_mod).__name__}, not a Conv2d")
+        raise UnsupportedModelError(f"{_join(path, conv)} is a {type(conv_mod).__name__}, not a Conv2d: only "
+                                    "nn.Conv2d layers fold (timm's MixedConv2d of mixnet_* / tf_mixnet_* and "
+                                    "CondConv2d do not)")
     bn_mod = getattr(parent, bn) if bn else None
     if _is_identity(bn_mod):
         return [ConvNode(_join(path, conv))]
@@ -112,8 +114,8 @@ def _shortcut(block: nn.Module, path: str) -> list | None:
 
 @register_block_rule(resnet.BasicBlock)
 def basic_block(block: resnet.BasicBlock, path: str) -> list:
+    # (drop_block, like drop_path, is the identity in eval mode, where folding computes: not part of the graph)
     branch = [ConvNode(_join(path, "conv1"), _join(path, "bn1"))]
-    branch += op_nodes(block.drop_block, _join(path, "drop_block"))
     branch += [ActNode(_join(path, "act1"))] + op_nodes(block.aa, _join(path, "aa"))
     branch += [ConvNode(_join(path, "conv2"), _join(path, "bn2"))] + op_nodes(block.se, _join(path, "se"))
     return [ResidualNode(path, branch, _shortcut(block, path)), ActNode(_join(path, "act2"))]
@@ -122,8 +124,7 @@ def basic_block(block: resnet.BasicBlock, path: str) -> list:
 @register_block_rule(resnet.Bottleneck)
 def bottleneck(block: resnet.Bottleneck, path: str) -> list:
     branch = [ConvNode(_join(path, "conv1"), _join(path, "bn1")), ActNode(_join(path, "act1")),
-              ConvNode(_join(path, "conv2"), _join(path, "bn2"))]
-    branch += op_nodes(block.drop_block, _join(path, "drop_block"))
+              ConvNode(_join(path, "conv2"), _join(path, "bn2"))]  # (drop_block: see basic_block)
     branch += [ActNode(_join(path, "act2"))] + op_nodes(block.aa, _join(path, "aa"))
     branch += [ConvNode(_join(path, "conv3"), _join(path, "bn3"))] + op_nodes(block.se, _join(path, "se"))
     return [ResidualNode(path, branch, _shortcut(block, path)), ActNode(_join(path, "act3"))]

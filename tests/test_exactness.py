@@ -144,6 +144,25 @@ def test_timm_models_under_random_plans(name, dtype):
     _check(model, plan, dtype, sizes=(32, 23))
 
 
+@pytest.mark.parametrize("name,kwargs", [("seresnet18", {}), ("ecaresnet26t", {}),
+                                         ("resnet18", {"drop_block_rate": 0.2})])
+def test_se_eca_and_drop_block_resnets_fold_exactly(name, kwargs):
+    """timm.layers SEModule / EcaModule are kept by folded nets; DropBlock2d (identity in eval) is not in the graph."""
+    import json
+
+    torch.manual_seed(0)
+    model = lf.prepare_model(randomize_bn(timm.create_model(name, num_classes=5, **kwargs)).double().eval())
+    sites = lf.foldable_sites(model)
+    rng = random.Random(name)
+    _check(model, lf.FoldPlan(tuple(s for s in sites if rng.random() < 0.5)), torch.float64, sizes=(32, 23))
+    folded = lf.fold_model(model)
+    rebuilt = lf.LayerFoldedNet(**json.loads(json.dumps(folded.model_args))).double().eval()
+    rebuilt.load_state_dict(folded.state_dict())
+    x = torch.randn(1, 3, 29, 35, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), folded(x))
+
+
 @pytest.mark.parametrize("output_stride", [16, 8])
 def test_deep_stem_resnet_at_a_smaller_output_stride_keeps_its_same_padded_shortcut_pools(output_stride):
     """resnet*d shortcuts average-pool with timm's TF-"same" pool once their stride becomes a dilation; it was kept
