@@ -104,6 +104,12 @@ def _prefixed(prefix: str, state: State) -> State:
     return {prefix + k: v for k, v in state.items()}
 
 
+# What a timm pretrained_cfg says of the base model's weights: where they download from, and what they are. A folded
+# net (and its save) holds other weights; an overlay at save time may describe those.
+WEIGHT_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "label_offset")
+WEIGHT_PROVENANCE_KEYS = ("description", "origin_url", "paper_ids", "paper_name", "notes")
+
+
 def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -> LayerFoldedNet:
     """A new, shallower network computing what the planned ``model`` computes (the caller's model is untouched).
 
@@ -158,13 +164,29 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
     state.update(_prefixed("pre_logits.", pstate))
     state.update(_prefixed("classifier.", {k: v.detach().clone() for k, v in classifier.state_dict().items()}))
     net.load_state_dict(state, strict=True, assign=True)
-    net.pretrained_cfg = copy.deepcopy(getattr(model, "pretrained_cfg", {}) or {})
-    base_arch = net.pretrained_cfg.get("architecture")
-    net.pretrained_cfg["architecture"] = "layerfold_net"
+    base_arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    net.pretrained_cfg = net.default_cfg = _folded_pretrained_cfg(model, net, features)
     net.layerfold_plan = plan
     net.layerfold_info = _provenance(model, net, base_arch)
     net.eval()
     return net
+
+
+def _folded_pretrained_cfg(model: nn.Module, net: LayerFoldedNet, features: list[dict]) -> dict:
+    """The base model's preprocessing with the folded net's own layout (what a save of it reloads with): no weight
+    source (``url``, ``hf_hub_id``, ...: those weights are not these), and ``num_classes``, ``first_conv`` and
+    ``classifier`` naming what the folded net has, not the base model's ``conv_stem`` / ``fc`` / 1000 classes."""
+    cfg = copy.deepcopy(getattr(model, "pretrained_cfg", None) or {})
+    for key in WEIGHT_SOURCE_KEYS + WEIGHT_PROVENANCE_KEYS:
+        cfg.pop(key, None)
+    if cfg.get("num_classes") != net.num_classes:  # (names of the base model's classes, not of these)
+        cfg.pop("label_names", None)
+        cfg.pop("label_descriptions", None)
+    first = features[0] if features else {}
+    cfg.update(architecture="layerfold_net", num_classes=net.num_classes,
+               first_conv="features.0" if first.get("type") == "conv" else None,
+               classifier="classifier" if net.num_classes > 0 else None)
+    return cfg
 
 
 def _input_channels(model: nn.Module, features: list[dict]) -> int:

@@ -212,8 +212,11 @@ class LayerFoldedNet(nn.Module):
         """Pooling, flatten and classifier as timm builds them: the pool flattens when the classifier follows it
         directly (no ``pre_logits`` convs), never when it passes through (``''``: the feature map comes out); the
         classifier takes what the pool gives (``catavgmax`` doubles it) or what the ``pre_logits`` convs give."""
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool,
-                                                flatten=bool(global_pool) and not len(self.pre_logits))
+        pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool) and not len(self.pre_logits))
+        if len(self.pre_logits) and pool.feat_mult() != 1:  # (timm's MobileNetV3 refuses it too)
+            raise ValueError(f"global_pool={global_pool!r} changes the pooled width ({pool.feat_mult()}x), but this "
+                             "folded net's head convs (pre_logits) are sized for the unpooled width")
+        self.global_pool = pool
         self.flatten = nn.Flatten(1) if len(self.pre_logits) and global_pool else nn.Identity()
         if not len(self.pre_logits) and self.num_features:
             self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
@@ -258,6 +261,6 @@ class LayerFoldedNet(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is None:
             global_pool = self.global_pool.pool_type
+        self._set_head(global_pool, num_classes)  # (first: a refused pooling leaves the net as it was)
         self.num_classes = num_classes
         self.model_args.update(num_classes=num_classes, global_pool=global_pool)
-        self._set_head(global_pool, num_classes)

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
+import torch.fx
 import torch.nn as nn
 from huggingface_hub import HfApi
 from timm.data import resolve_data_config
@@ -33,7 +35,7 @@ from .activation import FoldableActivation
 from .collate import drop_test_size, fit_channels, pretrained_cfg_of
 from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig, as_config
-from .fold import fold_model
+from .fold import WEIGHT_PROVENANCE_KEYS, WEIGHT_SOURCE_KEYS, fold_model
 from .folded_model import CONFIG_NAME, LayerFoldedModel
 from .folded_net import LayerFoldedNet
 from .layers import PaddedConv2d
@@ -65,10 +67,6 @@ CARD_NAME = "README.md"
 FORMAT_VERSION = 1
 CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
                "template", "plan_searched")
-_SOURCE_KEYS = ("url", "file", "state_dict", "hf_hub_id", "hf_hub_filename", "source", "tag", "label_offset")
-# Where the base model's weights came from: it would describe weights the save does not hold (an overlay may say
-# where the saved ones came from)
-_PROVENANCE_KEYS = ("description", "origin_url", "paper_ids", "paper_name", "notes")
 
 
 class PushToHubError(RuntimeError):
@@ -237,12 +235,27 @@ def _fold(model: nn.Module) -> tuple[LayerFoldedNet, nn.Module | None]:
     model = getattr(model, "timm_model", model)  # a transformers TimmWrapper
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the same parameters
     if isinstance(model, LayerFoldedNet):
+        _check_float_weights(model)
         return model, None
+    if isinstance(model, torch.fx.GraphModule):  # (fold_model would call it an unsupported model family)
+        raise TypeError("save_folded got a torch.fx GraphModule (FX quantization, feature extraction or "
+                        "symbolic_trace output): save the LayerFoldedNet it was made from, and redo the conversion "
+                        "after loading it back")
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_folded needs a LayerFoldedNet or a prepared/planned timm model, got {type(model)}")
     if is_prepared(model) and applied_plan(model) is None:
         model = apply_plan(copy.deepcopy(model), FoldPlan.from_model(model))
     return fold_model(model), model
+
+
+def _check_float_weights(net: LayerFoldedNet) -> None:
+    """A save holds float tensors; a net converted by torch.ao.quantization keeps packed params (and dtypes) in its
+    state dict instead, which safetensors cannot write."""
+    odd = [k for k, v in net.state_dict().items() if not isinstance(v, torch.Tensor) or v.is_quantized]
+    if odd:
+        raise ValueError(f"save_folded writes float weights, but this folded net holds quantized or packed state "
+                         f"({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}; torch.ao.quantization output): save "
+                         "the folded net before quantizing it, and quantize it again after loading it back")
 
 
 def _label_list(label_names: Any, num_classes: int) -> list[str] | None:
@@ -270,7 +283,7 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
     if labels is None and source.get("label_names") and len(source["label_names"]) == net.num_classes:
         labels = list(source["label_names"])
     cfg = {k: v for k, v in source.items() if k in PretrainedCfg.__dataclass_fields__
-           and k not in _SOURCE_KEYS + _PROVENANCE_KEYS}
+           and k not in WEIGHT_SOURCE_KEYS + WEIGHT_PROVENANCE_KEYS}
     cfg.update(overlay or {})  # (which may describe the saved weights)
     if not cfg.get("input_size"):  # (a custom model family without timm's pretrained_cfg)
         raise ValueError("the model has no pretrained_cfg to record its preprocessing from: pass "
@@ -295,7 +308,7 @@ def _check_overlay(overlay: Mapping | None) -> None:
     ``label_names``."""
     if not overlay:
         return
-    known = set(PretrainedCfg.__dataclass_fields__) - set(_SOURCE_KEYS) - {"label_names", "num_classes",
+    known = set(PretrainedCfg.__dataclass_fields__) - set(WEIGHT_SOURCE_KEYS) - {"label_names", "num_classes",
                                                                            "architecture"}
     if "label_names" in overlay:
         raise ValueError("pretrained_cfg_overlay: pass class names as save_folded(label_names=...)")

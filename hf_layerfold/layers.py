@@ -10,6 +10,17 @@ from timm.layers import activations as timm_act
 from .padding import PadRule, Pads, chain_padding, static_chain_padding
 
 
+def _run_pad(x: torch.Tensor, rules: tuple) -> torch.Tensor:
+    """``x`` padded by the front padding of a run of convs whose padding depends on the input size. A leaf for
+    ``torch.fx`` (``torch.fx.wrap`` below): symbolic tracing (torchvision's and timm's ``create_feature_extractor``,
+    FX quantization) records this call instead of failing on the size arithmetic. ``rules``: ``PadRule`` fields as
+    plain tuples, which FX can record as arguments."""
+    return F.pad(x, chain_padding([PadRule(*r) for r in rules], x.shape[-2], x.shape[-1]))
+
+
+torch.fx.wrap("_run_pad")
+
+
 class PaddedConv2d(nn.Conv2d):
     """A conv that pads its input with the front padding of a run of convs, then convolves unpadded.
 
@@ -55,6 +66,10 @@ class PaddedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         split = self._static_padding
+        if split is None and isinstance(x, torch.fx.Proxy):  # FX symbolic tracing: the padding stays a graph call
+            # (padding as a pair: FX quantization lowers this call to quantized::conv2d_prepack, which takes a list)
+            return F.conv2d(_run_pad(x, tuple((r.kernel, r.stride, r.static) for r in self.pad_rules)), self.weight,
+                            self.bias, self.stride, (0, 0), self.dilation, self.groups)
         if split is None and (torch.jit.is_tracing() or torch.compiler.is_exporting()):
             # traced sizes are tensors, exported ones symbolic: no cache, and the padding stays a function of x
             return F.conv2d(F.pad(x, chain_padding(self.pad_rules, *x.shape[-2:])), self.weight, self.bias,

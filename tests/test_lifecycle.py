@@ -254,3 +254,55 @@ def test_a_rule_naming_the_wrong_module_is_refused_by_name():
 
     with pytest.raises(lf.UnsupportedModelError, match="b1 is a BatchNorm2d, where the model's graph expects a Conv2d"):
         lf.prepare_model(Wrong())
+
+
+def _folded_tf_same():
+    model = lf.prepare_model(small("tf_efficientnet_lite0"))
+    return lf.fold_model(lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["blocks.1.0", "blocks.2.1"])))
+
+
+def test_fx_feature_extraction_and_quantization_trace_a_folded_tf_same_net():
+    """Symbolic tracing failed on the input-size-dependent padding (a Python max of a traced size); timm keeps its
+    own Conv2dSame out of FX the same way, as one recorded call."""
+    from timm.models._features_fx import create_feature_extractor
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    folded = _folded_tf_same()
+    extractor = create_feature_extractor(folded, {"features": "last", "classifier": "logits"})
+    for size in ((64, 64), (33, 47)):  # the padding follows each input's size
+        x = torch.randn(2, 3, *size)
+        with torch.no_grad():
+            out = extractor(x)
+            assert torch.equal(out["last"], folded.forward_features(x)) and torch.equal(out["logits"], folded(x))
+    x = torch.randn(2, 3, 48, 48)
+    prepared = prepare_fx(copy.deepcopy(folded), get_default_qconfig_mapping("x86"), example_inputs=(x,))
+    with torch.no_grad():
+        prepared(x)
+        quantized = convert_fx(prepared)
+        assert rel_err(quantized(x), folded(x)) < 0.5  # int8: near, not equal
+    with pytest.raises(TypeError, match="save_folded got a torch.fx GraphModule"):
+        lf.save_folded(quantized, "unused")
+    dynamic = torch.ao.quantization.quantize_dynamic(copy.deepcopy(folded), {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(ValueError, match="save the folded net before quantizing it"):
+        lf.save_folded(dynamic, "unused")
+
+
+def test_a_folded_nets_pretrained_cfg_names_its_own_layers_and_no_base_weights():
+    model = lf.prepare_model(small("resnet18"))
+    assert model.pretrained_cfg["num_classes"] == 1000 and model.pretrained_cfg.get("hf_hub_id")
+    folded = lf.fold_model(lf.apply_plan(model, lf.FoldPlan()))
+    cfg = folded.pretrained_cfg
+    assert folded.default_cfg is cfg and cfg["architecture"] == "layerfold_net"
+    assert (cfg["num_classes"], cfg["first_conv"], cfg["classifier"]) == (10, "features.0", "classifier")
+    assert dict(folded.named_modules())["features.0"] is not None and "hf_hub_id" not in cfg and "url" not in cfg
+    assert timm.data.resolve_model_data_config(folded) == timm.data.resolve_model_data_config(model)
+
+
+def test_a_head_pool_the_head_convs_cannot_take_is_refused_and_changes_nothing():
+    folded = lf.fold_model(lf.apply_plan(lf.prepare_model(small("mobilenetv3_small_050")), lf.FoldPlan()))
+    args = copy.deepcopy(folded.model_args)
+    with pytest.raises(ValueError, match="global_pool='catavgmax' changes the pooled width"):
+        folded.reset_classifier(0, "catavgmax")
+    assert folded.model_args == args and folded.num_classes == 10
+    assert folded(torch.randn(1, 3, 32, 32)).shape == (1, 10)
