@@ -17,8 +17,9 @@ from .triton_blend import triton_available, triton_clamp_blend
 
 
 def _not_inplace(act: nn.Module) -> nn.Module:
-    """The input is needed after the activation runs (for ``α·x``), so an in-place activation must not own it."""
-    act = copy.deepcopy(act)
+    """The input is needed after the activation runs (for ``α·x``), so an in-place activation must not own it. The
+    copy keeps the activation's own Parameter objects (a PReLU's slope), as prepare_model promises."""
+    act = copy.deepcopy(act, memo={id(p): p for p in act.parameters()})
     for m in act.modules():
         if getattr(m, "inplace", False):
             m.inplace = False
@@ -61,8 +62,14 @@ class ClampBlend(torch.autograd.Function):
 
 
 def clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """The blend for a clamp activation as plain ops (what ``blend="compile"`` hands to the compiler)."""
-    return torch.lerp(torch.clamp(x, bounds[0], bounds[1]), x, alpha.to(x.dtype))
+    """The blend for a clamp activation as plain ops (what ``blend="compile"`` hands to the compiler).
+
+    The clamp's gradient is hardtanh's (1 strictly inside ``(lo, hi)``, 0 on the bounds), as in the eager, Triton and
+    plain ``act(x)`` blends: a compiled ``torch.clamp`` gives 0.5 on the bounds, and exact zeros are common (a channel
+    constant over the batch leaves train-mode BatchNorm at its bias, 0 at init)."""
+    lo, hi = bounds[0], bounds[1]
+    clamped = torch.where((x > lo) & (x < hi), x, torch.clamp(x, lo, hi).detach())
+    return torch.lerp(clamped, x, alpha.to(x.dtype))
 
 
 _compiled_clamp_blend = None

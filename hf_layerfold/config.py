@@ -73,8 +73,10 @@ class LayerFoldingConfig:
             chain it replaces depends on the device. ``None`` = no measurement. Text is read as a JSON object or
             a JSON file.
         fold_residual: absorb a residual whose whole branch became linear as an identity tap.
-        regularizer_weights: each site's weight in the regularizer, by site name or pattern (the first matching key
-            wins; unmatched sites weigh 1). ``FoldGains.weights()`` (CLI: ``hf-layerfold gains``) sets them in
+        regularizer_weights: each site's weight in the regularizer, by site name, block name or pattern (a key that
+            is the site's exact name wins, else the first matching key; unmatched sites weigh 1; a key that matches
+            no prepared site, one left out by ``target_modules`` / ``exclude_modules`` included, is refused when
+            the trainer is built). ``FoldGains.weights()`` (CLI: ``hf-layerfold gains``) sets them in
             proportion to the latency each fold saves on the target device, so the search removes first the
             activations that buy speed there; ``None`` = every site weighs 1 (the paper). Text (from a command line)
             is read as a JSON object or a JSON file.

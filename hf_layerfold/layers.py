@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import activations as timm_act
+from timm.layers import activations_me as timm_act_me
 
 from .padding import PadRule, Pads, chain_padding, static_chain_padding
 
@@ -109,6 +110,9 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
     "timm_hard_sigmoid": timm_act.HardSigmoid, "timm_sigmoid": timm_act.Sigmoid,
     "timm_gelu": timm_act.GELU, "timm_mish": timm_act.Mish, "timm_hard_mish": timm_act.HardMish,
     "timm_tanh": timm_act.Tanh,
+    # what timm.create_model(..., act_layer=NAME) builds for "gelu_tanh", "quick_gelu", "selu", "celu", "hard_mish"
+    "timm_gelu_tanh": timm_act.GELUTanh, "timm_quick_gelu": timm_act.QuickGELU, "selu": nn.SELU, "celu": nn.CELU,
+    "timm_hard_mish_me": timm_act_me.HardMishMe,
 }
 _NAME_OF = {cls: name for name, cls in ACTIVATIONS.items()}
 
@@ -124,7 +128,7 @@ def activation_spec(module: nn.Module) -> dict:
         spec["approximate"] = module.approximate
     if isinstance(module, nn.LeakyReLU):
         spec["negative_slope"] = module.negative_slope
-    if isinstance(module, nn.ELU):
+    if isinstance(module, nn.ELU | nn.CELU):
         spec["alpha"] = module.alpha
     if isinstance(module, nn.PReLU):
         spec["num_parameters"] = module.num_parameters

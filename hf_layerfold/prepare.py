@@ -47,6 +47,8 @@ def candidate_sites(model: nn.Module) -> list[str]:
 def foldable_sites(model: nn.Module) -> list[str]:
     """Names of the sites a prepared model learns α for (or, unprepared, the sites it could learn)."""
     require_module(model, "foldable_sites")
+    if isinstance(model, LayerFoldedNet):  # folded: no activation is left to fold
+        return []
     prepared = [m.site for m in model.modules() if isinstance(m, FoldableActivation)]
     return prepared if prepared else candidate_sites(model)
 
@@ -59,6 +61,11 @@ def select_sites(model: nn.Module, config: LayerFoldingConfig) -> list[str]:
             f"supported block types: {', '.join(supported_block_types())}")
     chosen = [s for s in sites if (config.target_modules is None or _matches(s, config.target_modules))
               and not _matches(s, config.exclude_modules)]
+    for name in ("target_modules", "exclude_modules"):  # a typo'd pattern would otherwise select (or spare) nothing
+        stray = [p for p in getattr(config, name) or [] if not any(_matches(s, [p]) for s in sites)]
+        if stray:
+            logger.warning("%s pattern(s) %s match no foldable site of %s; its sites are e.g. %s (%d in all)",
+                           name, stray, type(model).__name__, sites[:6], len(sites))
     if not chosen:
         raise ValueError(
             f"target_modules={config.target_modules} / exclude_modules={config.exclude_modules} select no site; "
@@ -76,7 +83,8 @@ def require_module(model: object, caller: str) -> None:
 def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None = None) -> nn.Module:
     """Wrap every selected candidate activation in a ``FoldableActivation`` (in place; returns the model).
 
-    The model keeps its class, parameters and state-dict keys; α parameters are added as ``<site>.alpha``, and
+    The model keeps its class, parameters and state-dict keys (but a parametric activation's own weights, such as
+    ``nn.PReLU``'s, move under ``<site>.act.``); α parameters are added as ``<site>.alpha``, and
     each site's phase (searching, or its plan's choice) as ``<site>._extra_state``, so planned weights refuse to
     load into a model without that plan. The config is kept on ``model.layerfold_config``.
     """
@@ -101,6 +109,7 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None 
     for site in sites:
         act = model.get_submodule(site)
         wrapped = FoldableActivation(act, site, config.alpha_init, config.blend).to(device)
+        wrapped.train(act.training)  # (a new module is in training mode: keep the model's mode, as eval() left it)
         if site in hooked:  # the copy inside would fire them on some paths and not others
             for name in _HOOK_DICTS:
                 getattr(wrapped.act, name, {}).clear()

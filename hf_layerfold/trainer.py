@@ -329,6 +329,13 @@ class LayerFoldingTrainer(TrainerData, Trainer):
                 "fixing the plan mid-run swaps conv modules, which DeepSpeed cannot follow. Run the search alone "
                 f"(search_steps >= max_steps={max_steps}), then apply_plan and fine-tune in a second run (see "
                 "examples/README.md)")
+        alpha_ids = {id(a) for a in self._alpha_params}
+        if (self._phase != FOLDED and self._search_steps < max_steps
+                and not any(p.requires_grad for p in self._model().parameters() if id(p) not in alpha_ids)):
+            raise ValueError(
+                "every weight of the model is frozen (requires_grad=False) and the plan freezes α: the fine-tune "
+                f"phase (steps {self._search_steps}-{max_steps}) would have nothing to train. Unfreeze some weights "
+                "(e.g. the classifier), or run the search alone with search_steps >= max_steps")
         if self._phase == SEARCH:
             logger.info("Layer Folding: search phase for %d steps, then fine-tune for %d",
                         min(self._search_steps, max_steps), max(max_steps - self._search_steps, 0))

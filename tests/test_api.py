@@ -82,7 +82,9 @@ def test_blend_paths_match_the_definition_in_float64(blend, make_act, monkeypatc
     torch.manual_seed(0)
     for act_alpha in (0.0, 0.3):  # α = 0 is where a wrong α-gradient would hide behind a zero blend
         site = lf.FoldableActivation(make_act(), "s", alpha_init=act_alpha, blend=blend).double()
-        x = (4 * torch.randn(2, 3, 5, 7, dtype=torch.float64)).requires_grad_()
+        x = 4 * torch.randn(2, 3, 5, 7, dtype=torch.float64)
+        x.view(-1)[:4] = torch.tensor([0.0, 6.0, -1.0, 2.0])  # on the clamps' bounds (a compiled clamp gave 0.5 there)
+        x.requires_grad_()
         g = torch.randn_like(x)
         site(x).backward(g)
         ref_x = x.detach().clone().requires_grad_()
@@ -224,6 +226,34 @@ def test_target_and_exclude_patterns():
     assert sites and all(s.startswith(("blocks.1", "blocks.2")) and not s.endswith("bn2.act") for s in sites)
     with pytest.raises(ValueError, match="select no site"):
         lf.prepare_model(small(), lf.LayerFoldingConfig(target_modules=["nothing.*"]))
+
+
+def test_a_pattern_matching_no_site_is_named_and_prepare_keeps_the_models_mode(caplog):
+    with caplog.at_level("WARNING", logger="hf_layerfold.prepare"):
+        model = lf.prepare_model(small(), lf.LayerFoldingConfig(target_modules=["blocks.1.*", "blcks.2.*"],
+                                                                exclude_modules=["blcks.3.*"]))
+    assert "target_modules pattern(s) ['blcks.2.*'] match no foldable site" in caplog.text
+    assert "exclude_modules pattern(s) ['blcks.3.*']" in caplog.text
+    assert not any(m.training for m in model.modules())  # small() is in eval mode; the new sites too
+    assert lf.foldable_sites(lf.fold_model(model)) == []  # folded: nothing left to fold (it was an error)
+
+
+@pytest.mark.parametrize("act_layer", ["gelu_tanh", "quick_gelu", "selu", "celu", "hard_mish"])
+def test_timm_activations_by_name_fold(act_layer):
+    """timm builds its own classes for these names (GELUTanh, QuickGELU, ...): they were refused as unknown."""
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("mobilenetv2_050", num_classes=5, act_layer=act_layer)).double().eval()
+    model = lf.prepare_model(model)
+    planned = lf.apply_plan(model, lf.FoldPlan(tuple(lf.foldable_sites(model)[::2])))
+    x = torch.randn(1, 3, 29, 33, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(lf.fold_model(planned)(x), planned(x)) < 1e-10
+
+
+def test_a_parametric_activation_keeps_its_parameter_objects():
+    prelu = torch.nn.PReLU(3)
+    site = lf.FoldableActivation(prelu, "s")
+    assert site.act.weight is prelu.weight  # (it was a copy: an optimizer built before prepare lost it)
 
 
 def test_block_shared_alpha_ties_sites_survives_copies_and_plans_whole_blocks():

@@ -886,3 +886,14 @@ def test_persistent_workers_evaluate_the_set_they_are_given(tmp_path, fashion):
     alone = make_trainer(tmp_path, fashion).evaluate(other)
     assert trainer.evaluate(other)["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-5)
     assert trainer.evaluate()["eval_loss"] == pytest.approx(own["eval_loss"], rel=1e-5)  # its own loader kept
+
+
+def test_a_fully_frozen_model_is_refused_before_a_fine_tune_with_nothing_to_train(tmp_path, fashion):
+    """It searched, then failed at the first fine-tune step with torch's "does not require grad"."""
+    config = lf.LayerFoldingConfig(**{**CFG, "search_steps": 2})
+    model = lf.prepare_model(tiny_model(), config)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".alpha"))
+    trainer = make_trainer(tmp_path, fashion, model=model, config=config, train_args=args_for(tmp_path, max_steps=4))
+    with pytest.raises(ValueError, match="every weight of the model is frozen"):
+        trainer.train()
