@@ -37,6 +37,7 @@ from .workflow import (
     model_input_size,
     model_kind,
     plan_source,
+    resolve_device,
     set_input_size,
     suggest_model_names,
     training_arguments,
@@ -264,7 +265,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     _check_classes(model, args.model, data, base=kind == "base")
     result = evaluate_model(model, data.eval, image_size=args.image_size, batch_size=args.batch_size,
                             device=args.device, num_workers=args.num_workers, progress=not args.quiet)
-    result.update(model=args.model, dataset=args.dataset, split=data.eval_split, device=args.device)
+    result.update(model=args.model, dataset=args.dataset, split=data.eval_split,
+                  device=str(resolve_device(args.device)))  # ("auto": the device that ran)
     if args.json:
         print(json.dumps(result))
     else:
@@ -353,7 +355,8 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                            code=1) from None
     base_name = next(iter(models))
     if args.json:
-        print(json.dumps({"device": args.device, "dtype": args.dtype, "channels_last": args.channels_last,
+        print(json.dumps({"device": str(resolve_device(args.device, timing=True)), "dtype": args.dtype,
+                          "channels_last": args.channels_last,
                           "input_size": list(input_size), "threads": torch.get_num_threads(),
                           "latency_ms": {str(bs): r for bs, r in results.items()},
                           "stats": {n: s.to_dict() for n, s in stats.items()}}))

@@ -112,6 +112,14 @@ def load_image_dataset(
     if local.is_dir():
         if data_dir is not None:
             local = local / data_dir
+        if local.is_dir() and not _holds_loose_images(local):  # a local copy of a Hub dataset (webdataset .tar
+            # shards, parquet): imagefolder would find nothing, and streaming it gives an empty set, not an error
+            try:
+                return datasets.load_dataset(str(local), split=split, streaming=streaming, **kwargs)
+            except (FileNotFoundError, ValueError) as err:
+                if not isinstance(err, datasets.data_files.EmptyDatasetError) and \
+                        "corresponds to no data" not in str(err):
+                    raise  # e.g. an unknown split
         try:
             return datasets.load_dataset(
                 "imagefolder", data_dir=str(local), split=split, streaming=streaming, **kwargs
@@ -119,11 +127,6 @@ def load_image_dataset(
         except (FileNotFoundError, ValueError) as err:
             if not isinstance(err, datasets.data_files.EmptyDatasetError) and "corresponds to no data" not in str(err):
                 raise  # e.g. an unknown split: datasets' message names the splits there are
-            try:  # no loose images: a local copy of a Hub dataset (webdataset .tar shards, parquet, ...), whose
-                # builder datasets infers from the files, as it does for the Hub id itself
-                return datasets.load_dataset(str(local), split=split, streaming=streaming, **kwargs)
-            except (FileNotFoundError, ValueError):
-                pass
             raise type(err)(f"{local} holds no images that imagefolder reads (layout: class_name/xxx.png, "
                             f"optionally under train/ and test/) nor data files datasets reads (webdataset .tar "
                             f"shards, parquet, ...): {err}") from err
@@ -188,11 +191,20 @@ def _pick_column(columns: Sequence[str], candidates: Sequence[str]) -> str | Non
     return None
 
 
+def _holds_loose_images(folder: Path) -> bool:
+    """Whether ``folder`` (recursively) holds an image file imagefolder reads (stops at the first)."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    extensions = {e.lower() for e in ImageFolder.EXTENSIONS}
+    return any(p.suffix.lower() in extensions and p.is_file() for p in folder.rglob("*"))
+
+
 def detect_columns(dataset: AnyDataset, *, require_label: bool = True) -> tuple[str, str | None]:
     """Return ``(image_column, label_column)`` so callers need not know each dataset's naming convention.
 
     Names are matched against :data:`IMAGE_COLUMN_CANDIDATES` / :data:`LABEL_COLUMN_CANDIDATES` (exact, then
-    case-insensitive); failing that, a lone ``Image`` / ``ClassLabel`` feature is used. For a dict of splits,
+    case-insensitive), a column whose declared type fits (an ``Image``; integer or ``ClassLabel`` ids) first;
+    failing that, a lone ``Image`` / ``ClassLabel`` feature is used. For a dict of splits,
     the ``train`` (else first) split is inspected. With ``require_label=False`` a set without a label column (a
     test set to predict on) gives ``None`` for it.
     """
@@ -242,7 +254,7 @@ def label_names_of(dataset: AnyDataset, label_column: str) -> list[str] | None:
     return list(feature.names) if feature is not None else None
 
 
-def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = ()) -> str:
+def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = (), *, streaming: bool = False) -> str:
     """How to turn labels of ``arrow_type`` into class ids. Numbers stored as text ("0", "1", ..., "10", as
     webdataset ``cls`` files may give them) are cast to integers: ``class_encode_column`` would number them in text
     order ("10" before "2"), silently renumbering every class past 9 (an ImageNet head then predicts other ids)."""
@@ -251,11 +263,15 @@ def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = ()) 
         return (f"The labels are numbers stored as text: cast them with "
                 f"dataset.cast_column({label_column!r}, datasets.Value('int64')) (class_encode_column would number "
                 "them in text order: '10' before '2').")
-    hint = (f"Use dataset.class_encode_column({label_column!r}) (class ids in sorted name order) or cast it to "
-            "ClassLabel(names=[...]) in the order you want.")
-    if (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)) and not sample:  # (streaming)
-        hint += (f" Numbers stored as text: dataset.cast_column({label_column!r}, datasets.Value('int64')) (a "
-                 "ClassLabel of them would number them in text order: '10' before '2').")
+    if streaming:  # (an IterableDataset has no class_encode_column; its labels cannot be sampled here)
+        hint = (f"Cast it with dataset.cast_column({label_column!r}, datasets.ClassLabel(names=[...])) in the "
+                "order you want.")
+    else:
+        hint = (f"Use dataset.class_encode_column({label_column!r}) (class ids in sorted name order) or cast it to "
+                "ClassLabel(names=[...]) in the order you want.")
+    if streaming and (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
+        hint += (f" Numbers stored as text: dataset.cast_column({label_column!r}, datasets.Value('int64')) (names "
+                 "sorted as text would put '10' before '2').")
     return hint
 
 
@@ -302,7 +318,7 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
         feature = (dataset.features or {}).get(label_column)
         if isinstance(feature, datasets.Value) and not pa.types.is_integer(feature.pa_type):
             raise ValueError(f"Label column {label_column!r} has type {feature.dtype}, expected integer class ids. "
-                             f"{encode_hint(label_column, feature.pa_type)}")
+                             f"{encode_hint(label_column, feature.pa_type, streaming=True)}")
         if declared is None:
             logger.warning("Cannot check labels of a streaming dataset without a ClassLabel feature.")
         return None

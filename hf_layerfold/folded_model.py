@@ -15,7 +15,12 @@ from typing import Any
 import safetensors.torch
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+)
 
 from .config import LayerFoldingConfig
 from .folded_net import LayerFoldedNet
@@ -84,7 +89,7 @@ class LayerFoldedModel:
                       endpoint=endpoint or os.environ.get("HF_ENDPOINT") or None)
             try:
                 data = _read_config(Path(hf_hub_download(repo_id, CONFIG_NAME, **kw)))
-            except (RepositoryNotFoundError, HFValidationError) as err:
+            except (RepositoryNotFoundError, HFValidationError, LocalEntryNotFoundError) as err:  # (the last: offline)
                 if hub:
                     raise
                 raise FileNotFoundError(f"{name!r} is neither a local directory (none at {local.absolute()}) nor a "
@@ -131,7 +136,8 @@ class LayerFoldedModel:
     def push_to_hub(model: nn.Module, repo_id: str, *, private: bool = False, token: str | None = None,
                     commit_message: str | None = None, endpoint: str | None = None, revision: str | None = None,
                     create_pr: bool = False, **save_kwargs: Any) -> str:
-        """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL."""
+        """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL
+        (the pull request's with ``create_pr=True``)."""
         from .hub import _push, check_push_target, save_folded
 
         given = sorted({"push_to_hub", "repo_id", "overwrite"} & set(save_kwargs))

@@ -402,7 +402,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         push_to_hub / repo_id / private / token / commit_message / endpoint: one ``upload_folder`` commit to
             ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
-        revision / create_pr: the branch to commit to (created from the default branch if missing), or open a
+        revision / create_pr: the branch to commit to (created from the default branch if missing; an open pull
+            request's ``refs/pr/N`` takes the commit as it is), or open a
             pull request against the default branch instead of committing (the two do not combine).
         config: the ``LayerFoldingConfig`` used (default: the model's).
         base_model: Hub id (``org/name``, or ``org/name@revision``: the metadata takes the repo id, the card text
@@ -514,7 +515,9 @@ def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, en
     present = [name for name in SAVE_FILES if (directory / name).is_file()]
     try:
         repo = api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None and not create_pr:
+        if revision is not None and not create_pr and not revision.startswith("refs/pr/"):
+            # (an open pull request's refs/pr/N takes commits, but the Hub refuses to create a branch of that
+            # name: "Bad request: Invalid reference for a branch", as transformers' push_to_hub found)
             api.create_branch(repo.repo_id, branch=revision, exist_ok=True)
         # only the save's own files; and one a previous push left (a folded net has no layerfold_config.json)
         # is deleted, or the repo would hold a file its config.json contradicts; so is another model's image

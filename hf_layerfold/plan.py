@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from .activation import FoldableActivation, recorded_phases
@@ -23,6 +24,14 @@ from .padding import PadRule, effective_kernel, pad_rule_of, static_chain_paddin
 PLAN_NAME = "layerfold_plan.json"
 
 logger = logging.getLogger(__name__)
+
+
+def past_threshold(alpha: torch.Tensor, threshold: float) -> torch.Tensor | bool:
+    """Whether α reached ``threshold``, as the plan and the trainer's ``sites_past_threshold`` log both decide it:
+    in float32, with the threshold rounded to float32 (``float(α)`` of a float32 α equal to float32(0.9) is
+    0.89999998 < 0.9; a bf16 α compared in bf16 would pass 0.8984375 as 0.9). Elementwise for a stacked tensor."""
+    past = alpha.detach().float() >= threshold
+    return bool(past) if past.dim() == 0 else past
 
 
 @dataclass(frozen=True)
@@ -48,10 +57,8 @@ class FoldPlan:
         """Sites whose learned α reached ``threshold`` (default: the model's config threshold)."""
         if threshold is None:
             threshold = getattr(model, "layerfold_config", LayerFoldingConfig()).threshold
-        # (compared in α's own dtype, as the trainer's sites_past_threshold counts: float(α) of a float32 α that
-        # equals float32(threshold), e.g. alpha_init=threshold=0.9, is 0.89999998 < 0.9)
         return cls(tuple(m.site for m in model.modules()
-                         if isinstance(m, FoldableActivation) and bool(m.alpha.detach() >= threshold)))
+                         if isinstance(m, FoldableActivation) and past_threshold(m.alpha, threshold)))
 
     @classmethod
     def from_blocks(cls, model: nn.Module, blocks: list[str]) -> FoldPlan:

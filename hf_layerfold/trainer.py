@@ -47,7 +47,7 @@ from .phases import (
     resolve_search_steps,
     restore_phase,
 )
-from .plan import FoldPlan, applied_plan, apply_plan
+from .plan import FoldPlan, applied_plan, apply_plan, past_threshold
 from .prepare import (
     alpha_parameters,
     ensure_prepared,
@@ -422,7 +422,7 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         if plan is None:
             plan = FoldPlan.from_model(model, threshold=threshold)
         projected = projected_stats(model, plan)
-        out.update(alpha_mean=float(alphas.mean()), sites_past_threshold=int((alphas >= threshold).sum()),
+        out.update(alpha_mean=float(alphas.mean()), sites_past_threshold=int(past_threshold(alphas, threshold).sum()),
                    projected_nonlinear_layers=projected.nonlinear_layers, projected_depth=projected.depth,
                    phase=PHASE_IDS[self._phase])
         return out
@@ -523,6 +523,8 @@ class LayerFoldingTrainer(TrainerData, Trainer):
                 kwargs.setdefault("private", True)
             if self.args.hub_token:
                 kwargs.setdefault("token", self.args.hub_token)
+            if self.args.hub_revision and not kwargs.get("create_pr"):  # Trainer's pushes go to that revision
+                kwargs.setdefault("revision", self.args.hub_revision)
         if self._label_names is not None and len(self._label_names) == getattr(model, "num_classes", -1):
             kwargs.setdefault("label_names", self._label_names)
         if self._input_size is not None:

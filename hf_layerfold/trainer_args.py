@@ -122,13 +122,20 @@ def adjust_args(args: TrainingArguments, train_dataset: Any) -> None:
 
 
 def _shuffled(dataset: datasets.IterableDataset) -> bool:
-    """Whether ``dataset.shuffle`` was called on a streaming set (a shuffle buffer somewhere in its chain)."""
-    node, seen = getattr(dataset, "_ex_iterable", None), 0
-    while node is not None and seen < 64:
+    """Whether ``dataset.shuffle`` was called on a streaming set (a shuffle buffer somewhere in its chain; for
+    ``interleave_datasets`` / ``concatenate_datasets`` of streams, in each of them)."""
+
+    def shuffled(node: Any, depth: int) -> bool:
+        if node is None or depth > 64:
+            return False
         if type(node).__name__ == "BufferShuffledExamplesIterable":
             return True
-        node, seen = getattr(node, "ex_iterable", None), seen + 1
-    return False
+        sources = getattr(node, "ex_iterables", None)
+        if sources:  # several streams: every one must be shuffled
+            return all(shuffled(source, depth + 1) for source in sources)
+        return shuffled(getattr(node, "ex_iterable", None), depth + 1)
+
+    return shuffled(getattr(dataset, "_ex_iterable", None), 0)
 
 
 def warn_on_few_shards(dataset: datasets.IterableDataset, world_size: int) -> bool:

@@ -682,4 +682,6 @@ def test_a_local_copy_of_a_webdataset_hub_set_loads(tmp_path: Path) -> None:
     splits = hd.load_image_dataset(tmp_path)
     assert set(splits) == {"train", "validation"} and len(splits["train"]) == 3
     assert hd.detect_columns(splits["train"]) == ("jpg", "cls")
+    stream = hd.load_image_dataset(tmp_path, split="train", streaming=True)  # (imagefolder streamed it as empty)
+    assert hd.detect_columns(stream) == ("jpg", "cls") and len(list(stream)) == 3
     assert hd.check_labels(splits["validation"], "cls", 3) == (0, 2)

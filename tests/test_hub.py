@@ -142,6 +142,8 @@ def test_a_push_to_a_branch_and_over_another_models_processor_config(local_hub, 
         save_folded(folded, tmp_path / "b", revision="folded")
     with pytest.raises(FileNotFoundError, match="not a directory holding a folded-model save"):  # a Path: a folder
         LayerFoldedModel.from_pretrained(tmp_path / "missing" / "x")
+    with pytest.raises(FileNotFoundError, match="'outputs/lite0-foldd' is neither a local directory"):
+        LayerFoldedModel.from_pretrained("outputs/lite0-foldd", local_files_only=True)  # (as offline)
 
 
 def test_failed_push_keeps_the_local_save(local_hub, tmp_path, folded, x):

@@ -212,6 +212,8 @@ def test_an_alpha_equal_to_the_threshold_is_past_it_as_the_trainer_counts():
     model = lf.prepare_model(timm.create_model("resnet10t"), lf.LayerFoldingConfig(alpha_init=0.9, threshold=0.9))
     alphas = torch.stack(list(lf.alpha_parameters(model).values()))
     assert len(lf.FoldPlan.from_model(model)) == int((alphas >= 0.9).sum()) == len(alphas) > 0
+    model.bfloat16()  # bf16(0.9) is 0.8984375: not past 0.9, for the plan as for the trainer's log
+    assert len(lf.FoldPlan.from_model(model)) == 0
 
 
 def test_whole_number_fields_given_as_floats_are_saved_as_integers():

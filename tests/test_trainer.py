@@ -600,6 +600,12 @@ def test_an_unshuffled_streaming_train_set_is_warned_about(tmp_path, fashion, ca
         LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), input_size=SIZE,
                             train_dataset=stream.shuffle(seed=0, buffer_size=8).map(lambda e: e))
     assert "not shuffled" not in caplog.text
+    caplog.clear()
+    shuffled = [fashion["train"].to_iterable_dataset(num_shards=2).shuffle(seed=s, buffer_size=8) for s in (0, 1)]
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
+        LayerFoldingTrainer(tiny_model(), args_for(tmp_path, max_steps=1), input_size=SIZE,
+                            train_dataset=datasets.interleave_datasets(shuffled))
+    assert "not shuffled" not in caplog.text  # every stream interleaved is shuffled
 
 
 def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collators(tmp_path, fashion, caplog):
@@ -814,7 +820,7 @@ def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
         lf.apply_plan(rebuilt, lf.FoldPlan.from_state_dict(state))
         rebuilt.load_state_dict(state)
         assert rebuilt.layerfold_plan == applied_plan(trainer.model)
-        # the folded push follows the run's Hub settings (it went public, with the ambient token)
+        # the folded push follows the run's Hub settings (hub_private_repo=True: it is private)
         trainer.save_folded(tmp_path / "folded", push_to_hub=True, repo_id="test-org/lf-folded")
         assert hub.repos["test-org/lf-folded"].private and hub.repos["test-org/lf-run"].private
 
