@@ -183,9 +183,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     io.add_argument("--teacher", default=None, help="teacher for distillation (--distill-weight > 0): a folded "
                     "save, a timm name or hf-hub: id with a head for the dataset's classes")
     io.add_argument("--output-dir", default="outputs/folded", help="where the folded model is saved")
-    io.add_argument("--overwrite", action="store_true", help="replace an earlier folded save in --output-dir (a "
-                    "directory holding anything else is never replaced)")
-    io.add_argument("--push-to-hub", action="store_true", help="also push the save to the Hub (needs --repo-id)")
+    io.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
+                    help="replace an earlier folded save in --output-dir (a directory holding anything else is "
+                         "never replaced); --no-overwrite undoes overwrite: true in --config")
+    io.add_argument("--push-to-hub", action=argparse.BooleanOptionalAction, default=False,
+                    help="also push the save to the Hub (needs --repo-id)")
     io.add_argument("--repo-id", default=None, help="Hub repo for --push-to-hub, e.g. your-org/model-folded")
     io.add_argument("--private", action="store_true", help="create the Hub repo private")
     io.add_argument("--token", default=None, help="Hub token; unset: HF_TOKEN or the logged-in one")
@@ -221,7 +223,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     evaluate.add_argument("model", help=f"folded-model directory or Hub id, a timm model name, or {LITE0_ALIAS!r}")
     evaluate.add_argument("--dataset", default=FASHION_MNIST,
                           help=f"{FASHION_MNIST!r}, a directory in imagefolder layout, or a Hub dataset id")
-    evaluate.add_argument("--split", default=None, help="split; unset: validation/val/test")
+    evaluate.add_argument("--split", default=None, help="split; unset: validation/val/test, else the whole "
+                          "(only) split, e.g. all of train for an imagefolder without splits")
     evaluate.add_argument("--limit", type=POSITIVE_INT, default=None,
                           help="evaluate on a random subset of this many images")
     evaluate.add_argument("--image-size", type=POSITIVE_INT, default=None, help="resolution; unset: the model's config")
@@ -322,6 +325,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise CLIError(f"config file {args.config}: unknown key(s) {unknown}; allowed: LayerFoldingConfig "
                            f"fields {sorted(config_fields)} and fold options {sorted(options)}")
         training = {k: v for k, v in values.items() if k in options}
+        given = {a.dest for a in fold._actions for token in argv for flag in a.option_strings
+                 if token == flag or token.startswith(flag + "=")}
+        if "epochs" in given and "max_steps" not in given:  # --epochs on the command line beats the file's max_steps
+            training.pop("max_steps", None)
         if training:  # the file's options go through argparse like flags (types, choices), before the flags given
             tokens = _option_tokens(fold, training, args.config)
             try:

@@ -100,6 +100,17 @@ def _scratch_dir(output: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{output.name}.train-", dir=output.parent))
 
 
+def _remove_created_parents(output: Path, existed: Path | None) -> None:
+    """After a run that wrote nothing: remove the (empty) folders _scratch_dir created above the output."""
+    for parent in output.parents:
+        if existed is not None and parent == existed:
+            break
+        try:
+            parent.rmdir()  # only if empty
+        except OSError:
+            break
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to ``sys.stderr`` as it is when a record is logged: a handler keeping the stream of its first
     ``main()`` call wrote to a closed one once the caller had replaced it (main() inside a longer-lived process)."""
@@ -111,6 +122,21 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+def _stderr_progress_callback():
+    from transformers import ProgressCallback
+
+    class StderrProgressCallback(ProgressCallback):
+        """Trainer's progress bar, with the per-step log dicts on stderr (tqdm.write prints them to stdout)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            import contextlib
+
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return StderrProgressCallback
 
 
 def _setup_logging(verbose: bool, quiet: bool = False) -> None:
@@ -179,6 +205,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     # its bundled weights)
     random_weights = not args.pretrained and not folded_input and args.model != LITE0_ALIAS
 
+    existed = next((p for p in output.parents if p.exists()), None)  # folders made below it go if nothing is saved
     try:
         scratch = _scratch_dir(output)
     except OSError as err:  # e.g. a read-only place: found before any training
@@ -199,6 +226,11 @@ def cmd_fold(args: argparse.Namespace) -> int:
             from transformers import PrinterCallback
 
             trainer.remove_callback(PrinterCallback)
+        else:  # the progress bar writes each log dict with tqdm.write, to stdout: keep stdout for the result
+            from transformers import ProgressCallback
+
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(_stderr_progress_callback())
         logger.info("training %s on %s (%d images, eval on %d of split %r); scratch %s", args.model, args.dataset,
                     len(data.train), len(data.eval), data.eval_split, scratch)
         trainer.train()
@@ -223,6 +255,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
         raise
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if not output.exists():
+            _remove_created_parents(output, existed)
 
     block = json.loads((Path(path) / "config.json").read_text()).get("layerfold", {})
     before, after = block.get("stats_before") or {}, block.get("stats_after") or {}

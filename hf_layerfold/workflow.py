@@ -200,6 +200,18 @@ def fixed_plan(spec: str, model):
         raise CLIError(f"--plan {spec}: {err}") from None
     if not len(plan):
         raise CLIError(f"--plan {spec} makes no site linear: name at least one block or site")
+    if source is not None and source.is_dir():  # a folded save names the architecture its plan was made for
+        import json
+
+        try:
+            folded_from = json.loads((source / "config.json").read_text()).get("layerfold", {}).get(
+                "base_architecture")
+        except (OSError, ValueError, AttributeError):
+            folded_from = None
+        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+        if folded_from and arch and folded_from != arch:
+            logger.warning("--plan %s was made for %s, not %s: its site names match here, but which activations pay "
+                           "to remove differs between architectures", spec, folded_from, arch)
     return plan
 
 
@@ -305,6 +317,12 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     try:
         _, label_column = detect_columns(evaluation)
     except ValueError as err:
+        if hub_id is None and "image" in evaluation.column_names and len(evaluation.column_names) == 1:
+            # a local folder read by imagefolder without labels: images directly in it (or in train/ / test/),
+            # or a single class folder (imagefolder gives labels only for two class folders or more)
+            raise CLIError(f"dataset {source!r} has images but no class labels: imagefolder takes each image's "
+                           "class from its folder, class_name/xxx.png (optionally under train/ and test/), and "
+                           "needs at least two class folders") from None
         raise CLIError(f"dataset {source!r}: {err}") from None
     reference = train if train is not None else evaluation
     num_classes = num_labels_of(reference, label_column)

@@ -103,6 +103,8 @@ def test_config_file_options_are_typed_like_flags(tmp_path):
     assert parse_args(["fold", "--config", str(cfg)]).plan == "bn1,blocks.1.1,blocks.1.0.bn1.act"
     cfg.write_text("plan: bn1,blocks.1.1\n")
     assert parse_args(["fold", "--config", str(cfg)]).plan == "bn1,blocks.1.1"
+    args = parse_args(["fold", "--config", str(cfg), "--epochs", "2", "--no-overwrite"])  # flags win over the file
+    assert (args.max_steps, args.epochs, args.overwrite) == (None, 2.0, False)
     cfg.write_text("epochs: [1, 2]\n")
     with pytest.raises(CLIError, match="epochs takes one value"):
         parse_args(["fold", "--config", str(cfg)])
@@ -703,3 +705,19 @@ def test_a_dataset_with_class_names_as_labels_is_a_cli_error_not_a_traceback(tmp
     (folder / "metadata.csv").write_text("file_name,label\n0.png,cat\n1.png,dog\n")
     with pytest.raises(CLIError, match="label.*expected integer class ids.*class_encode_column"):
         load_data(str(folder), need_train=False)
+
+
+def test_a_folder_of_images_without_class_folders_is_told_the_layout(tmp_path):
+    from hf_layerfold.workflow import load_data
+
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    with pytest.raises(CLIError, match="has images but no class labels: .*class_name/xxx.png.*two class folders"):
+        load_data(str(tmp_path), need_train=False)
+
+
+def test_a_failed_fold_leaves_no_folders_it_created(tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "out"
+    assert main([*TINY_FOLD, "--target-modules", "nothing.*", "--output-dir", str(out)]) == 2
+    assert "select no site" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
