@@ -92,8 +92,10 @@ class LayerFoldedModel:
             except (RepositoryNotFoundError, HFValidationError, LocalEntryNotFoundError) as err:  # (the last: offline)
                 if hub:
                     raise
+                why = ("offline, and not in the Hub cache" if isinstance(err, LocalEntryNotFoundError)
+                       else type(err).__name__)
                 raise FileNotFoundError(f"{name!r} is neither a local directory (none at {local.absolute()}) nor a "
-                                        f"Hub repo that can be read ({type(err).__name__})") from err
+                                        f"Hub repo that can be read ({why})") from err
             try:
                 weights = Path(hf_hub_download(repo_id, WEIGHTS_NAME, **kw))
             except EntryNotFoundError:

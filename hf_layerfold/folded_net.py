@@ -24,12 +24,35 @@ from .padding import PadRule, static_chain_padding
 # Opaque ops a folded model can keep: class → to_spec, and spec "type" → builder.
 OP_SPECS: dict[type, Callable[[nn.Module], dict]] = {}
 OP_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {}
+OP_KINDS: dict[type, str] = {}
+RESERVED_KINDS = frozenset({"conv", "act", "residual"})  # build_layer handles these itself
 
 
 def register_op(cls: type, kind: str, to_spec: Callable[[nn.Module], dict],
                 from_spec: Callable[[dict], nn.Module]) -> None:
-    """Teach folded models to keep (serialize and rebuild) a module type that does not fold."""
-    OP_SPECS[cls] = lambda m: {"type": kind, **to_spec(m)}
+    """Teach folded models to keep (serialize and rebuild) a module type that does not fold.
+
+    ``to_spec(module)`` gives the JSON-able fields ``from_spec(spec)`` rebuilds the module from (its weights come
+    from the state dict); the saved spec carries ``"type": kind``. A save holding such a module loads only where
+    the same ``register_op`` ran first (before ``from_pretrained`` / ``timm.create_model``).
+    """
+    if kind in RESERVED_KINDS:
+        raise ValueError(f"register_op: kind {kind!r} is a built-in layer type; choose another name")
+    owner = next((c for c, k in OP_KINDS.items() if k == kind and  # (a class redefined, as a notebook does: the same)
+                  (c.__module__, c.__qualname__) != (cls.__module__, cls.__qualname__)), None)
+    if owner is not None:
+        raise ValueError(f"register_op: kind {kind!r} is already registered for {owner.__name__}; a second "
+                         f"builder would rebuild every saved {owner.__name__} as a {cls.__name__}")
+
+    def spec_of(m: nn.Module) -> dict:
+        fields = to_spec(m)
+        if "type" in fields:
+            raise ValueError(f"register_op({cls.__name__}): to_spec returned a 'type' field, which names the layer "
+                             f"kind ({kind!r}) in a saved spec; call it something else")
+        return {"type": kind, **fields}
+
+    OP_SPECS[cls] = spec_of
+    OP_KINDS[cls] = kind
     OP_BUILDERS[kind] = from_spec
 
 
@@ -96,6 +119,20 @@ register_op(MaxPool2dSame, "maxpool_same",
             lambda s: MaxPool2dSame(s["kernel_size"], s["stride"], dilation=s["dilation"], ceil_mode=s["ceil_mode"]))
 
 
+BUILTIN_KINDS = frozenset(OP_BUILDERS) | RESERVED_KINDS  # what any process that imports hf_layerfold can build
+
+
+def registered_kinds(specs: list[dict]) -> list[str]:
+    """The layer types of ``specs`` (residuals searched) that only a ``register_op`` of the saving code builds."""
+    found: set[str] = set()
+    for spec in specs:
+        if spec.get("type") == "residual":
+            found.update(registered_kinds(spec.get("branch") or []), registered_kinds(spec.get("shortcut") or []))
+        elif spec.get("type") not in BUILTIN_KINDS:
+            found.add(spec.get("type"))
+    return sorted(found)
+
+
 def op_spec(module: nn.Module) -> dict:
     """Spec of a kept module (a registered op or an activation); anything else raises, naming what is keepable."""
     for cls in type(module).__mro__:
@@ -152,7 +189,10 @@ def build_layer(spec: dict) -> nn.Module:
         return Residual(build_sequence(spec["branch"]), shortcut)
     if kind in OP_BUILDERS:
         return OP_BUILDERS[kind](spec)
-    raise UnknownLayerTypeError(f"unknown layer type {kind!r} in a folded-model spec")
+    raise UnknownLayerTypeError(
+        f"unknown layer type {kind!r} in a folded-model spec: the model was saved with a module kept through "
+        f"hf_layerfold.register_op(<its class>, {kind!r}, to_spec, from_spec); run that same register_op before "
+        f"loading. Layer types known here: {sorted(RESERVED_KINDS | set(OP_BUILDERS))}")
 
 
 def build_sequence(specs: list[dict]) -> nn.Sequential:

@@ -92,16 +92,21 @@ def lookup_rule(registry: dict[type, Callable], obj: object) -> Callable | None:
     return None
 
 
+def _type_name(cls: type) -> str:
+    """``module.Class``: torchvision's ResNet is not timm's ``timm.models.resnet.ResNet``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def supported_block_types() -> list[str]:
     from . import rules  # noqa: F401  (registers the built-in rules)
 
-    return sorted(cls.__name__ for cls in BLOCK_RULES)
+    return sorted(_type_name(cls) for cls in BLOCK_RULES)
 
 
 def supported_model_types() -> list[str]:
     from . import rules  # noqa: F401  (registers the built-in rules)
 
-    return sorted(cls.__name__ for cls in MODEL_RULES)
+    return sorted(_type_name(cls) for cls in MODEL_RULES)
 
 
 def block_nodes(block: nn.Module, path: str) -> list:
@@ -109,7 +114,7 @@ def block_nodes(block: nn.Module, path: str) -> list:
     rule = lookup_rule(BLOCK_RULES, block)
     if rule is None:
         raise UnsupportedModelError(
-            f"block {path!r} of type {type(block).__name__} has no folding rule; supported block types: "
+            f"block {path!r} of type {_type_name(type(block))} has no folding rule; supported block types: "
             f"{', '.join(supported_block_types())} (register one with hf_layerfold.register_block_rule)")
     return rule(block, path)
 
@@ -128,8 +133,10 @@ def build_graph(model: nn.Module) -> ModelGraph:
                     f"{type(inner).__name__} it wraps (model.{attr}) instead: prepare, plan and fold the bare "
                     "model, and wrap it after prepare_model")
         raise UnsupportedModelError(
-            f"model type {type(model).__name__} is not supported; supported model types: "
-            f"{', '.join(supported_model_types())}, built from blocks: {', '.join(supported_block_types())}")
+            f"model type {_type_name(type(model))} is not supported (no folding rule); supported model types: "
+            f"{', '.join(supported_model_types())}, built from blocks: {', '.join(supported_block_types())}. "
+            "Describe a new family with @hf_layerfold.register_model_rule(ItsClass), a function returning a "
+            "hf_layerfold.graph.ModelGraph (README, \"A new model family\")")
     return rule(model)
 
 

@@ -37,7 +37,7 @@ from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig, as_config
 from .fold import WEIGHT_PROVENANCE_KEYS, WEIGHT_SOURCE_KEYS, fold_model
 from .folded_model import CONFIG_NAME, LayerFoldedModel
-from .folded_net import LayerFoldedNet
+from .folded_net import LayerFoldedNet, registered_kinds
 from .layers import PaddedConv2d
 from .model_card import (
     accuracy_section,
@@ -468,7 +468,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
                        eval_results=eval_results, latency=card_fields.get("latency"),
                        accuracy=card_fields.get("accuracy"), tags=card_fields.get("tags") or (),
                        language=card_fields.get("language"), template=card_fields.get("template"),
-                       plan_searched=card_fields.get("plan_searched"))
+                       plan_searched=card_fields.get("plan_searched"),
+                       custom_ops=registered_kinds([*net.model_args["features"], *net.model_args["pre_logits"]]))
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -263,7 +263,8 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
                 base_model: str | None = None, datasets: str | list[str] | None = None,
                 license: str | None = None, eval_results: Any = None, latency: Mapping | None = None,
                 accuracy: Mapping | None = None, tags: Sequence[str] = (), language: str | list[str] | None = None,
-                template: str | os.PathLike | None = None, plan_searched: bool | None = None) -> ModelCard:
+                template: str | os.PathLike | None = None, plan_searched: bool | None = None,
+                custom_ops: Sequence[str] = ()) -> ModelCard:
     """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``)."""
     results = eval_results_from(eval_results)
     tags = [tags] if isinstance(tags, str) else list(tags)  # one tag, not one per character
@@ -304,7 +305,7 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
         timm_id=_in_quotes(("hf-hub:" if is_hub else "local-dir:") + load_id), load_id=_in_quotes(load_id),
         one_channel=bool(input_size) and input_size[0] == 1,
         config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
-        plan_searched=plan_searched)
+        plan_searched=plan_searched, custom_ops=", ".join(f"`{k}`" for k in custom_ops))
     return card
 
 

@@ -162,6 +162,7 @@ def check_foldable(model: nn.Module) -> None:
     from .graph import iter_nodes
 
     graph = build_graph(model)
+    _check_graph_paths(model, graph)
     try:
         pool_type_of(model.get_submodule(graph.pool))
     except ValueError as err:
@@ -184,6 +185,40 @@ def check_foldable(model: nn.Module) -> None:
                            "into a conv uses them")
         if problem:
             raise UnsupportedModelError(f"{type(model).__name__} cannot be folded: {problem}")
+
+
+def _check_graph_paths(model: nn.Module, graph) -> None:
+    """Every module a model's graph names exists, and the head is what a folded net rebuilds: a typo in a custom
+    rule failed as a bare AttributeError (``Conv2d has no attribute `act```), and a ``Sequential(Dropout, Linear)``
+    classifier only in ``fold_model``, after training."""
+    from .graph import ActNode, OpNode, iter_nodes
+
+    name = type(model).__name__
+    paths = [("pool", graph.pool), ("classifier", graph.classifier)]
+    for node in iter_nodes([*graph.features, *graph.pre_logits]):
+        if isinstance(node, ConvNode):
+            paths += [("conv", node.conv)] + ([("bn", node.bn)] if node.bn is not None else [])
+        elif isinstance(node, ActNode | OpNode):
+            paths.append((type(node).__name__, node.path))
+    for role, path in paths:
+        if not path and role != "pool":
+            raise UnsupportedModelError(f"the folding rule of {name} names the model itself as a {role}")
+        try:
+            model.get_submodule(path)
+        except AttributeError as err:
+            raise UnsupportedModelError(f"the folding rule of {name} names {role} {path!r}, which is not a submodule "
+                                        f"of the model ({err})") from None
+    if not graph.pool:
+        raise UnsupportedModelError(
+            f"the folding rule of {name} names no pooling module (ModelGraph.pool=''); a folded net rebuilds global "
+            "pooling from a module: name the model's nn.AdaptiveAvgPool2d(1) / timm SelectAdaptivePool2d, or attach "
+            "one to the model if its forward pools functionally (F.adaptive_avg_pool2d)")
+    classifier = model.get_submodule(graph.classifier)
+    if not isinstance(classifier, nn.Linear | nn.Identity):
+        raise UnsupportedModelError(
+            f"the folding rule of {name} names classifier {graph.classifier!r}, a {type(classifier).__name__}; a "
+            "folded net's classifier is one nn.Linear (or nn.Identity): name the Linear itself and give a dropout "
+            "before it as ModelGraph(drop_rate=...)")
 
 
 def site_blocks(model: nn.Module) -> dict[str, list[str]]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .folded_net import LayerFoldedNet
+from .folded_net import LayerFoldedNet, UnknownLayerTypeError
 
 ARCHITECTURE = "layerfold_net"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,6 +47,8 @@ def layerfold_net(pretrained: bool = False, **kwargs: Any) -> LayerFoldedNet:
                          "(forward_features gives the last feature map; num_classes=0 drops the classifier)")
     try:
         return build_model_with_cfg(LayerFoldedNet, ARCHITECTURE, pretrained, **kwargs)
+    except UnknownLayerTypeError:  # the structure, not the weights: register_op it (the error says how)
+        raise
     except Exception as err:  # safetensors raises its own error type on a corrupt file
         if not pretrained:
             raise

@@ -201,6 +201,9 @@ class LayerFoldingTrainer(TrainerData, Trainer):
                              "whatever the dataset's column is called; leave label_names unset")
         if args.batch_eval_metrics and compute_metrics is _default_metrics:
             compute_metrics = BatchedTopK()  # the same metrics, counted batch by batch
+        if args.neftune_noise_alpha is not None:  # Trainer would fail at train() on model.get_input_embeddings
+            raise ValueError(f"neftune_noise_alpha={args.neftune_noise_alpha}: NEFTune adds noise to a language "
+                             "model's input embeddings, which a timm CNN has not; leave neftune_noise_alpha unset")
         if args.push_to_hub and isinstance(model, LayerFoldedNet):  # Trainer's push has no folded spec to send
             raise ValueError("push_to_hub=True with a folded net would publish weights without their structure: "
                              "publish it with trainer.save_folded(push_to_hub=True, repo_id=...) after training")
@@ -349,16 +352,31 @@ class LayerFoldingTrainer(TrainerData, Trainer):
     def _end_search(self) -> FoldPlan:
         """Fix the plan from the threshold (identical on every process: rank 0's decision is broadcast)."""
         model = self._model()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free: read α as trained (y), not as an
+            self.optimizer.train()                             # evaluation just before left it (x)
         plan = FoldPlan.from_model(model, threshold=self.layerfold_config.threshold)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
             plan = FoldPlan.from_dict(broadcast_object_list([plan.to_dict()], from_process=0)[0])
         apply_plan(model, plan, self.layerfold_config)
+        self._forget_alpha_state()
         self._phase = FINETUNE
         logger.info("Layer Folding: plan fixed at step %d, %d of %d sites linear", self.state.global_step,
                     len(plan), len(self._alphas))
         return plan
+
+    def _forget_alpha_state(self) -> None:
+        """Drop the optimizer state of the α just frozen at 0/1: a schedule-free optimizer (``optim=
+        "schedule_free_*"``) moves every parameter with state between its train (y) and eval (x) points in
+        ``optimizer.train()`` / ``optimizer.eval()``, which took frozen α off 0/1 (and out of [0, 1])."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # (accelerate's AcceleratedOptimizer)
+        state = getattr(inner, "state", None)
+        if state is None:
+            return
+        for alpha in self._alpha_params:
+            if not alpha.requires_grad:
+                state.pop(alpha, None)
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         """``load_best_model_at_end`` may only pick a checkpoint of the phase the run ends in: a search-phase model

@@ -99,6 +99,11 @@ def adjust_args(args: TrainingArguments, train_dataset: Any) -> None:
         # timm's forward(x) would make Trainer drop the image and label columns the collator needs.
         logger.info("LayerFoldingTrainer sets remove_unused_columns=False (the collator reads raw columns)")
         args.remove_unused_columns = False
+    if getattr(args, "use_liger_kernel", False):
+        # transformers patches only PreTrainedModel instances (and asks for liger-kernel first): nothing for timm
+        logger.warning("LayerFoldingTrainer sets use_liger_kernel=False: Liger kernels patch transformers language "
+                       "models, not timm CNNs")
+        args.use_liger_kernel = False
     # The search → fine-tune switch freezes α mid-run: DDP must expect parameters without gradient,
     # else its reducer waits for α's gradient forever ("Expected to have finished reduction ...").
     if args.ddp_find_unused_parameters is False:

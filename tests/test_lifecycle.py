@@ -12,6 +12,7 @@ import torch.nn as nn
 from conftest import randomize_bn, rel_err
 
 import hf_layerfold as lf
+from hf_layerfold.folded_net import UnknownLayerTypeError
 from hf_layerfold.graph import ActNode, ConvNode, ModelGraph, register_model_rule
 from hf_layerfold.layers import PaddedConv2d
 from hf_layerfold.padding import PadRule
@@ -306,3 +307,84 @@ def test_a_head_pool_the_head_convs_cannot_take_is_refused_and_changes_nothing()
         folded.reset_classifier(0, "catavgmax")
     assert folded.model_args == args and folded.num_classes == 10
     assert folded(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_custom_rule_mistakes_are_named_before_training():
+    class Typo(_SharedActNet):
+        pass
+
+    class DropoutHead(_SharedActNet):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Sequential(nn.Dropout(0.2), nn.Linear(8, 4))
+
+    @register_model_rule(Typo)
+    def _typo(model):
+        return ModelGraph([ConvNode("c1", "b1"), ActNode("acts"), ConvNode("c2", "b2")], "global_pool", "fc")
+
+    @register_model_rule(DropoutHead)
+    def _dropout_head(model):
+        return _shared_act_rule(model)
+
+    with pytest.raises(lf.UnsupportedModelError, match="rule of Typo names ActNode 'acts', which is not a submodule"):
+        lf.prepare_model(Typo())
+    with pytest.raises(lf.UnsupportedModelError, match="names classifier 'fc', a Sequential; .* one nn.Linear"):
+        lf.prepare_model(DropoutHead())  # it failed in fold_model, after training
+    with pytest.raises(lf.UnsupportedModelError, match=r"torch.nn.modules.container.Sequential is not supported .*"
+                                                      r"register_model_rule"):
+        lf.prepare_model(nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+class _ActFirstNet(_SharedActNet):
+    """An activation module registered before the first conv: the first parameter is then a site's α (float32)."""
+
+    def __init__(self):
+        super().__init__()
+        del self.c1, self.b1  # (registered again after the activation)
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+
+@register_model_rule(_ActFirstNet)
+def _act_first_rule(model):
+    return _shared_act_rule(model)
+
+
+def test_a_float64_model_folds_in_float64_whatever_its_first_parameter():
+    torch.manual_seed(0)
+    model = lf.prepare_model(randomize_bn(_ActFirstNet()).double().eval())
+    assert next(model.parameters()).dtype == torch.float32  # α
+    folded = lf.fold_model(lf.apply_plan(model, lf.FoldPlan(("act",))))
+    x = torch.randn(2, 3, 9, 11, dtype=torch.double)
+    assert next(folded.parameters()).dtype == torch.float64 and rel_err(folded(x), model(x)) < 1e-12
+
+
+class _Gate(nn.Module):
+    def __init__(self, channels: int = 8):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels, 1, 1))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.scale)
+
+
+def test_register_op_refuses_what_would_break_other_saves_and_a_save_says_it_needs_the_op(tmp_path):
+    from hf_layerfold.folded_net import OP_BUILDERS, OP_KINDS, OP_SPECS, build_layer
+
+    with pytest.raises(ValueError, match="kind 'conv' is a built-in layer type"):
+        lf.register_op(_Gate, "conv", lambda m: {}, lambda s: _Gate())
+    with pytest.raises(ValueError, match="kind 'se' is already registered for SqueezeExcite"):
+        lf.register_op(_Gate, "se", lambda m: {}, lambda s: _Gate())
+    lf.register_op(_Gate, "test_gate", lambda m: {"type": m.scale.numel()}, lambda s: _Gate())
+    try:
+        with pytest.raises(ValueError, match="to_spec returned a 'type' field"):
+            lf.folded_net.op_spec(_Gate())
+        lf.register_op(_Gate, "test_gate", lambda m: {"channels": m.scale.numel()}, lambda s: _Gate(s["channels"]))
+        from hf_layerfold.folded_net import registered_kinds
+        from hf_layerfold.model_card import render_card  # noqa: F401  (the card names the op)
+
+        assert registered_kinds([{"type": "residual", "branch": [{"type": "test_gate"}], "shortcut": None}]) == \
+            ["test_gate"]
+    finally:
+        OP_SPECS.pop(_Gate, None), OP_KINDS.pop(_Gate, None), OP_BUILDERS.pop("test_gate", None)
+    with pytest.raises(UnknownLayerTypeError, match=r"register_op\(<its class>, 'test_gate'.*run that same"):
+        build_layer({"type": "test_gate", "channels": 8})

@@ -903,3 +903,20 @@ def test_a_fully_frozen_model_is_refused_before_a_fine_tune_with_nothing_to_trai
     trainer = make_trainer(tmp_path, fashion, model=model, config=config, train_args=args_for(tmp_path, max_steps=4))
     with pytest.raises(ValueError, match="every weight of the model is frozen"):
         trainer.train()
+
+
+def test_frozen_alphas_leave_the_optimizer_state_and_language_model_options_are_named(tmp_path, fashion, caplog):
+    """A schedule-free optimizer moves every parameter with state in optimizer.train()/eval(): frozen α drifted off
+    0/1. NEFTune failed inside train(); Liger kernels asked for a package that patches nothing of a timm CNN."""
+    config = lf.LayerFoldingConfig(**{**CFG, "search_steps": 2})
+    trainer = make_trainer(tmp_path, fashion, config=config, train_args=args_for(tmp_path, max_steps=3))
+    trainer.train()
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert not any(a in inner.state for a in trainer._alpha_params) and len(inner.state) > 0
+    with pytest.raises(ValueError, match="NEFTune adds noise to a language model's input embeddings"):
+        make_trainer(tmp_path, fashion, train_args=args_for(tmp_path, max_steps=1, neftune_noise_alpha=5.0))
+    args = args_for(tmp_path, max_steps=1)
+    args.use_liger_kernel = True
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
+        make_trainer(tmp_path, fashion, train_args=args)
+    assert args.use_liger_kernel is False and "use_liger_kernel=False" in caplog.text
