@@ -461,6 +461,7 @@ def _check_weights_file(path: Path, name: str) -> None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import SAVE_FILES, PushToHubError, _push, foreign_entries
+    from .model_card import card_for_revision
 
     folder = Path(args.save_dir).expanduser().absolute()
     _check_repo_id(args.repo_id)
@@ -482,7 +483,8 @@ def cmd_push(args: argparse.Namespace) -> int:
                 shutil.copy2(folder / name, staged / name)
         card = staged / "README.md"
         if card.is_file():
-            card.write_text(_card_for_repo(card.read_text(), args.repo_id))
+            text = _card_for_repo(card.read_text(), args.repo_id)
+            card.write_text(text if args.create_pr else card_for_revision(text, args.repo_id, args.revision))
         try:
             url = _push(staged, args.repo_id, private=args.private, token=args.token, endpoint=None,
                         commit_message=args.commit_message, keep_note=False, revision=args.revision,

@@ -469,7 +469,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
                        accuracy=card_fields.get("accuracy"), tags=card_fields.get("tags") or (),
                        language=card_fields.get("language"), template=card_fields.get("template"),
                        plan_searched=card_fields.get("plan_searched"),
-                       custom_ops=registered_kinds([*net.model_args["features"], *net.model_args["pre_logits"]]))
+                       custom_ops=registered_kinds([*net.model_args["features"], *net.model_args["pre_logits"]]),
+                       load_revision=revision if push_to_hub and not create_pr else None)  # (a PR merges to main)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")

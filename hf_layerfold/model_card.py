@@ -109,6 +109,16 @@ def _in_quotes(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
+def card_for_revision(text: str, repo_id: str, revision: str | None) -> str:
+    """The card's loading snippets for a model pushed to the branch ``revision`` of ``repo_id``: each names it
+    (``hf-hub:org/name@rev`` for timm, ``revision="rev"`` for the others), or they would load the default branch."""
+    if not revision:
+        return text
+    repo, rev = _in_quotes(repo_id), _in_quotes(revision)
+    text = text.replace(f'"hf-hub:{repo}"', f'"hf-hub:{repo}@{rev}"')
+    return text.replace(f'"{repo}")', f'"{repo}", revision="{rev}")')
+
+
 def unmerged_sites(info: Mapping[str, Any]) -> list[str]:
     """Removed activations that no merge row of ``info["folds"]`` accounts for: where a merge was split (by
     ``max_kernel_size``, ``max_macs_increase`` or ``merge_costs``) the activation is gone, but the convolutions on
@@ -264,8 +274,9 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
                 license: str | None = None, eval_results: Any = None, latency: Mapping | None = None,
                 accuracy: Mapping | None = None, tags: Sequence[str] = (), language: str | list[str] | None = None,
                 template: str | os.PathLike | None = None, plan_searched: bool | None = None,
-                custom_ops: Sequence[str] = ()) -> ModelCard:
-    """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``)."""
+                custom_ops: Sequence[str] = (), load_revision: str | None = None) -> ModelCard:
+    """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``);
+    ``load_revision``: the branch of the Hub repo ``load_id`` its loading snippets name."""
     results = eval_results_from(eval_results)
     tags = [tags] if isinstance(tags, str) else list(tags)  # one tag, not one per character
     card_data = ModelCardData(library_name="timm", tags=list(dict.fromkeys([*TAGS, *tags])),
@@ -302,7 +313,10 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
         has_before=bool(info.get("stats_before")), stats=stats_rows(info.get("stats_before"), info["stats_after"]),
         stats_input="×".join(map(str, input_size[1:])) + " pixels" if input_size else "the model's input size",
         latency=latency_section(latency), accuracy=accuracy_section(accuracy), eval_rows=eval_rows,
-        timm_id=_in_quotes(("hf-hub:" if is_hub else "local-dir:") + load_id), load_id=_in_quotes(load_id),
+        timm_id=_in_quotes(("hf-hub:" if is_hub else "local-dir:") + load_id
+                           + (f"@{load_revision}" if is_hub and load_revision else "")),
+        load_id=_in_quotes(load_id),
+        revision_arg=f', revision="{_in_quotes(load_revision)}"' if is_hub and load_revision else "",
         one_channel=bool(input_size) and input_size[0] == 1,
         config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
         plan_searched=plan_searched, custom_ops=", ".join(f"`{k}`" for k in custom_ops))

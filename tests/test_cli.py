@@ -535,6 +535,8 @@ def test_push_to_local_hub(folded_save, local_hub, capsys, tmp_path):
     assert 'from_pretrained("test-org/again")' in card and "test-org/final" not in card
     assert main(["push", str(moved), "--repo-id", "test-org/again", "--revision", "v2", "--quiet"]) == 0
     assert local_hub.repos["test-org/again"].resolve("v2").files["model.safetensors"] == files["model.safetensors"]
+    assert 'pipeline("image-classification", model="test-org/again", revision="v2")' in \
+        local_hub.repos["test-org/again"].resolve("v2").files["README.md"].decode()
     assert main(["push", str(moved), "--repo-id", "test-org/again", "--revision", "v2", "--create-pr", "--quiet"]) == 2
     assert "cannot take --revision" in capsys.readouterr().err
 

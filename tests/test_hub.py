@@ -134,6 +134,8 @@ def test_a_push_to_a_branch_and_over_another_models_processor_config(local_hub, 
     save_folded(folded, tmp_path / "a", push_to_hub=True, repo_id=REPO, revision="folded", **SAVE_KW)
     assert "preprocessor_config.json" in local_hub.repos[REPO].files  # main untouched
     assert "preprocessor_config.json" not in local_hub.repos[REPO].resolve("folded").files
+    card = local_hub.repos[REPO].resolve("folded").files["README.md"].decode()  # the snippets load that branch
+    assert f'create_model("hf-hub:{REPO}@folded"' in card and f'from_pretrained("{REPO}", revision="folded")' in card
     assert torch.equal(_out(LayerFoldedModel.from_pretrained(REPO, revision="folded"), x), _out(folded, x))
     assert type(AutoImageProcessor.from_pretrained(REPO, revision="folded")).__name__ == "TimmWrapperImageProcessor"
     with pytest.raises(ValueError, match="pull request against the default branch"):
