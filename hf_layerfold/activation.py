@@ -67,9 +67,29 @@ def clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> t
     The clamp's gradient is hardtanh's (1 strictly inside ``(lo, hi)``, 0 on the bounds), as in the eager, Triton and
     plain ``act(x)`` blends: a compiled ``torch.clamp`` gives 0.5 on the bounds, and exact zeros are common (a channel
     constant over the batch leaves train-mode BatchNorm at its bias, 0 at init)."""
-    lo, hi = bounds[0], bounds[1]
-    clamped = torch.where((x > lo) & (x < hi), x, torch.clamp(x, lo, hi).detach())
-    return torch.lerp(clamped, x, alpha.to(x.dtype))
+    return _TensorClampBlend.apply(x, alpha.to(x.dtype), bounds)
+
+
+class _TensorClampBlend(torch.autograd.Function):
+    """:class:`ClampBlend` with the bounds a tensor (one compiled graph for every range). The backward recomputes
+    the "inside" mask from ``x``: written as ``torch.where(inside, x, clamp(x).detach())`` instead, the compiled CPU
+    kernels (which then pass a boolean mask from forward to backward) ran about 15x slower, forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, alpha, bounds)
+        return torch.lerp(torch.clamp(x, bounds[0], bounds[1]), x, alpha)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, alpha, bounds = ctx.saved_tensors
+        lo, hi = bounds[0], bounds[1]
+        grad_x = grad_alpha = None
+        if ctx.needs_input_grad[1]:  # ∂L/∂α = Σ g·(x − clamp(x))
+            grad_alpha = (grad * (x - torch.clamp(x, lo, hi))).sum().reshape(alpha.shape)
+        if ctx.needs_input_grad[0]:  # g strictly inside (lo, hi) (hardtanh's gradient: 0 on the bounds), α·g outside
+            grad_x = torch.where((x > lo) & (x < hi), grad, grad * alpha)
+        return grad_x, grad_alpha, None
 
 
 _compiled_clamp_blend = None

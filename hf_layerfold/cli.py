@@ -310,6 +310,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, fold
 
 
+def _given_options(parser: argparse.ArgumentParser, fold: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The fold options on the command line, as argparse reads them (``--epoch 2`` abbreviates ``--epochs``):
+    parsed again with every default suppressed, so only what was given comes back."""
+    defaults = {action: action.default for action in fold._actions}
+    try:
+        for action in fold._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_known_args(argv)[0]))
+    finally:
+        for action, default in defaults.items():
+            action.default = default
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser, fold = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -325,8 +338,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             raise CLIError(f"config file {args.config}: unknown key(s) {unknown}; allowed: LayerFoldingConfig "
                            f"fields {sorted(config_fields)} and fold options {sorted(options)}")
         training = {k: v for k, v in values.items() if k in options}
-        given = {a.dest for a in fold._actions for token in argv for flag in a.option_strings
-                 if token == flag or token.startswith(flag + "=")}
+        given = _given_options(parser, fold, argv)
         if "epochs" in given and "max_steps" not in given:  # --epochs on the command line beats the file's max_steps
             training.pop("max_steps", None)
         if training:  # the file's options go through argparse like flags (types, choices), before the flags given

@@ -105,6 +105,7 @@ def test_config_file_options_are_typed_like_flags(tmp_path):
     assert parse_args(["fold", "--config", str(cfg)]).plan == "bn1,blocks.1.1"
     args = parse_args(["fold", "--config", str(cfg), "--epochs", "2", "--no-overwrite"])  # flags win over the file
     assert (args.max_steps, args.epochs, args.overwrite) == (None, 2.0, False)
+    assert parse_args(["fold", "--config", str(cfg), "--epoch", "2"]).max_steps is None  # (argparse abbreviates)
     cfg.write_text("epochs: [1, 2]\n")
     with pytest.raises(CLIError, match="epochs takes one value"):
         parse_args(["fold", "--config", str(cfg)])
@@ -254,7 +255,8 @@ def tiny_imagefolder(tmp_path):
 # Exit codes follow the cause (the EXIT_CODES in --help): 2 the input is wrong, 1 a resource could not be reached.
 # Each case stops before any training. HF_HUB_OFFLINE is set (conftest.py): the Hub cannot be reached.
 @pytest.mark.parametrize("argv, code, expected", [
-    (["evaluate", "someone/folded-x"], 1, "cannot load folded model 'someone/folded-x': LocalEntryNotFoundError"),
+    (["evaluate", "someone/folded-x"], 1, "cannot load folded model 'someone/folded-x': FileNotFoundError: "
+     "'someone/folded-x' is neither a local directory"),
     (["benchmark", "someone/folded-x"], 1, "cannot load folded model 'someone/folded-x'"),
     (["gains", "hf-hub:timm/not_cached_here"], 1, "cannot create model 'hf-hub:timm/not_cached_here'"),
     (["evaluate", "mobilenetv2_050", "--no-pretrained", "--dataset", "someone/no-such-dataset"], 1,
