@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> dict:
     # Destroy the process group under DDP while the interpreter is still alive: otherwise a gloo worker thread can
     # release a finished collective's tensors during interpreter shutdown and abort the process (SIGABRT,
     # "terminate called without an active exception") after the run succeeded. A no-op on one process.
-    trainer.end()
+    # (Trainer.end is recent in transformers; older releases: the accelerate call it makes)
+    getattr(trainer, "end", trainer.accelerator.end_training)()
     return summary
 
 

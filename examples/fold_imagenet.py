@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary["search_run"] = args.output_dir
     if trainer.is_world_process_zero():
         print(json.dumps(summary, indent=2))
-    trainer.end()  # destroy the process group before interpreter shutdown (see fold_fashion_mnist.py)
+    # destroy the process group before interpreter shutdown (see fold_fashion_mnist.py)
+    getattr(trainer, "end", trainer.accelerator.end_training)()
     return metrics
 
 

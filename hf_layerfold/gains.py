@@ -87,11 +87,12 @@ class FoldGains:
         if unknown:
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "
                              f"{sorted(self.groups)}")
-        part = {owner: sorted(wanted & set(g["sites"])) for owner, g in self.groups.items()
-                if wanted & set(g["sites"]) and not set(g["sites"]) <= wanted}
+        part = {owner: {"given": sorted(wanted & set(g["sites"])), "group": list(g["sites"])}
+                for owner, g in self.groups.items() if wanted & set(g["sites"]) and not set(g["sites"]) <= wanted}
         if part:  # e.g. a fused block (one site of two) after a measurement that folded whole blocks
             raise ValueError(f"these sites are part of an α group each, whose saving was measured with all its sites "
-                             f"folded: {part}; measure with alpha_sharing='site' to estimate such a plan")
+                             f"folded: {part}; give every site of the group, or measure with alpha_sharing='site' "
+                             "to estimate such a plan")
         saved = sum(s for owner, s in self.saved_ms().items() if wanted & set(self.groups[owner]["sites"]))
         if saved >= self.baseline_ms:
             raise ValueError(f"the groups of these sites save {saved:.3f} ms of a {self.baseline_ms:.3f} ms baseline "

@@ -447,8 +447,11 @@ def check_plan(model: nn.Module, plan: FoldPlan) -> None:
     sites = set(foldable_sites(model))
     unknown = sorted(set(plan.linear_sites) - sites)
     if unknown:
+        blocks = [name for name in unknown if any(site.startswith(name + ".") for site in sites)]
+        hint = (f"; {blocks} name blocks: pass FoldPlan.from_blocks(model, names) (or prepare_with_plan) to take "
+                "every site inside them") if blocks else ""
         raise ValueError(f"plan names site(s) that are not foldable in this model: {unknown}; "
-                         f"foldable sites: {sorted(sites)}")
+                         f"foldable sites: {sorted(sites)}{hint}")
     linear = set(plan.linear_sites)
     groups: dict[str, set[bool]] = {}
     for m in model.modules():

@@ -219,3 +219,9 @@ def test_an_alpha_equal_to_the_threshold_is_past_it_as_the_trainer_counts():
 def test_whole_number_fields_given_as_floats_are_saved_as_integers():
     config = lf.LayerFoldingConfig(max_kernel_size=5.0, search_steps=10.0)
     assert type(config.max_kernel_size) is int and config.to_dict()["search_steps"] == 10
+
+
+def test_block_names_where_sites_are_expected_are_pointed_to_from_blocks():
+    model = lf.prepare_model(timm.create_model("mobilenetv2_050"))
+    with pytest.raises(ValueError, match=r"\['blocks.1.1'\] name blocks: pass FoldPlan.from_blocks"):
+        lf.apply_plan(model, ["blocks.1.1"])
