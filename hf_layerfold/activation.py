@@ -62,7 +62,7 @@ class ClampBlend(torch.autograd.Function):
 
 
 def clamp_blend(x: torch.Tensor, alpha: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """The blend for a clamp activation as plain ops (what ``blend="compile"`` hands to the compiler).
+    """The blend for a clamp activation as ``blend="compile"`` hands it to the compiler.
 
     The clamp's gradient is hardtanh's (1 strictly inside ``(lo, hi)``, 0 on the bounds), as in the eager, Triton and
     plain ``act(x)`` blends: a compiled ``torch.clamp`` gives 0.5 on the bounds, and exact zeros are common (a channel
@@ -86,7 +86,7 @@ class _TensorClampBlend(torch.autograd.Function):
         lo, hi = bounds[0], bounds[1]
         grad_x = grad_alpha = None
         if ctx.needs_input_grad[1]:  # ∂L/∂α = Σ g·(x − clamp(x))
-            grad_alpha = (grad * (x - torch.clamp(x, lo, hi))).sum().reshape(alpha.shape)
+            grad_alpha = (grad * (x - torch.clamp(x, lo, hi))).sum_to_size(alpha.shape)
         if ctx.needs_input_grad[0]:  # g strictly inside (lo, hi) (hardtanh's gradient: 0 on the bounds), α·g outside
             grad_x = torch.where((x > lo) & (x < hi), grad, grad * alpha)
         return grad_x, grad_alpha, None

@@ -403,8 +403,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
             ``repo_id`` (created if missing) on ``endpoint`` (default: ``HF_ENDPOINT``, else huggingface.co).
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
         revision / create_pr: the branch to commit to (created from the default branch if missing; an open pull
-            request's ``refs/pr/N`` takes the commit as it is), or open a
-            pull request against the default branch instead of committing (the two do not combine).
+            request's ``refs/pr/N`` takes the commit as it is; the card's snippets load that branch), or open a pull
+            request against the default branch instead of committing (the two do not combine).
         config: the ``LayerFoldingConfig`` used (default: the model's).
         base_model: Hub id (``org/name``, or ``org/name@revision``: the metadata takes the repo id, the card text
             names the revision) of the model that was folded, for the card's ``base_model`` metadata; a bare
