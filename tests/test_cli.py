@@ -397,6 +397,7 @@ def test_evaluate_reproduces_the_accuracy_measured_by_fold(folded_save, capsys):
     assert main(["evaluate", str(out), "--limit", "32", "--json", "--threads", "1", "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 32 and result["split"] == "test"
+    assert result["device"] in ("cpu", "cuda")  # the device that ran, not the flag's "auto"
     assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
     # fold evaluated the planned model on the same stratified 32-image subset; the folded save agrees
     assert f"{result['top1']:.2%}" in re.search(r"eval top-1 \(test\)\s+(\S+)", printed).group(1)
