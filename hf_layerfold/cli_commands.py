@@ -461,7 +461,6 @@ def _check_weights_file(path: Path, name: str) -> None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import SAVE_FILES, PushToHubError, _push, foreign_entries
-    from .model_card import card_for_revision
 
     folder = Path(args.save_dir).expanduser().absolute()
     _check_repo_id(args.repo_id)
@@ -483,8 +482,8 @@ def cmd_push(args: argparse.Namespace) -> int:
                 shutil.copy2(folder / name, staged / name)
         card = staged / "README.md"
         if card.is_file():
-            text = _card_for_repo(card.read_text(), args.repo_id)
-            card.write_text(text if args.create_pr else card_for_revision(text, args.repo_id, args.revision))
+            # (a pull request merges into the default branch: its card loads that)
+            card.write_text(_card_for_repo(card.read_text(), args.repo_id, None if args.create_pr else args.revision))
         try:
             url = _push(staged, args.repo_id, private=args.private, token=args.token, endpoint=None,
                         commit_message=args.commit_message, keep_note=False, revision=args.revision,
@@ -496,17 +495,22 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
-def _card_for_repo(text: str, repo_id: str) -> str:
-    """The card's loading snippets pointed at ``repo_id``: they name the path the model was saved at (which need not
-    be where it is now), or the repo it was saved for, if another."""
+def _card_for_repo(text: str, repo_id: str, revision: str | None = None) -> str:
+    """The card's loading snippets pointed at ``repo_id`` (its branch ``revision``: ``hf-hub:org/name@rev`` for
+    timm, ``revision="rev"`` for the others): they name the path the model was saved at (which need not be where it
+    is now), or the repo it was saved for, if another."""
     saved_at = re.search(r'"local-dir:((?:[^"\\]|\\.)+)"', text)  # (the path as the card quotes it)
     if saved_at:
         text = text.replace(f'"local-dir:{saved_at[1]}"', f'"hf-hub:{repo_id}"')
-        return text.replace(f'"{saved_at[1]}"', f'"{repo_id}"')
-    saved_for = re.search(r'"hf-hub:([^"@]+)"', text)
-    if saved_for and saved_for[1] != repo_id:
-        text = text.replace(f'"hf-hub:{saved_for[1]}"', f'"hf-hub:{repo_id}"')
-        return text.replace(f'"{saved_for[1]}"', f'"{repo_id}"')
+        text = text.replace(f'"{saved_at[1]}"', f'"{repo_id}"')
+    else:
+        saved_for = re.search(r'"hf-hub:([^"@]+)"', text)
+        if saved_for and saved_for[1] != repo_id:
+            text = text.replace(f'"hf-hub:{saved_for[1]}"', f'"hf-hub:{repo_id}"')
+            text = text.replace(f'"{saved_for[1]}"', f'"{repo_id}"')
+    if revision:
+        text = text.replace(f'"hf-hub:{repo_id}"', f'"hf-hub:{repo_id}@{revision}"')
+        text = text.replace(f'"{repo_id}")', f'"{repo_id}", revision="{revision}")')
     return text
 
 

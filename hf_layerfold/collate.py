@@ -286,6 +286,18 @@ class ImageClassificationCollator:
                          "give it model-ready (normalized) arrays of that shape, or images in an 'image' column")
 
 
+def is_number_text(value: Any) -> bool:
+    """A label that is a class id stored as text ("7": webdataset ``cls`` files read as strings)."""
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def number_text_hint(column: str) -> str:
+    """How to turn class ids stored as text into ids: a cast, not a ClassLabel of them, which would number them in
+    text order ("10" before "2") and silently renumber every class past 9."""
+    return (f"cast the column with dataset.cast_column({column!r}, datasets.Value('int64')) (class_encode_column "
+            "would number such labels in text order: '10' before '2')")
+
+
 def _class_id(value: Any, column: str, num_classes: int | None) -> int:
     """An example's label as a class id, refused with its value and column when it is not one the head has (on
     a GPU it would otherwise surface as a device-side assert inside the loss)."""
@@ -295,11 +307,9 @@ def _class_id(value: Any, column: str, num_classes: int | None) -> int:
         raise ValueError(f"Label {value!r} in column {column!r} is a list: multi-label data is not supported; "
                          "LayerFoldingTrainer trains single-label classification (one integer class id per image).")
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():  # e.g. webdataset .cls read as text
+        if is_number_text(value):
             raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id but a number stored as "
-                             f"text: cast the column with "
-                             f"dataset.cast_column({column!r}, datasets.Value('int64')) (class_encode_column would "
-                             "number such labels in text order: '10' before '2').")
+                             f"text: {number_text_hint(column)}.")
         raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id; map class names to ids "
                          "first (dataset.class_encode_column or cast_column to ClassLabel).")
     if num_classes is not None and not 0 <= value < num_classes:

@@ -19,7 +19,14 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .collate import ImageClassificationCollator, ImageReadError, build_transforms, image_mode
+from .collate import (
+    ImageClassificationCollator,
+    ImageReadError,
+    build_transforms,
+    image_mode,
+    is_number_text,
+    number_text_hint,
+)
 from .fashion_mnist import (  # re-exported: hf_layerfold.data is where users look for datasets
     FASHION_MNIST_DEFAULT_DIR,
     FASHION_MNIST_DIR_ENV,
@@ -255,23 +262,18 @@ def label_names_of(dataset: AnyDataset, label_column: str) -> list[str] | None:
 
 
 def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = (), *, streaming: bool = False) -> str:
-    """How to turn labels of ``arrow_type`` into class ids. Numbers stored as text ("0", "1", ..., "10", as
-    webdataset ``cls`` files may give them) are cast to integers: ``class_encode_column`` would number them in text
-    order ("10" before "2"), silently renumbering every class past 9 (an ImageNet head then predicts other ids)."""
-    if (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)) and sample and all(
-            isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in sample):
-        return (f"The labels are numbers stored as text: cast them with "
-                f"dataset.cast_column({label_column!r}, datasets.Value('int64')) (class_encode_column would number "
-                "them in text order: '10' before '2').")
+    """How to turn labels of ``arrow_type`` into class ids (numbers stored as text: see ``number_text_hint``)."""
+    text = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+    if text and sample and all(is_number_text(v) for v in sample):
+        return f"The labels are numbers stored as text: {number_text_hint(label_column)}."
     if streaming:  # (an IterableDataset has no class_encode_column; its labels cannot be sampled here)
         hint = (f"Cast it with dataset.cast_column({label_column!r}, datasets.ClassLabel(names=[...])) in the "
                 "order you want.")
     else:
         hint = (f"Use dataset.class_encode_column({label_column!r}) (class ids in sorted name order) or cast it to "
                 "ClassLabel(names=[...]) in the order you want.")
-    if streaming and (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)):
-        hint += (f" Numbers stored as text: dataset.cast_column({label_column!r}, datasets.Value('int64')) (names "
-                 "sorted as text would put '10' before '2').")
+    if streaming and text:
+        hint += f" Numbers stored as text: {number_text_hint(label_column)}."
     return hint
 
 

@@ -11,7 +11,7 @@ import torch.nn as nn
 from .activation import FoldableActivation
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
 from .folded_net import LayerFoldedNet, conv_spec, op_spec, pool_type_of
-from .graph import ConvNode, build_graph, iter_nodes
+from .graph import ConvNode, ModelGraph, build_graph, iter_nodes
 from .padding import static_chain_padding
 from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, run_pad_rules, segment_model
 from .prepare import check_foldable, is_prepared, require_module
@@ -48,9 +48,9 @@ def merge_run(model: nn.Module, run: Run) -> tuple[torch.Tensor, torch.Tensor, i
 
 
 class _Folder:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, graph: ModelGraph) -> None:
         self.model = model
-        self.dtype = _weights_dtype(model)
+        self.dtype = _weights_dtype(model, graph)
 
     def conv(self, run: Run, shortcut: Run | None = None, identity: bool = False) -> tuple[dict, State]:
         """One merged conv for ``run``; with ``identity`` or a ``shortcut`` run, the residual is absorbed."""
@@ -100,10 +100,9 @@ class _Folder:
         return specs, state
 
 
-def _weights_dtype(model: nn.Module) -> torch.dtype:
+def _weights_dtype(model: nn.Module, graph: ModelGraph) -> torch.dtype:
     """The dtype the folded net is built in: the model's first conv's. Not its first parameter's: that may be a
     site's α (always float32), e.g. when an activation is registered before the first conv."""
-    graph = build_graph(model)
     first = next((n for n in iter_nodes([*graph.features, *graph.pre_logits]) if isinstance(n, ConvNode)), None)
     if first is not None:
         return model.get_submodule(first.conv).weight.dtype
@@ -154,7 +153,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
     try:
         seg = segment_model(model, plan)
         graph = build_graph(model)
-        folder = _Folder(model)
+        folder = _Folder(model, graph)
         features, fstate = folder.items(seg.items)
         pre_logits, pstate = folder.items(seg.pre_logits)
         classifier = model.get_submodule(graph.classifier)

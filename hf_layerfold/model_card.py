@@ -109,16 +109,6 @@ def _in_quotes(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)[1:-1]
 
 
-def card_for_revision(text: str, repo_id: str, revision: str | None) -> str:
-    """The card's loading snippets for a model pushed to the branch ``revision`` of ``repo_id``: each names it
-    (``hf-hub:org/name@rev`` for timm, ``revision="rev"`` for the others), or they would load the default branch."""
-    if not revision:
-        return text
-    repo, rev = _in_quotes(repo_id), _in_quotes(revision)
-    text = text.replace(f'"hf-hub:{repo}"', f'"hf-hub:{repo}@{rev}"')
-    return text.replace(f'"{repo}")', f'"{repo}", revision="{rev}")')
-
-
 def unmerged_sites(info: Mapping[str, Any]) -> list[str]:
     """Removed activations that no merge row of ``info["folds"]`` accounts for: where a merge was split (by
     ``max_kernel_size``, ``max_macs_increase`` or ``merge_costs``) the activation is gone, but the convolutions on

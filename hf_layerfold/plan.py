@@ -26,12 +26,11 @@ PLAN_NAME = "layerfold_plan.json"
 logger = logging.getLogger(__name__)
 
 
-def past_threshold(alpha: torch.Tensor, threshold: float) -> torch.Tensor | bool:
+def past_threshold(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
     """Whether α reached ``threshold``, as the plan and the trainer's ``sites_past_threshold`` log both decide it:
     in float32, with the threshold rounded to float32 (``float(α)`` of a float32 α equal to float32(0.9) is
     0.89999998 < 0.9; a bf16 α compared in bf16 would pass 0.8984375 as 0.9). Elementwise for a stacked tensor."""
-    past = alpha.detach().float() >= threshold
-    return bool(past) if past.dim() == 0 else past
+    return alpha.detach().float() >= threshold
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class FoldPlan:
         if threshold is None:
             threshold = getattr(model, "layerfold_config", LayerFoldingConfig()).threshold
         return cls(tuple(m.site for m in model.modules()
-                         if isinstance(m, FoldableActivation) and past_threshold(m.alpha, threshold)))
+                         if isinstance(m, FoldableActivation) and bool(past_threshold(m.alpha, threshold))))
 
     @classmethod
     def from_blocks(cls, model: nn.Module, blocks: list[str]) -> FoldPlan:
