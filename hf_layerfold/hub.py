@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import json
+import logging
 import numbers
 import os
 import re
@@ -62,6 +63,8 @@ from .stats import FoldStats, fold_stats
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
 __all__ = ["LayerFoldedModel", "PushToHubError", "is_folded_save", "save_folded"]
+
+logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 FORMAT_VERSION = 1
@@ -404,7 +407,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
             The card's loading snippets name ``repo_id`` when given (even without a push), else the local path.
         revision / create_pr: the branch to commit to (created from the default branch if missing; an open pull
             request's ``refs/pr/N`` takes the commit as it is; the card's snippets load that branch), or open a pull
-            request against the default branch instead of committing (the two do not combine).
+            request against the default branch instead of committing (the two do not combine). The commit's or
+            the pull request's address is logged (``hf_layerfold.hub``, level INFO).
         config: the ``LayerFoldingConfig`` used (default: the model's).
         base_model: Hub id (``org/name``, or ``org/name@revision``: the metadata takes the repo id, the card text
             names the revision) of the model that was folded, for the card's ``base_model`` metadata; a bare
@@ -489,8 +493,9 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     if push_to_hub:
-        _push(target, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
-              create_pr=create_pr, commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
+        url = _push(target, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
+                    create_pr=create_pr, commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
+        logger.info("pushed %s to %s", target, url)
     return given
 
 

@@ -55,3 +55,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def library_logging():
+    """The CLI's ``main()``, run in-process, gives the ``hf_layerfold`` logger its own stderr handler and stops it
+    propagating; undone after each test, or a later test's ``caplog`` would see none of the library's records."""
+    import logging
+
+    logger = logging.getLogger("hf_layerfold")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    yield
+    logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]

@@ -63,7 +63,7 @@ DEFAULT_FAIL_STATUS = 507
 
 _REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 _TYPE_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
-_API_SUBPATHS = {"preupload", "commit", "revision", "tree", "branch", "refs", "commits", "resolve"}
+_API_SUBPATHS = {"preupload", "commit", "revision", "tree", "branch", "refs", "commits", "resolve", "discussions"}
 
 
 def git_blob_sha1(content: bytes) -> str:
@@ -93,6 +93,7 @@ class Repo:
     branches: dict[str, str] = field(default_factory=dict)  # branch name -> commit oid
     commits: dict[str, Commit] = field(default_factory=dict)  # commit oid -> commit
     created_at: str = field(default_factory=_now_iso)
+    pull_requests: dict[int, dict] = field(default_factory=dict)  # number -> {"title", "description", "createdAt"}
 
     def resolve(self, revision: str) -> Commit | None:
         """A branch name or a full commit oid -> the commit, or None."""
@@ -235,6 +236,13 @@ class LocalHub:
         return list(seen)
 
     # ------------------------------------------------------------------ internals
+
+    def new_pull_request(self, repo: Repo, title: str, description: str) -> int:
+        """Open pull request N (call under ``self.lock``): its ``refs/pr/N`` starts at main's head."""
+        num = 1 + len(repo.pull_requests)
+        repo.pull_requests[num] = {"title": title, "description": description, "createdAt": _now_iso()}
+        repo.branches[f"refs/pr/{num}"] = repo.branches["main"]
+        return num
 
     def _add_commit(self, repo: Repo, branch: str, summary: str, description: str, files: dict) -> Commit:
         parent = repo.branches.get(branch)
@@ -501,6 +509,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._tree(repo, args[0], "/".join(args[1:]), query)
         if action == "branch" and method == "POST" and len(args) == 1:
             return self._create_branch(repo, args[0], body)
+        if action == "discussions" and method == "POST" and not args:
+            return self._open_pull_request(repo, body)
+        if action == "discussions" and method == "GET" and len(args) == 1 and args[0].isdigit():
+            return self._pull_request(repo, int(args[0]))
         return False
 
     def _repo_info(self, repo: Repo, revision: str) -> bool:
@@ -597,9 +609,8 @@ class _Handler(BaseHTTPRequestHandler):
             branch = revision
             pr_url = None
             if create_pr:
-                num = 1 + sum(1 for b in repo.branches if b.startswith("refs/pr/"))
+                num = hub.new_pull_request(repo, header.get("summary", ""), header.get("description", ""))
                 branch = f"refs/pr/{num}"
-                repo.branches[branch] = base.oid
                 pr_url = f"{hub._repo_url(repo)}/discussions/{num}"
             elif revision not in repo.branches:
                 raise _HubError(400, f"Cannot commit to {revision!r}: not a branch")
@@ -614,6 +625,28 @@ class _Handler(BaseHTTPRequestHandler):
         if pr_url is not None:
             answer["pullRequestUrl"] = pr_url
         self._json(200, answer)
+        return True
+
+    def _open_pull_request(self, repo: Repo, body: bytes) -> bool:
+        """A draft pull request (discussions API): a ``refs/pr/N`` ref at main's head that commits then go to."""
+        self._require_write_token()
+        payload = json.loads(body or b"{}")
+        if not payload.get("pullRequest"):
+            raise _HubError(400, "LocalHub: only pull requests are supported, not plain discussions")
+        with self.hub.lock:
+            num = self.hub.new_pull_request(repo, payload.get("title", ""), payload.get("description", ""))
+        self._json(200, {"num": num})
+        return True
+
+    def _pull_request(self, repo: Repo, num: int) -> bool:
+        pr = repo.pull_requests.get(num)
+        if pr is None:
+            raise _HubError(404, f"Discussion {num} not found")
+        self._json(200, {
+            "num": num, "title": pr["title"], "status": "draft", "isPullRequest": True, "createdAt": pr["createdAt"],
+            "author": {"name": self.hub.user}, "repo": {"name": repo.repo_id, "type": repo.repo_type},
+            "events": [], "changes": {"base": "refs/heads/main"}, "filesWithConflicts": [],
+        })
         return True
 
     def _create_branch(self, repo: Repo, branch: str, body: bytes) -> bool:

@@ -590,13 +590,16 @@ def test_fold_with_a_fixed_plan_skips_the_search(folded_save, tmp_path, capsys):
     """``fold --plan``: the named blocks and single sites are linear from the first step (a site of a block alone:
     a fused block, whatever --alpha-sharing says), nothing else; and a folded save's plan can be reused."""
     argv = [*TINY_FOLD, "--alpha-sharing", "block"]  # λ = 10 would linearize much more, were there a search
-    assert main([*argv, "--plan", "blocks.1.1, blocks.2.0.bn1.act", "--output-dir", str(tmp_path / "a")]) == 0
+    loud = [arg for arg in argv if arg != "--quiet"]  # (progress bars and Trainer's log dicts: stderr only)
+    assert main([*loud, "--plan", "blocks.1.1, blocks.2.0.bn1.act", "--output-dir", str(tmp_path / "a")]) == 0
     net = LayerFoldedModel.from_pretrained(tmp_path / "a")
     sites = ["blocks.1.1.bn1.act", "blocks.1.1.bn2.act", "blocks.2.0.bn1.act"]
     assert net.layerfold_info["plan"]["linear_sites"] == sorted(sites)
     assert net.layerfold_info["config"]["alpha_sharing"] == "site"
     assert net.layerfold_info["stats_after"]["depth"] == net.layerfold_info["stats_before"]["depth"] - 3
-    assert "saved folded model to" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "saved folded model to" in printed.out and "'train_runtime'" in printed.err
+    assert "train_runtime" not in printed.out and "it/s" not in printed.out  # stdout keeps only the result
     src, _ = folded_save  # the plan the search found there, reused by naming the save
     assert main([*argv, "--plan", str(src), "--output-dir", str(tmp_path / "b")]) == 0
     reused = LayerFoldedModel.from_pretrained(tmp_path / "b").layerfold_info["plan"]
@@ -604,6 +607,19 @@ def test_fold_with_a_fixed_plan_skips_the_search(folded_save, tmp_path, capsys):
     capsys.readouterr()
     assert main([*argv, "--model", str(src), "--plan", "blocks.1.1", "--output-dir", str(tmp_path / "c")]) == 2
     assert "--plan applies to an unfolded model" in one_error_line(capsys.readouterr().err)
+
+
+def test_a_plan_from_another_architectures_save_is_named(folded_save, caplog):
+    """Site names of mobilenetv2_050 match mobilenetv2_100, but which activations pay to remove need not."""
+    from hf_layerfold.workflow import fixed_plan
+
+    src, _ = folded_save
+    with caplog.at_level("WARNING", logger="hf_layerfold"):
+        same = fixed_plan(str(src), timm.create_model("mobilenetv2_050", num_classes=10))
+        assert "was made for" not in caplog.text
+        other = fixed_plan(str(src), timm.create_model("mobilenetv2_100", num_classes=10))
+    assert other == same and len(same)
+    assert f"--plan {src} was made for mobilenetv2_050, not mobilenetv2_100" in caplog.text
 
 
 def test_fold_refuses_to_overwrite(folded_save, capsys, tmp_path):

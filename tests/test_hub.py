@@ -148,6 +148,27 @@ def test_a_push_to_a_branch_and_over_another_models_processor_config(local_hub, 
         LayerFoldedModel.from_pretrained("outputs/lite0-foldd", local_files_only=True)  # (as offline)
 
 
+def test_a_pull_request_and_a_push_to_its_ref(local_hub, tmp_path, planned, folded, x, caplog):
+    """create_pr=True opens a pull request whose card loads the default branch (where it merges); a push to its
+    refs/pr/N commits there, without asking for a branch of that name (the Hub refuses to create one)."""
+    save_folded(planned, tmp_path / "a", push_to_hub=True, repo_id=REPO, **SAVE_KW)
+    with caplog.at_level("INFO", logger="hf_layerfold.hub"):
+        save_folded(folded, tmp_path / "b", push_to_hub=True, repo_id=REPO, create_pr=True, **SAVE_KW)
+    repo = local_hub.repos[REPO]
+    assert "layerfold_config.json" in repo.files and "layerfold_config.json" not in repo.resolve("refs/pr/1").files
+    assert f"{REPO}/discussions/1" in caplog.text  # the pull request's address is told
+    card = repo.resolve("refs/pr/1").files["README.md"].decode()
+    assert f'create_model("hf-hub:{REPO}", pretrained=True)' in card
+    local_hub.requests.clear()
+    save_folded(folded, tmp_path / "c", push_to_hub=True, repo_id=REPO, revision="refs/pr/1",
+                **{**SAVE_KW, "label_names": LABELS[::-1]})
+    assert not [r for r in local_hub.requests if "/branch/" in r.path]
+    assert sorted(repo.branches) == ["main", "refs/pr/1"]
+    card = repo.resolve("refs/pr/1").files["README.md"].decode()
+    assert f'create_model("hf-hub:{REPO}@refs/pr/1"' in card
+    assert torch.equal(_out(LayerFoldedModel.from_pretrained(REPO, revision="refs/pr/1"), x), _out(folded, x))
+
+
 def test_failed_push_keeps_the_local_save(local_hub, tmp_path, folded, x):
     target = tmp_path / "folded"
     local_hub.fail_next_commit = True

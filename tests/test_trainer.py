@@ -825,6 +825,22 @@ def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
         assert hub.repos["test-org/lf-folded"].private and hub.repos["test-org/lf-run"].private
 
 
+def test_trainer_folded_push_goes_to_the_runs_hub_revision(tmp_path, fashion):
+    """TrainingArguments(hub_revision=...) sends Trainer's pushes to that branch; the folded push follows it, unless
+    it opens a pull request (which targets the default branch)."""
+    import hub_server
+
+    with hub_server.running_local_hub(tmp_path / "hf_home") as hub:
+        args = args_for(tmp_path / "run", max_steps=2, hub_revision="folded", hub_token=hub_server.DEFAULT_TOKEN)
+        trainer = make_trainer(tmp_path, fashion, train_args=args)
+        trainer.train()
+        trainer.save_folded(tmp_path / "a", push_to_hub=True, repo_id="test-org/lf-rev")
+        repo = hub.repos["test-org/lf-rev"]
+        assert "model.safetensors" in repo.resolve("folded").files and "model.safetensors" not in repo.files
+        trainer.save_folded(tmp_path / "b", push_to_hub=True, repo_id="test-org/lf-rev", create_pr=True)
+        assert "model.safetensors" in repo.resolve("refs/pr/1").files and "model.safetensors" not in repo.files
+
+
 def test_a_teacher_with_another_head_is_refused(tmp_path, fashion):
     """It failed at the first step in the distillation loss (1000 against 10 logits)."""
     teacher = tiny_model()
