@@ -161,7 +161,9 @@ def restore_phase(checkpoint: str | os.PathLike, model: nn.Module, phase: str,
         apply_plan(model, state.plan, config)
         return FINETUNE, state.search_steps
     if current is not None:
-        raise ValueError(f"{checkpoint} is from the search phase but the model already has a plan; resume into a "
-                         "fresh (prepared, unplanned) model")
+        raise ValueError(f"{checkpoint} is from the search phase but the model already has a plan (fixed after that "
+                         "checkpoint was written, e.g. by an interrupted train() of this same trainer, which plans the "
+                         "model in place); build a new LayerFoldingTrainer around a fresh (plain or prepared, "
+                         "unplanned) model to resume from it")
     check_resumed_config(checkpoint, config)
     return SEARCH, state.search_steps

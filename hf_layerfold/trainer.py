@@ -342,6 +342,10 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         if self._phase == SEARCH:
             logger.info("Layer Folding: search phase for %d steps, then fine-tune for %d",
                         min(self._search_steps, max_steps), max(max_steps - self._search_steps, 0))
+            if args.save_strategy == "best" and self._search_steps < max_steps:  # (see _determine_best_metric)
+                logger.warning("save_strategy='best' writes no checkpoint during the search phase (steps 1-%d): only "
+                               "fine-tune evaluations count as best, so an interrupted search cannot be resumed; "
+                               "save_strategy='steps' (or 'epoch') checkpoints the search too", self._search_steps)
         return values
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:

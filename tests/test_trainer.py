@@ -506,6 +506,19 @@ def test_a_search_best_is_forgotten_when_a_resumed_run_fine_tunes(tmp_path, fash
     assert {v.item() for v in alphas.values()} <= {0.0, 1.0}
 
 
+def test_save_strategy_best_says_the_search_is_not_checkpointed(tmp_path, fashion, caplog):
+    """Only fine-tune evaluations count as best, so save_strategy="best" wrote nothing during the search, silently."""
+    args = args_for(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=1, save_strategy="best",
+                    metric_for_best_model="top1")
+    trainer = make_trainer(tmp_path, fashion, train_args=args, config=lf.LayerFoldingConfig(**{**CFG,
+                                                                                               "search_steps": 2}))
+    with caplog.at_level("WARNING", logger="hf_layerfold.trainer"):
+        trainer.train()
+    assert "save_strategy='best' writes no checkpoint during the search phase (steps 1-2)" in caplog.text
+    saved = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))
+    assert saved and min(saved) > 2
+
+
 def test_resume_refuses_another_config(baseline, fashion, tmp_path):
     """The checkpoint's layerfold_config.json was never read: a trainer built without the run's config resumed it
     under the defaults (another λ, threshold, regularizer) silently, and other sites failed in transformers'
