@@ -504,8 +504,11 @@ def _card_for_repo(text: str, repo_id: str, revision: str | None = None) -> str:
         text = text.replace(f'"local-dir:{saved_at[1]}"', f'"hf-hub:{repo_id}"')
         text = text.replace(f'"{saved_at[1]}"', f'"{repo_id}"')
     else:
-        saved_for = re.search(r'"hf-hub:([^"@]+)"', text)
-        if saved_for and saved_for[1] != repo_id:
+        saved_for = re.search(r'"hf-hub:([^"@]+)(?:@((?:[^"\\]|\\.)+))?"', text)  # (a branch it was pushed to)
+        if saved_for and (saved_for[1] != repo_id or saved_for[2]):
+            if saved_for[2]:  # the snippets load the repo's default branch unless --revision says otherwise
+                text = text.replace(f'"hf-hub:{saved_for[1]}@{saved_for[2]}"', f'"hf-hub:{saved_for[1]}"')
+                text = text.replace(f', revision="{saved_for[2]}")', ")")
             text = text.replace(f'"hf-hub:{saved_for[1]}"', f'"hf-hub:{repo_id}"')
             text = text.replace(f'"{saved_for[1]}"', f'"{repo_id}"')
     if revision:

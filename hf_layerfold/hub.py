@@ -366,10 +366,12 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
         if planned is not None:
             config = follow_applied_config(planned, config, "save_folded")
         config = config.to_dict()
+    after = fold_stats(net, tuple(input_size)).to_dict()
     before = _stats_dict(stats_before)
     if before is None and planned is not None:
         before = fold_stats(_base_copy(planned), tuple(input_size)).to_dict()
-    if before is None and list(info.get("stats_input_size") or []) == list(input_size):
+    if (before is None and list(info.get("stats_input_size") or []) == list(input_size)
+            and info.get("stats_after") == after):  # (a net changed since, e.g. a new head: not comparable)
         before = info.get("stats_before")
     base_arch = (planned.pretrained_cfg.get("architecture") if planned is not None and
                  getattr(planned, "pretrained_cfg", None) else info.get("base_architecture"))
@@ -381,7 +383,7 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
     block = {"format_version": FORMAT_VERSION, "hf_layerfold_version": __version__,
              "base_architecture": base_arch, "base_model": base_model or info.get("base_model"),
              "plan": plan.to_dict(), "config": config, "stats_input_size": list(input_size), "stats_before": before,
-             "stats_after": fold_stats(net, tuple(input_size)).to_dict(),
+             "stats_after": after,
              "folds": info.get("folds") or (fold_rows(planned, net) if planned is not None and is_prepared(planned)
                                             else None)}  # (fold_model recorded them: not segmented again)
     return {k: v for k, v in block.items() if v is not None}
@@ -474,7 +476,8 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
                        language=card_fields.get("language"), template=card_fields.get("template"),
                        plan_searched=card_fields.get("plan_searched"),
                        custom_ops=registered_kinds([*net.model_args["features"], *net.model_args["pre_logits"]]),
-                       load_revision=revision if push_to_hub and not create_pr else None)  # (a PR merges to main)
+                       load_revision=revision if push_to_hub and not create_pr else None,  # (a PR merges to main)
+                       num_classes=net.num_classes)
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")

@@ -264,22 +264,28 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
                 license: str | None = None, eval_results: Any = None, latency: Mapping | None = None,
                 accuracy: Mapping | None = None, tags: Sequence[str] = (), language: str | list[str] | None = None,
                 template: str | os.PathLike | None = None, plan_searched: bool | None = None,
-                custom_ops: Sequence[str] = (), load_revision: str | None = None) -> ModelCard:
+                custom_ops: Sequence[str] = (), load_revision: str | None = None,
+                num_classes: int | None = None) -> ModelCard:
     """The card of a folded checkpoint whose ``layerfold`` block is ``info`` (see ``hub.save_folded``);
-    ``load_revision``: the branch of the Hub repo ``load_id`` its loading snippets name."""
+    ``load_revision``: the branch of the Hub repo ``load_id`` its loading snippets name; ``num_classes`` 0: a
+    feature extractor (no classifier), whose card has no image-classification task or snippets."""
     results = eval_results_from(eval_results)
     tags = [tags] if isinstance(tags, str) else list(tags)  # one tag, not one per character
-    card_data = ModelCardData(library_name="timm", tags=list(dict.fromkeys([*TAGS, *tags])),
+    features = num_classes == 0  # no classifier: pooled features (or the feature map, global_pool='')
+    task = "image-feature-extraction" if features else "image-classification"
+    base_tags = [t if t != "image-classification" else task for t in TAGS]
+    card_data = ModelCardData(library_name="timm", tags=list(dict.fromkeys([*base_tags, *tags])),
                               base_model=split_hub_ref(base_model)[0] if base_model else None,
                               datasets=datasets, license=license, language=language,
-                              pipeline_tag="image-classification", eval_results=results,
+                              pipeline_tag=task, eval_results=results,
                               model_name=title if results else None)
     folds = [{"block": r["block"], "activations": _code_list(r["activations_removed"], r["block"]) or "",
               "convs": _code_list(r["convs"], r["block"], " + "), "kernel": "×".join(map(str, r["kernel"])),
               "stride": _size(r["stride"]), "residual": "yes" if r["residual_absorbed"] else "no"}
              for r in info.get("folds") or []]
     sites = list((info.get("plan") or {}).get("linear_sites", []))
-    unmerged = unmerged_sites(info) if folds else []
+    # (folds recorded but empty: every removed activation sits where a merge was split, none merged)
+    unmerged = unmerged_sites(info) if info.get("folds") is not None else []
     arch = info.get("base_architecture")
     base_description = f"`{arch}`" if arch else "CNN"
     repo, revision = split_hub_ref(base_model) if base_model else (None, None)
@@ -309,7 +315,7 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
         revision_arg=f', revision="{_in_quotes(load_revision)}"' if is_hub and load_revision else "",
         one_channel=bool(input_size) and input_size[0] == 1,
         config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
-        plan_searched=plan_searched, custom_ops=", ".join(f"`{k}`" for k in custom_ops))
+        plan_searched=plan_searched, custom_ops=", ".join(f"`{k}`" for k in custom_ops), features=features)
     return card
 
 

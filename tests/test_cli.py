@@ -542,6 +542,12 @@ def test_push_to_local_hub(folded_save, local_hub, capsys, tmp_path):
         local_hub.repos["test-org/again"].resolve("v2").files["README.md"].decode()
     assert main(["push", str(moved), "--repo-id", "test-org/again", "--revision", "v2", "--create-pr", "--quiet"]) == 2
     assert "cannot take --revision" in capsys.readouterr().err
+    # a card downloaded from a branch, pushed to another repo's default branch: no branch of the old repo is named
+    (moved / "README.md").write_bytes(local_hub.repos["test-org/again"].resolve("v2").files["README.md"])
+    assert main(["push", str(moved), "--repo-id", "test-org/other", "--quiet"]) == 0
+    card = local_hub.repos["test-org/other"].files["README.md"].decode()
+    assert 'create_model("hf-hub:test-org/other", pretrained=True)' in card and '"v2"' not in card and "@v2" not in card
+    assert 'from_pretrained("test-org/other")' in card and "test-org/again" not in card
 
 
 def test_push_refuses_an_incomplete_or_broken_save(folded_save, local_hub, capsys, tmp_path):

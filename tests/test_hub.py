@@ -266,6 +266,19 @@ def test_a_one_channel_model_saves_a_one_channel_config(tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
 
 
+def test_a_resave_with_a_new_head_does_not_compare_against_the_old_base(saved, tmp_path):
+    """A reloaded save given another head reused the recorded "Before" (the base with 4 classes): its card said folding
+    added 183 % parameters. Unchanged, a reloaded save keeps it."""
+    kept = json.loads((save_folded(LayerFoldedModel.from_pretrained(saved), tmp_path / "same") / "config.json")
+                      .read_text())["layerfold"]
+    assert kept["stats_before"] == json.loads((saved / "config.json").read_text())["layerfold"]["stats_before"]
+    net = LayerFoldedModel.from_pretrained(saved)
+    net.reset_classifier(1000)
+    info = json.loads((save_folded(net, tmp_path / "head") / "config.json").read_text())["layerfold"]
+    assert "stats_before" not in info and info["stats_after"]["params"] > kept["stats_after"]["params"]
+    assert "| Parameters |" in (tmp_path / "head" / "README.md").read_text()  # this net's own counts, no "before"
+
+
 def test_an_rgb_save_loads_for_gray_images_as_timm_adapts_checkpoints(saved, folded):
     """``in_chans=1`` built a net claiming one channel with a three-channel first conv; timm's loader now sums the
     saved kernels over their channels, so a gray image gives what the RGB net gives on it in three equal channels."""

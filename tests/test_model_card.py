@@ -76,6 +76,45 @@ def test_activations_removed_where_a_merge_was_split_are_on_the_card(tmp_path):
     assert "| `layer2` | `0.act1` |" in section and "| `conv1` | `2` |" in section
 
 
+def test_a_plan_whose_every_merge_is_split_says_nothing_merged(tmp_path):
+    """With no merge left the card said each removed activation let the convs around it fold into one."""
+    torch.manual_seed(0)
+    model = lf.prepare_model(timm.create_model("resnet18", num_classes=4).eval(),
+                             lf.LayerFoldingConfig(max_kernel_size=3))
+    planned = lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["layer1.0", "layer2.0"]))
+    text = (save_folded(planned, tmp_path / "s", pretrained_cfg_overlay={"input_size": (3, 32, 32)}) /
+            "README.md").read_text()
+    section = text[text.index("## What was folded"):text.index("## Depth and cost")]
+    assert "0 merged convolutions, 2 activations removed." in section
+    assert "2 of the removed activations sit where a merge was split" in section
+    assert "| Block | Activations removed | Convolutions merged |" not in section
+
+
+@pytest.mark.parametrize("global_pool", ["avg", ""])
+def test_a_feature_extractor_card_has_no_classifier_snippets(tmp_path, global_pool):
+    """A folded net without a head was carded as an image classifier: its transformers snippet failed (no head)."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = lf.prepare_model(timm.create_model("mobilenetv2_050", num_classes=0, global_pool=global_pool).eval())
+    folded = lf.fold_model(lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["blocks.1.1"])))
+    path = save_folded(folded, tmp_path / "features", pretrained_cfg_overlay={"input_size": (3, 32, 32)})
+    card = ModelCard.load(path / "README.md")
+    assert card.data.pipeline_tag == "image-feature-extraction" and "image-classification" not in card.data.tags
+    assert "pipeline(" not in card.text and "AutoModelForImageClassification" not in card.text
+    image = Image.fromarray((np.random.default_rng(0).random((40, 36, 3)) * 255).astype("uint8"))
+    scopes = []
+    for snippet in re.findall(r"```python\n(.*?)```", card.text, re.S):  # each runs as pasted
+        scopes.append({"image": image})
+        exec(snippet, scopes[-1])  # noqa: S102 - the card's own snippets, against the local save
+    timm_scope, transformers_scope, _ = scopes
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert timm_scope["features"].shape[:2] == (1, folded.num_features)
+        torch.testing.assert_close(transformers_scope["model"](pixel_values=x).last_hidden_state,
+                                   folded.forward_features(x))
+
+
 def test_a_training_run_card_rebuilds_the_models_input_channels():
     from hf_layerfold.model_card import training_run_card
 
