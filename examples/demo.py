@@ -168,7 +168,7 @@ def environment() -> dict:
 def run(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     try:  # what the save at the end would refuse, refused before the training
-        output = check_save_target(args.output_dir, replace_hint="remove it first, or choose another --output-dir")
+        output = check_save_target(args.output_dir, replace_hint="remove it first")
     except (FileExistsError, NotADirectoryError) as err:
         raise SystemExit(f"demo.py: error: {err}; pick another --output-dir") from None
 

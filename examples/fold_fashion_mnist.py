@@ -25,6 +25,7 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_layerfold as lf
+from hf_layerfold.cli_config import describe_config_actions
 from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
 from hf_layerfold.hub import check_save_target
 from hf_layerfold.trainer import LayerFoldingTrainer
@@ -79,6 +80,7 @@ def collators(model: torch.nn.Module, size: int, crop_scale: float) -> tuple:
 def parse(argv: list[str] | None) -> tuple[ScriptArguments, lf.LayerFoldingConfig, TrainingArguments]:
     """Flags, or one ``.json`` file of them (HfArgumentParser's convention), over this script's defaults."""
     parser = HfArgumentParser((ScriptArguments, lf.LayerFoldingConfig, TrainingArguments))
+    describe_config_actions(parser)  # help, defaults, choices and `none` for the folding flags
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_dict({**TRAINING_DEFAULTS, **FOLDING_DEFAULTS, **json.loads(Path(argv[0]).read_text())})
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     # checked before training: a folder the save would refuse (or replace a run's files in) would lose the run
     folded_dir = check_save_target(script.folded_dir or f"{training_args.output_dir}/folded",
                                    beside=[training_args.output_dir],
-                                   replace_hint="remove it first, or choose another --folded_dir")
+                                   replace_hint="remove it first")
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import HfArgumentParser, TrainingArguments
 
 import hf_layerfold as lf
+from hf_layerfold.cli_config import describe_config_actions
 from hf_layerfold.config import CONFIG_NAME
 from hf_layerfold.data import detect_columns, load_image_dataset, num_labels_of
 from hf_layerfold.hub import check_repo_id, check_save_target, is_folded_save
@@ -151,6 +152,7 @@ def searched(init_from: str | None) -> bool:
 def parse(argv: list[str] | None) -> tuple[ScriptArguments, lf.LayerFoldingConfig, TrainingArguments]:
     """Flags, or one ``.json`` file of them (HfArgumentParser's convention), over this script's defaults."""
     parser = HfArgumentParser((ScriptArguments, lf.LayerFoldingConfig, TrainingArguments))
+    describe_config_actions(parser)  # help, defaults, choices and `none` for the folding flags
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_dict({**TRAINING_DEFAULTS, **FOLDING_DEFAULTS, **json.loads(Path(argv[0]).read_text())})
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError("--init_from and --plan both fix the plan: give one of them")
     # what the end of the run needs, checked before it starts: a bad folder or repo id would lose the training
     folded_dir = check_save_target(script.folded_dir or f"{args.output_dir}/folded", beside=[args.output_dir],
-                                   replace_hint="remove it first, or choose another --folded_dir")
+                                   replace_hint="remove it first")
     if script.push_folded_to:
         check_repo_id(script.push_folded_to, "--push_folded_to")
     logging.basicConfig(level=logging.INFO if args.should_log else logging.WARNING,

@@ -85,6 +85,23 @@ def add_config_flags(parser: argparse.ArgumentParser, title: str = "Layer Foldin
         group.add_argument(_flag(field.name), **kwargs)
 
 
+def describe_config_actions(parser: argparse.ArgumentParser) -> None:
+    """Give the ``LayerFoldingConfig`` flags of an ``HfArgumentParser`` (built from the dataclass, whose fields carry
+    no metadata) what :func:`add_config_flags` gives the CLI's: help from the docstring (so ``--help`` shows the
+    defaults too), the fixed choices, and ``none`` for an optional number. Call before parsing."""
+    hints = typing.get_type_hints(LayerFoldingConfig)
+    helps = _config_field_help()
+    for action in parser._actions:
+        name = action.dest
+        if name not in helps or action.help:
+            continue
+        action.help = helps[name].rstrip(".")
+        if name in FIELD_CHOICES:
+            action.choices = FIELD_CHOICES[name]
+        if type(None) in typing.get_args(hints[name]) and action.type in (int, float):
+            action.type = _optional(action.type)
+
+
 def read_mapping_file(path: str) -> dict:
     """A YAML or JSON object from ``path``: a ``.json`` file is read as strict JSON (YAML would let a trailing comma
     or a comment through), anything else as YAML (a superset of JSON)."""

@@ -41,7 +41,8 @@ def test_a_folded_dir_holding_other_files_is_refused_before_training(script, tmp
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
     (tmp_path / "results.csv").write_text("a,b\n")
-    for target, said in ((mine, "not a folded-model save"), (tmp_path / "results.csv", "is not a directory")):
+    for target, said in ((mine, r"not a folded-model save; refusing to replace it \(remove it first to replace"),
+                         (tmp_path / "results.csv", "is not a directory; remove it first to replace it")):
         with pytest.raises(FileExistsError, match=said):
             script.main(tiny(tmp_path / "run", "--folded_dir", str(target)))
     assert not (tmp_path / "run").exists()  # nothing trained

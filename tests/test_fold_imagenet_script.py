@@ -100,6 +100,20 @@ def test_one_json_file_holds_the_flags(script, tmp_path):
     assert (config.regularizer, training.lr_scheduler_type.value) == ("l1", "cosine")  # the script's defaults
 
 
+def test_folding_flags_say_what_they_do_and_take_none(script, capsys):
+    """HfArgumentParser gave the LayerFoldingConfig flags no help, no choices, and no way to unset alpha_lr."""
+    with pytest.raises(SystemExit):
+        script.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--regularizer {paper,l1}" in text and "weight λ of the α regularizer" in text
+    assert "(default: 0.25)" in text  # the script's own λ
+    args, config, _ = script.parse(["--alpha_lr", "none", "--max_macs_increase", "none", "--output_dir", "o"])
+    assert config.alpha_lr is None and config.max_macs_increase is None
+    with pytest.raises(SystemExit):
+        script.parse(["--regularizer", "L1", "--output_dir", "o"])
+    assert "invalid choice: 'L1'" in capsys.readouterr().err
+
+
 def test_search_run_then_init_from_fine_tunes_its_plan(script, imagefolder, tmp_path):
     search = tmp_path / "search"
     script.main(common(imagefolder, search) + ["--streaming", "false", "--max_steps", "4", "--search_steps", "4"])
