@@ -12,7 +12,6 @@ import errno
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,6 @@ from .workflow import (
     fixed_plan,
     fmt_count,
     format_table,
-    is_folded_dir,
     load_data,
     load_model,
     measure_latency,
@@ -51,7 +49,7 @@ logger = logging.getLogger(__name__)
 def _check_output_dir(path: Path, overwrite: bool) -> None:
     """``--output-dir`` must be new, empty, or an earlier folded save (replaced only with ``--overwrite``); a
     directory holding anything else is never replaced, with ``--overwrite`` or without."""
-    from .hub import check_not_working_directory, foreign_entries
+    from .hub import check_not_working_directory, foreign_entries, is_folded_save
 
     try:
         check_not_working_directory(path)
@@ -74,7 +72,7 @@ def _check_output_dir(path: Path, overwrite: bool) -> None:
         raise CLIError(f"output path {path} exists and is not a directory")
     if not any(path.iterdir()):
         return
-    if not is_folded_dir(path):
+    if not is_folded_save(path):
         raise CLIError(f"output directory {path} holds files that are not a folded-model save; choose another "
                        "--output-dir (--overwrite replaces only an earlier folded save)")
     extra = foreign_entries(path)
@@ -434,10 +432,11 @@ def _arch(name: str) -> str:
 def _check_complete_save(folder: Path, name: str) -> None:
     """Every file ``save_folded`` writes is there (only a folded net's save has no layerfold_config.json) and the
     weights load into the structure config.json describes: a push deletes what the save lacks from the repo."""
+    from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
     from .folded_net import UnknownLayerTypeError
-    from .hub import SAVE_FILES, LayerFoldedModel
+    from .hub import SAVE_FILES, WEIGHTS_NAME, LayerFoldedModel
 
-    missing = sorted(n for n in set(SAVE_FILES) - {"layerfold_config.json"} if not (folder / n).is_file())
+    missing = sorted(n for n in set(SAVE_FILES) - {LAYERFOLD_CONFIG_NAME} if not (folder / n).is_file())
     if missing:
         raise CLIError(f"{name} is an incomplete folded save (no {', '.join(missing)}); pushing it would remove those "
                        "files from the repo: save the model again with save_folded or `hf-layerfold fold`")
@@ -445,7 +444,7 @@ def _check_complete_save(folder: Path, name: str) -> None:
         LayerFoldedModel.from_pretrained(folder)
     except UnknownLayerTypeError as err:  # an op registered by the user's code, not in this process
         logger.warning("%s uses an op this process has not registered (%s): its structure is not checked", name, err)
-        _check_weights_file(folder / "model.safetensors", name)
+        _check_weights_file(folder / WEIGHTS_NAME, name)
     except Exception as err:  # a truncated or edited file: the repo would hold a model that does not load
         raise CLIError(f"{name} does not load as a folded model ({type(err).__name__}: {err}); not pushed") from None
 
@@ -460,61 +459,31 @@ def _check_weights_file(path: Path, name: str) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .hub import SAVE_FILES, PushToHubError, _push, foreign_entries
+    from .hub import PushToHubError, check_push_target, foreign_entries, is_folded_save, push_save
 
     folder = Path(args.save_dir).expanduser().absolute()
     _check_repo_id(args.repo_id)
-    if args.create_pr and args.revision not in (None, "main"):
-        raise CLIError("--create-pr opens a pull request against the default branch; it cannot take --revision")
+    try:
+        check_push_target(args.revision, args.create_pr)
+    except ValueError:
+        raise CLIError("--create-pr opens a pull request against the default branch; it cannot take --revision") \
+            from None
     if not folder.exists():
         raise CLIError(f"save directory {args.save_dir} does not exist")
-    if not is_folded_dir(folder):
+    if not is_folded_save(folder):
         raise CLIError(f"{args.save_dir} is not a folded-model save (expected a layerfold_net config.json)")
     _check_complete_save(folder, args.save_dir)  # a push replaces the repo's files with the save's
     others = foreign_entries(folder)
     if others:
         logger.warning("not pushing %s: only the save's own files go to the Hub", others)
-    with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
-        staged = Path(tmp) / folder.name
-        staged.mkdir()
-        for name in SAVE_FILES:
-            if (folder / name).is_file():
-                shutil.copy2(folder / name, staged / name)
-        card = staged / "README.md"
-        if card.is_file():
-            # (a pull request merges into the default branch: its card loads that)
-            card.write_text(_card_for_repo(card.read_text(), args.repo_id, None if args.create_pr else args.revision))
-        try:
-            url = _push(staged, args.repo_id, private=args.private, token=args.token, endpoint=None,
-                        commit_message=args.commit_message, keep_note=False, revision=args.revision,
-                        create_pr=args.create_pr)
-        except PushToHubError as err:
-            raise CLIError(f"pushing {args.save_dir} to {args.repo_id!r} failed: {err.__cause__.__class__.__name__}: "
-                           f"{err.__cause__}", code=1) from None
+    try:
+        url = push_save(folder, args.repo_id, private=args.private, token=args.token,
+                        commit_message=args.commit_message, revision=args.revision, create_pr=args.create_pr)
+    except PushToHubError as err:
+        raise CLIError(f"pushing {args.save_dir} to {args.repo_id!r} failed: {err.__cause__.__class__.__name__}: "
+                       f"{err.__cause__}", code=1) from None
     print(f"pushed {args.save_dir} to {url or args.repo_id}")
     return 0
-
-
-def _card_for_repo(text: str, repo_id: str, revision: str | None = None) -> str:
-    """The card's loading snippets pointed at ``repo_id`` (its branch ``revision``: ``hf-hub:org/name@rev`` for
-    timm, ``revision="rev"`` for the others): they name the path the model was saved at (which need not be where it
-    is now), or the repo it was saved for, if another."""
-    saved_at = re.search(r'"local-dir:((?:[^"\\]|\\.)+)"', text)  # (the path as the card quotes it)
-    if saved_at:
-        text = text.replace(f'"local-dir:{saved_at[1]}"', f'"hf-hub:{repo_id}"')
-        text = text.replace(f'"{saved_at[1]}"', f'"{repo_id}"')
-    else:
-        saved_for = re.search(r'"hf-hub:([^"@]+)(?:@((?:[^"\\]|\\.)+))?"', text)  # (a branch it was pushed to)
-        if saved_for and (saved_for[1] != repo_id or saved_for[2]):
-            if saved_for[2]:  # the snippets load the repo's default branch unless --revision says otherwise
-                text = text.replace(f'"hf-hub:{saved_for[1]}@{saved_for[2]}"', f'"hf-hub:{saved_for[1]}"')
-                text = text.replace(f', revision="{saved_for[2]}")', ")")
-            text = text.replace(f'"hf-hub:{saved_for[1]}"', f'"hf-hub:{repo_id}"')
-            text = text.replace(f'"{saved_for[1]}"', f'"{repo_id}"')
-    if revision:
-        text = text.replace(f'"hf-hub:{repo_id}"', f'"hf-hub:{repo_id}@{revision}"')
-        text = text.replace(f'"{repo_id}")', f'"{repo_id}", revision="{revision}")')
-    return text
 
 
 def _gains_output(path: str | None) -> Path | None:
@@ -536,6 +505,7 @@ def _gains_output(path: str | None) -> Path | None:
 def cmd_gains(args: argparse.Namespace) -> int:
     from .gains import measure_fold_gains, measure_plan_speedup
     from .graph import UnsupportedModelError
+    from .hub import is_folded_save
     from .prepare import prepare_model
 
     config = build_config(args.config_values, args)
@@ -543,7 +513,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
         raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
     out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
     arch = _timm_name(args.model)
-    if is_folded_dir(Path(arch).expanduser()):
+    if is_folded_save(Path(arch).expanduser()):
         raise CLIError(f"{arch} is a folded save: it has no folds left to time; gains takes the timm name of its "
                        "base architecture")
     check_model_name(arch)  # a folded save has no folds left to time: only base models

@@ -140,7 +140,7 @@ class LayerFoldedModel:
                     create_pr: bool = False, **save_kwargs: Any) -> str:
         """Save ``model`` (see :func:`save_folded`) to a temporary directory and push it; returns the commit URL
         (the pull request's with ``create_pr=True``)."""
-        from .hub import _push, check_push_target, save_folded
+        from .hub import check_push_target, push_save, save_folded
 
         given = sorted({"push_to_hub", "repo_id", "overwrite"} & set(save_kwargs))
         if given:  # save_folded would push (publicly, with its own message) before this push, or save elsewhere
@@ -150,7 +150,6 @@ class LayerFoldedModel:
         check_push_target(revision, create_pr)
         with tempfile.TemporaryDirectory() as tmp:
             path = save_folded(model, Path(tmp) / "folded", repo_id=repo_id, **save_kwargs)
-            # the card names the repo, not the temporary path
-            return _push(path, repo_id, private=private, token=token, endpoint=endpoint, keep_note=False,
-                         revision=revision, create_pr=create_pr,
-                         commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
+            # the card names the repo (not the temporary path) and the branch pushed to
+            return push_save(path, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
+                             create_pr=create_pr, commit_message=commit_message)

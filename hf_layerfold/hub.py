@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ from .model_card import (
     eval_results_from,
     fold_rows,
     latency_section,
+    point_card_at,
     render_card,
     split_hub_ref,
 )
@@ -62,11 +64,12 @@ from .prepare import is_prepared
 from .stats import FoldStats, fold_stats
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
-__all__ = ["LayerFoldedModel", "PushToHubError", "is_folded_save", "save_folded"]
+__all__ = ["LayerFoldedModel", "PushToHubError", "is_folded_save", "push_save", "save_folded"]
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
+DEFAULT_COMMIT_MESSAGE = "Upload layer-folded model (hf_layerfold)"
 FORMAT_VERSION = 1
 CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
                "template", "plan_searched")
@@ -497,7 +500,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
             shutil.rmtree(tmp, ignore_errors=True)
     if push_to_hub:
         url = _push(target, repo_id, private=private, token=token, endpoint=endpoint, revision=revision,
-                    create_pr=create_pr, commit_message=commit_message or "Upload layer-folded model (hf_layerfold)")
+                    create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)
         logger.info("pushed %s to %s", target, url)
     return given
 
@@ -512,6 +515,26 @@ def check_push_target(revision: str | None, create_pr: bool) -> None:
     if create_pr and revision not in (None, "main"):
         raise ValueError(f"create_pr=True opens a pull request against the default branch; it cannot target "
                          f"revision={revision!r} (push to the branch without create_pr, or leave revision unset)")
+
+
+def push_save(folder: Path, repo_id: str, *, private: bool = False, token: str | None = None,
+              endpoint: str | None = None, commit_message: str | None = None, revision: str | None = None,
+              create_pr: bool = False) -> str:
+    """Push an existing save: only its own files (staged in a temporary folder), its card's loading snippets
+    pointed at ``repo_id`` and ``revision`` (a pull request merges into the default branch: its card loads that).
+    Shared by :meth:`LayerFoldedModel.push_to_hub` and ``hf-layerfold push``; returns the commit or PR URL."""
+    check_push_target(revision, create_pr)
+    with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
+        staged = Path(tmp) / Path(folder).name
+        staged.mkdir()
+        for name in SAVE_FILES:
+            if (Path(folder) / name).is_file():
+                shutil.copy2(Path(folder) / name, staged / name)
+        card = staged / CARD_NAME
+        if card.is_file():
+            card.write_text(point_card_at(card.read_text(), repo_id, None if create_pr else revision))
+        return _push(staged, repo_id, private=private, token=token, endpoint=endpoint, keep_note=False,
+                     revision=revision, create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)
 
 
 def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, endpoint: str | None,

@@ -104,6 +104,28 @@ def split_hub_ref(ref: str) -> tuple[str | None, str | None]:
     return (match["repo"], match["revision"]) if match else (None, None)
 
 
+def point_card_at(text: str, repo_id: str, revision: str | None = None) -> str:
+    """The card's loading snippets pointed at ``repo_id`` (its branch ``revision``: ``hf-hub:org/name@rev`` for
+    timm, ``revision="rev"`` for the others): they name the path the model was saved at (which need not be where it
+    is now), or the repo it was saved for, if another."""
+    saved_at = re.search(r'"local-dir:((?:[^"\\]|\\.)+)"', text)  # (the path as the card quotes it)
+    if saved_at:
+        text = text.replace(f'"local-dir:{saved_at[1]}"', f'"hf-hub:{repo_id}"')
+        text = text.replace(f'"{saved_at[1]}"', f'"{repo_id}"')
+    else:
+        saved_for = re.search(r'"hf-hub:([^"@]+)(?:@((?:[^"\\]|\\.)+))?"', text)  # (a branch it was pushed to)
+        if saved_for and (saved_for[1] != repo_id or saved_for[2]):
+            if saved_for[2]:  # the snippets load the repo's default branch unless --revision says otherwise
+                text = text.replace(f'"hf-hub:{saved_for[1]}@{saved_for[2]}"', f'"hf-hub:{saved_for[1]}"')
+                text = text.replace(f', revision="{saved_for[2]}")', ")")
+            text = text.replace(f'"hf-hub:{saved_for[1]}"', f'"hf-hub:{repo_id}"')
+            text = text.replace(f'"{saved_for[1]}"', f'"{repo_id}"')
+    if revision:
+        text = text.replace(f'"hf-hub:{repo_id}"', f'"hf-hub:{repo_id}@{revision}"')
+        text = text.replace(f'"{repo_id}")', f'"{repo_id}", revision="{revision}")')
+    return text
+
+
 def _in_quotes(text: str) -> str:
     """``text`` as it goes between the double quotes of the card's Python snippets (a path may hold ``"`` or ``\\``)."""
     return json.dumps(text, ensure_ascii=False)[1:-1]

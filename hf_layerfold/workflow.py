@@ -21,7 +21,6 @@ from typing import Any
 
 LITE0_ALIAS = "lite0-imagenet"
 FASHION_MNIST = "fashion-mnist"
-FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 DTYPES = ("fp32", "bf16", "fp16")
 EVAL_SPLITS = ("validation", "valid", "val", "test")
 
@@ -63,12 +62,6 @@ def failure_code(err: BaseException) -> int:
 
 # ----------------------------------------------------------------------------------------------------------
 # Models
-
-
-def is_folded_dir(path: Path) -> bool:
-    from .hub import is_folded_save
-
-    return path.is_dir() and is_folded_save(path)
 
 
 def suggest_model_names(name: str) -> str:
@@ -131,7 +124,9 @@ def model_kind(name: str) -> str:
     if not name.strip():  # (Path("") is the working directory)
         raise CLIError("the model name is empty: give a timm model name, a folded save or a Hub id")
     if local.is_dir():
-        if not is_folded_dir(local):
+        from .hub import is_folded_save
+
+        if not is_folded_save(local):
             if name.startswith("local-dir:"):
                 return "base"  # a timm checkpoint directory
             raise CLIError(f"{name} is a directory but not a folded-model save (no layerfold_net config.json)")
@@ -262,6 +257,7 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     import datasets
 
     from .data import (
+        FASHION_MNIST_HUB_ID,
         DatasetNotAvailableError,
         detect_columns,
         integer_labels,

@@ -197,6 +197,11 @@ def test_layerfold_model_push_to_hub(local_hub, folded, x, monkeypatch):
     assert url.startswith(local_hub.url) and SAVE_FILES - {"layerfold_config.json"} <= set(files)
     assert f'model = LayerFoldedModel.from_pretrained("{REPO}")' in files["README.md"].decode()  # no temp path
     assert torch.equal(_out(LayerFoldedModel.from_pretrained(f"hf-hub:{REPO}"), x), _out(folded, x))
+    # to a branch: the card loads that branch, as save_folded(push_to_hub=True, revision=...) writes it
+    LayerFoldedModel.push_to_hub(folded, REPO, revision="dev", **{**SAVE_KW, "label_names": LABELS[::-1]})
+    card = local_hub.repos[REPO].resolve("dev").files["README.md"].decode()
+    assert f'create_model("hf-hub:{REPO}@dev", pretrained=True)' in card
+    assert f'LayerFoldedModel.from_pretrained("{REPO}", revision="dev")' in card
 
 
 # ---------------------------------------------------------------------------------------------------------
