@@ -78,7 +78,7 @@ from hf_layerfold.data import load_fashion_mnist
 from hf_layerfold.files import write_bytes_atomic
 from hf_layerfold.gains import FoldGains, measure_fold_gains
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
-from hf_layerfold.workflow import resolve_device
+from hf_layerfold.timing import resolve_device
 
 from .bench_fashion_mnist_method import RUN_SETTINGS, add_run_args, apply_quick, finetune_folded, run_config, run_one
 from .harness import RESULTS_DIR, device_info, log, paired_ratio, summarize, time_interleaved, write_json

@@ -26,7 +26,7 @@ import hf_layerfold as lf
 from hf_layerfold.files import write_text_atomic
 from hf_layerfold.layers import PaddedConv2d
 from hf_layerfold.padding import chain_padding
-from hf_layerfold.workflow import cpu_model_name
+from hf_layerfold.timing import cpu_model_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LF_DM1_BLOCKS = ["blocks.1.1", "blocks.2.1", "blocks.3.1", "blocks.3.2", "blocks.4.0"]

@@ -59,16 +59,9 @@ from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
 from hf_layerfold.hub import check_save_target
 from hf_layerfold.phases import SEARCH
 from hf_layerfold.pretrained import load_efficientnet_lite0_imagenet
+from hf_layerfold.timing import cpu_model_name, measure_latency
 from hf_layerfold.trainer import LayerFoldingTrainer
-from hf_layerfold.workflow import (
-    cpu_model_name,
-    evaluate_model,
-    fmt_count,
-    format_table,
-    measure_latency,
-    set_input_size,
-    training_arguments,
-)
+from hf_layerfold.workflow import evaluate_model, fmt_count, format_table, set_input_size, training_arguments
 
 DATASET_ID = "zalando-datasets/fashion_mnist"
 DEFAULT_OUTPUT = "outputs/lite0-fashion-mnist-folded"

@@ -36,7 +36,8 @@ from .cli_commands import (  # the commands (and PROG) used to live here: still 
 from .cli_config import add_config_flags, build_config, read_mapping_file  # noqa: F401  (build_config: re-exported)
 from .collate import ImageReadError
 from .config import LayerFoldingConfig
-from .workflow import DTYPES, FASHION_MNIST, LITE0_ALIAS, CLIError, torch_device
+from .timing import DTYPES
+from .workflow import FASHION_MNIST, LITE0_ALIAS, CLIError, torch_device
 
 # The LayerFoldingConfig fields that decide what a fold makes (gains takes these; the others only shape training).
 FOLD_SHAPE_FIELDS = ("target_modules", "exclude_modules", "alpha_sharing", "max_kernel_size", "max_macs_increase",

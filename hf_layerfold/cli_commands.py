@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .cli_config import build_config
 from .files import write_text_atomic
+from .timing import measure_latency, resolve_device
 from .workflow import (
     LITE0_ALIAS,
     CLIError,
@@ -31,11 +32,9 @@ from .workflow import (
     format_table,
     load_data,
     load_model,
-    measure_latency,
     model_input_size,
     model_kind,
     plan_source,
-    resolve_device,
     set_input_size,
     suggest_model_names,
     training_arguments,

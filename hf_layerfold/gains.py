@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
-import operator
 import os
 import statistics
 from collections.abc import Sequence
@@ -29,6 +27,7 @@ from .files import write_text_atomic
 from .fold import fold_model
 from .plan import FoldPlan, applied_plan, as_plan
 from .prepare import is_prepared
+from .timing import check_timing_args
 
 
 def alpha_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -151,9 +150,6 @@ class FoldGains:
         return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-TIMING_DTYPES = ("fp32", "bf16", "fp16")
-
-
 def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, who: str, why: str,
                       unplanned_why: str, *, batch_size: int = 1, dtype: str = "fp32",
                       rounds: int = 1, warmup: int = 0, round_seconds: float = 1.0) -> tuple[int, ...]:
@@ -165,20 +161,8 @@ def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, 
                          f"will use: {why}")
     if applied_plan(model) is not None:
         raise ValueError(f"{who} needs a model whose plan is not fixed yet ({unplanned_why})")
-    for name, value in (("batch_size", batch_size), ("rounds", rounds)):
-        try:
-            whole = not isinstance(value, bool) and operator.index(value) >= 1  # (numpy integers too)
-        except TypeError:
-            whole = False
-        if not whole:
-            raise ValueError(f"{who}: {name} must be a positive integer, got {value!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, numbers.Integral) or warmup < 0:
-        raise ValueError(f"{who}: warmup must be a whole number of passes >= 0, got {warmup!r}")
-    if isinstance(round_seconds, bool) or not isinstance(round_seconds, numbers.Real) or not (
-            math.isfinite(round_seconds) and round_seconds > 0):
-        raise ValueError(f"{who}: round_seconds must be a finite number > 0, got {round_seconds!r}")
-    if dtype not in TIMING_DTYPES:
-        raise ValueError(f"{who}: dtype {dtype!r} is not supported; supported: {', '.join(TIMING_DTYPES)}")
+    check_timing_args(who, batch_size=batch_size, rounds=rounds, warmup=warmup, round_seconds=round_seconds,
+                      dtype=dtype)
     if input_size is None:  # its height and width (timm keeps the 3 channels there for an in_chans=1 model)
         input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[-2:]
     try:  # an int side, (height, width) or (channels, height, width), as fold_stats takes them
@@ -199,7 +183,7 @@ def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None 
     nothing, and on a shared CPU a repeated measurement can differ by more (one rotation's cache state is not
     another's). The caller's model is not changed.
     """
-    from .workflow import latency_samples, resolve_device
+    from .timing import latency_samples, resolve_device
 
     input_size = timing_input_size(model, input_size, "measure_fold_gains", "the sites, the α sharing and "
                                    "max_macs_increase decide each fold", "it folds each group alone",
@@ -238,7 +222,7 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
     :meth:`FoldGains.estimated_speedup` only sums single groups' savings and errs low where folds merge into one
     conv; a plan meant to reach a speed-up target should be timed."""
     from .plan import check_plan
-    from .workflow import latency_samples
+    from .timing import latency_samples
 
     input_size = timing_input_size(model, input_size, "measure_plan_speedup", "the sites, the α sharing and "
                                    "max_macs_increase decide the fold", "pass the plan instead",

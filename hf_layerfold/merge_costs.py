@@ -88,7 +88,7 @@ def measure_merge_costs(model: nn.Module, input_size: int | Sequence[int] | None
     ``max_kernel_size`` and ``max_macs_increase`` decide which merges exist. The table leaves out the residual add
     that a block keeps when its branch does not merge into one conv, and the caches a conv shares with its
     neighbours inside the network."""
-    from .workflow import latency_samples
+    from .timing import latency_samples
 
     input_size = timing_input_size(model, input_size, "measure_merge_costs", "its sites and merge limits decide "
                                    "which merges exist", "it times the merges of every plan",

@@ -1,4 +1,4 @@
-"""What the CLI and the demo are built from: resolve a model name or a dataset source, evaluate, time, tabulate.
+"""What the CLI and the demo are built from: resolve a model name or a dataset source, evaluate, tabulate.
 
 Each user mistake (unknown model, unreadable dataset, ...) raises :class:`CLIError`, which the CLI prints as one
 ``hf-layerfold: error:`` line; any other program can catch it the same way.
@@ -6,22 +6,18 @@ Each user mistake (unknown model, unreadable dataset, ...) raises :class:`CLIErr
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 import logging
-import platform
-import random
 import re
-import statistics
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .timing import DeviceError, MissingDeviceError, resolve_device
+
 LITE0_ALIAS = "lite0-imagenet"
 FASHION_MNIST = "fashion-mnist"
-DTYPES = ("fp32", "bf16", "fp16")
 EVAL_SPLITS = ("validation", "valid", "val", "test")
 
 logger = logging.getLogger(__name__)
@@ -347,58 +343,7 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Evaluation and latency
-
-
-class DeviceError(ValueError):
-    """A device name that is malformed, unsupported here, or names hardware this machine lacks (``missing``:
-    a ``RuntimeError`` as well); ``reason`` says which, without the name."""
-
-    def __init__(self, name: str, reason: str) -> None:
-        super().__init__(self.message(name, reason))
-        self.reason = reason
-
-    @staticmethod
-    def message(name: str, reason: str) -> str:
-        return f"invalid device {name!r}: {reason}"
-
-
-class MissingDeviceError(DeviceError, RuntimeError):
-    """The name is fine; this machine has no such device."""
-
-    @staticmethod
-    def message(name: str, reason: str) -> str:
-        return f"device {name!r} requested but {reason}"
-
-
-def resolve_device(name: str, *, timing: bool = False):
-    """The ``torch.device`` named by ``name`` (``"auto"``: CUDA when available, else CPU), for library callers: a
-    :class:`MissingDeviceError` (a ``RuntimeError``) when it names a device this machine lacks, a
-    :class:`DeviceError` (a ``ValueError``) for a malformed or unsupported name. Timing (``timing=True``) takes CPU
-    and CUDA only, whose clocks it synchronises; evaluation and training also take another accelerator torch has
-    here (``mps``, ``xpu``)."""
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise DeviceError(name, str(err)) from None
-    others = () if timing else ("mps", "xpu")
-    if device.type not in ("cpu", "cuda", *others):
-        raise DeviceError(name, "supported devices are cpu, cuda, cuda:N and auto"
-                          + ("" if timing else " (and mps or xpu where torch has them)"))
-    if device.type == "cpu":
-        if device.index not in (None, 0):
-            raise DeviceError(name, "there is one CPU device, cpu")
-        return torch.device("cpu")  # (cpu:0 is cpu: what Trainer's use_cpu is decided from)
-    backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, device.type, None)
-    if backend is None or not backend.is_available():
-        raise MissingDeviceError(name, f"{device.type.upper()} is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise DeviceError(name, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+# Evaluation
 
 
 def torch_device(name: str, *, timing: bool = False):
@@ -444,75 +389,6 @@ def evaluate_model(model, dataset, *, image_size: int | None = None, batch_size:
     if total == 0:
         raise CLIError("the evaluation dataset is empty")
     return {"top1": top1 / total, "top5": top5 / total, "images": total}
-
-
-def cpu_model_name() -> str:
-    """The CPU's model name, for the record beside a timing (``/proc/cpuinfo`` where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def measure_latency(models: Mapping[str, Any], input_size: Sequence[int], *, batch_size: int = 1,
-                    device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, warmup: int = 3,
-                    rounds: int = 7, round_seconds: float = 0.25) -> dict[str, float]:
-    """Median milliseconds per forward of each model (on copies; the given models are not moved).
-
-    The models are timed in interleaved rounds (A, B, A, B, ...), so that load from other processes on a shared
-    machine falls on every model alike; the median over rounds drops the rounds it hit hardest.
-    """
-    samples = latency_samples(models, input_size, batch_size=batch_size, device=device, dtype=dtype,
-                              channels_last=channels_last, warmup=warmup, rounds=rounds, round_seconds=round_seconds)
-    return {name: statistics.median(t) for name, t in samples.items()}
-
-
-def latency_samples(models: Mapping[str, Any], input_size: Sequence[int], *, batch_size: int = 1,
-                    device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, warmup: int = 3,
-                    rounds: int = 7, round_seconds: float = 0.25, shuffle: bool = False) -> dict[str, list[float]]:
-    """Milliseconds per forward of each model in each round (``measure_latency``'s samples, for paired ratios).
-
-    ``shuffle`` visits the models in a new order every round (the same seeded sequence on every call), so no model
-    always follows the same one.
-    """
-    import torch
-
-    dev = resolve_device(device, timing=True)  # a library call: ValueError / RuntimeError, not the CLI's message
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(batch_size, *input_size, device=dev, dtype=torch_dtype).contiguous(memory_format=fmt)
-
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    runs: dict[str, tuple[Any, int]] = {}
-    order = random.Random(0)
-    with torch.inference_mode():
-        for name, model in models.items():
-            m = copy.deepcopy(model).eval().to(device=dev, dtype=torch_dtype, memory_format=fmt)
-            for _ in range(warmup):
-                m(x)
-            sync()
-            start = time.perf_counter()
-            m(x)
-            sync()
-            once = max(time.perf_counter() - start, 1e-6)
-            runs[name] = (m, max(1, int(round_seconds / once)))
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(rounds):
-            for name in order.sample(list(runs), len(runs)) if shuffle else runs:
-                m, iters = runs[name]
-                sync()
-                start = time.perf_counter()
-                for _ in range(iters):
-                    m(x)
-                sync()
-                times[name].append(1e3 * (time.perf_counter() - start) / iters)
-    return times
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -7,7 +7,8 @@ from PIL import Image
 
 import hf_layerfold as lf
 from hf_layerfold.cli import main
-from hf_layerfold.workflow import CLIError, load_data, measure_latency
+from hf_layerfold.timing import measure_latency
+from hf_layerfold.workflow import CLIError, load_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,6 +44,11 @@ def test_library_timing_on_missing_cuda_raises_a_plain_error(monkeypatch, capsys
     assert not isinstance(info.value, CLIError) and "--device" not in str(info.value)
     with pytest.raises(ValueError, match="invalid device 'gpu0'"):
         measure_latency({"m": model}, (3, 32, 32), device="gpu0")
+    # what cannot time anything is refused as the measurements refuse it (it was a KeyError, a StatisticsError)
+    with pytest.raises(ValueError, match="measure_latency: dtype 'float16' is not supported; supported: fp32, bf16"):
+        measure_latency({"m": model}, (3, 32, 32), dtype="float16")
+    with pytest.raises(ValueError, match="measure_latency: rounds must be a positive integer, got 0"):
+        measure_latency({"m": model}, (3, 32, 32), rounds=0)
     # the CLI still names its flag, in one line, with its exit code
     assert main(["gains", "resnet10t", "--device", "cuda"]) == 2
     assert capsys.readouterr().err.strip() == ("hf-layerfold: error: --device cuda but CUDA is not available on "
@@ -50,7 +56,7 @@ def test_library_timing_on_missing_cuda_raises_a_plain_error(monkeypatch, capsys
 
 
 def test_devices_are_checked_against_this_machine(monkeypatch, capsys, tmp_path):
-    from hf_layerfold.workflow import resolve_device
+    from hf_layerfold.timing import resolve_device
 
     with pytest.raises(ValueError, match="there is one CPU device"):
         resolve_device("cpu:1")
