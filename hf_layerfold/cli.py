@@ -4,9 +4,9 @@ Every command reports a user mistake (unknown model, unreadable dataset, invalid
 repo id, ...) as one ``hf-layerfold: error: ...`` line on stderr with exit code 2, never a traceback;
 failures of the environment (the Hub or network unreachable, e.g. offline; weights not in the cache; a push;
 a full disk) are one line too, with exit code 1; an interrupted command exits 130 (``EXIT_CODES``). The building
-blocks (model and dataset resolution, evaluation, latency measurement, tables) live in ``workflow.py``, the
-commands themselves (``cmd_fold``, ``cmd_evaluate``, ...) in ``cli_commands.py``; this module parses the command
-line and dispatches to them.
+blocks (model and dataset resolution, evaluation, tables) live in ``workflow.py``, latency in ``timing.py``, the
+commands themselves in ``cli_fold.py`` (``cmd_fold``) and ``cli_commands.py`` (the others); this module parses the
+command line and dispatches to them.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ from .cli_commands import (  # the commands (and PROG) used to live here: still 
     _setup_logging,
     cmd_benchmark,
     cmd_evaluate,
-    cmd_fold,
     cmd_gains,
     cmd_push,
 )
 from .cli_config import add_config_flags, build_config, read_mapping_file  # noqa: F401  (build_config: re-exported)
+from .cli_fold import cmd_fold
 from .collate import ImageReadError
 from .config import LayerFoldingConfig
 from .timing import DTYPES

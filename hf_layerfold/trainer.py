@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +21,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
 from .collate import as_input_of, model_input_shape
-from .config import CONFIG_NAME, LayerFoldingConfig
+from .config import LayerFoldingConfig
 from .data import (
     HF_DATASETS,
     check_dataset_labels,
@@ -31,18 +29,15 @@ from .data import (
     eval_collators,
     prepare_datasets,
 )
-from .files import write_text_atomic
 from .folded_net import LayerFoldedNet
 from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
 from .metrics import BatchedTopK, check_metric_name, compute_metrics
-from .model_card import training_run_card
 from .phases import (
     FINETUNE,
     FOLDED,
     PHASE_IDS,
     SEARCH,
     STATE_NAME,
-    PhaseState,
     initial_phase,
     resolve_search_steps,
     restore_phase,
@@ -63,12 +58,11 @@ from .trainer_args import (
     timm_checkpointing,
 )
 from .trainer_data import TrainerData, logits_of
+from .trainer_saving import TrainerSaving
 
 logger = logging.getLogger(__name__)
 
 ALPHA_GROUP = "layerfold_alpha"  # marks the optimizer param group that holds α
-# The names `datasets` gives data read from local folders or files (not Hub datasets).
-_LOCAL_BUILDERS = frozenset({"imagefolder", "webdataset", "parquet", "arrow", "csv", "json", "text", "generator"})
 
 __all__ = ["ALPHA_GROUP", "LayerFoldingTrainer", "STATE_NAME", "compute_metrics"]
 _default_metrics = compute_metrics  # (the constructor's argument of that name shadows it)
@@ -99,7 +93,7 @@ class _LayerFoldingCallback(TrainerCallback):
         self.trainer._trained = True
 
 
-class LayerFoldingTrainer(TrainerData, Trainer):
+class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
     """``transformers.Trainer`` for Layer Folding of a bare timm model (prepared here if it is not yet).
 
     Args:
@@ -450,43 +444,7 @@ class LayerFoldingTrainer(TrainerData, Trainer):
         return out
 
     # ------------------------------------------------------------------------------------------------
-    # Checkpoints
-
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Trainer's save, plus ``layerfold_state.json`` (phase, plan, search length) and the config."""
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        if self.args.should_save:
-            PhaseState(self._phase, self._search_steps, self.state.global_step,
-                       applied_plan(self._model())).write(output_dir, self.layerfold_config)
-        super().save_model(output_dir, _internal_call=_internal_call)
-
-    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
-        """Trainer copies only transformers' files from a checkpoint to the folder it pushes: the phase, plan and
-        config go too, or the pushed weights could not be rebuilt."""
-        if self._trainer_pushes_now():  # (a push still running is not followed by another, nor its files changed)
-            for name in (STATE_NAME, CONFIG_NAME):
-                if (Path(checkpoint_folder) / name).is_file():
-                    shutil.copy(Path(checkpoint_folder) / name, Path(self.args.output_dir) / name)
-        super()._push_from_checkpoint(checkpoint_folder)
-
-    def _trainer_pushes_now(self) -> bool:
-        """What transformers' ``_push_from_checkpoint`` checks before it copies and pushes (transformers 5.x)."""
-        return self.is_world_process_zero() and self.args.hub_strategy != "end" and (
-            self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done())
-
-    def create_model_card(self, **kwargs: Any) -> None:
-        """Trainer's card reads ``model.config``, which a timm model has not (``push_to_hub`` failed there): a card
-        saying what the pushed weights are and how to rebuild them instead."""
-        if not self.is_world_process_zero():
-            return
-        model = self._model()
-        plan = applied_plan(model)
-        arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        repo = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
-        text = training_run_card(repo, arch, int(getattr(model, "num_classes", 0)), self._phase,
-                                 None if plan is None else len(plan), len(self._alphas),
-                                 in_chans=int(getattr(model, "in_chans", 3)))
-        write_text_atomic(Path(self.args.output_dir) / "README.md", text)
+    # Training
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
               ignore_keys_for_eval: list[str] | None = None):
@@ -519,90 +477,3 @@ class LayerFoldingTrainer(TrainerData, Trainer):
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         with caller_values(self.args, self._hidden_args):
             super()._save_checkpoint(model, trial)
-
-    # ------------------------------------------------------------------------------------------------
-    # Export
-
-    def save_folded(self, output_dir: str | os.PathLike | None = None, **kwargs: Any) -> Path:
-        """Fold the trained model and save it with :func:`hf_layerfold.hub.save_folded` (main process only).
-
-        A model still in the search phase is folded with the threshold plan. Defaults passed on: the trainer's
-        config, the base architecture, the class names of the training set, the trained input size and the
-        last evaluation (as ``eval_results`` when a dataset id is known from ``datasets=`` or the eval set).
-        Any ``hub.save_folded`` argument (``push_to_hub``, ``repo_id``, ``overwrite``, card fields) may be given.
-        """
-        from .hub import save_folded
-
-        output_dir = Path(output_dir) if output_dir is not None else Path(self.args.output_dir) / "folded"
-        model = self._model()
-        if self._phase == FOLDED:  # the card keeps the config that planned it, when the net records one
-            kwargs.setdefault("config", getattr(model, "layerfold_config", None) or self.layerfold_config)
-        else:  # (a folded net's own architecture names no base model)
-            kwargs.setdefault("config", self.layerfold_config)
-            kwargs.setdefault("base_model", (getattr(model, "pretrained_cfg", None) or {}).get("architecture"))
-        if kwargs.get("push_to_hub"):  # what TrainingArguments says about the Hub, as Trainer's own pushes follow it
-            if self.args.hub_private_repo:
-                kwargs.setdefault("private", True)
-            if self.args.hub_token:
-                kwargs.setdefault("token", self.args.hub_token)
-            if self.args.hub_revision and not kwargs.get("create_pr"):  # Trainer's pushes go to that revision
-                kwargs.setdefault("revision", self.args.hub_revision)
-        if self._label_names is not None and len(self._label_names) == getattr(model, "num_classes", -1):
-            kwargs.setdefault("label_names", self._label_names)
-        if self._input_size is not None:
-            kwargs.setdefault("pretrained_cfg_overlay", {"input_size": model_input_shape(model, self._input_size)})
-        if "eval_results" not in kwargs:
-            results = self._eval_results(kwargs.get("datasets"))
-            if results is not None:
-                kwargs["eval_results"] = results
-        if self._phase == SEARCH:
-            past = len(FoldPlan.from_model(model, threshold=self.layerfold_config.threshold))
-            logger.warning("save_folded during the search phase: the model is folded with the threshold plan (%d of "
-                           "%d sites past %s); every other site keeps its original activation rather than its "
-                           "blend at the current α, so the folded model computes a network that was not "
-                           "fine-tuned", past, len(self._alphas), self.layerfold_config.threshold)
-        path = output_dir
-        if self.args.should_save:  # a model still searching is folded (on a copy) with the threshold plan
-            path = save_folded(model, output_dir, **kwargs)
-        self.accelerator.wait_for_everyone()
-        return Path(path)
-
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Trainer's ``evaluate``; what it measured on the trainer's own eval set is kept for the model card."""
-        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-        if eval_dataset is None and metric_key_prefix == "eval" and "eval_top1" in metrics:
-            self._own_evals.append((self.state.global_step, self._trained, metrics))
-        return metrics
-
-    def _carded_metrics(self) -> dict | None:
-        """The evaluation that describes the model being saved: one made after training, else, when training ended
-        by loading its best checkpoint, that checkpoint's, else the last (on the trainer's eval set only: a set
-        handed to ``evaluate`` is another dataset)."""
-        evals = self._own_evals or [(e.get("step"), False, e) for e in self.state.log_history if "eval_top1" in e]
-        after = [m for _, trained, m in evals if trained]
-        if after:
-            return after[-1]
-        best = self.state.best_global_step if self.args.load_best_model_at_end else None
-        at_best = [m for step, _, m in evals if best and step == best]
-        return at_best[-1] if at_best else (evals[-1][2] if evals else None)
-
-    def _eval_results(self, dataset_ids: Any) -> dict | None:
-        metrics = self._carded_metrics()
-        if metrics is None:
-            return None
-        dataset = dataset_ids if isinstance(dataset_ids, str) else (dataset_ids or [None])[0]
-        if dataset is None:
-            info = getattr(self.eval_dataset, "info", None)
-            dataset = getattr(info, "dataset_name", None)
-            if dataset in _LOCAL_BUILDERS:  # a local folder or file: no Hub dataset to name in the model-index
-                dataset = None
-        if dataset is None:
-            logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
-            return None
-        result = {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
-        try:  # what the figure was measured on, in the card: a subset is not the split
-            result["dataset_name"] = f"{dataset} ({len(self.eval_dataset)} evaluation images)"
-        except TypeError:  # a streaming set: no length
-            pass
-        return result

@@ -293,12 +293,12 @@ def test_a_missing_hub_repo_is_the_users_mistake(local_hub, capsys):
 
 
 def test_an_unwritable_output_dir_stops_fold_before_training(tiny_imagefolder, tmp_path, capsys, monkeypatch):
-    import hf_layerfold.cli_commands
+    import hf_layerfold.cli_fold
 
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(hf_layerfold.cli_commands.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(hf_layerfold.cli_fold.tempfile, "mkdtemp", read_only)
     out = tmp_path / "out"
     assert main([*TINY_FOLD, "--dataset", str(tiny_imagefolder), "--output-dir", str(out)]) == 2
     assert f"cannot write to --output-dir {out}: Permission denied" in one_error_line(capsys.readouterr().err)
