@@ -233,7 +233,10 @@ class LayerFoldingConfig:
             raise ValueError(f"{path} is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:  # which file holds the bad field (a run's, a save's, a copied one)
+            raise ValueError(f"{path}: {err}") from None
 
 
 def as_config(config: LayerFoldingConfig | Mapping | None) -> LayerFoldingConfig:

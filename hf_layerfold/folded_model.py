@@ -6,7 +6,9 @@ the folded structure in ``model_args``, and ``model.safetensors``. Errors name t
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -23,11 +25,47 @@ from huggingface_hub.errors import (
 )
 
 from .config import LayerFoldingConfig
-from .folded_net import LayerFoldedNet
+from .folded_net import FoldedSpecError, LayerFoldedNet
 from .plan import FoldPlan
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
 CONFIG_NAME = "config.json"
+
+logger = logging.getLogger(__name__)
+
+
+def recorded_config(info: dict, where: str) -> LayerFoldingConfig | None:
+    """The ``LayerFoldingConfig`` a save's ``layerfold`` block records, for information (the folded net never uses
+    it): fields this version does not know (a newer hf_layerfold's) are dropped with a warning, and a record that
+    still does not load is skipped with a warning, never a reason to refuse the model."""
+    data = info.get("config")
+    if not data:
+        return None
+    writer = info.get("hf_layerfold_version", "another version")
+    if isinstance(data, dict):
+        known = {f.name for f in dataclasses.fields(LayerFoldingConfig)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            logger.warning("%s: layerfold.config has field(s) %s that this hf_layerfold does not know (the save was "
+                           "written by hf_layerfold %s); they are left out of .layerfold_config", where, unknown,
+                           writer)
+            data = {k: v for k, v in data.items() if k in known}
+    try:
+        return LayerFoldingConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        logger.warning("%s: layerfold.config does not load (%s); the model loads without it", where, err)
+        return None
+
+
+def recorded_plan(info: dict, where: str) -> FoldPlan | None:
+    """The plan a save's ``layerfold`` block records (information only), or None with a warning when unreadable."""
+    if "plan" not in info:
+        return None
+    try:
+        return FoldPlan.from_dict(info["plan"])
+    except (TypeError, ValueError) as err:
+        logger.warning("%s: layerfold.plan does not load (%s); the model loads without it", where, err)
+        return None
 
 
 def _read_config(path: Path) -> dict:
@@ -107,8 +145,15 @@ class LayerFoldedModel:
     def _build(data: dict, state: dict, weights: Path, source: dict) -> LayerFoldedNet:
         args = dict(data["model_args"])
         info = args.pop("layerfold", None) or data.get("layerfold") or {}
+        if not isinstance(info, dict):
+            info = {}
+        location = source.get("file") or source.get("hf_hub_id")
+        where = f"{CONFIG_NAME} of {location}"
         args["num_classes"] = data.get("num_classes", args.get("num_classes", 1000))
-        net = LayerFoldedNet(**args, layerfold=info)
+        try:
+            net = LayerFoldedNet(**args, layerfold=info)
+        except FoldedSpecError as err:
+            raise type(err)(f"{location}: {err}") from None
         floats = {t.dtype for t in state.values() if t.is_floating_point()}
         if len(floats) == 1:  # the dtype it was saved in (a float64 fold reloads as float64, exactly)
             net.to(floats.pop())
@@ -128,10 +173,11 @@ class LayerFoldedModel:
                                  f"{net.num_classes} classes; it must name each class once, in order")
             cfg["label_names"] = labels
         net.pretrained_cfg = net.default_cfg = cfg
-        if "plan" in info:
-            net.layerfold_plan = FoldPlan.from_dict(info["plan"])
-        if info.get("config"):
-            net.layerfold_config = LayerFoldingConfig.from_dict(info["config"])
+        plan, config = recorded_plan(info, where), recorded_config(info, where)
+        if plan is not None:
+            net.layerfold_plan = plan
+        if config is not None:
+            net.layerfold_config = config
         return net.eval()
 
     @staticmethod

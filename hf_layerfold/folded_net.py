@@ -169,11 +169,33 @@ def conv_spec(conv: nn.Conv2d, pad_rules: list[PadRule] | None = None) -> dict:
     return spec
 
 
-class UnknownLayerTypeError(ValueError):
+FORMAT_VERSION = 1  # of a folded save's spec (config.json's layerfold block records it); bump on a change old
+# readers would misread
+
+
+class FoldedSpecError(ValueError):
+    """``config.json``'s ``model_args`` do not describe a folded net this version can build (a hand edit, a newer
+    hf_layerfold's save, a truncated or foreign file): the structure, not the weights, is at fault."""
+
+
+class UnknownLayerTypeError(FoldedSpecError):
     """A spec names a layer type no op is registered for here (a ``register_op`` of the code that saved it)."""
 
 
-def build_layer(spec: dict) -> nn.Module:
+def check_format(layerfold: object) -> None:
+    """Refuse a save whose ``layerfold.format_version`` is newer than this reader's (its spec may hold fields this
+    version would silently ignore); a save without one (hand-made, older) is read as version 1."""
+    version = layerfold.get("format_version", 1) if isinstance(layerfold, dict) else 1
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise FoldedSpecError(f"config.json's layerfold.format_version is {version!r}, not a positive whole number")
+    if version > FORMAT_VERSION:
+        writer = layerfold.get("hf_layerfold_version", "a newer hf_layerfold")
+        raise FoldedSpecError(f"this folded save has format_version {version} (written by hf_layerfold {writer}); "
+                              f"this hf_layerfold reads format_version <= {FORMAT_VERSION}: upgrade hf_layerfold "
+                              "(pip install -U hf_layerfold) to load it")
+
+
+def build_layer(spec: dict, path: str = "features[?]") -> nn.Module:
     kind = spec.get("type")
     if kind == "conv":
         kwargs = dict(stride=tuple(spec["stride"]), dilation=tuple(spec.get("dilation", (1, 1))),
@@ -185,8 +207,8 @@ def build_layer(spec: dict) -> nn.Module:
     if kind == "act":
         return build_activation(spec)
     if kind == "residual":
-        shortcut = None if spec.get("shortcut") is None else build_sequence(spec["shortcut"])
-        return Residual(build_sequence(spec["branch"]), shortcut)
+        shortcut = None if spec.get("shortcut") is None else build_sequence(spec["shortcut"], f"{path}.shortcut")
+        return Residual(build_sequence(spec["branch"], f"{path}.branch"), shortcut)
     if kind in OP_BUILDERS:
         return OP_BUILDERS[kind](spec)
     raise UnknownLayerTypeError(
@@ -195,8 +217,34 @@ def build_layer(spec: dict) -> nn.Module:
         f"loading. Layer types known here: {sorted(RESERVED_KINDS | set(OP_BUILDERS))}")
 
 
-def build_sequence(specs: list[dict]) -> nn.Sequential:
-    return nn.Sequential(*[build_layer(s) for s in specs])
+def build_sequence(specs: list[dict], where: str = "features") -> nn.Sequential:
+    """The layers of ``specs`` (``where``: their place in ``model_args``, named in errors). A spec that cannot be
+    built (a missing field, a value of the wrong type) is a :class:`FoldedSpecError` naming that place, not a
+    ``KeyError`` from inside the builder."""
+    if not isinstance(specs, list | tuple):
+        raise FoldedSpecError(f"config.json model_args.{where} must be a list of layer specs, got "
+                              f"{type(specs).__name__}")
+    layers = []
+    for i, spec in enumerate(specs):
+        path = f"{where}[{i}]"
+        if not isinstance(spec, dict):
+            raise FoldedSpecError(f"config.json model_args.{path} must be a layer spec (a JSON object), got {spec!r}")
+        try:
+            layers.append(build_layer(spec, path))
+        except FoldedSpecError:
+            raise
+        except KeyError as err:
+            raise FoldedSpecError(f"config.json model_args.{path} (type {spec.get('type')!r}) lacks the field "
+                                  f"{err.args[0]!r}: {_brief(spec)}") from None
+        except (TypeError, ValueError, AssertionError) as err:
+            raise FoldedSpecError(f"config.json model_args.{path} (type {spec.get('type')!r}) is not a valid "
+                                  f"layer spec ({err}): {_brief(spec)}") from None
+    return nn.Sequential(*layers)
+
+
+def _brief(spec: dict) -> str:
+    text = repr({k: v for k, v in spec.items() if k not in ("branch", "shortcut")})
+    return text if len(text) <= 300 else text[:300] + "…"
 
 
 def pool_type_of(pool: nn.Module) -> str:
@@ -233,7 +281,10 @@ class LayerFoldedNet(nn.Module):
                  num_features: int = 0, head_hidden_size: int | None = None, global_pool: str = "avg",
                  drop_rate: float = 0.0, in_chans: int = 3, layerfold: dict | None = None, **kwargs) -> None:
         super().__init__()
-        features = _taking_channels(features, in_chans)
+        check_format(layerfold)
+        if not isinstance(features, list | tuple) or not all(isinstance(f, dict) for f in features):
+            raise FoldedSpecError("config.json model_args.features must be a list of layer specs (JSON objects)")
+        features = _taking_channels(list(features), in_chans)
         self.model_args = dict(features=features, pre_logits=list(pre_logits or []), num_classes=num_classes,
                                num_features=num_features, head_hidden_size=head_hidden_size,
                                global_pool=global_pool, drop_rate=drop_rate, in_chans=in_chans)
@@ -243,8 +294,8 @@ class LayerFoldedNet(nn.Module):
         self.head_hidden_size = head_hidden_size or num_features
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.features = build_sequence(features)
-        self.pre_logits = build_sequence(pre_logits or [])
+        self.features = build_sequence(features, "features")
+        self.pre_logits = build_sequence(pre_logits or [], "pre_logits")
         self._set_head(global_pool, num_classes)
         self.grad_checkpointing = False
 

@@ -39,7 +39,7 @@ from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig, as_config
 from .fold import WEIGHT_PROVENANCE_KEYS, WEIGHT_SOURCE_KEYS, fold_model
 from .folded_model import CONFIG_NAME, LayerFoldedModel
-from .folded_net import LayerFoldedNet, registered_kinds
+from .folded_net import FORMAT_VERSION, LayerFoldedNet, registered_kinds
 from .layers import PaddedConv2d
 from .model_card import (
     accuracy_section,
@@ -70,7 +70,6 @@ logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
 DEFAULT_COMMIT_MESSAGE = "Upload layer-folded model (hf_layerfold)"
-FORMAT_VERSION = 1
 CARD_FIELDS = ("stats_before", "latency", "accuracy", "datasets", "license", "tags", "language", "model_name",
                "template", "plan_searched")
 
@@ -359,11 +358,15 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
     if plan is None:  # (an empty FoldPlan is falsy but is a plan: `or` would look past it)
         plan = getattr(net, "layerfold_plan", None)
     if plan is None:
-        plan = FoldPlan.from_dict(info.get("plan") or {})
+        from .folded_model import recorded_plan
+
+        plan = recorded_plan({"plan": info.get("plan") or {}}, "the folded net's layerfold_info") or FoldPlan()
     if config is None and planned is not None:
         config = getattr(planned, "layerfold_config", None)
-    if config is None:
-        config = info.get("config")
+    if config is None:  # (a record this version cannot read, a newer one's, is dropped with a warning)
+        from .folded_model import recorded_config
+
+        config = recorded_config(info, "the folded net's layerfold_info")
     if config is not None:  # (a mapping is validated); the fold fields its plan was applied with, recorded
         config = as_config(config)
         if planned is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .folded_net import LayerFoldedNet, UnknownLayerTypeError
+from .folded_net import FoldedSpecError, LayerFoldedNet
 
 ARCHITECTURE = "layerfold_net"
 WEIGHTS_NAME = "model.safetensors"
@@ -47,7 +47,13 @@ def layerfold_net(pretrained: bool = False, **kwargs: Any) -> LayerFoldedNet:
                          "(forward_features gives the last feature map; num_classes=0 drops the classifier)")
     try:
         return build_model_with_cfg(LayerFoldedNet, ARCHITECTURE, pretrained, **kwargs)
-    except UnknownLayerTypeError:  # the structure, not the weights: register_op it (the error says how)
+    except FoldedSpecError as err:  # the structure in config.json, not the weights (an unregistered op: the error
+        # says how)
+        cfg = kwargs.get("pretrained_cfg") or {}
+        cfg = cfg if isinstance(cfg, dict) else getattr(cfg, "__dict__", {})
+        where = cfg.get("hf_hub_id") if cfg.get("source") == "hf-hub" else cfg.get("file")
+        if where:
+            raise type(err)(f"{where}: {err}") from None
         raise
     except Exception as err:  # safetensors raises its own error type on a corrupt file
         if not pretrained:

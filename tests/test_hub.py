@@ -611,6 +611,51 @@ def test_missing_or_corrupt_weights_name_the_file(tmp_path, folded):
         timm.create_model(f"local-dir:{path}", pretrained=True)
 
 
+def _edit_config(path: Path, edit) -> None:
+    data = json.loads((path / "config.json").read_text())
+    edit(data)
+    (path / "config.json").write_text(json.dumps(data))
+
+
+def test_a_newer_saves_records_load_and_a_newer_format_is_refused(tmp_path, folded, x, caplog):
+    """A config field of a newer hf_layerfold in the save's record made LayerFoldedModel refuse a model timm loaded;
+    format_version was written but never read, so a newer spec could load as another network without a word."""
+    path = save_folded(folded, tmp_path / "folded", config=lf.LayerFoldingConfig())
+    _edit_config(path, lambda d: d["model_args"]["layerfold"]["config"].update(some_future_knob=3))
+    with caplog.at_level("WARNING", logger="hf_layerfold.folded_model"):
+        net = LayerFoldedModel.from_pretrained(path)
+    assert "layerfold.config has field(s) ['some_future_knob'] that this hf_layerfold does not know" in caplog.text
+    assert net.layerfold_config == lf.LayerFoldingConfig() and torch.equal(_out(net, x), _out(folded, x))
+    _edit_config(path, lambda d: d["model_args"]["layerfold"].update(format_version=2, hf_layerfold_version="9.0"))
+    said = r"format_version 2 \(written by hf_layerfold 9.0\); this hf_layerfold reads format_version <= 1"
+    with pytest.raises(ValueError, match=said):
+        LayerFoldedModel.from_pretrained(path)
+    with pytest.raises(ValueError, match=said):
+        timm.create_model(f"local-dir:{path}", pretrained=True)
+
+
+def test_a_damaged_layer_spec_names_its_place_and_file(tmp_path, folded):
+    """A spec missing a field was a bare KeyError ('groups'), and timm blamed the weights file."""
+    from hf_layerfold.folded_net import FoldedSpecError
+
+    path = save_folded(folded, tmp_path / "folded")
+    data = json.loads((path / "config.json").read_text())
+    index = next(i for i, spec in enumerate(data["model_args"]["features"]) if spec["type"] == "conv")
+    _edit_config(path, lambda d: d["model_args"]["features"][index].pop("groups"))
+    said = fr"model_args.features\[{index}\] \(type 'conv'\) lacks the field 'groups'"
+    with pytest.raises(FoldedSpecError, match=f"{path}.*{said}"):
+        LayerFoldedModel.from_pretrained(path)
+    with pytest.raises(FoldedSpecError, match=said) as info:
+        timm.create_model(f"local-dir:{path}", pretrained=True)
+    assert "model.safetensors" not in str(info.value)
+
+
+def test_a_bad_field_in_a_config_file_names_the_file(tmp_path):
+    (tmp_path / "layerfold_config.json").write_text('{"lambda_reg": null}')
+    with pytest.raises(ValueError, match=f"{tmp_path}.*lambda_reg=None is invalid"):
+        lf.LayerFoldingConfig.from_pretrained(tmp_path)
+
+
 def test_rejects_a_model_that_was_not_folded(tmp_path):
     plain = tmp_path / "plain"
     timm.models.save_for_hf(timm.create_model("mobilenetv2_050", num_classes=4), str(plain),
