@@ -19,6 +19,7 @@ from .gains import FoldGains, measure_fold_gains, measure_plan_speedup
 from .graph import UnsupportedModelError, register_block_rule, register_model_rule
 from .hub import LayerFoldedModel, PushToHubError, save_folded  # also registers layerfold_net with timm
 from .merge_costs import measure_merge_costs
+from .metrics import compute_metrics
 from .plan import FoldPlan, apply_plan, prepare_with_plan
 from .prepare import alpha_parameters, foldable_sites, prepare_model, unique_alphas
 from .stats import FoldStats, fold_stats, projected_stats
@@ -28,10 +29,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     """The trainer imports transformers; load it only when asked for."""
-    if name in ("LayerFoldingTrainer", "compute_metrics"):
-        from . import trainer
+    if name == "LayerFoldingTrainer":
+        from .trainer import LayerFoldingTrainer
 
-        return getattr(trainer, name)
+        return LayerFoldingTrainer
     raise AttributeError(f"module 'hf_layerfold' has no attribute {name!r}")
 
 

@@ -116,14 +116,14 @@ class FoldPlan:
             raise ValueError(f"FoldPlan linear_sites must be a list of site names, got {sites!r}")
         return cls(tuple(sites))
 
-    def save(self, path: str | os.PathLike) -> None:
+    def save(self, path: str | os.PathLike) -> Path:
         """Write the plan to ``path``: a JSON file, or ``layerfold_plan.json`` inside a folder (one that exists, or
-        a path ending in a separator)."""
+        a path ending in a separator); returns the file written."""
         folder = str(path).endswith(("/", os.sep))
         path = Path(path)
         if folder or path.is_dir():
             path = path / PLAN_NAME
-        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FoldPlan:

@@ -17,6 +17,16 @@ def small(name="mobilenetv2_050", **kw):
     return randomize_bn(timm.create_model(name, num_classes=10, **kw)).eval()
 
 
+def test_the_library_without_the_trainer_imports_no_transformers():
+    """Folding, saving and the metric function work without transformers loaded; the trainer loads it when asked."""
+    import subprocess
+    import sys
+
+    code = ("import sys, hf_layerfold as lf; lf.compute_metrics; assert 'transformers' not in sys.modules; "
+            "lf.LayerFoldingTrainer; assert 'transformers' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
 def test_config_json_round_trip(tmp_path):
     cfg = lf.LayerFoldingConfig(lambda_reg=0.5, regularizer="l1", threshold=0.8, exclude_modules=["bn1.act"],
                                 max_kernel_size=5, fold_residual=False)

@@ -155,8 +155,8 @@ def test_plan_functions_take_site_names_and_name_what_they_refuse(tmp_path):
             call()
     assert lf.unique_alphas(lf.alpha_parameters(model)) == list(lf.alpha_parameters(model).values())
     assert lf.apply_plan(_prepared(), [], {"max_kernel_size": 5}).layerfold_config.max_kernel_size == 5  # a dict
-    lf.FoldPlan(sites).save(f"{tmp_path}/new/")  # a path ending in a separator is a folder
-    assert lf.FoldPlan.load(tmp_path / "new" / "layerfold_plan.json") == lf.FoldPlan(sites)
+    written = lf.FoldPlan(sites).save(f"{tmp_path}/new/")  # a path ending in a separator is a folder
+    assert written == tmp_path / "new" / "layerfold_plan.json" and lf.FoldPlan.load(written) == lf.FoldPlan(sites)
 
 
 def test_hooks_on_a_replaced_activation_are_named(caplog):
