@@ -45,6 +45,11 @@ def layerfold_net(pretrained: bool = False, **kwargs: Any) -> LayerFoldedNet:
     if unsupported:  # (timm would build the net, then fail to wrap it, and the weights would be blamed)
         raise ValueError(f"layerfold_net does not support {', '.join(unsupported)}: a folded net is a classifier "
                          "(forward_features gives the last feature map; num_classes=0 drops the classifier)")
+    dropped = ", ".join(f"{k}={kwargs[k]}" for k in ("drop_path_rate", "drop_block_rate") if kwargs.get(k))
+    if dropped:  # (timm's train.py --drop-path passes them; LayerFoldedNet's **kwargs swallowed them: nothing dropped)
+        raise ValueError(f"layerfold_net has no stochastic depth or DropBlock ({dropped}): its residual branches are "
+                         "merged convs, a branch absorbed into one conv cannot be dropped. Leave them unset; drop_rate "
+                         "(the head's dropout) is kept")
     try:
         return build_model_with_cfg(LayerFoldedNet, ARCHITECTURE, pretrained, **kwargs)
     except FoldedSpecError as err:  # the structure in config.json, not the weights (an unregistered op: the error

@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .collate import model_input_shape
 from .config import CONFIG_NAME
 from .files import write_text_atomic
@@ -36,6 +38,16 @@ class TrainerSaving:
             PhaseState(self._phase, self._search_steps, self.state.global_step,
                        applied_plan(self._model())).write(output_dir, self.layerfold_config)
         super().save_model(output_dir, _internal_call=_internal_call)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Trainer writes a timm model's state dict with safetensors, which refuses tensors that are not contiguous:
+        a model in ``channels_last`` (timm's ``--channels-last``) failed at its first checkpoint. The weights are
+        written contiguous (loading copies them back into the model's own layout)."""
+        if self.args.should_save:
+            if state_dict is None:
+                state_dict = self.model.state_dict()
+            state_dict = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+        super()._save(output_dir, state_dict=state_dict)
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer copies only transformers' files from a checkpoint to the folder it pushes: the phase, plan and

@@ -293,6 +293,9 @@ def test_an_rgb_save_loads_for_gray_images_as_timm_adapts_checkpoints(saved, fol
         torch.testing.assert_close(gray(g), _out(folded, g.expand(1, 3, 48, 48)), rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="does not support features_only"):
         timm.create_model(f"local-dir:{saved}", pretrained=True, features_only=True)
+    # timm's train.py --drop-path passes drop_path_rate: the folded net has no stochastic depth to give it
+    with pytest.raises(ValueError, match=r"no stochastic depth or DropBlock \(drop_path_rate=0.1\)"):
+        timm.create_model(f"local-dir:{saved}", pretrained=True, drop_path_rate=0.1)
 
 
 def test_a_save_keeps_only_what_fits_the_model(tmp_path, planned, folded):

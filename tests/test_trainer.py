@@ -519,6 +519,25 @@ def test_save_strategy_best_says_the_search_is_not_checkpointed(tmp_path, fashio
     assert saved and min(saved) > 2
 
 
+def test_a_channels_last_model_checkpoints_and_resumes(tmp_path, fashion):
+    """Trainer writes a timm model's state dict with safetensors, which refused channels_last (non-contiguous)
+    weights at the first checkpoint, after the steps had run."""
+    def run(max_steps, resume=None):
+        model = tiny_model().to(memory_format=torch.channels_last)
+        args = args_for(tmp_path, max_steps=max_steps, save_strategy="steps", save_steps=2)
+        trainer = make_trainer(tmp_path, fashion, model=model, train_args=args,
+                               config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 2}))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    first = run(2)
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").is_file()
+    resumed = run(4, resume=str(tmp_path / "checkpoint-2"))
+    assert resumed.phase == "finetune"
+    assert resumed.model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert first.state.global_step == 2 and resumed.state.global_step == 4
+
+
 def test_resume_refuses_another_config(baseline, fashion, tmp_path):
     """The checkpoint's layerfold_config.json was never read: a trainer built without the run's config resumed it
     under the defaults (another λ, threshold, regularizer) silently, and other sites failed in transformers'
