@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from .cli_commands import _check_repo_id
 from .cli_config import build_config
+from .folded_model import read_save_info
 from .workflow import (
     LITE0_ALIAS,
     CLIError,
@@ -208,7 +208,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         if not output.exists():
             _remove_created_parents(output, existed)
 
-    block = json.loads((Path(path) / "config.json").read_text()).get("layerfold", {})
+    block = read_save_info(path) or {}
     before, after = block.get("stats_before") or {}, block.get("stats_after") or {}
     rows = [[name, fmt_count(before.get(key)), fmt_count(after.get(key))]
             for name, key in (("non-linear layers", "nonlinear_layers"), ("depth (convs)", "depth"),

@@ -68,6 +68,19 @@ def recorded_plan(info: dict, where: str) -> FoldPlan | None:
         return None
 
 
+def read_save_info(path: str | os.PathLike) -> dict | None:
+    """The ``layerfold`` block (plan, config, stats, provenance) of the folded save in the local folder ``path``, or
+    None when ``path`` holds none (not a folder, no ``layerfold_net`` config.json, an unreadable one)."""
+    try:
+        data = json.loads((Path(path) / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("architecture") != ARCHITECTURE:
+        return None
+    info = data.get("layerfold")
+    return info if isinstance(info, dict) else None
+
+
 def _read_config(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")

@@ -38,7 +38,7 @@ from .collate import drop_test_size, fit_channels, pretrained_cfg_of
 from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig, as_config
 from .fold import WEIGHT_PROVENANCE_KEYS, WEIGHT_SOURCE_KEYS, fold_model
-from .folded_model import CONFIG_NAME, LayerFoldedModel
+from .folded_model import CONFIG_NAME, LayerFoldedModel, read_save_info
 from .folded_net import FORMAT_VERSION, LayerFoldedNet, registered_kinds
 from .layers import PaddedConv2d
 from .model_card import (
@@ -88,11 +88,7 @@ class PushToHubError(RuntimeError):
 
 def is_folded_save(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a directory written by :func:`save_folded` (a ``layerfold_net`` config.json)."""
-    try:
-        data = json.loads((Path(path) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and data.get("architecture") == ARCHITECTURE and "layerfold" in data
+    return read_save_info(path) is not None
 
 
 # What an OS adds to a folder it shows, and what `hf download --local-dir` adds beside a save: not the user's work

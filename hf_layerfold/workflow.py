@@ -192,13 +192,9 @@ def fixed_plan(spec: str, model):
     if not len(plan):
         raise CLIError(f"--plan {spec} makes no site linear: name at least one block or site")
     if source is not None and source.is_dir():  # a folded save names the architecture its plan was made for
-        import json
+        from .folded_model import read_save_info
 
-        try:
-            folded_from = json.loads((source / "config.json").read_text()).get("layerfold", {}).get(
-                "base_architecture")
-        except (OSError, ValueError, AttributeError):
-            folded_from = None
+        folded_from = (read_save_info(source) or {}).get("base_architecture")
         arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
         if folded_from and arch and folded_from != arch:
             logger.warning("--plan %s was made for %s, not %s: its site names match here, but which activations pay "
