@@ -95,6 +95,9 @@ def describe_config_actions(parser: argparse.ArgumentParser) -> None:
         name = action.dest
         if name not in helps or action.help:
             continue
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_<field> of a True default
+            action.help = f"set {name} to False (see --{name})"
+            continue
         action.help = helps[name].rstrip(".")
         if name in FIELD_CHOICES:
             action.choices = FIELD_CHOICES[name]

@@ -61,8 +61,14 @@ def recorded_plan(info: dict, where: str) -> FoldPlan | None:
     """The plan a save's ``layerfold`` block records (information only), or None with a warning when unreadable."""
     if "plan" not in info:
         return None
+    data = info["plan"]
+    if isinstance(data, dict) and set(data) - {"linear_sites"}:  # a newer hf_layerfold's record: keep its sites
+        logger.warning("%s: layerfold.plan has field(s) %s that this hf_layerfold does not know (the save was written "
+                       "by hf_layerfold %s); they are left out of .layerfold_plan", where,
+                       sorted(set(data) - {"linear_sites"}), info.get("hf_layerfold_version", "another version"))
+        data = {k: v for k, v in data.items() if k == "linear_sites"}
     try:
-        return FoldPlan.from_dict(info["plan"])
+        return FoldPlan.from_dict(data)
     except (TypeError, ValueError) as err:
         logger.warning("%s: layerfold.plan does not load (%s); the model loads without it", where, err)
         return None

@@ -356,7 +356,10 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
     if plan is None:
         from .folded_model import recorded_plan
 
-        plan = recorded_plan({"plan": info.get("plan") or {}}, "the folded net's layerfold_info") or FoldPlan()
+        plan = recorded_plan({"plan": info.get("plan") or {}}, "the folded net's layerfold_info")
+        if plan is None:  # (an empty plan would be a false record: the card would say nothing was removed)
+            raise ValueError("save_folded: the folded net's layerfold_info records a plan this hf_layerfold cannot "
+                             "read; set net.layerfold_plan (a FoldPlan) before saving it again")
     if config is None and planned is not None:
         config = getattr(planned, "layerfold_config", None)
     if config is None:  # (a record this version cannot read, a newer one's, is dropped with a warning)
@@ -524,7 +527,7 @@ def push_save(folder: Path, repo_id: str, *, private: bool = False, token: str |
     Shared by :meth:`LayerFoldedModel.push_to_hub` and ``hf-layerfold push``; returns the commit or PR URL."""
     check_push_target(revision, create_pr)
     with tempfile.TemporaryDirectory(prefix=".hf-layerfold-push-") as tmp:
-        staged = Path(tmp) / Path(folder).name
+        staged = Path(tmp) / "save"  # (not the folder's name: `push ..` named the temporary folder's parent)
         staged.mkdir()
         for name in SAVE_FILES:
             if (Path(folder) / name).is_file():

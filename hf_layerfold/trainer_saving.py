@@ -18,7 +18,7 @@ from .model_card import training_run_card
 from .phases import FOLDED, SEARCH, STATE_NAME, PhaseState
 from .plan import FoldPlan, applied_plan
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("hf_layerfold.trainer")  # (the trainer's messages under its name, as trainer_args)
 
 # The names `datasets` gives data read from local folders or files (not Hub datasets).
 _LOCAL_BUILDERS = frozenset({"imagefolder", "webdataset", "parquet", "arrow", "csv", "json", "text", "generator"})

@@ -542,6 +542,15 @@ def test_push_to_local_hub(folded_save, local_hub, capsys, tmp_path):
         local_hub.repos["test-org/again"].resolve("v2").files["README.md"].decode()
     assert main(["push", str(moved), "--repo-id", "test-org/again", "--revision", "v2", "--create-pr", "--quiet"]) == 2
     assert "cannot take --revision" in capsys.readouterr().err
+    # a save named by a relative path such as `..` (the temporary push folder was named after it: a crash)
+    (moved / "sub").mkdir()
+    here = os.getcwd()
+    try:
+        os.chdir(moved / "sub")
+        assert main(["push", "..", "--repo-id", "test-org/parent", "--quiet"]) == 0
+    finally:
+        os.chdir(here)
+    assert local_hub.repos["test-org/parent"].files["model.safetensors"] == files["model.safetensors"]
     # a card downloaded from a branch, pushed to another repo's default branch: no branch of the old repo is named
     (moved / "README.md").write_bytes(local_hub.repos["test-org/again"].resolve("v2").files["README.md"])
     assert main(["push", str(moved), "--repo-id", "test-org/other", "--quiet"]) == 0

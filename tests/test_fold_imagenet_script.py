@@ -107,6 +107,7 @@ def test_folding_flags_say_what_they_do_and_take_none(script, capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "--regularizer {paper,l1}" in text and "weight λ of the α regularizer" in text
     assert "(default: 0.25)" in text  # the script's own λ
+    assert "--no_fold_residual, --no-fold-residual set fold_residual to False (see --fold_residual)" in text
     args, config, _ = script.parse(["--alpha_lr", "none", "--max_macs_increase", "none", "--output_dir", "o"])
     assert config.alpha_lr is None and config.max_macs_increase is None
     with pytest.raises(SystemExit):

@@ -629,6 +629,12 @@ def test_a_newer_saves_records_load_and_a_newer_format_is_refused(tmp_path, fold
         net = LayerFoldedModel.from_pretrained(path)
     assert "layerfold.config has field(s) ['some_future_knob'] that this hf_layerfold does not know" in caplog.text
     assert net.layerfold_config == lf.LayerFoldingConfig() and torch.equal(_out(net, x), _out(folded, x))
+    _edit_config(path, lambda d: d["model_args"]["layerfold"]["plan"].update(groups=[["a"]]))
+    with caplog.at_level("WARNING", logger="hf_layerfold.folded_model"):
+        net = LayerFoldedModel.from_pretrained(path)
+    assert "layerfold.plan has field(s) ['groups']" in caplog.text and net.layerfold_plan == folded.layerfold_plan
+    resaved = json.loads((save_folded(net, tmp_path / "resaved") / "config.json").read_text())["layerfold"]
+    assert resaved["plan"] == folded.layerfold_plan.to_dict()  # (it was re-saved as an empty plan)
     _edit_config(path, lambda d: d["model_args"]["layerfold"].update(format_version=2, hf_layerfold_version="9.0"))
     said = r"format_version 2 \(written by hf_layerfold 9.0\); this hf_layerfold reads format_version <= 1"
     with pytest.raises(ValueError, match=said):

@@ -379,7 +379,8 @@ def test_save_folded_while_searching_warns_and_an_empty_plan_says_so_on_the_card
     trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "alpha_init": 0.0}))
     with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
         path = trainer.save_folded(tmp_path / "folded")
-    assert "save_folded during the search phase" in caplog.text and "(0 of 9 sites past 0.8)" in caplog.text
+    assert [r.name for r in caplog.records if "save_folded during the search phase" in r.getMessage()] == \
+        ["hf_layerfold.trainer"] and "(0 of 9 sites past 0.8)" in caplog.text
     card = " ".join((path / "README.md").read_text().split())
     assert "No activation was removed" in card and "each removed activation" not in card
     before = lf.fold_stats(tiny_model(), (3, SIZE, SIZE))
