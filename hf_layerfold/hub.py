@@ -566,4 +566,7 @@ def _push(directory: Path, repo_id: str, *, private: bool, token: str | None, en
         where = f"; the local save is intact at {directory}" if keep_note else ""
         raise PushToHubError(f"pushing the folded model to {repo_id!r} failed ({type(err).__name__}: {err}){where}",
                              repo_id, directory if keep_note else None) from err
+    if create_pr and not commit.pr_url:  # (huggingface_hub skips an empty commit, and opens no pull request)
+        logger.warning("no pull request opened on %s: the save's files are those of its default branch already",
+                       repo_id)
     return commit.pr_url or commit.commit_url

@@ -157,6 +157,9 @@ def test_a_pull_request_and_a_push_to_its_ref(local_hub, tmp_path, planned, fold
     repo = local_hub.repos[REPO]
     assert "layerfold_config.json" in repo.files and "layerfold_config.json" not in repo.resolve("refs/pr/1").files
     assert f"{REPO}/discussions/1" in caplog.text  # the pull request's address is told
+    with caplog.at_level("INFO", logger="hf_layerfold.hub"):  # nothing to change: no pull request, and it is said
+        save_folded(planned, tmp_path / "same", push_to_hub=True, repo_id=REPO, create_pr=True, **SAVE_KW)
+    assert "no pull request opened" in caplog.text and "refs/pr/2" not in local_hub.repos[REPO].branches
     card = repo.resolve("refs/pr/1").files["README.md"].decode()
     assert f'create_model("hf-hub:{REPO}", pretrained=True)' in card
     local_hub.requests.clear()
