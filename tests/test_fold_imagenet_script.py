@@ -154,8 +154,19 @@ def test_a_fixed_plan_skips_the_search(script, imagefolder, tmp_path):
 
 
 def test_streamed_size_defaults_to_the_split_info(script, imagefolder, tmp_path):
+    import shutil
+
+    from hf_layerfold.data import load_image_dataset
+
+    # a streamed local folder knows its split sizes once a full load has recorded them in the cache (a Hub dataset
+    # from its card); without them the script asks for a length (a copy of the folder: nothing recorded yet)
+    fresh = shutil.copytree(imagefolder, tmp_path / "images")
+    flags = ["--streaming", "true", "--num_train_epochs", "1", "--search_steps", "3"]
+    with pytest.raises(ValueError, match="streaming needs --max_steps or --num_train_examples"):
+        script.main(common(fresh, tmp_path / "unsized") + flags)
+    load_image_dataset(str(fresh), split="train")
     out = tmp_path / "run"  # no --num_train_examples: the 40 images the split info records, 5 steps per epoch
-    script.main(common(imagefolder, out) + ["--streaming", "true", "--num_train_epochs", "1", "--search_steps", "3"])
+    script.main(common(fresh, out) + flags)
     state = json.loads((out / "layerfold_state.json").read_text())
     assert state["global_step"] == 5 and state["search_steps"] == 3
 
