@@ -87,9 +87,13 @@ def model_input_shape(model: Any, input_size: int | Sequence[int]) -> tuple[int,
     return shape
 
 
+_CHANNEL_MODES = {1: "L", 2: "LA", 4: "RGBA"}  # (3, and any other count: RGB, whose mismatch the transform names)
+
+
 def image_mode(model: Any) -> str:
-    """The PIL mode images are converted to for ``model``: gray for a 1-channel model, else RGB."""
-    return "L" if input_channels(model) == 1 else "RGB"
+    """The PIL mode images are converted to for ``model``: gray for a 1-channel model, RGB for 3 channels, gray or
+    RGB with the alpha channel for 2 or 4 (an ``in_chans=4`` model reads an RGBA image's transparency)."""
+    return _CHANNEL_MODES.get(input_channels(model), "RGB")
 
 
 def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
@@ -178,6 +182,8 @@ def _to_pil(value: Any) -> Image.Image:
     if isinstance(value, str | os.PathLike):
         return _to_pil(_open(value, os.fspath(value)))
     if isinstance(value, Image.Image):
+        if value.getexif().get(ExifTags.Base.Orientation) not in (None, 1):  # a PIL image handed in as opened: upright,
+            value = ImageOps.exif_transpose(value)                            # as files, bytes and datasets' decoding
         if value.mode in _WIDE_MODES:  # 16-bit or float pixels: scaled by their range (a convert would clip)
             return _to_pil(np.asarray(value))
         return value
@@ -233,7 +239,10 @@ class ImageClassificationCollator:
     as it is, not transformed again. ``label_column=None``, or examples without that column (``predict`` on a
     test set), collate unlabeled data (no "labels" key). With ``num_classes`` each label is checked against the
     head as it is collated: the only check streaming data without a ``ClassLabel`` feature gets (and data from a
-    ``with_transform`` function). A broken image file raises :class:`ImageReadError` naming it.
+    ``with_transform`` function). A broken image file raises :class:`ImageReadError` naming it. Pixels wider than
+    8 bits become 8-bit: 16-bit images by 255/65535, always; 32-bit integer and float images by their own range,
+    guessed per image from its maximum (floats up to 1 are read as [0, 1]), so give such data 8- or 16-bit pixels,
+    or a ``pixel_values`` column, when its scale matters.
     """
 
     transform: Callable[[Image.Image], torch.Tensor]
@@ -251,6 +260,9 @@ class ImageClassificationCollator:
             if ready is not None:
                 pixels.append(ready)
                 continue
+            if example[self.image_column] is None:
+                raise ValueError(f"an example has no image (None in column {self.image_column!r}); drop such rows "
+                                 f"first: dataset.filter(lambda x: x[{self.image_column!r}] is not None)")
             image = _to_pil(example[self.image_column])
             if image.mode != self.image_mode:
                 image = image.convert(self.image_mode)

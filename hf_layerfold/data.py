@@ -387,7 +387,8 @@ def defer_decoding(dataset: Any) -> Any:
     workers, as ``datasets`` would): a truncated or corrupt file then fails naming its path, where ``datasets``' own
     decoding names none. A dict of splits is handled split by split. Returned as it is: anything else, a streaming
     split (its files may be remote, read through ``datasets``' own file system), a split with a transform of its
-    own, and an ``Image`` feature that converts to a mode of its own."""
+    own, and an ``Image`` feature that converts to a mode of its own. Wrap the sets :func:`prepare_datasets` returns
+    with it when a ``DataLoader`` of your own reads them, for errors that name the file."""
     if isinstance(dataset, Mapping):
         return type(dataset)({name: defer_decoding(split) for name, split in dataset.items()})
     if not isinstance(dataset, datasets.Dataset) or _transformed(dataset):

@@ -611,6 +611,7 @@ def test_the_collator_decodes_as_datasets_does(small_model: torch.nn.Module) -> 
     from hf_layerfold.collate import _to_pil, _to_uint8
 
     assert ds[0]["image"].size == _to_pil(hd.defer_decoding(ds)[0]["image"]).size == (20, 40)
+    assert _to_pil(Image.open(io.BytesIO(buffer.getvalue()))).size == (20, 40)  # a PIL image handed in as opened
     assert _to_uint8(np.full((2, 2), 200, np.int16)).max() == 200  # only unsigned 16-bit is scaled by 65535
     assert _to_uint8(np.full((2, 2), 257 * 100, ">u2")).max() == 100  # in either byte order (I;16B)
     assert _to_uint8(np.full((2, 2), 100, ">u2")).max() == 0
@@ -620,6 +621,23 @@ def test_the_collator_decodes_as_datasets_does(small_model: torch.nn.Module) -> 
     assert collator([{"pixel_values": hwc}])["pixel_values"].shape == (1, 3, 16, 16)  # transformed as an image
     with pytest.raises(ValueError, match=r"pixel_values of shape \(20, 24, 3\): the model takes \(3, H, W\)"):
         collator([{"pixel_values": (hwc - 0.5) / 0.25}])  # normalized channels-last: not pixels, not model input
+
+
+def test_an_rgba_model_reads_transparency_and_a_missing_image_is_named() -> None:
+    """An in_chans=4 model had its RGBA images converted to RGB (then a shape error in the transform); a row whose
+    image is None failed with PIL's 'Cannot convert a NoneType to an image'."""
+    import timm
+
+    model = timm.create_model("mobilenetv2_050", in_chans=4, num_classes=3)
+    model.pretrained_cfg = {**model.pretrained_cfg, "mean": (0.5,) * 4, "std": (0.5,) * 4}
+    assert hd.image_mode(model) == "RGBA"
+    collator = hd.ImageClassificationCollator(hd.build_transforms(model, is_training=False, input_size=16),
+                                              image_mode=hd.image_mode(model))
+    rgba = Image.new("RGBA", (20, 20), (10, 20, 30, 0))
+    batch = collator([{"image": rgba, "label": 1}])["pixel_values"]
+    assert batch.shape == (1, 4, 16, 16) and float(batch[0, 3].max()) == -1.0  # alpha 0, normalized
+    with pytest.raises(ValueError, match=r"an example has no image \(None in column 'image'\); drop such rows"):
+        collator([{"image": None, "label": 1}])
 
 
 def test_refusals_of_unknown_splits_and_multi_label_data() -> None:
