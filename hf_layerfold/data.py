@@ -385,12 +385,19 @@ def collator_for_split(collator: Any, dataset: Any, *, require_label: bool) -> A
 def defer_decoding(dataset: Any) -> Any:
     """A map-style ``dataset`` with its ``Image`` columns left encoded, for the collator to decode (in DataLoader
     workers, as ``datasets`` would): a truncated or corrupt file then fails naming its path, where ``datasets``' own
-    decoding names none. A dict of splits is handled split by split. Returned as it is: anything else, a streaming
-    split (its files may be remote, read through ``datasets``' own file system), a split with a transform of its
-    own, and an ``Image`` feature that converts to a mode of its own. Wrap the sets :func:`prepare_datasets` returns
+    decoding names none. A dict of splits is handled split by split, a streaming split too when its features are
+    known. Returned as it is: anything else, a split with a transform of its own, and an ``Image`` feature that
+    converts to a mode of its own. Wrap the sets :func:`prepare_datasets` returns
     with it when a ``DataLoader`` of your own reads them, for errors that name the file."""
     if isinstance(dataset, Mapping):
         return type(dataset)({name: defer_decoding(split) for name, split in dataset.items()})
+    if isinstance(dataset, datasets.IterableDataset) and dataset.features is not None:
+        # streamed examples then carry their bytes (a shard's member) or their file's path / URL, which the
+        # collator opens (a URL through datasets' file system, as datasets would): a broken image is named
+        for column, feature in dataset.features.items():
+            if isinstance(feature, datasets.Image) and feature.decode and feature.mode is None:
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        return dataset
     if not isinstance(dataset, datasets.Dataset) or _transformed(dataset):
         return dataset
     for column, feature in dataset.features.items():

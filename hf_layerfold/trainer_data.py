@@ -35,27 +35,28 @@ class TrainerData:
         else:
             read = eval_dataset if eval_dataset is not None else self.eval_dataset
         collator = collator if collator is not None else self.data_collator
+        other_set = key is None and eval_dataset is not None and eval_dataset is not self.eval_dataset
         if eval_dataset is not None and key is None and isinstance(collator, ImageClassificationCollator):
             eval_dataset = defer_decoding(eval_dataset)
         with self._collator(collator), self._dispatched(read), self._swapped("eval_dataset", collator), \
-                self._uncached(eval_dataset is not None and key is None):
+                self._uncached(other_set):
             return super().get_eval_dataloader(eval_dataset)
 
     @contextlib.contextmanager
     def _uncached(self, other_set: bool):
-        """With persistent workers Trainer caches one eval loader under "eval" and handed it out for any set given
-        to ``evaluate``: another set gets a loader of its own, and the cache keeps the eval set's."""
-        cache = getattr(self, "_eval_dataloaders", None)
-        if not other_set or not isinstance(cache, dict):
+        """With persistent workers Trainer caches one eval loader under "eval" (the eval set's, which ``evaluate``
+        and the evaluations during training reuse) and would hand it out for any set given to ``evaluate``. A set
+        other than the eval set gets a loader of its own, without persistent workers: accelerate keeps a reference
+        to every loader it prepared, so the persistent workers of a loader dropped after one use would live on,
+        two more processes per call. The cache is left alone."""
+        if not other_set or not self.args.dataloader_persistent_workers:
             yield
             return
-        kept = cache.pop("eval", None)
+        self.args.dataloader_persistent_workers = False  # (Trainer neither reads nor writes the cache then)
         try:
             yield
         finally:
-            cache.pop("eval", None)
-            if kept is not None:
-                cache["eval"] = kept
+            self.args.dataloader_persistent_workers = True
 
     @contextlib.contextmanager
     def _swapped(self, name: str, collator: Any):
@@ -135,7 +136,7 @@ class TrainerData:
         collator = collator if collator is not None else self.data_collator
         if isinstance(collator, ImageClassificationCollator):
             test_dataset = defer_decoding(test_dataset)  # decoded by the collator, which names a broken file
-        with self._collator(collator), self._dispatched(test_dataset):
+        with self._collator(collator), self._dispatched(test_dataset), self._uncached(True):  # (never cached)
             return super().get_test_dataloader(test_dataset)
 
     @contextlib.contextmanager

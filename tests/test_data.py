@@ -597,6 +597,12 @@ def test_a_truncated_image_is_named(tmp_path: Path, small_model: torch.nn.Module
     truncated = f"cannot read image {broken}: (image file is truncated|Truncated File Read)"
     with pytest.raises(hd.ImageReadError, match=truncated):
         collator([train[paths.index(str(broken))]])
+    # streamed: the examples carry their paths too (datasets' own decoding raised an OSError naming no file)
+    stream = hd.defer_decoding(hd.load_image_dataset(tmp_path, split="train", streaming=True))
+    examples = {example["image"]["path"]: example for example in stream}
+    assert set(examples) == set(paths)
+    with pytest.raises(hd.ImageReadError, match=truncated):
+        collator([examples[str(broken)]])
 
 
 def test_the_collator_decodes_as_datasets_does(small_model: torch.nn.Module) -> None:

@@ -969,3 +969,20 @@ def test_frozen_alphas_leave_the_optimizer_state_and_language_model_options_are_
     with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
         make_trainer(tmp_path, fashion, train_args=args)
     assert args.use_liger_kernel is False and "use_liger_kernel=False" in caplog.text
+
+
+def test_persistent_workers_are_reused_and_not_left_running(tmp_path, fashion):
+    """Every evaluate() built a new persistent loader, which accelerate keeps: two more live workers per call."""
+    import multiprocessing
+
+    args = args_for(tmp_path, dataloader_num_workers=2, dataloader_persistent_workers=True)
+    trainer = make_trainer(tmp_path, fashion, train_args=args)
+    other = fashion["train"].select(range(16))
+    trainer.evaluate()
+    live = len(multiprocessing.active_children())
+    loader = trainer._eval_dataloaders["eval"]
+    for _ in range(3):
+        trainer.evaluate(other)
+        trainer.evaluate()
+    assert trainer._eval_dataloaders["eval"] is loader
+    assert len(multiprocessing.active_children()) == live
