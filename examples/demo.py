@@ -1,7 +1,7 @@
 """Layer-fold an ImageNet-pretrained EfficientNet-Lite0 while fine-tuning it on Fashion-MNIST, on a CPU.
 
 Run it with ``make demo`` (or ``python examples/demo.py --help``). The defaults are sized to finish well within
-15 minutes on 2 CPU cores (1.8 min on a 2-core AMD EPYC, ``benchmarks/results/demo_cpu.json``); the flags lift every
+15 minutes on 2 CPU cores (2.1 min on a 2-core AMD EPYC, ``benchmarks/results/demo_cpu.json``); the flags lift every
 bound (subset sizes, resolution, epochs, ...).
 ``DEMO_JSON=FILE`` writes what it measured, with its flags and environment, to FILE.
 
@@ -28,8 +28,8 @@ shows the original architecture's structure and latency, and no before accuracy.
 Why these defaults: the ``l1`` regularizer pushes every α with a constant force (the paper's Σ|1−α²| has no gradient
 at α = 0, so nothing moves in a short run). ``max_macs_increase=0`` keeps folding from merging a 1x1 expansion and a
 depthwise conv into one large dense conv: that merge removes depth but multiplies MACs, which a CPU pays for. With
-both, λ = 0.1 (the default) removed 21 of 32 activations: top-1 84.2% → 82.7%, MACs 31.35 → 30.10 M, depth
-49 → 43, 1.10x faster at batch 1 and 1.11x at batch 32 on a 2-core AMD EPYC (1 thread, 3000 training images,
+both, λ = 0.1 (the default) removed 21 of 32 activations: top-1 84.2% → 83.3%, MACs 31.35 → 30.10 M, depth
+49 → 43, 1.08x faster at batch 1 and 1.07x at batch 32 on a 2-core AMD EPYC (1 thread, 3000 training images,
 64 px, 2 epochs; ``benchmarks/results/demo_cpu.json``; a top-1 on 1000 test images has a binomial standard error of
 about 1.2 points). Deep merging is for hardware where depth, not MACs, bounds latency: on an H100 it gave
 1.05x-3.76x at batch 128, 224 px, depending on λ (``benchmarks/results/accuracy_sweep_cuda.json``);
