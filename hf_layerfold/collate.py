@@ -10,6 +10,7 @@ import io
 import operator
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,7 +194,7 @@ def _to_pil(value: Any) -> Image.Image:
         value = np.asarray(value)
     if isinstance(value, np.ndarray):
         array = value
-        if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
             array = array.transpose(1, 2, 0)  # CHW -> HWC
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -201,6 +202,11 @@ def _to_pil(value: Any) -> Image.Image:
             raise ValueError(f"Cannot read an array of shape {value.shape} as an image (expected HW, HWC or CHW).")
         return Image.fromarray(_to_uint8(array))
     raise TypeError(f"Cannot convert a {type(value).__name__} to an image.")
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` carries transparency (an alpha band, or a palette's / gray's transparent colour)."""
+    return any(band in ("A", "a") for band in image.getbands()) or "transparency" in image.info
 
 
 _WIDE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
@@ -265,6 +271,11 @@ class ImageClassificationCollator:
                                  f"first: dataset.filter(lambda x: x[{self.image_column!r}] is not None)")
             image = _to_pil(example[self.image_column])
             if image.mode != self.image_mode:
+                if self.image_mode in ("RGBA", "LA") and not _has_alpha(image):
+                    warnings.warn(f"a {image.mode} image given to a {len(self.image_mode)}-channel model has no alpha "
+                                  f"channel: it is converted to {self.image_mode} with an opaque (constant) one; "
+                                  "check that the dataset is the one the model's in_chans was built for",
+                                  stacklevel=2)
                 image = image.convert(self.image_mode)
             tensor = self.transform(image)
             if not isinstance(tensor, torch.Tensor):

@@ -386,9 +386,11 @@ def defer_decoding(dataset: Any) -> Any:
     """A map-style ``dataset`` with its ``Image`` columns left encoded, for the collator to decode (in DataLoader
     workers, as ``datasets`` would): a truncated or corrupt file then fails naming its path, where ``datasets``' own
     decoding names none. A dict of splits is handled split by split, a streaming split too when its features are
-    known. Returned as it is: anything else, a split with a transform of its own, and an ``Image`` feature that
-    converts to a mode of its own. Wrap the sets :func:`prepare_datasets` returns
-    with it when a ``DataLoader`` of your own reads them, for errors that name the file."""
+    known and its files are read as they come (a local folder, local shards, URLs); a split streamed from the Hub
+    (``hf://``) is decoded by ``datasets`` itself, in threads inside the stream, which the cast does not undo: a
+    broken image there is not named. Returned as it is: anything else, a split with a transform of its own, and an
+    ``Image`` feature that converts to a mode of its own. Wrap the sets :func:`prepare_datasets` returns with it when
+    a ``DataLoader`` of your own reads them, for errors that name the file."""
     if isinstance(dataset, Mapping):
         return type(dataset)({name: defer_decoding(split) for name, split in dataset.items()})
     if isinstance(dataset, datasets.IterableDataset) and dataset.features is not None:

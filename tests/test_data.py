@@ -644,6 +644,15 @@ def test_an_rgba_model_reads_transparency_and_a_missing_image_is_named() -> None
     assert batch.shape == (1, 4, 16, 16) and float(batch[0, 3].max()) == -1.0  # alpha 0, normalized
     with pytest.raises(ValueError, match=r"an example has no image \(None in column 'image'\); drop such rows"):
         collator([{"image": None, "label": 1}])
+    with pytest.warns(UserWarning, match="has no alpha channel"):  # an RGB image: an opaque alpha, said
+        batch = collator([{"image": Image.new("RGB", (20, 20), (10, 20, 30)), "label": 1}])["pixel_values"]
+    assert float(batch[0, 3].min()) == 1.0
+    two = timm.create_model("resnet10t", in_chans=2, num_classes=3)
+    two.pretrained_cfg = {**two.pretrained_cfg, "mean": (0.5,) * 2, "std": (0.5,) * 2}
+    la = hd.ImageClassificationCollator(hd.build_transforms(two, is_training=False, input_size=16),
+                                        image_mode=hd.image_mode(two))
+    chw = np.random.default_rng(0).integers(0, 256, (2, 20, 20), dtype=np.uint8)  # 2-channel CHW, as torch formats
+    assert la([{"image": chw, "label": 0}])["pixel_values"].shape == (1, 2, 16, 16)
 
 
 def test_refusals_of_unknown_splits_and_multi_label_data() -> None:

@@ -983,6 +983,8 @@ def test_persistent_workers_are_reused_and_not_left_running(tmp_path, fashion):
     loader = trainer._eval_dataloaders["eval"]
     for _ in range(3):
         trainer.evaluate(other)
+        trainer.predict(other)
         trainer.evaluate()
-    assert trainer._eval_dataloaders["eval"] is loader
+    assert trainer.args.dataloader_persistent_workers is True  # restored after each other set (and predict)
+    assert trainer._eval_dataloaders["eval"] is loader and trainer.get_eval_dataloader() is loader
     assert len(multiprocessing.active_children()) == live
