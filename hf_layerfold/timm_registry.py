@@ -52,8 +52,7 @@ def layerfold_net(pretrained: bool = False, **kwargs: Any) -> LayerFoldedNet:
                          "(the head's dropout) is kept")
     try:
         return build_model_with_cfg(LayerFoldedNet, ARCHITECTURE, pretrained, **kwargs)
-    except FoldedSpecError as err:  # the structure in config.json, not the weights (an unregistered op: the error
-        # says how)
+    except FoldedSpecError as err:  # the structure in config.json is at fault, not the weights
         cfg = kwargs.get("pretrained_cfg") or {}
         cfg = cfg if isinstance(cfg, dict) else getattr(cfg, "__dict__", {})
         where = cfg.get("hf_hub_id") if cfg.get("source") == "hf-hub" else cfg.get("file")
