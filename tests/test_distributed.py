@@ -317,7 +317,7 @@ if __name__ == "__main__":
         _worker(Path(sys.argv[1]))
     # The worker has written its results and destroyed the process group (trainer.end()). Interpreter shutdown
     # can still abort a rank ("terminate called without an active exception", c10d's teardown racing CPython's
-    # finalization): 2 of about 16 stream launches did so on 2026-11-29, each after a complete run. The tests check
+    # finalization): 2 of 18 stream launches did so on 2026-11-29, each after a complete run. The tests check
     # the outputs, so the worker exits without finalization (examples/README: end() makes the abort rare, not gone).
     sys.stdout.flush()
     sys.stderr.flush()
