@@ -393,14 +393,12 @@ def defer_decoding(dataset: Any) -> Any:
     a ``DataLoader`` of your own reads them, for errors that name the file."""
     if isinstance(dataset, Mapping):
         return type(dataset)({name: defer_decoding(split) for name, split in dataset.items()})
-    if isinstance(dataset, datasets.IterableDataset) and dataset.features is not None:
-        # streamed examples then carry their bytes (a shard's member) or their file's path / URL, which the
-        # collator opens (a URL through datasets' file system, as datasets would): a broken image is named
-        for column, feature in dataset.features.items():
-            if isinstance(feature, datasets.Image) and feature.decode and feature.mode is None:
-                dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        return dataset
-    if not isinstance(dataset, datasets.Dataset) or _transformed(dataset):
+    # (streamed examples then carry their bytes, a shard's member, or their file's path / URL, which the collator
+    # opens: a URL through datasets' file system, as datasets would)
+    if isinstance(dataset, datasets.IterableDataset):
+        if dataset.features is None:
+            return dataset
+    elif not isinstance(dataset, datasets.Dataset) or _transformed(dataset):
         return dataset
     for column, feature in dataset.features.items():
         if isinstance(feature, datasets.Image) and feature.decode and feature.mode is None:

@@ -15,6 +15,7 @@ from .graph import ConvNode, ModelGraph, build_graph, iter_nodes
 from .padding import static_chain_padding
 from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, run_pad_rules, segment_model
 from .prepare import check_foldable, is_prepared, require_module
+from .timm_registry import ARCHITECTURE
 
 State = dict[str, torch.Tensor]
 
@@ -175,14 +176,22 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
     state.update(_prefixed("classifier.", {k: v.detach().clone() for k, v in classifier.state_dict().items()}))
     net.load_state_dict(state, strict=True, assign=True)
     base_arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    net.pretrained_cfg = net.default_cfg = _folded_pretrained_cfg(model, net, features)
+    net.pretrained_cfg = net.default_cfg = _folded_pretrained_cfg(model, net)
     net.layerfold_plan = plan
     net.layerfold_info = _provenance(model, net, base_arch)
     net.eval()
     return net
 
 
-def _folded_pretrained_cfg(model: nn.Module, net: LayerFoldedNet, features: list[dict]) -> dict:
+def folded_layout_cfg(net: LayerFoldedNet) -> dict:
+    """The ``pretrained_cfg`` fields that describe a folded net's own layout (what it and its save record)."""
+    first = net.model_args["features"][0] if net.model_args["features"] else {}
+    return dict(architecture=ARCHITECTURE, num_classes=net.num_classes,
+                first_conv="features.0" if first.get("type") == "conv" else None,
+                classifier="classifier" if net.num_classes > 0 else None)
+
+
+def _folded_pretrained_cfg(model: nn.Module, net: LayerFoldedNet) -> dict:
     """The base model's preprocessing with the folded net's own layout (what a save of it reloads with): no weight
     source (``url``, ``hf_hub_id``, ...: those weights are not these), and ``num_classes``, ``first_conv`` and
     ``classifier`` naming what the folded net has, not the base model's ``conv_stem`` / ``fc`` / 1000 classes."""
@@ -192,10 +201,7 @@ def _folded_pretrained_cfg(model: nn.Module, net: LayerFoldedNet, features: list
     if cfg.get("num_classes") != net.num_classes:  # (names of the base model's classes, not of these)
         cfg.pop("label_names", None)
         cfg.pop("label_descriptions", None)
-    first = features[0] if features else {}
-    cfg.update(architecture="layerfold_net", num_classes=net.num_classes,
-               first_conv="features.0" if first.get("type") == "conv" else None,
-               classifier="classifier" if net.num_classes > 0 else None)
+    cfg.update(folded_layout_cfg(net))
     return cfg
 
 

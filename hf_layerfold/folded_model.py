@@ -41,15 +41,7 @@ def recorded_config(info: dict, where: str) -> LayerFoldingConfig | None:
     data = info.get("config")
     if not data:
         return None
-    writer = info.get("hf_layerfold_version", "another version")
-    if isinstance(data, dict):
-        known = {f.name for f in dataclasses.fields(LayerFoldingConfig)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            logger.warning("%s: layerfold.config has field(s) %s that this hf_layerfold does not know (the save was "
-                           "written by hf_layerfold %s); they are left out of .layerfold_config", where, unknown,
-                           writer)
-            data = {k: v for k, v in data.items() if k in known}
+    data = _known_fields(data, {f.name for f in dataclasses.fields(LayerFoldingConfig)}, "config", info, where)
     try:
         return LayerFoldingConfig.from_dict(data)
     except (TypeError, ValueError) as err:
@@ -61,17 +53,24 @@ def recorded_plan(info: dict, where: str) -> FoldPlan | None:
     """The plan a save's ``layerfold`` block records (information only), or None with a warning when unreadable."""
     if "plan" not in info:
         return None
-    data = info["plan"]
-    if isinstance(data, dict) and set(data) - {"linear_sites"}:  # a newer hf_layerfold's record: keep its sites
-        logger.warning("%s: layerfold.plan has field(s) %s that this hf_layerfold does not know (the save was written "
-                       "by hf_layerfold %s); they are left out of .layerfold_plan", where,
-                       sorted(set(data) - {"linear_sites"}), info.get("hf_layerfold_version", "another version"))
-        data = {k: v for k, v in data.items() if k == "linear_sites"}
+    data = _known_fields(info["plan"], {"linear_sites"}, "plan", info, where)  # (a newer one's: keep its sites)
     try:
         return FoldPlan.from_dict(data)
     except (TypeError, ValueError) as err:
         logger.warning("%s: layerfold.plan does not load (%s); the model loads without it", where, err)
         return None
+
+
+def _known_fields(data: Any, known: set[str], record: str, info: dict, where: str) -> Any:
+    """``data`` (the ``record`` of a save's ``layerfold`` block) without the fields this version does not know,
+    which a newer hf_layerfold wrote: dropped with a warning."""
+    unknown = sorted(set(data) - known) if isinstance(data, dict) else []
+    if not unknown:
+        return data
+    logger.warning("%s: layerfold.%s has field(s) %s that this hf_layerfold does not know (the save was written by "
+                   "hf_layerfold %s); they are left out of .layerfold_%s", where, record, unknown,
+                   info.get("hf_layerfold_version", "another version"), record)
+    return {k: v for k, v in data.items() if k in known}
 
 
 def read_save_info(path: str | os.PathLike) -> dict | None:

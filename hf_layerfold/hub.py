@@ -37,7 +37,7 @@ from .activation import FoldableActivation
 from .collate import drop_test_size, fit_channels, pretrained_cfg_of
 from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
 from .config import LayerFoldingConfig, as_config
-from .fold import WEIGHT_PROVENANCE_KEYS, WEIGHT_SOURCE_KEYS, fold_model
+from .fold import WEIGHT_PROVENANCE_KEYS, WEIGHT_SOURCE_KEYS, fold_model, folded_layout_cfg
 from .folded_model import CONFIG_NAME, LayerFoldedModel, read_save_info
 from .folded_net import FORMAT_VERSION, LayerFoldedNet, registered_kinds
 from .layers import PaddedConv2d
@@ -295,10 +295,7 @@ def _export_cfg(net: LayerFoldedNet, overlay: Mapping | None, labels: list[str] 
     cfg = fit_channels(net, cfg, (overlay or {}).get("input_size"))  # an in_chans=1 model: one channel
     if net.num_classes != source.get("num_classes"):
         cfg.pop("label_descriptions", None)
-    first = net.model_args["features"][0] if net.model_args["features"] else {}
-    cfg.update(architecture=ARCHITECTURE, num_classes=net.num_classes, custom_load=False,
-               first_conv="features.0" if first.get("type") == "conv" else None,
-               classifier="classifier" if net.num_classes > 0 else None, label_names=None)
+    cfg.update(folded_layout_cfg(net), custom_load=False, label_names=None)
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if v is not None}
     return cfg, labels
 
