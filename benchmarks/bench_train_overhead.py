@@ -13,6 +13,9 @@ them alike; the reported ratio is the median over rounds of the per-round ratio.
 * ``prepared_eager``: ``blend="eager"``, what ``"auto"`` falls back to where its fast path cannot run.
 * ``prepared_compile_blend`` (CUDA only; on CPU it would differ from ``prepared`` only below the 2^16-element
   threshold of ``"auto"``): ``blend="compile"``.
+* ``timm_twin`` (``--aa-control``): a second copy of the timm model, timed like the others. Its ratio to ``timm``
+  (``ratio_aa``, ideally 1) is the noise floor of the measurement: a ratio of the prepared model that moves by
+  more between calls than the A/A ratio does is the machine, not the α sites.
 * ``timm_regional``: the fair twin of the compiled regions: the timm model with its own BatchNorm + activation
   regions compiled the same way (``ratio_prepared_vs_timm_regional`` on CPU,
   ``ratio_prepared_compile_blend_vs_timm_regional`` on CUDA).
@@ -148,7 +151,7 @@ def channel_alpha_copy(prepared: nn.Module) -> nn.Module:
 
 def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: int, warmup: int,
         budget_s: float, device: str, whole_compile: bool = False, compile_variants: bool = True,
-        compile_mode: str | None = None, channel_alpha: bool = False) -> dict:
+        compile_mode: str | None = None, channel_alpha: bool = False, aa_control: bool = False) -> dict:
     torch.set_num_threads(threads)
     rows = []
     for name in models:
@@ -156,6 +159,8 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
         base = timm.create_model(name, pretrained=False, num_classes=1000).to(device)
         variants = {"timm": base, "prepared": prepared_copy(base, "auto"),
                     "prepared_eager": prepared_copy(base, "eager")}
+        if aa_control:
+            variants["timm_twin"] = copy.deepcopy(base)
         x = torch.randn(batch, 3, size, size, device=device)
         y = torch.randint(0, 1000, (batch,), device=device)
         compile_s = {}
@@ -204,10 +209,12 @@ def run(models: tuple[str, ...], batch: int, size: int, threads: int, rounds: in
                 key = variant if reference in ("timm", "timm_compiled") else f"{variant}_vs_{reference}"
                 row[f"ratio_{key}"] = round(paired_ratio(samples[variant], samples[reference]), 4)
                 row[f"ratio_min_{key}"] = round(stats[variant]["min_ms"] / stats[reference]["min_ms"], 4)
+        if "timm_twin" in samples:  # A/A: the noise floor, not a requirement
+            row["ratio_aa"] = round(paired_ratio(samples["timm_twin"], samples["timm"]), 4)
         row.update({**checks, "compile_s": compile_s, "direct_launch": triton_blend.direct_launch_state(),
                     "others_cores": meter.result.get("other_processes_cores"), "loadavg": meter.result.get("loadavg")})
         row["within_required"] = {k[len("ratio_"):]: v <= REQUIRED_RATIO for k, v in row.items()
-                                  if k.startswith("ratio_") and not k.startswith("ratio_min_")}
+                                  if k.startswith("ratio_") and not k.startswith("ratio_min_") and k != "ratio_aa"}
         rows.append(row)
         log(f"[train_overhead] {row}")
     return {"rows": rows}
@@ -234,6 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="with --whole-compile, also the prepared model compiled with α broadcast per channel")
     parser.add_argument("--no-compile-variants", action="store_true",
                         help="skip blend='compile' and its compiled timm twin (they compile for a minute or more)")
+    parser.add_argument("--aa-control", action="store_true",
+                        help="also time a second copy of the timm model: its ratio (ratio_aa) is the noise floor")
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="first wait up to this many seconds for other processes to go quiet")
     args = parser.parse_args(argv)
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
         for model in models:  # the JSON is rewritten after every row: a time-boxed call keeps what it measured
             rows += run((model,), args.batch, size, threads, rounds, args.warmup, args.budget_s, args.device,
                         args.whole_compile, not args.no_compile_variants, args.compile_mode,
-                        args.channel_alpha)["rows"]
+                        args.channel_alpha, args.aa_control)["rows"]
             last = i == len(thread_counts) - 1 and model == models[-1]
             data = _result(args, rows, thread_counts, waited, complete=last)
             write_json(args.out, data)

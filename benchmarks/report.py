@@ -324,7 +324,9 @@ def _overhead_bullet(path: Path, data: dict, dev: str) -> str:
     met = sum(r[f"ratio_{head}"] <= req for r in rows if f"ratio_{head}" in r) if req is not None else None
     for v in variants[1:]:
         vals = [r[f"ratio_{v}"] for r in rows if r.get(f"ratio_{v}") is not None]
-        others.append(f"{v} {fmt(min(vals))}–{fmt(max(vals))}×" if len(set(vals)) > 1 else f"{v} {fmt(vals[0])}×")
+        label = "A/A control (timm vs its copy)" if v == "aa" else v
+        others.append(f"{label} {fmt(min(vals))}–{fmt(max(vals))}×" if len(set(vals)) > 1
+                      else f"{label} {fmt(vals[0])}×")
     within = f"; ≤ {req} in {met}/{len(cells)}" if met is not None else ""
     sizes = sorted({r.get("input_size") for r in rows} - {None})
     size = f", {'/'.join(map(str, sizes))} px" if sizes else ""

@@ -732,6 +732,34 @@ def test_train_overhead_times_the_variants_in_a_fresh_random_order_each_round(mo
     assert len(set(rounds)) >= 4 and len(set(after_timm)) == 2
 
 
+def test_train_overhead_aa_control_times_a_separate_equal_copy_of_timm_and_is_no_requirement(monkeypatch):
+    """``--aa-control``: the twin is a second model with the same weights (the same object twice would share its
+    caches and optimizer), its ratio is reported as the noise floor and not judged against 1.05."""
+    import torch
+
+    from benchmarks import bench_train_overhead as bto
+
+    real_time_steps = bto.time_steps
+
+    def checked(variants, *args):
+        twin, timm_model = variants["timm_twin"], variants["timm"]
+        assert twin is not timm_model
+        assert all(a is not b and torch.equal(a, b) for a, b in zip(twin.parameters(), timm_model.parameters()))
+        return real_time_steps(variants, *args)
+
+    monkeypatch.setattr(bto, "time_steps", checked)
+    row = bto.run(("mobilenetv2_050",), 2, 32, 1, 3, 1, 60.0, "cpu", compile_variants=False, aa_control=True)["rows"][0]
+    assert row["timm_twin_ms"] > 0 and 0.2 < row["ratio_aa"] < 5
+    assert "aa" not in row["within_required"] and "timm_twin" not in row["within_required"]
+
+    seen = []
+    monkeypatch.setattr(bto, "run", lambda *args: seen.append(args[-1]) or {"rows": []})
+    monkeypatch.setattr(bto, "write_json", lambda *a: None)
+    bto.main(["--models", "a", "--aa-control"])
+    bto.main(["--models", "a"])
+    assert seen == [True, False]  # the flag reaches run
+
+
 def test_channel_alpha_variant_computes_the_same_under_compile_through_a_per_channel_alpha():
     """``--channel-alpha`` (a GPU experiment): the compiled graph broadcasts α per channel, and output and every
     gradient (α's included) are the plain site's, in float64."""
