@@ -27,7 +27,7 @@ from transformers import HfArgumentParser, TrainingArguments
 import hf_layerfold as lf
 from hf_layerfold.cli_config import describe_config_actions
 from hf_layerfold.data import ImageClassificationCollator, load_fashion_mnist
-from hf_layerfold.hub import check_save_target
+from hf_layerfold.hub import LayerFoldedModel, check_save_target
 from hf_layerfold.trainer import LayerFoldingTrainer
 
 logger = logging.getLogger("fold_fashion_mnist")
@@ -45,6 +45,9 @@ class ScriptArguments:
     input_size: int = field(default=64, metadata={"help": "resolution the 28x28 images are resized to"})
     crop_scale: float = field(default=0.6, metadata={"help": "smallest RandomResizedCrop area (1.0 = no crop)"})
     folded_dir: str | None = field(default=None, metadata={"help": "where to save the folded model"})
+    teacher_dir: str | None = field(default=None, metadata={
+        "help": "teacher distilled from when --distill_weight > 0: a folded save (a folder, or a Hub id) with a "
+                "10-class head, e.g. the folded_dir of a run with --lambda_reg 0 --search_steps 0"})
 
 
 # Small, CPU-friendly defaults; every one can be overridden on the command line.
@@ -97,13 +100,16 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
 
+    if config.distill_weight > 0 and not script.teacher_dir:
+        raise ValueError(f"--distill_weight {config.distill_weight} needs --teacher_dir (a folded save to distil from)")
+    teacher = LayerFoldedModel.from_pretrained(script.teacher_dir) if script.teacher_dir else None
     data = load_fashion_mnist(script.data_dir, train_size=script.train_size, test_size=script.test_size,
                               seed=training_args.seed)
     model = load_model(script.model_name, script.weights)
     train_collator, eval_collator = collators(model, script.input_size, script.crop_scale)
     trainer = LayerFoldingTrainer(model, training_args, train_dataset=data["train"], eval_dataset=data["test"],
                                   data_collator=train_collator, eval_data_collator=eval_collator,
-                                  layerfold_config=config, input_size=script.input_size)
+                                  layerfold_config=config, teacher_model=teacher, input_size=script.input_size)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
     hub_weights = script.weights == "hub"  # the card names timm's weights it started from (and their license)

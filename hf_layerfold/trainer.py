@@ -9,6 +9,7 @@ Given a model that is already folded (a ``LayerFoldedNet``), training is a plain
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -66,6 +67,41 @@ ALPHA_GROUP = "layerfold_alpha"  # marks the optimizer param group that holds α
 
 __all__ = ["ALPHA_GROUP", "LayerFoldingTrainer", "STATE_NAME", "compute_metrics"]
 _default_metrics = compute_metrics  # (the constructor's argument of that name shadows it)
+
+
+def checked_teacher(model: nn.Module, teacher: nn.Module | None, config: LayerFoldingConfig,
+                    config_given: bool) -> LayerFoldingConfig:
+    """The config to train with, after checking the teacher against it and the model, before any step runs.
+
+    A distillation weight the model carries from the run that trained it (a reloaded save, ``config_given`` False)
+    named that run's teacher, not this one's: without a teacher it is dropped with a warning, not refused."""
+    if config.distill_weight > 0 and teacher is None:
+        if config_given:
+            raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
+        logger.warning("the model's layerfold_config has distill_weight=%s (the run that trained it distilled); no "
+                       "teacher_model is given, so this run trains without distillation", config.distill_weight)
+        return dataclasses.replace(config, distill_weight=0.0)
+    if teacher is None:
+        return config
+    if config.distill_weight == 0:
+        logger.warning("teacher_model is given but distill_weight=0: the teacher is not used")
+        return config
+    if teacher is model or {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}:
+        raise ValueError("teacher_model is (or shares weights with) the model being trained: the teacher is frozen, "
+                         "which would freeze the model too; pass a copy, e.g. teacher_model=copy.deepcopy(model)")
+    teacher_classes = getattr(teacher, "num_classes", None)
+    if teacher_classes is None:  # a transformers classifier names its classes in its config
+        teacher_classes = getattr(getattr(teacher, "config", None), "num_labels", None)
+    if teacher_classes is not None and teacher_classes != getattr(model, "num_classes", teacher_classes):
+        raise ValueError(f"the teacher predicts {teacher_classes} classes, the model {model.num_classes}: "
+                         "distillation compares their outputs class by class; give a teacher with the model's "
+                         "head (fine-tuned on the same classes)")
+    norms = [tuple(tuple((getattr(m, "pretrained_cfg", None) or {}).get(k) or ()) for k in ("mean", "std"))
+             for m in (model, teacher)]
+    if all(all(n) for n in norms) and norms[0] != norms[1]:
+        logger.warning("the teacher was trained with mean/std %s, the model with %s: the teacher gets the model's "
+                       "pixel_values, normalized for the model", norms[1], norms[0])
+    return config
 
 
 class _LayerFoldingCallback(TrainerCallback):
@@ -128,8 +164,9 @@ class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
     search the soft-α network, not the threshold plan, and only fine-tune evaluations count for
     ``load_best_model_at_end`` — and ``eval_loss`` is plain cross-entropy (no label smoothing, distillation or
     regularizer). The teacher stays outside accelerate (not wrapped, compiled or optimized), in eval mode on
-    ``args.device``. A second ``train()`` of a model whose plan is fixed is a fine-tune only. Distributed training
-    is DDP: FSDP and DeepSpeed ZeRO-3 are refused for a model with α (:func:`sharded_alpha_error` says why).
+    ``args.device``, under the model's autocast (``bf16`` / ``fp16``). A second ``train()`` of a model whose plan
+    is fixed is a fine-tune only. Distributed training is DDP: FSDP and DeepSpeed ZeRO-3 are refused for a model
+    with α (:func:`sharded_alpha_error` says why).
     """
 
     def __init__(
@@ -152,16 +189,7 @@ class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("LayerFoldingTrainer computes its own loss; compute_loss_func is not supported")
         self.layerfold_config = config = ensure_prepared(model, layerfold_config)
-        if config.distill_weight > 0 and teacher_model is None:
-            raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
-        if teacher_model is not None and config.distill_weight == 0:
-            logger.warning("teacher_model is given but distill_weight=0: the teacher is not used")
-        teacher_classes = getattr(teacher_model, "num_classes", None)
-        if teacher_classes is not None and config.distill_weight > 0 and teacher_classes != getattr(
-                model, "num_classes", teacher_classes):
-            raise ValueError(f"the teacher predicts {teacher_classes} classes, the model {model.num_classes}: "
-                             "distillation compares their outputs class by class; give a teacher with the model's "
-                             "head (fine-tuned on the same classes)")
+        self.layerfold_config = config = checked_teacher(model, teacher_model, config, layerfold_config is not None)
         site_alphas = alpha_parameters(model)  # (Trainer moves the model in place: the α objects stay the same)
         reg_weights = None if not site_alphas else site_regularizer_weights(list(site_alphas),
                                                                             config.regularizer_weights)
@@ -298,8 +326,12 @@ class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
         task = F.cross_entropy(logits.float(), labels, label_smoothing=self._label_smoothing)
         loss, distill = task, task.new_zeros(())
         if self.teacher_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():  # the student's mixed precision (bf16 / fp16)
                 teacher_logits = logits_of(self.teacher_model(as_input_of(self.teacher_model, pixel_values)))
+            if teacher_logits.shape != logits.shape:
+                raise ValueError(f"the teacher's outputs have shape {tuple(teacher_logits.shape)}, the model's "
+                                 f"{tuple(logits.shape)}: distillation compares them class by class; give a teacher "
+                                 "with the model's head (fine-tuned on the same classes)")
             distill = distillation_loss(logits, teacher_logits, cfg.distill_temperature)
             loss = (1.0 - cfg.distill_weight) * task + cfg.distill_weight * distill
         reg = task.new_zeros(())

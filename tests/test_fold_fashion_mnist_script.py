@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import example_module
 
+import hf_layerfold as lf
 from hf_layerfold.hub import LayerFoldedModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,6 +34,24 @@ def test_a_tiny_run_saves_a_folded_model_without_a_license_for_random_weights(sc
     assert LayerFoldedModel.from_pretrained(folded)(torch.randn(2, 3, 32, 32)).shape == (2, 10)
     config = json.loads((folded / "config.json").read_text())
     assert "license" not in config["pretrained_cfg"] and "license:" not in (folded / "README.md").read_text()
+
+
+def test_distillation_takes_a_folded_save_as_teacher_and_refuses_a_weight_without_one(script, tmp_path, monkeypatch):
+    """``--distill_weight`` was offered with no way to give a teacher: it failed after loading data and model."""
+    teacher_dir = script.main(tiny(tmp_path / "teacher", "--lambda_reg", "0"))["folded_dir"]
+    taught = []
+    real_init = script.LayerFoldingTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        taught.append(kwargs.get("teacher_model"))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(script.LayerFoldingTrainer, "__init__", spy)
+    script.main(tiny(tmp_path / "student", "--distill_weight", "0.5", "--teacher_dir", teacher_dir))
+    assert isinstance(taught[0], lf.LayerFoldedNet) and taught[0].num_classes == 10
+    monkeypatch.setattr(script, "load_fashion_mnist", lambda *a, **k: pytest.fail("data loaded before the check"))
+    with pytest.raises(ValueError, match="--distill_weight 0.5 needs --teacher_dir"):
+        script.main(tiny(tmp_path / "lone", "--distill_weight", "0.5"))
 
 
 def test_a_folded_dir_holding_other_files_is_refused_before_training(script, tmp_path):

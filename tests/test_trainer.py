@@ -155,6 +155,69 @@ def test_distillation_term_with_teacher(tmp_path, fashion):
         make_trainer(tmp_path, fashion, config=config)
 
 
+class _Wrapped(torch.nn.Module):
+    """A teacher that is neither timm nor transformers: no ``num_classes`` to check before training."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def test_teachers_that_cannot_distill_into_the_model_are_refused_before_or_at_the_first_step(tmp_path, fashion):
+    """A teacher with another head but no ``num_classes`` (a transformers classifier, a wrapper) failed at the first
+    step with a bare size mismatch; the model itself as teacher froze every weight of the model."""
+    config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.5})
+    model = tiny_model()
+    with pytest.raises(ValueError, match="shares weights with"):
+        make_trainer(tmp_path, fashion, model=model, config=config, teacher_model=model)
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen
+    big = tiny_model()
+    big.reset_classifier(1000)
+    hf_like = _Wrapped(big)
+    hf_like.config = type("Config", (), {"num_labels": 1000})()
+    with pytest.raises(ValueError, match="the teacher predicts 1000 classes, the model 10"):
+        make_trainer(tmp_path, fashion, config=config, teacher_model=hf_like)
+    trainer = make_trainer(tmp_path, fashion, config=config, teacher_model=_Wrapped(big),
+                           train_args=args_for(tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match=r"the teacher's outputs have shape \(4, 1000\), the model's \(4, 10\)"):
+        trainer.train()
+
+
+def test_a_model_trained_with_distillation_trains_on_without_a_teacher(tmp_path, fashion, caplog):
+    """Its own config (from the run that distilled) asked for a teacher: continuing to train a reloaded save
+    without re-giving a config was refused."""
+    config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.4})
+    planned = lf.apply_plan(lf.prepare_model(tiny_model(), config), lf.FoldPlan())
+    reloaded = LayerFoldedModel.from_pretrained(lf.save_folded(planned, tmp_path / "save"))
+    for model in (planned, reloaded):
+        with caplog.at_level(logging.WARNING, logger="hf_layerfold"):
+            trainer = LayerFoldingTrainer(model, args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                                          input_size=SIZE)  # no layerfold_config: the model's own
+        assert trainer.layerfold_config.distill_weight == 0.0
+        assert "this run trains without distillation" in caplog.text
+        trainer.train()
+        caplog.clear()
+
+
+def test_the_teacher_runs_under_the_models_mixed_precision_and_a_normalization_mismatch_is_named(
+        tmp_path, fashion, caplog):
+    """With ``bf16=True`` accelerate autocasts the model's forward only: the teacher ran in float32."""
+    config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.5})
+    teacher = tiny_model(seed=1)
+    teacher.pretrained_cfg = {**teacher.pretrained_cfg, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    seen = []
+    teacher.conv_stem.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold"):
+        trainer = make_trainer(tmp_path, fashion, config=config, teacher_model=teacher,
+                               train_args=args_for(tmp_path, max_steps=1, bf16=True))
+    assert "the teacher was trained with mean/std" in caplog.text
+    trainer.train()
+    assert seen == [torch.bfloat16]
+
+
 def test_alpha_param_group_has_own_lr_and_no_decay(tmp_path, fashion):
     trainer = make_trainer(tmp_path, fashion)
     optimizer = trainer.create_optimizer()
