@@ -13,7 +13,7 @@ from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, 
 from .folded_net import LayerFoldedNet, conv_spec, op_spec, pool_type_of
 from .graph import ConvNode, ModelGraph, build_graph, iter_nodes
 from .padding import static_chain_padding
-from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, run_pad_rules, segment_model
+from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, plan_of, run_pad_rules, segment_model
 from .prepare import check_foldable, is_prepared, require_module
 from .timm_registry import ARCHITECTURE
 
@@ -133,7 +133,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
     if isinstance(model, LayerFoldedNet):
         raise ValueError("the model is already folded (a LayerFoldedNet): there is nothing left to fold")
     if plan is not None:
-        plan = as_plan(plan, "fold_model")
+        plan = plan_of(model, plan, "fold_model") if is_prepared(model) else as_plan(plan, "fold_model")
     if is_prepared(model):
         current = applied_plan(model)
         if current is None:

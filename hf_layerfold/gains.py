@@ -25,7 +25,7 @@ from .activation import FoldableActivation
 from .collate import input_shape
 from .files import write_text_atomic
 from .fold import fold_model
-from .plan import FoldPlan, applied_plan, as_plan
+from .plan import FoldPlan, applied_plan, as_plan, plan_of
 from .prepare import is_prepared
 from .timing import check_timing_args
 
@@ -84,8 +84,11 @@ class FoldGains:
         wanted = set(as_plan(sites, "estimated_speedup").linear_sites)
         unknown = wanted - {s for g in self.groups.values() for s in g["sites"]}
         if unknown:
+            blocks = sorted(n for n in unknown if any(s.startswith(n + ".") for g in self.groups.values()
+                                                      for s in g["sites"]))
+            hint = (f"; {blocks} name blocks: pass FoldPlan.from_blocks(model, names)" if blocks else "")
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "
-                             f"{sorted(self.groups)}")
+                             f"{sorted(self.groups)}{hint}")
         part = {owner: {"given": sorted(wanted & set(g["sites"])), "group": list(g["sites"])}
                 for owner, g in self.groups.items() if wanted & set(g["sites"]) and not set(g["sites"]) <= wanted}
         if part:  # e.g. a fused block (one site of two) after a measurement that folded whole blocks
@@ -228,7 +231,7 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
                                    "max_macs_increase decide the fold", "pass the plan instead",
                                    batch_size=batch_size, dtype=dtype, rounds=rounds, warmup=warmup,
                                    round_seconds=round_seconds)
-    plan = as_plan(plan, "measure_plan_speedup")  # (blocks: FoldPlan.from_blocks)
+    plan = plan_of(model, plan, "measure_plan_speedup")  # (block names as FoldPlan.from_blocks reads them)
     check_plan(model, plan)
     ms = latency_samples({"bn_fused": fold_model(model, FoldPlan()), "plan": fold_model(model, plan)}, input_size,
                          batch_size=batch_size, device=device, dtype=dtype, channels_last=channels_last,

@@ -33,6 +33,22 @@ def past_threshold(alpha: torch.Tensor, threshold: float) -> torch.Tensor:
     return alpha.detach().float() >= threshold
 
 
+def _own_config(model: nn.Module) -> LayerFoldingConfig:
+    """The ``layerfold_config`` of ``model``, or of the model a wrapper (DDP, torch.compile, TimmWrapper) holds."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        config = getattr(model, "layerfold_config", None)
+        if config is not None:
+            return config
+        inner = next((getattr(model, a) for a in WRAPPER_ATTRS if isinstance(getattr(model, a, None), nn.Module)),
+                     None)
+        if inner is None:
+            break
+        model = inner
+    return LayerFoldingConfig()
+
+
 @dataclass(frozen=True)
 class FoldPlan:
     """The set of activation sites to make linear (the identity); every other site keeps its activation."""
@@ -53,9 +69,13 @@ class FoldPlan:
 
     @classmethod
     def from_model(cls, model: nn.Module, threshold: float | None = None) -> FoldPlan:
-        """Sites whose learned α reached ``threshold`` (default: the model's config threshold)."""
+        """Sites whose learned α reached ``threshold`` (default: the model's config threshold; through a DDP /
+        ``torch.compile`` / TimmWrapper wrapper, the wrapped model's)."""
         if threshold is None:
-            threshold = getattr(model, "layerfold_config", LayerFoldingConfig()).threshold
+            threshold = _own_config(model).threshold
+        elif isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold != threshold:
+            raise TypeError(f"FoldPlan.from_model: threshold must be a number (or None for the model's config "
+                            f"threshold), got {threshold!r}")
         return cls(tuple(m.site for m in model.modules()
                          if isinstance(m, FoldableActivation) and bool(past_threshold(m.alpha, threshold))))
 
@@ -68,6 +88,8 @@ class FoldPlan:
 
         if isinstance(blocks, str):
             raise TypeError(f"from_blocks takes a list of block or site names, got the string {blocks!r}")
+        if isinstance(blocks, FoldPlan):  # (a FoldPlan of block names, as written by hand)
+            blocks = list(blocks.linear_sites)
         sites = foldable_sites(model)
         chosen, missing = [], []
         for block in blocks:
@@ -400,6 +422,21 @@ def as_plan(plan: FoldPlan | Sequence[str], who: str) -> FoldPlan:
     return FoldPlan(tuple(plan))
 
 
+def plan_of(model: nn.Module, plan: FoldPlan | Sequence[str], who: str) -> FoldPlan:
+    """:func:`as_plan`, where a list naming blocks (not only sites) of ``model`` is read as
+    :meth:`FoldPlan.from_blocks` reads it, as ``prepare_with_plan`` and ``--plan`` do. A ``FoldPlan`` is taken as it
+    is: its names are sites."""
+    if isinstance(plan, FoldPlan):
+        return plan
+    names = as_plan(plan, who).linear_sites
+    from .prepare import foldable_sites
+
+    sites = set(foldable_sites(model))
+    if all(name in sites for name in names):
+        return FoldPlan(names)
+    return FoldPlan.from_blocks(model, list(names))
+
+
 def require_unfolded(model: object, who: str) -> None:
     """A module that is not yet folded; a folded net (nothing left to plan or fold) named as such."""
     from .folded_net import LayerFoldedNet
@@ -447,8 +484,11 @@ def check_plan(model: nn.Module, plan: FoldPlan) -> None:
     unknown = sorted(set(plan.linear_sites) - sites)
     if unknown:
         blocks = [name for name in unknown if any(site.startswith(name + ".") for site in sites)]
-        hint = (f"; {blocks} name blocks: pass FoldPlan.from_blocks(model, names) (or prepare_with_plan) to take "
-                "every site inside them") if blocks else ""
+        from .prepare import is_prepared
+
+        hint = (f"; {blocks} name blocks: pass FoldPlan.from_blocks(model, names) to take every site inside them"
+                + ("" if is_prepared(model) else ", or give prepare_with_plan the names as a list, not a FoldPlan")
+                ) if blocks else ""
         raise ValueError(f"plan names site(s) that are not foldable in this model: {unknown}; "
                          f"foldable sites: {sorted(sites)}{hint}")
     linear = set(plan.linear_sites)
@@ -464,8 +504,8 @@ def check_plan(model: nn.Module, plan: FoldPlan) -> None:
 
 def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
                config: LayerFoldingConfig | Mapping | None = None) -> nn.Module:
-    """Fix the plan (a ``FoldPlan`` or site names) in a prepared model (in place): α = 1 on plan sites, 0
-    elsewhere, all frozen.
+    """Fix the plan (a ``FoldPlan``, or block and site names as :meth:`FoldPlan.from_blocks` reads them) in a
+    prepared model (in place): α = 1 on plan sites, 0 elsewhere, all frozen.
 
     Each run of convs that will merge gets its zero padding moved to its first conv, so that the planned
     model and the folded model compute the same function everywhere, image borders included. Parameters
@@ -475,12 +515,21 @@ def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
     from .prepare import is_prepared
 
     require_unfolded(model, "apply_plan")
-    plan = as_plan(plan, "apply_plan")
+    if not isinstance(plan, FoldPlan):  # (a bare string refused before anything else; a generator read once)
+        plan = list(as_plan(plan, "apply_plan").linear_sites)
     if not is_prepared(model):
         raise ValueError("apply_plan needs a prepared model: call hf_layerfold.prepare_model(model, config) first")
+    plan = plan_of(model, plan, "apply_plan")  # (block names as from_blocks reads them)
     current = applied_plan(model)
     if current is not None:
         if current == plan:
+            applied = getattr(model, "layerfold_applied_config", None)
+            differ = [] if config is None or applied is None else \
+                [f for f in FOLD_FIELDS if getattr(as_config(config), f) != getattr(applied, f)]
+            if differ:
+                logger.warning("apply_plan: this plan is already applied with other %s; the config given is "
+                               "ignored (its padding was moved for those runs): apply the plan to a fresh copy to "
+                               "fold it with this config", ", ".join(differ))
             return model
         raise ValueError("a different plan is already applied to this model; apply plans to a fresh copy")
     check_plan(model, plan)

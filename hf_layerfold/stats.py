@@ -17,7 +17,7 @@ from .activation import FoldableActivation
 from .collate import input_shape
 from .folded_net import LayerFoldedNet
 from .graph import ActNode, ConvNode, ResidualNode, build_graph
-from .plan import FoldPlan, ResidualItem, Run, as_plan, check_plan, require_unfolded, segment_model
+from .plan import FoldPlan, ResidualItem, Run, check_plan, plan_of, require_unfolded, segment_model
 
 
 @dataclass
@@ -79,7 +79,11 @@ def _segment_counts(items: list) -> tuple[int, int, int]:
 
 def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int:
     """Multiply-accumulates of convs and linear layers for one image (a real forward at batch 1)."""
-    input_size = input_shape(input_size, getattr(model, "in_chans", 3))  # (a 1-channel model: 1, not 3)
+    channels = getattr(model, "in_chans", None)
+    input_size = input_shape(input_size, channels or 3)  # (a 1-channel model: 1, not 3)
+    if channels is not None and input_size[0] != channels:  # (timm keeps (3, H, W) for an in_chans=1 model)
+        raise ValueError(f"input_size {tuple(input_size)} has {input_size[0]} channel(s) but the model takes "
+                         f"{channels}; give (height, width) or one side to count MACs at the model's channels")
     total = 0
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -128,7 +132,7 @@ def projected_stats(model: nn.Module, plan: FoldPlan | Sequence[str] | None = No
     require_unfolded(model, "projected_stats")
     if plan is None:  # (not `plan or ...`: an empty FoldPlan is falsy, and asks for the unfolded network)
         plan = getattr(model, "layerfold_plan", None)
-    plan = FoldPlan.from_model(model) if plan is None else as_plan(plan, "projected_stats")
+    plan = FoldPlan.from_model(model) if plan is None else plan_of(model, plan, "projected_stats")
     check_plan(model, plan)
     seg = segment_model(model, plan)
     counts = _segment_counts(seg.items + seg.pre_logits)

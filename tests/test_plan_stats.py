@@ -224,4 +224,31 @@ def test_whole_number_fields_given_as_floats_are_saved_as_integers():
 def test_block_names_where_sites_are_expected_are_pointed_to_from_blocks():
     model = lf.prepare_model(timm.create_model("mobilenetv2_050"))
     with pytest.raises(ValueError, match=r"\['blocks.1.1'\] name blocks: pass FoldPlan.from_blocks"):
-        lf.apply_plan(model, ["blocks.1.1"])
+        lf.apply_plan(model, lf.FoldPlan(["blocks.1.1"]))  # a FoldPlan names sites
+    assert lf.projected_stats(model, ["blocks.1.1"]) == lf.projected_stats(
+        model, lf.FoldPlan.from_blocks(model, ["blocks.1.1"]))  # a list of names is read as from_blocks reads it
+    lf.apply_plan(model, ["blocks.1.1"])
+    assert model.layerfold_plan == lf.FoldPlan.from_blocks(model, ["blocks.1.1"])
+
+
+def test_from_model_reads_the_threshold_through_a_wrapper_and_apply_plan_names_an_ignored_config(caplog):
+    model = lf.prepare_model(timm.create_model("resnet10t", num_classes=10), lf.LayerFoldingConfig(threshold=0.5))
+    with torch.no_grad():
+        lf.alpha_parameters(model)["layer1.0.act1"].fill_(0.6)
+    wrapper = torch.nn.Module()
+    wrapper.module = model  # (as DistributedDataParallel holds it)
+    assert lf.FoldPlan.from_model(wrapper).linear_sites == ("layer1.0.act1",)
+    with pytest.raises(TypeError, match="threshold must be a number"):
+        lf.FoldPlan.from_model(model, threshold=float("nan"))
+    plan = lf.FoldPlan.from_model(model)
+    lf.apply_plan(model, plan)
+    with caplog.at_level("WARNING"):
+        lf.apply_plan(model, plan, lf.LayerFoldingConfig(max_macs_increase=0.0))
+    assert "already applied with other max_macs_increase" in caplog.text
+
+
+def test_fold_stats_names_an_input_size_with_other_channels_than_the_model():
+    model = timm.create_model("mobilenetv2_050", num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match="has 3 channel.s. but the model takes 1"):
+        lf.fold_stats(model, model.pretrained_cfg["input_size"])
+    assert lf.fold_stats(model, (1, 32, 32)).macs == lf.fold_stats(model, 32).macs
