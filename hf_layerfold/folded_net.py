@@ -149,8 +149,12 @@ def op_spec(module: nn.Module) -> dict:
 
 def keepable_hint() -> str:
     """What a folded model can keep besides its convs (named in the errors about what it cannot)."""
-    return (f"keepable modules: {sorted(c.__name__ for c in OP_SPECS)} and activations "
-            "(register more with hf_layerfold.register_op)")
+    from .layers import ACTIVATIONS
+
+    return (f"keepable modules: {sorted(c.__name__ for c in OP_SPECS)} and the activation classes of "
+            f"hf_layerfold.layers.ACTIVATIONS ({', '.join(sorted({c.__name__ for c in ACTIVATIONS.values()}))}; "
+            "by exact class: a subclass, such as timm's PReLU, is not one). Register more, a custom activation "
+            "included, with hf_layerfold.register_op(cls, kind, to_spec, from_spec)")
 
 
 def conv_spec(conv: nn.Conv2d, pad_rules: list[PadRule] | None = None) -> dict:

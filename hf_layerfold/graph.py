@@ -7,6 +7,7 @@ this view, so supporting a new block type is one small rule: ``@register_block_r
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -63,8 +64,24 @@ BLOCK_RULES: dict[type, BlockRule] = {}
 MODEL_RULES: dict[type, ModelRule] = {}
 
 
+def _check_classes(who: str, classes: tuple) -> None:
+    """A decorator used bare (``@register_block_rule`` over the function) or given an instance or a name registered
+    nothing, and a later error blamed the model (or failed listing the supported types)."""
+    if len(classes) == 1 and inspect.isfunction(classes[0]):
+        raise TypeError(f"{who} takes the class(es) the rule describes: write @{who}(MyClass) above the rule, not "
+                        f"@{who} alone")
+    if not classes:
+        raise TypeError(f"{who}() needs at least one class: @{who}(MyClass)")
+    bad = [c for c in classes if not isinstance(c, type)]
+    if bad:
+        raise TypeError(f"{who} takes classes, got {', '.join(repr(c) for c in bad)}: pass the class itself "
+                        "(MyBlock, not MyBlock(...) nor 'MyBlock')")
+
+
 def register_block_rule(*classes: type) -> Callable[[BlockRule], BlockRule]:
-    """Register ``rule(block, path) -> list[Node]`` for blocks of these classes (and their subclasses)."""
+    """Register ``rule(block, path) -> list[Node]`` for blocks of these classes (and their subclasses that keep
+    the class's ``forward``: a subclass with a ``forward`` of its own needs a rule of its own)."""
+    _check_classes("register_block_rule", classes)
 
     def wrap(rule: BlockRule) -> BlockRule:
         for cls in classes:
@@ -75,7 +92,9 @@ def register_block_rule(*classes: type) -> Callable[[BlockRule], BlockRule]:
 
 
 def register_model_rule(*classes: type) -> Callable[[ModelRule], ModelRule]:
-    """Register ``rule(model) -> ModelGraph`` for model classes (and their subclasses)."""
+    """Register ``rule(model) -> ModelGraph`` for model classes (and their subclasses that keep the class's
+    ``forward``, ``forward_features`` and ``forward_head``)."""
+    _check_classes("register_model_rule", classes)
 
     def wrap(rule: ModelRule) -> ModelRule:
         for cls in classes:
@@ -92,6 +111,29 @@ def lookup_rule(registry: dict[type, Callable], obj: object) -> Callable | None:
     return None
 
 
+BLOCK_METHODS = ("forward",)
+MODEL_METHODS = ("forward", "forward_features", "forward_head")
+
+
+def checked_rule(registry: dict[type, Callable], obj: object, path: str, methods: tuple[str, ...]) -> Callable | None:
+    """``lookup_rule``, refusing a rule inherited by a subclass that computes otherwise: the parent's rule describes
+    the parent's ``forward``, and a fold by it silently computed another function."""
+    for cls in type(obj).__mro__:
+        if cls not in registry:
+            continue
+        own = [m for m in methods if getattr(type(obj), m, None) is not getattr(cls, m, None)]
+        if own:
+            sub = _type_name(type(obj))
+            raise UnsupportedModelError(
+                f"{path} is a {sub}, a subclass of {_type_name(cls)} with its own {', '.join(own)}: the rule of "
+                f"{cls.__name__} describes what {cls.__name__} computes, not what {type(obj).__name__} does. Register "
+                f"a rule for it (@hf_layerfold.register_{'block' if methods == BLOCK_METHODS else 'model'}_rule("
+                f"{type(obj).__name__}); the parent's rule if it computes the same: register_"
+                f"{'block' if methods == BLOCK_METHODS else 'model'}_rule({type(obj).__name__})(<the parent's rule>))")
+        return registry[cls]
+    return None
+
+
 def _type_name(cls: type) -> str:
     """``module.Class``: torchvision's ResNet is not timm's ``timm.models.resnet.ResNet``."""
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -100,7 +142,7 @@ def _type_name(cls: type) -> str:
 def supported_block_types() -> list[str]:
     from . import rules  # noqa: F401  (registers the built-in rules)
 
-    return sorted(_type_name(cls) for cls in BLOCK_RULES)
+    return sorted(_type_name(cls) for cls, rule in BLOCK_RULES.items() if not getattr(rule, "refuses", False))
 
 
 def supported_model_types() -> list[str]:
@@ -111,19 +153,45 @@ def supported_model_types() -> list[str]:
 
 def block_nodes(block: nn.Module, path: str) -> list:
     """Nodes of one block, by its registered rule."""
-    rule = lookup_rule(BLOCK_RULES, block)
+    rule = checked_rule(BLOCK_RULES, block, f"block {path!r}", BLOCK_METHODS)
     if rule is None:
         raise UnsupportedModelError(
             f"block {path!r} of type {_type_name(type(block))} has no folding rule; supported block types: "
             f"{', '.join(supported_block_types())} (register one with hf_layerfold.register_block_rule)")
-    return rule(block, path)
+    nodes = rule(block, path)
+    check_nodes(nodes, f"the folding rule {getattr(rule, '__qualname__', rule)!r} of block {path!r} "
+                       f"({type(block).__name__})")
+    return nodes
+
+
+def check_nodes(nodes: object, who: str, where: str = "") -> None:
+    """A rule's description is a list of nodes (``ConvNode``, ``ActNode``, ``OpNode``, ``ResidualNode``) naming
+    modules by their path: anything else failed later as a bare TypeError or AttributeError naming no rule."""
+    if not isinstance(nodes, list | tuple):
+        what = f"returned, at {where.strip()}, a" if where else "returned a"
+        raise UnsupportedModelError(f"{who} {what} {type(nodes).__name__}, not a list of nodes "
+                                    "(ConvNode, ActNode, OpNode, ResidualNode from hf_layerfold.graph)")
+    for i, node in enumerate(nodes):
+        at = f"{where}[{i}]"
+        if isinstance(node, ResidualNode):
+            check_nodes(node.branch, who, f"{at}.branch")
+            if node.shortcut is not None:
+                check_nodes(node.shortcut, who, f"{at}.shortcut")
+            continue
+        if not isinstance(node, ConvNode | ActNode | OpNode):
+            raise UnsupportedModelError(f"{who} returned {node!r} at {at or 'top level'}: a node must be a ConvNode, "
+                                        "ActNode, OpNode or ResidualNode (hf_layerfold.graph)")
+        names = [node.conv, node.bn] if isinstance(node, ConvNode) else [node.path]
+        if not isinstance(names[0], str) or (len(names) > 1 and not isinstance(names[1], str | None)):
+            raise UnsupportedModelError(f"{who} returned {node!r} at {at or 'top level'}: a node names its modules by "
+                                        "their path in the model (a string, e.g. f'{path}.conv1')")
 
 
 def build_graph(model: nn.Module) -> ModelGraph:
     """The node view of a supported timm model."""
     from . import rules  # noqa: F401  (registers the built-in rules)
 
-    rule = lookup_rule(MODEL_RULES, model)
+    rule = checked_rule(MODEL_RULES, model, f"the model ({type(model).__name__})", MODEL_METHODS)
     if rule is None:
         for attr in WRAPPER_ATTRS:
             inner = getattr(model, attr, None)
@@ -137,7 +205,13 @@ def build_graph(model: nn.Module) -> ModelGraph:
             f"{', '.join(supported_model_types())}, built from blocks: {', '.join(supported_block_types())}. "
             "Describe a new family with @hf_layerfold.register_model_rule(ItsClass), a function returning a "
             "hf_layerfold.graph.ModelGraph (README, \"A new model family\")")
-    return rule(model)
+    graph = rule(model)
+    who = f"the folding rule {getattr(rule, '__qualname__', rule)!r} of {type(model).__name__}"
+    if not isinstance(graph, ModelGraph):
+        raise UnsupportedModelError(f"{who} returned {type(graph).__name__}, not a hf_layerfold.graph.ModelGraph")
+    check_nodes(graph.features, who, " (features)")
+    check_nodes(graph.pre_logits, who, " (pre_logits)")
+    return graph
 
 
 def iter_nodes(nodes: list):

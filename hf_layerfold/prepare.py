@@ -159,7 +159,7 @@ def check_foldable(model: nn.Module) -> None:
     (folding uses them), and the pooling is one a folded net rebuilds: a model that breaks one of these failed only
     in ``fold_model``, after training (or folded wrongly), and a custom rule naming the wrong module failed deep
     inside it."""
-    from .graph import iter_nodes
+    from .graph import ActNode, OpNode, iter_nodes
 
     graph = build_graph(model)
     _check_graph_paths(model, graph)
@@ -167,6 +167,7 @@ def check_foldable(model: nn.Module) -> None:
         pool_type_of(model.get_submodule(graph.pool))
     except ValueError as err:
         raise UnsupportedModelError(f"{type(model).__name__} cannot be folded: {err}") from None
+    named = {n.path for n in iter_nodes([*graph.features, *graph.pre_logits]) if isinstance(n, ActNode | OpNode)}
     for node in iter_nodes([*graph.features, *graph.pre_logits]):
         if not isinstance(node, ConvNode):
             continue
@@ -183,6 +184,14 @@ def check_foldable(model: nn.Module) -> None:
             elif bn.running_mean is None or bn.running_var is None:
                 problem = (f"{node.bn} keeps no running statistics (track_running_stats=False); folding BatchNorm "
                            "into a conv uses them")
+            else:  # timm's BatchNormAct2d runs its own drop and activation after the norm: the graph must name them
+                missing = [f"{node.bn}.{name}" for name in ("drop", "act")
+                           if isinstance(getattr(bn, name, None), nn.Module)
+                           and not isinstance(getattr(bn, name), nn.Identity) and f"{node.bn}.{name}" not in named]
+                if missing:
+                    problem = (f"{node.bn} is a {type(bn).__name__}, which also applies {', '.join(missing)}, and the "
+                               "model's graph leaves them out (they would be dropped from the folded net); a rule "
+                               "names them with hf_layerfold.rules.conv_bn_act(block, path, conv, bn)")
         if problem:
             raise UnsupportedModelError(f"{type(model).__name__} cannot be folded: {problem}")
 

@@ -71,10 +71,16 @@ def depthwise_separable(block: eb.DepthwiseSeparableConv, path: str) -> list:
     return _residual(block, path, branch)
 
 
+@register_block_rule(eb.CondConvResidual)  # (its own rule: an InvertedResidual subclass with its own forward)
+def cond_conv_residual(block: eb.CondConvResidual, path: str) -> list:
+    raise UnsupportedModelError(f"{path}: CondConvResidual (per-sample expert kernels) cannot be folded")
+
+
+cond_conv_residual.refuses = True  # (not listed among the supported block types)
+
+
 @register_block_rule(eb.InvertedResidual)
 def inverted_residual(block: eb.InvertedResidual, path: str) -> list:
-    if isinstance(block, eb.CondConvResidual):
-        raise UnsupportedModelError(f"{path}: CondConvResidual (per-sample expert kernels) cannot be folded")
     branch = conv_bn_act(block, path, "conv_s2d", "bn_s2d") if block.conv_s2d is not None else []
     branch += conv_bn_act(block, path, "conv_pw", "bn1") + conv_bn_act(block, path, "conv_dw", "bn2")
     branch += op_nodes(block.aa, _join(path, "aa")) + op_nodes(block.se, _join(path, "se"))

@@ -483,6 +483,92 @@ def test_custom_block_rule_is_one_small_rule():
         BLOCK_RULES.pop(TwoConv, None)
 
 
+def test_a_subclass_with_its_own_forward_is_not_folded_by_its_parents_rule():
+    """timm's ResNet takes any block class: a BasicBlock subclass computing otherwise was folded by BasicBlock's rule
+    (relative error 2.8), a ResNet subclass with its own forward_features by ResNet's."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    class HalfBranch(BasicBlock):
+        def forward(self, x):
+            return self.act2(self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x))))) * 0.5 + x)
+
+    class SameBlock(BasicBlock):  # no forward of its own: the parent's rule still describes it
+        pass
+
+    with pytest.raises(lf.UnsupportedModelError, match="HalfBranch, a subclass of .*BasicBlock with its own forward"):
+        lf.prepare_model(timm.create_model("resnet18", num_classes=4, block=HalfBranch))
+    lf.prepare_model(timm.create_model("resnet18", num_classes=4, block=SameBlock))
+
+    class OwnFeatures(ResNet):
+        def forward_features(self, x):
+            return super().forward_features(x) * 2
+
+    with pytest.raises(lf.UnsupportedModelError, match="with its own forward_features"):
+        lf.prepare_model(OwnFeatures(BasicBlock, [1, 1, 1, 1], num_classes=4))
+
+
+def test_rule_registration_and_malformed_rules_are_named():
+    """A bare decorator registered nothing; an instance or a name broke every later 'unsupported' message; a rule
+    returning something other than nodes failed deep inside prepare with a bare TypeError or AttributeError."""
+    from hf_layerfold.graph import BLOCK_RULES, ConvNode, register_block_rule
+
+    class Two(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.bn = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), torch.nn.BatchNorm2d(c)
+
+        def forward(self, x):
+            return self.bn(self.a(x))
+
+    with pytest.raises(TypeError, match=r"write @register_block_rule\(MyClass\) above the rule"):
+        @register_block_rule
+        def bare(block, path):
+            return []
+    for wrong in (Two(4), "Two"):
+        with pytest.raises(TypeError, match="register_block_rule takes classes"):
+            register_block_rule(wrong)
+    for returned, said in ((None, "returned a NoneType, not a list of nodes"),
+                           (["layer1.0.a"], r"returned 'layer1.0.a' at \[0\]: a node must be a ConvNode"),
+                           ([ConvNode(conv=0)],
+                            r"returned ConvNode\(conv=0, bn=None\) at \[0\]: a node names its modules by their path")):
+        try:
+            register_block_rule(Two)(lambda block, path, returned=returned: returned)
+            model = timm.create_model("resnet18", num_classes=4)
+            model.layer1[0] = Two(64)
+            with pytest.raises(lf.UnsupportedModelError, match=rf"rule .* of block 'layer1.0' \(Two\) {said}"):
+                lf.prepare_model(model)
+        finally:
+            BLOCK_RULES.pop(Two, None)
+
+
+def test_a_rule_leaving_out_the_activation_of_a_batchnormact_is_refused():
+    """The folded net silently dropped the activation timm's BatchNormAct2d applies after its norm."""
+    from timm.layers import BatchNormAct2d
+
+    from hf_layerfold.graph import BLOCK_RULES, ConvNode, register_block_rule
+
+    class NormAct(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.bn = torch.nn.Conv2d(c, c, 3, padding=1, bias=False), BatchNormAct2d(c)
+
+        def forward(self, x):
+            return self.bn(self.a(x))
+
+    try:
+        @register_block_rule(NormAct)
+        def forgetful(block, path):
+            return [ConvNode(f"{path}.a", f"{path}.bn")]
+
+        model = timm.create_model("resnet18", num_classes=4)
+        model.layer1[0] = NormAct(64)
+        with pytest.raises(lf.UnsupportedModelError, match=r"layer1.0.bn is a BatchNormAct2d, which also applies "
+                                                            r"layer1.0.bn.act"):
+            lf.prepare_model(model)
+    finally:
+        BLOCK_RULES.pop(NormAct, None)
+
+
 def test_supported_types_are_listed_before_any_model_is_seen():
     """The built-in rules register on first use: listing them must not depend on a graph having been built."""
     import subprocess
