@@ -37,7 +37,7 @@ from .cli_fold import cmd_fold
 from .collate import ImageReadError
 from .config import LayerFoldingConfig
 from .timing import DTYPES
-from .workflow import FASHION_MNIST, LITE0_ALIAS, CLIError, torch_device
+from .workflow import FASHION_MNIST, INTERRUPTED, LITE0_ALIAS, CLIError, torch_device
 
 # The LayerFoldingConfig fields that decide what a fold makes (gains takes these; the others only shape training).
 FOLD_SHAPE_FIELDS = ("target_modules", "exclude_modules", "alpha_sharing", "max_kernel_size", "max_macs_increase",
@@ -210,8 +210,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                        help="skip the α search and fine-tune with this plan fixed from the first step: "
                             "comma-separated blocks (every site inside) and single sites (an inverted residual's "
                             "expand activation alone makes a fused block), e.g. bn1,blocks.1.1,blocks.1.0.bn1.act; "
-                            "or a plan JSON file (layerfold_plan.json), or a folded save, whose plan is reused (in a "
-                            "--config file: the names as a list)")
+                            "or a plan JSON file (layerfold_plan.json), or a local folded save (a folder), whose "
+                            "plan is reused (in a --config file: the names as a list)")
     common(fold, trains=True)
     add_config_flags(fold)
     fold.set_defaults(func=cmd_fold)
@@ -438,13 +438,21 @@ def _sigterm_as_interrupt():
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        INTERRUPTED.set()  # remembered: the exception below may be swallowed where it lands (see INTERRUPTED)
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    INTERRUPTED.clear()
+    previous_term = signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too, unless it is ignored (a job started in the background by a non-interactive shell)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous_term)
+        if previous_int is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 if __name__ == "__main__":

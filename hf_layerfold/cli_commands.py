@@ -156,8 +156,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model} does not name its base architecture; pass --base-model TIMM_NAME")
     if not timm.is_model(arch):
         raise CLIError(f"unknown base model {arch!r}{suggest_model_names(arch)}")
-    base = timm.create_model(arch, pretrained=False, num_classes=folded.num_classes,
-                             in_chans=getattr(folded, "in_chans", 3)).eval()
+    try:
+        base = timm.create_model(arch, pretrained=False, num_classes=folded.num_classes,
+                                 in_chans=getattr(folded, "in_chans", 3)).eval()
+    except Exception as err:  # e.g. an unknown pretrained tag (timm.is_model ignores the tag: "name.no_such_tag")
+        raise CLIError(f"cannot create base model {arch!r}: {type(err).__name__}: {err}") from None
     input_size = model_input_size(folded, args.image_size)
     models = {f"base ({arch})": base, "base, BN fused": fold_model(base), "layer-folded": folded}
     try:
@@ -302,6 +305,9 @@ def cmd_gains(args: argparse.Namespace) -> int:
     if not 0 <= args.min_saving < 1:
         raise CLIError(f"--min-saving must lie in [0, 1) (a fraction of the baseline latency), got {args.min_saving}")
     out = _gains_output(args.output)  # before the timing: a bad path should not cost the measurement
+    if args.measure_merge_costs and out is None and not args.json:
+        logger.warning("--measure-merge-costs without --output or --json: the merge-cost table is measured but not "
+                       "written anywhere; add --output FILE to use it with fold --config FILE")
     arch = _timm_name(args.model)
     if is_folded_save(Path(arch).expanduser()):
         raise CLIError(f"{arch} is a folded save: it has no folds left to time; gains takes the timm name of its "
@@ -361,6 +367,7 @@ def cmd_gains(args: argparse.Namespace) -> int:
             raise CLIError(f"cannot write --output {out}: {err.strerror or err}", code=1) from None
     if args.json:
         print(json.dumps({**gains.to_dict(), "saved_ms": gains.saved_ms(), "regularizer_weights": weights,
+                          **({"merge_costs": config.merge_costs} if args.measure_merge_costs else {}),
                           **({"plan": timed_plan} if timed_plan else {})}))
         return 0
     saved = gains.saved_ms()

@@ -31,6 +31,7 @@ from .workflow import (
     load_model,
     model_kind,
     plan_source,
+    raise_if_interrupted,
     set_input_size,
     training_arguments,
 )
@@ -90,6 +91,18 @@ def _remove_created_parents(output: Path, existed: Path | None) -> None:
             parent.rmdir()  # only if empty
         except OSError:
             break
+
+
+def _interrupt_callback():
+    from transformers import TrainerCallback
+
+    class InterruptCallback(TrainerCallback):
+        """Stops training at the next step after a Ctrl-C / SIGTERM whose KeyboardInterrupt was swallowed."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            raise_if_interrupted()
+
+    return InterruptCallback()
 
 
 def _stderr_progress_callback():
@@ -172,6 +185,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
                                           input_size=args.image_size)
         except ValueError as err:  # no foldable site, unsupported model, labels that do not fit the head
             raise CLIError(str(err)) from None
+        trainer.add_callback(_interrupt_callback())
         if args.quiet:  # without progress bars Trainer would print each log dict instead
             from transformers import PrinterCallback
 
@@ -184,7 +198,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
         logger.info("training %s on %s (%d images, eval on %d of split %r); scratch %s", args.model, args.dataset,
                     len(data.train), len(data.eval), data.eval_split, scratch)
         trainer.train()
+        raise_if_interrupted()
         metrics = trainer.evaluate()
+        raise_if_interrupted()  # never replace --output-dir after a Ctrl-C, even one swallowed during evaluation
         accuracy = {"after": metrics["eval_top1"], "split": data.eval_split, "metric": "top-1 accuracy",
                     "images": len(data.eval)}
         if data.hub_id:

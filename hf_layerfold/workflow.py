@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import logging
 import re
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,17 @@ FASHION_MNIST = "fashion-mnist"
 EVAL_SPLITS = ("validation", "valid", "val", "test")
 
 logger = logging.getLogger(__name__)
+
+
+# Set by the CLI's SIGINT / SIGTERM handler. The KeyboardInterrupt it raises can be lost: raised inside a weakref
+# callback or __del__ (Python prints and drops it) or inside torch.compile (torch turns it into another exception,
+# which blend="auto" takes for a compile failure). cmd_fold checks this at every training step and before saving.
+INTERRUPTED = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 class CLIError(Exception):
@@ -125,7 +137,7 @@ def model_kind(name: str) -> str:
         if not is_folded_save(local):
             if name.startswith("local-dir:"):
                 return "base"  # a timm checkpoint directory
-            raise CLIError(f"{name} is a directory but not a folded-model save (no layerfold_net config.json)")
+            raise CLIError(f"{name} is a directory but not a folded-model save ({_not_a_save_reason(local)})")
         return "folded"
     if name == LITE0_ALIAS or name.startswith(("hf-hub:", "local-dir:")) or timm.is_model(name):
         return "base"
@@ -137,6 +149,23 @@ def model_kind(name: str) -> str:
         return "folded"
     raise CLIError(f"unknown model {name!r}: not a folded-model directory or Hub id, a timm model name, "
                    f"nor {LITE0_ALIAS!r}{suggest_model_names(name)}")
+
+
+def _not_a_save_reason(folder: Path) -> str:
+    """Why a directory is not a folded save, for the error line: a corrupt config.json, a training checkpoint, ..."""
+    import json
+
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            json.loads(config.read_text())
+        except (OSError, ValueError) as err:
+            return f"its config.json does not read as JSON: {err}"
+        return "its config.json does not describe a layerfold_net"
+    if (folder / "layerfold_state.json").is_file():
+        return ("a LayerFoldingTrainer checkpoint: resume it with trainer.train(resume_from_checkpoint=...) and write "
+                "the folded model with trainer.save_folded")
+    return "no layerfold_net config.json"
 
 
 def load_model(name: str, num_classes: int | None = None, *, pretrained: bool = True, weights_hint: bool = True):

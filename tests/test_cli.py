@@ -491,6 +491,7 @@ def test_gains_measures_each_block_and_writes_a_config_fold_reads(tmp_path, caps
     assert convs < set(config.merge_costs) and all(v > 0 for v in config.merge_costs.values())  # and the merges
     args = parse_args(["fold", "--regularizer-weights", str(out)])  # or the weights alone, from that file
     assert build_config(args.config_values, args).regularizer_weights == weights
+    assert measured["merge_costs"] == config.merge_costs  # --json prints the table too (it was left out)
 
 
 def test_gains_times_a_plan_before_it_is_trained(capsys):
@@ -681,6 +682,59 @@ def test_interrupted_fold_leaves_nothing(sig, tmp_path):
     assert proc.returncode == 130, err
     assert "hf-layerfold: interrupted" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # no output dir, no scratch
+
+
+def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_fold_before_it_saves(folded_save, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A KeyboardInterrupt raised inside a weakref callback (as in torch.compile's first step) is printed and dropped
+    by Python: the fold ran on, exited 0 and, with --overwrite, replaced the save the user meant to keep."""
+    import weakref
+
+    from hf_layerfold import trainer as trainer_module
+
+    out = tmp_path / "kept"
+    shutil.copytree(folded_save[0], out)
+    before = (out / "model.safetensors").read_bytes()
+    real_step = trainer_module.LayerFoldingTrainer.training_step
+    steps = []
+
+    def step_with_a_lost_interrupt(self, *args, **kwargs):
+        if not steps:
+            def callback(ref):
+                signal.raise_signal(signal.SIGINT)  # the handler runs here, inside the callback
+
+            class Target:
+                pass
+
+            target = Target()
+            ref = weakref.ref(target, callback)
+            del target  # the callback runs now; its KeyboardInterrupt is printed and dropped
+            assert ref() is None
+        steps.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.LayerFoldingTrainer, "training_step", step_with_a_lost_interrupt)
+    argv = [a for a in TINY_FOLD if a != "--quiet"]
+    argv[argv.index("--max-steps") + 1] = "5"
+    assert main([*argv, "--output-dir", str(out), "--overwrite"]) == 130
+    assert len(steps) == 1  # stopped at the end of the step the Ctrl-C came in
+    assert (out / "model.safetensors").read_bytes() == before
+    assert "hf-layerfold: interrupted" in capsys.readouterr().err
+
+
+def test_not_a_save_says_why_and_a_bad_base_tag_is_one_line(folded_save, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(folded_save[0], broken)
+    (broken / "config.json").write_text('{"architecture": "layerfold_net", ')
+    checkpoint = tmp_path / "checkpoint-2"
+    checkpoint.mkdir()
+    (checkpoint / "layerfold_state.json").write_text("{}")
+    for folder, said in ((broken, "its config.json does not read as JSON"),
+                         (checkpoint, "a LayerFoldingTrainer checkpoint: resume it with trainer.train(")):
+        assert main(["evaluate", str(folder), "--quiet"]) == 2
+        assert said in one_error_line(capsys.readouterr().err)
+    assert main(["benchmark", str(folded_save[0]), "--base-model", "mobilenetv2_050.no_such_tag", "--quiet"]) == 2
+    assert "cannot create base model 'mobilenetv2_050.no_such_tag'" in one_error_line(capsys.readouterr().err)
 
 
 def test_an_unreadable_image_is_one_line(tmp_path, capsys):
