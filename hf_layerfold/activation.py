@@ -118,11 +118,25 @@ def fast_or_eager(fast, eager, failed_flag: str, failure: str):
     try:
         return fast()
     except Exception as err:  # noqa: BLE001 - any failure of an optional fast path
+        if _interrupted(err):  # a Ctrl-C that the compiler wrapped: the user's stop, not a failure of the path
+            raise KeyboardInterrupt from err
         out = eager()
         globals()[failed_flag] = True
         warnings.warn(f"{failure} ({type(err).__name__}: {err}); blend='auto' uses the eager blend from now on",
                       RuntimeWarning, stacklevel=3)
         return out
+
+
+def _interrupted(err: BaseException) -> bool:
+    """Whether ``err`` wraps a KeyboardInterrupt (torch.compile re-raises one that lands mid-compile as another
+    exception, chained)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def compiled_or_eager(compiled, eager):

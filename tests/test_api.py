@@ -222,6 +222,26 @@ def test_auto_blend_leaves_the_fast_path_on_for_errors_of_the_input(monkeypatch)
     assert not activation._COMPILE_FAILED
 
 
+def test_a_ctrl_c_that_the_compiler_wrapped_stops_instead_of_switching_to_the_eager_path(monkeypatch):
+    """A Ctrl-C during the first compile came back from torch as another exception; blend="auto" took it for a
+    compile failure, warned, and trained on in the eager blend."""
+    from hf_layerfold import activation
+
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)
+
+    def compiled():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise TypeError("unhashable type: non-nested SymInt") from stop  # as torch re-raises it
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KeyboardInterrupt):
+            activation.fast_or_eager(compiled, lambda: pytest.fail("eager ran"), "_COMPILE_FAILED", "compile")
+    assert not activation._COMPILE_FAILED
+
+
 def test_config_blend_reaches_every_site_and_bad_blend_is_named():
     model = lf.prepare_model(small(), lf.LayerFoldingConfig(blend="compile"))
     assert {m.blend for m in model.modules() if isinstance(m, lf.FoldableActivation)} == {"compile"}
