@@ -177,6 +177,8 @@ def main(argv: list[str] | None = None) -> dict:
     if script.max_eval_samples:
         evaluation = (evaluation.take(script.max_eval_samples) if script.streaming
                       else evaluation.select(range(min(script.max_eval_samples, len(evaluation)))))
+    if script.init_from or script.plan:  # the plan is fixed before the first step: no search to size
+        config.search_steps = 0
     if script.streaming:
         train = train.shuffle(seed=args.seed, buffer_size=script.shuffle_buffer)
         per_epoch = steps_per_epoch(script, args, train)
@@ -188,9 +190,6 @@ def main(argv: list[str] | None = None) -> dict:
             if per_epoch is None:
                 raise ValueError("streaming: give --search_steps (or --num_train_examples for --search_epochs)")
             config.search_steps = round(config.search_epochs * per_epoch)
-    if script.init_from or script.plan:
-        config.search_steps = 0
-
     model = build_model(script, config, train)
     teacher = None
     if config.distill_weight > 0:

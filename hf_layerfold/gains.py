@@ -218,8 +218,9 @@ def measure_plan_speedup(model: nn.Module, plan: FoldPlan | Sequence[str],
                          input_size: int | Sequence[int] | None = None, *, batch_size: int = 1,
                          device: str = "cpu", dtype: str = "fp32", channels_last: bool = False, rounds: int = 7,
                          round_seconds: float = 0.25, warmup: int = 3) -> dict[str, float]:
-    """What ``plan`` would buy on this device, before any training: the prepared (not yet planned) ``model``
-    folded with it, timed beside the BN-fused model in rounds of a fresh random order. Returns ``speedup``, the
+    """What ``plan`` (a :class:`FoldPlan`, or block and site names as :meth:`FoldPlan.from_blocks` reads them)
+    would buy on this device, before any training: the prepared (not yet planned) ``model`` folded with it, timed
+    beside the BN-fused model in rounds of a fresh random order. Returns ``speedup``, the
     median over rounds of the paired ratio (drift of a shared machine cancels), ``baseline_ms`` (the BN-fused
     model's median) and ``plan_ms`` (the baseline over the speed-up, as ``FoldGains`` reports a group).
     :meth:`FoldGains.estimated_speedup` only sums single groups' savings and errs low where folds merge into one

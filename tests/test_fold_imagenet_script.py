@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -151,11 +152,15 @@ def test_a_fixed_plan_skips_the_search(script, imagefolder, tmp_path):
     again = tmp_path / "again"  # a run started from a fixed plan's run: no search behind its card either
     script.main(common(imagefolder, again) + ["--streaming", "false", "--max_steps", "1", "--init_from", str(out)])
     assert "chosen before training (a fixed plan, not searched)" in (again / "folded" / "README.md").read_text()
+    # streamed from a folder whose size nothing has recorded: a fixed plan has no search to size (it was refused,
+    # "give --search_steps", as the default search_epochs was turned into steps before the plan zeroed them)
+    fresh = shutil.copytree(imagefolder, tmp_path / "unsized")
+    streamed = tmp_path / "streamed"
+    script.main(common(fresh, streamed) + ["--streaming", "true", "--max_steps", "1", "--plan", "blocks.1.1"])
+    assert json.loads((streamed / "layerfold_state.json").read_text())["search_steps"] == 0
 
 
 def test_streamed_size_defaults_to_the_split_info(script, imagefolder, tmp_path):
-    import shutil
-
     from hf_layerfold.data import load_image_dataset
 
     # a streamed local folder knows its split sizes once a full load has recorded them in the cache (a Hub dataset
