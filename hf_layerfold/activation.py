@@ -6,6 +6,7 @@ import contextlib
 import copy
 import math
 import re
+import sys
 import warnings
 
 import torch
@@ -115,10 +116,11 @@ def fast_or_eager(fast, eager, failed_flag: str, failure: str):
     caller's: it propagates and the fast path stays on."""
     if globals()[failed_flag]:
         return eager()
+    handling = sys.exc_info()[1]  # an exception the caller is already handling (a Ctrl-C it caught) is not this stop
     try:
         return fast()
     except Exception as err:  # noqa: BLE001 - any failure of an optional fast path
-        if _interrupted(err):  # a Ctrl-C that the compiler wrapped: the user's stop, not a failure of the path
+        if _interrupted(err, handling):  # a Ctrl-C the compiler wrapped: the user's stop, not a failure of the path
             raise KeyboardInterrupt from err
         out = eager()
         globals()[failed_flag] = True
@@ -127,11 +129,12 @@ def fast_or_eager(fast, eager, failed_flag: str, failure: str):
         return out
 
 
-def _interrupted(err: BaseException) -> bool:
+def _interrupted(err: BaseException, handling: BaseException | None = None) -> bool:
     """Whether ``err`` wraps a KeyboardInterrupt (torch.compile re-raises one that lands mid-compile as another
-    exception, chained)."""
+    exception, chained) raised while the fast path ran: the chain stops at ``handling``, the exception the caller
+    was already handling when the fast path started (every exception raised then has it as its context)."""
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
+    while err is not None and err is not handling and id(err) not in seen:
         if isinstance(err, KeyboardInterrupt):
             return True
         seen.add(id(err))

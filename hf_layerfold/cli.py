@@ -453,6 +453,7 @@ def _sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous_term)
         if previous_int is not signal.SIG_IGN:
             signal.signal(signal.SIGINT, previous_int)
+        INTERRUPTED.clear()  # this command's stop: a later main() (in any thread) starts unstopped
 
 
 if __name__ == "__main__":

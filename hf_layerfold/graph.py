@@ -124,12 +124,14 @@ def checked_rule(registry: dict[type, Callable], obj: object, path: str, methods
         own = [m for m in methods if getattr(type(obj), m, None) is not getattr(cls, m, None)]
         if own:
             sub = _type_name(type(obj))
+            rule = registry[cls]
+            parent_rule = f"{getattr(rule, '__module__', '')}.{getattr(rule, '__qualname__', rule)}"
             raise UnsupportedModelError(
                 f"{path} is a {sub}, a subclass of {_type_name(cls)} with its own {', '.join(own)}: the rule of "
                 f"{cls.__name__} describes what {cls.__name__} computes, not what {type(obj).__name__} does. Register "
                 f"a rule for it (@hf_layerfold.register_{'block' if methods == BLOCK_METHODS else 'model'}_rule("
                 f"{type(obj).__name__}); the parent's rule if it computes the same: register_"
-                f"{'block' if methods == BLOCK_METHODS else 'model'}_rule({type(obj).__name__})(<the parent's rule>))")
+                f"{'block' if methods == BLOCK_METHODS else 'model'}_rule({type(obj).__name__})({parent_rule}))")
         return registry[cls]
     return None
 
@@ -168,7 +170,7 @@ def check_nodes(nodes: object, who: str, where: str = "") -> None:
     """A rule's description is a list of nodes (``ConvNode``, ``ActNode``, ``OpNode``, ``ResidualNode``) naming
     modules by their path: anything else failed later as a bare TypeError or AttributeError naming no rule."""
     if not isinstance(nodes, list | tuple):
-        what = f"returned, at {where.strip()}, a" if where else "returned a"
+        what = f"returned, at {where}, a" if where else "returned a"
         raise UnsupportedModelError(f"{who} {what} {type(nodes).__name__}, not a list of nodes "
                                     "(ConvNode, ActNode, OpNode, ResidualNode from hf_layerfold.graph)")
     for i, node in enumerate(nodes):
@@ -209,8 +211,8 @@ def build_graph(model: nn.Module) -> ModelGraph:
     who = f"the folding rule {getattr(rule, '__qualname__', rule)!r} of {type(model).__name__}"
     if not isinstance(graph, ModelGraph):
         raise UnsupportedModelError(f"{who} returned {type(graph).__name__}, not a hf_layerfold.graph.ModelGraph")
-    check_nodes(graph.features, who, " (features)")
-    check_nodes(graph.pre_logits, who, " (pre_logits)")
+    check_nodes(graph.features, who, "features")
+    check_nodes(graph.pre_logits, who, "pre_logits")
     return graph
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -73,7 +74,9 @@ class FoldPlan:
         ``torch.compile`` / TimmWrapper wrapper, the wrapped model's)."""
         if threshold is None:
             threshold = _own_config(model).threshold
-        elif isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold != threshold:
+        elif isinstance(threshold, torch.Tensor) and threshold.numel() == 1:  # e.g. torch.quantile of the α
+            threshold = float(threshold)
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
             raise TypeError(f"FoldPlan.from_model: threshold must be a number (or None for the model's config "
                             f"threshold), got {threshold!r}")
         return cls(tuple(m.site for m in model.modules()

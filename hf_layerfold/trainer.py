@@ -21,7 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint, has_length
 
-from .collate import as_input_of, model_input_shape
+from .collate import as_input_of, model_input_shape, pretrained_cfg_of
 from .config import LayerFoldingConfig
 from .data import (
     HF_DATASETS,
@@ -73,11 +73,17 @@ def checked_teacher(model: nn.Module, teacher: nn.Module | None, config: LayerFo
                     config_given: bool) -> LayerFoldingConfig:
     """The config to train with, after checking the teacher against it and the model, before any step runs.
 
-    A distillation weight the model carries from the run that trained it (a reloaded save, ``config_given`` False)
-    named that run's teacher, not this one's: without a teacher it is dropped with a warning, not refused."""
+    A distillation weight that a reloaded folded save carries (``config_given`` False) named the teacher of the run
+    that trained it, not one of this run: without a teacher it is dropped with a warning. A prepared model's own
+    config is what the user asked for: refused like a given one."""
     if config.distill_weight > 0 and teacher is None:
         if config_given:
             raise ValueError(f"LayerFoldingConfig.distill_weight={config.distill_weight} needs a teacher_model")
+        if not isinstance(model, LayerFoldedNet):  # the config the user prepared the model with: a request
+            raise ValueError(f"the model's layerfold_config (from prepare_model / prepare_with_plan) has "
+                             f"distill_weight={config.distill_weight}, which needs a teacher_model; to train "
+                             "without distillation pass "
+                             "layerfold_config=dataclasses.replace(model.layerfold_config, distill_weight=0)")
         logger.warning("the model's layerfold_config has distill_weight=%s (the run that trained it distilled); no "
                        "teacher_model is given, so this run trains without distillation", config.distill_weight)
         return dataclasses.replace(config, distill_weight=0.0)
@@ -96,7 +102,7 @@ def checked_teacher(model: nn.Module, teacher: nn.Module | None, config: LayerFo
         raise ValueError(f"the teacher predicts {teacher_classes} classes, the model {model.num_classes}: "
                          "distillation compares their outputs class by class; give a teacher with the model's "
                          "head (fine-tuned on the same classes)")
-    norms = [tuple(tuple((getattr(m, "pretrained_cfg", None) or {}).get(k) or ()) for k in ("mean", "std"))
+    norms = [tuple(tuple(pretrained_cfg_of(m).get(k) or ()) for k in ("mean", "std"))  # (TimmWrapper: its config's)
              for m in (model, teacher)]
     if all(all(n) for n in norms) and norms[0] != norms[1]:
         logger.warning("the teacher was trained with mean/std %s, the model with %s: the teacher gets the model's "

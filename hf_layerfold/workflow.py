@@ -155,13 +155,22 @@ def _not_a_save_reason(folder: Path) -> str:
     """Why a directory is not a folded save, for the error line: a corrupt config.json, a training checkpoint, ..."""
     import json
 
+    from .timm_registry import ARCHITECTURE
+
     config = folder / "config.json"
     if config.is_file():
         try:
-            json.loads(config.read_text())
+            data = json.loads(config.read_text())
         except (OSError, ValueError) as err:
             return f"its config.json does not read as JSON: {err}"
-        return "its config.json does not describe a layerfold_net"
+        arch = data.get("architecture") if isinstance(data, dict) else None
+        if arch == ARCHITECTURE:  # (save_folded records its plan and config there)
+            return (f"its config.json names {ARCHITECTURE!r} but has no 'layerfold' block (plan, config, stats), "
+                    "which hf_layerfold.save_folded writes: save the net again with save_folded")
+        if isinstance(arch, str) and arch:
+            return (f"its config.json describes {arch!r}, a timm checkpoint: give local-dir:{folder} to use it as "
+                    "the base model")
+        return "its config.json names no architecture"
     if (folder / "layerfold_state.json").is_file():
         return ("a LayerFoldingTrainer checkpoint: resume it with trainer.train(resume_from_checkpoint=...) and write "
                 "the folded model with trainer.save_folded")

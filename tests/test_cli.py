@@ -718,6 +718,9 @@ def test_a_ctrl_c_swallowed_where_it_landed_still_stops_the_fold_before_it_saves
     argv[argv.index("--max-steps") + 1] = "5"
     assert main([*argv, "--output-dir", str(out), "--overwrite"]) == 130
     assert len(steps) == 1  # stopped at the end of the step the Ctrl-C came in
+    from hf_layerfold.workflow import INTERRUPTED
+
+    assert not INTERRUPTED.is_set()  # a later command in this process (any thread) starts unstopped
     assert (out / "model.safetensors").read_bytes() == before
     assert "hf-layerfold: interrupted" in capsys.readouterr().err
 
@@ -729,7 +732,11 @@ def test_not_a_save_says_why_and_a_bad_base_tag_is_one_line(folded_save, tmp_pat
     checkpoint = tmp_path / "checkpoint-2"
     checkpoint.mkdir()
     (checkpoint / "layerfold_state.json").write_text("{}")
+    timm_dir = tmp_path / "timm-checkpoint"
+    timm_dir.mkdir()
+    (timm_dir / "config.json").write_text(json.dumps({"architecture": "mobilenetv2_050", "num_classes": 10}))
     for folder, said in ((broken, "its config.json does not read as JSON"),
+                         (timm_dir, f"describes 'mobilenetv2_050', a timm checkpoint: give local-dir:{timm_dir}"),
                          (checkpoint, "a LayerFoldingTrainer checkpoint: resume it with trainer.train(")):
         assert main(["evaluate", str(folder), "--quiet"]) == 2
         assert said in one_error_line(capsys.readouterr().err)

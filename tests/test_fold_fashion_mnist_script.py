@@ -43,12 +43,15 @@ def test_distillation_takes_a_folded_save_as_teacher_and_refuses_a_weight_withou
     real_init = script.LayerFoldingTrainer.__init__
 
     def spy(self, *args, **kwargs):
-        taught.append(kwargs.get("teacher_model"))
+        taught.append((self, kwargs.get("teacher_model")))
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(script.LayerFoldingTrainer, "__init__", spy)
-    script.main(tiny(tmp_path / "student", "--distill_weight", "0.5", "--teacher_dir", teacher_dir))
-    assert isinstance(taught[0], lf.LayerFoldedNet) and taught[0].num_classes == 10
+    script.main(tiny(tmp_path / "student", "--distill_weight", "0.5", "--teacher_dir", teacher_dir,
+                     "--logging_steps", "1"))
+    trainer, teacher = taught[0]
+    assert isinstance(teacher, lf.LayerFoldedNet) and teacher.num_classes == 10
+    assert all(entry["distill_loss"] > 0 for entry in trainer.state.log_history if "loss" in entry)  # it distilled
     monkeypatch.setattr(script, "load_fashion_mnist", lambda *a, **k: pytest.fail("data loaded before the check"))
     with pytest.raises(ValueError, match="--distill_weight 0.5 needs --teacher_dir"):
         script.main(tiny(tmp_path / "lone", "--distill_weight", "0.5"))

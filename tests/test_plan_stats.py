@@ -240,6 +240,10 @@ def test_from_model_reads_the_threshold_through_a_wrapper_and_apply_plan_names_a
     assert lf.FoldPlan.from_model(wrapper).linear_sites == ("layer1.0.act1",)
     with pytest.raises(TypeError, match="threshold must be a number"):
         lf.FoldPlan.from_model(model, threshold=float("nan"))
+    import numpy as np
+
+    for threshold in (torch.tensor(0.5), np.float32(0.5)):  # e.g. a quantile of the α: taken as before
+        assert lf.FoldPlan.from_model(model, threshold=threshold).linear_sites == ("layer1.0.act1",)
     plan = lf.FoldPlan.from_model(model)
     lf.apply_plan(model, plan)
     with caplog.at_level("WARNING"):

@@ -192,14 +192,15 @@ def test_a_model_trained_with_distillation_trains_on_without_a_teacher(tmp_path,
     config = lf.LayerFoldingConfig(**{**CFG, "distill_weight": 0.4})
     planned = lf.apply_plan(lf.prepare_model(tiny_model(), config), lf.FoldPlan())
     reloaded = LayerFoldedModel.from_pretrained(lf.save_folded(planned, tmp_path / "save"))
-    for model in (planned, reloaded):
-        with caplog.at_level(logging.WARNING, logger="hf_layerfold"):
-            trainer = LayerFoldingTrainer(model, args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
-                                          input_size=SIZE)  # no layerfold_config: the model's own
-        assert trainer.layerfold_config.distill_weight == 0.0
-        assert "this run trains without distillation" in caplog.text
-        trainer.train()
-        caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold"):
+        trainer = LayerFoldingTrainer(reloaded, args_for(tmp_path, max_steps=1), train_dataset=fashion["train"],
+                                      input_size=SIZE)  # no layerfold_config: the save's own
+    assert trainer.layerfold_config.distill_weight == 0.0
+    assert "this run trains without distillation" in caplog.text
+    trainer.train()
+    # a model the user prepared with distill_weight > 0 asked for distillation: no teacher is still refused
+    with pytest.raises(ValueError, match="from prepare_model / prepare_with_plan.*needs a teacher_model"):
+        LayerFoldingTrainer(planned, args_for(tmp_path, max_steps=1), train_dataset=fashion["train"], input_size=SIZE)
 
 
 def test_the_teacher_runs_under_the_models_mixed_precision_and_a_normalization_mismatch_is_named(
