@@ -526,13 +526,8 @@ def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
     current = applied_plan(model)
     if current is not None:
         if current == plan:
-            applied = getattr(model, "layerfold_applied_config", None)
-            differ = [] if config is None or applied is None else \
-                [f for f in FOLD_FIELDS if getattr(as_config(config), f) != getattr(applied, f)]
-            if differ:
-                logger.warning("apply_plan: this plan is already applied with other %s; the config given is "
-                               "ignored (its padding was moved for those runs): apply the plan to a fresh copy to "
-                               "fold it with this config", ", ".join(differ))
+            if config is not None:  # (warns when its fold fields differ: apply to a fresh copy to fold with them)
+                follow_applied_config(model, as_config(config), "apply_plan (the plan is applied already)")
             return model
         raise ValueError("a different plan is already applied to this model; apply plans to a fresh copy")
     check_plan(model, plan)

@@ -248,7 +248,8 @@ def test_from_model_reads_the_threshold_through_a_wrapper_and_apply_plan_names_a
     lf.apply_plan(model, plan)
     with caplog.at_level("WARNING"):
         lf.apply_plan(model, plan, lf.LayerFoldingConfig(max_macs_increase=0.0))
-    assert "already applied with other max_macs_increase" in caplog.text
+    assert "apply_plan (the plan is applied already): the model's plan was applied with other max_macs_increase" \
+        in caplog.text
 
 
 def test_fold_stats_names_an_input_size_with_other_channels_than_the_model():
