@@ -14,7 +14,7 @@ from .folded_net import LayerFoldedNet, conv_spec, op_spec, pool_type_of
 from .graph import ConvNode, ModelGraph, build_graph, iter_nodes
 from .padding import static_chain_padding
 from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, plan_of, run_pad_rules, segment_model
-from .prepare import check_foldable, is_prepared, require_module
+from .prepare import check_foldable, check_keepable_modules, is_prepared, require_module
 from .timm_registry import ARCHITECTURE
 
 State = dict[str, torch.Tensor]
@@ -149,6 +149,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
         plan = FoldPlan()
     if not is_prepared(model):  # (prepare_model checked a prepared one)
         check_foldable(model)
+        check_keepable_modules(model)  # (UnsupportedModelError, as prepare_model raises, not a bare ValueError)
     was_training = model.training
     model.eval()
     try:

@@ -278,6 +278,12 @@ def _taking_channels(features: list[dict], in_chans: int) -> list[dict]:
     return [{**first, "in": in_chans}, *features[1:]]
 
 
+def _head_conv_width(pre_logits: list[dict]) -> int | None:
+    """Input channels of the first conv of a folded net's head (``None``: no head conv)."""
+    first = pre_logits[0] if pre_logits else {}
+    return first.get("in") if first.get("type") == "conv" else None
+
+
 class LayerFoldedNet(nn.Module):
     """A folded CNN with timm's model interface (``forward_features``, ``forward_head``, ``reset_classifier``)."""
 
@@ -308,9 +314,13 @@ class LayerFoldedNet(nn.Module):
         directly (no ``pre_logits`` convs), never when it passes through (``''``: the feature map comes out); the
         classifier takes what the pool gives (``catavgmax`` doubles it) or what the ``pre_logits`` convs give."""
         pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool) and not len(self.pre_logits))
-        if len(self.pre_logits) and pool.feat_mult() != 1:  # (timm's MobileNetV3 refuses it too)
-            raise ValueError(f"global_pool={global_pool!r} changes the pooled width ({pool.feat_mult()}x), but this "
-                             "folded net's head convs (pre_logits) are sized for the unpooled width")
+        head_in = _head_conv_width(self.model_args["pre_logits"])
+        if head_in is not None and self.num_features and head_in != self.num_features * pool.feat_mult():
+            # (as timm's MobileNetV3.reset_classifier: a model built with catavgmax has its head conv sized for
+            # the doubled width, and keeps it; only a change of width is refused)
+            raise ValueError(f"global_pool={global_pool!r} pools {self.num_features} features to "
+                             f"{self.num_features * pool.feat_mult()} ({pool.feat_mult()}x), but this folded net's "
+                             f"head conv (pre_logits) takes {head_in}: the pooling cannot change the pooled width")
         self.global_pool = pool
         self.flatten = nn.Flatten(1) if len(self.pre_logits) and global_pool else nn.Identity()
         if not len(self.pre_logits) and self.num_features:

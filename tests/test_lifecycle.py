@@ -303,10 +303,31 @@ def test_a_folded_nets_pretrained_cfg_names_its_own_layers_and_no_base_weights()
 def test_a_head_pool_the_head_convs_cannot_take_is_refused_and_changes_nothing():
     folded = lf.fold_model(lf.apply_plan(lf.prepare_model(small("mobilenetv3_small_050")), lf.FoldPlan()))
     args = copy.deepcopy(folded.model_args)
-    with pytest.raises(ValueError, match="global_pool='catavgmax' changes the pooled width"):
+    with pytest.raises(ValueError, match=r"global_pool='catavgmax' pools 288 features to 576 \(2x\), but this "
+                                         r"folded net's head conv \(pre_logits\) takes 288"):
         folded.reset_classifier(0, "catavgmax")
     assert folded.model_args == args and folded.num_classes == 10
     assert folded(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_fold_model_of_an_unprepared_model_refuses_what_prepare_refuses_with_the_same_error():
+    """A blur-pool ResNet raised UnsupportedModelError from prepare_model but a bare ValueError from fold_model."""
+    model = timm.create_model("resnetblur18", num_classes=10)
+    for call in (lf.prepare_model, lf.fold_model):
+        with pytest.raises(lf.UnsupportedModelError, match="maxpool"):
+            call(model)
+
+
+def test_a_mobilenetv3_built_with_a_widening_pool_folds_exactly():
+    """timm sizes conv_head for catavgmax's doubled width; fold_model refused it, after the whole training."""
+    model = randomize_bn(timm.create_model("mobilenetv3_small_050", num_classes=10, global_pool="catavgmax"))
+    model = lf.prepare_with_plan(model.double().eval(), ["blocks.1.0"])
+    folded = lf.fold_model(model)
+    x = torch.randn(2, 3, 37, 45, dtype=torch.float64)
+    with torch.no_grad():
+        assert rel_err(model(x), folded(x)) < 1e-10
+    with pytest.raises(ValueError, match=r"global_pool='avg' pools .* \(1x\), but this folded net's head conv"):
+        folded.reset_classifier(5, "avg")  # as timm's own reset_classifier refuses a change of width
 
 
 def test_custom_rule_mistakes_are_named_before_training():
