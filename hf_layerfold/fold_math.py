@@ -35,6 +35,7 @@ def dilate_kernel(weight: Tensor, dilation: Pair) -> Tensor:
 
 def grouped_to_dense(weight: Tensor, groups: int) -> Tensor:
     """Embed a grouped (or depthwise) kernel into a dense one: block-diagonal over the channel groups."""
+    _check_kernel(weight, groups, "grouped_to_dense")
     if groups == 1:
         return weight
     out_ch, in_per_group, kh, kw = weight.shape
@@ -64,14 +65,43 @@ def composed_groups(out1: int, in_per_group1: int, g1: int, out2: int, in_per_gr
     return g1 if g1 == g2 else 1  # the same grouping is kept; otherwise both are densified
 
 
-def compose_convs(w1: Tensor, b1: Tensor, s1: Pair, g1: int,
-                  w2: Tensor, b2: Tensor, g2: int) -> tuple[Tensor, Tensor, int]:
+def _check_kernel(weight: Tensor, groups: int, where: str) -> None:
+    """A conv kernel ``(out, in/groups, kh, kw)`` whose ``groups`` divides its output channels."""
+    if weight.dim() != 4:
+        raise ValueError(f"{where}: a conv kernel is (out, in/groups, kh, kw), got shape {tuple(weight.shape)}")
+    if groups < 1 or weight.shape[0] % groups:
+        raise ValueError(f"{where}: groups={groups} does not divide the kernel's {weight.shape[0]} output channels")
+
+
+def _pair(value: int | Pair, name: str) -> Pair:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2:
+        raise ValueError(f"{name} must be an int or a pair (h, w), got {value!r}")
+    return pair
+
+
+def compose_convs(w1: Tensor, b1: Tensor | None, s1: Pair | int, g1: int,
+                  w2: Tensor, b2: Tensor | None, g2: int) -> tuple[Tensor, Tensor, int]:
     """Merge conv1 (stride ``s1``) followed by conv2 into one conv, assuming no padding between them.
 
     The result has stride ``s1·s2`` (the caller multiplies strides) and kernel ``merged_kernel_size``; its groups
     follow ``composed_groups`` (a depthwise conv on either side keeps the other's grouping, the same grouping is
-    kept, anything else is densified first). Returns ``(weight, bias, groups)``.
+    kept, anything else is densified first). A bias may be ``None`` (a conv without one). Returns
+    ``(weight, bias, groups)``.
     """
+    _check_kernel(w1, g1, "compose_convs: conv1")
+    _check_kernel(w2, g2, "compose_convs: conv2")
+    if w2.shape[1] * g2 != w1.shape[0]:
+        raise ValueError(f"compose_convs: conv2 takes {w2.shape[1] * g2} input channels ({g2} groups of "
+                         f"{w2.shape[1]}), but conv1 gives {w1.shape[0]} (kernels {tuple(w1.shape)} then "
+                         f"{tuple(w2.shape)})")
+    s1 = _pair(s1, "compose_convs: s1")
+    b1 = w1.new_zeros(w1.shape[0]) if b1 is None else b1
+    b2 = w2.new_zeros(w2.shape[0]) if b2 is None else b2
+    for name, b, w in (("b1", b1, w1), ("b2", b2, w2)):
+        if b.shape != (w.shape[0],):
+            raise ValueError(f"compose_convs: {name} has shape {tuple(b.shape)}; its conv has {w.shape[0]} "
+                             "output channels")
     if is_depthwise(w2.shape[0], w2.shape[1], g2) and w2.shape[0] == w1.shape[0]:
         return _compose_then_depthwise(w1, b1, s1, g1, w2, b2)
     if is_depthwise(w1.shape[0], w1.shape[1], g1):
@@ -133,15 +163,21 @@ def add_shortcut_tap(weight: Tensor, groups: int, shortcut: Tensor | None, offse
     kernel at ``offset``; both paths must share stride and output size, which the caller checks.
     """
     out_ch, _, kh, kw = weight.shape
+    sh, sw = (1, 1) if shortcut is None else shortcut.shape[-2:]
+    if offset[0] < 0 or offset[1] < 0 or offset[0] + sh > kh or offset[1] + sw > kw:
+        raise ValueError(f"shortcut kernel {sh}x{sw} at {offset} does not fit a {kh}x{kw} kernel")
     if shortcut is None:
+        if weight.shape[1] * groups != out_ch:
+            raise ValueError(f"an identity shortcut needs as many input as output channels; the conv maps "
+                             f"{weight.shape[1] * groups} to {out_ch}: pass the projection's kernel as shortcut")
         if groups == out_ch and weight.shape[1] == 1:  # depthwise stays depthwise
             weight = weight.clone()
             weight[:, 0, offset[0], offset[1]] += 1
             return weight, groups
         shortcut = torch.eye(out_ch, dtype=weight.dtype, device=weight.device).reshape(out_ch, out_ch, 1, 1)
     weight = grouped_to_dense(weight, groups).clone()
-    sh, sw = shortcut.shape[-2:]
-    if offset[0] < 0 or offset[1] < 0 or offset[0] + sh > kh or offset[1] + sw > kw:
-        raise ValueError(f"shortcut kernel {sh}x{sw} at {offset} does not fit a {kh}x{kw} kernel")
+    if shortcut.shape[:2] != weight.shape[:2]:
+        raise ValueError(f"the shortcut kernel {tuple(shortcut.shape)} must be dense and map the conv's "
+                         f"{weight.shape[1]} input channels to its {out_ch} outputs")
     weight[:, :, offset[0]:offset[0] + sh, offset[1]:offset[1] + sw] += shortcut
     return weight, 1

@@ -127,3 +127,23 @@ def test_same_padding_is_right_under_truncating_division():
     rule = PadRule((3, 3), (2, 2), None)
     for h, w in [(64, 64), (65, 65), (66, 71), (1, 2), (97, 30)]:
         assert rule.pads(_TruncatingInt(h), _TruncatingInt(w)) == rule.pads(h, w)
+
+
+def test_fold_math_names_inputs_it_cannot_fold_and_takes_missing_biases_and_int_strides():
+    """Public functions given what a user has at hand (``conv.bias`` of None, an int stride) failed inside torch;
+    a depthwise tap outside the kernel wrapped around into another tap (a wrong kernel, no error)."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(6, 4, 3, 3, dtype=D), torch.randn(5, 6, 1, 1, dtype=D)
+    zeros = compose_convs(w1, torch.zeros(6, dtype=D), (2, 2), 1, w2, torch.zeros(5, dtype=D), 1)
+    none = compose_convs(w1, None, 2, 1, w2, None, 1)
+    assert all(torch.equal(a, b) for a, b in zip(zeros[:2], none[:2], strict=True)) and zeros[2] == none[2]
+    with pytest.raises(ValueError, match="conv2 takes 4 input channels .*but conv1 gives 6"):
+        compose_convs(w1, None, 1, 1, torch.randn(5, 4, 1, 1), None, 1)
+    with pytest.raises(ValueError, match="groups=3 does not divide the kernel's 8 output channels"):
+        grouped_to_dense(torch.randn(8, 2, 3, 3), 3)
+    depthwise = torch.randn(6, 1, 3, 3)
+    for offset in ((-1, -1), (3, 3)):
+        with pytest.raises(ValueError, match=r"shortcut kernel 1x1 at .* does not fit a 3x3 kernel"):
+            add_shortcut_tap(depthwise, 6, None, offset)
+    with pytest.raises(ValueError, match="an identity shortcut needs as many input as output channels"):
+        add_shortcut_tap(w1, 1, None, (1, 1))
