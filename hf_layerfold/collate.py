@@ -333,11 +333,18 @@ def _class_id(value: Any, column: str, num_classes: int | None) -> int:
         if is_number_text(value):
             raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id but a number stored as "
                              f"text: {number_text_hint(column)}.")
+        if isinstance(value, float | np.floating) and float(value).is_integer():
+            raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id but a whole number "
+                             f"stored as a float: cast the column with dataset.cast_column({column!r}, "
+                             "datasets.Value('int64')) (class_encode_column would number such labels in text order: "
+                             "'10.0' before '2.0').")
         raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id; map class names to ids "
                          "first (dataset.class_encode_column or cast_column to ClassLabel).")
     if num_classes is not None and not 0 <= value < num_classes:
+        unlabelled = (" A negative label usually marks an unlabelled example (a Hub test split without labels): for "
+                      f"predict(), drop the column first (dataset.remove_columns({column!r}))." if value < 0 else "")
         raise ValueError(f"Label {value} in column {column!r} is outside the model's classes 0..{num_classes - 1}; "
-                         "use a model with a matching head (num_classes=...) or filter/remap the labels.")
+                         f"use a model with a matching head (num_classes=...) or filter/remap the labels.{unlabelled}")
     return int(value)
 
 

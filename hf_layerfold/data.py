@@ -8,6 +8,7 @@ Fashion-MNIST (the IDX reader and its Hub fallback) lives in ``fashion_mnist.py`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -73,6 +74,7 @@ HF_DATASETS = (*HF_SPLITS, datasets.DatasetDict, datasets.IterableDatasetDict)
 # Order matters: the first name present wins, so the most conventional names come first.
 IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
 LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls", "class", "target")
+_LIST_FEATURES = tuple(getattr(datasets, name) for name in ("List", "LargeList", "Sequence") if hasattr(datasets, name))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -237,7 +239,8 @@ def detect_columns(dataset: AnyDataset, *, require_label: bool = True) -> tuple[
             f"Could not find the {which} column. Columns found: {columns}. Image column names looked for: "
             f"{list(IMAGE_COLUMN_CANDIDATES)}; label column names looked for: "
             f"{list(LABEL_COLUMN_CANDIDATES)}. "
-            "Rename the columns (dataset.rename_column(old, 'image')), or build "
+            f"Rename the column{'s' if ' and ' in which else ''} "
+            f"({', '.join(f'dataset.rename_column(old, {kind!r})' for kind in which.split(' and '))}), or build "
             "ImageClassificationCollator(transform, image_column=..., label_column=...) and pass it as the "
             "data_collator."
         )
@@ -266,6 +269,9 @@ def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = (), 
     text = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
     if text and sample and all(is_number_text(v) for v in sample):
         return f"The labels are numbers stored as text: {number_text_hint(label_column)}."
+    if pa.types.is_floating(arrow_type) and (streaming or all(float(v).is_integer() for v in sample)):
+        return (f"{'If they are' if streaming else 'The labels are'} whole numbers stored as floats: "
+                f"{float_hint(label_column)}.")
     if streaming:  # (an IterableDataset has no class_encode_column; its labels cannot be sampled here)
         hint = (f"Cast it with dataset.cast_column({label_column!r}, datasets.ClassLabel(names=[...])) in the "
                 "order you want.")
@@ -275,6 +281,13 @@ def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = (), 
     if streaming and text:
         hint += f" Numbers stored as text: {number_text_hint(label_column)}."
     return hint
+
+
+def float_hint(column: str) -> str:
+    """How to turn class ids stored as floats (a CSV or pandas column with gaps) into ids: a cast, not
+    class_encode_column, which numbers them as text ("10.0" before "2.0")."""
+    return (f"cast the column with dataset.cast_column({column!r}, datasets.Value('int64')) (class_encode_column "
+            "would number such labels in text order: '10.0' before '2.0')")
 
 
 def integer_labels(dataset: datasets.Dataset, label_column: str) -> pa.ChunkedArray:
@@ -306,7 +319,10 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
     if num_classes is None or int(num_classes) <= 0:
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}.")
     if isinstance(dataset, datasets.DatasetDict | datasets.IterableDatasetDict):
-        ranges = [check_labels(ds, label_column, num_classes) for ds in dataset.values()]
+        ranges = []
+        for name, ds in dataset.items():
+            with naming(f"split {name!r}"):
+                ranges.append(check_labels(ds, label_column, num_classes))
         found = [r for r in ranges if r is not None]
         return (min(r[0] for r in found), max(r[1] for r in found)) if found else None
 
@@ -318,6 +334,10 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
                 f"num_classes={num_classes}."
             )
         feature = (dataset.features or {}).get(label_column)
+        if isinstance(feature, _LIST_FEATURES):
+            raise ValueError(f"Label column {label_column!r} holds a list per example ({feature}): multi-label data "
+                             "is not supported; LayerFoldingTrainer trains single-label classification (one integer "
+                             "class id per image).")
         if isinstance(feature, datasets.Value) and not pa.types.is_integer(feature.pa_type):
             raise ValueError(f"Label column {label_column!r} has type {feature.dtype}, expected integer class ids. "
                              f"{encode_hint(label_column, feature.pa_type, streaming=True)}")
@@ -343,6 +363,43 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
     return low, high
 
 
+@contextlib.contextmanager
+def naming(what: str | None):
+    """A ``ValueError`` about a set's columns or labels, raised again with which set it is about (the training set,
+    the eval set, the split a ``DatasetDict`` gave): otherwise the eval set's labels read as the training set's."""
+    if what is None:
+        yield
+        return
+    try:
+        yield
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from err
+
+
+def check_same_classes(train: Any, evaluation: Any, what: str = "the eval set") -> None:
+    """Refuse an eval set whose ``ClassLabel`` names differ from the training set's (two imagefolders read
+    separately, one missing a class): class id i would be another class in each, and every metric wrong."""
+    if isinstance(evaluation, Mapping):
+        for name, split in evaluation.items():
+            check_same_classes(train, split, f"eval set {name!r}")
+        return
+    reference = dataset_label_names(train)
+    names = None if reference is None else dataset_label_names(evaluation)
+    if names is None or names == reference:
+        return
+    column = detect_columns(evaluation)[1]
+
+    def shown(v: list[str]) -> str:
+        return str(v[:12])[:-1] + (", ...]" if len(v) > 12 else "]")
+
+    raise ValueError(
+        f"The class names of {what} {shown(names)} differ from the training set's {shown(reference)}: a class id "
+        "would name another class in each, and the metrics would be wrong. Give it the training set's ids: "
+        f"eval_set = eval_set.align_labels_with_mapping({{name: i for i, name in enumerate(train_names)}}, "
+        f"{column!r}) with train_names = the training set's ClassLabel names."
+    )
+
+
 def _model_num_classes(model: Any) -> int | None:
     num = getattr(model, "num_classes", None)
     if num is None:
@@ -351,13 +408,15 @@ def _model_num_classes(model: Any) -> int | None:
 
 
 def build_collator(model: Any, dataset: AnyDataset, *, is_training: bool,
-                   input_size: int | Sequence[int] | None = None) -> ImageClassificationCollator:
+                   input_size: int | Sequence[int] | None = None, what: str | None = None
+                   ) -> ImageClassificationCollator:
     """The collator of one split: its columns detected, its labels checked against the model's head, and the
     model's timm transform (augmenting for training, deterministic otherwise)."""
     num_classes = _model_num_classes(model)
-    image_column, label_column = detect_columns(dataset)
-    if num_classes is not None:
-        check_labels(dataset, label_column, num_classes)
+    with naming(what):
+        image_column, label_column = detect_columns(dataset)
+        if num_classes is not None:
+            check_labels(dataset, label_column, num_classes)
     transform = build_transforms(model, is_training=is_training, input_size=input_size)
     return ImageClassificationCollator(transform, image_column, label_column, image_mode(model), num_classes)
 
@@ -425,25 +484,30 @@ def prepare_datasets(
     supplies its ``train`` split and, if ``eval`` is None, its ``validation`` or ``test`` split.
     Datasets are returned unchanged; all per-example work happens in the collators.
     """
+    eval_what = "the eval set"
     if isinstance(train, datasets.DatasetDict | datasets.IterableDatasetDict):
         splits = train
         if "train" not in splits:
             raise ValueError(f"DatasetDict passed as train has no 'train' split (splits: {list(splits)}).")
         train = splits["train"]
         if eval is None:
-            eval = next(
-                (splits[name] for name in ("validation", "valid", "val", "test") if name in splits), None
-            )
+            picked = next((name for name in ("validation", "valid", "val", "test") if name in splits), None)
+            if picked is not None:
+                eval = splits[picked]
+                eval_what = (f"the {picked!r} split (the eval set, picked from the DatasetDict passed as train; pass "
+                             "eval_dataset=... to choose another)")
     if isinstance(eval, datasets.DatasetDict | datasets.IterableDatasetDict):
         raise ValueError(f"eval must be a single split, got a dict with splits {list(eval)}.")
 
-    def collator_for(ds: AnyDataset, is_training: bool) -> ImageClassificationCollator:
-        return build_collator(model, ds, is_training=is_training, input_size=input_size)
+    def collator_for(ds: AnyDataset, is_training: bool, what: str) -> ImageClassificationCollator:
+        return build_collator(model, ds, is_training=is_training, input_size=input_size, what=what)
 
     if isinstance(train, datasets.Dataset) and len(train) == 0:
         raise ValueError("The training set is empty (0 rows); check the split name and any filtering.")
-    train_collator = collator_for(train, is_training=True)
-    eval_collator = collator_for(eval, is_training=False) if eval is not None else None
+    train_collator = collator_for(train, True, "the training set")
+    eval_collator = collator_for(eval, False, eval_what) if eval is not None else None
+    if eval is not None:
+        check_same_classes(train, eval, eval_what)
     return train, eval, train_collator, eval_collator
 
 
@@ -459,30 +523,30 @@ def eval_collators(model: Any, eval_dataset: Any, train_dataset: Any, *, given: 
     if given is not None:
         return {None: given}
 
-    def one(dataset: Any) -> Any:
+    def one(dataset: Any, what: str | None = None) -> Any:
         if user_collator is not None:
             return None
         if isinstance(dataset, HF_SPLITS):
-            return build_collator(model, dataset, is_training=False, input_size=input_size)
+            return build_collator(model, dataset, is_training=False, input_size=input_size, what=what)
         from transformers import default_data_collator  # (transformers only where a Trainer needs it)
 
         return default_data_collator
 
     if isinstance(eval_dataset, Mapping):  # a dict of sets, a DatasetDict too: Trainer evaluates each by name;
         # key None serves sets handed to evaluate / predict (deterministic: not the training collator)
-        collators = {name: one(dataset) for name, dataset in eval_dataset.items()}
+        collators = {name: one(dataset, f"eval set {name!r}") for name, dataset in eval_dataset.items()}
         reference = train_dataset if train_dataset is not None else next(iter(eval_dataset.values()), None)
         return {**collators, None: None if reference is None else one(reference)}
     reference = eval_dataset if eval_dataset is not None else train_dataset
-    return {None: None if reference is None else one(reference)}
+    return {None: None if reference is None else one(reference, "the eval set" if eval_dataset is not None else None)}
 
 
-def check_dataset_labels(dataset: Any, num_classes: int) -> None:
+def check_dataset_labels(dataset: Any, num_classes: int, what: str | None = None) -> None:
     """Fail before training on labels the head cannot predict (``datasets`` objects with detectable columns and
     integer labels; other label types are the user's collator's to map)."""
     if isinstance(dataset, Mapping):
-        for split in dataset.values():
-            check_dataset_labels(split, num_classes)
+        for name, split in dataset.items():
+            check_dataset_labels(split, num_classes, f"{what or 'set'} {name!r}")
         return
     if not isinstance(dataset, HF_SPLITS):
         return
@@ -493,7 +557,8 @@ def check_dataset_labels(dataset: Any, num_classes: int) -> None:
     feature = (dataset.features or {}).get(label_column)
     if isinstance(feature, datasets.Value) and not pa.types.is_integer(feature.pa_type):
         return  # e.g. class names as strings, mapped by the user's collator
-    check_labels(dataset, label_column, num_classes)
+    with naming(what):
+        check_labels(dataset, label_column, num_classes)
 
 
 def dataset_label_names(dataset: Any) -> list[str] | None:

@@ -26,6 +26,7 @@ from .config import LayerFoldingConfig
 from .data import (
     HF_DATASETS,
     check_dataset_labels,
+    check_same_classes,
     dataset_label_names,
     eval_collators,
     prepare_datasets,
@@ -209,9 +210,11 @@ class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
             train_dataset, picked_eval, data_collator, _ = prepare_datasets(model, train_dataset, input_size=input_size)
             eval_dataset = picked_eval if eval_dataset is None else eval_dataset
         elif num_classes:
-            check_dataset_labels(train_dataset, int(num_classes))
+            check_dataset_labels(train_dataset, int(num_classes), "the training set")
         if (user_collator is not None or eval_data_collator is not None) and num_classes:
-            check_dataset_labels(eval_dataset, int(num_classes))  # no collator of ours was built for it
+            check_dataset_labels(eval_dataset, int(num_classes), "the eval set")  # no collator of ours was built for it
+        if eval_dataset is not None and train_dataset is not None:
+            check_same_classes(train_dataset, eval_dataset)
         self._eval_collators = eval_collators(model, eval_dataset, train_dataset, given=eval_data_collator,
                                               user_collator=user_collator, input_size=input_size)
         self._own_eval_collators = eval_data_collator is None and user_collator is None

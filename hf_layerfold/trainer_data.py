@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .collate import as_input_of
-from .data import ImageClassificationCollator, collator_for_split, defer_decoding
+from .data import ImageClassificationCollator, check_same_classes, collator_for_split, defer_decoding
 
 
 class TrainerData:
@@ -30,6 +30,8 @@ class TrainerData:
         collator = self._eval_collators.get(key, self._eval_collators.get(None))
         if key is None and eval_dataset is not None and eval_dataset is not self._built_eval_set:
             collator = self._fitted(collator, eval_dataset, require_label=True)  # another set handed to evaluate()
+            if self.train_dataset is not None:
+                check_same_classes(self.train_dataset, eval_dataset, "the set handed to evaluate()")
         if key is not None:
             read = self.eval_dataset[key]
         else:

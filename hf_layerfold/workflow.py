@@ -281,6 +281,22 @@ def _subset(ds, size: int | None, seed: int):
     return ds.shuffle(seed=seed).select(range(size))
 
 
+def _unlabelled(split: Any) -> bool:
+    """Whether a map-style split's labels are all negative (an unlabelled test split: -1 for every row)."""
+    import datasets
+    import pyarrow.compute as pc
+
+    from .data import detect_columns, integer_labels
+
+    if not isinstance(split, datasets.Dataset):
+        return False
+    try:
+        labels = integer_labels(split, detect_columns(split)[1])
+    except (ValueError, TypeError):
+        return False
+    return len(labels) > 0 and pc.max(labels).as_py() < 0
+
+
 def load_data(source: str, *, train_size: int | None = None, eval_size: int | None = None, seed: int = 0,
               need_train: bool = True, eval_split: str | None = None) -> DataSplits:
     """``fashion-mnist`` (local Debian files, else the Hub), an imagefolder directory, or a Hub dataset id."""
@@ -322,7 +338,12 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
 
     if eval_split is not None and eval_split not in splits:
         raise CLIError(f"dataset {source!r} has no split {eval_split!r} (splits: {', '.join(splits)})")
-    chosen = eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
+    unlabelled = [s for s in EVAL_SPLITS if s in splits and eval_split is None and _unlabelled(splits[s])]
+    if unlabelled:  # (Hub test splits often carry -1 for every label: nothing to score)
+        logger.warning("skipping the %s split%s as evaluation data: %s no labels (only -1)",
+                       " and ".join(map(repr, unlabelled)), "s" if len(unlabelled) > 1 else "",
+                       "they have" if len(unlabelled) > 1 else "it has")
+    chosen = eval_split or next((s for s in EVAL_SPLITS if s in splits and s not in unlabelled), None)
     train = splits["train"] if "train" in splits else None
     if chosen is None and not need_train:  # evaluation only: the whole (only) split
         chosen = "train" if train is not None else next(iter(splits))

@@ -718,3 +718,50 @@ def test_a_local_copy_of_a_webdataset_hub_set_loads(tmp_path: Path) -> None:
     stream = hd.load_image_dataset(tmp_path, split="train", streaming=True)  # (imagefolder streamed it as empty)
     assert hd.detect_columns(stream) == ("jpg", "cls") and len(list(stream)) == 3
     assert hd.check_labels(splits["validation"], "cls", 3) == (0, 2)
+
+
+def test_label_errors_name_the_set_they_are_about(small_model: torch.nn.Module) -> None:
+    """A 6-class head, training labels 0..5 and a test split with 0..9: the error must not read as the training set's;
+    an unlabelled test split (-1) picked as the eval set is named as the picked split."""
+    images = [Image.new("L", (8, 8))] * 10
+    train = datasets.Dataset.from_dict({"image": images[:6], "label": list(range(6))})
+    test = datasets.Dataset.from_dict({"image": images, "label": list(range(10))})
+    model = types.SimpleNamespace(num_classes=6, pretrained_cfg=small_model.pretrained_cfg, in_chans=3)
+    with pytest.raises(ValueError, match=r"^the eval set: Labels in column 'label' range over \[0, 9\]"):
+        hd.prepare_datasets(model, train, test)
+    unlabelled = datasets.Dataset.from_dict({"image": images, "label": [-1] * 10})
+    with pytest.raises(ValueError, match=r"^the 'test' split \(the eval set, picked from the DatasetDict"):
+        hd.prepare_datasets(model, datasets.DatasetDict(train=train, test=unlabelled))
+    with pytest.raises(ValueError, match=r"^split 'test': Labels"):
+        hd.check_labels(datasets.DatasetDict(train=train, test=test), "label", 6)
+    collator = hd.ImageClassificationCollator(lambda im: torch.zeros(3, 2, 2), num_classes=6)
+    with pytest.raises(ValueError, match=r"remove_columns\('label'\)"):  # predict() on an unlabelled split
+        collator([{"image": images[0], "label": -1}])
+
+
+def test_an_eval_set_whose_class_names_differ_is_refused(small_model: torch.nn.Module) -> None:
+    """Two imagefolders read separately, the eval one missing a class: 'eel' is id 1 there and 2 in training."""
+    image = [Image.new("L", (8, 8))]
+    train = datasets.Dataset.from_dict({"image": image * 3, "label": [0, 1, 2]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog", "eel"])}))
+    val = datasets.Dataset.from_dict({"image": image * 2, "label": [0, 1]}, features=datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "eel"])}))
+    model = types.SimpleNamespace(num_classes=3, pretrained_cfg=small_model.pretrained_cfg, in_chans=3)
+    with pytest.raises(ValueError, match=r"class names of the eval set \['cat', 'eel'\] differ.*align_labels_with"):
+        hd.prepare_datasets(model, train, val)
+    aligned = val.align_labels_with_mapping({"cat": 0, "dog": 1, "eel": 2}, "label")
+    assert hd.prepare_datasets(model, train, aligned)[1]["label"] == [0, 2]
+
+
+def test_whole_number_float_labels_are_told_to_be_cast_not_class_encoded() -> None:
+    """class_encode_column stringifies floats: '10.0' sorts before '2.0', renumbering every class past 9."""
+    ds = datasets.Dataset.from_dict({"label": [float(i) for i in range(12)]})
+    with pytest.raises(ValueError, match=r"whole numbers stored as floats.*cast_column\('label', datasets.Value"):
+        hd.check_labels(ds, "label", 12)
+    collator = hd.ImageClassificationCollator(lambda im: torch.zeros(3, 2, 2), num_classes=12)
+    with pytest.raises(ValueError, match=r"whole number stored as a float"):
+        collator([{"image": np.zeros((4, 4), np.uint8), "label": 3.0}])
+    stream = datasets.Dataset.from_dict({"image": [np.zeros((4, 4), np.uint8)], "labels": [[0, 3]]})
+    stream = stream.to_iterable_dataset()
+    with pytest.raises(ValueError, match="multi-label data is not supported"):  # known from its features: at init
+        hd.check_labels(stream, "labels", 10)

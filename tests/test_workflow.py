@@ -82,3 +82,21 @@ def test_class_folders_named_by_numbers_out_of_order_are_warned(tmp_path, caplog
         data = load_data(str(tmp_path), need_train=False)
     assert data.label_names[:4] == ["0", "1", "10", "11"]  # as datasets orders them: as text
     assert "class id 2 is the class named '10'" in caplog.text
+
+
+def test_an_unlabelled_test_split_is_not_chosen_for_evaluation(tmp_path, caplog):
+    """A Hub-style set whose test split has -1 for every label: evaluation data is held out of train instead."""
+    import datasets
+
+    image = [Image.new("L", (8, 8))]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    root = tmp_path / "hubset" / "data"
+    root.mkdir(parents=True)
+    datasets.Dataset.from_dict({"image": image * 4, "label": [0, 1, 0, 1]}, features=features).to_parquet(
+        root / "train-00000-of-00001.parquet")
+    datasets.Dataset.from_dict({"image": image * 2, "label": [-1, -1]}, features=features).to_parquet(
+        root / "test-00000-of-00001.parquet")
+    with caplog.at_level("WARNING"):
+        data = load_data(str(tmp_path / "hubset"))
+    assert data.eval_split == "train[held-out]" and "skipping the 'test' split" in caplog.text
+    assert load_data(str(tmp_path / "hubset"), eval_split="test").eval_split == "test"  # asked for: kept
