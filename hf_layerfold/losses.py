@@ -52,3 +52,28 @@ def clamp_alphas_(alphas: Sequence[torch.Tensor]) -> None:
     if alphas:  # two multi-tensor kernels rather than one per site
         torch._foreach_clamp_min_(alphas, 0.0)
         torch._foreach_clamp_max_(alphas, 1.0)
+
+
+@torch.no_grad()
+def clamp_schedule_free_alphas_(optimizer: torch.optim.Optimizer, alphas: Sequence[torch.Tensor]) -> None:
+    """Keep a schedule-free optimizer's other points of each α in [0, 1] too (``optim="schedule_free_*"``).
+
+    Such an optimizer holds α as y (the parameter while training), z (its state) and x, the point ``evaluate``
+    and ``predict`` use after ``optimizer.eval()``: y = lerp(x, z, 1 − β). Clamping y alone let z run past 1
+    under the regularizer's push, and x (derived from y and z) fell back below 1 and then out of [0, 1]. Here x and
+    z are clamped and y rebuilt from them, for α only (a round trip through ``eval()`` / ``train()`` would move
+    every weight by rounding)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's AcceleratedOptimizer)
+    state, ids = getattr(inner, "state", None), {id(a) for a in alphas}
+    if not state or not ids:
+        return
+    for group in inner.param_groups:
+        beta = group["betas"][0] if "betas" in group else group.get("momentum")
+        if not group.get("train_mode", False) or not beta:
+            continue
+        for p in group["params"]:
+            z = state[p].get("z") if id(p) in ids and p in state else None
+            if z is not None:
+                x = torch.lerp(p, z, 1 - 1 / beta).clamp_(0.0, 1.0)  # the eval point, as optimizer.eval() sets it
+                z.clamp_(0.0, 1.0)
+                p.copy_(torch.lerp(x, z, 1 - beta))  # y, as optimizer.train() sets it

@@ -32,7 +32,7 @@ from .data import (
     prepare_datasets,
 )
 from .folded_net import LayerFoldedNet
-from .losses import alpha_regularizer, clamp_alphas_, distillation_loss
+from .losses import alpha_regularizer, clamp_alphas_, clamp_schedule_free_alphas_, distillation_loss
 from .metrics import BatchedTopK, check_metric_name, compute_metrics
 from .phases import (
     FINETUNE,
@@ -130,6 +130,7 @@ class _LayerFoldingCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         clamp_alphas_(self.trainer._alpha_params)
+        clamp_schedule_free_alphas_(self.trainer.optimizer, self.trainer._alpha_params)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.trainer._finish_search_at_end()
@@ -314,7 +315,8 @@ class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
         ids = {id(a) for a in alphas}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-        lr = self.layerfold_config.alpha_lr or self.args.learning_rate
+        # alpha_lr=None: the optimizer's own lr (optimizer_cls_and_kwargs / optim_args may set another)
+        lr = self.layerfold_config.alpha_lr or optimizer.defaults.get("lr") or self.args.learning_rate
         optimizer.add_param_group({"params": alphas, "lr": lr, "weight_decay": 0.0, ALPHA_GROUP: True})
         return optimizer
 

@@ -219,6 +219,65 @@ def test_the_teacher_runs_under_the_models_mixed_precision_and_a_normalization_m
     assert seen == [torch.bfloat16]
 
 
+def test_a_schedule_free_optimizer_keeps_the_evaluated_alpha_in_range_too():
+    """The clamp held the training point y of α in [0, 1], but z ran past 1 under the regularizer's push and the
+    point evaluate() uses, x, fell to 0.34 for an α held at 1; the other weights are left alone."""
+    schedulefree = pytest.importorskip("schedulefree")
+    from hf_layerfold.losses import clamp_alphas_, clamp_schedule_free_alphas_
+
+    for cls in (schedulefree.AdamWScheduleFree, schedulefree.SGDScheduleFree):
+        alpha, weight = torch.nn.Parameter(torch.tensor([0.9, 0.2])), torch.nn.Parameter(torch.tensor([1.0]))
+        twin = torch.nn.Parameter(weight.detach().clone())
+        runs = [(cls([{"params": [weight]}, {"params": [alpha]}], lr=0.1), weight, alpha),
+                (cls([{"params": [twin]}], lr=0.1), twin, None)]  # the same weight without α beside it
+        for opt, w, a in runs:
+            opt.train()
+            for _ in range(60):
+                opt.zero_grad()
+                loss = (w ** 2).sum() - (a.sum() if a is not None else 0)  # the regularizer pushes α up
+                loss.backward()
+                opt.step()
+                if a is not None:
+                    clamp_alphas_([a])
+                    clamp_schedule_free_alphas_(opt, [a])
+            opt.eval()
+        assert 0.98 < float(alpha.min()) and float(alpha.max()) <= 1.0
+        assert torch.equal(weight, twin)
+
+
+def test_a_schedule_free_run_evaluates_the_alpha_it_trains_and_its_plan_exact(tmp_path, fashion):
+    """optim="schedule_free_adamw" end to end: the α that evaluate() sees (after optimizer.eval()) stays by the α
+    being trained, in [0, 1] (it fell far below it as z ran past 1), and 0/1 exactly once the plan is fixed."""
+    pytest.importorskip("schedulefree")
+    trained, evaluated = [], []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            trained.append(torch.stack([a.detach().clone() for a in lf.alpha_parameters(model).values()]))
+
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            evaluated.append((trained[-1], torch.stack([a.detach() for a in lf.alpha_parameters(model).values()])))
+
+    config = lf.LayerFoldingConfig(**{**CFG, "search_steps": 30, "lambda_reg": 5.0, "alpha_lr": 1.0})
+    trainer = make_trainer(tmp_path, fashion, config=config, callbacks=[Watch()], train_args=args_for(
+        tmp_path, max_steps=34, optim="schedule_free_adamw", eval_strategy="steps", eval_steps=10))
+    trainer.train()
+    search = evaluated[:3]  # at steps 10, 20 and 30 (the plan is fixed at the end of step 30)
+    assert len(evaluated) >= 3 and all(float((x - y).abs().max()) < 0.1 for y, x in search)
+    assert all(0.0 <= float(x.min()) and float(x.max()) <= 1.0 for _, x in evaluated)
+    trainer.evaluate()  # fine-tune: the plan's exact values
+    assert set(torch.stack([a.detach() for a in lf.alpha_parameters(trainer.model).values()]).tolist()) <= {0.0, 1.0}
+
+
+def test_alpha_lr_none_follows_the_optimizers_own_lr(tmp_path, fashion):
+    """With optimizer_cls_and_kwargs setting lr, α took TrainingArguments.learning_rate (200x slower here)."""
+    config = lf.LayerFoldingConfig(**{**CFG, "alpha_lr": None})
+    trainer = make_trainer(tmp_path, fashion, config=config,
+                           optimizer_cls_and_kwargs=(torch.optim.AdamW, {"lr": 1e-2}))
+    groups = trainer.create_optimizer().param_groups
+    assert [g["lr"] for g in groups if g.get(ALPHA_GROUP)] == [1e-2]
+
+
 def test_alpha_param_group_has_own_lr_and_no_decay(tmp_path, fashion):
     trainer = make_trainer(tmp_path, fashion)
     optimizer = trainer.create_optimizer()
