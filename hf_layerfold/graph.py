@@ -123,15 +123,14 @@ def checked_rule(registry: dict[type, Callable], obj: object, path: str, methods
             continue
         own = [m for m in methods if getattr(type(obj), m, None) is not getattr(cls, m, None)]
         if own:
-            sub = _type_name(type(obj))
-            rule = registry[cls]
+            rule, name = registry[cls], type(obj).__name__
             parent_rule = f"{getattr(rule, '__module__', '')}.{getattr(rule, '__qualname__', rule)}"
+            register = f"register_{'block' if methods == BLOCK_METHODS else 'model'}_rule"
             raise UnsupportedModelError(
-                f"{path} is a {sub}, a subclass of {_type_name(cls)} with its own {', '.join(own)}: the rule of "
-                f"{cls.__name__} describes what {cls.__name__} computes, not what {type(obj).__name__} does. Register "
-                f"a rule for it (@hf_layerfold.register_{'block' if methods == BLOCK_METHODS else 'model'}_rule("
-                f"{type(obj).__name__}); the parent's rule if it computes the same: register_"
-                f"{'block' if methods == BLOCK_METHODS else 'model'}_rule({type(obj).__name__})({parent_rule}))")
+                f"{path} is a {_type_name(type(obj))}, a subclass of {_type_name(cls)} with its own "
+                f"{', '.join(own)}: the rule of {cls.__name__} describes what {cls.__name__} computes, not what {name} "
+                f"does. Register a rule for it (@hf_layerfold.{register}({name}); the parent's rule if it computes "
+                f"the same: {register}({name})({parent_rule}))")
         return registry[cls]
     return None
 

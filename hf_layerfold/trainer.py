@@ -196,7 +196,7 @@ class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
             raise ValueError("LayerFoldingTrainer needs a model instance (model_init is not supported)")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("LayerFoldingTrainer computes its own loss; compute_loss_func is not supported")
-        self.layerfold_config = config = ensure_prepared(model, layerfold_config)
+        config = ensure_prepared(model, layerfold_config)
         self.layerfold_config = config = checked_teacher(model, teacher_model, config, layerfold_config is not None)
         site_alphas = alpha_parameters(model)  # (Trainer moves the model in place: the α objects stay the same)
         reg_weights = None if not site_alphas else site_regularizer_weights(list(site_alphas),
