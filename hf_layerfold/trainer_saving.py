@@ -81,7 +81,12 @@ class TrainerSaving:
     # Export
 
     def save_folded(self, output_dir: str | os.PathLike | None = None, **kwargs: Any) -> Path:
-        """Fold the trained model and save it with :func:`hf_layerfold.hub.save_folded` (main process only).
+        """Fold the trained model and save it with :func:`hf_layerfold.hub.save_folded`.
+
+        Under several processes only the main one writes; like ``save_model`` it may be called on every process or
+        on the main one alone (``if trainer.is_world_process_zero():``), and takes part in no collective. Other
+        processes that read the saved folder afterwards must wait for it themselves
+        (``trainer.accelerator.wait_for_everyone()`` on every process).
 
         A model still in the search phase is folded with the threshold plan. Defaults passed on: the trainer's
         config, the base architecture, the class names of the training set, the trained input size and the
@@ -121,7 +126,9 @@ class TrainerSaving:
         path = output_dir
         if self.args.should_save:  # a model still searching is folded (on a copy) with the threshold plan
             path = save_folded(model, output_dir, **kwargs)
-        self.accelerator.wait_for_everyone()
+        # No barrier here: a call on the main process alone (the usual guard, fine for save_model) waited in it for
+        # processes that never came, and failed when they left ("Connection closed by peer" on gloo; on NCCL a hang
+        # until the process-group timeout).
         return Path(path)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,

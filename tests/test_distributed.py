@@ -66,7 +66,8 @@ def _worker(out: Path) -> None:
         dump["local_loss"] = F.cross_entropy(trainer.model.eval()(batch["pixel_values"]), batch["labels"]).item()
     (out / f"rank{rank}.json").write_text(json.dumps(dump))
     trainer.save_model(str(out / "final"))
-    trainer.save_folded(out / "folded")
+    if trainer.is_world_process_zero():  # the usual guard, as for save_model: save_folded waited in a barrier for
+        trainer.save_folded(out / "folded")  # ranks that never came (gloo: "Connection closed by peer")
 
     control = make_trainer()  # undo the trainer's DDP setting: the reducer then waits for α's gradient
     control.accelerator.ddp_handler.find_unused_parameters = False
