@@ -321,6 +321,13 @@ def number_text_hint(column: str) -> str:
             "would number such labels in text order: '10' before '2')")
 
 
+def float_hint(column: str) -> str:
+    """How to turn class ids stored as floats (a CSV or pandas column with gaps) into ids: a cast, not
+    class_encode_column, which numbers them as text ("10.0" before "2.0")."""
+    return (f"cast the column with dataset.cast_column({column!r}, datasets.Value('int64')) (class_encode_column "
+            "would number such labels in text order: '10.0' before '2.0')")
+
+
 def _class_id(value: Any, column: str, num_classes: int | None) -> int:
     """An example's label as a class id, refused with its value and column when it is not one the head has (on
     a GPU it would otherwise surface as a device-side assert inside the loss)."""
@@ -335,9 +342,7 @@ def _class_id(value: Any, column: str, num_classes: int | None) -> int:
                              f"text: {number_text_hint(column)}.")
         if isinstance(value, float | np.floating) and float(value).is_integer():
             raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id but a whole number "
-                             f"stored as a float: cast the column with dataset.cast_column({column!r}, "
-                             "datasets.Value('int64')) (class_encode_column would number such labels in text order: "
-                             "'10.0' before '2.0').")
+                             f"stored as a float: {float_hint(column)}.")
         raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id; map class names to ids "
                          "first (dataset.class_encode_column or cast_column to ClassLabel).")
     if num_classes is not None and not 0 <= value < num_classes:

@@ -24,6 +24,7 @@ from .collate import (
     ImageClassificationCollator,
     ImageReadError,
     build_transforms,
+    float_hint,
     image_mode,
     is_number_text,
     number_text_hint,
@@ -269,7 +270,7 @@ def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = (), 
     text = pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
     if text and sample and all(is_number_text(v) for v in sample):
         return f"The labels are numbers stored as text: {number_text_hint(label_column)}."
-    if pa.types.is_floating(arrow_type) and (streaming or all(float(v).is_integer() for v in sample)):
+    if pa.types.is_floating(arrow_type) and (streaming or (sample and all(float(v).is_integer() for v in sample))):
         return (f"{'If they are' if streaming else 'The labels are'} whole numbers stored as floats: "
                 f"{float_hint(label_column)}.")
     if streaming:  # (an IterableDataset has no class_encode_column; its labels cannot be sampled here)
@@ -283,13 +284,6 @@ def encode_hint(label_column: str, arrow_type: Any, sample: Sequence[Any] = (), 
     return hint
 
 
-def float_hint(column: str) -> str:
-    """How to turn class ids stored as floats (a CSV or pandas column with gaps) into ids: a cast, not
-    class_encode_column, which numbers them as text ("10.0" before "2.0")."""
-    return (f"cast the column with dataset.cast_column({column!r}, datasets.Value('int64')) (class_encode_column "
-            "would number such labels in text order: '10.0' before '2.0')")
-
-
 def integer_labels(dataset: datasets.Dataset, label_column: str) -> pa.ChunkedArray:
     """The label column of a map-style split as Arrow integers; a ``ValueError`` that says what to do for lists
     (multi-label), other types (class names, floats) and missing labels."""
@@ -299,6 +293,9 @@ def integer_labels(dataset: datasets.Dataset, label_column: str) -> pa.ChunkedAr
         raise ValueError(f"Label column {label_column!r} holds a list per example ({labels.type}): multi-label "
                          "data is not supported; LayerFoldingTrainer trains single-label classification (one "
                          "integer class id per image).")
+    if len(labels) and labels.null_count == len(labels):
+        raise ValueError(f"Label column {label_column!r} has no labels (all {len(labels)} missing): an unlabelled "
+                         f"split; for predict(), drop the column first (dataset.remove_columns({label_column!r})).")
     if not pa.types.is_integer(labels.type):
         sample = pc.unique(labels.drop_null()).to_pylist()[:10_000] if labels.null_count < len(labels) else []
         raise ValueError(f"Label column {label_column!r} has type {labels.type}, expected integer class ids. "
@@ -392,11 +389,16 @@ def check_same_classes(train: Any, evaluation: Any, what: str = "the eval set") 
     def shown(v: list[str]) -> str:
         return str(v[:12])[:-1] + (", ...]" if len(v) > 12 else "]")
 
+    if isinstance(evaluation, datasets.IterableDataset):  # (a stream has no align_labels_with_mapping)
+        fix = (f"eval_set = eval_set.map(lambda e: {{{column!r}: train_names.index(eval_names[e[{column!r}]])}}, "
+               f"features=datasets.Features({{**eval_set.features, {column!r}: datasets.ClassLabel(names="
+               "train_names)})) with train_names and eval_names the two sets' ClassLabel names")
+    else:
+        fix = (f"eval_set = eval_set.align_labels_with_mapping({{name: i for i, name in enumerate(train_names)}}, "
+               f"{column!r}) with train_names = the training set's ClassLabel names")
     raise ValueError(
         f"The class names of {what} {shown(names)} differ from the training set's {shown(reference)}: a class id "
-        "would name another class in each, and the metrics would be wrong. Give it the training set's ids: "
-        f"eval_set = eval_set.align_labels_with_mapping({{name: i for i, name in enumerate(train_names)}}, "
-        f"{column!r}) with train_names = the training set's ClassLabel names."
+        f"would name another class in each, and the metrics would be wrong. Give it the training set's ids: {fix}."
     )
 
 

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from timm.layers import SelectAdaptivePool2d
 
 from .activation import FoldableActivation
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
-from .folded_net import LayerFoldedNet, conv_spec, op_spec, pool_type_of
+from .folded_net import LayerFoldedNet, conv_spec, head_conv_width, op_spec, pool_type_of
 from .graph import ConvNode, ModelGraph, build_graph, iter_nodes
 from .padding import static_chain_padding
 from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, plan_of, run_pad_rules, segment_model
@@ -161,15 +162,22 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
         classifier = model.get_submodule(graph.classifier)
     finally:
         model.train(was_training)
-    # (a custom family may not say its width: the classifier's input is the pooled features)
-    num_features = getattr(model, "num_features", None) or getattr(classifier, "in_features", 0)
+    global_pool = pool_type_of(model.get_submodule(graph.pool))
+    # (a custom family may not say its width: the pooled features, which a head conv takes (catavgmax: twice
+    # over), else the classifier's input; the classifier's input is the head's width)
+    head_in = head_conv_width(pre_logits)
+    num_features = getattr(model, "num_features", None) or (
+        head_in // SelectAdaptivePool2d(pool_type=global_pool).feat_mult() if head_in
+        else getattr(classifier, "in_features", 0))
+    head_hidden_size = getattr(model, "head_hidden_size", None) or getattr(classifier, "in_features", None) \
+        or num_features
     # (a headless model, num_classes=0, has an Identity classifier: no out_features to fall back on)
     num_classes = model.num_classes if hasattr(model, "num_classes") else classifier.out_features
     with torch.device("meta"):  # no weight init: every tensor is assigned below
         net = LayerFoldedNet(
             features, pre_logits, num_classes=num_classes,
-            num_features=num_features, head_hidden_size=getattr(model, "head_hidden_size", num_features),
-            global_pool=pool_type_of(model.get_submodule(graph.pool)),  # '' (no pooling) kept
+            num_features=num_features, head_hidden_size=head_hidden_size,
+            global_pool=global_pool,  # '' (no pooling) kept
             drop_rate=graph.drop_rate, in_chans=_input_channels(model, features),
         )
     state = _prefixed("features.", fstate)

@@ -278,7 +278,7 @@ def _taking_channels(features: list[dict], in_chans: int) -> list[dict]:
     return [{**first, "in": in_chans}, *features[1:]]
 
 
-def _head_conv_width(pre_logits: list[dict]) -> int | None:
+def head_conv_width(pre_logits: list[dict]) -> int | None:
     """Input channels of the first conv of a folded net's head (``None``: no head conv)."""
     first = pre_logits[0] if pre_logits else {}
     return first.get("in") if first.get("type") == "conv" else None
@@ -314,7 +314,7 @@ class LayerFoldedNet(nn.Module):
         directly (no ``pre_logits`` convs), never when it passes through (``''``: the feature map comes out); the
         classifier takes what the pool gives (``catavgmax`` doubles it) or what the ``pre_logits`` convs give."""
         pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool) and not len(self.pre_logits))
-        head_in = _head_conv_width(self.model_args["pre_logits"])
+        head_in = head_conv_width(self.model_args["pre_logits"])
         if head_in is not None and self.num_features and head_in != self.num_features * pool.feat_mult():
             # (as timm's MobileNetV3.reset_classifier: a model built with catavgmax has its head conv sized for
             # the doubled width, and keeps it; only a change of width is refused)

@@ -454,7 +454,9 @@ def require_unfolded(model: object, who: str) -> None:
 FOLD_FIELDS = ("max_kernel_size", "max_macs_increase", "merge_costs", "fold_residual")  # how runs merge
 
 
-def follow_applied_config(model: nn.Module, config: LayerFoldingConfig, who: str) -> LayerFoldingConfig:
+def follow_applied_config(model: nn.Module, config: LayerFoldingConfig, who: str,
+                          consequence: str = "the model is folded as its plan was applied, and the config follows it"
+                          ) -> LayerFoldingConfig:
     """``config`` with the fold fields (:data:`FOLD_FIELDS`) of the config ``model``'s plan was applied with: its
     padding was moved for those runs, so its folds follow them whatever another config says (a warning names
     the fields that differed)."""
@@ -462,9 +464,9 @@ def follow_applied_config(model: nn.Module, config: LayerFoldingConfig, who: str
     differ = [] if applied is None else [f for f in FOLD_FIELDS if getattr(config, f) != getattr(applied, f)]
     if not differ:
         return config
-    logger.warning("%s: the model's plan was applied with other %s (%s); the model is folded as its plan was "
-                   "applied, and the config follows it", who, ", ".join(differ),
-                   ", ".join(f"{f}={getattr(applied, f)!r}" for f in differ if f != "merge_costs"))
+    values = ", ".join(f"{f}={getattr(applied, f)!r}" for f in differ if f != "merge_costs")
+    logger.warning("%s: the model's plan was applied with other %s%s; %s", who, ", ".join(differ),
+                   f" ({values})" if values else "", consequence)
     return with_fold_fields(config, applied)
 
 
@@ -526,8 +528,10 @@ def apply_plan(model: nn.Module, plan: FoldPlan | Sequence[str],
     current = applied_plan(model)
     if current is not None:
         if current == plan:
-            if config is not None:  # (warns when its fold fields differ: apply to a fresh copy to fold with them)
-                follow_applied_config(model, as_config(config), "apply_plan (the plan is applied already)")
+            if config is not None:  # (warns when its fold fields differ)
+                follow_applied_config(model, as_config(config), "apply_plan (the plan is applied already)",
+                                      "the config given is ignored: apply the plan to a fresh copy of the prepared "
+                                      "model to fold it with this config")
             return model
         raise ValueError("a different plan is already applied to this model; apply plans to a fresh copy")
     check_plan(model, plan)

@@ -135,6 +135,8 @@ class TrainerData:
 
     def get_test_dataloader(self, test_dataset: Any):
         collator = self._fitted(self._eval_collators.get(None), test_dataset, require_label=False)
+        if self.train_dataset is not None:  # (a labelled set: predict() scores it; an unlabelled one passes)
+            check_same_classes(self.train_dataset, test_dataset, "the set handed to predict()")
         collator = collator if collator is not None else self.data_collator
         if isinstance(collator, ImageClassificationCollator):
             test_dataset = defer_decoding(test_dataset)  # decoded by the collator, which names a broken file

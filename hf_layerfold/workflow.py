@@ -339,14 +339,16 @@ def load_data(source: str, *, train_size: int | None = None, eval_size: int | No
     if eval_split is not None and eval_split not in splits:
         raise CLIError(f"dataset {source!r} has no split {eval_split!r} (splits: {', '.join(splits)})")
     unlabelled = [s for s in EVAL_SPLITS if s in splits and eval_split is None and _unlabelled(splits[s])]
-    if unlabelled:  # (Hub test splits often carry -1 for every label: nothing to score)
-        logger.warning("skipping the %s split%s as evaluation data: %s no labels (only -1)",
-                       " and ".join(map(repr, unlabelled)), "s" if len(unlabelled) > 1 else "",
-                       "they have" if len(unlabelled) > 1 else "it has")
     chosen = eval_split or next((s for s in EVAL_SPLITS if s in splits and s not in unlabelled), None)
     train = splits["train"] if "train" in splits else None
     if chosen is None and not need_train:  # evaluation only: the whole (only) split
         chosen = "train" if train is not None else next(iter(splits))
+    if unlabelled:  # (Hub test splits often carry -1 for every label: nothing to score)
+        instead = (f"evaluating split {chosen!r} instead" if chosen else
+                   "evaluating data held out of 'train' instead")
+        logger.warning("skipping the %s split%s as evaluation data: %s no labels (only -1); %s (--eval-split "
+                       "chooses)", " and ".join(map(repr, unlabelled)), "s" if len(unlabelled) > 1 else "",
+                       "they have" if len(unlabelled) > 1 else "it has", instead)
     if chosen is None:  # no held-out split: carve one off the training data
         if train is None:
             raise CLIError(f"dataset {source!r} has neither a 'train' nor an evaluation split ({', '.join(splits)})")

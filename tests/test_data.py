@@ -751,6 +751,8 @@ def test_an_eval_set_whose_class_names_differ_is_refused(small_model: torch.nn.M
         hd.prepare_datasets(model, train, val)
     aligned = val.align_labels_with_mapping({"cat": 0, "dog": 1, "eel": 2}, "label")
     assert hd.prepare_datasets(model, train, aligned)[1]["label"] == [0, 2]
+    with pytest.raises(ValueError, match=r"eval_set.map\(lambda e: .*train_names.index"):  # a stream cannot align
+        hd.prepare_datasets(model, train, val.to_iterable_dataset())
 
 
 def test_whole_number_float_labels_are_told_to_be_cast_not_class_encoded() -> None:
@@ -758,6 +760,10 @@ def test_whole_number_float_labels_are_told_to_be_cast_not_class_encoded() -> No
     ds = datasets.Dataset.from_dict({"label": [float(i) for i in range(12)]})
     with pytest.raises(ValueError, match=r"whole numbers stored as floats.*cast_column\('label', datasets.Value"):
         hd.check_labels(ds, "label", 12)
+    missing = datasets.Dataset.from_dict({"label": [None, None]}, features=datasets.Features(
+        {"label": datasets.Value("float64")}))  # a pandas column of NaN: no numbers to cast
+    with pytest.raises(ValueError, match=r"has no labels \(all 2 missing\): an unlabelled split"):
+        hd.check_labels(missing, "label", 12)
     collator = hd.ImageClassificationCollator(lambda im: torch.zeros(3, 2, 2), num_classes=12)
     with pytest.raises(ValueError, match=r"whole number stored as a float"):
         collator([{"image": np.zeros((4, 4), np.uint8), "label": 3.0}])

@@ -318,6 +318,40 @@ def test_fold_model_of_an_unprepared_model_refuses_what_prepare_refuses_with_the
             call(model)
 
 
+class _HeadConvNet(nn.Module):
+    """A family of one's own with a head conv after the pooling (as MobileNetV3) and no ``num_features``."""
+
+    def __init__(self, pool: str = "avg"):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()
+        self.conv2, self.bn2, self.act2 = nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU()
+        self.pool = timm.layers.SelectAdaptivePool2d(pool_type=pool)
+        width = 32 * self.pool.feat_mult()
+        self.conv_head, self.act3, self.fc, self.num_classes = nn.Conv2d(width, 64, 1), nn.ReLU(), nn.Linear(64, 10), 10
+
+    def forward(self, x):
+        x = self.act2(self.bn2(self.conv2(self.act(self.bn(self.conv(x))))))
+        return self.fc(self.act3(self.conv_head(self.pool(x))).flatten(1))
+
+
+@register_model_rule(_HeadConvNet)
+def _head_conv_net(model):
+    return ModelGraph([ConvNode("conv", "bn"), ActNode("act"), ConvNode("conv2", "bn2"), ActNode("act2")],
+                      pool="pool", classifier="fc", pre_logits=[ConvNode("conv_head", None), ActNode("act3")])
+
+
+def test_a_family_with_a_head_conv_and_no_num_features_folds():
+    """The pooled width was taken from the classifier's input (the head conv's output) and the new head-width check
+    refused the net fold_model built."""
+    for pool in ("avg", "catavgmax"):
+        model = randomize_bn(_HeadConvNet(pool)).double().eval()
+        folded = lf.fold_model(model)
+        x = torch.randn(2, 3, 17, 19, dtype=torch.float64)
+        with torch.no_grad():
+            assert rel_err(model(x), folded(x)) < 1e-12
+        assert (folded.num_features, folded.head_hidden_size) == (32, 64)
+
+
 def test_a_mobilenetv3_built_with_a_widening_pool_folds_exactly():
     """timm sizes conv_head for catavgmax's doubled width; fold_model refused it, after the whole training."""
     model = randomize_bn(timm.create_model("mobilenetv3_small_050", num_classes=10, global_pool="catavgmax"))

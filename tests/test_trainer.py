@@ -278,6 +278,17 @@ def test_alpha_lr_none_follows_the_optimizers_own_lr(tmp_path, fashion):
     assert [g["lr"] for g in groups if g.get(ALPHA_GROUP)] == [1e-2]
 
 
+def test_evaluate_and_predict_refuse_a_set_whose_class_names_differ(tmp_path, fashion):
+    """predict() scored test_top1 against ids that named other classes, where evaluate() refused the same set."""
+    trainer = make_trainer(tmp_path, fashion)
+    names = fashion["test"].features["label"].names
+    other = fashion["test"].select(range(8)).cast_column("label", datasets.ClassLabel(names=names[::-1]))
+    for call, said in ((trainer.evaluate, "evaluate"), (trainer.predict, "predict")):
+        with pytest.raises(ValueError, match=rf"The class names of the set handed to {said}\(\)"):
+            call(other)
+    assert trainer.predict(other.remove_columns("label")).predictions.shape == (8, 10)  # no labels: nothing to score
+
+
 def test_alpha_param_group_has_own_lr_and_no_decay(tmp_path, fashion):
     trainer = make_trainer(tmp_path, fashion)
     optimizer = trainer.create_optimizer()

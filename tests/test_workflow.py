@@ -99,4 +99,9 @@ def test_an_unlabelled_test_split_is_not_chosen_for_evaluation(tmp_path, caplog)
     with caplog.at_level("WARNING"):
         data = load_data(str(tmp_path / "hubset"))
     assert data.eval_split == "train[held-out]" and "skipping the 'test' split" in caplog.text
+    assert "evaluating data held out of 'train' instead" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # evaluation only: the whole training split, said so
+        assert load_data(str(tmp_path / "hubset"), need_train=False).eval_split == "train"
+    assert "evaluating split 'train' instead" in caplog.text
     assert load_data(str(tmp_path / "hubset"), eval_split="test").eval_split == "test"  # asked for: kept
