@@ -25,7 +25,7 @@ from .activation import FoldableActivation
 from .collate import input_shape
 from .files import write_text_atomic
 from .fold import fold_model
-from .plan import FoldPlan, applied_plan, as_plan, plan_of
+from .plan import FoldPlan, applied_plan, as_plan, block_names, plan_of
 from .prepare import is_prepared
 from .timing import check_timing_args
 
@@ -84,8 +84,7 @@ class FoldGains:
         wanted = set(as_plan(sites, "estimated_speedup").linear_sites)
         unknown = wanted - {s for g in self.groups.values() for s in g["sites"]}
         if unknown:
-            blocks = sorted(n for n in unknown if any(s.startswith(n + ".") for g in self.groups.values()
-                                                      for s in g["sites"]))
+            blocks = block_names(unknown, (s for g in self.groups.values() for s in g["sites"]))
             hint = (f"; {blocks} name blocks: pass FoldPlan.from_blocks(model, names)" if blocks else "")
             raise ValueError(f"sites not in this measurement: {sorted(unknown)}; it has the groups "
                              f"{sorted(self.groups)}{hint}")

@@ -64,12 +64,14 @@ def clamp_schedule_free_alphas_(optimizer: torch.optim.Optimizer, alphas: Sequen
     z are clamped and y rebuilt from them, for α only (a round trip through ``eval()`` / ``train()`` would move
     every weight by rounding)."""
     inner = getattr(optimizer, "optimizer", optimizer)  # (accelerate's AcceleratedOptimizer)
-    state, ids = getattr(inner, "state", None), {id(a) for a in alphas}
-    if not state or not ids:
+    groups = [g for g in getattr(inner, "param_groups", ()) if g.get("train_mode", False)]  # (none: not schedule-free)
+    state = getattr(inner, "state", None)
+    if not groups or not state:
         return
-    for group in inner.param_groups:
+    ids = {id(a) for a in alphas}
+    for group in groups:
         beta = group["betas"][0] if "betas" in group else group.get("momentum")
-        if not group.get("train_mode", False) or not beta:
+        if not beta:
             continue
         for p in group["params"]:
             z = state[p].get("z") if id(p) in ids and p in state else None

@@ -440,6 +440,12 @@ def plan_of(model: nn.Module, plan: FoldPlan | Sequence[str], who: str) -> FoldP
     return FoldPlan.from_blocks(model, list(names))
 
 
+def block_names(names: Iterable[str], sites: Iterable[str]) -> list[str]:
+    """Those of ``names`` that name a block holding some of ``sites`` (given where sites were expected)."""
+    sites = list(sites)
+    return sorted(name for name in names if any(site.startswith(name + ".") for site in sites))
+
+
 def require_unfolded(model: object, who: str) -> None:
     """A module that is not yet folded; a folded net (nothing left to plan or fold) named as such."""
     from .folded_net import LayerFoldedNet
@@ -488,7 +494,7 @@ def check_plan(model: nn.Module, plan: FoldPlan) -> None:
     sites = set(foldable_sites(model))
     unknown = sorted(set(plan.linear_sites) - sites)
     if unknown:
-        blocks = [name for name in unknown if any(site.startswith(name + ".") for site in sites)]
+        blocks = block_names(unknown, sites)
         from .prepare import is_prepared
 
         hint = (f"; {blocks} name blocks: pass FoldPlan.from_blocks(model, names) to take every site inside them"
