@@ -26,7 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 import hf_layerfold as lf
 from hf_layerfold.cli_config import describe_config_actions
-from hf_layerfold.config import CONFIG_NAME
+from hf_layerfold.config import LAYERFOLD_CONFIG_NAME
 from hf_layerfold.data import detect_columns, load_image_dataset, num_labels_of
 from hf_layerfold.hub import check_repo_id, check_save_target, is_folded_save
 from hf_layerfold.phases import PhaseState
@@ -103,7 +103,7 @@ def head_size(script: ScriptArguments, train) -> dict:
 def check_same_sites(source: Path, config: lf.LayerFoldingConfig, planned: bool) -> None:
     """An ``--init_from`` run prepared the sites this run prepares, and while it was still searching, shared α the
     same way (a planned α is implied by its phase, so planned weights load either way)."""
-    if not (source / CONFIG_NAME).is_file():
+    if not (source / LAYERFOLD_CONFIG_NAME).is_file():
         return
     saved = lf.LayerFoldingConfig.from_pretrained(source)
     fields = ("target_modules", "exclude_modules") + (() if planned else ("alpha_sharing",))

@@ -225,7 +225,7 @@ def _arch(name: str) -> str:
 def _check_complete_save(folder: Path, name: str) -> None:
     """Every file ``save_folded`` writes is there (only a folded net's save has no layerfold_config.json) and the
     weights load into the structure config.json describes: a push deletes what the save lacks from the repo."""
-    from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
+    from .config import LAYERFOLD_CONFIG_NAME
     from .folded_net import UnknownLayerTypeError
     from .hub import SAVE_FILES, WEIGHTS_NAME, LayerFoldedModel
 

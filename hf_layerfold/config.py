@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .files import write_text_atomic
 
-CONFIG_NAME = "layerfold_config.json"
+LAYERFOLD_CONFIG_NAME = "layerfold_config.json"
 REGULARIZERS = ("paper", "l1")
 BLEND_BACKENDS = ("auto", "eager", "compile", "triton")
 ALPHA_SHARING = ("site", "block")
@@ -217,16 +217,16 @@ class LayerFoldingConfig:
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
         """Write ``layerfold_config.json`` into ``save_directory`` (atomically)."""
-        return write_text_atomic(Path(save_directory) / CONFIG_NAME, self.to_json_string())
+        return write_text_atomic(Path(save_directory) / LAYERFOLD_CONFIG_NAME, self.to_json_string())
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> LayerFoldingConfig:
         """Read a directory holding ``layerfold_config.json`` (or the JSON file itself)."""
         path = Path(path)
         if path.is_dir():
-            path = path / CONFIG_NAME
+            path = path / LAYERFOLD_CONFIG_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"no {CONFIG_NAME} at {path}")
+            raise FileNotFoundError(f"no {LAYERFOLD_CONFIG_NAME} at {path}")
         try:
             data = json.loads(path.read_text())
         except ValueError as err:  # (JSONDecodeError, and UnicodeDecodeError for a binary file)

@@ -35,8 +35,7 @@ from timm.models import PretrainedCfg
 
 from .activation import FoldableActivation
 from .collate import drop_test_size, fit_channels, pretrained_cfg_of
-from .config import CONFIG_NAME as LAYERFOLD_CONFIG_NAME
-from .config import LayerFoldingConfig, as_config
+from .config import LAYERFOLD_CONFIG_NAME, LayerFoldingConfig, as_config
 from .fold import WEIGHT_PROVENANCE_KEYS, WEIGHT_SOURCE_KEYS, fold_model, folded_layout_cfg
 from .folded_model import CONFIG_NAME, LayerFoldedModel, read_save_info
 from .folded_net import FORMAT_VERSION, LayerFoldedNet, registered_kinds

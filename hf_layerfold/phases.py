@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from .config import CONFIG_NAME, LayerFoldingConfig
+from .config import LAYERFOLD_CONFIG_NAME, LayerFoldingConfig
 from .files import write_text_atomic
 from .folded_net import LayerFoldedNet
 from .plan import FoldPlan, applied_plan, apply_plan
@@ -115,7 +115,7 @@ RESUME_MAY_DIFFER = frozenset({"search_steps", "search_epochs", "alpha_init", "b
 def check_resumed_config(checkpoint: str | os.PathLike, config: LayerFoldingConfig) -> None:
     """Refuse to resume a run under another ``LayerFoldingConfig`` than the one its checkpoint records: other sites
     fail to load (or load half), and other knobs (λ, threshold, ...) silently make another run."""
-    path = Path(checkpoint) / CONFIG_NAME
+    path = Path(checkpoint) / LAYERFOLD_CONFIG_NAME
     if not path.is_file():
         return
     # both through the dataclass: a field added since the checkpoint was written takes its default, and validate()
@@ -123,7 +123,7 @@ def check_resumed_config(checkpoint: str | os.PathLike, config: LayerFoldingConf
     try:
         saved = json.loads(LayerFoldingConfig.from_pretrained(path).to_json_string())
     except (ValueError, OSError) as err:  # a newer version's field, a value no longer valid, a weights file gone
-        raise ValueError(f"cannot resume from {checkpoint}: its {CONFIG_NAME} does not load ({err})") from err
+        raise ValueError(f"cannot resume from {checkpoint}: its {LAYERFOLD_CONFIG_NAME} does not load ({err})") from err
     current = json.loads(config.to_json_string())
     differ = sorted(name for name in current if name not in RESUME_MAY_DIFFER and saved[name] != current[name])
     if differ:

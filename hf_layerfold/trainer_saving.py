@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .collate import model_input_shape
-from .config import CONFIG_NAME
+from .config import LAYERFOLD_CONFIG_NAME
 from .files import write_text_atomic
 from .model_card import training_run_card
 from .phases import FOLDED, SEARCH, STATE_NAME, PhaseState
@@ -53,7 +53,7 @@ class TrainerSaving:
         """Trainer copies only transformers' files from a checkpoint to the folder it pushes: the phase, plan and
         config go too, or the pushed weights could not be rebuilt."""
         if self._trainer_pushes_now():  # (a push still running is not followed by another, nor its files changed)
-            for name in (STATE_NAME, CONFIG_NAME):
+            for name in (STATE_NAME, LAYERFOLD_CONFIG_NAME):
                 if (Path(checkpoint_folder) / name).is_file():
                     shutil.copy(Path(checkpoint_folder) / name, Path(self.args.output_dir) / name)
         super()._push_from_checkpoint(checkpoint_folder)

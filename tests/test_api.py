@@ -9,7 +9,7 @@ import torch
 from conftest import randomize_bn, rel_err
 
 import hf_layerfold as lf
-from hf_layerfold.config import CONFIG_NAME
+from hf_layerfold.config import LAYERFOLD_CONFIG_NAME
 
 
 def small(name="mobilenetv2_050", **kw):
@@ -31,7 +31,7 @@ def test_config_json_round_trip(tmp_path):
     cfg = lf.LayerFoldingConfig(lambda_reg=0.5, regularizer="l1", threshold=0.8, exclude_modules=["bn1.act"],
                                 max_kernel_size=5, fold_residual=False)
     cfg.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / CONFIG_NAME).read_text())["lambda_reg"] == 0.5
+    assert json.loads((tmp_path / LAYERFOLD_CONFIG_NAME).read_text())["lambda_reg"] == 0.5
     assert lf.LayerFoldingConfig.from_pretrained(tmp_path) == cfg
     assert lf.LayerFoldingConfig.from_dict(cfg.to_dict()) == cfg
 
@@ -47,7 +47,7 @@ def test_config_rejects_bad_values_naming_the_field(field, value):
 
 
 def test_config_rejects_unknown_json_keys(tmp_path):
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"lambda_reg": 0.1, "lamda": 3}))
+    (tmp_path / LAYERFOLD_CONFIG_NAME).write_text(json.dumps({"lambda_reg": 0.1, "lamda": 3}))
     with pytest.raises(ValueError, match="lamda"):
         lf.LayerFoldingConfig.from_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError):
