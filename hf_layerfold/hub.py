@@ -144,10 +144,16 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
 
 def _check_target(target: Path, overwrite: bool, hint: str = "pass overwrite=True") -> None:
     check_not_working_directory(target)
+    above = next(p for p in target.parents if p.exists())
+    if not above.is_dir():
+        raise NotADirectoryError(f"cannot save into {target}: {above} is a file, not a directory")
     if overwrite or not (target.exists() or target.is_symlink()):
         return
     if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; {hint} to replace it")
+    if not os.access(target, os.W_OK):  # (the exchange would succeed, but the old save could not be deleted)
+        raise PermissionError(f"{target} is read-only; make it writable to replace the save it holds, or save "
+                              "elsewhere")
     if any(target.iterdir()) and not is_folded_save(target):
         raise FileExistsError(f"{target} is a non-empty directory that is not a folded-model save; refusing to "
                               f"replace it ({hint} to replace the whole directory)")
@@ -212,6 +218,28 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+    if path.exists() or path.is_symlink():  # (a read-only folder's files): say so, or it stays hidden for ever
+        logger.warning("could not delete %s, the save it replaced; delete it yourself", path)
+
+
+def _swaps_beside(target: Path) -> bool:
+    """Whether the save can be written beside ``target`` and swapped in by renames: not when ``target`` is a mount
+    point (a volume mounted at the output folder: renaming it fails with EBUSY) or its parent is not writable
+    (a folder made for the user in a shared one); the files are then replaced inside it, one rename each."""
+    if not target.is_dir():
+        return True
+    return not os.path.ismount(target) and os.access(target.parent, os.W_OK)
+
+
+def _replace_files(tmp: Path, target: Path, overwrite: bool) -> None:
+    """Move the new save's files (in ``tmp``, a folder inside ``target``) over the old ones, each in one rename,
+    and delete the files of the previous save the new one lacks (with ``overwrite``, everything else too)."""
+    written = [p.name for p in tmp.iterdir()]
+    for name in written:
+        os.replace(tmp / name, target / name)
+    for entry in target.iterdir():
+        if entry != tmp and entry.name not in written and (overwrite or entry.name in SAVE_FILES):
+            _remove(entry)
 
 
 def _base_copy(planned: nn.Module) -> nn.Module:
@@ -368,6 +396,11 @@ def _layerfold_block(net: LayerFoldedNet, planned: nn.Module | None, config: Any
             config = follow_applied_config(planned, config, "save_folded")
         config = config.to_dict()
     after = fold_stats(net, tuple(input_size)).to_dict()
+    counted_at = getattr(stats_before, "input_size", None)
+    if counted_at is not None and stats_before.macs is not None and tuple(counted_at) != tuple(input_size):
+        raise ValueError(f"stats_before counted MACs at {tuple(counted_at)}, but this save records and counts the "
+                         f"folded model at {tuple(input_size)}: the card would compare the two; count them with "
+                         f"fold_stats(model, {tuple(input_size)})")
     before = _stats_dict(stats_before)
     if before is None and planned is not None:
         before = fold_stats(_base_copy(planned), tuple(input_size)).to_dict()
@@ -450,6 +483,9 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     accuracy_section(card_fields.get("accuracy"))
     eval_results_from(eval_results)
     _check_overlay(pretrained_cfg_overlay)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        raise ValueError("the model's weights are on the meta device (no values): load them (e.g. model.to_empty("
+                         "device='cpu') then load_state_dict) before saving it")
 
     net, planned = _fold(model)
     source_cfg = pretrained_cfg_of(model)  # (a transformers wrapper's checkpoint config, else the model's own)
@@ -480,8 +516,12 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
                        load_revision=revision if push_to_hub and not create_pr else None,  # (a PR merges to main)
                        num_classes=net.num_classes)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    beside = _swaps_beside(target)
+    if beside:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+    else:
+        tmp = target / f".layerfold-tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
@@ -492,7 +532,10 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         FoldPlan.from_dict(block["plan"]).save(tmp)
         card.save(tmp / CARD_NAME)
         _sync_files(tmp)
-        _swap_in(tmp, target)
+        if beside:
+            _swap_in(tmp, target)
+        else:
+            _replace_files(tmp, target, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

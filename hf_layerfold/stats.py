@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -27,9 +27,11 @@ class FoldStats:
     convs: int
     params: int | None  # None where not counted (projected_stats folds nothing)
     macs: int | None = None
+    # the (C, H, W) MACs were counted at (None: not counted); not part of the record, nor of equality
+    input_size: tuple[int, int, int] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "input_size"}
 
 
 def _graph_counts(model: nn.Module, nodes: list) -> tuple[int, int, int]:
@@ -116,8 +118,9 @@ def fold_stats(model: nn.Module, input_size: int | tuple[int, ...] | None = 224)
         graph = build_graph(model)
         counts = _graph_counts(model, graph.features + graph.pre_logits)
     macs = None if input_size is None else count_macs(model, input_size)
+    shape = None if input_size is None else input_shape(input_size, getattr(model, "in_chans", None) or 3)
     return FoldStats(*counts, params=sum(p.numel() for p in model.parameters()
-                                         if not _is_alpha(model, p)), macs=macs)
+                                         if not _is_alpha(model, p)), macs=macs, input_size=shape)
 
 
 def _is_alpha(model: nn.Module, p: torch.Tensor) -> bool:

@@ -90,7 +90,8 @@ class TrainerSaving:
 
         A model still in the search phase is folded with the threshold plan. Defaults passed on: the trainer's
         config, the base architecture, the class names of the training set, the trained input size and the
-        last evaluation (as ``eval_results`` when a dataset id is known from ``datasets=`` or the eval set).
+        last evaluation of the planned network (as ``eval_results`` when a dataset id is known from ``datasets=``
+        or the eval set; one made while α was still searched describes another network and is not carded).
         Any ``hub.save_folded`` argument (``push_to_hub``, ``repo_id``, ``overwrite``, card fields) may be given.
         """
         from .hub import save_folded
@@ -113,7 +114,12 @@ class TrainerSaving:
             kwargs.setdefault("label_names", self._label_names)
         if self._input_size is not None:
             kwargs.setdefault("pretrained_cfg_overlay", {"input_size": model_input_shape(model, self._input_size)})
-        if "eval_results" not in kwargs:
+        if "eval_results" not in kwargs and self._phase == SEARCH:
+            # what evaluate() measured is the blended network (α between 0 and 1), not the threshold-planned net
+            # folded below: not this model's numbers
+            logger.info("save_folded: no evaluation on the card: evaluate() measured the network still searching "
+                        "α, not the threshold-planned one folded here (pass eval_results= to card one)")
+        elif "eval_results" not in kwargs:
             results = self._eval_results(kwargs.get("datasets"))
             if results is not None:
                 kwargs["eval_results"] = results
@@ -136,14 +142,16 @@ class TrainerSaving:
         """Trainer's ``evaluate``; what it measured on the trainer's own eval set is kept for the model card."""
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if eval_dataset is None and metric_key_prefix == "eval" and "eval_top1" in metrics:
-            self._own_evals.append((self.state.global_step, self._trained, metrics))
+            if self._phase != SEARCH:  # (a searching network is not the planned one that gets folded)
+                self._own_evals.append((self.state.global_step, self._trained, metrics))
         return metrics
 
     def _carded_metrics(self) -> dict | None:
         """The evaluation that describes the model being saved: one made after training, else, when training ended
         by loading its best checkpoint, that checkpoint's, else the last (on the trainer's eval set only: a set
         handed to ``evaluate`` is another dataset)."""
-        evals = self._own_evals or [(e.get("step"), False, e) for e in self.state.log_history if "eval_top1" in e]
+        evals = self._own_evals or [(e.get("step"), False, e) for e in self.state.log_history if "eval_top1" in e
+                                    and (e.get("step") or 0) > (self._search_steps or 0)]  # (not the search's)
         after = [m for _, trained, m in evals if trained]
         if after:
             return after[-1]

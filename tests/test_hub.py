@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -694,3 +695,56 @@ def test_a_save_does_not_describe_the_base_models_weights_as_its_own(tmp_path, f
                              "origin_url": "https://example.org/base", "paper_ids": "arXiv:0000.00000"}
     saved = json.loads((save_folded(folded, tmp_path / "a", **SAVE_KW) / "config.json").read_text())
     assert not {"description", "origin_url", "paper_ids"} & set(saved["pretrained_cfg"])
+
+
+def test_stats_before_counted_at_another_size_are_refused(tmp_path, planned, folded):
+    """The README's ``fold_stats(model)`` counts at 224 px; passed as ``stats_before`` to a 64 px save, the card
+    compared 224 px MACs with 64 px ones (-92 % instead of -8 %)."""
+    overlay = {"input_size": (3, 64, 64)}
+    with pytest.raises(ValueError, match=r"stats_before counted MACs at \(3, 224, 224\).*\(3, 64, 64\)"):
+        save_folded(folded, tmp_path / "s", stats_before=lf.fold_stats(planned), pretrained_cfg_overlay=overlay)
+    assert not (tmp_path / "s").exists()
+    path = save_folded(folded, tmp_path / "s", stats_before=lf.fold_stats(planned, (3, 64, 64)),
+                       pretrained_cfg_overlay=overlay)
+    assert json.loads((path / "config.json").read_text())["layerfold"]["stats_before"] == \
+        lf.fold_stats(planned, (3, 64, 64)).to_dict()  # (the size is not part of the record)
+
+
+def test_a_save_folder_that_cannot_be_renamed_is_replaced_file_by_file(tmp_path, folded, x, monkeypatch):
+    """A volume mounted at the save folder (renaming it fails with EBUSY) or a folder whose parent is not the
+    user's: the save failed, or left a hidden copy of the old one. Its files are now replaced in place."""
+    from hf_layerfold import hub
+
+    target = tmp_path / "volume"
+    target.mkdir()
+    monkeypatch.setattr(hub.os.path, "ismount", lambda p: Path(p) == target)
+    held = os.open(target, os.O_RDONLY)  # (keeps the folder's inode from being reused by a swapped-in one)
+    for labels in (LABELS, LABELS[::-1]):  # into the empty folder, then over its save
+        assert save_folded(folded, target, label_names=labels) == target
+        assert json.loads((target / "config.json").read_text())["label_names"] == labels
+    assert os.path.samestat(os.fstat(held), target.stat()) and sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
+    assert {p.name for p in target.iterdir()} == set(hub.SAVE_FILES) - {"layerfold_config.json"}  # (a bare net's)
+    os.close(held)
+    torch.testing.assert_close(_out(LayerFoldedModel.from_pretrained(target), x), _out(folded, x))
+    (target / "NOTES.md").write_text("x")
+    with pytest.raises(FileExistsError, match=r"also \['NOTES.md'\]"):
+        save_folded(folded, target)
+    save_folded(folded, target, overwrite=True)  # the whole folder's contents replaced, as a swap would
+    assert not (target / "NOTES.md").exists() and is_folded_save(target)
+    real_access = os.access
+    monkeypatch.setattr(hub.os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
+    with pytest.raises(PermissionError, match="is read-only; make it writable"):  # (root writes anyway: simulated)
+        save_folded(folded, target)
+
+
+def test_a_model_without_values_or_a_file_in_the_path_is_refused_before_the_fold(tmp_path, folded):
+    """A meta-device model failed in the weights copy ('Cannot copy out of meta tensor'); a file where a folder of
+    the path should be failed in mkdir with a bare FileExistsError."""
+    with torch.device("meta"):
+        empty = copy.deepcopy(folded).to("meta")
+    with pytest.raises(ValueError, match="on the meta device"):
+        save_folded(empty, tmp_path / "meta")
+    (tmp_path / "file.bin").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"file.bin is a file, not a directory"):
+        save_folded(folded, tmp_path / "file.bin" / "sub")
+    assert not (tmp_path / "meta").exists() and (tmp_path / "file.bin").read_text() == "x"

@@ -1122,3 +1122,19 @@ def test_persistent_workers_are_reused_and_not_left_running(tmp_path, fashion):
     assert trainer.args.dataloader_persistent_workers is True  # restored after each other set (and predict)
     assert trainer._eval_dataloaders["eval"] is loader and trainer.get_eval_dataloader() is loader
     assert len(multiprocessing.active_children()) == live
+
+
+def test_an_evaluation_of_the_searching_network_is_not_carded(tmp_path, fashion):
+    """An evaluation during the search measures the soft-α network, not the threshold-planned net that
+    ``save_folded`` folds: the card reported it as the saved model's top-1 (from the trainer's own record and from
+    Trainer's log history)."""
+    args = args_for(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2)
+    trainer = make_trainer(tmp_path, fashion, config=lf.LayerFoldingConfig(**{**CFG, "search_steps": 4}),
+                           train_args=args)
+    trainer.train()  # a search-only run: its evaluations (steps 2 and 4) are of the searching network
+    assert trainer.phase == "finetune" and [e["step"] for e in trainer.state.log_history if "eval_top1" in e] == [2, 4]
+    assert trainer._eval_results("zalando-datasets/fashion_mnist") is None
+    trainer._own_evals.clear()  # (as after a resume: only the log history is left)
+    assert trainer._eval_results("zalando-datasets/fashion_mnist") is None
+    after = trainer.evaluate()  # the planned network, evaluated: that one is carded
+    assert trainer._eval_results("zalando-datasets/fashion_mnist")["metrics"]["top1"] == after["eval_top1"]
