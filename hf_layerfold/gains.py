@@ -167,10 +167,15 @@ def timing_input_size(model: nn.Module, input_size: int | Sequence[int] | None, 
                       dtype=dtype)
     if input_size is None:  # its height and width (timm keeps the 3 channels there for an in_chans=1 model)
         input_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224)))[-2:]
+    channels = getattr(model, "in_chans", 3)
     try:  # an int side, (height, width) or (channels, height, width), as fold_stats takes them
-        return input_shape(input_size, getattr(model, "in_chans", 3))
+        shape = input_shape(input_size, channels)
     except ValueError as err:
         raise ValueError(f"{who}: {err}") from None
+    if shape[0] != channels:  # (as fold_stats refuses it: else a conv's RuntimeError from inside the timing)
+        raise ValueError(f"{who}: input_size {tuple(shape)} has {shape[0]} channel(s) but the model takes {channels}; "
+                         "give (height, width) or one side to time at the model's channels")
+    return shape
 
 
 def measure_fold_gains(model: nn.Module, input_size: int | Sequence[int] | None = None, *, batch_size: int = 1,

@@ -84,8 +84,10 @@ def measure_merge_costs(model: nn.Module, input_size: int | Sequence[int] | None
     """Milliseconds of every conv and every possible merge of a prepared (not yet planned) ``model``, for
     ``LayerFoldingConfig.merge_costs``: each timed as a lone ``nn.Conv2d`` of the merged shape (random weights:
     latency does not depend on them) on ``batch_size`` inputs at the resolution that conv sees, median of
-    ``rounds``. Shapes that repeat are timed once. Measure with the config the search will use: its sites,
-    ``max_kernel_size`` and ``max_macs_increase`` decide which merges exist. The table leaves out the residual add
+    ``rounds``. Shapes that repeat are timed once. Measure with the config the search will use: its sites and
+    ``max_kernel_size`` decide which merges exist (every merge within ``max_kernel_size`` is timed, whatever
+    ``max_macs_increase``). The table records no device, batch, dtype or input size: measure it at the cell the
+    folded net will serve at, since nothing checks that when it is used. The table leaves out the residual add
     that a block keeps when its branch does not merge into one conv, and the caches a conv shares with its
     neighbours inside the network."""
     from .timing import latency_samples

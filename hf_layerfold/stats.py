@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -80,7 +81,7 @@ def _segment_counts(items: list) -> tuple[int, int, int]:
 
 
 def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int:
-    """Multiply-accumulates of convs and linear layers for one image (a real forward at batch 1)."""
+    """Multiply-accumulates of convs (any dimension) and linear layers for one image (a real forward at batch 1)."""
     channels = getattr(model, "in_chans", None)
     input_size = input_shape(input_size, channels or 3)  # (a 1-channel model: 1, not 3)
     if channels is not None and input_size[0] != channels:  # (timm keeps (3, H, W) for an in_chans=1 model)
@@ -90,13 +91,13 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.Conv2d):
-            kh, kw = module.kernel_size
-            total += output.numel() * (module.in_channels // module.groups) * kh * kw
+        if isinstance(module, nn.modules.conv._ConvNd):  # Conv2d, and the Conv1d of ECA attention (ecaresnet*)
+            total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
         else:
             total += output.numel() * module.in_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)]
     param = next(model.parameters())
     was_training = model.training
     try:

@@ -185,6 +185,12 @@ def test_timing_takes_the_input_sizes_fold_stats_takes_and_names_bad_arguments(t
             with pytest.raises(ValueError, match=f"{measure.__name__}: {why}"):
                 measure(model, **{"input_size": (3, 24, 24), **quick, **bad})
     assert "conv_stem" in lf.measure_merge_costs(model, 24, batch_size=np.int64(2), **quick)  # numpy ints are ints
+    gray = lf.prepare_model(timm.create_model("test_efficientnet", num_classes=10, in_chans=1),
+                            lf.LayerFoldingConfig(blend="eager"))
+    for measure in (measure_fold_gains, lf.measure_merge_costs):  # (timm keeps (3, H, W) in its pretrained_cfg)
+        with pytest.raises(ValueError, match=rf"{measure.__name__}: input_size \(3, 24, 24\) has 3 channel\(s\) "
+                                             "but the model takes 1"):  # (was a conv's RuntimeError, mid-timing)
+            measure(gray, (3, 24, 24), **quick)
     lf.LayerFoldingConfig().save_pretrained(tmp_path)  # a config is not a measurement
     with pytest.raises(ValueError, match=r"layerfold_config.json: not a fold-gains measurement .*lacks \['device'"):
         FoldGains.load(tmp_path / "layerfold_config.json")
