@@ -188,19 +188,33 @@ def check_nodes(nodes: object, who: str, where: str = "") -> None:
                                         "their path in the model (a string, e.g. f'{path}.conv1')")
 
 
+def wrapper_error(model: nn.Module) -> UnsupportedModelError | None:
+    """The error for a wrapper (DDP / DataParallel, transformers' TimmWrapper*, ``torch.compile``) around a model
+    this library reads, naming the attribute to pass instead; None for anything else."""
+    from .folded_net import LayerFoldedNet
+
+    if isinstance(model, LayerFoldedNet) or lookup_rule(MODEL_RULES, model) is not None:
+        return None
+    for attr in WRAPPER_ATTRS:
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and (isinstance(inner, LayerFoldedNet)
+                                             or lookup_rule(MODEL_RULES, inner) is not None):
+            return UnsupportedModelError(
+                f"model type {type(model).__name__} is a wrapper, which is not supported: pass the "
+                f"{type(inner).__name__} it wraps (model.{attr}) instead: prepare, train, plan and fold the bare "
+                "model (a folded save loads through transformers afterwards)")
+    return None
+
+
 def build_graph(model: nn.Module) -> ModelGraph:
     """The node view of a supported timm model."""
     from . import rules  # noqa: F401  (registers the built-in rules)
 
     rule = checked_rule(MODEL_RULES, model, f"the model ({type(model).__name__})", MODEL_METHODS)
     if rule is None:
-        for attr in WRAPPER_ATTRS:
-            inner = getattr(model, attr, None)
-            if isinstance(inner, nn.Module) and lookup_rule(MODEL_RULES, inner) is not None:
-                raise UnsupportedModelError(
-                    f"model type {type(model).__name__} is a wrapper, which is not supported: pass the "
-                    f"{type(inner).__name__} it wraps (model.{attr}) instead: prepare, plan and fold the bare "
-                    "model, and wrap it after prepare_model")
+        wrapped = wrapper_error(model)
+        if wrapped is not None:
+            raise wrapped
         raise UnsupportedModelError(
             f"model type {_type_name(type(model))} is not supported (no folding rule); supported model types: "
             f"{', '.join(supported_model_types())}, built from blocks: {', '.join(supported_block_types())}. "

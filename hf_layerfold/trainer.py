@@ -32,6 +32,7 @@ from .data import (
     prepare_datasets,
 )
 from .folded_net import LayerFoldedNet
+from .graph import wrapper_error
 from .losses import alpha_regularizer, clamp_alphas_, clamp_schedule_free_alphas_, distillation_loss
 from .metrics import BatchedTopK, check_metric_name, compute_metrics
 from .phases import (
@@ -126,6 +127,7 @@ class _LayerFoldingCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer._forget_search_best(state)
         self.trainer._trained = False
+        self.trainer._own_evals.clear()  # (an evaluation before this train() describes no model it ends with)
         self.trainer._stats.zero_()  # (auto_find_batch_size restarts here after a batch that ran out of memory)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -196,6 +198,9 @@ class LayerFoldingTrainer(TrainerData, TrainerSaving, Trainer):
             raise ValueError("LayerFoldingTrainer needs a model instance (model_init is not supported)")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("LayerFoldingTrainer computes its own loss; compute_loss_func is not supported")
+        wrapped = wrapper_error(model)  # (a wrapped prepared model trained until the first log or the plan)
+        if wrapped is not None:
+            raise wrapped
         config = ensure_prepared(model, layerfold_config)
         self.layerfold_config = config = checked_teacher(model, teacher_model, config, layerfold_config is not None)
         site_alphas = alpha_parameters(model)  # (Trainer moves the model in place: the α objects stay the same)

@@ -150,14 +150,16 @@ class TrainerSaving:
         """The evaluation that describes the model being saved: one made after training, else, when training ended
         by loading its best checkpoint, that checkpoint's, else the last (on the trainer's eval set only: a set
         handed to ``evaluate`` is another dataset)."""
-        evals = self._own_evals or [(e.get("step"), False, e) for e in self.state.log_history if "eval_top1" in e
-                                    and (e.get("step") or 0) > (self._search_steps or 0)]  # (not the search's)
+        history = [(e.get("step"), False, e) for e in self.state.log_history if "eval_top1" in e
+                   and (e.get("step") or 0) > (self._search_steps or 0)]  # (not the search's)
+        evals = self._own_evals or history
         after = [m for _, trained, m in evals if trained]
         if after:
             return after[-1]
         best = self.state.best_global_step if self.args.load_best_model_at_end else None
-        at_best = [m for step, _, m in evals if best and step == best]
-        return at_best[-1] if at_best else (evals[-1][2] if evals else None)
+        # (a resumed run's best may predate the resume: then only the restored log history has it)
+        at_best = [m for step, _, m in (*evals, *history) if best and step == best]
+        return at_best[0] if at_best else (evals[-1][2] if evals else None)
 
     def _eval_results(self, dataset_ids: Any) -> dict | None:
         metrics = self._carded_metrics()

@@ -1138,3 +1138,39 @@ def test_an_evaluation_of_the_searching_network_is_not_carded(tmp_path, fashion)
     assert trainer._eval_results("zalando-datasets/fashion_mnist") is None
     after = trainer.evaluate()  # the planned network, evaluated: that one is carded
     assert trainer._eval_results("zalando-datasets/fashion_mnist")["metrics"]["top1"] == after["eval_top1"]
+
+
+def test_the_card_takes_the_best_evaluation_of_a_resumed_run_and_none_from_before_train(tmp_path, fashion):
+    """A resumed run whose best checkpoint predates the resume carded its last evaluation, not the best one it
+    loaded; an ``evaluate()`` before a second ``train()`` was carded for the model that run ended with."""
+    calls = iter(range(100, 0, -1))  # a score that only falls, across both trainers: step 8 stays the best
+
+    def scored(pred):
+        return {**compute_metrics(pred), "score": next(calls)}
+
+    kw = dict(max_steps=12, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+              load_best_model_at_end=True, metric_for_best_model="score")
+    make_trainer(tmp_path / "a", fashion, train_args=args_for(tmp_path / "a", **kw), compute_metrics=scored).train()
+    resumed = make_trainer(tmp_path / "b", fashion, train_args=args_for(tmp_path / "b", **kw),
+                           compute_metrics=scored)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-8"))  # (search: steps 1-6)
+    assert resumed.state.best_global_step == 8
+    at_8 = next(e for e in resumed.state.log_history if e.get("step") == 8 and "eval_score" in e)
+    assert resumed._carded_metrics()["eval_score"] == at_8["eval_score"]
+    resumed.evaluate()
+    resumed.args.eval_strategy = "no"
+    resumed.train()  # a fine-tune only, evaluated by nobody: the evaluation before it describes another model
+    assert resumed._carded_metrics() is None
+
+
+def test_a_wrapped_model_is_refused_when_the_trainer_is_built(tmp_path, fashion):
+    """A prepared model wrapped afterwards (as transformers' TimmWrapper keeps it, in ``.timm_model``) trained until
+    the first log, or with no logging through the whole search, then failed; a wrapped folded net was refused as
+    a model with no folding rule."""
+    prepared = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig(**CFG))
+    for inner in (prepared, lf.fold_model(prepared)):
+        wrapper = torch.nn.Module()
+        wrapper.timm_model = inner
+        with pytest.raises(lf.UnsupportedModelError, match=rf"is a wrapper.*pass the {type(inner).__name__} it "
+                                                           r"wraps \(model\.timm_model\)"):
+            make_trainer(tmp_path, fashion, model=wrapper)
