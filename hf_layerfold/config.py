@@ -59,8 +59,11 @@ class LayerFoldingConfig:
             of a block (an inverted residual's two activations), so a block turns linear as a whole and collapses
             into one conv: fewer, larger depth savings for the same number of linear sites. The regularizer still
             sums over sites, so a block's α is pushed in proportion to the activations it removes.
-        target_modules: site-name patterns (fnmatch, or a regex prefixed ``re:``) to make foldable;
-            ``None`` = every foldable site.
+        target_modules: site-name patterns (fnmatch, or a regex prefixed ``re:``, matched against the whole site
+            name, e.g. ``"blocks.*.bn1.act"``; a plain name also takes every site under that module, e.g.
+            ``"blocks.1"``) to make foldable; ``None`` = every foldable site. Unlike peft, a plain name is not
+            matched as a suffix (``"bn1.act"`` is the stem's site only), and a single string is one such pattern,
+            not a regex.
         exclude_modules: site-name patterns never made foldable.
         max_kernel_size: largest merged kernel allowed; longer runs are split.
         max_macs_increase: ``None`` merges every run as far as ``max_kernel_size`` allows. A number ``x`` splits

@@ -12,9 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 from timm.layers import BatchNormAct2d
+from torch.nn.modules import module as torch_module
 
 from . import activation
 from .activation import FoldableActivation, clamp_blend
+from .layers import has_hooks
 
 
 def _bn_blend(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor, weight: torch.Tensor,
@@ -44,13 +46,20 @@ def compiled_bn_blend(*args) -> torch.Tensor:
     return _compiled_bn_blend(*args)
 
 
+def _runs_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own, or global module hooks) that the fused path skips."""
+    return has_hooks(module) or bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                                     or torch_module._global_backward_hooks
+                                     or torch_module._global_backward_pre_hooks)
+
+
 class BatchNormBlend2d(BatchNormAct2d):
     """timm's ``BatchNormAct2d`` whose searching ``FoldableActivation`` runs fused with the BatchNorm.
 
     Same parameters, buffers and state-dict keys as the module it replaces; eval mode, a fixed plan, a drop layer
-    between BatchNorm and the activation, anything under an outer ``torch.compile``, and ``blend="auto"`` wherever
-    it does not compile (off the CPU, below ``AUTO_COMPILE_MIN_NUMEL`` elements, after a compiler failure; the
-    activation then picks its own path) take timm's own forward.
+    between BatchNorm and the activation, an activation carrying hooks, anything under an outer ``torch.compile``,
+    and ``blend="auto"`` wherever it does not compile (off the CPU, below ``AUTO_COMPILE_MIN_NUMEL`` elements, after
+    a compiler failure; the activation then picks its own path) take timm's own forward.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,7 +68,8 @@ class BatchNormBlend2d(BatchNormAct2d):
                 or torch.compiler.is_compiling() or (act.blend == "auto" and not activation.auto_compiles(x))
                 or not self.track_running_stats or self.momentum is None
                 or self.weight is None or self.bias is None or not isinstance(self.drop, nn.Identity)
-                or x.numel() == x.shape[1]):  # one value per channel: let BatchNorm raise its own error
+                or x.numel() == x.shape[1]  # one value per channel: let BatchNorm raise its own error
+                or _runs_hooks(act)):  # hooks registered on the site (as prepare_model advises) must fire
             return super().forward(x)
         if act.blend == "auto":
             eager = super().forward

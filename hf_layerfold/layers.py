@@ -21,6 +21,16 @@ def _run_pad(x: torch.Tensor, rules: tuple) -> torch.Tensor:
 
 torch.fx.wrap("_run_pad")
 
+# a module's hook registries (torch.nn.Module attributes); with their flags, what a PaddedConv2d takes over
+HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_STATE = (*HOOK_DICTS, "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs", "_is_full_backward_hook")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs hooks registered on it (forward, pre-forward, backward)."""
+    return any(getattr(module, name, None) for name in HOOK_DICTS)
+
 
 class PaddedConv2d(nn.Conv2d):
     """A conv that pads its input with the front padding of a run of convs, then convolves unpadded.
@@ -38,7 +48,7 @@ class PaddedConv2d(nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, pad_rules: list[PadRule]) -> PaddedConv2d:
-        """Wrap an existing conv, sharing its Parameter objects (optimizers keep working)."""
+        """Wrap an existing conv, sharing its Parameter objects (optimizers keep working) and its hooks."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for name in ("in_channels", "out_channels", "kernel_size", "stride", "dilation", "transposed",
@@ -51,6 +61,9 @@ class PaddedConv2d(nn.Conv2d):
         new.static_pads = static_chain_padding(new.pad_rules)
         new._init_pad_cache()
         new.train(conv.training)
+        for name in _HOOK_STATE:  # the same dict objects: hooks keep firing and their handles still remove them
+            if hasattr(conv, name):
+                setattr(new, name, getattr(conv, name))
         return new
 
     def _init_pad_cache(self) -> None:
@@ -105,7 +118,7 @@ class Residual(nn.Module):
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "hardswish": nn.Hardswish, "gelu": nn.GELU,
     "sigmoid": nn.Sigmoid, "hardsigmoid": nn.Hardsigmoid, "tanh": nn.Tanh, "mish": nn.Mish,
-    "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU,
+    "prelu": nn.PReLU, "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "hardtanh": nn.Hardtanh,
     "timm_swish": timm_act.Swish, "timm_hard_swish": timm_act.HardSwish,
     "timm_hard_sigmoid": timm_act.HardSigmoid, "timm_sigmoid": timm_act.Sigmoid,
     "timm_gelu": timm_act.GELU, "timm_mish": timm_act.Mish, "timm_hard_mish": timm_act.HardMish,
@@ -132,6 +145,8 @@ def activation_spec(module: nn.Module) -> dict:
         spec["alpha"] = module.alpha
     if isinstance(module, nn.PReLU):
         spec["num_parameters"] = module.num_parameters
+    if type(module) is nn.Hardtanh:
+        spec["min_val"], spec["max_val"] = float(module.min_val), float(module.max_val)
     return spec
 
 

@@ -79,6 +79,9 @@ class FoldPlan:
         if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold != threshold:
             raise TypeError(f"FoldPlan.from_model: threshold must be a number (or None for the model's config "
                             f"threshold), got {threshold!r}")
+        if not 0.0 < threshold <= 1.0:  # as LayerFoldingConfig.threshold: 90 (a percentage) planned nothing, 0 all
+            raise ValueError(f"FoldPlan.from_model: threshold must lie in (0, 1] (α is kept in [0, 1]), got "
+                             f"{threshold!r}")
         return cls(tuple(m.site for m in model.modules()
                          if isinstance(m, FoldableActivation) and bool(past_threshold(m.alpha, threshold))))
 

@@ -23,6 +23,7 @@ from .graph import (
     model_candidate_acts,
     supported_block_types,
 )
+from .layers import HOOK_DICTS, has_hooks
 from .plan import follow_applied_config
 
 logger = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None 
     sites = select_sites(model, config)
     _check_merge_costs(model, config, sites)  # before the model changes: a refused table leaves it as it was
     device = next((p.device for p in model.parameters()), None)
-    hooked = [s for s in sites if _has_hooks(model.get_submodule(s))]
+    hooked = [s for s in sites if has_hooks(model.get_submodule(s))]
     if hooked:
         logger.warning("%d activation(s) carry hooks (%s): prepare_model replaces them with FoldableActivation "
                        "modules and does not carry the hooks over (the blend runs the activation on some paths "
@@ -111,7 +112,7 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None 
         wrapped = FoldableActivation(act, site, config.alpha_init, config.blend).to(device)
         wrapped.train(act.training)  # (a new module is in training mode: keep the model's mode, as eval() left it)
         if site in hooked:  # the copy inside would fire them on some paths and not others
-            for name in _HOOK_DICTS:
+            for name in HOOK_DICTS:
                 getattr(wrapped.act, name, {}).clear()
         model.set_submodule(site, wrapped)
     if config.alpha_sharing == "block":
@@ -120,13 +121,6 @@ def prepare_model(model: nn.Module, config: LayerFoldingConfig | Mapping | None 
         fuse_batchnorm_blends(model)
     model.layerfold_config = config
     return model
-
-
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    return any(getattr(module, name, None) for name in _HOOK_DICTS)
 
 
 def _check_merge_costs(model: nn.Module, config: LayerFoldingConfig, sites: list[str] | None = None) -> None:
@@ -270,6 +264,7 @@ def site_regularizer_weights(sites: list[str], weights: dict[str, float] | None)
 
 def alpha_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """Site name → α parameter, in network order (sites that share an α map to the same parameter)."""
+    require_module(model, "alpha_parameters")
     return {m.site: m.alpha for m in model.modules() if isinstance(m, FoldableActivation)}
 
 

@@ -268,3 +268,60 @@ def test_macs_count_the_conv1d_of_eca_attention():
     with counter, torch.no_grad():
         model(torch.randn(1, 3, 32, 32))
     assert lf.fold_stats(model, (3, 32, 32)).macs == counter.get_total_flops() // 2
+
+
+def test_hooks_on_a_prepared_site_or_a_merging_conv_keep_firing(monkeypatch):
+    """A hook put on a prepared site (as prepare_model's warning advises) fired in eval mode only: the fused
+    BatchNorm + blend skipped the site module while training. apply_plan's PaddedConv2d dropped a merging conv's
+    hooks without a word."""
+    from timm.layers import BatchNormAct2d
+
+    from hf_layerfold import activation, fused
+
+    monkeypatch.setattr(activation, "_COMPILE_FAILED", False)
+    region = BatchNormAct2d(4, act_layer=torch.nn.ReLU6).train()
+    region.act = lf.FoldableActivation(region.act, "s", alpha_init=0.3, blend="compile")
+    assert fused.fuse_batchnorm_blends(region) == 1
+    calls = []
+    region.act.register_forward_hook(lambda *a: calls.append("site"))
+    region(torch.randn(2, 4, 5, 5))
+    region.eval()(torch.randn(2, 4, 5, 5))
+    assert calls == ["site", "site"]
+    model = _prepared()
+    handle = model.get_submodule("blocks.1.0.conv_pw").register_forward_hook(lambda *a: calls.append("conv"))
+    lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["blocks.1.0"]))
+    assert type(model.get_submodule("blocks.1.0.conv_pw")).__name__ == "PaddedConv2d"
+    model.eval()(torch.randn(1, 3, 32, 32))
+    handle.remove()  # (the handle still reaches the hook it registered)
+    model(torch.randn(1, 3, 32, 32))
+    assert calls.count("conv") == 1
+
+
+def test_a_hardtanh_network_prepares_folds_and_reloads(tmp_path):
+    """README names Hardtanh among the sites with fast blends, yet a folded net could not keep one (refused)."""
+    import functools
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3, act_layer=functools.partial(torch.nn.Hardtanh, -1.0, 2.0))
+    x = torch.randn(2, 3, 33, 33)
+    want = model.eval()(x)
+    planned = lf.prepare_model(model, lf.LayerFoldingConfig(blend="eager"))
+    torch.testing.assert_close(planned(x), want, rtol=0, atol=0)
+    lf.apply_plan(planned, lf.foldable_sites(planned)[::2])
+    folded = lf.fold_model(planned)
+    torch.testing.assert_close(folded(x), planned(x), rtol=1e-4, atol=1e-5)
+    loaded = lf.LayerFoldedModel.from_pretrained(lf.save_folded(planned, tmp_path / "s"))
+    torch.testing.assert_close(loaded(x), folded(x), rtol=0, atol=0)
+    kept = [m for m in loaded.modules() if type(m) is torch.nn.Hardtanh]
+    assert kept and all((m.min_val, m.max_val) == (-1.0, 2.0) for m in kept)
+
+
+def test_api_arguments_are_checked_as_the_config_checks_them():
+    """FoldPlan.from_model took any threshold (90, a percentage, planned nothing; 0 every site);
+    alpha_parameters of a model name failed with a bare AttributeError."""
+    model = _prepared()
+    for bad in (1.5, 90, 0, -1):
+        with pytest.raises(ValueError, match=rf"threshold must lie in \(0, 1\].*got {bad}"):
+            lf.FoldPlan.from_model(model, threshold=bad)
+    with pytest.raises(TypeError, match="alpha_parameters"):
+        lf.alpha_parameters("mobilenetv2_050")
