@@ -197,7 +197,9 @@ def folded_layout_cfg(net: LayerFoldedNet) -> dict:
     first = net.model_args["features"][0] if net.model_args["features"] else {}
     return dict(architecture=ARCHITECTURE, num_classes=net.num_classes,
                 first_conv="features.0" if first.get("type") == "conv" else None,
-                classifier="classifier" if net.num_classes > 0 else None)
+                # (named without one too, as timm's cfgs do: timm's loader drops a saved head, or loads the weights
+                # non-strictly, only where the cfg names it, so a headless save could not take a new one)
+                classifier="classifier")
 
 
 def _folded_pretrained_cfg(model: nn.Module, net: LayerFoldedNet) -> dict:

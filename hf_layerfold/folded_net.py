@@ -268,14 +268,30 @@ def pool_type_of(pool: nn.Module) -> str:
 def _taking_channels(features: list[dict], in_chans: int) -> list[dict]:
     """The spec with its first conv taking ``in_chans`` channels: ``timm.create_model(..., in_chans=1)`` on a save
     of an RGB model asks for that, and timm's loader then sums the saved kernels over their input channels (a
-    grayscale image then gives what the RGB model gives on that image in three equal channels)."""
+    grayscale image then gives what the RGB model gives on that image in three equal channels); ``in_chans=3`` on
+    a save of a 1-channel model repeats them (timm adapts from the channel count the save's ``input_size`` gives)."""
     first = features[0] if features else {}
-    if first.get("type") != "conv" or first.get("in") == in_chans or first.get("in") != 3:
-        return features  # (timm adapts RGB kernels only; a save's own channel count is its first conv's)
+    if first.get("type") != "conv" or first.get("in") == in_chans:
+        return features
+    if first.get("in") != 3 and not _TIMM_ADAPTS_ANY_CHANNELS:
+        return features  # (this timm adapts RGB kernels only; a save's own channel count is its first conv's)
     if first.get("groups") != 1:
         raise ValueError(f"in_chans={in_chans}: the folded net's first conv is grouped ({first.get('groups')} "
                          f"groups of {first.get('in')} input channels) and cannot take another channel count")
     return [{**first, "in": in_chans}, *features[1:]]
+
+
+def _timm_adapts_any_channels() -> bool:
+    """Whether this timm's loader adapts a first conv from any saved channel count (``adapt_input_conv``'s
+    ``base_chans``, from the save's ``input_size``), not from RGB only."""
+    import inspect
+
+    from timm.models import adapt_input_conv
+
+    return "base_chans" in inspect.signature(adapt_input_conv).parameters
+
+
+_TIMM_ADAPTS_ANY_CHANNELS = _timm_adapts_any_channels()
 
 
 def head_conv_width(pre_logits: list[dict]) -> int | None:

@@ -44,7 +44,8 @@ def layerfold_net(pretrained: bool = False, **kwargs: Any) -> LayerFoldedNet:
     unsupported = sorted(k for k in ("features_only", "out_indices", "feature_cfg") if kwargs.get(k))
     if unsupported:  # (timm would build the net, then fail to wrap it, and the weights would be blamed)
         raise ValueError(f"layerfold_net does not support {', '.join(unsupported)}: a folded net is a classifier "
-                         "(forward_features gives the last feature map; num_classes=0 drops the classifier)")
+                         "(forward_features gives the last feature map; num_classes=0 drops the classifier; for inner "
+                         "maps, timm.models.create_feature_extractor(model, {'features.<i>': name}) traces it)")
     dropped = ", ".join(f"{k}={kwargs[k]}" for k in ("drop_path_rate", "drop_block_rate") if kwargs.get(k))
     if dropped:  # (timm's train.py --drop-path passes them; LayerFoldedNet's **kwargs swallowed them: nothing dropped)
         raise ValueError(f"layerfold_net has no stochastic depth or DropBlock ({dropped}): its residual branches are "

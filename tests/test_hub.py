@@ -273,6 +273,10 @@ def test_a_one_channel_model_saves_a_one_channel_config(tmp_path):
     assert x.shape == (1, 1, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+    rgb = timm.create_model(f"local-dir:{path}", pretrained=True, in_chans=3).eval()  # (kept one channel, said 3)
+    g = torch.randn(1, 1, 48, 48, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(rgb(g.expand(1, 3, 48, 48)), loaded(g), rtol=1e-4, atol=1e-5)
 
 
 def test_a_resave_with_a_new_head_does_not_compare_against_the_old_base(saved, tmp_path):
@@ -584,6 +588,9 @@ def test_a_headless_model_and_a_quoted_path_save(tmp_path, x):
              or "create_model(" in ln]
     assert len(lines) >= 3 and all(ast.parse(ln.strip()) for ln in lines)
     assert str(path) in ast.literal_eval(lines[-1].split("from_pretrained(")[1].rstrip(")"))
+    headed = timm.create_model(f"local-dir:{path}", pretrained=True, num_classes=5).eval()  # a new head, as timm's
+    assert headed(x).shape == (1, 5)                                            # own headless saves take one
+    torch.testing.assert_close(headed.forward_head(headed.forward_features(x), pre_logits=True), _out(model, x))
 
 
 def test_a_replaced_save_is_exchanged_in_one_step():
