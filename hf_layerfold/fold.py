@@ -14,7 +14,18 @@ from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, 
 from .folded_net import LayerFoldedNet, conv_spec, head_conv_width, op_spec, pool_type_of
 from .graph import ConvNode, ModelGraph, build_graph, iter_nodes
 from .padding import static_chain_padding
-from .plan import FoldPlan, ResidualItem, Run, applied_plan, apply_plan, as_plan, plan_of, run_pad_rules, segment_model
+from .plan import (
+    FoldPlan,
+    ResidualItem,
+    Run,
+    applied_plan,
+    apply_plan,
+    as_plan,
+    plan_of,
+    run_pad_rules,
+    segment_model,
+    threshold_plan,
+)
 from .prepare import check_foldable, check_keepable_modules, is_prepared, require_module
 from .timm_registry import ARCHITECTURE
 
@@ -138,7 +149,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
     if is_prepared(model):
         current = applied_plan(model)
         if current is None:
-            plan = plan if plan is not None else FoldPlan.from_model(model)
+            plan = plan if plan is not None else threshold_plan(model, "fold_model")
             model = apply_plan(copy.deepcopy(model), plan)
         elif plan is not None and plan != current:
             raise ValueError("fold_model got a plan that differs from the one applied to the model")

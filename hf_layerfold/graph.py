@@ -199,10 +199,11 @@ def wrapper_error(model: nn.Module) -> UnsupportedModelError | None:
         inner = getattr(model, attr, None)
         if isinstance(inner, nn.Module) and (isinstance(inner, LayerFoldedNet)
                                              or lookup_rule(MODEL_RULES, inner) is not None):
+            then = ("fine-tune and save it bare (a folded save loads through transformers afterwards)"
+                    if isinstance(inner, LayerFoldedNet) else "prepare, train, plan and fold the bare model")
             return UnsupportedModelError(
                 f"model type {type(model).__name__} is a wrapper, which is not supported: pass the "
-                f"{type(inner).__name__} it wraps (model.{attr}) instead: prepare, train, plan and fold the bare "
-                "model (a folded save loads through transformers afterwards)")
+                f"{type(inner).__name__} it wraps (model.{attr}) instead: {then}")
     return None
 
 

@@ -58,6 +58,7 @@ from .plan import (
     iter_runs,
     run_pad_rules,
     segment_model,
+    threshold_plan,
 )
 from .prepare import is_prepared
 from .stats import FoldStats, fold_stats
@@ -91,17 +92,20 @@ def is_folded_save(path: str | os.PathLike) -> bool:
 
 
 # What an OS adds to a folder it shows, and what `hf download --local-dir` adds beside a save: not the user's work
-_INCIDENTAL = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".gitattributes", ".cache"})
+_INCIDENTAL = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".gitattributes", ".cache",
+                         "lost+found"})  # (the root of a mounted ext4 volume, kept by a file-by-file save)
 
 
 SAVE_FILES = (WEIGHTS_NAME, CONFIG_NAME, LAYERFOLD_CONFIG_NAME, PLAN_NAME, CARD_NAME)  # what a save writes
+_INNER_TMP = ".layerfold-tmp-"  # the folder a file-by-file save writes inside the target
 
 
 def foreign_entries(path: str | os.PathLike) -> list[str]:
     """Names in a folded save's directory that :func:`save_folded` does not write (a user's notes, a ``.git``):
     replacing the save would delete them. Files an OS or a Hub download leaves there do not count."""
     own = set(SAVE_FILES) | _INCIDENTAL
-    return sorted(e.name for e in Path(path).iterdir() if e.name not in own and not e.name.startswith("._"))
+    return sorted(e.name for e in Path(path).iterdir() if e.name not in own and not e.name.startswith("._")
+                  and not e.name.startswith(_INNER_TMP))  # (a killed file-by-file save's folder: deleted on save)
 
 
 def check_not_working_directory(target: Path) -> None:
@@ -152,9 +156,9 @@ def _check_target(target: Path, overwrite: bool, hint: str = "pass overwrite=Tru
     if not target.is_dir():
         raise FileExistsError(f"{target} exists and is not a directory; {hint} to replace it")
     if not os.access(target, os.W_OK):  # (the exchange would succeed, but the old save could not be deleted)
-        raise PermissionError(f"{target} is read-only; make it writable to replace the save it holds, or save "
+        raise PermissionError(f"{target} is read-only; make it writable to save into it, or save "
                               "elsewhere")
-    if any(target.iterdir()) and not is_folded_save(target):
+    if any(e.name not in _INCIDENTAL for e in target.iterdir()) and not is_folded_save(target):
         raise FileExistsError(f"{target} is a non-empty directory that is not a folded-model save; refusing to "
                               f"replace it ({hint} to replace the whole directory)")
     extra = foreign_entries(target)
@@ -173,8 +177,8 @@ def _followed(target: Path) -> Path:
 
 
 def _sync_files(folder: Path) -> None:
-    """Flush every file of the new save to disk before it replaces the old one: after a crash the folder holds
-    either the old save or the whole new one, never a renamed folder of unwritten files."""
+    """Flush every file of the new save to disk before it replaces the old one: after a crash a swapped folder
+    holds either the old save or the whole new one, never a renamed folder of unwritten files."""
     for path in folder.iterdir():
         with open(path, "rb") as handle:
             os.fsync(handle.fileno())
@@ -234,11 +238,12 @@ def _swaps_beside(target: Path) -> bool:
 def _replace_files(tmp: Path, target: Path, overwrite: bool) -> None:
     """Move the new save's files (in ``tmp``, a folder inside ``target``) over the old ones, each in one rename,
     and delete the files of the previous save the new one lacks (with ``overwrite``, everything else too)."""
-    written = [p.name for p in tmp.iterdir()]
+    written = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == CONFIG_NAME)  # config.json last
     for name in written:
         os.replace(tmp / name, target / name)
     for entry in target.iterdir():
-        if entry != tmp and entry.name not in written and (overwrite or entry.name in SAVE_FILES):
+        if entry != tmp and entry.name not in written and entry.name != "lost+found" and (
+                overwrite or entry.name in SAVE_FILES or entry.name.startswith(_INNER_TMP)):
             _remove(entry)
 
 
@@ -272,7 +277,7 @@ def _fold(model: nn.Module) -> tuple[LayerFoldedNet, nn.Module | None]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_folded needs a LayerFoldedNet or a prepared/planned timm model, got {type(model)}")
     if is_prepared(model) and applied_plan(model) is None:
-        model = apply_plan(copy.deepcopy(model), FoldPlan.from_model(model))
+        model = apply_plan(copy.deepcopy(model), threshold_plan(model, "save_folded"))
     return fold_model(model), model
 
 
@@ -435,7 +440,9 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
     Args:
         model: a ``LayerFoldedNet``, or a prepared (plan = sites whose α reached the threshold) or planned model.
         save_directory: written atomically (a temporary directory next to it, then renamed; a symbolic link to
-            a directory is followed and kept). A previous save there is replaced; any other non-empty directory,
+            a directory is followed and kept), except where the directory cannot be renamed (a mount point, or
+            a parent you cannot write): its files are then replaced one by one, and an interrupted save can
+            leave a mix of the old and new files. A previous save there is replaced; any other non-empty directory,
             a previous save among other files included, is refused unless ``overwrite=True`` (which replaces the
             whole directory).
         push_to_hub / repo_id / private / token / commit_message / endpoint: one ``upload_folder`` commit to
@@ -521,7 +528,7 @@ def save_folded(model: nn.Module, save_directory: str | os.PathLike, *, push_to_
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     else:
-        tmp = target / f".layerfold-tmp-{uuid.uuid4().hex[:8]}"
+        tmp = target / f"{_INNER_TMP}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}

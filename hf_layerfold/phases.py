@@ -41,7 +41,7 @@ def resolve_search_steps(config: LayerFoldingConfig, phase: str, resumed: int | 
 
     A resumed run keeps its checkpoint's length (``resumed``), so the plan is fixed at the same step.
     """
-    if phase == FINETUNE:  # the search is over (or there was none): its length is only a record
+    if phase in (FINETUNE, FOLDED):  # the search is over (or there was none): its length is only a record
         return 0 if resumed is None else resumed
     if config.search_steps is not None:
         steps = int(config.search_steps)

@@ -50,6 +50,21 @@ def _own_config(model: nn.Module) -> LayerFoldingConfig:
     return LayerFoldingConfig()
 
 
+def threshold_plan(model: nn.Module, who: str) -> FoldPlan:
+    """The threshold plan of a searching model, which ``who`` folds for lack of a fixed one; a warning when it
+    rounds some α (strictly between 0 and 1) to 0/1, so that the fold computes another network than the model."""
+    plan = FoldPlan.from_model(model)
+    linear = set(plan.linear_sites)
+    rounded = sorted(m.site for m in model.modules() if isinstance(m, FoldableActivation)
+                     and float(m.alpha.detach()) != (1.0 if m.site in linear else 0.0))
+    if rounded:
+        logger.warning("%s: the model is still searching, and its threshold plan rounds the α of %d site(s) to 0/1 "
+                       "(%s%s): the folded net computes the planned network, not this model; apply_plan and "
+                       "fine-tune first for a fold that matches what was trained", who, len(rounded),
+                       ", ".join(rounded[:3]), ", ..." if len(rounded) > 3 else "")
+    return plan
+
+
 @dataclass(frozen=True)
 class FoldPlan:
     """The set of activation sites to make linear (the identity); every other site keeps its activation."""

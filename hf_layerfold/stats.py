@@ -80,6 +80,9 @@ def _segment_counts(items: list) -> tuple[int, int, int]:
     return nonlinear, depth, convs
 
 
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # (not _ConvNd: a ConvTranspose's MACs follow its input, not its output)
+
+
 def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int:
     """Multiply-accumulates of convs (any dimension) and linear layers for one image (a real forward at batch 1)."""
     channels = getattr(model, "in_chans", None)
@@ -91,13 +94,13 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
-        if isinstance(module, nn.modules.conv._ConvNd):  # Conv2d, and the Conv1d of ECA attention (ecaresnet*)
+        if isinstance(module, _CONVS):  # Conv2d, and the Conv1d of ECA attention (ecaresnet*)
             total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
         else:
             total += output.numel() * module.in_features
 
     handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)]
+               if isinstance(m, (*_CONVS, nn.Linear))]
     param = next(model.parameters())
     was_training = model.training
     try:

@@ -723,21 +723,24 @@ def test_a_save_folder_that_cannot_be_renamed_is_replaced_file_by_file(tmp_path,
     from hf_layerfold import hub
 
     target = tmp_path / "volume"
-    target.mkdir()
+    (target / "lost+found").mkdir(parents=True)  # (the root of a fresh ext4 volume)
     monkeypatch.setattr(hub.os.path, "ismount", lambda p: Path(p) == target)
     held = os.open(target, os.O_RDONLY)  # (keeps the folder's inode from being reused by a swapped-in one)
     for labels in (LABELS, LABELS[::-1]):  # into the empty folder, then over its save
         assert save_folded(folded, target, label_names=labels) == target
         assert json.loads((target / "config.json").read_text())["label_names"] == labels
     assert os.path.samestat(os.fstat(held), target.stat()) and sorted(p.name for p in tmp_path.iterdir()) == ["volume"]
-    assert {p.name for p in target.iterdir()} == set(hub.SAVE_FILES) - {"layerfold_config.json"}  # (a bare net's)
+    assert {p.name for p in target.iterdir()} == set(hub.SAVE_FILES) - {"layerfold_config.json"} | {"lost+found"}
+    (target / ".layerfold-tmp-0123abcd").mkdir()  # what a save killed midway leaves: no reason to refuse the next
+    save_folded(folded, target)
+    assert {p.name for p in target.iterdir()} == set(hub.SAVE_FILES) - {"layerfold_config.json"} | {"lost+found"}
     os.close(held)
     torch.testing.assert_close(_out(LayerFoldedModel.from_pretrained(target), x), _out(folded, x))
     (target / "NOTES.md").write_text("x")
     with pytest.raises(FileExistsError, match=r"also \['NOTES.md'\]"):
         save_folded(folded, target)
     save_folded(folded, target, overwrite=True)  # the whole folder's contents replaced, as a swap would
-    assert not (target / "NOTES.md").exists() and is_folded_save(target)
+    assert not (target / "NOTES.md").exists() and is_folded_save(target) and (target / "lost+found").is_dir()
     real_access = os.access
     monkeypatch.setattr(hub.os, "access", lambda p, mode: mode != os.W_OK and real_access(p, mode))
     with pytest.raises(PermissionError, match="is read-only; make it writable"):  # (root writes anyway: simulated)

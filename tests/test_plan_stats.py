@@ -325,3 +325,19 @@ def test_api_arguments_are_checked_as_the_config_checks_them():
             lf.FoldPlan.from_model(model, threshold=bad)
     with pytest.raises(TypeError, match="alpha_parameters"):
         lf.alpha_parameters("mobilenetv2_050")
+
+
+def test_folding_a_searching_model_says_when_its_threshold_plan_rounds_alpha(tmp_path, caplog):
+    """fold_model and save_folded of a model still searching fold its threshold plan: with soft α that net computes
+    something else (0.85 relative error here), and nothing said so."""
+    model = _prepared()
+    with caplog.at_level("WARNING"):
+        lf.fold_model(model)  # α all exactly 0: the plan changes nothing
+    assert "rounds the α" not in caplog.text
+    for alpha in list(lf.alpha_parameters(model).values())[::2]:
+        alpha.data.fill_(0.95)
+    with caplog.at_level("WARNING"):
+        lf.fold_model(model)
+        lf.save_folded(model, tmp_path / "s")
+    assert "fold_model: the model is still searching, and its threshold plan rounds the α of 17 site(s)" in caplog.text
+    assert "save_folded: the model is still searching" in caplog.text

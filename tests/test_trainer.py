@@ -1174,3 +1174,19 @@ def test_a_wrapped_model_is_refused_when_the_trainer_is_built(tmp_path, fashion)
         with pytest.raises(lf.UnsupportedModelError, match=rf"is a wrapper.*pass the {type(inner).__name__} it "
                                                            r"wraps \(model\.timm_model\)"):
             make_trainer(tmp_path, fashion, model=wrapper)
+
+
+def test_a_folded_nets_run_searched_nothing_and_cards_its_best(tmp_path, fashion):
+    """A folded net's run took half its steps as a search length, and the card's record dropped its evaluations
+    in those steps: the best checkpoint's among them."""
+    prepared = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig(**CFG))
+    folded = lf.fold_model(lf.apply_plan(prepared, lf.FoldPlan.from_model(prepared, threshold=0.4)))
+    calls = iter(range(100, 0, -1))  # a score that only falls: step 2 stays the best
+    args = args_for(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                    load_best_model_at_end=True, metric_for_best_model="score")
+    trainer = make_trainer(tmp_path, fashion, model=folded, train_args=args,
+                           compute_metrics=lambda p: {**compute_metrics(p), "score": next(calls)})
+    trainer.train()
+    assert trainer.phase == "folded" and trainer.search_steps == 0 and trainer.state.best_global_step == 2
+    trainer._own_evals.clear()  # (as after a resume: only the log history is left)
+    assert trainer._carded_metrics()["eval_score"] == 100
