@@ -336,6 +336,9 @@ def _class_id(value: Any, column: str, num_classes: int | None) -> int:
     if isinstance(value, list | tuple | torch.Tensor | np.ndarray):
         raise ValueError(f"Label {value!r} in column {column!r} is a list: multi-label data is not supported; "
                          "LayerFoldingTrainer trains single-label classification (one integer class id per image).")
+    if value is None:  # (a webdataset sample without its cls file, a row with a missing label)
+        raise ValueError(f"an example has no label (None in column {column!r}): drop such examples first, e.g. "
+                         f"dataset.filter(lambda e: e[{column!r}] is not None)")
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
         if is_number_text(value):
             raise ValueError(f"Label {value!r} in column {column!r} is not an integer class id but a number stored as "

@@ -339,7 +339,8 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
             raise ValueError(f"Label column {label_column!r} has type {feature.dtype}, expected integer class ids. "
                              f"{encode_hint(label_column, feature.pa_type, streaming=True)}")
         if declared is None:
-            logger.warning("Cannot check labels of a streaming dataset without a ClassLabel feature.")
+            logger.warning("The labels of streaming column %r cannot be checked before training (no ClassLabel "
+                           "feature): each is checked against the head as its batch is collated.", label_column)
         return None
 
     if _transformed(dataset):

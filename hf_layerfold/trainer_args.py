@@ -144,11 +144,20 @@ def _shuffled(dataset: datasets.IterableDataset) -> bool:
 
 
 def warn_on_few_shards(dataset: datasets.IterableDataset, world_size: int) -> bool:
-    """Warn (and return True) when a streaming training set has fewer shards than processes: accelerate can then
-    not give each process its own shards, so every process reads and decodes the whole stream."""
+    """Warn (and return True) when a streaming training set's shards do not divide among the processes: with fewer
+    shards than processes accelerate cannot give each process its own, so every process reads and decodes the whole
+    stream; with more, some processes get one shard more than others, and the others' examples are oversampled."""
     shards = getattr(dataset, "num_shards", None) or getattr(dataset, "n_shards", None)
-    if world_size <= 1 or shards is None or shards >= world_size:
+    if world_size <= 1 or shards is None or shards % world_size == 0:
         return False
+    if shards > world_size:  # accelerate gives each process a contiguous run of whole shards, some one more
+        low = shards // world_size
+        logger.warning("the streaming training set has %d shards for %d processes, not a multiple: %d process(es) "
+                       "read %d shards and the others %d, so each process reaches the end of its stream at another "
+                       "step and restarts it; the examples of the processes with fewer shards are trained on up to "
+                       "%.2fx as often (with equally sized shards). Give it a multiple of %d shards.",
+                       shards, world_size, shards % world_size, low + 1, low, (low + 1) / low, world_size)
+        return True
     logger.warning("the streaming training set has %d shard(s) for %d processes: each process reads and decodes the "
                    "whole stream and keeps only its share of it. Give it at least %d shards (more data files, or "
                    "Dataset.to_iterable_dataset(num_shards=...)) so each process reads only its own.",

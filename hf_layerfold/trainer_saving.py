@@ -20,8 +20,6 @@ from .plan import FoldPlan, applied_plan
 
 logger = logging.getLogger("hf_layerfold.trainer")  # (the trainer's messages under its name, as trainer_args)
 
-# The names `datasets` gives data read from local folders or files (not Hub datasets).
-_LOCAL_BUILDERS = frozenset({"imagefolder", "webdataset", "parquet", "arrow", "csv", "json", "text", "generator"})
 
 
 class TrainerSaving:
@@ -91,7 +89,8 @@ class TrainerSaving:
         A model still in the search phase is folded with the threshold plan. Defaults passed on: the trainer's
         config, the base architecture, the class names of the training set, the trained input size and the
         last evaluation of the planned network (as ``eval_results`` when a dataset id is known from ``datasets=``
-        or the eval set; one made while α was still searched describes another network and is not carded).
+        or, as ``owner/name``, from the eval set's info; one made while α was still searched describes another
+        network and is not carded).
         Any ``hub.save_folded`` argument (``push_to_hub``, ``repo_id``, ``overwrite``, card fields) may be given.
         """
         from .hub import save_folded
@@ -166,10 +165,10 @@ class TrainerSaving:
         if metrics is None:
             return None
         dataset = dataset_ids if isinstance(dataset_ids, str) else (dataset_ids or [None])[0]
-        if dataset is None:
-            info = getattr(self.eval_dataset, "info", None)
-            dataset = getattr(info, "dataset_name", None)
-            if dataset in _LOCAL_BUILDERS:  # a local folder or file: no Hub dataset to name in the model-index
+        if dataset is None:  # `datasets` names a local folder's set after the folder ('wds') or its builder
+            info = getattr(self.eval_dataset, "info", None)  # ('imagefolder'), a Hub one without its owner
+            dataset = getattr(info, "dataset_name", None)  # ('fashion_mnist'): only an owner/name is an id
+            if not isinstance(dataset, str) or dataset.count("/") != 1:
                 dataset = None
         if dataset is None:
             logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
@@ -177,6 +176,6 @@ class TrainerSaving:
         result = {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
         try:  # what the figure was measured on, in the card: a subset is not the split
             result["dataset_name"] = f"{dataset} ({len(self.eval_dataset)} evaluation images)"
-        except TypeError:  # a streaming set: no length
-            pass
+        except TypeError:  # a streaming set: no length, so a subset of it (take(n), --max_eval_samples) is unknown
+            result["dataset_name"] = f"{dataset} (streamed evaluation set)"
         return result

@@ -426,6 +426,9 @@ def test_collator_reads_wide_and_list_images_and_checks_labels(small_model: torc
         collator([{"image": ramp8, "label": "7"}])
     with pytest.raises(ValueError, match=r"Label 10 in column 'label' is outside the model's classes 0\.\.9"):
         collator([{"image": ramp8, "label": 10}])
+    with pytest.raises(ValueError, match=r"an example has no label \(None in column 'label'\): drop such examples "
+                                         r"first, e.g. dataset.filter"):  # (a webdataset sample without its cls)
+        collator([{"image": ramp8, "label": None}])
     with pytest.raises(ValueError, match=r"shape \(2, 2, 2, 2\)"):
         collator([{"image": np.zeros((2, 2, 2, 2), np.uint8), "label": 0}])
 

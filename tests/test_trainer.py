@@ -784,6 +784,9 @@ def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collato
     with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):
         assert warn_on_few_shards(fashion["train"].to_iterable_dataset(num_shards=1), 2)
     assert "1 shard(s) for 2 processes: each process reads and decodes the whole stream" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="hf_layerfold.trainer"):  # one rank ends its stream early
+        assert warn_on_few_shards(fashion["train"].to_iterable_dataset(num_shards=3), 2)
+    assert "3 shards for 2 processes, not a multiple" in caplog.text and "up to 2.00x as often" in caplog.text
     names = fashion["train"].features["label"].names
     named = fashion["train"].cast_column("label", datasets.Value("int64")).map(lambda e: {"label": names[e["label"]]})
     base = prepare_datasets(tiny_model(), fashion["train"], input_size=SIZE)[2]
@@ -797,16 +800,21 @@ def test_streaming_train_set_is_split_by_shard_and_string_labels_are_the_collato
 
 
 def test_card_results_name_hub_datasets_only(baseline):
-    """The model-index names the eval set's Hub dataset; a local folder ('imagefolder') is no such dataset."""
+    """The model-index names the eval set's Hub dataset; a local folder ('imagefolder', 'wds') is no such dataset,
+    nor a Hub set's name without its owner."""
     trainer = baseline[0]
     trainer.evaluate()
     saved = trainer.eval_dataset
     try:
-        for name, expected in (("imagefolder", None), ("zalando-datasets/fashion_mnist", True)):
+        for name, expected in (("imagefolder", None), ("wds", None), ("fashion_mnist", None),  # (a Hub set's,
+                               ("zalando-datasets/fashion_mnist", True)):                 # without its owner)
             trainer.eval_dataset = saved.select(range(len(saved)))
             trainer.eval_dataset.info.dataset_name = name
             results = trainer._eval_results(None)
             assert (results is None) if expected is None else results["dataset"] == name
+        trainer.eval_dataset = saved.to_iterable_dataset().take(7)  # a stream's subset is not its split
+        assert trainer._eval_results("timm/imagenet-1k-wds")["dataset_name"] == \
+            "timm/imagenet-1k-wds (streamed evaluation set)"
     finally:
         trainer.eval_dataset = saved
 
