@@ -342,19 +342,26 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
 
 
 def training_run_card(repo_id: str, arch: str | None, num_classes: int, phase: str, linear_sites: int | None,
-                      sites: int, in_chans: int = 3) -> str:
+                      sites: int, in_chans: int = 3, *, language: str | list[str] | None = None,
+                      license: str | None = None, tags: str | list[str] | None = None,
+                      base_model: str | None = None, datasets: str | list[str] | None = None) -> str:
     """The card of a ``LayerFoldingTrainer`` run pushed by Trainer (``push_to_hub=True``): prepared or planned
-    weights, not the folded model, and how to rebuild them."""
+    weights, not the folded model, and how to rebuild them (with the metadata Trainer's push was given)."""
     state = ("its search for the activations that can go was under way" if linear_sites is None else
              f"its plan makes {linear_sites} of {sites} activation sites linear")
     name = arch or "<the timm architecture>"
     channels = f", in_chans={in_chans}" if in_chans != 3 else ""
+
+    def listed(value: str | list[str] | None) -> list[str]:
+        return [value] if isinstance(value, str) else list(value or [])
+
+    all_tags = ["layer-folding", "timm", "image-classification"]
+    all_tags += [t for t in listed(tags) if t not in all_tags]
+    meta = {"library_name": "hf_layerfold", "tags": all_tags, "license": license, "language": language,
+            "base_model": base_model, "datasets": listed(datasets) or None}
+    header = ModelCardData(**{k: v for k, v in meta.items() if v is not None}).to_yaml()
     return f"""---
-library_name: hf_layerfold
-tags:
-- layer-folding
-- timm
-- image-classification
+{header}
 ---
 
 # A LayerFoldingTrainer run ({phase} phase)

@@ -61,9 +61,17 @@ class TrainerSaving:
         return self.is_world_process_zero() and self.args.hub_strategy != "end" and (
             self.args.hub_always_push or self.push_in_progress is None or self.push_in_progress.is_done())
 
-    def create_model_card(self, **kwargs: Any) -> None:
+    def create_model_card(self, language: str | None = None, license: str | None = None,
+                          tags: str | list[str] | None = None, model_name: str | None = None,
+                          finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+                          dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+                          dataset_args: str | list[str] | None = None) -> None:
         """Trainer's card reads ``model.config``, which a timm model has not (``push_to_hub`` failed there): a card
-        saying what the pushed weights are and how to rebuild them instead."""
+        saying what the pushed weights are and how to rebuild them instead. Takes Trainer's arguments (which
+        ``push_to_hub(**kwargs)`` forwards): ``language``, ``license``, ``tags``, ``finetuned_from`` (the card's
+        ``base_model``) and ``dataset_tags`` (Hub dataset ids) go to its metadata; ``model_name``, ``tasks``,
+        ``dataset`` and ``dataset_args`` are accepted and unused (the title names the run, the task is image
+        classification)."""
         if not self.is_world_process_zero():
             return
         model = self._model()
@@ -72,7 +80,8 @@ class TrainerSaving:
         repo = getattr(self, "hub_model_id", None) or self.args.hub_model_id or Path(self.args.output_dir).name
         text = training_run_card(repo, arch, int(getattr(model, "num_classes", 0)), self._phase,
                                  None if plan is None else len(plan), len(self._alphas),
-                                 in_chans=int(getattr(model, "in_chans", 3)))
+                                 in_chans=int(getattr(model, "in_chans", 3)), language=language, license=license,
+                                 tags=tags, base_model=finetuned_from, datasets=dataset_tags)
         write_text_atomic(Path(self.args.output_dir) / "README.md", text)
 
     # ------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import safetensors.torch
 import torch
 import torch.nn.functional as F
+from huggingface_hub import ModelCard
 from PIL import Image
 from timm.models import efficientnet
 from timm.models._efficientnet_builder import decode_arch_def
@@ -985,10 +986,15 @@ def test_trainer_push_to_hub_pushes_what_rebuilds_the_run(tmp_path, fashion):
         trainer.train()
         files = hub.repos["test-org/lf-run"].files
         assert {"model.safetensors", STATE_NAME, "layerfold_config.json"} <= set(files)  # pushed at each save
-        trainer.push_to_hub()
-        files = hub.repos["test-org/lf-run"].files
+        trainer.push_to_hub(license="mit", tags="fashion", finetuned_from="timm/mobilenetv2_050.lamb_in1k",
+                            dataset_tags="zalando-datasets/fashion_mnist", language="en")  # (Trainer's card fields,
+        files = hub.repos["test-org/lf-run"].files                                   # which were dropped)
         card = files["README.md"].decode()
         assert "A LayerFoldingTrainer run (finetune phase)" in card and 'snapshot_download("test-org/lf-run")' in card
+        meta = ModelCard(card).data
+        assert (meta.license, meta.language, meta.base_model, meta.datasets) == (
+            "mit", "en", "timm/mobilenetv2_050.lamb_in1k", ["zalando-datasets/fashion_mnist"])
+        assert meta.tags == ["layer-folding", "timm", "image-classification", "fashion"]
         state = safetensors.torch.load(files["model.safetensors"])
         rebuilt = lf.prepare_model(tiny_model(), lf.LayerFoldingConfig.from_dict(json.loads(
             files["layerfold_config.json"])))
