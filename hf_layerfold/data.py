@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import datasets
 import pyarrow as pa
@@ -68,7 +68,8 @@ __all__ = [
     "split_by_node",
 ]
 
-AnyDataset = datasets.Dataset | datasets.DatasetDict | datasets.IterableDataset | datasets.IterableDatasetDict
+AnyDataset: TypeAlias = (datasets.Dataset | datasets.DatasetDict | datasets.IterableDataset
+                          | datasets.IterableDatasetDict)
 HF_SPLITS = (datasets.Dataset, datasets.IterableDataset)
 HF_DATASETS = (*HF_SPLITS, datasets.DatasetDict, datasets.IterableDatasetDict)
 

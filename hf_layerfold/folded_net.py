@@ -7,6 +7,7 @@ The spec (``features`` / ``pre_logits`` lists of layer dicts) is what ``config.j
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -28,7 +29,7 @@ OP_KINDS: dict[type, str] = {}
 RESERVED_KINDS = frozenset({"conv", "act", "residual"})  # build_layer handles these itself
 
 
-def register_op(cls: type, kind: str, to_spec: Callable[[nn.Module], dict],
+def register_op(cls: type, kind: str, to_spec: Callable[[Any], dict],
                 from_spec: Callable[[dict], nn.Module]) -> None:
     """Teach folded models to keep (serialize and rebuild) a module type that does not fold.
 
@@ -349,8 +350,8 @@ class LayerFoldedNet(nn.Module):
     def __prepare_scriptable__(self):
         """``torch.jit.script`` cannot compile the input-size-dependent padding of merged convs or the head; say
         what works instead of failing deep inside TorchScript."""
-        raise RuntimeError("a LayerFoldedNet cannot be compiled with torch.jit.script; use torch.jit.trace, "
-                           "torch.export.export or torch.compile")
+        raise RuntimeError("a LayerFoldedNet cannot be compiled with torch.jit.script; use torch.export.export or "
+                           "torch.compile (torch.jit.trace works too, but torch deprecates TorchScript)")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """As timm models do (timm's ``--grad-checkpointing``, transformers' ``gradient_checkpointing_enable``)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch.nn as nn
 
@@ -58,8 +59,11 @@ class UnsupportedModelError(ValueError):
     """The model (or one of its blocks) has no folding rule."""
 
 
-BlockRule = Callable[[nn.Module, str], list]
-ModelRule = Callable[[nn.Module], ModelGraph]
+# (Any: a rule takes the block / model class it is registered for, which nn.Module would refuse to a type checker)
+BlockRule = Callable[[Any, str], list]
+ModelRule = Callable[[Any], ModelGraph]
+_BlockRuleT = TypeVar("_BlockRuleT", bound=BlockRule)
+_ModelRuleT = TypeVar("_ModelRuleT", bound=ModelRule)
 BLOCK_RULES: dict[type, BlockRule] = {}
 MODEL_RULES: dict[type, ModelRule] = {}
 
@@ -78,12 +82,12 @@ def _check_classes(who: str, classes: tuple) -> None:
                         "(MyBlock, not MyBlock(...) nor 'MyBlock')")
 
 
-def register_block_rule(*classes: type) -> Callable[[BlockRule], BlockRule]:
+def register_block_rule(*classes: type) -> Callable[[_BlockRuleT], _BlockRuleT]:
     """Register ``rule(block, path) -> list[Node]`` for blocks of these classes (and their subclasses that keep
     the class's ``forward``: a subclass with a ``forward`` of its own needs a rule of its own)."""
     _check_classes("register_block_rule", classes)
 
-    def wrap(rule: BlockRule) -> BlockRule:
+    def wrap(rule: _BlockRuleT) -> _BlockRuleT:
         for cls in classes:
             BLOCK_RULES[cls] = rule
         return rule
@@ -91,12 +95,12 @@ def register_block_rule(*classes: type) -> Callable[[BlockRule], BlockRule]:
     return wrap
 
 
-def register_model_rule(*classes: type) -> Callable[[ModelRule], ModelRule]:
+def register_model_rule(*classes: type) -> Callable[[_ModelRuleT], _ModelRuleT]:
     """Register ``rule(model) -> ModelGraph`` for model classes (and their subclasses that keep the class's
     ``forward``, ``forward_features`` and ``forward_head``)."""
     _check_classes("register_model_rule", classes)
 
-    def wrap(rule: ModelRule) -> ModelRule:
+    def wrap(rule: _ModelRuleT) -> _ModelRuleT:
         for cls in classes:
             MODEL_RULES[cls] = rule
         return rule

@@ -114,7 +114,7 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int
     return total
 
 
-def fold_stats(model: nn.Module, input_size: int | tuple[int, ...] | None = 224) -> FoldStats:
+def fold_stats(model: nn.Module, input_size: int | Sequence[int] | None = 224) -> FoldStats:
     """Stats of a timm model (prepared or not) or of a ``LayerFoldedNet``; ``input_size=None`` skips MACs."""
     if isinstance(model, LayerFoldedNet):
         counts = _spec_counts(model.model_args["features"] + model.model_args["pre_logits"])

@@ -636,5 +636,5 @@ def test_config_takes_numpy_numbers_and_names_a_bad_pattern():
 
 def test_torchscript_is_refused_by_name():
     folded = lf.fold_model(lf.prepare_model(small()))
-    with pytest.raises(RuntimeError, match="cannot be compiled with torch.jit.script; use torch.jit.trace"):
+    with pytest.raises(RuntimeError, match="cannot be compiled with torch.jit.script; use torch.export.export or "):
         torch.jit.script(folded)
