@@ -336,6 +336,7 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
         load_id=_in_quotes(load_id),
         revision_arg=f', revision="{_in_quotes(load_revision)}"' if is_hub and load_revision else "",
         one_channel=bool(input_size) and input_size[0] == 1,
+        image_mode={1: "L", 2: "LA", 4: "RGBA"}.get(input_size[0] if input_size else 3, "RGB"),  # as the collator
         config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
         plan_searched=plan_searched, custom_ops=", ".join(f"`{k}`" for k in custom_ops), features=features)
     return card

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,10 @@ class TrainerSaving:
             results = self._eval_results(kwargs.get("datasets"))
             if results is not None:
                 kwargs["eval_results"] = results
+            if "accuracy" not in kwargs:  # the card's text section needs no Hub dataset id (as the CLI's card)
+                accuracy = self._accuracy_field(results)
+                if accuracy is not None:
+                    kwargs["accuracy"] = accuracy
         if self._phase == SEARCH:
             past = len(FoldPlan.from_model(model, threshold=self.layerfold_config.threshold))
             logger.warning("save_folded during the search phase: the model is folded with the threshold plan (%d of "
@@ -169,6 +174,23 @@ class TrainerSaving:
         at_best = [m for step, _, m in (*evals, *history) if best and step == best]
         return at_best[0] if at_best else (evals[-1][2] if evals else None)
 
+    def _accuracy_field(self, results: dict | None) -> dict | None:
+        """The card's "Measured accuracy" section from the evaluation :meth:`_carded_metrics` picks (any eval set:
+        a local folder has no Hub id for the model-index metadata, but its figure still belongs on the card)."""
+        metrics = self._carded_metrics()
+        if metrics is None or "eval_top1" not in metrics or isinstance(self.eval_dataset, Mapping):
+            return None
+        split = getattr(self.eval_dataset, "split", None)
+        field = {"after": float(metrics["eval_top1"]), "split": str(split) if split else "evaluation",
+                 "metric": "top-1 accuracy"}
+        if results is not None:
+            field["dataset"] = results["dataset"]
+        try:
+            field["images"] = len(self.eval_dataset)
+        except TypeError:  # a streaming set
+            pass
+        return field
+
     def _eval_results(self, dataset_ids: Any) -> dict | None:
         metrics = self._carded_metrics()
         if metrics is None:
@@ -180,7 +202,8 @@ class TrainerSaving:
             if not isinstance(dataset, str) or dataset.count("/") != 1:
                 dataset = None
         if dataset is None:
-            logger.info("save_folded: no dataset id known (pass datasets='org/name'); eval results not carded")
+            logger.info("save_folded: no Hub dataset id known (pass datasets='org/name'): the card's model-index "
+                        "metadata leaves the evaluation out (the card's 'Measured accuracy' section still gives it)")
             return None
         result = {"dataset": dataset, "metrics": {"top1": metrics["eval_top1"], "top5": metrics["eval_top5"]}}
         try:  # what the figure was measured on, in the card: a subset is not the split

@@ -102,8 +102,8 @@ def test_a_feature_extractor_card_has_no_classifier_snippets(tmp_path, global_po
     card = ModelCard.load(path / "README.md")
     assert card.data.pipeline_tag == "image-feature-extraction" and "image-classification" not in card.data.tags
     assert "pipeline(" not in card.text and "AutoModelForImageClassification" not in card.text
-    image = Image.fromarray((np.random.default_rng(0).random((40, 36, 3)) * 255).astype("uint8"))
-    scopes = []
+    image = Image.fromarray((np.random.default_rng(0).random((40, 36)) * 255).astype("uint8"))  # (a gray image:
+    scopes = []                                                       # the timm snippet failed on it, unconverted)
     for snippet in re.findall(r"```python\n(.*?)```", card.text, re.S):  # each runs as pasted
         scopes.append({"image": image})
         exec(snippet, scopes[-1])  # noqa: S102 - the card's own snippets, against the local save

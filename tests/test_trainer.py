@@ -1204,3 +1204,13 @@ def test_a_folded_nets_run_searched_nothing_and_cards_its_best(tmp_path, fashion
     assert trainer.phase == "folded" and trainer.search_steps == 0 and trainer.state.best_global_step == 2
     trainer._own_evals.clear()  # (as after a resume: only the log history is left)
     assert trainer._carded_metrics()["eval_score"] == 100
+
+
+def test_the_card_gives_the_measured_accuracy_without_a_hub_dataset_id(baseline, tmp_path):
+    """A run on local data (no Hub id for the model-index) left its evaluation off the card, which the CLI's card
+    gives for the same data."""
+    trainer = baseline[0]
+    top1 = trainer.evaluate()["eval_top1"]
+    card = (trainer.save_folded(tmp_path / "folded") / "README.md").read_text()
+    assert "model-index" not in card and f"| After folding | {top1:.2%} |" in card
+    assert f"({len(trainer.eval_dataset)} images)" in card
