@@ -30,6 +30,7 @@ import hf_layerfold as lf
 from hf_layerfold.gains import measure_fold_gains
 from hf_layerfold.plan import check_plan
 from hf_layerfold.prepare import site_blocks
+from hf_layerfold.timing import resolve_device
 
 from .bench_accuracy_sweep import _cudnn_benchmark, _lite0, cell_key, latency_cells, parse_plans, time_against_baseline
 from .harness import RESULTS_DIR, device_info, log, write_json
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gains-out", default=None, help="also measure_fold_gains on the fp32 cell, saved here")
     parser.add_argument("--quick", action="store_true", help="32 px, a few rounds (smoke test, numbers meaningless)")
     args = parser.parse_args(argv)
+    try:  # before building models: without a GPU, torch fails later with a driver traceback
+        resolve_device(args.device, timing=True)
+    except (RuntimeError, ValueError) as err:
+        parser.error(str(err))
     if args.quick:
         args.input_size, args.rounds, args.budget_s = 32, 2, 1.0
     (name, plan), = parse_plans(parser, [args.plan]).items()

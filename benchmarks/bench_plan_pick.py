@@ -2,9 +2,10 @@
 
 A lent GPU call has about ten minutes, enough to train two or three fixed plans on the full data. Which plans reach
 the speed-up target is known only on that device, and for fused blocks (an inverted residual's expand activation
-alone linear) no session has timed it. So the candidates come in the order of the accuracy they kept on the CPU,
-best first; this folds each on a randomly initialised EfficientNet-Lite0 (latency does not depend on the weights),
-times all of them in one interleaved run beside the BN-fused model on the target's cell, and picks, in that order,
+alone linear) only an estimate exists until that device times them. So the candidates come in the order of the
+accuracy they kept on the CPU, best first; this folds each on a randomly initialised EfficientNet-Lite0 (latency
+does not depend on the weights), times all of them in one interleaved run beside the BN-fused model on the target's
+cell, and picks, in that order,
 up to ``--max-plans`` that reach ``--min-speedup``, then the fastest of the rest to fill the places left (each
 still tells how a plan of that speed trains there). It writes the timings as JSON and the picked plans as
 ``--plan NAME=SITES`` lines for ``bench_accuracy_sweep`` (``--args-out``). (``bench_plan_ablation --sites
@@ -22,6 +23,7 @@ import torch
 
 import hf_layerfold as lf
 from hf_layerfold.files import write_text_atomic
+from hf_layerfold.timing import resolve_device
 
 from .bench_accuracy_sweep import (
     TARGET_SPEEDUP,
@@ -58,6 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--args-out", default=None, help="write the picked plans here, one --plan NAME=SITES a line")
     parser.add_argument("--quick", action="store_true", help="32 px, batch 2, a few rounds (smoke test)")
     args = parser.parse_args(argv)
+    try:  # before building models: without a GPU, torch fails later with a driver traceback
+        resolve_device(args.device, timing=True)
+    except (RuntimeError, ValueError) as err:
+        parser.error(str(err))
     if args.max_plans < 1:
         parser.error("--max-plans must be at least 1")
     if args.quick:

@@ -46,6 +46,7 @@ import hf_layerfold as lf
 from hf_layerfold import triton_blend
 from hf_layerfold.losses import alpha_regularizer, clamp_alphas_
 from hf_layerfold.prepare import unique_alphas
+from hf_layerfold.timing import resolve_device
 
 from .harness import RESULTS_DIR, LoadMeter, device_info, log, paired_ratio, summarize, sync, write_json
 
@@ -246,6 +247,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--wait-idle", type=float, default=0.0,
                         help="first wait up to this many seconds for other processes to go quiet")
     args = parser.parse_args(argv)
+    try:  # before building models: without a GPU, torch fails later with a driver traceback
+        resolve_device(args.device, timing=True)
+    except (RuntimeError, ValueError) as err:
+        parser.error(str(err))
     if (args.compile_mode or args.channel_alpha) and not args.whole_compile:
         parser.error("--compile-mode and --channel-alpha apply to the --whole-compile variants: add --whole-compile")
     waited = None

@@ -1,7 +1,8 @@
 """Estimated cuda batch-128 speed-up of plans with fused blocks, from what an H100 measured, before a GPU times them.
 
-No GPU has timed a fused block (an inverted residual with only its expand activation linear, so its expand and
-depthwise convs merge into one dense conv). Two H100 files give an estimate of what one saves at cuda b128 224 fp32:
+Written before any GPU had timed a fused block (an inverted residual with only its expand activation linear, so its
+expand and depthwise convs merge into one dense conv; session 23's H200 then did, ``plan_pick_cuda_b128_h200.json``,
+and the estimate came out 0.1-3.7 % low). Two H100 files give an estimate of what one saves at cuda b128 224 fp32:
 ``merge_costs`` in ``merge_policy_cuda.json`` times every conv and every merge of them as a lone conv on that cell
 (the fused block's dense conv among them), and ``fold_gains_cuda_b128.json`` times each block folded whole. A whole
 fold saves its convs' time minus the merged conv's (the *conv part*, from the first file) and its two activations

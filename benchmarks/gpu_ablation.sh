@@ -7,6 +7,7 @@
 set -u
 export OUT=${OUT:?set OUT to the output folder} PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT" || exit 1
+set -o pipefail  # the python step's status, not grep's, is the script's
 . benchmarks/gpu_wheels.sh
 PLAN=bn1,blocks.1.1,blocks.2.1,blocks.3.1,blocks.3.2,blocks.4.1,blocks.4.2,blocks.5.0,blocks.5.1,blocks.5.2,blocks.5.3
 timeout -k 10 150 python3 -m benchmarks.bench_plan_ablation --device cuda --sites --rounds 100 --budget-s 40 \

@@ -26,6 +26,10 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFL
 log() { echo "[gpu_all $(date +%H:%M:%S)] $*" | tee -a "$OUT/log.txt"; }
 
 log "start; $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null)"
+FAILED=0  # steps that exited non-zero: the script's own exit status says whether anything failed
+if ! python3 -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>>"$OUT/log.txt"; then
+  log "no CUDA device visible to torch: nothing to run"; exit 3
+fi
 python3 -c "import torch, timm, transformers, datasets; print('torch', torch.__version__, 'timm', timm.__version__,
 'transformers', transformers.__version__, 'datasets', datasets.__version__)
 import importlib.util as u; print('triton', u.find_spec('triton') and __import__('triton').__version__)" 2>&1 \
@@ -35,14 +39,14 @@ if want tests; then
   log "CUDA tests"
   timeout -k "$KILL_S" "$TESTS_S" python3 -m pytest -q -p no:cacheprovider tests/test_triton_blend.py \
     tests/test_triton_launch.py >"$OUT/cuda_tests.txt" 2>&1 \
-    || log "CUDA tests exited with $?"
+    || { rc=$?; FAILED=$((FAILED + 1)); log "CUDA tests exited with $rc"; }
   tail -3 "$OUT/cuda_tests.txt" | tee -a "$OUT/log.txt"
 fi
 
 if want latency; then
   log "latency (budget ${LATENCY_S}s)"
   timeout -k "$KILL_S" $((LATENCY_S + 120)) python3 benchmarks/gpu_suite.py "$OUT/latency_cuda.json" --budget-s "$LATENCY_S" \
-    >>"$OUT/log.txt" 2>&1 || log "latency exited with $?"
+    >>"$OUT/log.txt" 2>&1 || { rc=$?; FAILED=$((FAILED + 1)); log "latency exited with $rc"; }
 fi
 
 for model in mobilenetv2_100 tf_efficientnet_lite0; do
@@ -50,13 +54,13 @@ for model in mobilenetv2_100 tf_efficientnet_lite0; do
   log "train overhead $model (budget ${OVERHEAD_S}s)"
   timeout -k "$KILL_S" "$OVERHEAD_S" python3 -m benchmarks.bench_train_overhead --device cuda --models $model --batch 64 \
     --input-size 224 --threads 1 --rounds 40 --budget-s $((OVERHEAD_S / 3)) $OVERHEAD_ARGS \
-    --out "$OUT/train_overhead_cuda_$model.json" >>"$OUT/log.txt" 2>&1 || log "train overhead exited with $?"
+    --out "$OUT/train_overhead_cuda_$model.json" >>"$OUT/log.txt" 2>&1 || { rc=$?; FAILED=$((FAILED + 1)); log "train overhead exited with $rc"; }
 done
 
 if want profile; then
   log "profile one batch-64 step"
   timeout -k "$KILL_S" "$PROFILE_S" python3 -m benchmarks.profile_step --device cuda --batch 64 --out "$OUT/profile_step_b64.json" \
-    >>"$OUT/log.txt" 2>&1 || log "profile exited with $?"
+    >>"$OUT/log.txt" 2>&1 || { rc=$?; FAILED=$((FAILED + 1)); log "profile exited with $rc"; }
 fi
 
 if want merge; then
@@ -64,7 +68,7 @@ if want merge; then
   timeout -k "$KILL_S" 240 python3 -m benchmarks.bench_merge_policy --device cuda --budget-s 20 \
     --plans-from benchmarks/results/accuracy_sweep_cuda_block.json \
     --plans-from benchmarks/results/accuracy_sweep_block_from_baseline_dense_plans.json \
-    --out "$OUT/merge_policy_cuda.json" >>"$OUT/log.txt" 2>&1 || log "merge policy exited with $?"
+    --out "$OUT/merge_policy_cuda.json" >>"$OUT/log.txt" 2>&1 || { rc=$?; FAILED=$((FAILED + 1)); log "merge policy exited with $rc"; }
 fi
 
 SWEEP_S=$((TOTAL_S - $(date +%s) + START))
@@ -75,6 +79,7 @@ elif want sweep; then
   log "accuracy sweep (${SWEEP_S}s left)"
   timeout -k "$KILL_S" "$SWEEP_S" python3 -m benchmarks.bench_accuracy_sweep --device cuda --bf16 --workers 12 \
     --deadline-s $((SWEEP_S - 70)) --out "$OUT/accuracy_sweep_cuda.json" $SWEEP_ARGS \
-    >>"$OUT/log.txt" 2>&1 || log "accuracy sweep exited with $?"
+    >>"$OUT/log.txt" 2>&1 || { rc=$?; FAILED=$((FAILED + 1)); log "accuracy sweep exited with $rc"; }
 fi
-log "done"
+log "done; $FAILED step(s) failed"
+[ "$FAILED" = 0 ]

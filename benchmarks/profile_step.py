@@ -37,6 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import hf_layerfold as lf
 from hf_layerfold import triton_blend
+from hf_layerfold.timing import resolve_device
 
 from .bench_train_overhead import make_optimizer, prepared_copy, train_step
 from .harness import device_info, log, sync, write_json
@@ -70,8 +71,12 @@ def profile_model(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, step
               "host_ms_per_step": round(sum(e.cpu_time_total for e in top_level) / steps / 1e3, 3),
               "top_host_ops": _top(events, "self_cpu_time_total", top, steps)}
     if device_key:
-        result["device_ms_per_step"] = round(sum(getattr(e, device_key) for e in events) / steps / 1e3, 3)
-        result["top_device_ops"] = _top(events, device_key, top, steps)
+        # A kernel's time is carried twice in key_averages(): by the kernel event itself (device_type CUDA) and by
+        # the CPU op that launched it (its self_device_time_total). Count the kernels only, once each.
+        kernels = [e for e in events if e.device_type.name != "CPU"]
+        result["device_ms_per_step"] = round(sum(getattr(e, device_key) for e in kernels) / steps / 1e3, 3)
+        result["top_device_ops"] = _top([e for e in events if e.device_type.name == "CPU"], device_key, top, steps)
+        result["top_device_kernels"] = _top(kernels, device_key, top, steps)
     return result
 
 
@@ -162,6 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--whole-compile", action="store_true",
                         help="profile both models under torch.compile (the warm-up steps compile them)")
     args = parser.parse_args(argv)
+    try:  # before building models: without a GPU, torch fails later with a driver traceback
+        resolve_device(args.device, timing=True)
+    except (RuntimeError, ValueError) as err:
+        parser.error(str(err))
     data = {"benchmark": "profile_step", "title": "Where a search step's time goes", "device": device_info(args.device),
             "site_host_us": site_host_us(args.device, rounds=args.site_rounds),
             "direct_launch": triton_blend.direct_launch_state()}

@@ -248,6 +248,7 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
     """A few bullets read from the results (no number here is typed in by hand)."""
     bullets = []
     for path, data in found:
+        first = len(bullets)  # this file's bullets start here (marked below when it is a smoke test)
         kind, dev = data["benchmark"], device_label(data.get("device"))
         if kind == "exactness":
             archs = data.get("archs", [])
@@ -288,6 +289,8 @@ def summary(found: list[tuple[Path, dict]]) -> list[str]:
             bullets += _sweep_bullets(path, data, dev)
         elif kind == "plan_ablation" and data.get("rows"):
             bullets.append(_ablation_bullet(path, data, dev))
+        if data.get("quick"):  # a smoke test's numbers must not read like results, here as in the section titles
+            bullets[first:] = [f"(quick mode: smoke-test numbers) {b}" for b in bullets[first:]]
     proxies = proxy_sweeps(found)
     if proxies:
         bullets.append(_proxy_bullet(proxies))

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         status["fold_time"] = "ok"
     for kind in EXTERNAL:
         if kind in only:
-            suffix = "_cuda" if args.device == "cuda" else ""
+            # the committed names: train_overhead.json, accuracy_sweep.json, ... but merge_policy_cpu.json on the CPU
+            suffix = "_cuda" if args.device == "cuda" else ("_cpu" if kind == "merge_policy" else "")
             status[kind] = run_external(kind, results / f"{kind}{suffix}.json", args.device, args.quick)
     from .report import build_report
 

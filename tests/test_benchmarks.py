@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not an installed package
 from benchmarks import report, report_plans, report_sweeps  # noqa: E402
@@ -327,7 +328,7 @@ def test_plan_ablation_times_the_plan_each_block_away_from_it_and_stores_the_fol
     blocks = "0.0 1.0 1.1 2.0 2.1 3.0 3.1 3.2 4.0 4.1 4.2 5.0 5.1 5.2 5.3 6.0".split()
     assert set(FoldGains.load(gains_path).groups) == {"bn1.act"} | {f"blocks.{b}.bn1.act" for b in blocks}
     bullet = report.summary([(tmp_path / "a.json", data)])[0]
-    assert bullet.startswith("- Plan ablation (`a.json`, ")
+    assert bullet.startswith("- (quick mode: smoke-test numbers) Plan ablation (`a.json`, ")  # (not a result)
     assert f"plan p {report.fmt(rows['plan']['speedup_vs_bn_fused'])}×" in bullet
 
 
@@ -653,6 +654,7 @@ def test_gpu_overhead_measures_issue_3s_open_cells_in_time_with_arguments_the_be
     assert graphs[graphs.index("--compile-mode") + 1] == "reduce-overhead"
     seen = []
     monkeypatch.setattr(bto, "run", lambda *args: seen.append(args) or {"rows": []})
+    monkeypatch.setattr(bto, "resolve_device", lambda *args, **kwargs: None)  # (--device cuda, on this CPU)
     for call in (calls[0], calls[1], compiled, graphs):
         bto.main(call[2:])
     assert [(a[8], a[10], a[11]) for a in seen] == [(False, None, False), (False, None, False),
@@ -928,3 +930,17 @@ def test_report_writes_where_it_is_told_and_leaves_the_readme(tmp_path):
     report.main(["--results-dir", str(tmp_path)])
     assert "fold_time.json" in (tmp_path / "RESULTS.md").read_text()
     assert (root / "README.md").read_text() == readme
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+@pytest.mark.parametrize("module, required", [("bench_train_overhead", []), ("profile_step", ["--out", "x.json"]),
+                                              ("bench_plan_pick", ["--plan", "p=bn1"]),
+                                              ("bench_plan_ablation", ["--plan", "p=bn1"])])
+def test_cuda_asked_for_without_a_gpu_is_one_line_before_any_model(module, required, capsys):
+    """These four printed a driver traceback (two after building and folding every model)."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"benchmarks.{module}").main(["--device", "cuda", *required])
+    assert exit_info.value.code == 2
+    assert "device 'cuda' requested but CUDA is not available on this machine" in capsys.readouterr().err
