@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 import torch.nn as nn
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import (
@@ -25,7 +26,7 @@ from huggingface_hub.errors import (
 )
 
 from .config import LayerFoldingConfig
-from .folded_net import FoldedSpecError, LayerFoldedNet
+from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg
 from .plan import FoldPlan
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
@@ -169,9 +170,26 @@ class LayerFoldedModel:
         where = f"{CONFIG_NAME} of {location}"
         args["num_classes"] = data.get("num_classes", args.get("num_classes", 1000))
         try:
-            net = LayerFoldedNet(**args, layerfold=info)
+            with torch.device("meta"):  # the structure first: nothing allocated until it matches the weights file
+                net = LayerFoldedNet(**args, layerfold=info)
         except FoldedSpecError as err:
             raise type(err)(f"{location}: {err}") from None
+        own = net.state_dict()
+        odd = [f"{k} ({state[k].dtype})" for k, t in own.items() if k in state and t.is_floating_point()
+               and not state[k].is_floating_point()]
+        if odd:
+            raise ValueError(f"weights file {weights} holds non-float tensors for float weights: {odd[:5]}")
+        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"weights file {weights} holds NaN or infinite values in {bad[:5]}"
+                             f"{' and more' if len(bad) > 5 else ''}: the model would output NaN")
+        wrong = [f"{k}: {tuple(t.shape)} in config.json, {tuple(state[k].shape)} in {WEIGHTS_NAME}"
+                 for k, t in own.items() if k in state and t.shape != state[k].shape]
+        if wrong or set(own) != set(state):
+            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json of {location}: "
+                             f"shapes {wrong[:5]}, missing {sorted(set(own) - set(state))[:5]}, unexpected "
+                             f"{sorted(set(state) - set(own))[:5]}")
+        net = LayerFoldedNet(**args, layerfold=info)  # (built again for real: a registered op's own buffers kept)
         floats = {t.dtype for t in state.values() if t.is_floating_point()}
         if len(floats) == 1:  # the dtype it was saved in (a float64 fold reloads as float64, exactly)
             net.to(floats.pop())
@@ -182,7 +200,9 @@ class LayerFoldedModel:
         if result.missing_keys or result.unexpected_keys:
             raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: missing "
                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-        cfg = {**data.get("pretrained_cfg", {}), **source}  # as timm records it: where the weights came from
+        saved_cfg = data.get("pretrained_cfg") or {}
+        check_pretrained_cfg(saved_cfg, where)
+        cfg = {**saved_cfg, **source}  # as timm records it: where the weights came from
         labels = data.get("label_names")
         if labels:
             if not isinstance(labels, list) or len(labels) != net.num_classes:

@@ -6,6 +6,7 @@ The spec (``features`` / ``pre_logits`` lists of layer dicts) is what ``config.j
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -178,6 +179,9 @@ FORMAT_VERSION = 1  # of a folded save's spec (config.json's layerfold block rec
 # readers would misread
 
 
+MAX_SPEC_PARAMS = int(os.environ.get("HF_LAYERFOLD_MAX_PARAMS", 2 * 10**9))  # refused before any allocation
+
+
 class FoldedSpecError(ValueError):
     """``config.json``'s ``model_args`` do not describe a folded net this version can build (a hand edit, a newer
     hf_layerfold's save, a truncated or foreign file): the structure, not the weights, is at fault."""
@@ -200,9 +204,45 @@ def check_format(layerfold: object) -> None:
                               "(pip install -U hf_layerfold) to load it")
 
 
+def _whole(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_conv_spec(spec: dict) -> None:
+    """Refuse a conv spec torch would build but not run (stride 0, negative padding), or would build from the wrong
+    types (a string ``bias`` is true): each field named, before anything is allocated."""
+    for name in ("in", "out", "groups"):
+        if name in spec and not _whole(spec[name], 1):
+            raise FoldedSpecError(f"field {name!r} must be a positive whole number, got {spec[name]!r}")
+    for name, low in (("kernel", 1), ("stride", 1), ("dilation", 1), ("padding", 0)):
+        if name in spec and not (isinstance(spec[name], list | tuple) and len(spec[name]) == 2
+                                 and all(_whole(v, low) for v in spec[name])):
+            raise FoldedSpecError(f"field {name!r} must be two whole numbers >= {low}, got {spec[name]!r}")
+    if "bias" in spec and not isinstance(spec["bias"], bool):
+        raise FoldedSpecError(f"field 'bias' must be true or false, got {spec['bias']!r}")
+
+
+def spec_numel(specs: list) -> int:
+    """Parameters the convs of ``specs`` (residuals searched) hold, counted from the spec alone (nothing built)."""
+    total = 0
+    for spec in specs if isinstance(specs, list | tuple) else ():
+        if not isinstance(spec, dict):
+            continue
+        if spec.get("type") == "residual":
+            total += spec_numel(spec.get("branch") or []) + spec_numel(spec.get("shortcut") or [])
+        elif spec.get("type") == "conv":
+            try:
+                kh, kw = spec["kernel"]
+                total += spec["in"] // spec["groups"] * spec["out"] * kh * kw + spec["out"] * bool(spec["bias"])
+            except (KeyError, TypeError, ValueError, ZeroDivisionError):
+                pass  # (refused, field by field, when the layer is built)
+    return total
+
+
 def build_layer(spec: dict, path: str = "features[?]") -> nn.Module:
     kind = spec.get("type")
     if kind == "conv":
+        check_conv_spec(spec)
         kwargs = dict(stride=tuple(spec["stride"]), dilation=tuple(spec.get("dilation", (1, 1))),
                       groups=spec["groups"], bias=spec["bias"])
         if "pad_rules" in spec:
@@ -236,12 +276,16 @@ def build_sequence(specs: list[dict], where: str = "features") -> nn.Sequential:
             raise FoldedSpecError(f"config.json model_args.{path} must be a layer spec (a JSON object), got {spec!r}")
         try:
             layers.append(build_layer(spec, path))
-        except FoldedSpecError:
+        except UnknownLayerTypeError:
             raise
+        except FoldedSpecError as err:
+            if str(err).startswith("config.json"):
+                raise
+            raise FoldedSpecError(f"config.json model_args.{path} (type {spec.get('type')!r}): {err}") from None
         except KeyError as err:
             raise FoldedSpecError(f"config.json model_args.{path} (type {spec.get('type')!r}) lacks the field "
                                   f"{err.args[0]!r}: {_brief(spec)}") from None
-        except (TypeError, ValueError, AssertionError) as err:
+        except (TypeError, ValueError, AssertionError, RuntimeError) as err:  # (RuntimeError: a negative size)
             raise FoldedSpecError(f"config.json model_args.{path} (type {spec.get('type')!r}) is not a valid "
                                   f"layer spec ({err}): {_brief(spec)}") from None
     return nn.Sequential(*layers)
@@ -301,6 +345,32 @@ def head_conv_width(pre_logits: list[dict]) -> int | None:
     return first.get("in") if first.get("type") == "conv" else None
 
 
+def check_pretrained_cfg(cfg: Any, where: str) -> None:
+    """The preprocessing ``pretrained_cfg`` records, checked where it is read (a bad one failed later, in
+    ``resolve_data_config`` or an evaluation, naming neither the file nor the field)."""
+    if not isinstance(cfg, dict):
+        raise FoldedSpecError(f"{where}: pretrained_cfg must be a JSON object, got {type(cfg).__name__}")
+
+    def whole(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+    size = cfg.get("input_size")
+    if size is not None and not (isinstance(size, list | tuple) and len(size) == 3 and all(whole(v) for v in size)):
+        raise FoldedSpecError(f"{where}: pretrained_cfg.input_size must be [channels, height, width] (positive whole "
+                              f"numbers), got {size!r}")
+    channels = size[0] if size is not None else None
+    for name in ("mean", "std"):
+        value = cfg.get(name)
+        if value is None:
+            continue
+        if not (isinstance(value, list | tuple) and all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                         for v in value) and len(value) in (1, channels or len(value))):
+            raise FoldedSpecError(f"{where}: pretrained_cfg.{name} must be one number per input channel"
+                                  f"{f' ({channels})' if channels else ''}, got {value!r}")
+        if name == "std" and any(v <= 0 for v in value):
+            raise FoldedSpecError(f"{where}: pretrained_cfg.std must be positive, got {value!r}")
+
+
 class LayerFoldedNet(nn.Module):
     """A folded CNN with timm's model interface (``forward_features``, ``forward_head``, ``reset_classifier``)."""
 
@@ -311,6 +381,24 @@ class LayerFoldedNet(nn.Module):
         check_format(layerfold)
         if not isinstance(features, list | tuple) or not all(isinstance(f, dict) for f in features):
             raise FoldedSpecError("config.json model_args.features must be a list of layer specs (JSON objects)")
+        for name, value, low in (("num_classes", num_classes, 0), ("num_features", num_features, 0),
+                                 ("in_chans", in_chans, 1)):
+            if not _whole(value, low):
+                raise FoldedSpecError(f"config.json {name} must be a whole number >= {low}, got {value!r}")
+        if head_hidden_size is not None and not _whole(head_hidden_size, 1):
+            raise FoldedSpecError(f"config.json model_args.head_hidden_size must be a positive whole number or null, "
+                                  f"got {head_hidden_size!r}")
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, int | float) or not 0 <= drop_rate < 1:
+            raise FoldedSpecError(f"config.json model_args.drop_rate must be a number in [0, 1), got {drop_rate!r}")
+        if global_pool not in ("", "avg", "max", "avgmax", "catavgmax", "fast", "fastavg", "fastmax", "fastavgmax",
+                               "fastcatavgmax"):  # (timm's SelectAdaptivePool2d asserts on others)
+            raise FoldedSpecError(f"config.json global_pool {global_pool!r} is not a timm pool type")
+        numel = spec_numel(list(features)) + spec_numel(list(pre_logits or []))
+        if numel > MAX_SPEC_PARAMS:
+            raise FoldedSpecError(f"config.json model_args describe convs with {numel:,} parameters "
+                                  f"({numel * 4 / 2**30:.1f} GiB as float32), more than any folded CNN this "
+                                  f"loader expects ({MAX_SPEC_PARAMS:,}; set HF_LAYERFOLD_MAX_PARAMS to allow more): "
+                                  "a corrupt or hostile spec")
         features = _taking_channels(list(features), in_chans)
         self.model_args = dict(features=features, pre_logits=list(pre_logits or []), num_classes=num_classes,
                                num_features=num_features, head_hidden_size=head_hidden_size,

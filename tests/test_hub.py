@@ -9,6 +9,7 @@ from pathlib import Path
 import hub_server  # tests/ is on sys.path (rootdir-relative, no __init__.py)
 import numpy as np
 import pytest
+import safetensors.torch
 import timm
 import torch
 from conftest import randomize_bn
@@ -758,3 +759,53 @@ def test_a_model_without_values_or_a_file_in_the_path_is_refused_before_the_fold
     with pytest.raises(NotADirectoryError, match=r"file.bin is a file, not a directory"):
         save_folded(folded, tmp_path / "file.bin" / "sub")
     assert not (tmp_path / "meta").exists() and (tmp_path / "file.bin").read_text() == "x"
+
+
+def test_a_hand_edited_or_hostile_save_is_refused_naming_the_field_before_anything_large_is_built(tmp_path, folded):
+    """A conv edited to a 400×400 kernel made both loaders allocate 2.6 GB before 'size mismatch' (10000×10000:
+    77 GB); stride 0, a string bias or an unknown pool loaded and failed at the first forward (or read "false" as
+    true); num_classes -1 gave timm's load a random 1000-class head; NaN weights loaded and output NaN."""
+    from hf_layerfold.folded_net import FoldedSpecError
+
+    good = save_folded(folded, tmp_path / "good")
+    index = next(i for i, s in enumerate(json.loads((good / "config.json").read_text())["model_args"]["features"])
+                 if s["type"] == "conv" and i > 0)
+
+    def edited(name, edit):
+        path = tmp_path / name
+        shutil.copytree(good, path)
+        _edit_config(path, edit)
+        return path
+
+    def conv(**fields):
+        return lambda d: d["model_args"]["features"][index].update(fields)
+
+    huge = edited("huge", conv(kernel=[20000, 20000]))
+    for load in (LayerFoldedModel.from_pretrained, lambda p: timm.create_model(f"local-dir:{p}", pretrained=True)):
+        with pytest.raises(FoldedSpecError, match="describe convs with .* parameters .* a corrupt or hostile spec"):
+            load(huge)
+    big = edited("big", conv(kernel=[400, 400]))  # within the cap: its shapes are compared before it is built
+    with pytest.raises(ValueError, match=rf"does not fit the folded structure .*features.{index}.weight"):
+        LayerFoldedModel.from_pretrained(big)
+    with pytest.raises(FoldedSpecError, match=rf"config.json model_args do not match .*features.{index}.weight"):
+        timm.create_model(f"local-dir:{big}", pretrained=True)
+    for name, edit, said in (
+            ("stride", conv(stride=[0, 0]), r"field 'stride' must be two whole numbers >= 1, got \[0, 0\]"),
+            ("bias", conv(bias="false"), "field 'bias' must be true or false, got 'false'"),
+            ("pool", lambda d: d["model_args"].update(global_pool="median"), "'median' is not a timm pool type"),
+            ("size", lambda d: d["pretrained_cfg"].update(input_size="3,32,32"),
+             r"pretrained_cfg.input_size must be \[channels, height, width\]")):
+        path = edited(name, edit)
+        with pytest.raises(FoldedSpecError, match=said):
+            LayerFoldedModel.from_pretrained(path)
+        with pytest.raises(FoldedSpecError, match=said):
+            timm.create_model(f"local-dir:{path}", pretrained=True)
+    headless = edited("classes", lambda d: (d.update(num_classes=-1), d["pretrained_cfg"].update(num_classes=-1)))
+    with pytest.raises(FoldedSpecError, match="no valid num_classes"):
+        timm.create_model(f"local-dir:{headless}", pretrained=True)
+    nan = edited("nan", lambda d: None)
+    state = safetensors.torch.load_file(nan / "model.safetensors")
+    state[f"features.{index}.weight"][0, 0, 0, 0] = float("nan")
+    safetensors.torch.save_file(state, nan / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"NaN or infinite values in \['features.{index}.weight'\]"):
+        LayerFoldedModel.from_pretrained(nan)
