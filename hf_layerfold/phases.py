@@ -96,8 +96,9 @@ class PhaseState:
             if state["phase"] == FINETUNE and state.get("plan") is None:
                 raise ValueError("a fine-tune phase without its plan")
             search_steps = state.get("search_steps")
-            if search_steps is not None and (isinstance(search_steps, bool) or not isinstance(search_steps, int)):
-                raise ValueError(f"search_steps {search_steps!r} is not a whole number")
+            if search_steps is not None and (isinstance(search_steps, bool) or not isinstance(search_steps, int)
+                                             or search_steps < 0):
+                raise ValueError(f"search_steps {search_steps!r} is not a whole number >= 0")
             plan = state.get("plan")
             return cls(phase=state["phase"], search_steps=search_steps,
                        global_step=int(state.get("global_step") or 0),

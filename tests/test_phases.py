@@ -116,7 +116,8 @@ def test_a_search_shorter_than_half_a_step_warns(caplog):
 
 @pytest.mark.parametrize("text, why", [("{", "not readable"), ("[]", "not a JSON object"),
                                        ('{"phase": "fine-tune"}', "phase 'fine-tune' is none of"),
-                                       ('{"phase": "finetune", "plan": null}', "without its plan")])
+                                       ('{"phase": "finetune", "plan": null}', "without its plan"),
+                                       ('{"phase": "search", "search_steps": -5}', "-5 is not a whole number >= 0")])
 def test_an_unreadable_state_file_is_named(tmp_path, text, why):
     (tmp_path / STATE_NAME).write_text(text)
     with pytest.raises(ValueError, match=f"cannot resume from {tmp_path}: its {STATE_NAME} .*{why}"):
