@@ -6,7 +6,8 @@
 # step does not stop the others. Budgets are in seconds (env overridable). Needs torch, timm, transformers, datasets,
 # pytest and the Fashion-MNIST IDX files ($HF_LAYERFOLD_FASHION_MNIST_DIR). ONLY=tests,latency,overhead,profile,merge,
 # sweep (any subset, default all) picks the steps; profile writes profile_step_b64.json (where a batch-64 step's time
-# goes), merge merge_policy_cuda.json (the committed sweeps' plans timed under each merge policy).
+# goes), merge merge_policy_cuda.json (the committed sweeps' plans timed under each merge policy). Exit status: 0 when
+# every step ran, 1 when one failed or ran out of its time (what it wrote is kept), 3 without a CUDA device.
 set -u
 OUT=${OUT:?set OUT to the output folder}
 mkdir -p "$OUT" || exit 1  # every step writes (and logs) into it: without it each step's redirection fails, unrun

@@ -88,13 +88,13 @@ def model_input_shape(model: Any, input_size: int | Sequence[int]) -> tuple[int,
     return shape
 
 
-_CHANNEL_MODES = {1: "L", 2: "LA", 4: "RGBA"}  # (3, and any other count: RGB, whose mismatch the transform names)
+CHANNEL_MODES = {1: "L", 2: "LA", 4: "RGBA"}  # (3, and any other count: RGB, whose mismatch the transform names)
 
 
 def image_mode(model: Any) -> str:
     """The PIL mode images are converted to for ``model``: gray for a 1-channel model, RGB for 3 channels, gray or
     RGB with the alpha channel for 2 or 4 (an ``in_chans=4`` model reads an RGBA image's transparency)."""
-    return _CHANNEL_MODES.get(input_channels(model), "RGB")
+    return CHANNEL_MODES.get(input_channels(model), "RGB")
 
 
 def _per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:

@@ -341,7 +341,8 @@ def check_labels(dataset: AnyDataset, label_column: str, num_classes: int) -> tu
                              f"{encode_hint(label_column, feature.pa_type, streaming=True)}")
         if declared is None:
             logger.warning("The labels of streaming column %r cannot be checked before training (no ClassLabel "
-                           "feature): each is checked against the head as its batch is collated.", label_column)
+                           "feature): hf_layerfold's collator checks each against the head as its batch is collated; "
+                           "a data_collator of your own must check them itself.", label_column)
         return None
 
     if _transformed(dataset):

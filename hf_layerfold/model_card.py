@@ -19,6 +19,7 @@ from urllib.parse import quote
 import torch.nn as nn
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .collate import CHANNEL_MODES
 from .folded_net import LayerFoldedNet
 from .plan import ResidualItem, Run, segment_model
 
@@ -231,6 +232,8 @@ def accuracy_section(accuracy: Mapping[str, Any] | None) -> dict | None:
     where = f"the `{accuracy['split']}` split" + (f" of `{accuracy['dataset']}`" if accuracy.get("dataset") else "")
     if accuracy.get("images"):  # a subset is not the split
         where += f" ({accuracy['images']} images)"
+    elif accuracy.get("streamed"):  # a stream of unknown length: maybe its first N (take(n)), not the whole split
+        where += " (streamed; the number of images was not recorded)"
     rows = [{"name": n, "value": f"{v:.2%}"} for n, v in (("Before folding", before), ("After folding", after))
             if v is not None]
     if before is not None and after is not None:
@@ -335,8 +338,9 @@ def render_card(info: Mapping[str, Any], *, load_id: str, is_hub: bool, title: s
                            + (f"@{load_revision}" if is_hub and load_revision else "")),
         load_id=_in_quotes(load_id),
         revision_arg=f', revision="{_in_quotes(load_revision)}"' if is_hub and load_revision else "",
-        one_channel=bool(input_size) and input_size[0] == 1,
-        image_mode={1: "L", 2: "LA", 4: "RGBA"}.get(input_size[0] if input_size else 3, "RGB"),  # as the collator
+        one_channel=bool(input_size) and input_size[0] == 1,  # (kept for templates of users' own)
+        channels=input_size[0] if input_size else 3,  # (not 3: transformers' pipeline, RGB only, cannot feed it)
+        image_mode=CHANNEL_MODES.get(input_size[0] if input_size else 3, "RGB"),  # as the collator converts
         config_json=json.dumps(config, indent=2, sort_keys=True) if config else "", citation=CITATION,
         plan_searched=plan_searched, custom_ops=", ".join(f"`{k}`" for k in custom_ops), features=features)
     return card

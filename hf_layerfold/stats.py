@@ -83,7 +83,7 @@ def _segment_counts(items: list) -> tuple[int, int, int]:
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)  # (not _ConvNd: a ConvTranspose's MACs follow its input, not its output)
 
 
-def count_macs(model: nn.Module, input_size: int | tuple[int, ...] = 224) -> int:
+def count_macs(model: nn.Module, input_size: int | Sequence[int] = 224) -> int:
     """Multiply-accumulates of convs (any dimension) and linear layers for one image (a real forward at batch 1)."""
     channels = getattr(model, "in_chans", None)
     input_size = input_shape(input_size, channels or 3)  # (a 1-channel model: 1, not 3)

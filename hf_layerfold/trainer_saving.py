@@ -180,15 +180,21 @@ class TrainerSaving:
         metrics = self._carded_metrics()
         if metrics is None or "eval_top1" not in metrics or isinstance(self.eval_dataset, Mapping):
             return None
+        top1 = float(metrics["eval_top1"])
+        if not 0.0 <= top1 <= 1.0:  # a compute_metrics of its own in percent (timm.utils.accuracy's): not refused
+            logger.info("save_folded: eval_top1 %s is no fraction in [0, 1] (a compute_metrics reporting percent?): "
+                        "the card's accuracy section leaves it out (pass accuracy= to card it)", top1)
+            return None
         split = getattr(self.eval_dataset, "split", None)
-        field = {"after": float(metrics["eval_top1"]), "split": str(split) if split else "evaluation",
-                 "metric": "top-1 accuracy"}
+        if split and str(split) == str(getattr(self.train_dataset, "split", None) or ""):
+            split = f"{split}[held-out]"  # (train_test_split keeps the split name: not the training accuracy)
+        field = {"after": top1, "split": str(split) if split else "evaluation", "metric": "top-1 accuracy"}
         if results is not None:
             field["dataset"] = results["dataset"]
         try:
             field["images"] = len(self.eval_dataset)
-        except TypeError:  # a streaming set
-            pass
+        except TypeError:  # a streaming set: take(n) / --max_eval_samples keeps the split's name, so say streamed
+            field["streamed"] = True
         return field
 
     def _eval_results(self, dataset_ids: Any) -> dict | None:

@@ -268,7 +268,7 @@ def test_a_one_channel_model_saves_a_one_channel_config(tmp_path):
     pcfg = json.loads((path / "config.json").read_text())["pretrained_cfg"]
     assert pcfg["input_size"] == [1, 224, 224] and len(pcfg["mean"]) == len(pcfg["std"]) == 1
     card = (path / "README.md").read_text()  # transformers' pipeline converts images to RGB: not offered
-    assert "pipeline(" not in card and "This model takes one-channel (grayscale) images" in card
+    assert "pipeline(" not in card and "This model takes one-channel (grayscale) images" in " ".join(card.split())
     loaded = LayerFoldedModel.from_pretrained(path).eval()
     x = build_transforms(loaded, is_training=False)(Image.new("L", (40, 30), 90)).unsqueeze(0)
     assert x.shape == (1, 1, 224, 224)

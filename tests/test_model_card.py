@@ -128,3 +128,19 @@ def test_an_accuracy_measured_on_some_images_says_how_many():
 
     section = accuracy_section({"after": 0.5, "split": "test", "dataset": "org/data", "images": 32})
     assert section["setting"] == "Top-1 accuracy on the `test` split of `org/data` (32 images)."
+
+
+def test_a_four_channel_classifier_card_offers_no_rgb_pipeline(tmp_path):
+    """transformers' pipeline converts every image to RGB: its snippet failed for 2- and 4-channel models."""
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model = lf.prepare_model(timm.create_model("mobilenetv2_050", num_classes=3, in_chans=4).eval())
+    folded = lf.fold_model(lf.apply_plan(model, lf.FoldPlan.from_blocks(model, ["blocks.1.1"])))
+    path = save_folded(folded, tmp_path / "rgba", pretrained_cfg_overlay={"input_size": (4, 32, 32), "mean": (0.5,) * 4,
+                                                                  "std": (0.25,) * 4})
+    card = ModelCard.load(path / "README.md").text
+    assert "pipeline(" not in card and "This model takes 4-channel (RGBA) images" in " ".join(card.split())
+    scope = {"image": Image.new("RGB", (40, 36), (10, 200, 30))}
+    exec(re.findall(r"```python\n(.*?)```", card, re.S)[0], scope)  # noqa: S102 - the card's timm snippet
+    assert scope["logits"].shape == (1, 3)

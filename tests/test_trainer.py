@@ -1214,3 +1214,25 @@ def test_the_card_gives_the_measured_accuracy_without_a_hub_dataset_id(baseline,
     card = (trainer.save_folded(tmp_path / "folded") / "README.md").read_text()
     assert "model-index" not in card and f"| After folding | {top1:.2%} |" in card
     assert f"({len(trainer.eval_dataset)} images)" in card
+
+
+def test_the_cards_accuracy_section_says_what_was_measured(baseline, tmp_path):
+    """A compute_metrics of one's own in percent (timm.utils.accuracy's) made save_folded raise; a streamed subset
+    was called its whole split, and held-out training images the `train` split."""
+    trainer = baseline[0]
+    own_metrics, own_eval = trainer.compute_metrics, trainer.eval_dataset
+
+    def card(name):
+        trainer.evaluate()
+        return " ".join((trainer.save_folded(tmp_path / name) / "README.md").read_text().split())
+
+    try:
+        trainer.compute_metrics = lambda p: {k: 100 * v for k, v in compute_metrics(p).items()}
+        assert "After folding" not in card("percent")  # (left out, not refused)
+        trainer.compute_metrics = own_metrics
+        trainer.eval_dataset = own_eval.to_iterable_dataset().take(7)
+        assert "split (streamed; the number of images was not recorded)" in card("streamed")
+        trainer.eval_dataset = trainer.train_dataset.select(range(8))  # (as train_test_split leaves it: "train")
+        assert "on the `train[held-out]` split (8 images)" in card("held_out")
+    finally:
+        trainer.compute_metrics, trainer.eval_dataset = own_metrics, own_eval
