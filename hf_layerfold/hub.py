@@ -148,7 +148,7 @@ def check_save_target(save_directory: str | os.PathLike, *, overwrite: bool = Fa
 
 def _check_target(target: Path, overwrite: bool, hint: str = "pass overwrite=True") -> None:
     check_not_working_directory(target)
-    above = next(p for p in target.parents if p.exists())
+    above = next((p for p in target.parents if p.exists()), target)
     if not above.is_dir():
         raise NotADirectoryError(f"cannot save into {target}: {above} is a file, not a directory")
     if overwrite or not (target.exists() or target.is_symlink()):
