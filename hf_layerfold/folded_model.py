@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
 )
 
 from .config import LayerFoldingConfig
-from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg
+from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg, non_finite
 from .plan import FoldPlan
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
@@ -179,7 +179,7 @@ class LayerFoldedModel:
                and not state[k].is_floating_point()]
         if odd:
             raise ValueError(f"weights file {weights} holds non-float tensors for float weights: {odd[:5]}")
-        bad = [k for k, t in state.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        bad = non_finite(state)
         if bad:
             raise ValueError(f"weights file {weights} holds NaN or infinite values in {bad[:5]}"
                              f"{' and more' if len(bad) > 5 else ''}: the model would output NaN")

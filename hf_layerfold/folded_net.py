@@ -371,6 +371,12 @@ def check_pretrained_cfg(cfg: Any, where: str) -> None:
             raise FoldedSpecError(f"{where}: pretrained_cfg.std must be positive, got {value!r}")
 
 
+def non_finite(state: dict) -> list[str]:
+    """Names of the float tensors of ``state`` holding NaN or infinite values."""
+    return [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta
+            and not bool(torch.isfinite(t).all())]
+
+
 class LayerFoldedNet(nn.Module):
     """A folded CNN with timm's model interface (``forward_features``, ``forward_head``, ``reset_classifier``)."""
 
@@ -413,6 +419,16 @@ class LayerFoldedNet(nn.Module):
         self.pre_logits = build_sequence(pre_logits or [], "pre_logits")
         self._set_head(global_pool, num_classes)
         self.grad_checkpointing = False
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, refusing NaN or infinite weights (timm's and transformers' loaders come
+        through here): such a net outputs NaN for every image, and nothing said so."""
+        bad = non_finite(state_dict)
+        if bad:
+            more = " and more" if len(bad) > 5 else ""
+            raise ValueError(f"the weights hold NaN or infinite values in {bad[:5]}{more}: the folded net would "
+                             "output NaN")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _set_head(self, global_pool: str, num_classes: int) -> None:
         """Pooling, flatten and classifier as timm builds them: the pool flattens when the classifier follows it

@@ -809,3 +809,5 @@ def test_a_hand_edited_or_hostile_save_is_refused_naming_the_field_before_anythi
     safetensors.torch.save_file(state, nan / "model.safetensors")
     with pytest.raises(ValueError, match=rf"NaN or infinite values in \['features.{index}.weight'\]"):
         LayerFoldedModel.from_pretrained(nan)
+    with pytest.raises(Exception, match=rf"NaN or infinite values in \['features.{index}.weight'\]"):
+        timm.create_model(f"local-dir:{nan}", pretrained=True)  # (any load_state_dict of a folded net)
