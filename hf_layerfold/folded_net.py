@@ -421,8 +421,8 @@ class LayerFoldedNet(nn.Module):
         self.grad_checkpointing = False
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``, refusing NaN or infinite weights (timm's and transformers' loaders come
-        through here): such a net outputs NaN for every image, and nothing said so."""
+        """``nn.Module.load_state_dict``, refusing NaN or infinite weights (timm's loader and ``from_pretrained``
+        come through here; transformers' ``from_pretrained`` does not): such a net outputs NaN for every image."""
         bad = non_finite(state_dict)
         if bad:
             more = " and more" if len(bad) > 5 else ""
