@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from timm.layers import SelectAdaptivePool2d
+from timm.layers.adaptive_avgmax_pool import adaptive_pool_feat_mult
 
 from .activation import FoldableActivation
 from .fold_math import add_shortcut_tap, compose_convs, dilate_kernel, fuse_bn, grouped_to_dense
@@ -178,7 +178,7 @@ def fold_model(model: nn.Module, plan: FoldPlan | Sequence[str] | None = None) -
     # over), else the classifier's input; the classifier's input is the head's width)
     head_in = head_conv_width(pre_logits)
     num_features = getattr(model, "num_features", None) or (
-        head_in // SelectAdaptivePool2d(pool_type=global_pool).feat_mult() if head_in
+        head_in // adaptive_pool_feat_mult(global_pool) if head_in
         else getattr(classifier, "in_features", 0))
     head_hidden_size = getattr(model, "head_hidden_size", None) or getattr(classifier, "in_features", None) \
         or num_features

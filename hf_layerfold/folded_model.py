@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
 )
 
 from .config import LayerFoldingConfig
-from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg, non_finite
+from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg
 from .plan import FoldPlan
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
@@ -169,6 +169,8 @@ class LayerFoldedModel:
         location = source.get("file") or source.get("hf_hub_id")
         where = f"{CONFIG_NAME} of {location}"
         args["num_classes"] = data.get("num_classes", args.get("num_classes", 1000))
+        saved_cfg = data.get("pretrained_cfg") or {}
+        check_pretrained_cfg(saved_cfg, where)
         try:
             with torch.device("meta"):  # the structure first: nothing allocated until it matches the weights file
                 net = LayerFoldedNet(**args, layerfold=info)
@@ -179,10 +181,6 @@ class LayerFoldedModel:
                and not state[k].is_floating_point()]
         if odd:
             raise ValueError(f"weights file {weights} holds non-float tensors for float weights: {odd[:5]}")
-        bad = non_finite(state)
-        if bad:
-            raise ValueError(f"weights file {weights} holds NaN or infinite values in {bad[:5]}"
-                             f"{' and more' if len(bad) > 5 else ''}: the model would output NaN")
         wrong = [f"{k}: {tuple(t.shape)} in config.json, {tuple(state[k].shape)} in {WEIGHTS_NAME}"
                  for k, t in own.items() if k in state and t.shape != state[k].shape]
         if wrong or set(own) != set(state):
@@ -193,15 +191,12 @@ class LayerFoldedModel:
         floats = {t.dtype for t in state.values() if t.is_floating_point()}
         if len(floats) == 1:  # the dtype it was saved in (a float64 fold reloads as float64, exactly)
             net.to(floats.pop())
-        try:
-            result = net.load_state_dict(state, strict=False)
+        try:  # (the keys and shapes were compared above)
+            net.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: {err}") from err
-        if result.missing_keys or result.unexpected_keys:
-            raise ValueError(f"weights file {weights} does not fit the folded structure in config.json: missing "
-                             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
-        saved_cfg = data.get("pretrained_cfg") or {}
-        check_pretrained_cfg(saved_cfg, where)
+        except ValueError as err:  # NaN or infinite values, which the net's load_state_dict refuses
+            raise ValueError(f"weights file {weights}: {err}") from None
         cfg = {**saved_cfg, **source}  # as timm records it: where the weights came from
         labels = data.get("label_names")
         if labels:

@@ -210,16 +210,17 @@ def _whole(value: object, low: int) -> bool:
 
 def check_conv_spec(spec: dict) -> None:
     """Refuse a conv spec torch would build but not run (stride 0, negative padding), or would build from the wrong
-    types (a string ``bias`` is true): each field named, before anything is allocated."""
+    types (a string ``bias`` is true): each field named (``build_sequence`` adds the place), before anything is
+    allocated."""
     for name in ("in", "out", "groups"):
         if name in spec and not _whole(spec[name], 1):
-            raise FoldedSpecError(f"field {name!r} must be a positive whole number, got {spec[name]!r}")
+            raise ValueError(f"field {name!r} must be a positive whole number, got {spec[name]!r}")
     for name, low in (("kernel", 1), ("stride", 1), ("dilation", 1), ("padding", 0)):
         if name in spec and not (isinstance(spec[name], list | tuple) and len(spec[name]) == 2
                                  and all(_whole(v, low) for v in spec[name])):
-            raise FoldedSpecError(f"field {name!r} must be two whole numbers >= {low}, got {spec[name]!r}")
+            raise ValueError(f"field {name!r} must be two whole numbers >= {low}, got {spec[name]!r}")
     if "bias" in spec and not isinstance(spec["bias"], bool):
-        raise FoldedSpecError(f"field 'bias' must be true or false, got {spec['bias']!r}")
+        raise ValueError(f"field 'bias' must be true or false, got {spec['bias']!r}")
 
 
 def spec_numel(specs: list) -> int:
@@ -276,12 +277,8 @@ def build_sequence(specs: list[dict], where: str = "features") -> nn.Sequential:
             raise FoldedSpecError(f"config.json model_args.{path} must be a layer spec (a JSON object), got {spec!r}")
         try:
             layers.append(build_layer(spec, path))
-        except UnknownLayerTypeError:
+        except FoldedSpecError:  # (a nested sequence's, already naming its place)
             raise
-        except FoldedSpecError as err:
-            if str(err).startswith("config.json"):
-                raise
-            raise FoldedSpecError(f"config.json model_args.{path} (type {spec.get('type')!r}): {err}") from None
         except KeyError as err:
             raise FoldedSpecError(f"config.json model_args.{path} (type {spec.get('type')!r}) lacks the field "
                                   f"{err.args[0]!r}: {_brief(spec)}") from None

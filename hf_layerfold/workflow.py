@@ -155,9 +155,11 @@ def _not_a_save_reason(folder: Path) -> str:
     """Why a directory is not a folded save, for the error line: a corrupt config.json, a training checkpoint, ..."""
     import json
 
+    from .folded_model import CONFIG_NAME
+    from .phases import STATE_NAME
     from .timm_registry import ARCHITECTURE
 
-    config = folder / "config.json"
+    config = folder / CONFIG_NAME
     if config.is_file():
         try:
             data = json.loads(config.read_text())
@@ -171,7 +173,7 @@ def _not_a_save_reason(folder: Path) -> str:
             return (f"its config.json describes {arch!r}, a timm checkpoint: give local-dir:{folder} to use it as "
                     "the base model")
         return "its config.json names no architecture"
-    if (folder / "layerfold_state.json").is_file():
+    if (folder / STATE_NAME).is_file():
         return ("a LayerFoldingTrainer checkpoint: resume it with trainer.train(resume_from_checkpoint=...) and write "
                 "the folded model with trainer.save_folded")
     return "no layerfold_net config.json"
