@@ -26,7 +26,7 @@ from huggingface_hub.errors import (
 )
 
 from .config import LayerFoldingConfig
-from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg
+from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg, shape_mismatches
 from .plan import FoldPlan
 from .timm_registry import ARCHITECTURE, WEIGHTS_NAME
 
@@ -181,12 +181,10 @@ class LayerFoldedModel:
                and not state[k].is_floating_point()]
         if odd:
             raise ValueError(f"weights file {weights} holds non-float tensors for float weights: {odd[:5]}")
-        wrong = [f"{k}: {tuple(t.shape)} in config.json, {tuple(state[k].shape)} in {WEIGHTS_NAME}"
-                 for k, t in own.items() if k in state and t.shape != state[k].shape]
-        if wrong or set(own) != set(state):
+        wrong = shape_mismatches(net, {k: tuple(t.shape) for k, t in state.items()})
+        if wrong or set(state) - set(own):
             raise ValueError(f"weights file {weights} does not fit the folded structure in config.json of {location}: "
-                             f"shapes {wrong[:5]}, missing {sorted(set(own) - set(state))[:5]}, unexpected "
-                             f"{sorted(set(state) - set(own))[:5]}")
+                             f"shapes {wrong[:5]}, unexpected {sorted(set(state) - set(own))[:5]}")
         net = LayerFoldedNet(**args, layerfold=info)  # (built again for real: a registered op's own buffers kept)
         floats = {t.dtype for t in state.values() if t.is_floating_point()}
         if len(floats) == 1:  # the dtype it was saved in (a float64 fold reloads as float64, exactly)

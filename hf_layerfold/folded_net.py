@@ -368,6 +368,13 @@ def check_pretrained_cfg(cfg: Any, where: str) -> None:
             raise FoldedSpecError(f"{where}: pretrained_cfg.std must be positive, got {value!r}")
 
 
+def shape_mismatches(net: nn.Module, saved: dict[str, tuple[int, ...]], skip: tuple[str, ...] = ()) -> list[str]:
+    """``name: shape`` for each tensor of ``net`` (built on the meta device: nothing allocated) that a weights file
+    (``saved``: name → shape) lacks or holds in another shape, leaving out the names starting with ``skip``."""
+    return [f"{k}: {tuple(t.shape)} in config.json, {saved.get(k)} in the weights" for k, t in net.state_dict().items()
+            if not k.startswith(skip) and saved.get(k) != tuple(t.shape)]
+
+
 def non_finite(state: dict) -> list[str]:
     """Names of the float tensors of ``state`` holding NaN or infinite values."""
     return [k for k, t in state.items() if isinstance(t, torch.Tensor) and t.is_floating_point() and not t.is_meta

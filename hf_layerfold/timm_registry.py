@@ -13,7 +13,7 @@ from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg
+from .folded_net import FoldedSpecError, LayerFoldedNet, check_pretrained_cfg, shape_mismatches
 
 ARCHITECTURE = "layerfold_net"
 WEIGHTS_NAME = "model.safetensors"
@@ -67,9 +67,7 @@ def _check_weights_fit(kwargs: dict) -> None:
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception:  # (a corrupt file: timm's own read reports it)
         return
-    skip = ("features.0.", "classifier.")
-    wrong = [f"{k}: {tuple(t.shape)} in config.json, {saved.get(k)} in the weights" for k, t in net.state_dict().items()
-             if not k.startswith(skip) and saved.get(k) != tuple(t.shape)]
+    wrong = shape_mismatches(net, saved, skip=("features.0.", "classifier."))
     if wrong:
         raise FoldedSpecError(f"config.json model_args do not match {path} ({len(wrong)} tensor(s)): {wrong[:3]}")
 
